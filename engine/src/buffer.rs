@@ -1,0 +1,249 @@
+//! Receive buffers: a pool of pre-faulted, huge-page advised, locked (where allowed) memory regions.
+//!
+//! A fresh 4 KiB page costs about 5 µs to fault in on the machines we measure on (see
+//! docs/benchmarks.md), so a 64 MiB receive into fresh memory runs at under 1 GB/s. Reusing regions
+//! is what makes large receives run at memory speed.
+//!
+//! Invariants:
+//! - BUF-1: a [`Buf`] is exclusively owned; dropping it returns its region to the pool when the pool
+//!   holds fewer than `PARALLEL_POOL_BYTES` idle bytes, and unmaps it otherwise.
+//! - BUF-2: regions are sized in powers of two from 64 KiB, so reuse never over-allocates by more
+//!   than 2x; smaller buffers are plain heap vectors.
+//! - BUF-3: every region's memory is mapped and zero-or-stale filled; contents of a reused region are
+//!   whatever the last user left (callers always overwrite before reading).
+
+use crate::config::config;
+use std::collections::HashMap;
+use std::ptr::NonNull;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+const MIN_POOLED: usize = 64 << 10;
+const HUGE: usize = 2 << 20;
+
+/// An anonymous memory mapping.
+struct Region {
+    ptr: NonNull<u8>,
+    cap: usize,
+}
+
+// SAFETY: a Region is plain memory owned by exactly one Buf or by the pool's free list.
+unsafe impl Send for Region {}
+
+impl Region {
+    fn map(cap: usize) -> Option<Region> {
+        // SAFETY: anonymous private mapping; we check the result before use.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                cap,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return None;
+        }
+        if cap >= HUGE {
+            // SAFETY: advising our own fresh mapping; failure is harmless.
+            unsafe { libc::madvise(p, cap, libc::MADV_HUGEPAGE) };
+        }
+        // Pre-fault now, once, instead of on every receive. MADV_POPULATE_WRITE (Linux 5.14+).
+        // SAFETY: our own mapping.
+        let populated = unsafe {
+            libc::madvise(p, cap, 23 /* MADV_POPULATE_WRITE */)
+        } == 0;
+        if !populated {
+            let base = p as *mut u8;
+            for off in (0..cap).step_by(4096) {
+                // SAFETY: off < cap, inside the mapping.
+                unsafe { base.add(off).write_volatile(0) };
+            }
+        }
+        if config().mlock {
+            // SAFETY: locking our own mapping; failure only logs once.
+            if unsafe { libc::mlock(p, cap) } != 0 {
+                static WARNED: AtomicBool = AtomicBool::new(false);
+                if !WARNED.swap(true, Ordering::Relaxed) {
+                    tracing::info!(
+                        "mlock of pooled buffers refused ({}); continuing unlocked (PARALLEL_MLOCK=0 silences this)",
+                        std::io::Error::last_os_error()
+                    );
+                }
+            }
+        }
+        Some(Region {
+            ptr: NonNull::new(p as *mut u8)?,
+            cap,
+        })
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        // SAFETY: we own the mapping of exactly `cap` bytes.
+        unsafe { libc::munmap(self.ptr.as_ptr() as *mut libc::c_void, self.cap) };
+    }
+}
+
+struct Pool {
+    free: HashMap<usize, Vec<Region>>,
+    idle_bytes: u64,
+}
+
+static POOL: Mutex<Option<Pool>> = Mutex::new(None);
+
+fn take(cap: usize) -> Option<Region> {
+    let mut g = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    let pool = g.get_or_insert_with(|| Pool {
+        free: HashMap::new(),
+        idle_bytes: 0,
+    });
+    let r = pool.free.get_mut(&cap)?.pop()?;
+    pool.idle_bytes -= cap as u64;
+    Some(r)
+}
+
+fn give(r: Region) {
+    let limit = config().pool_bytes;
+    let mut g = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    let pool = g.get_or_insert_with(|| Pool {
+        free: HashMap::new(),
+        idle_bytes: 0,
+    });
+    if pool.idle_bytes + r.cap as u64 <= limit {
+        pool.idle_bytes += r.cap as u64;
+        pool.free.entry(r.cap).or_default().push(r);
+    }
+}
+
+/// Idle bytes held by the pool (for stats and tests).
+pub fn pool_idle_bytes() -> u64 {
+    POOL.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .map_or(0, |p| p.idle_bytes)
+}
+
+enum Store {
+    Heap(Vec<u8>),
+    Pooled(Region),
+}
+
+/// An owned byte buffer of a fixed length, pooled when large.
+pub struct Buf {
+    store: Store,
+    len: usize,
+}
+
+impl std::fmt::Debug for Buf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Buf({} bytes)", self.len)
+    }
+}
+
+impl Buf {
+    /// A buffer of `len` bytes with unspecified contents (BUF-3). Large ones come from the pool.
+    pub fn with_len(len: usize) -> crate::Result<Buf> {
+        if len < MIN_POOLED {
+            return Ok(Buf {
+                store: Store::Heap(vec![0; len]),
+                len,
+            });
+        }
+        let cap = len
+            .checked_next_power_of_two()
+            .ok_or_else(|| too_big(len))?;
+        let region = match take(cap) {
+            Some(r) => r,
+            None => Region::map(cap).ok_or_else(|| too_big(len))?,
+        };
+        Ok(Buf {
+            store: Store::Pooled(region),
+            len,
+        })
+    }
+
+    pub fn from_vec(v: Vec<u8>) -> Buf {
+        let len = v.len();
+        Buf {
+            store: Store::Heap(v),
+            len,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn as_ptr(&self) -> *const u8 {
+        match &self.store {
+            Store::Heap(v) => v.as_ptr(),
+            Store::Pooled(r) => r.ptr.as_ptr(),
+        }
+    }
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        match &mut self.store {
+            Store::Heap(v) => v.as_mut_ptr(),
+            Store::Pooled(r) => r.ptr.as_ptr(),
+        }
+    }
+}
+
+fn too_big(len: usize) -> crate::Error {
+    crate::Error::new(
+        crate::ErrorKind::Resource,
+        "alloc",
+        format!("cannot map a {len}-byte receive buffer (out of memory?)"),
+    )
+}
+
+impl std::ops::Deref for Buf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: the store holds at least `len` initialised bytes (heap: vec of len; region: mapped, BUF-3).
+        unsafe { std::slice::from_raw_parts(self.as_ptr(), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for Buf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        let len = self.len;
+        // SAFETY: as in Deref, and we hold &mut self so the access is exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.as_mut_ptr(), len) }
+    }
+}
+
+impl Drop for Buf {
+    fn drop(&mut self) {
+        if let Store::Pooled(_) = self.store {
+            let Store::Pooled(r) = std::mem::replace(&mut self.store, Store::Heap(Vec::new()))
+            else {
+                unreachable!()
+            };
+            give(r);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buf_1_large_buffers_are_reused() {
+        let mut a = Buf::with_len((8 << 20) + 1).unwrap();
+        a[0] = 7;
+        let p = a.as_ptr();
+        drop(a);
+        let b = Buf::with_len((8 << 20) + 1).unwrap();
+        assert_eq!(b.as_ptr(), p, "the region should come back from the pool");
+        assert_eq!(b.len(), (8 << 20) + 1);
+        let small = Buf::with_len(10).unwrap();
+        assert_eq!(&small[..], &[0; 10]);
+    }
+}

@@ -1,0 +1,396 @@
+//! Shared-memory rings between two processes of one host.
+//!
+//! One memfd holds two single-producer single-consumer byte rings, one per direction. Each side
+//! writes one ring and reads the other. Doorbells are eventfds (one "data" and one "space" per
+//! ring), rung only when the other side announced that it is parked, so a busy stream costs no
+//! system calls. The TCP socket the link was set up over stays open as the liveness channel: it
+//! reads EOF when the peer process dies, which wakes a parked waiter.
+//!
+//! Invariants:
+//! - SHM-1: the memory is a memfd (anonymous): nothing is left in /dev/shm, whatever kills us.
+//! - SHM-2: indices read from shared memory are untrusted: `head - tail` is checked against the
+//!   capacity before every copy; a violation is a protocol error, never an out-of-bounds access.
+//! - SHM-3: park protocol: a waiter stores its parked flag, then re-reads the index (both SeqCst);
+//!   a producer stores the index, then reads the flag (SeqCst): one of them sees the other, so a
+//!   wake-up cannot be lost. Waits are sliced anyway (runtime RT-1).
+//! - SHM-4: a segment sent by cross-memory attach stays valid until the receiver acknowledges it
+//!   (`cma_done`); the sender's `send` does not return before that.
+
+use super::sys;
+use crate::error::{Error, ErrorKind, Result, protocol};
+use crate::runtime::{Deadline, Interest, wait_once};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
+use std::time::{Duration, Instant};
+
+/// Bytes before each ring's data area (its control block).
+pub(crate) const CTRL: usize = 4096;
+
+#[repr(C)]
+struct Ctrl {
+    head: AtomicU64, // bytes ever written (writer-owned)
+    _p0: [u8; 56],
+    reader_parked: AtomicU32,
+    closed: AtomicU32, // writer closed the ring in an orderly way
+    _p1: [u8; 56],
+    tail: AtomicU64,     // bytes ever read (reader-owned)
+    cma_done: AtomicU64, // cross-memory messages the reader finished (reader-owned)
+    _p2: [u8; 48],
+    writer_parked: AtomicU32,
+}
+
+/// The shared mapping (both rings).
+pub(crate) struct Mapping {
+    base: *mut u8,
+    len: usize,
+    pub cap: usize,
+    _fd: OwnedFd,
+}
+
+// SAFETY: the mapping is shared memory accessed only through atomics (control) and through
+// byte copies into ranges that the SPSC protocol gives to exactly one side at a time.
+unsafe impl Send for Mapping {}
+// SAFETY: see above.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    pub fn total_len(cap: usize) -> usize {
+        2 * (CTRL + cap)
+    }
+
+    /// Maps a memfd of `total_len(cap)` bytes.
+    pub fn map(fd: OwnedFd, cap: usize) -> Result<Mapping> {
+        let len = Self::total_len(cap);
+        // SAFETY: fstat into a zeroed struct.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: valid fd and pointer.
+        if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 || (st.st_size as usize) < len {
+            return Err(protocol(
+                "shm",
+                format!("shared segment is {} bytes, expected {len}", st.st_size),
+            ));
+        }
+        // SAFETY: mapping a memfd of at least len bytes, shared.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(sys::last("shm", "mmap(memfd)"));
+        }
+        if cap >= 2 << 20 {
+            // SAFETY: advising our own mapping.
+            unsafe { libc::madvise(p, len, libc::MADV_HUGEPAGE) };
+        }
+        Ok(Mapping {
+            base: p as *mut u8,
+            len,
+            cap,
+            _fd: fd,
+        })
+    }
+
+    fn ctrl(&self, ring: usize) -> &Ctrl {
+        // SAFETY: ring < 2; the control block lies inside the mapping, is page aligned, and is
+        // only accessed through atomics.
+        unsafe { &*(self.base.add(ring * (CTRL + self.cap)) as *const Ctrl) }
+    }
+
+    fn data(&self, ring: usize) -> *mut u8 {
+        // SAFETY: inside the mapping.
+        unsafe { self.base.add(ring * (CTRL + self.cap) + CTRL) }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what we mapped.
+        unsafe { libc::munmap(self.base as *mut libc::c_void, self.len) };
+    }
+}
+
+/// Eventfds of one ring.
+pub(crate) struct Bells {
+    pub data: OwnedFd,
+    pub space: OwnedFd,
+}
+
+/// One end of a shared-memory link.
+pub(crate) struct ShmEnd {
+    pub map: Mapping,
+    pub tx: usize, // ring we write
+    pub bells: [Bells; 2],
+    pub liveness: RawFd,
+    pub peer_pid: i32,
+    pub spin: Duration,
+    /// We may send large segments by cross-memory attach (the peer verified it can read us).
+    pub cma_send: bool,
+    pub cma_threshold: u64,
+    head: AtomicU64, // our writer position (mirror)
+    tail: AtomicU64, // our reader position (mirror)
+    cma_sent: AtomicU64,
+}
+
+impl ShmEnd {
+    pub fn new(
+        map: Mapping,
+        tx: usize,
+        bells: [Bells; 2],
+        liveness: RawFd,
+        peer_pid: i32,
+        spin: Duration,
+    ) -> ShmEnd {
+        ShmEnd {
+            map,
+            tx,
+            bells,
+            liveness,
+            peer_pid,
+            spin,
+            cma_send: false,
+            cma_threshold: u64::MAX,
+            head: AtomicU64::new(0),
+            tail: AtomicU64::new(0),
+            cma_sent: AtomicU64::new(0),
+        }
+    }
+
+    fn rx(&self) -> usize {
+        1 - self.tx
+    }
+
+    /// Initialises both control blocks (the creator does this once, before sharing).
+    pub fn init(map: &Mapping) {
+        for r in 0..2 {
+            let c = map.ctrl(r);
+            c.head.store(0, Ordering::SeqCst);
+            c.tail.store(0, Ordering::SeqCst);
+            c.cma_done.store(0, Ordering::SeqCst);
+            c.reader_parked.store(0, Ordering::SeqCst);
+            c.writer_parked.store(0, Ordering::SeqCst);
+            c.closed.store(0, Ordering::SeqCst);
+        }
+    }
+
+    /// True when the incoming ring has unread bytes.
+    pub fn has_data(&self) -> bool {
+        self.map.ctrl(self.rx()).head.load(Ordering::Acquire) != self.tail.load(Ordering::Relaxed)
+    }
+
+    /// Marks the reader parked and returns the fds to wait on (SHM-3); `unpark` must follow.
+    pub fn park_fds(&self) -> [(RawFd, Interest); 2] {
+        self.map
+            .ctrl(self.rx())
+            .reader_parked
+            .store(1, Ordering::SeqCst);
+        [
+            (self.bells[self.rx()].data.as_raw_fd(), Interest::Read),
+            (self.liveness, Interest::Read),
+        ]
+    }
+
+    pub fn unpark(&self) {
+        self.map
+            .ctrl(self.rx())
+            .reader_parked
+            .store(0, Ordering::SeqCst);
+        sys::eventfd_drain(self.bells[self.rx()].data.as_raw_fd());
+    }
+
+    /// The peer ended the link: Closed if it closed its ring in order, PeerLost otherwise.
+    fn gone(&self, what: &str) -> Error {
+        if self.map.ctrl(self.rx()).closed.load(Ordering::SeqCst) != 0 {
+            Error::new(
+                ErrorKind::Closed,
+                "recv",
+                format!("the peer closed the connection (while waiting for {what})"),
+            )
+        } else {
+            Error::new(
+                ErrorKind::PeerLost,
+                "recv",
+                format!("the peer process went away without closing (while waiting for {what})"),
+            )
+        }
+    }
+
+    /// Spin, then park until `ready()` or the deadline (SHM-3).
+    fn wait(
+        &self,
+        deadline: Deadline,
+        op: &'static str,
+        what: &str,
+        parked: &AtomicU32,
+        bell: RawFd,
+        mut ready: impl FnMut() -> bool,
+    ) -> Result<()> {
+        let spin_until = Instant::now() + self.spin;
+        while Instant::now() < spin_until {
+            if ready() {
+                return Ok(());
+            }
+            std::hint::spin_loop();
+        }
+        loop {
+            parked.store(1, Ordering::SeqCst);
+            fence(Ordering::SeqCst);
+            if ready() {
+                parked.store(0, Ordering::SeqCst);
+                return Ok(());
+            }
+            if sys::readable_now(self.liveness) {
+                parked.store(0, Ordering::SeqCst);
+                if ready() {
+                    return Ok(());
+                }
+                return Err(self.gone(what).with_op(op));
+            }
+            let slice = match deadline.slice(op, what) {
+                Ok(s) => s,
+                Err(e) => {
+                    parked.store(0, Ordering::SeqCst);
+                    return Err(e);
+                }
+            };
+            let r = wait_once(
+                &[(bell, Interest::Read), (self.liveness, Interest::Read)],
+                slice,
+            );
+            parked.store(0, Ordering::SeqCst);
+            sys::eventfd_drain(bell);
+            r?;
+        }
+    }
+
+    /// Writes all bytes of `bufs` into the outgoing ring.
+    pub fn write_all(&self, bufs: &[&[u8]], deadline: Deadline, what: &str) -> Result<()> {
+        let cap = self.map.cap as u64;
+        let c = self.map.ctrl(self.tx);
+        let data = self.map.data(self.tx);
+        let step = (cap / 4).max(4096);
+        let mut head = self.head.load(Ordering::Relaxed);
+        for b in bufs {
+            let mut off = 0usize;
+            while off < b.len() {
+                let tail = c.tail.load(Ordering::Acquire);
+                let used = head.wrapping_sub(tail);
+                if used > cap {
+                    return Err(protocol(
+                        "send",
+                        format!("shared ring indices corrupted (head {head}, tail {tail})"),
+                    ));
+                }
+                if used == cap {
+                    let bell = self.bells[self.tx].space.as_raw_fd();
+                    self.wait(deadline, "send", what, &c.writer_parked, bell, || {
+                        c.tail.load(Ordering::Acquire) != tail
+                    })?;
+                    continue;
+                }
+                let n = ((cap - used).min(step) as usize).min(b.len() - off);
+                let pos = (head % cap) as usize;
+                let first = n.min(self.map.cap - pos);
+                // SAFETY: [pos, pos+first) and [0, n-first) lie in the data area; the SPSC
+                // protocol gives the free region (cap - used bytes from head) to the writer alone.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(b.as_ptr().add(off), data.add(pos), first);
+                    std::ptr::copy_nonoverlapping(b.as_ptr().add(off + first), data, n - first);
+                }
+                head += n as u64;
+                off += n;
+                c.head.store(head, Ordering::SeqCst);
+                self.head.store(head, Ordering::Relaxed);
+                if c.reader_parked.load(Ordering::SeqCst) != 0 {
+                    sys::eventfd_signal(self.bells[self.tx].data.as_raw_fd());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads exactly `buf.len()` bytes; `Ok(false)` if the peer is gone before the first byte of
+    /// a message (`at_boundary`).
+    pub fn read_exact(&self, buf: &mut [u8], deadline: Deadline, what: &str) -> Result<()> {
+        let cap = self.map.cap as u64;
+        let rx = self.rx();
+        let c = self.map.ctrl(rx);
+        let data = self.map.data(rx);
+        let mut tail = self.tail.load(Ordering::Relaxed);
+        let mut got = 0usize;
+        while got < buf.len() {
+            let head = c.head.load(Ordering::Acquire);
+            let avail = head.wrapping_sub(tail);
+            if avail > cap {
+                return Err(protocol(
+                    "recv",
+                    format!("shared ring indices corrupted (head {head}, tail {tail})"),
+                ));
+            }
+            if avail == 0 {
+                let bell = self.bells[rx].data.as_raw_fd();
+                self.wait(deadline, "recv", what, &c.reader_parked, bell, || {
+                    c.head.load(Ordering::Acquire) != tail
+                })?;
+                continue;
+            }
+            let n = (avail as usize).min(buf.len() - got);
+            let pos = (tail % cap) as usize;
+            let first = n.min(self.map.cap - pos);
+            // SAFETY: the ranges lie in the data area; [tail, head) belongs to the reader (SHM-2
+            // checked avail <= cap).
+            unsafe {
+                std::ptr::copy_nonoverlapping(data.add(pos), buf.as_mut_ptr().add(got), first);
+                std::ptr::copy_nonoverlapping(data, buf.as_mut_ptr().add(got + first), n - first);
+            }
+            tail += n as u64;
+            got += n;
+            c.tail.store(tail, Ordering::SeqCst);
+            self.tail.store(tail, Ordering::Relaxed);
+            if c.writer_parked.load(Ordering::SeqCst) != 0 {
+                sys::eventfd_signal(self.bells[rx].space.as_raw_fd());
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of cross-memory messages sent so far (the sender's side of SHM-4).
+    pub fn note_cma_sent(&self) -> u64 {
+        self.cma_sent.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Waits until the receiver acknowledged cross-memory message `n` (SHM-4).
+    pub fn wait_cma_ack(&self, n: u64, deadline: Deadline) -> Result<()> {
+        let c = self.map.ctrl(self.tx);
+        let bell = self.bells[self.tx].space.as_raw_fd();
+        self.wait(
+            deadline,
+            "send",
+            "the receiver to copy the message",
+            &c.writer_parked,
+            bell,
+            || c.cma_done.load(Ordering::Acquire) >= n,
+        )
+    }
+
+    /// Receiver: acknowledges one cross-memory message.
+    pub fn ack_cma(&self) {
+        let rx = self.rx();
+        let c = self.map.ctrl(rx);
+        c.cma_done.fetch_add(1, Ordering::SeqCst);
+        if c.writer_parked.load(Ordering::SeqCst) != 0 {
+            sys::eventfd_signal(self.bells[rx].space.as_raw_fd());
+        }
+    }
+
+    /// Marks our outgoing ring closed (orderly) before the socket is shut down.
+    pub fn mark_closed(&self) {
+        self.map.ctrl(self.tx).closed.store(1, Ordering::SeqCst);
+        sys::eventfd_signal(self.bells[self.tx].data.as_raw_fd());
+    }
+}

@@ -1,0 +1,379 @@
+//! Small, checked wrappers over the socket, memfd, eventfd and process_vm_readv system calls.
+
+use crate::error::{Error, Result};
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+pub(crate) fn last(op: &'static str, what: &str) -> Error {
+    Error::os(op, what, std::io::Error::last_os_error())
+}
+
+fn check(rc: libc::c_int, op: &'static str, what: &str) -> Result<libc::c_int> {
+    if rc < 0 { Err(last(op, what)) } else { Ok(rc) }
+}
+
+/// Encodes a socket address into sockaddr storage.
+pub(crate) fn sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: zeroed sockaddr_storage is a valid value; we fill the right variant below.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_in fits in sockaddr_storage.
+            unsafe { std::ptr::write(&mut ss as *mut _ as *mut libc::sockaddr_in, sin) };
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: a.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: sockaddr_in6 fits in sockaddr_storage.
+            unsafe { std::ptr::write(&mut ss as *mut _ as *mut libc::sockaddr_in6, sin6) };
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (ss, len as libc::socklen_t)
+}
+
+/// Decodes sockaddr storage.
+pub(crate) fn from_sockaddr(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match ss.ss_family as libc::c_int {
+        libc::AF_INET => {
+            // SAFETY: family says this is a sockaddr_in.
+            let a = unsafe { &*(ss as *const _ as *const libc::sockaddr_in) };
+            Some(SocketAddr::from((
+                a.sin_addr.s_addr.to_ne_bytes(),
+                u16::from_be(a.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: family says this is a sockaddr_in6.
+            let a = unsafe { &*(ss as *const _ as *const libc::sockaddr_in6) };
+            Some(SocketAddr::V6(std::net::SocketAddrV6::new(
+                a.sin6_addr.s6_addr.into(),
+                u16::from_be(a.sin6_port),
+                a.sin6_flowinfo,
+                a.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
+}
+
+pub(crate) fn socket(family: libc::c_int, ty: libc::c_int) -> Result<OwnedFd> {
+    // SAFETY: plain syscall; the fd is owned on success.
+    let fd = check(
+        unsafe { libc::socket(family, ty | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK, 0) },
+        "socket",
+        "socket()",
+    )?;
+    // SAFETY: fd is a fresh, owned descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+pub(crate) fn setsockopt_int(fd: RawFd, level: libc::c_int, name: libc::c_int, v: libc::c_int) {
+    // SAFETY: valid pointer to an int of the stated size. Failures are not fatal for our options.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            &v as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+}
+
+/// Tunes a connected TCP socket: no Nagle, keepalive, large buffers.
+pub(crate) fn tune_tcp(fd: RawFd) {
+    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
+    setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 30);
+    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 10);
+    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 6);
+}
+
+pub(crate) fn local_addr(fd: RawFd) -> Option<SocketAddr> {
+    // SAFETY: zeroed storage is valid; getsockname fills it.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: valid pointers.
+    if unsafe { libc::getsockname(fd, &mut ss as *mut _ as *mut libc::sockaddr, &mut len) } != 0 {
+        return None;
+    }
+    from_sockaddr(&ss)
+}
+
+pub(crate) fn peer_addr(fd: RawFd) -> Option<SocketAddr> {
+    // SAFETY: as in local_addr.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: valid pointers.
+    if unsafe { libc::getpeername(fd, &mut ss as *mut _ as *mut libc::sockaddr, &mut len) } != 0 {
+        return None;
+    }
+    from_sockaddr(&ss)
+}
+
+pub(crate) fn shutdown(fd: RawFd) {
+    // SAFETY: shutting down a socket we own; errors (already shut) are irrelevant.
+    unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+}
+
+/// True when the socket has bytes to read or reached EOF/error.
+pub(crate) fn readable_now(fd: RawFd) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN | libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, zero timeout.
+    unsafe { libc::poll(&mut p, 1, 0) > 0 }
+}
+
+pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    let mut got = 0;
+    while got < N {
+        // SAFETY: writing into our own buffer.
+        let rc = unsafe { libc::getrandom(b[got..].as_mut_ptr() as *mut libc::c_void, N - got, 0) };
+        if rc > 0 {
+            got += rc as usize;
+        } else if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            // getrandom is always present on Linux >= 3.17; fall back to the clock and pid.
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos();
+            for (i, x) in b.iter_mut().enumerate() {
+                *x = ((t >> ((i % 16) * 8)) as u8)
+                    ^ (std::process::id() as u8).wrapping_mul(i as u8 + 1);
+            }
+            break;
+        }
+    }
+    b
+}
+
+pub(crate) fn eventfd() -> Result<OwnedFd> {
+    // SAFETY: plain syscall.
+    let fd = check(
+        unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) },
+        "shm",
+        "eventfd()",
+    )?;
+    // SAFETY: fresh owned fd.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+pub(crate) fn eventfd_signal(fd: RawFd) {
+    let one: u64 = 1;
+    // SAFETY: writing 8 bytes from a valid u64; EAGAIN (counter full) is harmless.
+    unsafe { libc::write(fd, &one as *const u64 as *const libc::c_void, 8) };
+}
+
+pub(crate) fn eventfd_drain(fd: RawFd) {
+    let mut v: u64 = 0;
+    // SAFETY: reading 8 bytes into a valid u64; EAGAIN when already zero.
+    unsafe { libc::read(fd, &mut v as *mut u64 as *mut libc::c_void, 8) };
+}
+
+pub(crate) fn memfd(name: &str, size: usize) -> Result<OwnedFd> {
+    let cname = std::ffi::CString::new(name).expect("no NUL");
+    // SAFETY: valid C string; anonymous memory file, nothing appears in /dev/shm.
+    let fd = check(
+        unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) },
+        "shm",
+        "memfd_create()",
+    )?;
+    // SAFETY: fresh owned fd.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sizing our own memfd.
+    check(
+        unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) },
+        "shm",
+        "ftruncate(memfd)",
+    )?;
+    Ok(fd)
+}
+
+/// Creates a listening abstract-namespace Unix socket (no file on disk; gone when closed).
+pub(crate) fn unix_listen_abstract(name: &[u8]) -> Result<OwnedFd> {
+    let fd = socket(libc::AF_UNIX, libc::SOCK_STREAM)?;
+    let (addr, len) = abstract_addr(name);
+    // SAFETY: valid sockaddr_un of `len` bytes.
+    check(
+        unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                &addr as *const _ as *const libc::sockaddr,
+                len,
+            )
+        },
+        "shm",
+        "bind(abstract unix socket)",
+    )?;
+    // SAFETY: plain syscall.
+    check(
+        unsafe { libc::listen(fd.as_raw_fd(), 4) },
+        "shm",
+        "listen(abstract unix socket)",
+    )?;
+    Ok(fd)
+}
+
+pub(crate) fn abstract_addr(name: &[u8]) -> (libc::sockaddr_un, libc::socklen_t) {
+    // SAFETY: zeroed sockaddr_un is valid.
+    let mut a: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    a.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let n = name.len().min(a.sun_path.len() - 1);
+    for (i, b) in name[..n].iter().enumerate() {
+        a.sun_path[i + 1] = *b as libc::c_char; // sun_path[0] = 0: abstract namespace
+    }
+    (
+        (a),
+        (std::mem::size_of::<libc::sa_family_t>() + 1 + n) as libc::socklen_t,
+    )
+}
+
+/// Sends `data` with file descriptors attached (SCM_RIGHTS) on a connected Unix socket.
+pub(crate) fn send_fds(sock: RawFd, data: &[u8], fds: &[RawFd]) -> Result<()> {
+    let space = unsafe_cmsg_space(fds.len());
+    let mut cbuf = vec![0u8; space];
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // SAFETY: msghdr is plain data; we point it at live buffers below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
+    msg.msg_controllen = space as _;
+    // SAFETY: cbuf is large enough for one cmsg with fds.len() descriptors (CMSG_SPACE).
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = libc::CMSG_LEN((fds.len() * 4) as u32) as _;
+        std::ptr::copy_nonoverlapping(fds.as_ptr() as *const u8, libc::CMSG_DATA(c), fds.len() * 4);
+    }
+    // SAFETY: msg points at valid buffers.
+    let rc = unsafe { libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) };
+    if rc != data.len() as isize {
+        return Err(last("shm", "sendmsg(SCM_RIGHTS)"));
+    }
+    Ok(())
+}
+
+fn unsafe_cmsg_space(n: usize) -> usize {
+    // SAFETY: CMSG_SPACE is a pure computation.
+    unsafe { libc::CMSG_SPACE((n * 4) as u32) as usize }
+}
+
+/// Receives up to `data.len()` bytes and exactly `nfds` descriptors.
+pub(crate) fn recv_fds(sock: RawFd, data: &mut [u8], nfds: usize) -> Result<(usize, Vec<OwnedFd>)> {
+    let space = unsafe_cmsg_space(nfds);
+    let mut cbuf = vec![0u8; space];
+    let mut iov = libc::iovec {
+        iov_base: data.as_mut_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // SAFETY: as in send_fds.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
+    msg.msg_controllen = space as _;
+    // SAFETY: valid msghdr; MSG_CMSG_CLOEXEC marks received fds close-on-exec.
+    let rc = unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if rc < 0 {
+        return Err(last("shm", "recvmsg(SCM_RIGHTS)"));
+    }
+    let mut out = Vec::new();
+    // SAFETY: walking the control messages the kernel wrote into cbuf.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let n = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / 4;
+                let p = libc::CMSG_DATA(c) as *const RawFd;
+                for i in 0..n {
+                    out.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(p.add(i))));
+                }
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    if out.len() != nfds || msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        return Err(crate::error::protocol(
+            "shm",
+            format!("expected {nfds} descriptors, received {}", out.len()),
+        ));
+    }
+    Ok((rc as usize, out))
+}
+
+/// The pid of the process at the other end of a Unix socket.
+pub(crate) fn peer_pid(sock: RawFd) -> Result<i32> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: valid pointers of the stated size.
+    check(
+        unsafe {
+            libc::getsockopt(
+                sock,
+                libc::SOL_SOCKET,
+                libc::SO_PEERCRED,
+                &mut cred as *mut _ as *mut libc::c_void,
+                &mut len,
+            )
+        },
+        "shm",
+        "SO_PEERCRED",
+    )?;
+    Ok(cred.pid)
+}
+
+/// Copies `dst.len()` bytes from `addr` in process `pid` (one copy, kernel to kernel).
+pub(crate) fn cma_read(pid: i32, addr: u64, dst: &mut [u8]) -> std::io::Result<()> {
+    let mut done = 0usize;
+    while done < dst.len() {
+        let local = libc::iovec {
+            iov_base: dst[done..].as_mut_ptr() as *mut libc::c_void,
+            iov_len: dst.len() - done,
+        };
+        let remote = libc::iovec {
+            iov_base: (addr as usize + done) as *mut libc::c_void,
+            iov_len: dst.len() - done,
+        };
+        // SAFETY: local points into our buffer; the remote range is only read by the kernel, in the
+        // peer's address space (a bad address fails with EFAULT, it cannot touch our memory).
+        let rc = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if rc == 0 {
+            return Err(std::io::Error::from_raw_os_error(libc::EFAULT));
+        }
+        done += rc as usize;
+    }
+    Ok(())
+}

@@ -1,0 +1,517 @@
+//! The value model: what a message carries.
+//!
+//! None, bool, 64-bit int, float, str, bytes, list, tuple, dict (str or int keys), tensors and
+//! opaque pickles (only when both ends opt in, a binding-level decision), nested freely up to
+//! `PARALLEL_MAX_VALUE_DEPTH`.
+//!
+//! Invariants:
+//! - VALUE-1: tensors are sent contiguous, in C order: a strided view is gathered into a pooled
+//!   buffer by the sender ([`Tensor::contiguous_bytes`]); received tensors are always contiguous.
+//! - VALUE-2: a tensor's byte length is `numel * itemsize`, checked for overflow wherever it is
+//!   computed from untrusted numbers.
+
+use crate::buffer::Buf;
+use crate::error::{Error, ErrorKind, Result};
+use std::any::Any;
+use std::sync::Arc;
+
+/// Element types, with stable wire codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum DType {
+    Bool = 0,
+    U8 = 1,
+    I8 = 2,
+    I16 = 3,
+    I32 = 4,
+    I64 = 5,
+    F16 = 6,
+    BF16 = 7,
+    F32 = 8,
+    F64 = 9,
+    C64 = 10,
+    C128 = 11,
+    U16 = 12,
+    U32 = 13,
+    U64 = 14,
+}
+
+impl DType {
+    pub const ALL: [DType; 15] = [
+        DType::Bool,
+        DType::U8,
+        DType::I8,
+        DType::I16,
+        DType::I32,
+        DType::I64,
+        DType::F16,
+        DType::BF16,
+        DType::F32,
+        DType::F64,
+        DType::C64,
+        DType::C128,
+        DType::U16,
+        DType::U32,
+        DType::U64,
+    ];
+
+    pub fn from_code(c: u8) -> Option<DType> {
+        DType::ALL
+            .get(c as usize)
+            .copied()
+            .filter(|d| *d as u8 == c)
+    }
+
+    pub fn itemsize(self) -> usize {
+        match self {
+            DType::Bool | DType::U8 | DType::I8 => 1,
+            DType::I16 | DType::F16 | DType::BF16 | DType::U16 => 2,
+            DType::I32 | DType::F32 | DType::U32 => 4,
+            DType::I64 | DType::F64 | DType::C64 | DType::U64 => 8,
+            DType::C128 => 16,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::Bool => "bool",
+            DType::U8 => "uint8",
+            DType::I8 => "int8",
+            DType::I16 => "int16",
+            DType::I32 => "int32",
+            DType::I64 => "int64",
+            DType::F16 => "float16",
+            DType::BF16 => "bfloat16",
+            DType::F32 => "float32",
+            DType::F64 => "float64",
+            DType::C64 => "complex64",
+            DType::C128 => "complex128",
+            DType::U16 => "uint16",
+            DType::U32 => "uint32",
+            DType::U64 => "uint64",
+        }
+    }
+}
+
+/// Where a tensor's memory lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Device {
+    Cpu,
+    /// A CUDA device by index (carried on the wire; CUDA transfers come with the CUDA link kinds).
+    Cuda(i32),
+}
+
+/// Memory a tensor points into.
+pub enum Storage {
+    /// Received or gathered bytes owned by the tensor.
+    Owned(Buf),
+    /// Memory owned elsewhere (a torch tensor, a numpy array), kept alive by `keep`.
+    Foreign {
+        ptr: *mut u8,
+        len: usize,
+        keep: Arc<dyn Any + Send + Sync>,
+    },
+}
+
+// SAFETY: Foreign memory is kept alive by `keep` (itself Send + Sync); the engine only reads it
+// while sending and writes it only through `recv_into`, whose caller guarantees exclusivity.
+unsafe impl Send for Storage {}
+// SAFETY: see above; shared access is read-only.
+unsafe impl Sync for Storage {}
+
+impl std::fmt::Debug for Storage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Storage::Owned(b) => write!(f, "Owned({} bytes)", b.len()),
+            Storage::Foreign { len, .. } => write!(f, "Foreign({len} bytes)"),
+        }
+    }
+}
+
+/// A dense n-dimensional array view.
+#[derive(Debug)]
+pub struct Tensor {
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    /// Strides in elements; `None` means contiguous C order.
+    pub strides: Option<Vec<isize>>,
+    pub device: Device,
+    pub storage: Storage,
+}
+
+impl Tensor {
+    /// A contiguous CPU tensor that owns `data` (length must be `numel * itemsize`).
+    pub fn from_bytes(dtype: DType, shape: Vec<usize>, data: Vec<u8>) -> Result<Tensor> {
+        let want = byte_len(dtype, &shape)?;
+        if want != data.len() as u64 {
+            return Err(Error::new(
+                ErrorKind::Mismatch,
+                "tensor",
+                format!(
+                    "{} bytes given for a {} tensor of shape {shape:?} ({want} bytes)",
+                    data.len(),
+                    dtype.name()
+                ),
+            ));
+        }
+        Ok(Tensor {
+            dtype,
+            shape,
+            strides: None,
+            device: Device::Cpu,
+            storage: Storage::Owned(Buf::from_vec(data)),
+        })
+    }
+
+    /// A tensor over memory owned elsewhere.
+    ///
+    /// # Safety
+    /// `ptr` must be valid for reads (and, if used with `recv_into`, writes) of every element
+    /// addressed by `shape`/`strides` for as long as `keep` is alive, and `len` must be the span
+    /// in bytes from `ptr` covering those elements.
+    pub unsafe fn from_raw(
+        dtype: DType,
+        shape: Vec<usize>,
+        strides: Option<Vec<isize>>,
+        device: Device,
+        ptr: *mut u8,
+        len: usize,
+        keep: Arc<dyn Any + Send + Sync>,
+    ) -> Tensor {
+        Tensor {
+            dtype,
+            shape,
+            strides,
+            device,
+            storage: Storage::Foreign { ptr, len, keep },
+        }
+    }
+
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn nbytes(&self) -> usize {
+        self.numel() * self.dtype.itemsize()
+    }
+
+    /// True when the elements are laid out densely in C order.
+    pub fn is_contiguous(&self) -> bool {
+        let Some(strides) = &self.strides else {
+            return true;
+        };
+        let mut expect: isize = 1;
+        for (d, s) in self.shape.iter().zip(strides).rev() {
+            if *d != 1 && *s != expect {
+                return false;
+            }
+            expect *= *d as isize;
+        }
+        true
+    }
+
+    pub fn data_ptr(&self) -> *const u8 {
+        match &self.storage {
+            Storage::Owned(b) => b.as_ptr(),
+            Storage::Foreign { ptr, .. } => *ptr,
+        }
+    }
+
+    pub fn data_mut_ptr(&mut self) -> *mut u8 {
+        match &mut self.storage {
+            Storage::Owned(b) => b.as_mut_ptr(),
+            Storage::Foreign { ptr, .. } => *ptr,
+        }
+    }
+
+    /// The contiguous bytes of a contiguous tensor.
+    pub fn bytes(&self) -> Option<&[u8]> {
+        if !self.is_contiguous() {
+            return None;
+        }
+        let n = self.nbytes();
+        if n == 0 {
+            return Some(&[]);
+        }
+        // SAFETY: contiguous, so the n bytes from data_ptr are the tensor's elements, valid per the
+        // Storage contract (Owned: our buffer of >= n bytes; Foreign: from_raw's safety contract).
+        Some(unsafe { std::slice::from_raw_parts(self.data_ptr(), n) })
+    }
+
+    /// The elements gathered into a new contiguous buffer (VALUE-1).
+    pub fn contiguous_bytes(&self) -> Result<Buf> {
+        let item = self.dtype.itemsize();
+        let mut out = Buf::with_len(self.nbytes())?;
+        if let Some(b) = self.bytes() {
+            out.copy_from_slice(b);
+            return Ok(out);
+        }
+        let strides = self
+            .strides
+            .clone()
+            .unwrap_or_else(|| contiguous_strides(&self.shape));
+        let base = self.data_ptr();
+        let mut i = 0usize;
+        for_each_offset(&self.shape, &strides, |off| {
+            // SAFETY: `off` addresses an element inside the view (from_raw's contract); `out` has
+            // room for numel items and i < numel.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    base.offset(off * item as isize),
+                    out.as_mut_ptr().add(i * item),
+                    item,
+                )
+            };
+            i += 1;
+        });
+        Ok(out)
+    }
+
+    /// Writes contiguous `src` into this (possibly strided) tensor.
+    pub fn scatter_from(&mut self, src: &[u8]) {
+        let item = self.dtype.itemsize();
+        let strides = self
+            .strides
+            .clone()
+            .unwrap_or_else(|| contiguous_strides(&self.shape));
+        let base = self.data_mut_ptr();
+        let mut i = 0usize;
+        for_each_offset(&self.shape, &strides, |off| {
+            // SAFETY: as in contiguous_bytes, with the roles swapped; src holds numel items.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    src.as_ptr().add(i * item),
+                    base.offset(off * item as isize),
+                    item,
+                )
+            };
+            i += 1;
+        });
+    }
+}
+
+/// C-order strides (in elements) of a shape.
+pub fn contiguous_strides(shape: &[usize]) -> Vec<isize> {
+    let mut s = vec![1isize; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        s[i] = s[i + 1] * shape[i + 1].max(1) as isize;
+    }
+    s
+}
+
+/// Calls `f` with the element offset of every element of a strided view, in C order.
+fn for_each_offset(shape: &[usize], strides: &[isize], mut f: impl FnMut(isize)) {
+    if shape.contains(&0) {
+        return;
+    }
+    let nd = shape.len();
+    if nd == 0 {
+        f(0);
+        return;
+    }
+    let mut idx = vec![0usize; nd];
+    let mut off: isize = 0;
+    loop {
+        f(off);
+        let mut d = nd;
+        loop {
+            if d == 0 {
+                return;
+            }
+            d -= 1;
+            idx[d] += 1;
+            off += strides[d];
+            if idx[d] < shape[d] {
+                break;
+            }
+            off -= strides[d] * shape[d] as isize;
+            idx[d] = 0;
+        }
+    }
+}
+
+/// `numel * itemsize`, or an error on overflow (VALUE-2).
+pub fn byte_len(dtype: DType, shape: &[usize]) -> Result<u64> {
+    let mut n: u64 = dtype.itemsize() as u64;
+    for d in shape {
+        n = n.checked_mul(*d as u64).ok_or_else(|| {
+            Error::new(
+                ErrorKind::Protocol,
+                "decode",
+                format!("tensor shape {shape:?} overflows 64 bits"),
+            )
+        })?;
+    }
+    Ok(n)
+}
+
+/// A dict key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Key {
+    Str(String),
+    Int(i64),
+}
+
+/// A message value.
+#[derive(Debug)]
+pub enum Value {
+    None,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(String),
+    Bytes(Buf),
+    List(Vec<Value>),
+    Tuple(Vec<Value>),
+    Dict(Vec<(Key, Value)>),
+    Tensor(Tensor),
+    /// A pickled Python object (protocol 5), only produced and accepted when both ends allow it.
+    Pickle(Buf),
+    /// In a received value: the i-th tensor the caller passed as `out`, filled in place.
+    Out(usize),
+}
+
+impl Value {
+    pub fn str(s: impl Into<String>) -> Value {
+        Value::Str(s.into())
+    }
+    pub fn bytes(b: impl Into<Vec<u8>>) -> Value {
+        Value::Bytes(Buf::from_vec(b.into()))
+    }
+    pub fn as_str(&self) -> Option<&str> {
+        if let Value::Str(s) = self {
+            Some(s)
+        } else {
+            None
+        }
+    }
+    pub fn as_int(&self) -> Option<i64> {
+        if let Value::Int(i) = self {
+            Some(*i)
+        } else {
+            None
+        }
+    }
+    pub fn as_tensor(&self) -> Option<&Tensor> {
+        if let Value::Tensor(t) = self {
+            Some(t)
+        } else {
+            None
+        }
+    }
+    /// Looks up a string key in a dict value.
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        let Value::Dict(items) = self else {
+            return None;
+        };
+        items
+            .iter()
+            .find(|(k, _)| matches!(k, Key::Str(s) if s == key))
+            .map(|(_, v)| v)
+    }
+    /// Short type name for messages.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Value::None => "None",
+            Value::Bool(_) => "bool",
+            Value::Int(_) => "int",
+            Value::Float(_) => "float",
+            Value::Str(_) => "str",
+            Value::Bytes(_) => "bytes",
+            Value::List(_) => "list",
+            Value::Tuple(_) => "tuple",
+            Value::Dict(_) => "dict",
+            Value::Tensor(_) => "tensor",
+            Value::Pickle(_) => "pickle",
+            Value::Out(_) => "out tensor",
+        }
+    }
+    /// Structural equality (tensors compare dtype, shape and bytes).
+    pub fn same(&self, other: &Value) -> bool {
+        match (self, other) {
+            (Value::None, Value::None) => true,
+            (Value::Bool(a), Value::Bool(b)) => a == b,
+            (Value::Int(a), Value::Int(b)) => a == b,
+            (Value::Float(a), Value::Float(b)) => a.to_bits() == b.to_bits(),
+            (Value::Str(a), Value::Str(b)) => a == b,
+            (Value::Bytes(a), Value::Bytes(b)) | (Value::Pickle(a), Value::Pickle(b)) => {
+                a[..] == b[..]
+            }
+            (Value::List(a), Value::List(b)) | (Value::Tuple(a), Value::Tuple(b)) => {
+                a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.same(y))
+            }
+            (Value::Dict(a), Value::Dict(b)) => {
+                a.len() == b.len()
+                    && a.iter()
+                        .zip(b)
+                        .all(|((ka, va), (kb, vb))| ka == kb && va.same(vb))
+            }
+            (Value::Out(a), Value::Out(b)) => a == b,
+            (Value::Tensor(a), Value::Tensor(b)) => {
+                a.dtype == b.dtype
+                    && a.shape == b.shape
+                    && a.device == b.device
+                    && match (a.contiguous_bytes(), b.contiguous_bytes()) {
+                        (Ok(x), Ok(y)) => x[..] == y[..],
+                        _ => false,
+                    }
+            }
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn value_1_strided_gather_and_scatter() {
+        // 2x3 int32 matrix, viewed transposed (3x2, strides [1, 3]).
+        let data: Vec<u8> = (0i32..6).flat_map(|v| v.to_le_bytes()).collect();
+        let base = Tensor::from_bytes(DType::I32, vec![2, 3], data).unwrap();
+        let ptr = base.data_ptr() as *mut u8;
+        let keep: Arc<dyn Any + Send + Sync> = Arc::new(());
+        // SAFETY: the view covers the 6 elements of `base`, alive for the test.
+        let t = unsafe {
+            Tensor::from_raw(
+                DType::I32,
+                vec![3, 2],
+                Some(vec![1, 3]),
+                Device::Cpu,
+                ptr,
+                24,
+                keep.clone(),
+            )
+        };
+        assert!(!t.is_contiguous());
+        let g = t.contiguous_bytes().unwrap();
+        let vals: Vec<i32> = g
+            .chunks(4)
+            .map(|c| i32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        assert_eq!(vals, vec![0, 3, 1, 4, 2, 5]);
+        let mut dst_store = vec![0u8; 24];
+        // SAFETY: as above, over dst_store.
+        let mut dst = unsafe {
+            Tensor::from_raw(
+                DType::I32,
+                vec![3, 2],
+                Some(vec![1, 3]),
+                Device::Cpu,
+                dst_store.as_mut_ptr(),
+                24,
+                keep,
+            )
+        };
+        dst.scatter_from(&g);
+        assert_eq!(dst_store, base.bytes().unwrap());
+    }
+
+    #[test]
+    fn value_2_byte_len_overflow_is_an_error() {
+        assert!(byte_len(DType::F64, &[usize::MAX, 2]).is_err());
+        assert_eq!(byte_len(DType::BF16, &[3, 0]).unwrap(), 0);
+        assert_eq!(byte_len(DType::C128, &[]).unwrap(), 16);
+    }
+}
