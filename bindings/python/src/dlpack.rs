@@ -1,0 +1,287 @@
+//! DLPack: tensors cross between Python and the engine by pointer and metadata, never by linking
+//! libtorch. Import reads any object with `__dlpack__` (torch, numpy, cupy, jax...); export hands
+//! received tensors to `torch.from_dlpack` / `numpy.from_dlpack` without a copy.
+//!
+//! Invariants:
+//! - DL-1: an imported tensor's producer capsule is kept alive (in the engine tensor's `keep`) for
+//!   as long as the engine may read or write its memory.
+//! - DL-2: an exported capsule owns its engine tensor until the consumer calls the deleter, or,
+//!   if never consumed, until the capsule is destroyed (the standard "used_dltensor" protocol).
+
+use parallel_engine::value::{DType, Device, Tensor};
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::ffi;
+use pyo3::prelude::*;
+use std::ffi::{CStr, c_void};
+use std::os::raw::c_char;
+use std::sync::Arc;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct DLDevice {
+    device_type: i32,
+    device_id: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct DLDataType {
+    code: u8,
+    bits: u8,
+    lanes: u16,
+}
+
+#[repr(C)]
+struct DLTensor {
+    data: *mut c_void,
+    device: DLDevice,
+    ndim: i32,
+    dtype: DLDataType,
+    shape: *mut i64,
+    strides: *mut i64,
+    byte_offset: u64,
+}
+
+#[repr(C)]
+struct DLManagedTensor {
+    dl_tensor: DLTensor,
+    manager_ctx: *mut c_void,
+    deleter: Option<unsafe extern "C" fn(*mut DLManagedTensor)>,
+}
+
+const KDL_CPU: i32 = 1;
+const KDL_CUDA: i32 = 2;
+const NAME: &CStr = c"dltensor";
+const USED: &CStr = c"used_dltensor";
+
+fn dtype_from(dt: DLDataType) -> Option<DType> {
+    if dt.lanes != 1 {
+        return None;
+    }
+    Some(match (dt.code, dt.bits) {
+        (0, 8) => DType::I8,
+        (0, 16) => DType::I16,
+        (0, 32) => DType::I32,
+        (0, 64) => DType::I64,
+        (1, 8) => DType::U8,
+        (1, 16) => DType::U16,
+        (1, 32) => DType::U32,
+        (1, 64) => DType::U64,
+        (2, 16) => DType::F16,
+        (2, 32) => DType::F32,
+        (2, 64) => DType::F64,
+        (4, 16) => DType::BF16,
+        (5, 64) => DType::C64,
+        (5, 128) => DType::C128,
+        (6, 8) => DType::Bool,
+        _ => return None,
+    })
+}
+
+fn dtype_to(d: DType) -> DLDataType {
+    let (code, bits) = match d {
+        DType::I8 => (0, 8),
+        DType::I16 => (0, 16),
+        DType::I32 => (0, 32),
+        DType::I64 => (0, 64),
+        DType::U8 => (1, 8),
+        DType::U16 => (1, 16),
+        DType::U32 => (1, 32),
+        DType::U64 => (1, 64),
+        DType::F16 => (2, 16),
+        DType::F32 => (2, 32),
+        DType::F64 => (2, 64),
+        DType::BF16 => (4, 16),
+        DType::C64 => (5, 64),
+        DType::C128 => (5, 128),
+        DType::Bool => (6, 8),
+    };
+    DLDataType {
+        code,
+        bits,
+        lanes: 1,
+    }
+}
+
+/// The producer's capsule (and object), kept alive while the engine uses the memory (DL-1).
+struct Keep {
+    _capsule: Py<PyAny>,
+    _obj: Py<PyAny>,
+}
+
+/// Imports a tensor-like object through `__dlpack__`. torch tensors that require grad are
+/// detached first (we only read or fill their data).
+pub fn import(obj: &Bound<'_, PyAny>) -> PyResult<Tensor> {
+    let py = obj.py();
+    let mut src = obj.clone();
+    if src.hasattr("requires_grad")? && src.getattr("requires_grad")?.is_truthy()? {
+        src = src.call_method0("detach")?;
+    }
+    let capsule = src.call_method0("__dlpack__")?;
+    // SAFETY: PyCapsule_GetPointer checks the capsule type and name and returns NULL (with an
+    // exception set) when they do not match.
+    let p = unsafe { ffi::PyCapsule_GetPointer(capsule.as_ptr(), NAME.as_ptr()) }
+        as *mut DLManagedTensor;
+    if p.is_null() {
+        return Err(PyErr::take(py).unwrap_or_else(|| {
+            PyTypeError::new_err("__dlpack__ did not return a 'dltensor' capsule")
+        }));
+    }
+    // SAFETY: a valid, unconsumed dltensor capsule points at a DLManagedTensor that stays valid
+    // while the capsule lives (we keep it, DL-1).
+    let t = unsafe { &(*p).dl_tensor };
+    let ty = obj
+        .get_type()
+        .name()
+        .map(|n| n.to_string())
+        .unwrap_or_default();
+    let dtype = dtype_from(t.dtype).ok_or_else(|| {
+        PyTypeError::new_err(format!(
+            "unsupported tensor dtype (DLPack code {}, {} bits, {} lanes) in a {ty}",
+            t.dtype.code, t.dtype.bits, t.dtype.lanes
+        ))
+    })?;
+    let device = match t.device.device_type {
+        KDL_CPU => Device::Cpu,
+        KDL_CUDA => {
+            return Err(PyValueError::new_err(
+                "CUDA tensors cannot be sent yet: this build moves CPU tensors only (CUDA links are a separate feature); call .cpu() first",
+            ));
+        }
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "tensors on DLPack device type {other} are not supported; move the tensor to the CPU first"
+            )));
+        }
+    };
+    let nd = usize::try_from(t.ndim).map_err(|_| PyValueError::new_err("negative ndim"))?;
+    // SAFETY: shape has ndim entries (DLPack contract); strides is either NULL or has ndim entries.
+    let shape_i: Vec<i64> = if nd == 0 {
+        vec![]
+    } else {
+        unsafe { std::slice::from_raw_parts(t.shape, nd) }.to_vec()
+    };
+    let strides_i: Option<Vec<i64>> = if t.strides.is_null() || nd == 0 {
+        None
+    } else {
+        Some(unsafe { std::slice::from_raw_parts(t.strides, nd) }.to_vec())
+    };
+    let shape: Vec<usize> = shape_i
+        .iter()
+        .map(|d| usize::try_from(*d))
+        .collect::<Result<_, _>>()
+        .map_err(|_| PyValueError::new_err("negative dimension"))?;
+    let strides: Option<Vec<isize>> = strides_i.map(|s| s.iter().map(|x| *x as isize).collect());
+    if strides.as_ref().is_some_and(|s| s.iter().any(|x| *x < 0)) {
+        return Err(PyValueError::new_err(format!(
+            "tensors with negative strides are not supported (a flipped view?); call .contiguous() on the {ty} first"
+        )));
+    }
+    let item = dtype.itemsize();
+    let numel: usize = shape.iter().product();
+    let span = if numel == 0 {
+        0
+    } else {
+        match &strides {
+            None => numel * item,
+            Some(s) => {
+                (shape
+                    .iter()
+                    .zip(s)
+                    .map(|(d, st)| (d - 1) * *st as usize)
+                    .sum::<usize>()
+                    + 1)
+                    * item
+            }
+        }
+    };
+    // SAFETY: data + byte_offset is the first element per the DLPack contract.
+    let ptr = unsafe { (t.data as *mut u8).add(t.byte_offset as usize) };
+    let keep: Arc<dyn std::any::Any + Send + Sync> = Arc::new(Keep {
+        _capsule: capsule.unbind(),
+        _obj: src.unbind(),
+    });
+    // SAFETY: the producer guarantees the memory described by (ptr, shape, strides) is valid while
+    // its capsule lives; `keep` holds the capsule for the tensor's lifetime (DL-1).
+    Ok(unsafe { Tensor::from_raw(dtype, shape, strides, device, ptr, span, keep) })
+}
+
+/// What an exported capsule owns.
+struct Ctx {
+    tensor: Tensor,
+    shape: Vec<i64>,
+}
+
+unsafe extern "C" fn deleter(m: *mut DLManagedTensor) {
+    if m.is_null() {
+        return;
+    }
+    // SAFETY: m and its manager_ctx were created by `export` with Box::into_raw; the DLPack
+    // consumer calls the deleter exactly once.
+    unsafe {
+        drop(Box::from_raw((*m).manager_ctx as *mut Ctx));
+        drop(Box::from_raw(m));
+    }
+}
+
+unsafe extern "C" fn capsule_destructor(capsule: *mut ffi::PyObject) {
+    // SAFETY: called by Python with the capsule; only an unconsumed capsule still owns its tensor
+    // (DL-2); a consumed one was renamed "used_dltensor" and its consumer owns the deleter call.
+    unsafe {
+        if ffi::PyCapsule_IsValid(capsule, NAME.as_ptr()) == 1 {
+            let m = ffi::PyCapsule_GetPointer(capsule, NAME.as_ptr()) as *mut DLManagedTensor;
+            deleter(m);
+        } else {
+            ffi::PyErr_Clear();
+        }
+    }
+}
+
+/// Wraps an engine tensor into a new "dltensor" capsule (DL-2).
+pub fn export(py: Python<'_>, tensor: Tensor) -> PyResult<PyObject> {
+    let shape: Vec<i64> = tensor.shape.iter().map(|d| *d as i64).collect();
+    let dtype = dtype_to(tensor.dtype);
+    let mut ctx = Box::new(Ctx { tensor, shape });
+    let data = ctx.tensor.data_mut_ptr() as *mut c_void;
+    let ndim = ctx.shape.len() as i32;
+    let shape_ptr = ctx.shape.as_mut_ptr();
+    let m = Box::new(DLManagedTensor {
+        dl_tensor: DLTensor {
+            data,
+            device: DLDevice {
+                device_type: KDL_CPU,
+                device_id: 0,
+            },
+            ndim,
+            dtype,
+            shape: shape_ptr,
+            strides: std::ptr::null_mut(),
+            byte_offset: 0,
+        },
+        manager_ctx: Box::into_raw(ctx) as *mut c_void,
+        deleter: Some(deleter),
+    });
+    let raw = Box::into_raw(m);
+    // SAFETY: creating a capsule over our heap DLManagedTensor with a destructor that frees it
+    // unless consumed (DL-2).
+    let cap = unsafe {
+        ffi::PyCapsule_New(
+            raw as *mut c_void,
+            NAME.as_ptr() as *const c_char,
+            Some(capsule_destructor),
+        )
+    };
+    if cap.is_null() {
+        // SAFETY: the capsule was not created, so we still own raw.
+        unsafe { deleter(raw) };
+        return Err(PyErr::fetch(py));
+    }
+    // SAFETY: cap is a new strong reference.
+    Ok(unsafe { Py::from_owned_ptr(py, cap) })
+}
+
+/// Marks a capsule consumed (tests).
+#[allow(dead_code)]
+pub fn used_name() -> &'static CStr {
+    USED
+}

@@ -1,0 +1,109 @@
+"""Parallel: message passing, collectives and workers for PyTorch tensors.
+
+Client/Server::
+
+    import torch_parallel as parallel
+    server = parallel.server("127.0.0.1", 0)
+    client = parallel.client("127.0.0.1", server.port)
+    client.send("hi")
+    assert server.recv_any() == "hi"
+    client.close()
+    server.close()
+
+Values: None, bool, int (64-bit), float, str, bytes, list, tuple, dict (str/int keys) and tensors
+(torch, numpy or any DLPack object, CPU), nested freely. Received tensors are torch tensors when
+torch is importable, else numpy arrays. Every blocking call takes ``timeout`` (seconds; default
+``PARALLEL_TIMEOUT``) and releases the GIL while it waits.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import _native
+from ._errors import (
+    AuthError,
+    Cancelled,
+    Closed,
+    ConfigError,
+    Mismatch,
+    ParallelError,
+    PeerLost,
+    ProtocolError,
+    ResourceError,
+    Timeout,
+    Unsupported,
+)
+from ._errors import CLASSES as _CLASSES
+from ._native import Client, Connection, Handle, Server
+
+__all__ = [
+    "AuthError",
+    "Cancelled",
+    "Client",
+    "Closed",
+    "ConfigError",
+    "Connection",
+    "Handle",
+    "Mismatch",
+    "ParallelError",
+    "PeerLost",
+    "ProtocolError",
+    "ResourceError",
+    "Server",
+    "Timeout",
+    "Unsupported",
+    "client",
+    "config",
+    "io_backend",
+    "server",
+]
+
+_native._register_errors(dict(_CLASSES))
+
+
+def _tensor_factory() -> Any:
+    try:
+        import torch
+
+        return torch.from_dlpack
+    except ImportError:  # pragma: no cover - torch is a dependency of the tests
+        import numpy
+
+        return numpy.from_dlpack
+
+
+_native._set_tensor_factory(_tensor_factory())
+
+
+def server(host: str = "127.0.0.1", port: int = 0, *, allow_pickle: bool = False) -> Server:
+    """Listens on ``host:port`` (port 0: an ephemeral port, read it from ``server.port``).
+
+    Binds to loopback unless given another host. IPv4 and IPv6 addresses are accepted.
+    """
+    return Server(host, port, allow_pickle)
+
+
+def client(
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    timeout: float | None = None,
+    allow_pickle: bool = False,
+) -> Client:
+    """Connects to a server, retrying until ``timeout`` (default ``PARALLEL_CONNECT_TIMEOUT``).
+
+    Between processes of one host the link is a shared-memory ring (``client.link == "shm"``);
+    otherwise TCP. ``PARALLEL_SHM=0`` keeps every link on TCP.
+    """
+    return Client(host, port, timeout, allow_pickle)
+
+
+def config() -> dict[str, str]:
+    """Every effective ``PARALLEL_*`` value (raises ConfigError for a malformed one)."""
+    return dict(_native.config())
+
+
+def io_backend() -> str:
+    """The I/O backend in use: ``"io_uring"`` or ``"epoll"``."""
+    return str(_native.io_backend())
