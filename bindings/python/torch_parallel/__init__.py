@@ -37,6 +37,8 @@ from ._errors import (
 from ._errors import CLASSES as _CLASSES
 from ._native import Client, Connection, Handle, Server
 
+__version__ = "0.1.0"
+
 __all__ = [
     "AuthError",
     "Cancelled",

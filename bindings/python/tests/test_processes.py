@@ -1,0 +1,152 @@
+"""Across processes: the seed example, large tensors, dead peers, Ctrl-C, secrets."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+import torch_parallel as parallel
+
+from .conftest import expected_link, finish, spawn
+
+CLIENT = """
+import sys, torch, torch_parallel as parallel
+c = parallel.client("127.0.0.1", int(sys.argv[1]), timeout=10)
+mode = sys.argv[2]
+if mode == "hi":
+    c.send("hi")
+elif mode == "echo":
+    v = c.recv(timeout=20)
+    c.send(v)
+elif mode == "hang":
+    c.send("ready")
+    import time; time.sleep(60)
+print(c.link)
+c.close()
+"""
+
+
+def test_seed_example_across_processes():
+    s = parallel.server("127.0.0.1", 0)
+    p = spawn(CLIENT, str(s.port), "hi")
+    assert s.recv_any(timeout=20) == "hi"
+    rc, out, err = finish(p)
+    assert rc == 0, err
+    assert out.strip() == expected_link()
+    s.close()
+
+
+def test_large_tensor_echo_across_processes():
+    s = parallel.server("127.0.0.1", 0)
+    p = spawn(CLIENT, str(s.port), "echo")
+    s.wait_for(1, timeout=20)
+    conn = s.connections()[0]
+    t = torch.randn(16 << 20)  # 64 MiB
+    conn.send({"t": t, "name": "big"})
+    out = torch.empty_like(t)
+    got = conn.recv(timeout=60, out={"t": out})
+    assert got["name"] == "big" and got["t"] is out and torch.equal(out, t)
+    rc, _, err = finish(p)
+    assert rc == 0, err
+    s.close()
+
+
+def test_killed_peer_is_peer_lost_promptly_and_server_serves_others():
+    s = parallel.server("127.0.0.1", 0)
+    p = spawn(CLIENT, str(s.port), "hang")
+    assert s.recv_any(timeout=20) == "ready"
+    conn = s.connections()[0]
+    os.kill(p.pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    with pytest.raises(parallel.PeerLost) as ei:
+        conn.recv(timeout=30)
+    assert time.monotonic() - t0 < 3
+    assert "pid" in str(ei.value) and isinstance(ei.value, ConnectionError)
+    finish(p)
+    q = spawn(CLIENT, str(s.port), "hi")
+    assert s.recv_any(timeout=20) == "hi"
+    assert finish(q)[0] == 0
+    s.close()
+
+
+def test_killed_peer_wakes_recv_any():
+    s = parallel.server("127.0.0.1", 0)
+    p = spawn(CLIENT, str(s.port), "hang")
+    assert s.recv_any(timeout=20) == "ready"
+    os.kill(p.pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    with pytest.raises(parallel.PeerLost):
+        s.recv_any(timeout=30)
+    assert time.monotonic() - t0 < 3
+    finish(p)
+    with pytest.raises(parallel.Timeout):
+        s.recv_any(timeout=0.2)
+    s.close()
+
+
+def test_ctrl_c_interrupts_a_blocking_recv():
+    code = """
+    import sys, time, torch_parallel as parallel
+    s = parallel.server("127.0.0.1", 0)
+    print("ready", flush=True)
+    t0 = time.monotonic()
+    try:
+        s.recv_any(timeout=60)
+    except KeyboardInterrupt:
+        print("interrupted %.2f" % (time.monotonic() - t0), flush=True)
+        sys.exit(0)
+    sys.exit(3)
+    """
+    p = spawn(code)
+    assert p.stdout is not None
+    assert p.stdout.readline().strip() == "ready"
+    time.sleep(0.3)
+    p.send_signal(signal.SIGINT)
+    rc, out, err = finish(p, timeout=10)
+    assert rc == 0, (out, err)
+    assert float(out.split()[-1]) < 2.0
+
+
+SECRET_SERVER = """
+import sys, torch_parallel as parallel
+s = parallel.server("127.0.0.1", 0)
+print(s.port, flush=True)
+print(s.recv_any(timeout=20), flush=True)
+print(s.stats()["refused"], flush=True)
+s.close()
+"""
+
+SECRET_CLIENT = """
+import sys, torch_parallel as parallel
+try:
+    c = parallel.client("127.0.0.1", int(sys.argv[1]), timeout=10)
+except parallel.AuthError as e:
+    print("auth:", e)
+    sys.exit(7)
+c.send(sys.argv[2])
+c.close()
+"""
+
+
+def test_wrong_or_missing_secret_is_refused_and_the_server_serves_the_rest(tmp_path):
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("s3cret\n")
+    srv = spawn(SECRET_SERVER, env={"PARALLEL_SECRET_FILE": str(secret_file)})
+    assert srv.stdout is not None
+    port = srv.stdout.readline().strip()
+    bad = spawn(SECRET_CLIENT, port, "bad", env={"PARALLEL_SECRET": "wrong"})
+    rc, out, _ = finish(bad)
+    assert rc == 7 and "secret" in out, out
+    none = spawn(SECRET_CLIENT, port, "none", env={"PARALLEL_SECRET": "", "PARALLEL_SECRET_FILE": ""})
+    rc, out, _ = finish(none)
+    assert rc == 7 and "requires a shared secret" in out, out
+    good = spawn(SECRET_CLIENT, port, "good", env={"PARALLEL_SECRET": "s3cret"})
+    assert finish(good)[0] == 0
+    rc, out, err = finish(srv)
+    assert rc == 0, err
+    lines = out.split()
+    assert lines[0] == "good" and int(lines[1]) >= 1
