@@ -11,6 +11,10 @@
 //!   than 2x; smaller buffers are plain heap vectors.
 //! - BUF-3: every region's memory is mapped and zero-or-stale filled; contents of a reused region are
 //!   whatever the last user left (callers always overwrite before reading).
+//! - BUF-4: a buffer sized by a peer's declaration ([`Buf::for_incoming`]) commits memory only as
+//!   bytes arrive: a fresh region is neither pre-faulted nor locked, so a frame that announces
+//!   gigabytes and sends a few bytes costs a few pages, not an out-of-memory kill. Pooled regions
+//!   are reused as they are, so repeated receives of one size still run at memory speed.
 
 use crate::config::config;
 use std::collections::HashMap;
@@ -31,7 +35,9 @@ struct Region {
 unsafe impl Send for Region {}
 
 impl Region {
-    fn map(cap: usize) -> Option<Region> {
+    /// Maps `cap` bytes; `prefault`: fault the pages in (and lock them) now rather than on first
+    /// write (BUF-4).
+    fn map(cap: usize, prefault: bool) -> Option<Region> {
         // SAFETY: anonymous private mapping; we check the result before use.
         let p = unsafe {
             libc::mmap(
@@ -49,6 +55,12 @@ impl Region {
         if cap >= HUGE {
             // SAFETY: advising our own fresh mapping; failure is harmless.
             unsafe { libc::madvise(p, cap, libc::MADV_HUGEPAGE) };
+        }
+        if !prefault {
+            return Some(Region {
+                ptr: NonNull::new(p as *mut u8)?,
+                cap,
+            });
         }
         // Pre-fault now, once, instead of on every receive. MADV_POPULATE_WRITE (Linux 5.14+).
         // SAFETY: our own mapping.
@@ -147,6 +159,16 @@ impl std::fmt::Debug for Buf {
 impl Buf {
     /// A buffer of `len` bytes with unspecified contents (BUF-3). Large ones come from the pool.
     pub fn with_len(len: usize) -> crate::Result<Buf> {
+        Buf::alloc(len, true)
+    }
+
+    /// A buffer for `len` bytes a peer announced but has not sent yet: like [`Buf::with_len`],
+    /// except that a fresh region is faulted in by the arriving bytes, not up front (BUF-4).
+    pub fn for_incoming(len: usize) -> crate::Result<Buf> {
+        Buf::alloc(len, false)
+    }
+
+    fn alloc(len: usize, prefault: bool) -> crate::Result<Buf> {
         if len < MIN_POOLED {
             return Ok(Buf {
                 store: Store::Heap(vec![0; len]),
@@ -158,7 +180,7 @@ impl Buf {
             .ok_or_else(|| too_big(len))?;
         let region = match take(cap) {
             Some(r) => r,
-            None => Region::map(cap).ok_or_else(|| too_big(len))?,
+            None => Region::map(cap, prefault).ok_or_else(|| too_big(len))?,
         };
         Ok(Buf {
             store: Store::Pooled(region),

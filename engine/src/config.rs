@@ -236,6 +236,7 @@ static CONFIG: OnceLock<std::result::Result<Config, Error>> = OnceLock::new();
 ///
 /// Panics never; a malformed variable is reported by [`try_config`] and, here, replaced by the
 /// whole default configuration after an error log line (so a reactor thread cannot fail on it).
+#[allow(clippy::disallowed_methods)] // CONFIG-1: the one place that reads the environment
 pub fn config() -> &'static Config {
     match CONFIG.get_or_init(|| Config::from_lookup(&|n| std::env::var(n).ok())) {
         Ok(c) => c,
@@ -250,6 +251,7 @@ pub fn config() -> &'static Config {
 }
 
 /// The process configuration, or the error that a malformed variable caused.
+#[allow(clippy::disallowed_methods)] // CONFIG-1: the one place that reads the environment
 pub fn try_config() -> Result<&'static Config> {
     match CONFIG.get_or_init(|| Config::from_lookup(&|n| std::env::var(n).ok())) {
         Ok(c) => Ok(c),

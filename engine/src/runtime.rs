@@ -155,7 +155,7 @@ pub fn wait_until(
 // epoll backend
 
 thread_local! {
-    static EPOLL: RefCell<Epoll> = RefCell::new(Epoll { fd: -1 });
+    static EPOLL: RefCell<Epoll> = const { RefCell::new(Epoll { fd: -1 }) };
 }
 
 struct Epoll {
@@ -417,6 +417,7 @@ pub(crate) fn try_recv(fd: RawFd, buf: &mut [u8]) -> std::io::Result<Attempt> {
 
 /// Non-blocking vectored send attempt.
 pub(crate) fn try_sendv(fd: RawFd, iov: &[libc::iovec]) -> std::io::Result<Attempt> {
+    // SAFETY: msghdr is plain data; zero is a valid value.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
     msg.msg_iovlen = iov.len().min(1024) as _;
@@ -611,10 +612,7 @@ impl<T> Completion<T> {
                 )));
                 return r;
             }
-            let slice = match deadline.slice(op, "the asynchronous operation") {
-                Ok(s) => s,
-                Err(e) => return Err(e),
-            };
+            let slice = deadline.slice(op, "the asynchronous operation")?;
             g = self
                 .inner
                 .1
@@ -762,10 +760,8 @@ mod tests {
     fn rt_1_waits_end_at_their_deadline() {
         let mut fds = [0; 2];
         // SAFETY: creating a socket pair into a valid array.
-        assert_eq!(
-            unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, fds.as_mut_ptr()) },
-            0
-        );
+        let rc = unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, fds.as_mut_ptr()) };
+        assert_eq!(rc, 0);
         let t = Instant::now();
         let mut buf = [0u8; 4];
         let e = recv_exact(
@@ -815,11 +811,9 @@ mod tests {
     #[test]
     fn large_transfer_through_backend() {
         let mut fds = [0; 2];
-        // SAFETY: as above.
-        assert_eq!(
-            unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, fds.as_mut_ptr()) },
-            0
-        );
+        // SAFETY: creating a socket pair into a valid array.
+        let rc = unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, fds.as_mut_ptr()) };
+        assert_eq!(rc, 0);
         let data: Vec<u8> = (0..(3 << 20)).map(|i| (i % 251) as u8).collect();
         let d2 = data.clone();
         let w = fds[1];

@@ -159,11 +159,13 @@ pub fn import(obj: &Bound<'_, PyAny>) -> PyResult<Tensor> {
     let shape_i: Vec<i64> = if nd == 0 {
         vec![]
     } else {
+        // SAFETY: shape has ndim entries (DLPack contract).
         unsafe { std::slice::from_raw_parts(t.shape, nd) }.to_vec()
     };
     let strides_i: Option<Vec<i64>> = if t.strides.is_null() || nd == 0 {
         None
     } else {
+        // SAFETY: non-NULL strides have ndim entries (DLPack contract).
         Some(unsafe { std::slice::from_raw_parts(t.strides, nd) }.to_vec())
     };
     let shape: Vec<usize> = shape_i

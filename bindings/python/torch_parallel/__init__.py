@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import _native
+from ._errors import CLASSES as _CLASSES
 from ._errors import (
     AuthError,
     Cancelled,
@@ -34,7 +35,6 @@ from ._errors import (
     Timeout,
     Unsupported,
 )
-from ._errors import CLASSES as _CLASSES
 from ._native import Client, Connection, Handle, Server
 
 __version__ = "0.1.0"
@@ -66,9 +66,9 @@ _native._register_errors(dict(_CLASSES))
 
 def _tensor_factory() -> Any:
     try:
-        import torch
+        from torch.utils.dlpack import from_dlpack
 
-        return torch.from_dlpack
+        return from_dlpack
     except ImportError:  # pragma: no cover - torch is a dependency of the tests
         import numpy
 

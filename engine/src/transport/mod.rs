@@ -128,6 +128,8 @@ pub struct Link {
     recv: Mutex<RecvState>,
     closed_locally: AtomicBool,
     peer_closed: AtomicBool,
+    /// A receive found the peer gone (LINK-3): later sends fail instead of writing into the void.
+    peer_lost: AtomicBool,
     pub(crate) counters: Counters,
     limits: Limits,
     spin: Duration,
@@ -167,6 +169,7 @@ impl Link {
             }),
             closed_locally: AtomicBool::new(false),
             peer_closed: AtomicBool::new(false),
+            peer_lost: AtomicBool::new(false),
             counters: Counters::default(),
             limits: Limits::from_config(),
             spin: config().spin,
@@ -250,6 +253,13 @@ impl Link {
                 ErrorKind::Closed,
                 "send",
                 format!("the connection is unusable: {p}"),
+            )));
+        }
+        if self.peer_lost.load(Ordering::SeqCst) {
+            return Err(self.err(Error::new(
+                ErrorKind::PeerLost,
+                "send",
+                "the peer went away (an earlier receive found it gone); nothing was sent",
             )));
         }
         let cma = self.shm.as_ref().filter(|s| {
@@ -440,6 +450,16 @@ impl RecvGuard<'_> {
 
     /// Receives one message (see [`Link::recv`]).
     pub fn recv(&mut self, out: &mut [Tensor], deadline: Deadline) -> Result<Value> {
+        let r = self.recv_message(out, deadline);
+        if r.as_ref().is_err_and(|e| e.kind() == ErrorKind::PeerLost) {
+            // LINK-3 for the other direction: a shared-memory ring (or a TCP socket whose reset
+            // has not arrived yet) would otherwise accept a send to the dead peer silently.
+            self.link.peer_lost.store(true, Ordering::SeqCst);
+        }
+        r
+    }
+
+    fn recv_message(&mut self, out: &mut [Tensor], deadline: Deadline) -> Result<Value> {
         let link = self.link;
         let start = Instant::now();
         if link.closed_locally.load(Ordering::SeqCst) {
@@ -583,7 +603,8 @@ impl RecvGuard<'_> {
                 filled.push(Filled::Out(out_i));
                 out_i += 1;
             } else {
-                let mut b = Buf::with_len(len)?;
+                // Sized by the peer's declaration: memory is committed as the bytes arrive (BUF-4).
+                let mut b = Buf::for_incoming(len)?;
                 if let Err(e) = self.fill(&mut b, via_cma, deadline) {
                     failure = Some(e);
                     continue;
@@ -622,8 +643,18 @@ impl RecvGuard<'_> {
             ));
         }
         let s = link.shm.as_ref().expect("cma implies shm");
-        sys::cma_read(s.peer_pid, addr, dst)
-            .map_err(|e| Error::os("recv", "process_vm_readv from the sender", e))
+        sys::cma_read(s.peer_pid, addr, dst).map_err(|e| {
+            if e.raw_os_error() == Some(libc::ESRCH) {
+                // The sender died inside its send (it waits for our ack): LINK-3, not Resource.
+                Error::new(
+                    ErrorKind::PeerLost,
+                    "recv",
+                    "the sending process went away in the middle of a message",
+                )
+            } else {
+                Error::os("recv", "process_vm_readv from the sender", e)
+            }
+        })
     }
 
     fn read_record(&mut self, deadline: Deadline) -> Result<(u64, u64)> {

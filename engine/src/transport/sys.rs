@@ -202,11 +202,8 @@ pub(crate) fn memfd(name: &str, size: usize) -> Result<OwnedFd> {
     // SAFETY: fresh owned fd.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: sizing our own memfd.
-    check(
-        unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) },
-        "shm",
-        "ftruncate(memfd)",
-    )?;
+    let rc = unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) };
+    check(rc, "shm", "ftruncate(memfd)")?;
     Ok(fd)
 }
 
@@ -215,23 +212,17 @@ pub(crate) fn unix_listen_abstract(name: &[u8]) -> Result<OwnedFd> {
     let fd = socket(libc::AF_UNIX, libc::SOCK_STREAM)?;
     let (addr, len) = abstract_addr(name);
     // SAFETY: valid sockaddr_un of `len` bytes.
-    check(
-        unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                &addr as *const _ as *const libc::sockaddr,
-                len,
-            )
-        },
-        "shm",
-        "bind(abstract unix socket)",
-    )?;
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            &addr as *const _ as *const libc::sockaddr,
+            len,
+        )
+    };
+    check(rc, "shm", "bind(abstract unix socket)")?;
     // SAFETY: plain syscall.
-    check(
-        unsafe { libc::listen(fd.as_raw_fd(), 4) },
-        "shm",
-        "listen(abstract unix socket)",
-    )?;
+    let rc = unsafe { libc::listen(fd.as_raw_fd(), 4) };
+    check(rc, "shm", "listen(abstract unix socket)")?;
     Ok(fd)
 }
 
@@ -336,19 +327,16 @@ pub(crate) fn peer_pid(sock: RawFd) -> Result<i32> {
     };
     let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
     // SAFETY: valid pointers of the stated size.
-    check(
-        unsafe {
-            libc::getsockopt(
-                sock,
-                libc::SOL_SOCKET,
-                libc::SO_PEERCRED,
-                &mut cred as *mut _ as *mut libc::c_void,
-                &mut len,
-            )
-        },
-        "shm",
-        "SO_PEERCRED",
-    )?;
+    let rc = unsafe {
+        libc::getsockopt(
+            sock,
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            &mut cred as *mut _ as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    check(rc, "shm", "SO_PEERCRED")?;
     Ok(cred.pid)
 }
 

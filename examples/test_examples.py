@@ -1,0 +1,24 @@
+"""The examples run as written (small sizes for the demo)."""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+
+HERE = pathlib.Path(__file__).parent
+
+
+def run(*args: str) -> str:
+    p = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return p.stdout
+
+
+def test_hello_example():
+    assert "server received 'hi'" in run(str(HERE / "hello.py"))
+
+
+def test_demo_example_small():
+    out = run(str(HERE / "demo.py"), "--clients", "2", "--mib", "8", "--rounds", "2")
+    assert out.count("data verified") == 4 and "WRONG" not in out
