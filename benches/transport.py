@@ -11,7 +11,8 @@
     t0; send one message; wait for a 1-byte ack from the receiver; t1. One warm-up message
     first, then --reps timed messages. Rate = bytes / (t1 - t0), 1 GB/s = 1e9 B/s.
 (b) Round trip of a small message (8-byte bytes object): sockets_tcp, sockets_unix,
-    zmq_tcp (REQ/REP), ours_tcp, ours_shm. Warm-up, then --rtt-reps x --rtt-n timed round trips;
+    zmq_tcp (REQ/REP), gloo (dist.send/dist.recv of an 8-byte uint8 tensor, rank 1 echoes),
+    ours_tcp, ours_shm. Warm-up, then --rtt-reps x --rtt-n timed round trips;
     median / p10 / p90 over all timed samples, and the range of the per-rep medians.
 
 Every measurement runs its two ends as two fresh processes (multiprocessing 'spawn'; iperf3
@@ -63,10 +64,14 @@ LAT_ROWS = {
     "sockets": "sockets_tcp",
     "unix": "sockets_unix",
     "zmq": "zmq_tcp",
+    "gloo": "gloo",
     "tcp": "ours_tcp",
     "shm": "ours_shm",
 }
-ALIASES = {"ours": ["tcp", "shm"], "peers": ["iperf3", "sockets", "unix", "zmq", "gloo"]}
+ALIASES = {
+    "ours": ["tcp", "shm"],
+    "peers": ["iperf3", "sockets", "unix", "zmq", "gloo"],
+}
 OURS = ("ours_tcp", "ours_shm")
 
 
@@ -209,7 +214,12 @@ def zmq_tp_recv(link, nbytes, reps, t_op):
         sk.setsockopt(zmq.LINGER, 0)
         sk.setsockopt(zmq.RCVTIMEO, int(t_op * 1000))
         sk.setsockopt(zmq.SNDTIMEO, int(t_op * 1000))
-    q.put((pull.bind_to_random_port(f"tcp://{HOST}"), ack.bind_to_random_port(f"tcp://{HOST}")))
+    q.put(
+        (
+            pull.bind_to_random_port(f"tcp://{HOST}"),
+            ack.bind_to_random_port(f"tcp://{HOST}"),
+        )
+    )
     if ack.recv() != b"hi":
         raise ConnectionError("bad hello")
     ack.send(b"ready")
@@ -262,7 +272,12 @@ def zmq_tp_send(link, nbytes, reps, t_op):
     push.close()
     ack.close()
     ctx.term()
-    return {"GBps": rates, "client_cpu_s": cpu, "pyzmq": zmq.__version__, "libzmq": zmq.zmq_version()}
+    return {
+        "GBps": rates,
+        "client_cpu_s": cpu,
+        "pyzmq": zmq.__version__,
+        "libzmq": zmq.zmq_version(),
+    }
 
 
 def gloo_tp(link, rank, port, nbytes, reps, t_op):
@@ -275,7 +290,11 @@ def gloo_tp(link, rank, port, nbytes, reps, t_op):
     _q, done = link
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"tcp://{HOST}:{port}", rank=rank, world_size=2, timeout=timedelta(seconds=t_op)
+        "gloo",
+        init_method=f"tcp://{HOST}:{port}",
+        rank=rank,
+        world_size=2,
+        timeout=timedelta(seconds=t_op),
     )
     ack = torch.zeros(1)
     out = {}
@@ -308,6 +327,7 @@ def gloo_tp(link, rank, port, nbytes, reps, t_op):
 
 def ours_tp_recv(link, nbytes, reps, t_op):
     import torch
+
     import torch_parallel as parallel
 
     q, done = link
@@ -325,7 +345,11 @@ def ours_tp_recv(link, nbytes, reps, t_op):
         if r is not buf and not (isinstance(r, torch.Tensor) and r.data_ptr() == buf.data_ptr()):
             into_out = False
             if i == 0:
-                verify(r.contiguous().view(torch.uint8).numpy(), nbytes, "ours (returned tensor)")
+                verify(
+                    r.contiguous().view(torch.uint8).numpy(),
+                    nbytes,
+                    "ours (returned tensor)",
+                )
         if i == 0:
             verify(buf.numpy(), nbytes, "ours (out=)")
         conn.send(b"k")
@@ -344,6 +368,7 @@ def ours_tp_recv(link, nbytes, reps, t_op):
 
 def ours_tp_send(link, nbytes, reps, t_op):
     import torch
+
     import torch_parallel as parallel
 
     q, done = link
@@ -383,7 +408,10 @@ def ours_tp_send(link, nbytes, reps, t_op):
 def _rtt_summary(samples_us, n_per_rep):
     """Per-rep medians plus pooled percentiles (samples in microseconds)."""
     reps = [samples_us[i : i + n_per_rep] for i in range(0, len(samples_us), n_per_rep)]
-    return {"samples_us": samples_us, "rep_medians_us": [statistics.median(r) for r in reps]}
+    return {
+        "samples_us": samples_us,
+        "rep_medians_us": [statistics.median(r) for r in reps],
+    }
 
 
 def sock_rtt_echo(link, family, path, total, t_op):
@@ -510,6 +538,52 @@ def zmq_rtt_ping(link, warm, n, reps, t_op):
     return {**_rtt_summary(samples, n), "client_cpu_s": cpu}
 
 
+def gloo_rtt(link, rank, port, warm, n, reps, t_op):
+    """rank 0 pings and measures (client side), rank 1 echoes (server side)."""
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    _q, done = link
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://{HOST}:{port}",
+        rank=rank,
+        world_size=2,
+        timeout=timedelta(seconds=t_op),
+    )
+    total = warm + n * reps
+    buf = torch.zeros(len(SMALL_MSG), dtype=torch.uint8)
+    if rank == 0:
+        msg = torch.frombuffer(bytearray(SMALL_MSG), dtype=torch.uint8)
+        pc = time.perf_counter_ns
+        samples = []
+        cpu0 = _cpu()
+        for i in range(total):
+            t0 = pc()
+            dist.send(msg, 1)
+            dist.recv(buf, 1)
+            t1 = pc()
+            if i >= warm:
+                samples.append((t1 - t0) / 1e3)
+        cpu = _cpu() - cpu0
+        if bytes(buf.numpy()) != SMALL_MSG:
+            raise AssertionError("echo differs")
+        out = {**_rtt_summary(samples, n), "client_cpu_s": cpu}
+        done.set()
+    else:
+        cpu0 = _cpu()
+        for _ in range(total):
+            dist.recv(buf, 0)
+            dist.send(buf, 0)
+        out = {"server_cpu_s": _cpu() - cpu0}
+        done.wait(t_op)
+    dist.destroy_process_group()
+    return out
+
+
 def ours_rtt_echo(link, total, t_op):
     import torch_parallel as parallel
 
@@ -525,7 +599,11 @@ def ours_rtt_echo(link, total, t_op):
         conn.send(_call_with_timeout(conn.recv, t_op))
     cpu = _cpu() - cpu0
     done.wait(t_op)
-    res = {"server_cpu_s": cpu, "server_conn_link": _safe(lambda: conn.link), "server_stats": _safe(s.stats)}
+    res = {
+        "server_cpu_s": cpu,
+        "server_conn_link": _safe(lambda: conn.link),
+        "server_stats": _safe(s.stats),
+    }
     s.close()
     return res
 
@@ -578,10 +656,14 @@ def run_pair(ctx, recv_fn, recv_args, send_fn, send_args, env, deadline_s):
     roles = ("server", "client")
     procs = {
         "server": ctx.Process(
-            target=_child, args=("server", recv_fn, (link, *recv_args), resq, env), daemon=True
+            target=_child,
+            args=("server", recv_fn, (link, *recv_args), resq, env),
+            daemon=True,
         ),
         "client": ctx.Process(
-            target=_child, args=("client", send_fn, (link, *send_args), resq, env), daemon=True
+            target=_child,
+            args=("client", send_fn, (link, *send_args), resq, env),
+            daemon=True,
         ),
     }
     for p in procs.values():
@@ -642,12 +724,17 @@ def _status_of(results):
 def measure_iperf3(secs, reps, t_op):
     exe = shutil.which("iperf3")
     if not exe:
-        return {"status": "skipped", "note": "iperf3 not installed (scripts/setup.sh installs it)"}
+        return {
+            "status": "skipped",
+            "note": "iperf3 not installed (scripts/setup.sh installs it)",
+        }
     rates, notes = [], []
     for _ in range(reps):
         port = str(free_port())
         srv = subprocess.Popen(
-            [exe, "-s", "-1", "-B", HOST, "-p", port], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            [exe, "-s", "-1", "-B", HOST, "-p", port],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         try:
             j = None
@@ -701,7 +788,13 @@ def measure_tp(ctx, name, nbytes, reps, t_op, deadline, tmpdir):
     elif name == "gloo":
         port = free_port()
         results, err = run_pair(
-            ctx, gloo_tp, (1, port, nbytes, reps, t_op), gloo_tp, (0, port, nbytes, reps, t_op), {}, deadline
+            ctx,
+            gloo_tp,
+            (1, port, nbytes, reps, t_op),
+            gloo_tp,
+            (0, port, nbytes, reps, t_op),
+            {},
+            deadline,
         )
     else:
         env = {"PARALLEL_SHM": "1" if name == "ours_shm" else "0"}
@@ -732,12 +825,35 @@ def measure_rtt(ctx, name, warm, n, reps, t_op, deadline, tmpdir):
         )
     elif name == "zmq_tcp":
         results, err = run_pair(
-            ctx, zmq_rtt_echo, (total, t_op), zmq_rtt_ping, (warm, n, reps, t_op), {}, deadline
+            ctx,
+            zmq_rtt_echo,
+            (total, t_op),
+            zmq_rtt_ping,
+            (warm, n, reps, t_op),
+            {},
+            deadline,
+        )
+    elif name == "gloo":
+        port = free_port()
+        results, err = run_pair(
+            ctx,
+            gloo_rtt,
+            (1, port, warm, n, reps, t_op),
+            gloo_rtt,
+            (0, port, warm, n, reps, t_op),
+            {},
+            deadline,
         )
     else:
         env = {"PARALLEL_SHM": "1" if name == "ours_shm" else "0"}
         results, err = run_pair(
-            ctx, ours_rtt_echo, (total, t_op), ours_rtt_ping, (warm, n, reps, t_op), env, deadline
+            ctx,
+            ours_rtt_echo,
+            (total, t_op),
+            ours_rtt_ping,
+            (warm, n, reps, t_op),
+            env,
+            deadline,
         )
     if err:
         return {"status": _status_of(results), "note": _err_text(results, err)}
@@ -817,13 +933,22 @@ else:
         out["config"] = cfg if isinstance(cfg, dict) else str(cfg)
     except Exception as e:
         out["config_error"] = f"{type(e).__name__}: {e}"
+    try:
+        out["io_backend"] = str(p.io_backend())
+    except Exception as e:
+        out["io_backend_error"] = f"{type(e).__name__}: {e}"
 print("PROBE" + json.dumps(out, default=str))
 """
 
 
 def probe_ours(timeout=90):
     try:
-        cp = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=timeout)
+        cp = subprocess.run(
+            [sys.executable, "-c", PROBE],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
     except subprocess.TimeoutExpired:
         return {"error": f"import torch_parallel timed out after {timeout} s"}
     for line in cp.stdout.splitlines():
@@ -884,8 +1009,13 @@ def machine_info():
 
 
 def io_backend(probe, rows):
-    """Best effort: PARALLEL_IO from config(), and any io/backend key in ours' stats."""
+    """torch_parallel.io_backend() as the probe subprocess saw it, then PARALLEL_IO from config()
+    and any io/backend key in ours' stats."""
     found = []
+    if probe.get("io_backend"):
+        found.append(str(probe["io_backend"]))
+    elif probe.get("io_backend_error"):
+        found.append(f"io_backend() failed ({probe['io_backend_error']})")
     cfg = probe.get("config")
     if isinstance(cfg, dict):
         for k, v in cfg.items():
@@ -976,7 +1106,7 @@ def ratios(tp, lat):
         if x is not None and y is not None:
             out["throughput"][f"{a} / {b}"] = x / y
     pairs = [("ours_shm", "ours_tcp")] + [
-        (o, p) for o in OURS for p in ("sockets_tcp", "sockets_unix", "zmq_tcp")
+        (o, p) for o in OURS for p in ("sockets_tcp", "sockets_unix", "zmq_tcp", "gloo")
     ]
     for a, b in pairs:
         x, y = med(lat, a, "median_us"), med(lat, b, "median_us")
@@ -1021,8 +1151,8 @@ def render(report):
     L += tp_table(report["throughput"], list(TP_ROWS.values()), nbytes)
     L.append("")
     L.append(
-        f"### (b) Round trip of an 8-byte bytes object ({a['rtt_warm']} warm-up, then {a['rtt_reps']} x "
-        f"{a['rtt_n']} timed, x {a['runs']} run(s))"
+        f"### (b) Round trip of an 8-byte message, a bytes object (gloo: a uint8 tensor) "
+        f"({a['rtt_warm']} warm-up, then {a['rtt_reps']} x {a['rtt_n']} timed, x {a['runs']} run(s))"
     )
     L.append("")
     L += rtt_table(report["rtt"], list(LAT_ROWS.values()))
@@ -1062,8 +1192,14 @@ def print_console(report):
             yield cells
 
     for title, lines in (
-        ("Throughput (GB/s = 1e9 B/s)", tp_table(report["throughput"], list(TP_ROWS.values()), nbytes)),
-        ("Round trip, 8-byte message (us)", rtt_table(report["rtt"], list(LAT_ROWS.values()))),
+        (
+            "Throughput (GB/s = 1e9 B/s)",
+            tp_table(report["throughput"], list(TP_ROWS.values()), nbytes),
+        ),
+        (
+            "Round trip, 8-byte message (us)",
+            rtt_table(report["rtt"], list(LAT_ROWS.values())),
+        ),
     ):
         rows = list(plain(lines))
         if len(rows) <= 1:
@@ -1099,28 +1235,64 @@ def parse_only(spec):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument(
-        "--quick", action="store_true", help="smoke run: 64 MiB, 2 reps, 300 round trips x 2, < 60 s"
+        "--quick",
+        action="store_true",
+        help="smoke run: 64 MiB, 2 reps, 300 round trips x 2, < 60 s",
     )
     ap.add_argument(
-        "--only", default="", help="comma list of: iperf3 sockets unix zmq gloo tcp shm | ours | peers"
+        "--only",
+        default="",
+        help="comma list of: iperf3 sockets unix zmq gloo tcp shm | ours | peers",
     )
     ap.add_argument("--parts", default="throughput,rtt", help="throughput, rtt or both")
-    ap.add_argument("--size-mib", type=int, default=None, help="message size for (a) (default 256; quick 64)")
     ap.add_argument(
-        "--reps", type=int, default=None, help="timed messages per run for (a) (default 5; quick 2)"
+        "--size-mib",
+        type=int,
+        default=None,
+        help="message size for (a) (default 256; quick 64)",
     )
     ap.add_argument(
-        "--runs", type=int, default=1, help="fresh process pairs per row, rows interleaved (default 1)"
+        "--reps",
+        type=int,
+        default=None,
+        help="timed messages per run for (a) (default 5; quick 2)",
     )
-    ap.add_argument("--rtt-n", type=int, default=None, help="round trips per rep (default 2000; quick 300)")
     ap.add_argument(
-        "--rtt-reps", type=int, default=None, help="reps of --rtt-n round trips (default 5; quick 2)"
+        "--runs",
+        type=int,
+        default=1,
+        help="fresh process pairs per row, rows interleaved (default 1)",
     )
-    ap.add_argument("--rtt-warm", type=int, default=None, help="warm-up round trips (default 500; quick 100)")
+    ap.add_argument(
+        "--rtt-n",
+        type=int,
+        default=None,
+        help="round trips per rep (default 2000; quick 300)",
+    )
+    ap.add_argument(
+        "--rtt-reps",
+        type=int,
+        default=None,
+        help="reps of --rtt-n round trips (default 5; quick 2)",
+    )
+    ap.add_argument(
+        "--rtt-warm",
+        type=int,
+        default=None,
+        help="warm-up round trips (default 500; quick 100)",
+    )
     ap.add_argument("--iperf-secs", type=int, default=None, help="iperf3 -t (default 3; quick 1)")
-    ap.add_argument("--iperf-reps", type=int, default=None, help="iperf3 runs (default = --reps; quick 1)")
     ap.add_argument(
-        "--timeout", type=float, default=None, help="deadline per process pair, s (default: from sizes)"
+        "--iperf-reps",
+        type=int,
+        default=None,
+        help="iperf3 runs (default = --reps; quick 1)",
+    )
+    ap.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="deadline per process pair, s (default: from sizes)",
     )
     ap.add_argument("--json", default="bench-out/transport.json")
     ap.add_argument("--md", default="bench-out/transport.md")
@@ -1153,7 +1325,10 @@ def main():
     want_ours = bool(keys & {"tcp", "shm"})
     probe = probe_ours() if want_ours else {"error": "not selected"}
     if want_ours and "error" in probe:
-        print(f"torch_parallel not built ({probe['error']}); our rows are skipped", flush=True)
+        print(
+            f"torch_parallel not built ({probe['error']}); our rows are skipped",
+            flush=True,
+        )
 
     ctx = mp.get_context("spawn")
     tp_runs = {TP_ROWS[k]: [] for k in TP_ROWS if k in keys} if "throughput" in parts else {}
@@ -1186,7 +1361,16 @@ def main():
                 if name in OURS and "error" in probe:
                     r = {"status": "unavailable", "note": "torch_parallel not built"}
                 else:
-                    r = measure_rtt(ctx, name, a.rtt_warm, a.rtt_n, a.rtt_reps, t_op, rtt_deadline, tmpdir)
+                    r = measure_rtt(
+                        ctx,
+                        name,
+                        a.rtt_warm,
+                        a.rtt_n,
+                        a.rtt_reps,
+                        t_op,
+                        rtt_deadline,
+                        tmpdir,
+                    )
                 rtt_runs[name].append(r)
                 if r["status"] == "ok":
                     s = sorted(r["samples_us"])

@@ -179,6 +179,11 @@ impl Link {
     pub fn kind(&self) -> LinkKind {
         self.kind
     }
+    /// Our end's address of the underlying TCP connection (the interface that routes to the peer).
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        sys::local_addr(self.sock.as_raw_fd())
+    }
+
     /// The peer, as "address (pid N)".
     pub fn peer(&self) -> &str {
         &self.peer
