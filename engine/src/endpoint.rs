@@ -27,6 +27,9 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 static CONN_KEYS: AtomicUsize = AtomicUsize::new(0);
+/// Handshakes in progress in this process, and the most allowed at once.
+static HANDSHAKES: AtomicUsize = AtomicUsize::new(0);
+const MAX_HANDSHAKES: usize = 256;
 
 /// One connection: a link plus the server-side id and tag (also used as the client's core).
 #[derive(Debug)]
@@ -485,6 +488,7 @@ impl Drop for ServerInner {
 }
 
 fn accept_loop(weak: std::sync::Weak<ServerInner>) {
+    runtime::block_signals();
     loop {
         let Some(inner) = weak.upgrade() else { return };
         if inner.closed.load(Ordering::SeqCst) {
@@ -493,32 +497,57 @@ fn accept_loop(weak: std::sync::Weak<ServerInner>) {
         let lfd = inner.listener.as_raw_fd();
         match handshake::try_accept(lfd) {
             Ok(Some((fd, addr))) => {
+                // Each handshake gets its own short-lived thread (HS-1): a silent client then
+                // costs one parked thread for PARALLEL_HANDSHAKE_TIMEOUT and delays nobody else.
+                // The number in flight is bounded; beyond it new connections are dropped at once.
+                if HANDSHAKES.fetch_add(1, Ordering::SeqCst) >= MAX_HANDSHAKES {
+                    HANDSHAKES.fetch_sub(1, Ordering::SeqCst);
+                    inner.refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        "dropping {addr}: {MAX_HANDSHAKES} handshakes already in progress"
+                    );
+                    continue;
+                }
                 let w = weak.clone();
-                Runtime::get().spawn(move || {
-                    let id_hint = 0;
-                    match handshake::accept(fd, addr, id_hint) {
-                        Ok(acc) => {
-                            let Some(inner) = w.upgrade() else { return };
-                            if inner.closed.load(Ordering::SeqCst) {
-                                acc.link.close();
-                                return;
+                let spawned = std::thread::Builder::new()
+                    .name("parallel-handshake".into())
+                    .spawn(move || {
+                        struct Done;
+                        impl Drop for Done {
+                            fn drop(&mut self) {
+                                HANDSHAKES.fetch_sub(1, Ordering::SeqCst);
                             }
-                            let mut g = inner.conns.lock().unwrap_or_else(|e| e.into_inner());
-                            let id = inner.next_id.fetch_add(1, Ordering::SeqCst);
-                            g.push(Arc::new(Conn::new(acc.link, id)));
-                            inner.accepted.fetch_add(1, Ordering::Relaxed);
-                            drop(g);
-                            inner.changed.notify_all();
-                            sys::eventfd_signal(inner.wake.as_raw_fd());
                         }
-                        Err(e) => {
-                            if let Some(inner) = w.upgrade() {
-                                inner.refused.fetch_add(1, Ordering::Relaxed);
+                        let _done = Done;
+                        runtime::block_signals();
+                        let id_hint = 0;
+                        match handshake::accept(fd, addr, id_hint) {
+                            Ok(acc) => {
+                                let Some(inner) = w.upgrade() else { return };
+                                if inner.closed.load(Ordering::SeqCst) {
+                                    acc.link.close();
+                                    return;
+                                }
+                                let mut g = inner.conns.lock().unwrap_or_else(|e| e.into_inner());
+                                let id = inner.next_id.fetch_add(1, Ordering::SeqCst);
+                                g.push(Arc::new(Conn::new(acc.link, id)));
+                                inner.accepted.fetch_add(1, Ordering::Relaxed);
+                                drop(g);
+                                inner.changed.notify_all();
+                                sys::eventfd_signal(inner.wake.as_raw_fd());
                             }
-                            tracing::warn!("connection from {addr} refused: {e}");
+                            Err(e) => {
+                                if let Some(inner) = w.upgrade() {
+                                    inner.refused.fetch_add(1, Ordering::Relaxed);
+                                }
+                                tracing::warn!("connection from {addr} refused: {e}");
+                            }
                         }
-                    }
-                });
+                    });
+                if let Err(e) = spawned {
+                    HANDSHAKES.fetch_sub(1, Ordering::SeqCst);
+                    tracing::error!("cannot start a handshake thread: {e}");
+                }
             }
             Ok(None) => {
                 drop(inner);

@@ -667,7 +667,8 @@ fn pin_to(cpu: usize) {
     }
 }
 
-fn block_signals() {
+/// Blocks SIGINT and SIGTERM in the calling (engine-owned) thread, so they reach user threads.
+pub fn block_signals() {
     // SAFETY: building a signal set and masking it for this thread only.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();

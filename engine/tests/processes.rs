@@ -675,12 +675,8 @@ fn survives_before_handshake(name: &str, attack: impl Fn(&mut TcpStream)) {
     );
 }
 
-/// HS-1 says a silent client costs one reactor task for a bounded time; but the handshake blocks
-/// its reactor, so one silent socket per reactor stalls every later handshake for
-/// PARALLEL_HANDSHAKE_TIMEOUT (10 s), and more sockets queue more. Kept as a reproduction until
-/// handshakes stop blocking reactors: `cargo test --test processes -- --ignored`.
+/// HS-1: a silent client costs one handshake thread for a bounded time and delays nobody else.
 #[test]
-#[ignore = "known issue: silent clients hold reactors through the handshake timeout"]
 fn hs_1_silent_clients_do_not_block_other_handshakes() {
     let server = Server::bind("127.0.0.1", 0).unwrap();
     let n = parallel_engine::runtime::Runtime::get().reactors();
