@@ -1,5 +1,14 @@
 //! Parallel's collectives: rendezvous, topology plans, reductions and the algorithms over links.
 //!
-//! Under construction (issue: Tree). It depends only on `parallel-engine`'s links and values.
+//! It depends only on `parallel-engine`'s endpoints and values; it knows nothing of Python.
 
+pub mod ops;
+pub mod plan;
+pub mod rendezvous;
+pub mod tree;
+
+pub use ops::Op;
 pub use parallel_engine as engine;
+pub use plan::{Algo, Plan, Probe};
+pub use rendezvous::TreeOptions;
+pub use tree::Tree;

@@ -194,6 +194,72 @@ pub const TABLE: &[Var] = &[
         default: "4M",
         doc: "Largest single socket read or write; bounds the time one operation holds a link.",
     },
+    Var {
+        name: "PARALLEL_ALGO",
+        kind: VarKind::Choice(&["auto", "tree", "ring"]),
+        default: "auto",
+        doc: "All-reduce algorithm: `tree` (reduce up the topology tree, result back down; fewest hops), `ring` (pipelined reduce-scatter + all-gather; least data per link), `auto` (ring from PARALLEL_RING_THRESHOLD bytes on). Must be the same on every rank.",
+    },
+    Var {
+        name: "PARALLEL_RING_THRESHOLD",
+        kind: VarKind::Bytes {
+            min: 0,
+            max: 1 << 50,
+        },
+        default: "256K",
+        doc: "With PARALLEL_ALGO=auto, all-reduces of at least this many bytes take the ring. Must be the same on every rank.",
+    },
+    Var {
+        name: "PARALLEL_COLLECTIVE_CHUNK",
+        kind: VarKind::Bytes {
+            min: 4 * KIB,
+            max: GIB,
+        },
+        default: "1M",
+        doc: "Pipeline chunk of the ring all-reduce: each chunk is sent while the previous one is reduced.",
+    },
+    Var {
+        name: "PARALLEL_RANK",
+        kind: VarKind::Text,
+        default: "",
+        doc: "This process's rank in a tree (else RANK, SLURM_PROCID, OMPI_COMM_WORLD_RANK, PMI_RANK, PMIX_RANK; unset everywhere: the root assigns ranks in arrival order).",
+    },
+    Var {
+        name: "PARALLEL_WORLD_SIZE",
+        kind: VarKind::Text,
+        default: "",
+        doc: "Number of ranks in a tree (else WORLD_SIZE, SLURM_NTASKS, OMPI_COMM_WORLD_SIZE, PMI_SIZE).",
+    },
+    Var {
+        name: "PARALLEL_ROOT",
+        kind: VarKind::Text,
+        default: "",
+        doc: "host:port where rank 0 listens for the rendezvous (else MASTER_ADDR:MASTER_PORT, or the first host of SLURM_NODELIST with MASTER_PORT, default port 29500).",
+    },
+    Var {
+        name: "PARALLEL_IFNAME",
+        kind: VarKind::Text,
+        default: "",
+        doc: "Network interface whose IPv4 address a rank listens on for its tree links. Empty: the interface that routes to the root.",
+    },
+    Var {
+        name: "PARALLEL_WORKQUEUE_CAPACITY",
+        kind: VarKind::Int {
+            min: 1,
+            max: 1 << 24,
+        },
+        default: "1024",
+        doc: "Items each direction of a work queue (and a pool's job queue) holds before writers wait for readers (back-pressure).",
+    },
+    Var {
+        name: "PARALLEL_WORKQUEUE_ARENA",
+        kind: VarKind::Bytes {
+            min: MIB,
+            max: 1 << 44,
+        },
+        default: "16G",
+        doc: "Address space of the shared-memory arena behind a work queue that other processes open. Only the pages items use are committed; freed blocks are reused (and stay faulted in). Writers wait for readers to free blocks when it is full.",
+    },
 ];
 
 /// The effective configuration.
@@ -218,6 +284,12 @@ pub struct Config {
     pub pool_bytes: u64,
     pub mlock: bool,
     pub chunk: usize,
+    /// PARALLEL_ALGO: "auto", "tree" or "ring".
+    pub algo: String,
+    pub ring_threshold: u64,
+    pub collective_chunk: u64,
+    pub workqueue_capacity: usize,
+    pub workqueue_arena: u64,
     /// Every variable's effective value as text, in table order.
     pub effective: Vec<(&'static str, String)>,
 }
@@ -450,6 +522,15 @@ impl Config {
         let pool_bytes = u(next());
         let mlock = b(next());
         let chunk = u(next()) as usize;
+        let algo = t(next());
+        let ring_threshold = u(next());
+        let collective_chunk = u(next());
+        // Launcher-facing text variables, validated where they are used (collectives' rendezvous).
+        for _ in 0..4 {
+            let _ = t(next());
+        }
+        let workqueue_capacity = u(next()) as usize;
+        let workqueue_arena = u(next());
         Ok(Config {
             io,
             threads,
@@ -470,6 +551,11 @@ impl Config {
             pool_bytes,
             mlock,
             chunk,
+            algo,
+            ring_threshold,
+            collective_chunk,
+            workqueue_capacity,
+            workqueue_arena,
             effective,
         })
     }

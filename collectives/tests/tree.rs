@@ -1,0 +1,281 @@
+//! Tree conformance with ranks as threads of one process (processes: bindings/python/tests and
+//! collectives/examples). Every op x dtype x world size x awkward size; mismatches; uneven endings.
+
+use parallel_collectives::ops::{self, Op};
+use parallel_collectives::{Tree, TreeOptions};
+use parallel_engine::value::DType;
+use parallel_engine::{ErrorKind, Result};
+use std::sync::Arc;
+use std::time::Duration;
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// Runs `f(tree)` on `n` ranks (threads); returns their results in rank order.
+fn world<T: Send + 'static>(
+    n: usize,
+    f: impl Fn(Tree) -> Result<T> + Send + Sync + 'static,
+) -> Vec<Result<T>> {
+    let port = free_port();
+    let f = Arc::new(f);
+    let hs: Vec<_> = (0..n)
+        .map(|r| {
+            let f = f.clone();
+            std::thread::spawn(move || {
+                let t = Tree::new(TreeOptions {
+                    rank: Some(r),
+                    world_size: Some(n),
+                    root: Some(format!("127.0.0.1:{port}")),
+                    timeout: Some(Duration::from_secs(20)),
+                })?;
+                f(t)
+            })
+        })
+        .collect();
+    hs.into_iter()
+        .map(|h| h.join().expect("rank thread panicked"))
+        .collect()
+}
+
+fn encode(dtype: DType, vals: &[f64]) -> Vec<u8> {
+    vals.iter()
+        .flat_map(|v| -> Vec<u8> {
+            match dtype {
+                DType::F32 => (*v as f32).to_le_bytes().to_vec(),
+                DType::F64 => v.to_le_bytes().to_vec(),
+                DType::F16 => half::f16::from_f64(*v).to_le_bytes().to_vec(),
+                DType::BF16 => half::bf16::from_f64(*v).to_le_bytes().to_vec(),
+                DType::I32 => (*v as i32).to_le_bytes().to_vec(),
+                DType::I64 => (*v as i64).to_le_bytes().to_vec(),
+                DType::U8 => vec![*v as u8],
+                DType::I8 => vec![*v as i8 as u8],
+                DType::I16 => (*v as i16).to_le_bytes().to_vec(),
+                DType::U16 => (*v as u16).to_le_bytes().to_vec(),
+                DType::U32 => (*v as u32).to_le_bytes().to_vec(),
+                DType::U64 => (*v as u64).to_le_bytes().to_vec(),
+                DType::Bool => vec![(*v != 0.0) as u8],
+                DType::C64 => [(*v as f32).to_le_bytes(), 0f32.to_le_bytes()].concat(),
+                DType::C128 => [v.to_le_bytes(), 0f64.to_le_bytes()].concat(),
+            }
+        })
+        .collect()
+}
+
+/// Rank r's value at element i: small integers so every op is exact in every dtype.
+fn val(r: usize, i: usize) -> f64 {
+    ((r * 7 + i * 3) % 5) as f64 + 1.0
+}
+
+/// The expected result, computed by the reference kernels in rank order.
+fn expected(op: &Op, dtype: DType, n: usize, count: usize) -> Vec<u8> {
+    let mut acc = encode(dtype, &(0..count).map(|i| val(0, i)).collect::<Vec<_>>());
+    for r in 1..n {
+        ops::reduce_into(
+            op,
+            dtype,
+            &mut acc,
+            &encode(dtype, &(0..count).map(|i| val(r, i)).collect::<Vec<_>>()),
+        )
+        .unwrap();
+    }
+    if matches!(op, Op::Avg) {
+        ops::divide(dtype, &mut acc, n);
+    }
+    acc
+}
+
+fn check_all_reduce(n: usize, op: Op, dtype: DType, count: usize) {
+    let want = expected(&op, dtype, n, count);
+    let op2 = op.clone();
+    let res = world(n, move |t| {
+        let mut buf = encode(
+            dtype,
+            &(0..count).map(|i| val(t.rank(), i)).collect::<Vec<_>>(),
+        );
+        let c = t.all_reduce(dtype, &mut buf, &op2)?;
+        Ok((c, buf))
+    });
+    if res.iter().any(|x| x.is_err()) {
+        let all: Vec<String> = res
+            .iter()
+            .enumerate()
+            .map(|(r, x)| format!("rank {r}: {:?}", x.as_ref().map(|v| v.0)))
+            .collect();
+        panic!(
+            "{op:?} {dtype:?} x{count} on {n} ranks:\n{}",
+            all.join("\n")
+        );
+    }
+    for (r, x) in res.into_iter().enumerate() {
+        let (c, buf) =
+            x.unwrap_or_else(|e| panic!("rank {r} of {n}, {op:?} {dtype:?} x{count}: {e}"));
+        assert_eq!(c, n);
+        assert!(
+            buf == want,
+            "rank {r} of {n}: {op:?} {dtype:?} x{count} differs (TREE-1)"
+        );
+    }
+}
+
+#[test]
+fn tree_1_every_world_size_and_awkward_size() {
+    for n in [1, 2, 3, 5, 8] {
+        for count in [0, 1, 7919, 3 << 20] {
+            check_all_reduce(n, Op::Sum, DType::F32, count);
+        }
+    }
+}
+
+#[test]
+fn tree_1_every_op_and_dtype() {
+    let all = [
+        DType::Bool,
+        DType::U8,
+        DType::I8,
+        DType::I16,
+        DType::I32,
+        DType::I64,
+        DType::U16,
+        DType::U32,
+        DType::U64,
+        DType::F16,
+        DType::BF16,
+        DType::F32,
+        DType::F64,
+        DType::C64,
+        DType::C128,
+    ];
+    for dtype in all {
+        for op in [
+            Op::Sum,
+            Op::Prod,
+            Op::Min,
+            Op::Max,
+            Op::Avg,
+            Op::Band,
+            Op::Bor,
+            Op::Bxor,
+        ] {
+            if op.check(dtype).is_err() {
+                continue;
+            }
+            // Small (tree) and large (ring) paths.
+            for count in [13, 200_003] {
+                check_all_reduce(3, op.clone(), dtype, count);
+            }
+        }
+    }
+}
+
+#[test]
+fn user_reduce_function() {
+    let op = Op::User(Arc::new(|d: &mut [u8], s: &[u8], dt, _n| {
+        ops::reduce_into(&Op::Max, dt, d, s)
+    }));
+    check_all_reduce(5, op.clone(), DType::F32, 1000);
+    check_all_reduce(5, op, DType::F32, 1 << 20);
+}
+
+#[test]
+fn broadcast_reduce_all_gather_barrier() {
+    let res = world(5, |t| {
+        let r = t.rank();
+        let mut b = vec![r as u8; 1000];
+        t.broadcast(DType::U8, &mut b, 3)?;
+        assert!(b.iter().all(|x| *x == 3));
+        let mut x = encode(DType::I64, &[r as f64, 1.0]);
+        let n = t.reduce(DType::I64, &mut x, &Op::Sum, 2)?;
+        assert_eq!(n, 5);
+        if r == 2 {
+            assert_eq!(x, encode(DType::I64, &[10.0, 5.0]));
+        } else {
+            assert_eq!(x, encode(DType::I64, &[r as f64, 1.0]));
+        }
+        let pieces = t.all_gather(&vec![r as u8; r + 1])?;
+        for (k, p) in pieces.iter().enumerate() {
+            assert_eq!(p, &vec![k as u8; k + 1]);
+        }
+        t.barrier()?;
+        Ok(())
+    });
+    for r in res {
+        r.unwrap();
+    }
+}
+
+#[test]
+fn tree_2_mismatch_names_the_culprit_on_every_rank() {
+    let res = world(3, |t| {
+        let count = if t.rank() == 2 { 11 } else { 10 };
+        let mut b = vec![0u8; count * 4];
+        t.all_reduce(DType::F32, &mut b, &Op::Sum)
+    });
+    for (r, x) in res.into_iter().enumerate() {
+        let e = x.expect_err("mismatch must fail");
+        assert_eq!(e.kind(), ErrorKind::Mismatch, "rank {r}: {e}");
+        assert!(e.to_string().contains("rank 2"), "rank {r}: {e}");
+    }
+    let res = world(2, |t| {
+        let mut b = vec![0u8; 40];
+        if t.rank() == 0 {
+            t.all_reduce(DType::F32, &mut b, &Op::Sum).map(|_| ())
+        } else {
+            t.broadcast(DType::F32, &mut b, 0)
+        }
+    });
+    for x in res {
+        assert!(x.unwrap_err().to_string().contains("broadcast"));
+    }
+}
+
+#[test]
+fn tree_4_uneven_endings_report_contributors() {
+    // Rank r has r + 1 batches; finished ranks contribute the identity until all are done.
+    for n in [2, 3, 5] {
+        for count in [100, 300_000] {
+            let res = world(n, move |t| {
+                let mut seen = Vec::new();
+                for step in 0..=t.rank() {
+                    let mut b = encode(DType::F64, &vec![1.0; count]);
+                    let c = t.all_reduce(DType::F64, &mut b, &Op::Sum)?;
+                    let v = f64::from_le_bytes(b[..8].try_into().unwrap());
+                    seen.push((step, c, v));
+                }
+                t.done(None, None)?;
+                Ok(seen)
+            });
+            for (r, x) in res.into_iter().enumerate() {
+                for (step, c, v) in x.unwrap_or_else(|e| panic!("n={n} rank {r}: {e}")) {
+                    assert_eq!(c, n - step, "n={n} rank {r} step {step}");
+                    assert_eq!(v, (n - step) as f64, "n={n} rank {r} step {step}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn tree_3_dead_rank_fails_every_rank_promptly() {
+    let t0 = std::time::Instant::now();
+    let res = world(3, |t| {
+        let mut b = vec![0u8; 64];
+        t.all_reduce(DType::F32, &mut b, &Op::Sum)?;
+        if t.rank() == 1 {
+            drop(t); // rank 1 leaves: its links close
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        t.all_reduce(DType::F32, &mut b, &Op::Sum).map(|_| ())
+    });
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    assert!(res[1].is_ok());
+    for r in [0, 2] {
+        let e = res[r].as_ref().unwrap_err();
+        assert!(
+            matches!(e.kind(), ErrorKind::Closed | ErrorKind::PeerLost),
+            "rank {r}: {e}"
+        );
+    }
+}
