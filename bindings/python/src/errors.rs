@@ -27,6 +27,7 @@ fn kind_key(k: ErrorKind) -> &'static str {
         ErrorKind::Config => "config",
         ErrorKind::Resource => "resource",
         ErrorKind::Cancelled => "cancelled",
+        ErrorKind::Worker => "worker",
     }
 }
 

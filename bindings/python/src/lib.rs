@@ -12,6 +12,7 @@
 mod convert;
 mod dlpack;
 mod errors;
+mod tree;
 
 use errors::IntoPyResult;
 use parallel_engine::endpoint::ServerStats;
@@ -53,7 +54,7 @@ fn interrupt_pending() -> bool {
 }
 
 /// Runs a blocking engine call without the GIL (PY-1).
-fn wait<T: Send>(
+pub(crate) fn wait<T: Send>(
     py: Python<'_>,
     f: impl FnOnce() -> parallel_engine::Result<T> + Send,
 ) -> PyResult<T> {
@@ -543,6 +544,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Connection>()?;
     m.add_class::<Handle>()?;
     m.add_class::<Received>()?;
+    m.add_class::<tree::Tree_>()?;
     m.add_function(wrap_pyfunction!(config, m)?)?;
     m.add_function(wrap_pyfunction!(io_backend, m)?)?;
     m.add_function(wrap_pyfunction!(environment_markdown, m)?)?;

@@ -35,7 +35,7 @@ from ._errors import (
     Timeout,
     Unsupported,
 )
-from ._native import Client, Connection, Handle, Server
+from ._native import Client, Connection, Handle, Server, Tree
 
 __version__ = "0.1.0"
 
@@ -54,11 +54,14 @@ __all__ = [
     "ResourceError",
     "Server",
     "Timeout",
+    "Tree",
     "Unsupported",
+    "WorkerError",
     "client",
     "config",
     "io_backend",
     "server",
+    "tree",
 ]
 
 _native._register_errors(dict(_CLASSES))
@@ -99,6 +102,28 @@ def client(
     otherwise TCP. ``PARALLEL_SHM=0`` keeps every link on TCP.
     """
     return Client(host, port, timeout, allow_pickle)
+
+
+def tree(
+    rank: int | None = None,
+    world_size: int | None = None,
+    root: str | None = None,
+    *,
+    timeout: float | None = None,
+) -> Tree:
+    """Joins an allreduce tree of processes.
+
+    With no arguments, rank, world size and root address come from the launcher: ours
+    (PARALLEL_RANK, PARALLEL_WORLD_SIZE, PARALLEL_ROOT), torchrun (RANK, WORLD_SIZE, MASTER_ADDR,
+    MASTER_PORT), SLURM (SLURM_PROCID, SLURM_NTASKS, SLURM_NODELIST) or Open MPI / PMI. Without a
+    rank, the root assigns ranks in arrival order. Ranks may start in any order within ``timeout``
+    (default PARALLEL_TIMEOUT). ``print(tree)`` shows the plan: hosts, tree, ring, link kinds.
+
+    The seed's example runs as written::
+
+        tree.all_reduce(grads, lambda a, b: a.add_(b))
+    """
+    return Tree(rank, world_size, root, timeout)
 
 
 def config() -> dict[str, str]:

@@ -56,6 +56,10 @@ class Cancelled(ParallelError):
     """The operation was cancelled."""
 
 
+class WorkerError(ParallelError, RuntimeError):
+    """A worker (a map thread or process, a pool job) failed: it raised, panicked or died."""
+
+
 CLASSES: dict[str, type[ParallelError]] = {
     "timeout": Timeout,
     "peer_lost": PeerLost,
@@ -67,4 +71,5 @@ CLASSES: dict[str, type[ParallelError]] = {
     "config": ConfigError,
     "resource": ResourceError,
     "cancelled": Cancelled,
+    "worker": WorkerError,
 }

@@ -1,0 +1,310 @@
+//! `torch_parallel.tree(...)`: the Python face of the collectives' Tree.
+//!
+//! Tensors (a tensor, or any nesting of lists/tuples/dicts of tensors) are imported by DLPack.
+//! Per dtype, a single contiguous tensor is reduced in place in its own memory; several tensors
+//! (or a strided one) are fused into one buffer, reduced in one pipeline, and copied back.
+//! A Python reduce function gets torch views of each chunk: `f(a, b)` must leave `a op b` in `a`
+//! (in place, like the seed's `a.add_(b)`), or return the result.
+
+use crate::convert;
+use crate::dlpack;
+use crate::errors::IntoPyResult;
+use parallel_collectives::ops::{Op, UserReduce};
+use parallel_collectives::{Tree, TreeOptions};
+use parallel_engine::value::{DType, Device, Tensor};
+use parallel_engine::{Error, ErrorKind};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList, PyString};
+use std::sync::Arc;
+use std::time::Duration;
+
+fn secs(t: Option<f64>) -> Option<Duration> {
+    t.filter(|s| s.is_finite() && *s >= 0.0)
+        .map(Duration::from_secs_f64)
+}
+
+/// Builds the op: a name, or a Python callable applied to torch views of each chunk.
+fn make_op(op: &Bound<'_, PyAny>) -> PyResult<Op> {
+    if let Ok(s) = op.downcast::<PyString>() {
+        return Op::parse(s.to_str()?).py();
+    }
+    if !op.is_callable() {
+        return Err(pyo3::exceptions::PyTypeError::new_err(
+            "op must be a name (sum, prod, min, max, avg, band, bor, bxor) or a callable f(a, b)",
+        ));
+    }
+    let f: Py<PyAny> = op.clone().unbind();
+    let user: UserReduce = Arc::new(move |dst: &mut [u8], src: &[u8], dtype: DType, n: usize| {
+        Python::with_gil(|py| -> parallel_engine::Result<()> {
+            let wrap = |p: *mut u8, len: usize| -> PyResult<PyObject> {
+                let keep: Arc<dyn std::any::Any + Send + Sync> = Arc::new(());
+                // SAFETY: the view covers exactly the chunk, valid for the duration of this call;
+                // the user function must not keep references to it (documented).
+                let t =
+                    unsafe { Tensor::from_raw(dtype, vec![n], None, Device::Cpu, p, len, keep) };
+                convert::to_py(py, parallel_engine::Value::Tensor(t), &[], false)
+            };
+            let mut call = || -> PyResult<()> {
+                let a = wrap(dst.as_mut_ptr(), dst.len())?;
+                let b = wrap(src.as_ptr() as *mut u8, src.len())?;
+                let r = f.call1(py, (a.clone_ref(py), b))?;
+                if !r.is_none(py) && !r.is(&a) {
+                    a.call_method1(py, "copy_", (r,))?;
+                }
+                Ok(())
+            };
+            call().map_err(|e| {
+                Error::new(
+                    ErrorKind::Unsupported,
+                    "all_reduce",
+                    format!("the reduce function raised: {e}"),
+                )
+            })
+        })
+    });
+    Ok(Op::User(user))
+}
+
+/// The tensors of a value, grouped for the collectives.
+struct Leaves {
+    tensors: Vec<Tensor>,
+}
+
+impl Leaves {
+    fn collect(value: &Bound<'_, PyAny>) -> PyResult<Leaves> {
+        let (mut tensors, mut objs) = (Vec::new(), Vec::new());
+        convert::flatten_out(value, &mut tensors, &mut objs, 0)?;
+        Ok(Leaves { tensors })
+    }
+
+    /// Dtype groups in first-appearance order, each a list of leaf indices.
+    fn groups(&self) -> Vec<(DType, Vec<usize>)> {
+        let mut g: Vec<(DType, Vec<usize>)> = Vec::new();
+        for (i, t) in self.tensors.iter().enumerate() {
+            match g.iter_mut().find(|(d, _)| *d == t.dtype) {
+                Some((_, v)) => v.push(i),
+                None => g.push((t.dtype, vec![i])),
+            }
+        }
+        g
+    }
+
+    /// Runs `f` on one contiguous byte buffer per dtype group: the tensor's own memory when the
+    /// group is one contiguous tensor, else a fused copy that is written back afterwards.
+    fn each_group(
+        &mut self,
+        mut f: impl FnMut(DType, &mut [u8]) -> parallel_engine::Result<()>,
+    ) -> parallel_engine::Result<()> {
+        for (dtype, idx) in self.groups() {
+            if idx.len() == 1 && self.tensors[idx[0]].is_contiguous() {
+                let t = &mut self.tensors[idx[0]];
+                let n = t.nbytes();
+                // SAFETY: a contiguous tensor's n bytes from its data pointer are its elements,
+                // kept alive by the DLPack capsule the tensor holds.
+                let bytes = if n == 0 {
+                    &mut [][..]
+                } else {
+                    unsafe { std::slice::from_raw_parts_mut(t.data_mut_ptr(), n) }
+                };
+                f(dtype, bytes)?;
+                continue;
+            }
+            let mut fused: Vec<u8> =
+                Vec::with_capacity(idx.iter().map(|i| self.tensors[*i].nbytes()).sum());
+            for i in &idx {
+                fused.extend_from_slice(&self.tensors[*i].contiguous_bytes()?);
+            }
+            f(dtype, &mut fused)?;
+            let mut off = 0;
+            for i in &idx {
+                let t = &mut self.tensors[*i];
+                let n = t.nbytes();
+                t.scatter_from(&fused[off..off + n]);
+                off += n;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An allreduce tree of processes (see `torch_parallel.tree`).
+#[pyclass(module = "torch_parallel._native", name = "Tree", frozen)]
+pub struct Tree_ {
+    tree: Arc<Tree>,
+}
+
+impl Tree_ {
+    fn run<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&Tree) -> parallel_engine::Result<T> + Send,
+    ) -> PyResult<T> {
+        let t = self.tree.clone();
+        crate::wait(py, move || f(&t))
+    }
+}
+
+#[pymethods]
+impl Tree_ {
+    #[new]
+    #[pyo3(signature = (rank=None, world_size=None, root=None, timeout=None))]
+    fn new(
+        py: Python<'_>,
+        rank: Option<usize>,
+        world_size: Option<usize>,
+        root: Option<String>,
+        timeout: Option<f64>,
+    ) -> PyResult<Tree_> {
+        let opts = TreeOptions {
+            rank,
+            world_size,
+            root,
+            timeout: secs(timeout),
+        };
+        let tree = crate::wait(py, move || Tree::new(opts))?;
+        Ok(Tree_ {
+            tree: Arc::new(tree),
+        })
+    }
+    #[getter]
+    fn rank(&self) -> usize {
+        self.tree.rank()
+    }
+    #[getter]
+    fn world_size(&self) -> usize {
+        self.tree.world_size()
+    }
+    /// How many ranks contributed to the last collective (uneven endings).
+    #[getter]
+    fn contributors(&self) -> usize {
+        self.tree.contributors()
+    }
+    /// All-reduce in place; returns `value`. `op`: a name or a callable `f(a, b)`.
+    #[pyo3(signature = (value, op=None))]
+    fn all_reduce<'py>(
+        &self,
+        py: Python<'py>,
+        value: Bound<'py, PyAny>,
+        op: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let op = match op {
+            Some(o) => make_op(o)?,
+            None => Op::Sum,
+        };
+        let mut leaves = Leaves::collect(&value)?;
+        self.run(py, move |t| {
+            leaves.each_group(|dt, b| t.all_reduce(dt, b, &op).map(|_| ()))
+        })?;
+        Ok(value)
+    }
+    /// Broadcast from `root` in place; returns `value`.
+    #[pyo3(signature = (value, root=0))]
+    fn broadcast<'py>(
+        &self,
+        py: Python<'py>,
+        value: Bound<'py, PyAny>,
+        root: usize,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let mut leaves = Leaves::collect(&value)?;
+        self.run(py, move |t| {
+            leaves.each_group(|dt, b| t.broadcast(dt, b, root))
+        })?;
+        Ok(value)
+    }
+    /// Reduce to `root` (in place there; other ranks keep their values); returns `value`.
+    #[pyo3(signature = (value, op=None, root=0))]
+    fn reduce<'py>(
+        &self,
+        py: Python<'py>,
+        value: Bound<'py, PyAny>,
+        op: Option<&Bound<'py, PyAny>>,
+        root: usize,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let op = match op {
+            Some(o) => make_op(o)?,
+            None => Op::Sum,
+        };
+        let mut leaves = Leaves::collect(&value)?;
+        self.run(py, move |t| {
+            leaves.each_group(|dt, b| t.reduce(dt, b, &op, root).map(|_| ()))
+        })?;
+        Ok(value)
+    }
+    /// Every rank's tensor, in rank order (shapes may differ between ranks).
+    fn all_gather(&self, py: Python<'_>, tensor: &Bound<'_, PyAny>) -> PyResult<PyObject> {
+        let t = dlpack::import(tensor)?;
+        let mut packed = vec![t.dtype as u8, t.shape.len() as u8];
+        for d in &t.shape {
+            packed.extend_from_slice(&(*d as u64).to_le_bytes());
+        }
+        packed.extend_from_slice(&t.contiguous_bytes().py()?);
+        let pieces = self.run(py, move |tr| tr.all_gather(&packed))?;
+        let out = PyList::empty(py);
+        for p in pieces {
+            let bad = || pyo3::exceptions::PyValueError::new_err("malformed all_gather piece");
+            let dtype = DType::from_code(*p.first().ok_or_else(bad)?).ok_or_else(bad)?;
+            let nd = *p.get(1).ok_or_else(bad)? as usize;
+            let mut shape = Vec::with_capacity(nd);
+            for k in 0..nd {
+                let b = p.get(2 + 8 * k..10 + 8 * k).ok_or_else(bad)?;
+                shape.push(u64::from_le_bytes(b.try_into().map_err(|_| bad())?) as usize);
+            }
+            let data = p.get(2 + 8 * nd..).ok_or_else(bad)?.to_vec();
+            let t = Tensor::from_bytes(dtype, shape, data).py()?;
+            out.append(convert::to_py(
+                py,
+                parallel_engine::Value::Tensor(t),
+                &[],
+                false,
+            )?)?;
+        }
+        Ok(out.into_any().unbind())
+    }
+    /// Blocks until every rank reached the barrier.
+    fn barrier(&self, py: Python<'_>) -> PyResult<()> {
+        self.run(py, |t| t.barrier().map(|_| ()))
+    }
+    /// Uneven endings: this rank has no more data. It keeps serving the others' collectives
+    /// (contributing the op's identity) until every rank called done(); returns how many it served.
+    #[pyo3(signature = (op=None, timeout=None))]
+    fn done(
+        &self,
+        py: Python<'_>,
+        op: Option<&Bound<'_, PyAny>>,
+        timeout: Option<f64>,
+    ) -> PyResult<usize> {
+        let op = op.map(make_op).transpose()?;
+        self.run(py, move |t| t.done(op.as_ref(), secs(timeout)))
+    }
+    /// The plan: hosts, tree, ring and link kinds.
+    fn plan(&self) -> String {
+        self.tree.describe()
+    }
+    /// Traffic per link: peer rank, link kind, bytes and messages each way, bandwidth.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let out = PyList::empty(py);
+        for l in self.tree.stats() {
+            let d = PyDict::new(py);
+            d.set_item("peer_rank", l.peer_rank)?;
+            d.set_item("link", l.kind)?;
+            d.set_item("bytes_sent", l.stats.bytes_sent)?;
+            d.set_item("bytes_recv", l.stats.bytes_recv)?;
+            d.set_item("msgs_sent", l.stats.msgs_sent)?;
+            d.set_item("msgs_recv", l.stats.msgs_recv)?;
+            d.set_item("send_bandwidth", l.stats.send_bandwidth())?;
+            d.set_item("recv_bandwidth", l.stats.recv_bandwidth())?;
+            out.append(d)?;
+        }
+        Ok(out)
+    }
+    fn __repr__(&self) -> String {
+        format!(
+            "<Tree rank {} of {}>",
+            self.tree.rank(),
+            self.tree.world_size()
+        )
+    }
+    fn __str__(&self) -> String {
+        self.tree.describe()
+    }
+}

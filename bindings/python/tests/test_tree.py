@@ -1,0 +1,98 @@
+"""The Tree across processes: the seed's allreduce, ops, launchers, uneven endings, failures."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+WORKER = str(pathlib.Path(__file__).with_name("tree_worker.py"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def launch(n: int, scenario: str, ranks: list[str] | None = None, envs: list[dict[str, str]] | None = None):
+    port = free_port()
+    procs = []
+    for r in range(n):
+        env = dict(os.environ)
+        args = [sys.executable, WORKER, scenario]
+        if envs is None:
+            args += [(ranks or [str(k) for k in range(n)])[r], str(n), f"127.0.0.1:{port}"]
+        else:
+            env.update({k: v.replace("PORT", str(port)) for k, v in envs[r].items()})
+        procs.append(
+            subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
+    return procs
+
+
+def finish(procs, timeout: float = 120) -> list[tuple[int, str, str]]:
+    out = []
+    end = time.monotonic() + timeout
+    for p in procs:
+        try:
+            o, e = p.communicate(timeout=max(1, end - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise AssertionError("a rank did not finish") from None
+        out.append((p.returncode, o, e))
+    return out
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 8])
+def test_seed_allreduce_and_collectives_across_processes(n):
+    for rc, out, err in finish(launch(n, "battery")):
+        assert rc == 0, out + err
+        assert "ok" in out
+
+
+def test_launcher_variables_torchrun_style():
+    envs = [
+        {"RANK": str(r), "WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "PORT"}
+        for r in range(3)
+    ]
+    for rc, out, err in finish(launch(3, "battery", envs=envs)):
+        assert rc == 0, out + err
+
+
+def test_ranks_assigned_by_the_root():
+    res = finish(launch(3, "uneven", ranks=["-", "-", "-"]))
+    ranks = sorted(int(out.split()[1]) for rc, out, err in res if rc == 0)
+    assert ranks == [0, 1, 2], res
+
+
+def test_uneven_endings_report_contributors():
+    for rc, out, err in finish(launch(3, "uneven")):
+        assert rc == 0, out + err
+
+
+def test_mismatch_is_reported_on_every_rank_naming_the_culprit():
+    for rc, out, err in finish(launch(3, "mismatch")):
+        assert rc == 0 and "named rank 1" in out, out + err
+
+
+def test_a_killed_rank_makes_the_others_fail_promptly():
+    procs = launch(3, "victim")
+    assert procs[1].stdout is not None
+    assert procs[1].stdout.readline().strip() == "ready"
+    time.sleep(0.3)
+    procs[1].send_signal(signal.SIGKILL)
+    res = finish(procs, timeout=60)
+    for r in (0, 2):
+        rc, out, err = res[r]
+        assert rc == 0, out + err
+        line = [x for x in out.splitlines() if x.startswith("failed after")][0]
+        assert float(line.split()[2].rstrip("s:")) < 5, line
+        assert "rank" in line, line

@@ -1,0 +1,102 @@
+"""One rank of a test tree: runs a battery of collectives and checks them; exits 0 when all pass.
+
+Usage: tree_worker.py SCENARIO [RANK WORLD ROOT]; without RANK.. the launcher variables are used.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+import torch_parallel as parallel
+
+
+def battery(tree: parallel.Tree) -> None:
+    r, n = tree.rank, tree.world_size
+    # The seed's example, as written, on a nested structure of gradients.
+    grads = [torch.full((10,), float(r + 1)), {"w": torch.ones(3, 3) * r, "b": torch.arange(5.0)}]
+    tree.all_reduce(grads, lambda a, b: a.add_(b))
+    assert torch.equal(grads[0], torch.full((10,), n * (n + 1) / 2)), grads[0]
+    assert torch.equal(grads[1]["w"], torch.ones(3, 3) * (n * (n - 1) / 2))
+    assert torch.equal(grads[1]["b"], torch.arange(5.0) * n)
+    assert tree.contributors == n
+    # Built-in ops, several dtypes, a large (ring) buffer and a strided view.
+    big = torch.full((1 << 20,), float(r))
+    tree.all_reduce(big, "max")
+    assert torch.all(big == n - 1)
+    x = torch.tensor([r + 1, 2 * r], dtype=torch.int64)
+    tree.all_reduce(x, "prod" if n <= 5 else "sum")
+    h = torch.full((7,), 1.0, dtype=torch.bfloat16)
+    tree.all_reduce(h, "avg")
+    assert torch.equal(h, torch.ones(7, dtype=torch.bfloat16)), h
+    m = torch.zeros(4, 6)
+    view = m.t()
+    view += r
+    tree.all_reduce(view)
+    assert torch.equal(m, torch.full((4, 6), n * (n - 1) / 2))
+    # Broadcast, reduce, all_gather of unequal sizes, barrier.
+    b = torch.full((3,), float(r))
+    tree.broadcast(b, root=n - 1)
+    assert torch.equal(b, torch.full((3,), float(n - 1)))
+    red = torch.ones(2) * r
+    tree.reduce(red, "sum", root=0)
+    assert torch.equal(red, torch.ones(2) * (n * (n - 1) / 2) if r == 0 else torch.ones(2) * r)
+    parts = tree.all_gather(torch.arange(r + 1, dtype=torch.int32))
+    assert [p.tolist() for p in parts] == [list(range(k + 1)) for k in range(n)]
+    tree.barrier()
+    assert "ring" in tree.plan() and len(tree.stats()) >= 1
+
+
+def uneven(tree: parallel.Tree) -> None:
+    r, n = tree.rank, tree.world_size
+    for step in range(r + 1):
+        g = torch.ones(1000)
+        tree.all_reduce(g)
+        assert tree.contributors == n - step, (step, tree.contributors)
+        assert torch.all(g == n - step)
+    tree.done()
+
+
+def mismatch(tree: parallel.Tree) -> None:
+    t = torch.zeros(10 if tree.rank != 1 else 11)
+    try:
+        tree.all_reduce(t)
+    except parallel.Mismatch as e:
+        assert "rank 1" in str(e), e
+        print("mismatch named rank 1")
+        return
+    raise AssertionError("no mismatch error")
+
+
+def victim(tree: parallel.Tree) -> None:
+    import time
+
+    tree.all_reduce(torch.ones(4))
+    print("ready", flush=True)
+    if tree.rank == 1:
+        time.sleep(60)
+        return
+    t0 = time.monotonic()
+    try:
+        tree.all_reduce(torch.ones(4))
+    except parallel.ParallelError as e:
+        print(f"failed after {time.monotonic() - t0:.2f}s: {e}", flush=True)
+        return
+    raise AssertionError("the collective succeeded without rank 1")
+
+
+def main() -> int:
+    scenario = sys.argv[1]
+    if len(sys.argv) > 2:
+        rank = None if sys.argv[2] == "-" else int(sys.argv[2])
+        tree = parallel.tree(rank, int(sys.argv[3]), sys.argv[4], timeout=60)
+    else:
+        tree = parallel.tree(timeout=60)
+    {"battery": battery, "uneven": uneven, "mismatch": mismatch, "victim": victim}[scenario](tree)
+    print(f"rank {tree.rank} ok")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
