@@ -31,6 +31,8 @@ pub enum ErrorKind {
     Resource,
     /// The operation was interrupted (Ctrl-C) or cancelled.
     Cancelled,
+    /// A worker (a map thread or process, a pool job) failed: panicked, raised, or died.
+    Worker,
 }
 
 impl ErrorKind {
@@ -46,6 +48,7 @@ impl ErrorKind {
             ErrorKind::Config => "configuration error",
             ErrorKind::Resource => "resource error",
             ErrorKind::Cancelled => "cancelled",
+            ErrorKind::Worker => "worker failed",
         }
     }
 }

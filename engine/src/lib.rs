@@ -1,6 +1,7 @@
 //! Parallel's engine: everything that moves bytes between threads, processes and hosts.
 //!
-//! Layers (STYLE.md): `wire`, `value`, `buffer` -> `runtime` -> `transport` -> `endpoint`.
+//! Layers (STYLE.md): `wire`, `value`, `buffer` -> `runtime` -> `transport` -> `endpoint`,
+//! `workers` (map, pools and work queues).
 //! The engine knows nothing of Python or collectives.
 
 pub mod buffer;
@@ -8,10 +9,12 @@ pub mod config;
 pub mod endpoint;
 pub mod error;
 pub mod runtime;
+pub(crate) mod sync;
 pub mod topology;
 pub mod transport;
 pub mod value;
 pub mod wire;
+pub mod workers;
 
 pub use endpoint::{Client, Conn, Server};
 pub use error::{Error, ErrorKind, Result};

@@ -1,0 +1,601 @@
+//! In-process queues: [`Channel`] (a bounded, closable FIFO over the lock-free ring) and
+//! [`WorkQueue`] (the original's owner <-> workers command queue, typed, for threads).
+//!
+//! A work queue has two directions. The owner (the handle that created the queue) writes
+//! *questions* and reads *answers*; every other handle (a worker) reads questions and writes
+//! answers. Roles belong to handles, not threads: `WorkQueue::open(name)` returns the owner's
+//! handle to whoever created the name and a worker's handle to everyone after; `q.worker()` makes
+//! a worker handle from any handle.
+//!
+//! Invariants:
+//! - WQ-1 (end of queue): a worker's read returns `Closed` only when the owner closed the queue
+//!   (or dropped its handle) and every question was taken. The owner's read returns `Closed` only
+//!   when, in addition, no worker handle is open and every answer was taken: nothing more can
+//!   arrive. End of queue is never a guess from a sentinel value.
+//! - WQ-2 (back-pressure): each direction holds at most `capacity` items
+//!   (`PARALLEL_WORKQUEUE_CAPACITY`); a writer waits, with a deadline, for room.
+//! - WQ-3: one `write_all` lands as adjacent items in order (RING-3); items of one writer are read
+//!   in the order written (RING-4).
+//! - WQ-4: a failed write gives the item back ([`Rejected`]).
+//! - WQ-5: every wait has a deadline (default `PARALLEL_TIMEOUT`) and parks without a lost
+//!   wake-up (EVENT-1); closing wakes every waiter of both directions.
+//! - WQ-6: a name maps to at most one live queue per process; a queue whose owner handle was
+//!   dropped no longer answers to its name, so the next `open` creates a fresh one.
+
+use super::event::Event;
+use super::ring::Ring;
+use crate::config::config;
+use crate::error::{Error, ErrorKind, Result};
+use crate::runtime::Deadline;
+use crate::sync::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::any::Any;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+/// An item a write could not place, given back with the reason (WQ-4).
+pub struct Rejected<T> {
+    pub error: Error,
+    pub item: T,
+}
+
+impl<T> std::fmt::Debug for Rejected<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Rejected({})", self.error)
+    }
+}
+
+impl<T> From<Rejected<T>> for Error {
+    fn from(r: Rejected<T>) -> Error {
+        r.error
+    }
+}
+
+pub(crate) fn end_of_queue(op: &'static str, what: &str) -> Error {
+    Error::new(ErrorKind::Closed, op, format!("end of queue: {what}"))
+}
+
+fn closed_for_writing(op: &'static str) -> Error {
+    Error::new(
+        ErrorKind::Closed,
+        op,
+        "the queue is closed for writing (close() was called on this handle or by the owner)",
+    )
+}
+
+/// A bounded, closable multi-producer multi-consumer FIFO.
+#[derive(Debug)]
+pub struct Channel<T> {
+    ring: Ring<T>,
+    closed: AtomicBool,
+    /// Rung after a push or a close (readers wait on it).
+    pub(crate) readable: Arc<Event>,
+    /// Rung after a pop or a close (writers wait on it).
+    pub(crate) writable: Arc<Event>,
+    spin: Duration,
+}
+
+impl<T> Channel<T> {
+    /// A channel of `capacity` items (0: `PARALLEL_WORKQUEUE_CAPACITY`).
+    pub fn new(capacity: usize) -> Channel<T> {
+        Channel::with_events(capacity, Arc::default(), Arc::default())
+    }
+
+    pub(crate) fn with_events(capacity: usize, readable: Arc<Event>, writable: Arc<Event>) -> Self {
+        let cap = if capacity == 0 {
+            config().workqueue_capacity
+        } else {
+            capacity
+        };
+        Channel {
+            ring: Ring::new(cap),
+            closed: AtomicBool::new(false),
+            readable,
+            writable,
+            spin: config().spin.min(Duration::from_micros(20)),
+        }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.ring.capacity()
+    }
+    pub fn len(&self) -> usize {
+        self.ring.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    /// No more writes; readers get every queued item, then end of queue. Wakes all waiters.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.readable.notify();
+        self.writable.notify();
+    }
+
+    /// Places `item` now or gives it back (full or closed).
+    pub fn try_push(&self, item: T) -> Result<(), Rejected<T>> {
+        if self.is_closed() {
+            return Err(Rejected {
+                error: closed_for_writing("write"),
+                item,
+            });
+        }
+        match self.ring.try_push(item) {
+            Ok(()) => {
+                self.readable.notify();
+                Ok(())
+            }
+            Err(item) => Err(Rejected {
+                error: Error::new(ErrorKind::Timeout, "write", "the queue is full"),
+                item,
+            }),
+        }
+    }
+
+    /// Places `item`, waiting for room until the deadline (WQ-2).
+    pub fn push(&self, item: T, deadline: Deadline) -> Result<(), Rejected<T>> {
+        let mut slot = Some(item);
+        let r = self.writable.wait_until(
+            deadline,
+            self.spin,
+            "write",
+            "room in the queue (readers are slower than writers; raise PARALLEL_WORKQUEUE_CAPACITY or read faster)",
+            || {
+                if self.is_closed() {
+                    return Err(closed_for_writing("write"));
+                }
+                match self.ring.try_push(slot.take().expect("item present until placed")) {
+                    Ok(()) => Ok(true),
+                    Err(back) => {
+                        slot = Some(back);
+                        Ok(false)
+                    }
+                }
+            },
+        );
+        match r {
+            Ok(()) => {
+                self.readable.notify();
+                Ok(())
+            }
+            Err(error) => Err(Rejected {
+                error,
+                item: slot.expect("a failed write still holds its item"),
+            }),
+        }
+    }
+
+    /// Places all `items` as adjacent entries (WQ-3), waiting for room for all of them.
+    pub fn push_all(&self, items: Vec<T>, deadline: Deadline) -> Result<(), Rejected<Vec<T>>> {
+        if items.len() > self.capacity() {
+            let error = Error::new(
+                ErrorKind::Unsupported,
+                "write",
+                format!(
+                    "{} items cannot be written at once into a queue of capacity {} (raise PARALLEL_WORKQUEUE_CAPACITY or write fewer at a time)",
+                    items.len(),
+                    self.capacity()
+                ),
+            );
+            return Err(Rejected { error, item: items });
+        }
+        let mut slot = Some(items);
+        let r = self.writable.wait_until(
+            deadline,
+            self.spin,
+            "write",
+            "room in the queue for the whole batch",
+            || {
+                if self.is_closed() {
+                    return Err(closed_for_writing("write"));
+                }
+                match self.ring.try_push_batch(slot.take().expect("present")) {
+                    Ok(()) => Ok(true),
+                    Err(back) => {
+                        slot = Some(back);
+                        Ok(false)
+                    }
+                }
+            },
+        );
+        match r {
+            Ok(()) => {
+                self.readable.notify();
+                Ok(())
+            }
+            Err(error) => Err(Rejected {
+                error,
+                item: slot.expect("a failed write still holds its items"),
+            }),
+        }
+    }
+
+    /// Places all `items` as adjacent entries now, or gives them back (full or closed).
+    pub fn try_push_all(&self, items: Vec<T>) -> Result<(), Vec<T>> {
+        if self.is_closed() {
+            return Err(items);
+        }
+        self.ring.try_push_batch(items)?;
+        self.readable.notify();
+        Ok(())
+    }
+
+    /// Takes the oldest item now, if any.
+    pub fn try_pop(&self) -> Option<T> {
+        let v = self.ring.try_pop();
+        if v.is_some() {
+            self.writable.notify();
+        }
+        v
+    }
+
+    /// Takes the oldest item, waiting until the deadline; `Closed` once closed and empty.
+    pub fn pop(&self, deadline: Deadline) -> Result<T> {
+        let mut got = None;
+        self.readable
+            .wait_until(deadline, self.spin, "read", "an item in the queue", || {
+                got = self.try_pop();
+                if got.is_some() {
+                    return Ok(true);
+                }
+                if self.is_closed() {
+                    got = self.try_pop();
+                    return match got {
+                        Some(_) => Ok(true),
+                        None => Err(end_of_queue(
+                            "read",
+                            "the queue was closed and every item was read",
+                        )),
+                    };
+                }
+                Ok(false)
+            })?;
+        Ok(got.expect("ready means an item"))
+    }
+}
+
+/// The role of a work-queue handle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Writes questions, reads answers.
+    Owner,
+    /// Reads questions, writes answers.
+    Worker,
+}
+
+pub(crate) struct Inner<T> {
+    name: Option<String>,
+    pub(crate) questions: Channel<T>,
+    pub(crate) answers: Channel<T>,
+    /// Open worker handles (WQ-1).
+    workers: AtomicUsize,
+    owner_dropped: AtomicBool,
+    asked: AtomicU64,
+    answered: AtomicU64,
+}
+
+/// A handle on an owner <-> workers queue of `T` items, shared by the threads of one process.
+pub struct WorkQueue<T> {
+    inner: Arc<Inner<T>>,
+    role: Role,
+    closed: AtomicBool,
+}
+
+impl<T> std::fmt::Debug for WorkQueue<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "WorkQueue({:?}, {:?}, {} questions, {} answers)",
+            self.inner.name,
+            self.role,
+            self.inner.questions.len(),
+            self.inner.answers.len()
+        )
+    }
+}
+
+type Registry = HashMap<String, Box<dyn Any + Send>>;
+static NAMED: Mutex<Option<Registry>> = Mutex::new(None);
+
+impl<T: Send + 'static> WorkQueue<T> {
+    /// An anonymous queue; the returned handle is its owner. Share it with [`WorkQueue::worker`].
+    /// `capacity` 0 means `PARALLEL_WORKQUEUE_CAPACITY`.
+    pub fn new(capacity: usize) -> WorkQueue<T> {
+        WorkQueue::fresh(None, capacity)
+    }
+
+    fn fresh(name: Option<String>, capacity: usize) -> WorkQueue<T> {
+        let inner = Arc::new(Inner {
+            name,
+            questions: Channel::new(capacity),
+            answers: Channel::new(capacity),
+            workers: AtomicUsize::new(0),
+            owner_dropped: AtomicBool::new(false),
+            asked: AtomicU64::new(0),
+            answered: AtomicU64::new(0),
+        });
+        WorkQueue {
+            inner,
+            role: Role::Owner,
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    /// Creates the queue called `name` (this handle is its owner) or opens it (a worker handle)
+    /// (WQ-6). Fails with `Mismatch` when the name is in use for items of another type.
+    pub fn open(name: &str) -> Result<WorkQueue<T>> {
+        let mut g = NAMED.lock().unwrap_or_else(|e| e.into_inner());
+        let reg = g.get_or_insert_with(HashMap::new);
+        if let Some(entry) = reg.get(name) {
+            let weak = entry.downcast_ref::<Weak<Inner<T>>>().ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Mismatch,
+                    "workqueue",
+                    format!("the queue {name:?} exists with items of another type"),
+                )
+            })?;
+            if let Some(inner) = weak.upgrade()
+                && !inner.owner_dropped.load(Ordering::SeqCst)
+            {
+                inner.workers.fetch_add(1, Ordering::SeqCst);
+                return Ok(WorkQueue {
+                    inner,
+                    role: Role::Worker,
+                    closed: AtomicBool::new(false),
+                });
+            }
+        }
+        reg.retain(|_, v| {
+            v.downcast_ref::<Weak<Inner<T>>>()
+                .is_none_or(|w| w.strong_count() > 0)
+        });
+        let q = WorkQueue::fresh(Some(name.to_string()), 0);
+        reg.insert(name.to_string(), Box::new(Arc::downgrade(&q.inner)));
+        Ok(q)
+    }
+
+    /// A new worker handle on the same queue.
+    pub fn worker(&self) -> WorkQueue<T> {
+        self.inner.workers.fetch_add(1, Ordering::SeqCst);
+        WorkQueue {
+            inner: self.inner.clone(),
+            role: Role::Worker,
+            closed: AtomicBool::new(false),
+        }
+    }
+}
+
+impl<T> WorkQueue<T> {
+    pub fn role(&self) -> Role {
+        self.role
+    }
+    pub fn is_owner(&self) -> bool {
+        self.role == Role::Owner
+    }
+    pub fn name(&self) -> Option<&str> {
+        self.inner.name.as_deref()
+    }
+    pub fn capacity(&self) -> usize {
+        self.inner.questions.capacity()
+    }
+    /// Items waiting in the direction this handle reads.
+    pub fn len(&self) -> usize {
+        self.incoming().len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Open worker handles.
+    pub fn workers(&self) -> usize {
+        self.inner.workers.load(Ordering::SeqCst)
+    }
+
+    fn outgoing(&self) -> &Channel<T> {
+        match self.role {
+            Role::Owner => &self.inner.questions,
+            Role::Worker => &self.inner.answers,
+        }
+    }
+    fn incoming(&self) -> &Channel<T> {
+        match self.role {
+            Role::Owner => &self.inner.answers,
+            Role::Worker => &self.inner.questions,
+        }
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(closed_for_writing("write"));
+        }
+        Ok(())
+    }
+
+    fn count_written(&self, n: u64) {
+        match self.role {
+            Role::Owner => self.inner.asked.fetch_add(n, Ordering::SeqCst),
+            Role::Worker => self.inner.answered.fetch_add(n, Ordering::SeqCst),
+        };
+    }
+
+    /// Writes one item (owner: a question; worker: an answer), waiting for room up to `timeout`
+    /// (default `PARALLEL_TIMEOUT`).
+    pub fn write(&self, item: T, timeout: Option<Duration>) -> Result<(), Rejected<T>> {
+        if let Err(error) = self.check_open() {
+            return Err(Rejected { error, item });
+        }
+        self.outgoing().push(item, Deadline::or_default(timeout))?;
+        self.count_written(1);
+        Ok(())
+    }
+
+    /// Writes now or gives the item back (full or closed).
+    pub fn try_write(&self, item: T) -> Result<(), Rejected<T>> {
+        if let Err(error) = self.check_open() {
+            return Err(Rejected { error, item });
+        }
+        self.outgoing().try_push(item)?;
+        self.count_written(1);
+        Ok(())
+    }
+
+    /// Writes all items as adjacent entries (WQ-3).
+    pub fn write_all(
+        &self,
+        items: Vec<T>,
+        timeout: Option<Duration>,
+    ) -> Result<(), Rejected<Vec<T>>> {
+        if let Err(error) = self.check_open() {
+            return Err(Rejected { error, item: items });
+        }
+        let n = items.len() as u64;
+        self.outgoing()
+            .push_all(items, Deadline::or_default(timeout))?;
+        self.count_written(n);
+        Ok(())
+    }
+
+    /// True when nothing more can arrive for this handle's reads (WQ-1).
+    pub fn ended(&self) -> bool {
+        let q = &self.inner.questions;
+        let questions_done = q.is_closed() && q.is_empty();
+        match self.role {
+            Role::Worker => questions_done,
+            Role::Owner => {
+                questions_done
+                    && self.inner.workers.load(Ordering::SeqCst) == 0
+                    && self.inner.answers.is_empty()
+            }
+        }
+    }
+
+    /// Reads the next item, waiting up to `timeout` (default `PARALLEL_TIMEOUT`). `Closed` means
+    /// end of queue (WQ-1).
+    pub fn read(&self, timeout: Option<Duration>) -> Result<T> {
+        let ch = self.incoming();
+        let mut got = None;
+        ch.readable.wait_until(
+            Deadline::or_default(timeout),
+            ch.spin,
+            "read",
+            "an item in the work queue",
+            || {
+                got = self.try_read()?;
+                Ok(got.is_some())
+            },
+        )?;
+        Ok(got.expect("ready means an item"))
+    }
+
+    /// Reads the next item if one is queued: `Ok(None)` when empty, `Closed` at end of queue.
+    pub fn try_read(&self) -> Result<Option<T>> {
+        if let Some(v) = self.incoming().try_pop() {
+            return Ok(Some(v));
+        }
+        if self.ended() {
+            // An item may have landed between the pop and the end check.
+            return match self.incoming().try_pop() {
+                Some(v) => Ok(Some(v)),
+                None => Err(end_of_queue("read", self.end_reason())),
+            };
+        }
+        Ok(None)
+    }
+
+    fn end_reason(&self) -> &'static str {
+        match self.role {
+            Role::Worker => "the owner closed the queue and every question was read",
+            Role::Owner => {
+                "the queue was closed, every question was taken, no worker is left and every answer was read"
+            }
+        }
+    }
+
+    /// Owner: waits until there are as many answers as questions written so far (one answer per
+    /// question, as the original), or until no answer can come any more (WQ-1).
+    pub fn drain(&self, timeout: Option<Duration>) -> Result<()> {
+        if self.role != Role::Owner {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                "drain",
+                "drain() is for the owner's handle (workers read questions; the owner waits for answers)",
+            ));
+        }
+        let want = self.inner.asked.load(Ordering::SeqCst);
+        let ch = &self.inner.answers;
+        ch.readable.wait_until(
+            Deadline::or_default(timeout),
+            ch.spin,
+            "drain",
+            "an answer to every question written (drain assumes one answer per question; answers beyond the capacity wait for reads)",
+            || Ok(self.inner.answered.load(Ordering::SeqCst) >= want || self.ended()),
+        )
+    }
+
+    /// Closes this handle for writing. The owner's close ends the questions: workers read what is
+    /// queued, then end of queue; the owner can still read answers. A worker's close tells the
+    /// owner it will send nothing more.
+    pub fn close(&self) {
+        if self.closed.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        match self.role {
+            Role::Owner => self.inner.questions.close(),
+            Role::Worker => {
+                self.inner.workers.fetch_sub(1, Ordering::SeqCst);
+                self.inner.answers.readable.notify();
+            }
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    /// Reads until end of queue; each item is a `Result` (a timeout ends iteration with an error).
+    pub fn iter(&self) -> Iter<'_, T> {
+        Iter {
+            q: self,
+            done: false,
+        }
+    }
+}
+
+impl<T> Drop for WorkQueue<T> {
+    fn drop(&mut self) {
+        if self.role == Role::Owner {
+            self.inner.owner_dropped.store(true, Ordering::SeqCst);
+        }
+        self.close();
+    }
+}
+
+/// Iterator over a work queue's incoming items until end of queue.
+#[derive(Debug)]
+pub struct Iter<'a, T> {
+    q: &'a WorkQueue<T>,
+    done: bool,
+}
+
+impl<T> Iterator for Iter<'_, T> {
+    type Item = Result<T>;
+    fn next(&mut self) -> Option<Result<T>> {
+        if self.done {
+            return None;
+        }
+        match self.q.read(None) {
+            Ok(v) => Some(Ok(v)),
+            Err(e) if e.kind() == ErrorKind::Closed => {
+                self.done = true;
+                None
+            }
+            Err(e) => {
+                self.done = true;
+                Some(Err(e))
+            }
+        }
+    }
+}
