@@ -12,6 +12,7 @@
 mod convert;
 mod dlpack;
 mod errors;
+mod workers;
 mod tree;
 
 use errors::IntoPyResult;
@@ -544,7 +545,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Connection>()?;
     m.add_class::<Handle>()?;
     m.add_class::<Received>()?;
+    m.add_class::<workers::WorkQueue>()?;
     m.add_class::<tree::Tree_>()?;
+    m.add_class::<tree::Work>()?;
     m.add_function(wrap_pyfunction!(config, m)?)?;
     m.add_function(wrap_pyfunction!(io_backend, m)?)?;
     m.add_function(wrap_pyfunction!(environment_markdown, m)?)?;

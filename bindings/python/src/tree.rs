@@ -11,11 +11,13 @@ use crate::dlpack;
 use crate::errors::IntoPyResult;
 use parallel_collectives::ops::{Op, UserReduce};
 use parallel_collectives::{Tree, TreeOptions};
+use parallel_engine::runtime::{Completion, Deadline};
 use parallel_engine::value::{DType, Device, Tensor};
 use parallel_engine::{Error, ErrorKind};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 fn secs(t: Option<f64>) -> Option<Duration> {
@@ -131,16 +133,112 @@ impl Leaves {
 #[pyclass(module = "torch_parallel._native", name = "Tree", frozen)]
 pub struct Tree_ {
     tree: Arc<Tree>,
+    /// Asynchronous collectives run in submission order on one worker thread; a blocking call
+    /// made while some are pending queues behind them (every rank must see the same order).
+    queue: Mutex<Option<mpsc::Sender<Job>>>,
+    pending: Arc<AtomicUsize>,
 }
 
+type Job = Box<dyn FnOnce(&Tree) + Send>;
+
 impl Tree_ {
-    fn run<T: Send>(
+    fn submit(
+        &self,
+        f: impl FnOnce(&Tree) -> parallel_engine::Result<()> + Send + 'static,
+    ) -> PyResult<Completion<()>> {
+        let c = Completion::default();
+        let done = c.clone();
+        let pending = self.pending.clone();
+        pending.fetch_add(1, Ordering::SeqCst);
+        let job: Job = Box::new(move |t: &Tree| {
+            done.complete(f(t));
+            pending.fetch_sub(1, Ordering::SeqCst);
+        });
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        if q.is_none() {
+            let (tx, rx) = mpsc::channel::<Job>();
+            let tree = self.tree.clone();
+            std::thread::Builder::new()
+                .name("parallel-tree-async".into())
+                .spawn(move || {
+                    parallel_engine::runtime::block_signals();
+                    while let Ok(job) = rx.recv() {
+                        job(&tree);
+                    }
+                })
+                .map_err(|e| {
+                    pyo3::exceptions::PyRuntimeError::new_err(format!(
+                        "cannot start the collectives thread: {e}"
+                    ))
+                })?;
+            *q = Some(tx);
+        }
+        if let Err(mpsc::SendError(job)) = q.as_ref().expect("set above").send(job) {
+            job(&self.tree);
+        }
+        Ok(c)
+    }
+
+    fn run<T: Send + 'static>(
         &self,
         py: Python<'_>,
-        f: impl FnOnce(&Tree) -> parallel_engine::Result<T> + Send,
+        f: impl FnOnce(&Tree) -> parallel_engine::Result<T> + Send + 'static,
     ) -> PyResult<T> {
-        let t = self.tree.clone();
-        crate::wait(py, move || f(&t))
+        if self.pending.load(Ordering::SeqCst) == 0 {
+            let t = self.tree.clone();
+            return crate::wait(py, move || f(&t));
+        }
+        let slot: Arc<Mutex<Option<T>>> = Arc::new(Mutex::new(None));
+        let out = slot.clone();
+        let c = self.submit(move |t| {
+            let v = f(t)?;
+            *out.lock().unwrap_or_else(|p| p.into_inner()) = Some(v);
+            Ok(())
+        })?;
+        crate::wait(py, move || {
+            c.wait(
+                Deadline::after(Duration::from_secs(100 * 365 * 86400)),
+                "tree",
+            )
+        })?;
+        let v = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+        v.ok_or_else(|| {
+            pyo3::exceptions::PyRuntimeError::new_err("collective finished without a result")
+        })
+    }
+
+    fn work(
+        &self,
+        value: Bound<'_, PyAny>,
+        f: impl FnOnce(&Tree) -> parallel_engine::Result<()> + Send + 'static,
+    ) -> PyResult<Work> {
+        Ok(Work {
+            done: self.submit(f)?,
+            value: value.unbind(),
+        })
+    }
+}
+
+/// The handle of an asynchronous collective.
+#[pyclass(module = "torch_parallel._native", frozen)]
+pub struct Work {
+    done: Completion<()>,
+    value: PyObject,
+}
+
+#[pymethods]
+impl Work {
+    /// True once the collective finished (successfully or not).
+    fn done(&self) -> bool {
+        self.done.done()
+    }
+    /// Waits for the collective and returns its value (the tensors, filled in place).
+    #[pyo3(signature = (timeout=None))]
+    fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<PyObject> {
+        let c = self.done.clone();
+        let d = Deadline::or_default(secs(timeout));
+        crate::wait(py, move || c.wait(d, "tree"))?;
+        Ok(self.value.clone_ref(py))
     }
 }
 
@@ -164,6 +262,8 @@ impl Tree_ {
         let tree = crate::wait(py, move || Tree::new(opts))?;
         Ok(Tree_ {
             tree: Arc::new(tree),
+            queue: Mutex::new(None),
+            pending: Arc::new(AtomicUsize::new(0)),
         })
     }
     #[getter]
@@ -196,6 +296,34 @@ impl Tree_ {
             leaves.each_group(|dt, b| t.all_reduce(dt, b, &op).map(|_| ()))
         })?;
         Ok(value)
+    }
+    /// Like all_reduce, without waiting: returns a handle with wait(timeout) and done().
+    #[pyo3(signature = (value, op=None))]
+    fn all_reduce_async(
+        &self,
+        value: Bound<'_, PyAny>,
+        op: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Work> {
+        let op = match op {
+            Some(o) => make_op(o)?,
+            None => Op::Sum,
+        };
+        let mut leaves = Leaves::collect(&value)?;
+        self.work(value, move |t| {
+            leaves.each_group(|dt, b| t.all_reduce(dt, b, &op).map(|_| ()))
+        })
+    }
+    /// Like broadcast, without waiting.
+    #[pyo3(signature = (value, root=0))]
+    fn broadcast_async(&self, value: Bound<'_, PyAny>, root: usize) -> PyResult<Work> {
+        let mut leaves = Leaves::collect(&value)?;
+        self.work(value, move |t| {
+            leaves.each_group(|dt, b| t.broadcast(dt, b, root))
+        })
+    }
+    /// Like barrier, without waiting.
+    fn barrier_async(&self, py: Python<'_>) -> PyResult<Work> {
+        self.work(py.None().into_bound(py), |t| t.barrier().map(|_| ()))
     }
     /// Broadcast from `root` in place; returns `value`.
     #[pyo3(signature = (value, root=0))]

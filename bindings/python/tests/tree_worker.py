@@ -46,6 +46,15 @@ def battery(tree: parallel.Tree) -> None:
     assert [p.tolist() for p in parts] == [list(range(k + 1)) for k in range(n)]
     tree.barrier()
     assert "ring" in tree.plan() and len(tree.stats()) >= 1
+    # Asynchronous collectives complete in submission order; a blocking one queues behind them.
+    a, c = torch.ones(100), torch.ones(300_000)
+    wa = tree.all_reduce_async(a)
+    wc = tree.all_reduce_async(c, "max")
+    wb = tree.barrier_async()
+    tree.all_reduce(torch.zeros(3))
+    assert wa.wait(30) is a and torch.all(a == n) and wc.wait(30) is c and torch.all(c == 1)
+    wb.wait(30)
+    assert wa.done() and wb.done()
 
 
 def uneven(tree: parallel.Tree) -> None:
