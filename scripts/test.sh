@@ -39,7 +39,7 @@ for io in $backends; do
     grep -E '^test result' "$log"
     PARALLEL_IO=$io PARALLEL_SHM=$shm cargo run -q -p parallel-engine --example hello
     step "pytest, PARALLEL_IO=$io PARALLEL_SHM=$shm"
-    PARALLEL_IO=$io PARALLEL_SHM=$shm "$PY" -m pytest -q -p no:cacheprovider bindings/python/tests examples
+    PARALLEL_IO=$io PARALLEL_SHM=$shm "$PY" -m pytest -q -p no:cacheprovider bindings/python/tests examples tests
   done
 done
 step "all tests passed"

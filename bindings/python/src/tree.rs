@@ -358,6 +358,20 @@ impl Tree_ {
         })?;
         Ok(value)
     }
+    /// All-reduce of a copy of `tensor`, then this rank's part of it along dimension 0 (parts as
+    /// `torch.tensor_split` makes them). Returns the part.
+    #[pyo3(signature = (tensor, op=None))]
+    fn reduce_scatter<'py>(
+        &self,
+        py: Python<'py>,
+        tensor: &Bound<'py, PyAny>,
+        op: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let copy = tensor.call_method0("clone")?;
+        let reduced = self.all_reduce(py, copy, op)?;
+        let parts = reduced.call_method1("tensor_split", (self.tree.world_size(),))?;
+        parts.get_item(self.tree.rank())
+    }
     /// Every rank's tensor, in rank order (shapes may differ between ranks).
     fn all_gather(&self, py: Python<'_>, tensor: &Bound<'_, PyAny>) -> PyResult<PyObject> {
         let t = dlpack::import(tensor)?;

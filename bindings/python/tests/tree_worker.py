@@ -44,6 +44,8 @@ def battery(tree: parallel.Tree) -> None:
     assert torch.equal(red, torch.ones(2) * (n * (n - 1) / 2) if r == 0 else torch.ones(2) * r)
     parts = tree.all_gather(torch.arange(r + 1, dtype=torch.int32))
     assert [p.tolist() for p in parts] == [list(range(k + 1)) for k in range(n)]
+    part = tree.reduce_scatter(torch.arange(10.0) * (r + 1))
+    assert torch.equal(part, torch.tensor_split(torch.arange(10.0) * (n * (n + 1) / 2), n)[r])
     tree.barrier()
     assert "ring" in tree.plan() and len(tree.stats()) >= 1
     # Asynchronous collectives complete in submission order; a blocking one queues behind them.
