@@ -221,6 +221,7 @@ impl ShmEnd {
     }
 
     /// Spin, then park until `ready()` or the deadline (SHM-3).
+    #[allow(clippy::too_many_arguments)] // one private helper shared by the four wait sites
     fn wait(
         &self,
         deadline: Deadline,
@@ -228,9 +229,10 @@ impl ShmEnd {
         what: &str,
         parked: &AtomicU32,
         bell: RawFd,
+        spin: Duration,
         mut ready: impl FnMut() -> bool,
     ) -> Result<()> {
-        let spin_until = Instant::now() + self.spin;
+        let spin_until = Instant::now() + spin;
         while Instant::now() < spin_until {
             if ready() {
                 return Ok(());
@@ -288,9 +290,15 @@ impl ShmEnd {
                 }
                 if used == cap {
                     let bell = self.bells[self.tx].space.as_raw_fd();
-                    self.wait(deadline, "send", what, &c.writer_parked, bell, || {
-                        c.tail.load(Ordering::Acquire) != tail
-                    })?;
+                    self.wait(
+                        deadline,
+                        "send",
+                        what,
+                        &c.writer_parked,
+                        bell,
+                        self.spin,
+                        || c.tail.load(Ordering::Acquire) != tail,
+                    )?;
                     continue;
                 }
                 let n = ((cap - used).min(step) as usize).min(b.len() - off);
@@ -334,9 +342,15 @@ impl ShmEnd {
             }
             if avail == 0 {
                 let bell = self.bells[rx].data.as_raw_fd();
-                self.wait(deadline, "recv", what, &c.reader_parked, bell, || {
-                    c.head.load(Ordering::Acquire) != tail
-                })?;
+                self.wait(
+                    deadline,
+                    "recv",
+                    what,
+                    &c.reader_parked,
+                    bell,
+                    self.spin,
+                    || c.head.load(Ordering::Acquire) != tail,
+                )?;
                 continue;
             }
             let n = (avail as usize).min(buf.len() - got);
@@ -374,6 +388,9 @@ impl ShmEnd {
             "the receiver to copy the message",
             &c.writer_parked,
             bell,
+            // The receiver is copying a large segment (hundreds of µs at least): spinning here
+            // would only steal its core. Park at once.
+            Duration::ZERO,
             || c.cma_done.load(Ordering::Acquire) >= n,
         )
     }
