@@ -22,3 +22,8 @@ def test_hello_example():
 def test_demo_example_small():
     out = run(str(HERE / "demo.py"), "--clients", "2", "--mib", "8", "--rounds", "2")
     assert out.count("data verified") == 4 and "WRONG" not in out
+
+
+def test_allreduce_demo_small():
+    out = run(str(HERE / "allreduce_demo.py"), "--iters", "2")
+    assert "verified on every rank" in out and "64 MiB" in out
