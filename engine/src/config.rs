@@ -245,7 +245,7 @@ pub const TABLE: &[Var] = &[
     Var {
         name: "PARALLEL_WORKQUEUE_CAPACITY",
         kind: VarKind::Int {
-            min: 1,
+            min: 2,
             max: 1 << 24,
         },
         default: "1024",

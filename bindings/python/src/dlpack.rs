@@ -212,6 +212,8 @@ pub fn import(obj: &Bound<'_, PyAny>) -> PyResult<Tensor> {
 struct Ctx {
     tensor: Tensor,
     shape: Vec<i64>,
+    /// Element strides of a strided view (a tensor passed by reference between threads).
+    strides: Option<Vec<i64>>,
 }
 
 unsafe extern "C" fn deleter(m: *mut DLManagedTensor) {
@@ -243,10 +245,26 @@ unsafe extern "C" fn capsule_destructor(capsule: *mut ffi::PyObject) {
 pub fn export(py: Python<'_>, tensor: Tensor) -> PyResult<PyObject> {
     let shape: Vec<i64> = tensor.shape.iter().map(|d| *d as i64).collect();
     let dtype = dtype_to(tensor.dtype);
-    let mut ctx = Box::new(Ctx { tensor, shape });
+    let strides = (!tensor.is_contiguous())
+        .then(|| {
+            tensor
+                .strides
+                .as_ref()
+                .map(|s| s.iter().map(|x| *x as i64).collect())
+        })
+        .flatten();
+    let mut ctx = Box::new(Ctx {
+        tensor,
+        shape,
+        strides,
+    });
     let data = ctx.tensor.data_mut_ptr() as *mut c_void;
     let ndim = ctx.shape.len() as i32;
     let shape_ptr = ctx.shape.as_mut_ptr();
+    let strides_ptr = ctx
+        .strides
+        .as_mut()
+        .map_or(std::ptr::null_mut(), |s| s.as_mut_ptr());
     let m = Box::new(DLManagedTensor {
         dl_tensor: DLTensor {
             data,
@@ -257,7 +275,7 @@ pub fn export(py: Python<'_>, tensor: Tensor) -> PyResult<PyObject> {
             ndim,
             dtype,
             shape: shape_ptr,
-            strides: std::ptr::null_mut(),
+            strides: strides_ptr,
             byte_offset: 0,
         },
         manager_ctx: Box::into_raw(ctx) as *mut c_void,

@@ -34,8 +34,10 @@ from ._errors import (
     ResourceError,
     Timeout,
     Unsupported,
+    WorkerError,
 )
-from ._native import Client, Connection, Handle, Server, Tree
+from ._native import Client, Connection, Handle, Server, Tree, WorkQueue
+from ._workers import MapHandle, Pool, map, workqueue
 
 __version__ = "0.1.0"
 
@@ -47,21 +49,26 @@ __all__ = [
     "ConfigError",
     "Connection",
     "Handle",
+    "MapHandle",
     "Mismatch",
     "ParallelError",
     "PeerLost",
+    "Pool",
     "ProtocolError",
     "ResourceError",
     "Server",
     "Timeout",
     "Tree",
     "Unsupported",
+    "WorkQueue",
     "WorkerError",
     "client",
     "config",
     "io_backend",
+    "map",
     "server",
     "tree",
+    "workqueue",
 ]
 
 _native._register_errors(dict(_CLASSES))

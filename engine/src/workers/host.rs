@@ -434,7 +434,7 @@ impl HostQueue {
             deadline,
             Duration::ZERO,
             "write",
-            "room in the queue for the questions",
+            "room in the queue for the questions (workers are slower than the owner; raise PARALLEL_WORKQUEUE_CAPACITY or read faster)",
             || {
                 let _g = l.switch.lock().unwrap_or_else(|e| e.into_inner());
                 let items = slot.take().expect("present until written");
