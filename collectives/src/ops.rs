@@ -258,14 +258,14 @@ pub fn reduce_into(op: &Op, dtype: DType, dst: &mut [u8], src: &[u8]) -> Result<
             op,
             dst,
             src,
-            |s, d| half::slice::HalfFloatSliceExt::convert_to_f32_slice(s, d),
+            half::slice::HalfFloatSliceExt::convert_to_f32_slice,
             |s, d| half::slice::HalfFloatSliceExt::convert_from_f32_slice(d, s),
         ),
         DType::BF16 => reduce_half::<half::bf16>(
             op,
             dst,
             src,
-            |s, d| half::slice::HalfFloatSliceExt::convert_to_f32_slice(s, d),
+            half::slice::HalfFloatSliceExt::convert_to_f32_slice,
             |s, d| half::slice::HalfFloatSliceExt::convert_from_f32_slice(d, s),
         ),
     }

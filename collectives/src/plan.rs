@@ -193,7 +193,14 @@ impl Plan {
         (self.ring[(pos + n - 1) % n], self.ring[(pos + 1) % n])
     }
 
-    /// Every pair of ranks that needs a link: tree edges and ring edges, each once, as (low, high).
+    /// True when large all-reduces go hierarchical: several hosts, and some host with several
+    /// ranks (TREE-5).
+    pub fn hierarchical(&self) -> bool {
+        self.hosts.len() > 1 && self.hosts.iter().any(|h| h.len() > 1)
+    }
+
+    /// Every pair of ranks that needs a link: tree edges, ring edges and, for hierarchical plans,
+    /// the ring of host leaders; each once, as (low, high).
     pub fn edges(&self) -> Vec<(usize, usize)> {
         let mut e: Vec<(usize, usize)> = Vec::new();
         for (c, p) in self.parent.iter().enumerate() {
@@ -207,6 +214,13 @@ impl Plan {
                 if right != r {
                     e.push((r.min(right), r.max(right)));
                 }
+            }
+        }
+        if self.hierarchical() && self.hosts.len() > 2 {
+            let leaders: Vec<usize> = self.hosts.iter().map(|h| h[0]).collect();
+            for i in 0..leaders.len() {
+                let (a, b) = (leaders[i], leaders[(i + 1) % leaders.len()]);
+                e.push((a.min(b), a.max(b)));
             }
         }
         e.sort_unstable();

@@ -32,6 +32,9 @@ pub struct TreeOptions {
     /// "host:port" of rank 0.
     pub root: Option<String>,
     pub timeout: Option<Duration>,
+    /// Overrides the host identity this rank reports (ranks are grouped into hosts by it). For
+    /// tests that simulate several hosts in one process; links keep their real kind.
+    pub host: Option<String>,
 }
 
 /// Launcher variables are read here, in one place (they are not tuning knobs, so they are not
@@ -72,6 +75,7 @@ pub struct Resolved {
     pub root_host: String,
     pub root_port: u16,
     pub source: &'static str,
+    pub host: Option<String>,
 }
 
 /// Step 1: arguments, then launcher variables.
@@ -177,6 +181,7 @@ pub fn resolve(opts: &TreeOptions) -> Result<Resolved> {
         root_host: host,
         root_port: port,
         source: rank_src,
+        host: opts.host.clone(),
     })
 }
 
@@ -201,11 +206,13 @@ fn ifname_addr() -> Result<Option<String>> {
         let ifa = unsafe { &*p };
         // SAFETY: ifa_name is a NUL-terminated string owned by the list.
         let n = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }.to_string_lossy();
-        // SAFETY: ifa_addr is NULL or points at a sockaddr of its family.
-        if n == name
-            && !ifa.ifa_addr.is_null()
-            && unsafe { (*ifa.ifa_addr).sa_family } as i32 == libc::AF_INET
-        {
+        let family = if ifa.ifa_addr.is_null() {
+            -1
+        } else {
+            // SAFETY: a non-NULL ifa_addr points at a sockaddr of its family.
+            i32::from(unsafe { (*ifa.ifa_addr).sa_family })
+        };
+        if n == name && family == libc::AF_INET {
             // SAFETY: family checked above.
             let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
             found = Some(std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)).to_string());
@@ -224,7 +231,7 @@ fn ifname_addr() -> Result<Option<String>> {
     })
 }
 
-fn probe_of(rank: usize, addr: String, port: u16) -> Probe {
+fn probe_of(rank: usize, addr: String, port: u16, host: Option<&str>) -> Probe {
     let numa = std::fs::read_dir("/sys/devices/system/node")
         .map(|d| {
             d.filter_map(|e| e.ok())
@@ -235,7 +242,9 @@ fn probe_of(rank: usize, addr: String, port: u16) -> Probe {
         .max(1);
     Probe {
         rank,
-        host_id: parallel_engine::topology::host_identity().to_string(),
+        host_id: host
+            .unwrap_or(parallel_engine::topology::host_identity())
+            .to_string(),
         hostname: parallel_engine::topology::hostname(),
         addr,
         port,
@@ -294,7 +303,12 @@ fn join_as_root(r: &Resolved, server: Server, deadline: Instant) -> Result<Joine
     let n = r.world;
     tracing::info!("tree rank 0: rendezvous on {} for {n} ranks", server.addr());
     let mut probes: Vec<Option<Probe>> = vec![None; n];
-    probes[0] = Some(probe_of(0, r.root_host.clone(), server.port()));
+    probes[0] = Some(probe_of(
+        0,
+        r.root_host.clone(),
+        server.port(),
+        r.host.as_deref(),
+    ));
     let mut pending: Vec<(Arc<Conn>, Probe, bool)> = Vec::new(); // (conn, probe, rank was given)
     let mut waiting_rank: Vec<(Arc<Conn>, Probe)> = Vec::new();
     while pending.len() + waiting_rank.len() < n - 1 {
@@ -422,7 +436,12 @@ fn join_as_member(r: &Resolved, deadline: Instant) -> Result<Joined> {
         r.rank,
         server.addr()
     );
-    let probe = probe_of(r.rank.unwrap_or(0), my_addr, server.port());
+    let probe = probe_of(
+        r.rank.unwrap_or(0),
+        my_addr,
+        server.port(),
+        r.host.as_deref(),
+    );
     root.send(&dict(vec![
         ("world", Value::Int(r.world as i64)),
         ("rank", Value::Int(r.rank.map(|x| x as i64).unwrap_or(-1))),
@@ -564,6 +583,7 @@ mod tests {
             world_size: Some(3),
             root: Some("[::1]:1234".into()),
             timeout: None,
+            host: None,
         })
         .unwrap();
         assert_eq!(
@@ -575,6 +595,7 @@ mod tests {
             world_size: Some(3),
             root: Some("h:1".into()),
             timeout: None,
+            host: None,
         })
         .unwrap_err();
         assert!(e.to_string().contains("rank 3"), "{e}");

@@ -15,6 +15,8 @@
 //!   rank, naming the culprit; no data is touched.
 //! - TREE-3: a failing rank tells its neighbours (an abort frame naming the cause) and closes its
 //!   links, so every rank raises promptly instead of waiting for its timeout.
+//! - TREE-5: across hosts with several ranks each, large all-reduces are hierarchical: only host
+//!   leaders send across hosts, so each host's network link carries 2(H-1)/H of the data.
 //! - TREE-4: a rank that has finished (`done`) takes part with the op's identity element until all
 //!   ranks have finished; each collective reports how many ranks contributed.
 
@@ -507,7 +509,7 @@ impl Tree {
             ));
         }
         if carry_data
-            && let (Some(d), Some(r)) = (data.as_deref_mut(), verdict.data.as_ref())
+            && let (Some(d), Some(r)) = (data, verdict.data.as_ref())
             && d.len() == r.len()
         {
             d.copy_from_slice(r);
@@ -553,7 +555,7 @@ impl Tree {
         self.run(|| {
             if self.uses_ring(buf.len()) {
                 let v = self.pass(Some(&meta), Some(op), None, false, true)?;
-                self.ring_all_reduce(dtype, buf, op, v.contributors)?;
+                self.large_all_reduce(dtype, buf, op, v.contributors)?;
                 Ok(v.contributors)
             } else {
                 let v = self.pass(Some(&meta), Some(op), Some(&mut *buf), true, true)?;
@@ -573,16 +575,121 @@ impl Tree {
         op: &Op,
         contributors: usize,
     ) -> Result<()> {
-        let p = self.world_size();
+        let ring = self.plan.ring.clone();
+        self.ring_over(&ring, dtype, buf, op, contributors)
+    }
+
+    /// Large all-reduce: a flat ring on one host (or one rank per host); across hosts with
+    /// several ranks each, hierarchical: reduce to each host's leader over shared memory, a ring
+    /// of the leaders across hosts, then a broadcast inside each host (TREE-5). Each host's
+    /// network link then carries 2(H-1)/H of the data instead of the flat ring's 2(p-1)/p x k/...
+    fn large_all_reduce(
+        &self,
+        dtype: DType,
+        buf: &mut [u8],
+        op: &Op,
+        contributors: usize,
+    ) -> Result<()> {
+        if !self.plan.hierarchical() {
+            return self.ring_all_reduce(dtype, buf, op, contributors);
+        }
+        let host = self.plan.host_of[self.rank];
+        let leader = self.plan.hosts[host][0];
+        let up = self.plan.parent[self.rank].filter(|p| self.plan.host_of[*p] == host);
+        let down: Vec<usize> = self.plan.children[self.rank]
+            .iter()
+            .copied()
+            .filter(|c| self.plan.host_of[*c] == host)
+            .collect();
+        let item = dtype.itemsize();
+        let chunk = (self.tuning.chunk / item).max(1) * item;
+        let deadline = self.deadline();
+        let n = buf.len();
+        let base = buf.as_mut_ptr();
+        let mut scratch = Buf::with_len(chunk.min(n.max(1)))?;
+        let mut pending: Vec<Completion<()>> = Vec::new();
+        // 1. Reduce inside the host, chunk by chunk, up the host's tree.
+        for a in (0..n.max(1)).step_by(chunk) {
+            let b = (a + chunk).min(n);
+            // SAFETY: [a, b) lies in buf; sent chunks are not written again before their sends
+            // complete (waited for below, before phase 3 writes them).
+            let dst = unsafe { std::slice::from_raw_parts_mut(base.add(a), b - a) };
+            for &c in &down {
+                let s = &mut scratch[..b - a];
+                self.link(c)?
+                    .recv_into(&mut [out_view(s)], Some(deadline.remaining()))
+                    .map_err(|e| {
+                        Error::new(
+                            e.kind(),
+                            "all_reduce",
+                            format!("host reduce from rank {c}: {e}"),
+                        )
+                    })?;
+                ops::reduce_into(op, dtype, dst, s)?;
+            }
+            if let Some(p) = up {
+                // SAFETY: see above.
+                pending.push(self.send_async(self.link(p)?, unsafe { view(dst) }, deadline));
+            }
+        }
+        for h in pending.drain(..) {
+            h.wait(deadline, "all_reduce")?;
+        }
+        // 2. The leaders all-reduce across hosts.
+        if self.rank == leader {
+            let ring: Vec<usize> = self.plan.hosts.iter().map(|h| h[0]).collect();
+            self.ring_over(&ring, dtype, buf, op, contributors)?;
+        } else if matches!(op, Op::Avg) {
+            // (the leaders' ring divides; the others receive the divided result)
+        }
+        // 3. Broadcast inside the host, chunk by chunk, down the host's tree.
+        for a in (0..n.max(1)).step_by(chunk) {
+            let b = (a + chunk).min(n);
+            // SAFETY: [a, b) lies in buf; no send of it is in flight while we receive into it.
+            let dst = unsafe { std::slice::from_raw_parts_mut(base.add(a), b - a) };
+            if let Some(p) = up {
+                self.link(p)?
+                    .recv_into(&mut [out_view(dst)], Some(deadline.remaining()))
+                    .map_err(|e| {
+                        Error::new(
+                            e.kind(),
+                            "all_reduce",
+                            format!("host broadcast from rank {p}: {e}"),
+                        )
+                    })?;
+            }
+            for &c in &down {
+                // SAFETY: the chunk stays unmodified until these sends complete (waited below).
+                pending.push(self.send_async(self.link(c)?, unsafe { view(dst) }, deadline));
+            }
+        }
+        for h in pending {
+            h.wait(deadline, "all_reduce")?;
+        }
+        Ok(())
+    }
+
+    /// Pipelined ring all-reduce over the ranks of `ring` (in that order), which must include
+    /// this rank: reduce-scatter, then all-gather (TREE-1).
+    fn ring_over(
+        &self,
+        ring: &[usize],
+        dtype: DType,
+        buf: &mut [u8],
+        op: &Op,
+        contributors: usize,
+    ) -> Result<()> {
+        let p = ring.len();
+        if p < 2 {
+            if matches!(op, Op::Avg) {
+                ops::divide(dtype, buf, contributors);
+            }
+            return Ok(());
+        }
         let item = dtype.itemsize();
         let count = buf.len() / item;
-        let pos = self
-            .plan
-            .ring
-            .iter()
-            .position(|r| *r == self.rank)
-            .expect("in ring");
-        let (left, right) = self.plan.ring_neighbours(self.rank);
+        let pos = ring.iter().position(|r| *r == self.rank).expect("in ring");
+        let (left, right) = (ring[(pos + p - 1) % p], ring[(pos + 1) % p]);
         let (lc, rc) = (self.link(left)?.clone(), self.link(right)?.clone());
         let seg = |s: usize| -> (usize, usize) {
             let base = count / p;
@@ -893,7 +1000,7 @@ impl Tree {
                     .unwrap_or(Op::Sum);
                 let mut buf = vec![0u8; m.count * dt.itemsize()];
                 ops::identity(&op, dt, &mut buf);
-                if let Err(e) = self.ring_all_reduce(dt, &mut buf, &op, v.contributors) {
+                if let Err(e) = self.large_all_reduce(dt, &mut buf, &op, v.contributors) {
                     return Err(self.abort(&e));
                 }
             }

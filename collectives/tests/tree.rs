@@ -18,17 +18,28 @@ fn world<T: Send + 'static>(
     n: usize,
     f: impl Fn(Tree) -> Result<T> + Send + Sync + 'static,
 ) -> Vec<Result<T>> {
+    world_on(n, None, f)
+}
+
+/// Like `world`, with rank r reporting host `hosts[r]` (simulated hosts).
+fn world_on<T: Send + 'static>(
+    n: usize,
+    hosts: Option<Vec<&'static str>>,
+    f: impl Fn(Tree) -> Result<T> + Send + Sync + 'static,
+) -> Vec<Result<T>> {
     let port = free_port();
     let f = Arc::new(f);
     let hs: Vec<_> = (0..n)
         .map(|r| {
             let f = f.clone();
+            let host = hosts.as_ref().map(|h| h[r].to_string());
             std::thread::spawn(move || {
                 let t = Tree::new(TreeOptions {
                     rank: Some(r),
                     world_size: Some(n),
                     root: Some(format!("127.0.0.1:{port}")),
                     timeout: Some(Duration::from_secs(20)),
+                    host,
                 })?;
                 f(t)
             })
@@ -277,5 +288,62 @@ fn tree_3_dead_rank_fails_every_rank_promptly() {
             matches!(e.kind(), ErrorKind::Closed | ErrorKind::PeerLost),
             "rank {r}: {e}"
         );
+    }
+}
+
+#[test]
+fn tree_5_hierarchical_all_reduce_across_simulated_hosts() {
+    // 3 "hosts" with 3, 2 and 1 ranks (rank order interleaved); large buffers take the
+    // hierarchical path, small ones the tree; every op result is bitwise the same everywhere.
+    let hosts = vec!["a", "b", "a", "c", "b", "a"];
+    for (count, op) in [
+        (300_001usize, Op::Sum),
+        (300_001, Op::Avg),
+        (1 << 20, Op::Max),
+        (5, Op::Sum),
+    ] {
+        let want = expected(&op, DType::F32, 6, count);
+        let op2 = op.clone();
+        let res = world_on(6, Some(hosts.clone()), move |t| {
+            assert!(t.plan().hierarchical());
+            let mut buf = encode(
+                DType::F32,
+                &(0..count).map(|i| val(t.rank(), i)).collect::<Vec<_>>(),
+            );
+            t.all_reduce(DType::F32, &mut buf, &op2)?;
+            Ok(buf)
+        });
+        for (r, x) in res.into_iter().enumerate() {
+            let buf = x.unwrap_or_else(|e| panic!("rank {r}: {e}"));
+            if matches!(op, Op::Avg) {
+                // The hierarchy sums in another order than the reference: compare within rounding.
+                let a: Vec<f32> = buf
+                    .chunks(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                    .collect();
+                let b: Vec<f32> = want
+                    .chunks(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                    .collect();
+                assert!(
+                    a.iter().zip(&b).all(|(x, y)| (x - y).abs() < 1e-5),
+                    "rank {r}"
+                );
+            } else {
+                assert!(buf == want, "rank {r}: {op:?} x{count}");
+            }
+        }
+    }
+    // Uneven endings through the hierarchy.
+    let res = world_on(6, Some(hosts), |t| {
+        for _ in 0..=(t.rank() % 2) {
+            let mut b = encode(DType::F64, &vec![1.0; 100_000]);
+            let c = t.all_reduce(DType::F64, &mut b, &Op::Sum)?;
+            assert_eq!(f64::from_le_bytes(b[..8].try_into().unwrap()), c as f64);
+        }
+        t.done(None, None)
+    });
+    for r in res {
+        r.unwrap();
     }
 }

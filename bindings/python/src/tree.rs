@@ -101,11 +101,11 @@ impl Leaves {
             if idx.len() == 1 && self.tensors[idx[0]].is_contiguous() {
                 let t = &mut self.tensors[idx[0]];
                 let n = t.nbytes();
-                // SAFETY: a contiguous tensor's n bytes from its data pointer are its elements,
-                // kept alive by the DLPack capsule the tensor holds.
                 let bytes = if n == 0 {
                     &mut [][..]
                 } else {
+                    // SAFETY: a contiguous tensor's n bytes from its data pointer are its
+                    // elements, kept alive by the DLPack capsule the tensor holds.
                     unsafe { std::slice::from_raw_parts_mut(t.data_mut_ptr(), n) }
                 };
                 f(dtype, bytes)?;
@@ -258,6 +258,7 @@ impl Tree_ {
             world_size,
             root,
             timeout: secs(timeout),
+            host: None,
         };
         let tree = crate::wait(py, move || Tree::new(opts))?;
         Ok(Tree_ {
