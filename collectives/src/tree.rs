@@ -698,7 +698,10 @@ impl Tree {
             let len = base + usize::from(s < extra);
             (start * item, len * item)
         };
-        let chunk = (self.tuning.chunk / item).max(1) * item;
+        // At least ~4 chunks per segment so the copy of one overlaps the reduction of the last, but
+        // not under 256 KiB (the default single-copy threshold of shm links).
+        let target = (buf.len() / p / 4).max(256 << 10).min(self.tuning.chunk);
+        let chunk = (target / item).max(1) * item;
         let deadline = self.deadline();
         let mut scratch = Buf::with_len(chunk.min(buf.len().max(1)))?;
         let base = buf.as_mut_ptr();

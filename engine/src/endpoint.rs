@@ -367,6 +367,7 @@ impl Server {
     ) -> Result<(Value, Arc<Conn>)> {
         let deadline = Deadline::or_default(timeout);
         let spin_until = Instant::now() + config().spin;
+        let mut spins = 0u32;
         let mut fds: Vec<(RawFd, Interest)> = Vec::new();
         loop {
             if self.inner.closed.load(Ordering::SeqCst) {
@@ -404,7 +405,7 @@ impl Server {
                 }
             }
             if Instant::now() < spin_until {
-                std::hint::spin_loop();
+                crate::runtime::relax(&mut spins);
                 continue;
             }
             fds.clear();

@@ -118,6 +118,19 @@ impl Deadline {
     }
 }
 
+/// One step of a busy wait. Mostly a CPU pause; every 32nd step yields the core, so a spinning
+/// waiter on an oversubscribed machine lets the thread it waits for run (two spinning processes
+/// on two busy cores otherwise fall into a slow spin-then-park rhythm).
+#[inline]
+pub fn relax(step: &mut u32) {
+    *step = step.wrapping_add(1);
+    if *step % 32 == 0 {
+        std::thread::yield_now();
+    } else {
+        std::hint::spin_loop();
+    }
+}
+
 /// Readiness wanted on a file descriptor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Interest {
@@ -439,6 +452,7 @@ pub(crate) fn recv_exact(
     what: &str,
 ) -> Result<bool> {
     let mut got = 0usize;
+    let mut spins = 0u32;
     let spin_until = Instant::now() + spin;
     let uring = backend()? == Backend::Uring;
     while got < buf.len() {
@@ -454,7 +468,7 @@ pub(crate) fn recv_exact(
             }
             Attempt::WouldBlock => {
                 if Instant::now() < spin_until {
-                    std::hint::spin_loop();
+                    relax(&mut spins);
                     continue;
                 }
                 let slice = deadline.slice("recv", what)?;

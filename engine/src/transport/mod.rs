@@ -363,11 +363,12 @@ impl Link {
     /// Waits (spin, then park) until [`Link::ready`] or the deadline; consumes nothing.
     pub fn wait_ready(&self, deadline: Deadline) -> Result<()> {
         let spin_until = Instant::now() + self.spin;
+        let mut spins = 0u32;
         while Instant::now() < spin_until {
             if self.ready() {
                 return Ok(());
             }
-            std::hint::spin_loop();
+            crate::runtime::relax(&mut spins);
         }
         let mut fds = Vec::with_capacity(2);
         loop {
