@@ -1,0 +1,1133 @@
+"""All-reduce benchmark: Parallel's Tree (torch_parallel) against gloo and Open MPI, in one run.
+
+All-reduce (sum, float32, every rank ends with the sum) with p ranks on this machine (default p=2):
+    gloo       torch.distributed gloo, dist.all_reduce(t) in place, init_method tcp://127.0.0.1:PORT
+    mpi        Open MPI via mpi4py, comm.Allreduce(src, dst, op=MPI.SUM) on numpy buffers, launched
+               as `mpirun --allow-run-as-root --oversubscribe -np P python ...` (default BTLs: the
+               shared-memory one between ranks of one host), as research/peer-baselines/mpi_bench.py
+    ours_shm   tree = torch_parallel.tree(rank=r, world_size=p, root="127.0.0.1:PORT");
+               tree.all_reduce(t) in place; links: shared memory (the default on one host)
+    ours_tcp   the same with PARALLEL_SHM=0 in every rank (set before torch_parallel is imported)
+Sizes: 4 KiB, 1 MiB and 64 MiB (the figures the targets speak of), and for the plot the sweep
+4 KiB .. 64 MiB in powers of 4.
+
+Method (as research/peer-baselines/gloo_bench.py): per size, one all-reduce of rank-dependent
+data checked on every rank (each element must equal p(p+1)/2), then the buffer is zeroed (so the
+repeated in-place sums stay finite), warm-up ops (at least 8 MiB of traffic), a barrier, then
+the timed ops, each timed alone on rank 0 (time.perf_counter around the call; the collective
+itself synchronises). Per size: median, p10 and p90 of the per-op times; algbw = n/t,
+busbw = algbw * 2(p-1)/p (nccl-tests), 1 GB/s = 1e9 B/s. --reps fresh sets of processes per
+system, systems interleaved; the figure is the median of the per-rep medians (range = min..max
+of them), p10/p90 pool every timed op of rank 0.
+
+Every rank is a separate process started with subprocess (mpirun for mpi; this orchestrating
+process imports neither torch_parallel nor torch), each in its own session; every launch has a
+deadline after which its process group and every rank (by the pid it wrote) is terminated, then
+killed; every rank also arms SIGALRM a little after that deadline, and mpirun gets --timeout.
+
+Usage:
+  .venv/bin/python benches/allreduce.py                      # full run (1-2 minutes)
+  .venv/bin/python benches/allreduce.py --quick              # smoke run, < 90 s
+  .venv/bin/python benches/allreduce.py --only ours_shm,gloo --world 3
+Peers and the plot need `bash scripts/bench-setup.sh` (Open MPI, mpi4py, matplotlib); a missing
+peer is reported as skipped. Writes --json (default bench-out/allreduce.json), --md (default
+bench-out/allreduce.md) and --png (default bench-out/allreduce.png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+KiB = 1 << 10
+MiB = 1 << 20
+HOST = "127.0.0.1"
+SCRIPT = os.path.abspath(__file__)
+
+# The sweep: 4 KiB .. 64 MiB in powers of 4. HEADLINE: the sizes of the targets.
+SIZES = {
+    "4KiB": 4 * KiB,
+    "16KiB": 16 * KiB,
+    "64KiB": 64 * KiB,
+    "256KiB": 256 * KiB,
+    "1MiB": MiB,
+    "4MiB": 4 * MiB,
+    "16MiB": 16 * MiB,
+    "64MiB": 64 * MiB,
+}
+HEADLINE = ("4KiB", "1MiB", "64MiB")
+# Timed ops per size (the peers' scripts: 500 / 100 / 15 for 4 KiB / 1 MiB / 64 MiB).
+ITERS = {
+    "4KiB": 500,
+    "16KiB": 400,
+    "64KiB": 300,
+    "256KiB": 200,
+    "1MiB": 100,
+    "4MiB": 50,
+    "16MiB": 25,
+    "64MiB": 15,
+}
+ITERS_QUICK = {
+    "4KiB": 200,
+    "16KiB": 100,
+    "64KiB": 100,
+    "256KiB": 50,
+    "1MiB": 40,
+    "4MiB": 15,
+    "16MiB": 8,
+    "64MiB": 5,
+}
+
+WARM_BYTES = 8 * MiB
+
+SYSTEMS = ("gloo", "mpi", "ours_shm", "ours_tcp")
+OURS = ("ours_shm", "ours_tcp")
+PEERS = ("gloo", "mpi")
+ALIASES = {"ours": list(OURS), "peers": list(PEERS), "shm": ["ours_shm"], "tcp": ["ours_tcp"]}
+LABEL = {
+    "gloo": "torch.distributed gloo (TCP)",
+    "mpi": "Open MPI (mpi4py, shared memory)",
+    "ours_shm": "ours, shared memory",
+    "ours_tcp": "ours, TCP",
+}
+
+# The targets of our issue (p=2) and the anchors measured on this machine
+# (research/performance-anchors.md, section 0).
+TARGET_64M_VS_GLOO = 0.45
+ANCHOR_GLOO_64M_S = 65.8e-3
+ANCHOR_MPI_4K_S = 8.4e-6
+TARGET_4K_ABS_S = 10e-6
+
+
+# ----------------------------------------------------------------------------------------------
+# children: one rank each
+
+
+def pct(xs_sorted, q):
+    k = (len(xs_sorted) - 1) * q
+    f = int(k)
+    c = min(f + 1, len(xs_sorted) - 1)
+    return xs_sorted[f] + (xs_sorted[c] - xs_sorted[f]) * (k - f)
+
+
+def _cpu() -> float:
+    """CPU seconds (user + system) of this process, all threads."""
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def warmup(nbytes, iters):
+    """Warm-up ops: a tenth of the timed ones as the peers' scripts, and at least WARM_BYTES of
+    traffic (at most 2000 ops), so that one-time costs are out of the timed loop: our shared-memory
+    ring (PARALLEL_SHM_RING, 4 MiB) is faulted in page by page during its first pass, which costs
+    about 8 us per 4 KiB all-reduce for the first ~1000 of them."""
+    return max(3, iters // 10, min(2000, WARM_BYTES // nbytes))
+
+
+def bench_sizes(rank, world, cfg, alloc, fill, op, check, barrier):
+    """The measurement loop every system shares. alloc(nbytes) -> buffer; fill(buf, value);
+    op(buf) = one all-reduce; check(buf, expected) -> bool (the result, every element);
+    barrier(). Returns {size label: stats} with this rank's samples."""
+    out = {}
+    expected = float(world * (world + 1) // 2)
+    for label in cfg["sizes"]:
+        nbytes = SIZES[label]
+        iters = cfg["iters"][label]
+        warm = warmup(nbytes, iters)
+        buf = alloc(nbytes)
+        fill(buf, float(rank + 1))
+        op(buf)
+        ok = bool(check(buf, expected))
+        fill(buf, 0.0)
+        for _ in range(warm):
+            op(buf)
+        barrier()
+        pc = time.perf_counter
+        lat = []
+        cpu0 = _cpu()
+        for _ in range(iters):
+            t0 = pc()
+            op(buf)
+            lat.append(pc() - t0)
+        cpu = _cpu() - cpu0
+        s = sorted(lat)
+        out[label] = {
+            "bytes": nbytes,
+            "iters": iters,
+            "warmup": warm,
+            "verified": ok,
+            "samples_s": lat,
+            "median_s": statistics.median(s),
+            "p10_s": pct(s, 0.1),
+            "p90_s": pct(s, 0.9),
+            "min_s": s[0],
+            "cpu_s_per_op": cpu / iters,
+        }
+        del buf
+    return out
+
+
+def child_gloo(rank, world, cfg):
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://{HOST}:{cfg['port']}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=cfg["t_op"]),
+    )
+    res = bench_sizes(
+        rank,
+        world,
+        cfg,
+        alloc=lambda n: torch.empty(n // 4, dtype=torch.float32),
+        fill=lambda t, v: t.fill_(v),
+        op=lambda t: dist.all_reduce(t),
+        check=lambda t, e: torch.all(t == e).item(),
+        barrier=dist.barrier,
+    )
+    dist.barrier()
+    dist.destroy_process_group()
+    return {"sizes": res, "version": torch.__version__}
+
+
+def child_mpi(rank, world, cfg):
+    import numpy as np
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+
+    def alloc(n):
+        return (np.empty(n // 4, dtype=np.float32), np.empty(n // 4, dtype=np.float32))
+
+    def fill(b, v):
+        b[0].fill(v)
+        b[1].fill(-1.0)
+
+    res = bench_sizes(
+        rank,
+        world,
+        cfg,
+        alloc=alloc,
+        fill=fill,
+        op=lambda b: comm.Allreduce(b[0], b[1], op=MPI.SUM),
+        check=lambda b, e: np.all(b[1] == e),
+        barrier=comm.Barrier,
+    )
+    comm.Barrier()
+    import mpi4py
+
+    return {
+        "sizes": res,
+        "version": f"mpi4py {mpi4py.__version__}; {MPI.Get_library_version().splitlines()[0]}",
+    }
+
+
+def child_ours(rank, world, cfg):
+    import torch
+
+    import torch_parallel as parallel
+
+    torch.set_num_threads(1)
+    tree = parallel.tree(rank=rank, world_size=world, root=f"{HOST}:{cfg['port']}", timeout=cfg["t_op"])
+    res = bench_sizes(
+        rank,
+        world,
+        cfg,
+        alloc=lambda n: torch.empty(n // 4, dtype=torch.float32),
+        fill=lambda t, v: t.fill_(v),
+        op=lambda t: tree.all_reduce(t),
+        check=lambda t, e: torch.all(t == e).item(),
+        barrier=tree.barrier,
+    )
+    tree.barrier()
+    links = sorted({str(s.get("link")) for s in tree.stats()})
+    return {
+        "sizes": res,
+        "links": links,
+        "plan": tree.plan(),
+        "stats": tree.stats(),
+        "version": getattr(parallel, "__version__", None),
+        "config": {
+            k: v
+            for k, v in parallel.config().items()
+            if k
+            in (
+                "PARALLEL_SHM",
+                "PARALLEL_SHM_CMA",
+                "PARALLEL_SPIN_US",
+                "PARALLEL_ALGO",
+                "PARALLEL_RING_THRESHOLD",
+                "PARALLEL_COLLECTIVE_CHUNK",
+                "PARALLEL_SHM_RING",
+            )
+        },
+        "io_backend": parallel.io_backend(),
+    }
+
+
+def child_main(system, rank_arg, cfg):
+    # Belt and braces: the parent kills us at its deadline; if the parent is gone, SIGALRM does.
+    signal.alarm(max(1, int(cfg["alarm_s"])))
+    rank = rank_arg
+    if system == "mpi":
+        from mpi4py import MPI
+
+        rank = MPI.COMM_WORLD.Get_rank()
+        world = MPI.COMM_WORLD.Get_size()
+    else:
+        world = cfg["world"]
+    d = cfg["out_dir"]
+    with open(os.path.join(d, f"pid-{rank}"), "w") as f:
+        f.write(str(os.getpid()))
+    fn = {"gloo": child_gloo, "mpi": child_mpi, "ours_shm": child_ours, "ours_tcp": child_ours}[system]
+    res = fn(rank, world, cfg)
+    res["world"] = world
+    res["rank"] = rank
+    tmp = os.path.join(d, f".rank-{rank}.json")
+    with open(tmp, "w") as f:
+        json.dump(res, f, default=str)
+    os.replace(tmp, os.path.join(d, f"rank-{rank}.json"))
+
+
+# ----------------------------------------------------------------------------------------------
+# orchestration (parent process)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def _ours_child(pid: int) -> bool:
+    """Whether pid is still one of this script's children (guards against pid reuse)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read().split(b"\0")
+    except OSError:
+        return False
+    return SCRIPT.encode() in cmd and b"--child" in cmd
+
+
+def _stop(procs, out_dir):
+    """Terminates, then kills, each launched process group and each rank that wrote its pid."""
+    pids = []
+    for name in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
+        if name.startswith("pid-"):
+            try:
+                with open(os.path.join(out_dir, name)) as f:
+                    pids.append(int(f.read().strip()))
+            except (OSError, ValueError):
+                pass
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for p in procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, sig)
+                except OSError:
+                    pass
+        for pid in pids:
+            if _ours_child(pid):
+                try:
+                    os.kill(pid, sig)
+                except OSError:
+                    pass
+        t_end = time.monotonic() + 3
+        while time.monotonic() < t_end and (
+            any(p.poll() is None for p in procs) or any(_ours_child(x) for x in pids)
+        ):
+            time.sleep(0.05)
+    for p in procs:
+        if p.poll() is None:
+            p.wait(2)
+
+
+def cpu_stall_us():
+    """Microseconds some task waited for a CPU since boot (/proc/pressure/cpu, "some"), or None."""
+    for line in _read("/proc/pressure/cpu").splitlines():
+        if line.startswith("some"):
+            for f in line.split():
+                if f.startswith("total="):
+                    return int(f[6:])
+    return None
+
+
+def _tail(path, n=3):
+    """The last n non-empty lines of a log, joined."""
+    try:
+        with open(path, errors="replace") as f:
+            lines = [ln.strip() for ln in f.read()[-4000:].splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return " / ".join(lines[-n:])
+
+
+def launch(system, world, cfg, tmpdir, tag, deadline):
+    """Runs one set of ranks of `system`. Returns ({rank: result}, error or None, command,
+    CPU pressure: the share of the launch's wall time in which some task waited for a CPU)."""
+    out_dir = os.path.join(tmpdir, tag)
+    os.makedirs(out_dir)
+    cfg = dict(cfg, port=free_port(), out_dir=out_dir, world=world, alarm_s=deadline + 15)
+    env = dict(os.environ)
+    env.pop("PARALLEL_SHM", None)
+    if system == "ours_tcp":
+        env["PARALLEL_SHM"] = "0"
+    elif system == "ours_shm":
+        env["PARALLEL_SHM"] = "1"
+    env.setdefault("OMP_NUM_THREADS", "1")
+    child = [sys.executable, SCRIPT, "--child", system, "--cfg", json.dumps(cfg)]
+    if system == "mpi":
+        cmds = [
+            [
+                shutil.which("mpirun") or "mpirun",
+                "--allow-run-as-root",
+                "--oversubscribe",
+                "--timeout",
+                str(int(deadline) + 5),
+                "-np",
+                str(world),
+                *child,
+            ]
+        ]
+    else:
+        cmds = [[*child, "--rank", str(r)] for r in range(world)]
+    shown = " ".join(c if " " not in c and "{" not in c else "'...'" for c in cmds[0])
+    procs, logs = [], []
+    stall0, w0 = cpu_stall_us(), time.monotonic()
+    try:
+        for i, cmd in enumerate(cmds):
+            log = os.path.join(out_dir, f"log-{i}.txt")
+            logs.append(log)
+            with open(log, "w") as lf:
+                procs.append(
+                    subprocess.Popen(
+                        cmd,
+                        stdin=subprocess.DEVNULL,
+                        stdout=lf,
+                        stderr=subprocess.STDOUT,
+                        env=env,
+                        start_new_session=True,
+                    )
+                )
+        err = None
+        t_end = time.monotonic() + deadline
+        failed_at = None
+        while any(p.poll() is None for p in procs):
+            now = time.monotonic()
+            if now >= t_end:
+                err = f"timed out after {deadline:.0f} s"
+                break
+            bad = [p for p in procs if p.poll() not in (None, 0)]
+            if bad:
+                failed_at = failed_at or now
+                if now - failed_at > 3.0:  # the others would only wait for their timeout
+                    break
+            time.sleep(0.05)
+    finally:
+        _stop(procs, out_dir)
+    stall1, w1 = cpu_stall_us(), time.monotonic()
+    pressure = (stall1 - stall0) / 1e6 / (w1 - w0) if stall0 is not None and stall1 is not None else None
+    results = {}
+    for r in range(world):
+        path = os.path.join(out_dir, f"rank-{r}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                results[r] = json.load(f)
+    codes = [p.returncode for p in procs]
+    if err is None and (any(codes) or len(results) < world):
+        missing = [r for r in range(world) if r not in results]
+        err = f"exit codes {codes}, no result from rank(s) {missing}"
+    if err:
+        tails = [t for t in (_tail(x) for x in logs) if t]
+        if tails:
+            err += ": " + " | ".join(tails)[-600:]
+    return results, err, shown, pressure
+
+
+def availability(system, probe):
+    if system == "mpi":
+        if not shutil.which("mpirun"):
+            return "mpirun not installed (bash scripts/bench-setup.sh)"
+        if not _has_module("mpi4py"):
+            return "mpi4py not installed (bash scripts/bench-setup.sh)"
+    if system == "gloo" and not _has_module("torch"):
+        return "torch not installed"
+    if system in OURS and "error" in probe:
+        return f"torch_parallel not built ({probe['error']})"
+    return None
+
+
+def _has_module(name):
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def summarize(runs, world):
+    """Per size: the median of the per-rep medians of rank 0, pooled p10/p90, rates, check."""
+    ok = [r for r in runs if r.get("status") == "ok"]
+    if not ok:
+        last = runs[-1] if runs else {"status": "skipped"}
+        return {"status": last.get("status"), "note": last.get("note", "")}
+    out = {"status": "ok", "reps_ok": len(ok), "reps": len(runs), "sizes": {}}
+    notes = []
+    if len(ok) < len(runs):
+        notes.append(f"{len(runs) - len(ok)} of {len(runs)} rep(s) failed: {runs[-1].get('note', '')}"[:300])
+    for label in SIZES:
+        per = [r["ranks"][0]["sizes"][label] for r in ok if label in r["ranks"][0]["sizes"]]
+        if not per:
+            continue
+        meds = [x["median_s"] for x in per]
+        pooled = sorted(s for x in per for s in x["samples_s"])
+        nbytes = SIZES[label]
+        med = statistics.median(meds)
+        algbw = nbytes / med / 1e9
+        verified = all(
+            rr["sizes"][label]["verified"] for r in ok for rr in r["ranks"].values() if label in rr["sizes"]
+        )
+        cpu = [
+            sum(rr["sizes"][label]["cpu_s_per_op"] for rr in r["ranks"].values() if label in rr["sizes"])
+            for r in ok
+        ]
+        out["sizes"][label] = {
+            "bytes": nbytes,
+            "iters_per_rep": per[0]["iters"],
+            "warmup_per_rep": per[0]["warmup"],
+            "median_s": med,
+            "rep_medians_s": meds,
+            "p10_s": pct(pooled, 0.1),
+            "p90_s": pct(pooled, 0.9),
+            "min_s": pooled[0],
+            "algbw_GBps": algbw,
+            "busbw_GBps": algbw * 2 * (world - 1) / world,
+            "cpu_s_per_op_all_ranks": statistics.median(cpu),
+            "other_ranks_median_s": {
+                str(rk): statistics.median(r["ranks"][rk]["sizes"][label]["median_s"] for r in ok)
+                for rk in sorted(ok[0]["ranks"])
+                if rk != 0
+            },
+            "verified": verified,
+        }
+        if not verified:
+            notes.append(f"{label}: WRONG RESULT on some rank")
+    last = ok[-1]["ranks"][0]
+    for k in ("version", "links", "plan", "config", "io_backend"):
+        if k in last:
+            out[k] = last[k]
+    out["command"] = ok[-1].get("command")
+    out["cpu_pressure"] = [r.get("cpu_pressure") for r in ok]
+    if notes:
+        out["note"] = "; ".join(notes)
+    return out
+
+
+def ratios(rows):
+    """Per size, ours / peer of the median times (< 1: ours faster)."""
+    out = {}
+    for label in SIZES:
+        d = {}
+        for o in OURS:
+            for p in PEERS:
+                a, b = _med(rows, o, label), _med(rows, p, label)
+                if a is not None and b is not None:
+                    d[f"{o}/{p}"] = a / b
+        if d:
+            out[label] = d
+    return out
+
+
+def _med(rows, name, label):
+    r = rows.get(name) or {}
+    if r.get("status") != "ok":
+        return None
+    s = r["sizes"].get(label)
+    return s["median_s"] if s else None
+
+
+def targets(rows, world):
+    """The issue's two targets for p=2, judged against the peers measured in this run."""
+    out = []
+    if world != 2:
+        return [{"target": "all", "verdict": f"n/a (the targets are for p=2; this run has p={world})"}]
+    g = _med(rows, "gloo", "64MiB")
+    for o in OURS:
+        t = _med(rows, o, "64MiB")
+        item = {
+            "target": f"64 MiB, p=2: {o} time <= {TARGET_64M_VS_GLOO}x gloo's",
+            "primary": o == "ours_shm",
+            "ours_s": t,
+            "gloo_s": g,
+            "limit_this_run_s": g * TARGET_64M_VS_GLOO if g else None,
+            "limit_anchor_s": ANCHOR_GLOO_64M_S * TARGET_64M_VS_GLOO,
+        }
+        if t is None:
+            item["verdict"] = "not measured"
+        elif g is None:
+            item["verdict"] = (
+                "met" if t <= item["limit_anchor_s"] else "missed"
+            ) + " (vs the anchor; gloo not run)"
+        else:
+            item["ratio"] = t / g
+            item["verdict"] = "met" if t <= item["limit_this_run_s"] else "missed"
+        out.append(item)
+    m = _med(rows, "mpi", "4KiB")
+    for o in OURS:
+        t = _med(rows, o, "4KiB")
+        item = {
+            "target": f"4 KiB, p=2: {o} time <= Open MPI's over shared memory (~10 us)",
+            "primary": o == "ours_shm",
+            "ours_s": t,
+            "mpi_s": m,
+            "limit_this_run_s": m,
+            "limit_anchor_s": ANCHOR_MPI_4K_S,
+        }
+        if t is None:
+            item["verdict"] = "not measured"
+        elif m is None:
+            item["verdict"] = ("met" if t <= TARGET_4K_ABS_S else "missed") + " (vs ~10 us; MPI not run)"
+        else:
+            item["ratio"] = t / m
+            item["verdict"] = "met" if t <= m else "missed"
+        out.append(item)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# machine description, probe of torch_parallel
+
+PROBE = r"""
+import json
+out = {}
+try:
+    import torch_parallel as p
+except Exception as e:
+    out["error"] = f"{type(e).__name__}: {e}"
+else:
+    out["version"] = getattr(p, "__version__", None)
+    try:
+        out["io_backend"] = str(p.io_backend())
+    except Exception as e:
+        out["io_backend_error"] = f"{type(e).__name__}: {e}"
+print("PROBE" + json.dumps(out, default=str))
+"""
+
+
+def probe_ours(timeout=90):
+    try:
+        cp = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"import torch_parallel timed out after {timeout} s"}
+    for line in cp.stdout.splitlines():
+        if line.startswith("PROBE"):
+            return json.loads(line[5:])
+    return {"error": (cp.stderr.strip().splitlines() or ["probe failed"])[-1]}
+
+
+def _read(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def _cmd(args, timeout=10):
+    try:
+        return subprocess.run(args, capture_output=True, text=True, timeout=timeout).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def _version(dist):
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def machine_info():
+    info = {"nproc": os.cpu_count()}
+    try:
+        info["usable_cpus"] = len(os.sched_getaffinity(0))
+    except AttributeError:
+        pass
+    for line in _read("/proc/meminfo").splitlines():
+        if line.startswith("MemTotal:"):
+            info["mem_GiB"] = round(int(line.split()[1]) / 2**20, 1)
+    for line in _read("/proc/cpuinfo").splitlines():
+        if line.startswith("model name"):
+            info["cpu_model"] = line.split(":", 1)[1].strip()
+            break
+    info["kernel"] = platform.release()
+    thp = _read("/sys/kernel/mm/transparent_hugepage/enabled").strip()
+    if thp:
+        info["thp"] = thp
+    info["python"] = platform.python_version()
+    for d in ("torch", "numpy", "mpi4py", "matplotlib"):
+        info[d] = _version(d)
+    mpirun = shutil.which("mpirun")
+    info["mpirun"] = (_cmd([mpirun, "--version"]).splitlines() or ["?"])[0] if mpirun else "not installed"
+    here = os.path.dirname(SCRIPT)
+    info["git"] = _cmd(["git", "-C", here, "rev-parse", "--short", "HEAD"])
+    if _cmd(["git", "-C", here, "status", "--porcelain"]):
+        info["git"] += " (dirty)"
+    info["loadavg_start"] = _read("/proc/loadavg").split()[:3]
+    info["cpu_pressure_start"] = (_read("/proc/pressure/cpu").splitlines() or [""])[0]
+    return info
+
+
+# ----------------------------------------------------------------------------------------------
+# report
+
+
+def fmt_t(s):
+    if s is None:
+        return "-"
+    if s < 1e-3:
+        return f"{s * 1e6:.1f} us"
+    if s < 1:
+        return f"{s * 1e3:.3g} ms" if s < 0.1 else f"{s * 1e3:.1f} ms"
+    return f"{s:.2f} s"
+
+
+def _avg60(line):
+    for f in (line or "").split():
+        if f.startswith("avg60="):
+            return f[6:]
+    return "?"
+
+
+def fmt_pct(x):
+    return "?" if x is None else f"{x * 100:.0f} %"
+
+
+def fmt_r(x):
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def headline_table(report):
+    rows, rt = report["systems"], report["ratios"]
+    lines = [
+        "| size | system | median | p10 | p90 | rep medians | algbw GB/s | busbw GB/s | CPU/op (all ranks) "
+        "| ours/gloo | ours/MPI | check |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    sizes = [s for s in HEADLINE if s in report["args"]["sizes"]]
+    for label in sizes:
+        for name in report["order"]:
+            r = rows.get(name)
+            if r is None:
+                continue
+            if r.get("status") != "ok" or label not in r.get("sizes", {}):
+                lines.append(f"| {label} | {name} | - | - | - | - | - | - | - | - | - | {r.get('status')} |")
+                continue
+            s = r["sizes"][label]
+            rm = s["rep_medians_s"]
+            rng = fmt_t(rm[0]) if len(rm) == 1 else f"{fmt_t(min(rm))} - {fmt_t(max(rm))}"
+            vs_g = rt.get(label, {}).get(f"{name}/gloo") if name in OURS else None
+            vs_m = rt.get(label, {}).get(f"{name}/mpi") if name in OURS else None
+            lines.append(
+                f"| {label} | {name} | **{fmt_t(s['median_s'])}** | {fmt_t(s['p10_s'])} "
+                f"| {fmt_t(s['p90_s'])} | {rng} | {s['algbw_GBps']:.3f} | {s['busbw_GBps']:.3f} "
+                f"| {fmt_t(s['cpu_s_per_op_all_ranks'])} | {fmt_r(vs_g)} | {fmt_r(vs_m)} "
+                f"| {'ok' if s['verified'] else 'WRONG'} |"
+            )
+    return lines
+
+
+def sweep_table(report):
+    rows = report["systems"]
+    names = [n for n in report["order"] if rows.get(n, {}).get("status") == "ok"]
+    head = "| size | " + " | ".join(f"{n} median (busbw GB/s)" for n in names)
+    head += " | ours_shm/gloo | ours_shm/MPI | ours_tcp/gloo | ours_tcp/MPI |"
+    lines = [head, "|---" * (len(names) + 5) + "|"]
+    for label in report["args"]["sizes"]:
+        cells = []
+        for n in names:
+            s = rows[n]["sizes"].get(label)
+            cells.append(f"{fmt_t(s['median_s'])} ({s['busbw_GBps']:.3f})" if s else "-")
+        rt = report["ratios"].get(label, {})
+        cells += [
+            fmt_r(rt.get(k)) for k in ("ours_shm/gloo", "ours_shm/mpi", "ours_tcp/gloo", "ours_tcp/mpi")
+        ]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def target_lines(report):
+    out = []
+    for t in report["targets"]:
+        if "ours_s" not in t:
+            out.append(f"- {t['verdict']}")
+            continue
+        if t["ours_s"] is None:
+            out.append(f"- {t['target']}: {t['verdict']}")
+            continue
+        extra = ""
+        if "gloo_s" in t:
+            extra = (
+                f"ours {fmt_t(t['ours_s'])}, gloo {fmt_t(t['gloo_s'])} "
+                f"-> limit {fmt_t(t['limit_this_run_s'])} this run "
+                f"(limit from the anchor 65.8 ms: {fmt_t(t['limit_anchor_s'])})"
+            )
+        else:
+            extra = (
+                f"ours {fmt_t(t['ours_s'])}, Open MPI {fmt_t(t['mpi_s'])} this run "
+                f"(anchor {fmt_t(t['limit_anchor_s'])})"
+            )
+        ratio = f", ratio {t['ratio']:.2f}" if "ratio" in t else ""
+        prim = "" if t["primary"] else " (information: the target is for the default link, shm)"
+        out.append(f"- {t['target']}: **{t['verdict'].upper()}**{prim}: {extra}{ratio}")
+    return out
+
+
+def render(report):
+    m, a = report["machine"], report["args"]
+    L = [f"## All-reduce benchmark (p={a['world']})", ""]
+    L.append(f"Run {report['started']} ({report['elapsed_s']:.0f} s), `{report['command']}`.")
+    L.append("")
+    L.append("Machine:")
+    L.append(
+        f"- {m.get('nproc')} CPUs ({m.get('usable_cpus')} usable), {m.get('mem_GiB')} GiB, "
+        f"kernel {m.get('kernel')}, THP {m.get('thp', '?')}; CPU: {m.get('cpu_model', '?')}"
+    )
+    L.append(
+        f"- Python {m.get('python')}, torch {m.get('torch')}, numpy {m.get('numpy')}, {m.get('mpirun')}, "
+        f"mpi4py {m.get('mpi4py')}, matplotlib {m.get('matplotlib')}"
+    )
+    ours = report["torch_parallel"]
+    if "error" in ours:
+        L.append(f"- torch_parallel: not built ({ours['error']})")
+    else:
+        cfg = next(
+            (report["systems"][n].get("config") for n in OURS if report["systems"].get(n, {}).get("config")),
+            None,
+        )
+        L.append(
+            f"- torch_parallel {ours.get('version')}, io backend {ours.get('io_backend', '?')}, "
+            f"git {m.get('git')}"
+            + (f"; {', '.join(f'{k}={v}' for k, v in cfg.items())} (ours_tcp: PARALLEL_SHM=0)" if cfg else "")
+        )
+    L.append(
+        f"- load average at start / end: {' '.join(m.get('loadavg_start', []))} / "
+        f"{' '.join(m.get('loadavg_end', []))}; CPU pressure (PSI some, avg60 %) at start / end: "
+        f"{_avg60(m.get('cpu_pressure_start'))} / {_avg60(m.get('cpu_pressure_end'))}"
+        + (
+            f"; p={a['world']} on {m.get('nproc')} CPUs is oversubscribed"
+            if a["world"] > (m.get("nproc") or 2)
+            else ""
+        )
+    )
+    L.append("")
+    L.append("Systems:")
+    for n in report["order"]:
+        r = report["systems"][n]
+        st = "ok" if r.get("status") == "ok" else f"{r.get('status')}: {r.get('note', '')}"
+        links = f", links {'/'.join(r['links'])}" if r.get("links") else ""
+        extra = "; " + r["note"] if r.get("status") == "ok" and r.get("note") else ""
+        psi = [x for x in r.get("cpu_pressure") or [] if x is not None]
+        if psi:
+            extra += f"; CPU pressure {fmt_pct(min(psi))}" + (f"-{fmt_pct(max(psi))}" if len(psi) > 1 else "")
+        L.append(f"- `{n}`: {LABEL[n]}{links} ({st}{extra})")
+    L.append("")
+    L.append(
+        f"### Headline sizes (float32, sum; median of {a['reps']} rep(s) of rank 0's per-op medians; "
+        f"ratios are time ours / peer, < 1 = ours faster)"
+    )
+    L.append("")
+    L += headline_table(report)
+    L.append("")
+    L.append("### Targets (from our issue)")
+    L.append("")
+    L += target_lines(report)
+    L.append("")
+    L.append(
+        "### Sweep (time vs message size; plot: "
+        + (f"`{report['png']}`" if report.get("png") else "none")
+        + ")"
+    )
+    L.append("")
+    L += sweep_table(report)
+    L.append("")
+    its = ", ".join(f"{k} {v}" for k, v in a["iters"].items() if k in a["sizes"])
+    L.append(
+        "Method: every rank is a fresh process (mpi: under mpirun with its default binding and BTLs); "
+        "per size one checked all-reduce of rank-dependent data (every element on every rank must be "
+        "p(p+1)/2), then the buffer is zeroed, warm-up ops (max(3, iters/10, min(2000, 8 MiB / n)): "
+        f"{', '.join(str(warmup(SIZES[k], v)) for k, v in a['iters'].items())}), a barrier, "
+        "and the timed ops, each timed alone on rank 0 "
+        f"(timed ops per rep: {its}). Ours and gloo reduce in place; MPI out of place (src, dst), as "
+        "research/peer-baselines/mpi_bench.py. algbw = n/t, busbw = algbw * 2(p-1)/p, 1 GB/s = 1e9 B/s. "
+        "CPU/op = user + system time of all ranks over the timed loop, per op (shows what spinning costs). "
+        "CPU pressure = share of a launch's wall time in which some task waited for a CPU "
+        "(/proc/pressure/cpu 'some', our own threads included): well above ~20 % means other work "
+        "competed for the CPUs and the figures of that system are noisy. "
+        "Anchors (research/performance-anchors.md, measured on a 2-vCPU AMD EPYC VM of this kind): "
+        "gloo p=2 0.75 ms / 1.47 ms / 65.8 ms, "
+        "Open MPI shm p=2 8.4 us / 0.56 ms / 69.4 ms for 4 KiB / 1 MiB / 64 MiB."
+    )
+    return "\n".join(L) + "\n"
+
+
+def print_console(report):
+    for title, lines in (
+        ("Headline sizes (ratios: time ours / peer, < 1 = ours faster)", headline_table(report)),
+        ("Sweep: median (busbw GB/s)", sweep_table(report)),
+    ):
+        rows = [
+            [c.strip().replace("**", "") for c in ln.strip("|").split("|")]
+            for ln in lines
+            if not ln.startswith("|---")
+        ]
+        if len(rows) <= 1:
+            continue
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        print(f"\n{title}")
+        for r in rows:
+            print("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    print("\nTargets")
+    for ln in target_lines(report):
+        print("  " + ln.replace("**", ""))
+
+
+def plot(report, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib not installed (bash scripts/bench-setup.sh)"
+    rows, world = report["systems"], report["args"]["world"]
+    style = {
+        "gloo": ("tab:orange", "s"),
+        "mpi": ("tab:green", "^"),
+        "ours_shm": ("tab:blue", "o"),
+        "ours_tcp": ("tab:purple", "D"),
+    }
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 5.2))
+    drawn = 0
+    for n in report["order"]:
+        r = rows.get(n, {})
+        if r.get("status") != "ok":
+            continue
+        labels = [s for s in report["args"]["sizes"] if s in r["sizes"]]
+        x = [SIZES[s] for s in labels]
+        med = [r["sizes"][s]["median_s"] for s in labels]
+        lo = [r["sizes"][s]["p10_s"] for s in labels]
+        hi = [r["sizes"][s]["p90_s"] for s in labels]
+        bus = [r["sizes"][s]["busbw_GBps"] for s in labels]
+        c, mk = style[n]
+        ax.plot(x, med, marker=mk, color=c, label=LABEL[n])
+        ax.fill_between(x, lo, hi, color=c, alpha=0.15, linewidth=0)
+        bx.plot(x, bus, marker=mk, color=c, label=LABEL[n])
+        drawn += 1
+    tx, ty = [], []
+    if world == 2:
+        g = _med(rows, "gloo", "64MiB")
+        if g and "64MiB" in report["args"]["sizes"]:
+            tx.append(64 * MiB)
+            ty.append(g * TARGET_64M_VS_GLOO)
+        mp = _med(rows, "mpi", "4KiB")
+        if mp and "4KiB" in report["args"]["sizes"]:
+            tx.append(4 * KiB)
+            ty.append(mp)
+    if tx:
+        ax.plot(
+            tx,
+            ty,
+            marker="_",
+            markersize=22,
+            mew=2.5,
+            color="red",
+            ls="none",
+            label=f"target of ours (p=2): 4 KiB <= MPI, 64 MiB <= {TARGET_64M_VS_GLOO}x gloo",
+        )
+    sizes = [SIZES[s] for s in report["args"]["sizes"]]
+    ticks = [s.replace("iB", "") for s in report["args"]["sizes"]]
+    for axis in (ax, bx):
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(sizes)
+        axis.set_xticklabels(ticks)
+        axis.minorticks_off()
+        axis.grid(True, which="major", alpha=0.3)
+        axis.set_xlabel("message size (float32 bytes per rank)")
+    ax.set_yscale("log")
+    ax.set_ylabel("time per all-reduce, median (band: p10-p90), s")
+    ax.set_title(f"All-reduce time, p={world}")
+    bx.set_ylabel("busbw = 2(p-1)/p * n / t, GB/s")
+    bx.set_title(f"All-reduce bus bandwidth, p={world}")
+    if drawn:
+        ax.legend(fontsize=8, loc="upper left")
+    m = report["machine"]
+    fig.suptitle(
+        f"{m.get('nproc')} CPUs ({m.get('cpu_model', '?')}), {report['started']}"
+        + (" - quick run" if report["args"]["quick"] else ""),
+        fontsize=9,
+    )
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_only(spec):
+    keys = []
+    for k in filter(None, (x.strip() for x in spec.split(","))):
+        if k in ALIASES:
+            keys += ALIASES[k]
+        elif k in SYSTEMS:
+            keys.append(k)
+        else:
+            raise SystemExit(f"--only: unknown key {k!r} (use {', '.join([*SYSTEMS, *ALIASES])})")
+    return [s for s in SYSTEMS if s in keys]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run: fewer ops, 1 rep, < 90 s")
+    ap.add_argument("--only", default="", help="comma list of: gloo mpi ours_shm ours_tcp | ours | peers")
+    ap.add_argument("--world", type=int, default=2, help="ranks (default 2; 3 or 4 oversubscribe 2 CPUs)")
+    ap.add_argument(
+        "--reps", type=int, default=None, help="fresh process sets per system (default 3; quick 1)"
+    )
+    ap.add_argument("--sizes", default="", help=f"comma list of sizes (default all: {','.join(SIZES)})")
+    ap.add_argument(
+        "--timeout", type=float, default=None, help="deadline per launch, s (default: from sizes)"
+    )
+    ap.add_argument("--json", default="bench-out/allreduce.json")
+    ap.add_argument("--md", default="bench-out/allreduce.md")
+    ap.add_argument("--png", default="bench-out/allreduce.png")
+    # internal: one rank
+    ap.add_argument("--child", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--cfg", default="", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        child_main(a.child, a.rank, json.loads(a.cfg))
+        return
+
+    a.reps = a.reps or (1 if a.quick else 3)
+    if a.world < 2 or a.reps < 1:
+        raise SystemExit("--world must be >= 2 and --reps >= 1")
+    sizes = [s.strip() for s in a.sizes.split(",") if s.strip()] or list(SIZES)
+    bad = [s for s in sizes if s not in SIZES]
+    if bad:
+        raise SystemExit(f"--sizes: unknown {bad} (use {','.join(SIZES)})")
+    a.sizes = [s for s in SIZES if s in sizes]
+    a.iters = {k: v for k, v in (ITERS_QUICK if a.quick else ITERS).items() if k in a.sizes}
+    systems = parse_only(a.only) if a.only else list(SYSTEMS)
+
+    # Deadlines: a blocking call in a rank gives up after t_op; a whole launch after `deadline`
+    # (startup, then every op at a pathological 20 ms or 50 MB/s, times the oversubscription).
+    t_op = 60.0
+    over = max(1.0, a.world / (os.cpu_count() or 2))
+    work = sum((a.iters[s] + warmup(SIZES[s], a.iters[s]) + 1) * max(0.02, SIZES[s] / 50e6) for s in a.sizes)
+    deadline = a.timeout or (60 + work * over * a.world / 2)
+
+    started = time.strftime("%Y-%m-%d %H:%M:%S %z")
+    t_start = time.monotonic()
+    machine = machine_info()
+    probe = probe_ours() if any(s in OURS for s in systems) else {"error": "not selected"}
+    cfg = {"sizes": a.sizes, "iters": a.iters, "t_op": t_op}
+    runs = {s: [] for s in systems}
+    unavailable = {s: availability(s, probe) for s in systems}
+    for s, why in unavailable.items():
+        if why:
+            print(f"{s}: skipped ({why})", flush=True)
+    tmpdir = tempfile.mkdtemp(prefix="parallel-allreduce-")
+    try:
+        for rep in range(a.reps):
+            for s in systems:
+                if unavailable[s]:
+                    if rep == 0:
+                        runs[s].append({"status": "skipped", "note": unavailable[s]})
+                    continue
+                print(f"[rep {rep + 1}/{a.reps}] {s} (p={a.world}) ...", end=" ", flush=True)
+                t0 = time.monotonic()
+                res, err, cmd, psi = launch(s, a.world, cfg, tmpdir, f"{s}-{rep}", deadline)
+                if err:
+                    runs[s].append({"status": "error", "note": err, "command": cmd})
+                    print(f"error: {err}", flush=True)
+                    continue
+                runs[s].append({"status": "ok", "ranks": res, "command": cmd, "cpu_pressure": psi})
+                r0 = res[0]["sizes"]
+                brief = ", ".join(f"{k} {fmt_t(r0[k]['median_s'])}" for k in HEADLINE if k in r0)
+                bad = [k for k in r0 if not all(rr["sizes"][k]["verified"] for rr in res.values())]
+                print(
+                    f"{brief} ({time.monotonic() - t0:.1f} s, CPU pressure {fmt_pct(psi)})"
+                    + (f"  WRONG RESULT at {bad}" if bad else ""),
+                    flush=True,
+                )
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+    rows = {s: summarize(runs[s], a.world) for s in systems}
+    for n in OURS:  # say so when a row did not get the link kind it is named after
+        r = rows.get(n)
+        if r and r.get("status") == "ok" and r.get("links"):
+            want = "shm" if n == "ours_shm" else "tcp"
+            if r["links"] != [want]:
+                r["note"] = (r.get("note", "") + f"; links are {r['links']}, not [{want!r}]").lstrip("; ")
+    machine["loadavg_end"] = _read("/proc/loadavg").split()[:3]
+    machine["cpu_pressure_end"] = (_read("/proc/pressure/cpu").splitlines() or [""])[0]
+    report = {
+        "started": started,
+        "elapsed_s": time.monotonic() - t_start,
+        "command": " ".join(
+            [
+                os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd()) else sys.executable,
+                *sys.argv,
+            ]
+        ),
+        "args": vars(a) | {"deadline_s": deadline, "t_op_s": t_op},
+        "machine": machine,
+        "torch_parallel": probe,
+        "units": {"time": "seconds", "bandwidth": "GB/s, 1e9 B/s"},
+        "order": systems,
+        "systems": rows,
+        "ratios": ratios(rows),
+    }
+    report["targets"] = targets(rows, a.world)
+    report["png"] = a.png or None
+    if a.png:
+        why = plot(report, a.png)
+        if why:
+            print(f"no plot: {why}")
+            report["png"] = None
+            report["png_note"] = why
+    print_console(report)
+    for path, text in ((a.json, json.dumps(report, indent=1, default=str)), (a.md, render(report))):
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with open(path, "w") as f:
+                f.write(text + ("\n" if not text.endswith("\n") else ""))
+    print(f"\nwrote {', '.join(p for p in (a.json, a.md, report['png']) if p)} ({report['elapsed_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
