@@ -17,7 +17,7 @@
 
 use crate::{convert, timeout, wait};
 use parallel_engine::Error;
-use parallel_engine::value::Value;
+use parallel_engine::value::{DType, Value};
 use parallel_engine::workers::HostQueue;
 use pyo3::exceptions::PyStopIteration;
 use pyo3::prelude::*;
@@ -264,6 +264,37 @@ impl WorkQueue {
                 ""
             }
         )
+    }
+
+    /// A new CPU tensor in the queue's shared memory (contents unspecified). Writing it passes
+    /// it by reference, without a copy, to readers in any process, who see the same memory. Fill
+    /// it in place (`t.copy_(src)`, `torch.mul(a, b, out=t)`): pooled shared pages that are
+    /// already faulted in are what makes large hand-offs fast.
+    #[pyo3(signature = (shape, dtype=None, timeout=None))]
+    fn empty(
+        &self,
+        py: Python<'_>,
+        shape: Vec<usize>,
+        dtype: Option<&Bound<'_, PyAny>>,
+        timeout: Option<f64>,
+    ) -> PyResult<PyObject> {
+        let text = match dtype {
+            Some(d) => d.str()?.to_string(),
+            None => "float32".to_string(),
+        };
+        let name = text.strip_prefix("torch.").unwrap_or(&text);
+        let dt = DType::ALL
+            .into_iter()
+            .find(|d| d.name() == name)
+            .ok_or_else(|| {
+                pyo3::exceptions::PyTypeError::new_err(format!(
+                    "unknown dtype {text:?}: use a torch dtype or a name like \"float32\""
+                ))
+            })?;
+        let t = self::timeout(timeout)?;
+        let h = self.handle.clone();
+        let tensor = wait(py, move || h.empty_tensor(dt, shape, t))?;
+        convert::to_py(py, Value::Tensor(tensor), &[], false)
     }
 
     /// Test hook: kills this process (SIGKILL) while it holds the queue's lock.

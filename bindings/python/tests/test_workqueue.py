@@ -290,3 +290,27 @@ def test_owner_object_used_from_worker_threads_acts_as_a_worker() -> None:
     # The worker thread ended, so its handle closed: the owner reaches end of queue.
     with pytest.raises(parallel.Closed):
         q.read(timeout=5)
+
+
+INPLACE = """
+import sys, torch_parallel as parallel
+q = parallel.workqueue(sys.argv[1])
+t = q.read(timeout=30)
+t += 1  # the same memory as the owner's tensor
+q.write(float(t.sum()))
+"""
+
+
+def test_arena_tensors_cross_processes_by_reference() -> None:
+    # q.empty() tensors live in the queue's shared arena: no copy on either side, and the
+    # reader's in-place writes are the owner's.
+    name = unique("arena")
+    q = parallel.workqueue(name)
+    t = q.empty((1000,), torch.float32)
+    t.fill_(1.0)
+    p = spawn(INPLACE, name)
+    q.write(t)
+    assert q.read(timeout=60) == 2000.0
+    assert torch.equal(t, torch.full((1000,), 2.0))
+    rc, _, err = finish(p)
+    assert rc == 0, err

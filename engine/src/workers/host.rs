@@ -360,6 +360,20 @@ impl HostQueue {
         self.len() == 0
     }
 
+    /// A contiguous CPU tensor allocated in the queue's shared arena. Writing it passes it by
+    /// reference, without a copy, to readers in any process (who view the same memory). It
+    /// holds arena space until every copy of it (yours and the readers') is dropped.
+    pub fn empty_tensor(
+        &self,
+        dtype: crate::DType,
+        shape: Vec<usize>,
+        timeout: Option<Duration>,
+    ) -> Result<crate::Tensor> {
+        self.inner
+            .seg
+            .empty_tensor(dtype, shape, Deadline::or_default(timeout))
+    }
+
     /// Questions not taken yet (both tiers).
     pub fn questions(&self) -> usize {
         self.inner.local.as_ref().map_or(0, |l| l.questions.len()) + self.inner.seg.len(QUESTIONS)

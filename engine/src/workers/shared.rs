@@ -9,9 +9,15 @@
 //!
 //! ```text
 //! memfd: | header (4 KiB) | slots: 2 directions x capacity x (offset, length) | arena ...      |
-//! block: | block header (64 B): magic, class, state, holder pid + start time, next free, used |
-//!        | item: prefix (64 B) | descriptor (64-aligned) | segment 0 | segment 1 | ...       |
+//! block: | header (128 B): magic, class, queued count, free flag, used bytes, next free,     |
+//!        |   holders: up to 6 x (pid, start time, count)                                      |
+//!        | item: prefix (64 B) | segment table | descriptor | inline segment 0 | ...           |
 //! ```
+//!
+//! A tensor that already lives in the arena (made by [`Segment::empty_tensor`], or received
+//! from the queue) is not copied when written: the item's segment table refers to its block,
+//! and the reader's tensor views that block. A block stays allocated while any live process
+//! holds it (a lease per tensor owner) or any queued item refers to it.
 //!
 //! Invariants:
 //! - SHQ-1 (nothing leaks): the memory is a memfd, so nothing is left in /dev/shm whatever
@@ -21,15 +27,15 @@
 //!   from the blocks themselves. Every critical section commits with one final store (a ring
 //!   index, a free-list head, the bump pointer), so a holder killed at any point leaves a state
 //!   that repair turns consistent; a block it held is reclaimed, not leaked.
-//! - SHQ-3 (crashed holders' blocks come back): a block being written or held by a reader records
-//!   the holder's pid and start time; repair frees blocks whose holder is gone (pid reuse is told
-//!   apart by the start time) and queued blocks no slot refers to.
+//! - SHQ-3 (crashed holders' blocks come back): every hold on a block records the holder's pid
+//!   and start time; repair drops the holds of dead processes (pid reuse is told apart by the
+//!   start time), recounts the queued references from the slots, and frees blocks that neither a
+//!   live process nor a queued item needs.
 //! - SHQ-4 (shared memory is untrusted): offsets, lengths, classes and counts read from the
 //!   mapping are checked against the mapping's bounds before any access; the descriptor is copied
 //!   out before it is validated, so another process cannot change it between check and use.
 //! - SHQ-5: critical sections are short (index and free-list updates); payload copies run
-//!   outside the lock, in blocks that only their writer (state `WRITING`) or reader (`HELD`)
-//!   touches.
+//!   outside the lock, into a fresh block only its writer holds.
 
 use super::event::{Event, EventWords};
 use crate::error::{Error, ErrorKind, Result, protocol};
@@ -50,7 +56,8 @@ const VERSION: u32 = 1;
 const HEADER: usize = 4096;
 const BLOCK_MAGIC: u32 = 0xB10C_B10C;
 const ITEM_MAGIC: u32 = 0x17E4_17E4;
-const BLOCK_HDR: u64 = 64;
+const BLOCK_HDR: u64 = 128;
+const NHOLD: usize = 6;
 const ITEM_PREFIX: u64 = 64;
 /// Size classes: 4 per power of two from 4 KiB (at most 25 % slack), up to 2^44 bytes.
 const NCLASS: usize = 4 * (44 - 12) + 4;
@@ -60,11 +67,6 @@ pub(crate) const QUESTIONS: usize = 0;
 pub(crate) const ANSWERS: usize = 1;
 /// Event indices: items readable per direction, then "room" (slots popped or blocks freed).
 pub(crate) const EV_SPACE: usize = 2;
-
-const FREE: u32 = 0;
-const WRITING: u32 = 1;
-const QUEUED: u32 = 2;
-const HELD: u32 = 3;
 
 #[repr(C)]
 struct Proc {
@@ -100,15 +102,23 @@ struct Header {
 const _: () = assert!(std::mem::size_of::<Header>() <= HEADER);
 
 #[repr(C)]
+struct Holder {
+    pid: AtomicU32,
+    count: AtomicU32,
+    start: AtomicU64,
+}
+
+#[repr(C)]
 struct Block {
     magic: AtomicU32,
     class: AtomicU32,
-    state: AtomicU32,
-    holder: AtomicU32,
-    holder_start: AtomicU64,
-    next: AtomicU64,
+    /// Queued items that refer to this block (its own item, and items referring to its tensors).
+    queued: AtomicU32,
+    /// 1 while on a free list.
+    free: AtomicU32,
     used: AtomicU64,
-    _pad: [u64; 3],
+    next: AtomicU64,
+    holders: [Holder; NHOLD],
 }
 
 const _: () = assert!(std::mem::size_of::<Block>() == BLOCK_HDR as usize);
@@ -147,6 +157,9 @@ pub(crate) fn alive(pid: u32, start: u64) -> bool {
     pid != 0 && start_time(pid).is_some_and(|s| start == 0 || s == start)
 }
 
+/// Payload address -> (block offset, used bytes, a lease of this process on it).
+type LeaseMap = std::collections::BTreeMap<usize, (u64, u64, std::sync::Weak<Lease>)>;
+
 /// A mapped queue segment.
 pub(crate) struct Segment {
     base: *mut u8,
@@ -158,6 +171,9 @@ pub(crate) struct Segment {
     pid: u32,
     /// Events over the header's parking words.
     pub(crate) events: [Arc<Event>; 3],
+    /// This process's leases by payload address: (block, bytes, lease), to recognise tensors
+    /// that already live in the arena.
+    leases: std::sync::Mutex<LeaseMap>,
 }
 
 // SAFETY: the mapping is shared memory reached only through atomics (header, block headers),
@@ -264,6 +280,7 @@ impl Segment {
             fd,
             pid: std::process::id(),
             events,
+            leases: Default::default(),
         };
         if bad {
             return Err(protocol(
@@ -435,10 +452,48 @@ impl Segment {
         unsafe { self.base.add((self.arena_off + off + BLOCK_HDR) as usize) }
     }
 
-    /// Rebuilds the free lists from the blocks (SHQ-2, SHQ-3). Runs under the lock.
+    /// The (block, offset in its payload) references in the segment table of the item in block
+    /// `off`, checked (SHQ-4); `None` when the item is malformed.
+    fn item_refs(&self, off: u64) -> Option<Vec<(u64, u64)>> {
+        let (b, size) = self.valid_block(off)?;
+        let used = b.used.load(Ordering::Relaxed).min(size - BLOCK_HDR);
+        let p = self.payload(off);
+        // SAFETY: the block is valid and at least `used` bytes long; we read the prefix and the
+        // table only after checking they lie inside `used`.
+        let (magic, nseg) = unsafe {
+            if used < ITEM_PREFIX {
+                return None;
+            }
+            (
+                std::ptr::read_unaligned(p as *const u32),
+                std::ptr::read_unaligned(p.add(4) as *const u32) as u64,
+            )
+        };
+        if magic != ITEM_MAGIC || ITEM_PREFIX + nseg.checked_mul(16)? > used {
+            return None;
+        }
+        let mut refs = Vec::new();
+        for i in 0..nseg {
+            // SAFETY: entry i lies inside the table (checked above).
+            let (blk, at) = unsafe {
+                let e = p.add((ITEM_PREFIX + 16 * i) as usize);
+                (
+                    std::ptr::read_unaligned(e as *const u64),
+                    std::ptr::read_unaligned(e.add(8) as *const u64),
+                )
+            };
+            if blk != 0 {
+                refs.push((blk - 1, at));
+            }
+        }
+        Some(refs)
+    }
+
+    /// Rebuilds queued counts, holds and free lists from the slots and the blocks (SHQ-2,
+    /// SHQ-3). Runs under the lock.
     fn repair(&self, _g: &Guard<'_>) {
         let h = self.hdr();
-        let mut queued = std::collections::HashSet::new();
+        let mut queued: std::collections::HashMap<u64, u32> = std::collections::HashMap::new();
         for dir in 0..2 {
             let (head, tail) = (
                 h.dirs[dir][0].load(Ordering::Relaxed),
@@ -450,15 +505,20 @@ impl Segment {
                 continue;
             }
             for i in head..tail {
-                queued.insert(self.slot(dir, i).0.load(Ordering::Relaxed));
+                let off = self.slot(dir, i).0.load(Ordering::Relaxed);
+                *queued.entry(off).or_default() += 1;
+                for (r, _) in self.item_refs(off).unwrap_or_default() {
+                    *queued.entry(r).or_default() += 1;
+                }
             }
         }
         for f in &h.free {
             f.store(0, Ordering::Relaxed);
         }
+        let mut live: std::collections::HashMap<(u32, u64), bool> =
+            std::collections::HashMap::new();
         let bump = h.bump.load(Ordering::Relaxed).min(self.arena_len);
-        let mut off = 0;
-        let mut reclaimed = 0u64;
+        let (mut off, mut reclaimed) = (0, 0u64);
         while off < bump {
             let Some((b, size)) = self.valid_block(off) else {
                 tracing::error!(
@@ -467,20 +527,29 @@ impl Segment {
                 h.bump.store(off, Ordering::Relaxed);
                 break;
             };
-            let state = b.state.load(Ordering::Relaxed);
-            let live = match state {
-                WRITING | HELD => alive(
-                    b.holder.load(Ordering::Relaxed),
-                    b.holder_start.load(Ordering::Relaxed),
-                ),
-                QUEUED => queued.contains(&off),
-                _ => false,
-            };
-            if !live {
-                if state != FREE {
+            let mut held = false;
+            for hd in &b.holders {
+                let key = (
+                    hd.pid.load(Ordering::Relaxed),
+                    hd.start.load(Ordering::Relaxed),
+                );
+                if key.0 == 0 {
+                    continue;
+                }
+                if *live.entry(key).or_insert_with(|| alive(key.0, key.1)) {
+                    held = true;
+                } else {
+                    hd.count.store(0, Ordering::Relaxed);
+                    hd.pid.store(0, Ordering::Relaxed);
                     reclaimed += size;
                 }
+            }
+            let q = queued.get(&off).copied().unwrap_or(0);
+            b.queued.store(q, Ordering::Relaxed);
+            if !held && q == 0 {
                 self.push_free(off, b);
+            } else {
+                b.free.store(0, Ordering::Relaxed);
             }
             off += size;
         }
@@ -491,37 +560,92 @@ impl Segment {
             }
         }
         if reclaimed > 0 {
-            tracing::info!("work queue: reclaimed {reclaimed} bytes held by processes that died");
+            tracing::info!(
+                "work queue: dropped holds of processes that died ({reclaimed} bytes of blocks)"
+            );
         }
     }
 
     fn push_free(&self, off: u64, b: &Block) {
         let h = self.hdr();
         let c = b.class.load(Ordering::Relaxed) as usize;
-        b.state.store(FREE, Ordering::Relaxed);
+        b.free.store(1, Ordering::Relaxed);
         b.next
             .store(h.free[c].load(Ordering::Relaxed), Ordering::Relaxed);
-        h.free[c].store(off + 1, Ordering::Relaxed);
+        h.free[c].store(off + 1, Ordering::Relaxed); // commit
     }
 
-    fn take(&self, b: &Block, state: u32) {
-        b.holder.store(self.pid, Ordering::Relaxed);
-        b.holder_start.store(my_start(), Ordering::Relaxed);
-        b.state.store(state, Ordering::Relaxed);
-    }
-
-    /// Allocates a block with room for `bytes` of payload, under the lock; None when full.
-    fn alloc_locked(&self, bytes: u64) -> Result<Option<u64>> {
-        let need = bytes + BLOCK_HDR;
-        let c = class_for(need).filter(|c| class_size(*c) <= self.arena_len).ok_or_else(|| {
+    /// Adds one hold of this process on a block (under the lock).
+    fn hold_locked(&self, b: &Block) -> Result<()> {
+        let me = (self.pid, my_start());
+        let mut empty = None;
+        for hd in &b.holders {
+            let pid = hd.pid.load(Ordering::Relaxed);
+            if pid == me.0 && hd.start.load(Ordering::Relaxed) == me.1 {
+                hd.count.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
+            if pid == 0 && empty.is_none() {
+                empty = Some(hd);
+            }
+        }
+        let hd = empty.ok_or_else(|| {
             Error::new(
                 ErrorKind::Resource,
-                "write",
-                format!("an item of {bytes} bytes does not fit the queue's arena ({} bytes; raise PARALLEL_WORKQUEUE_ARENA)", self.arena_len),
+                "workqueue",
+                format!("more than {NHOLD} processes hold tensors of one queue block"),
             )
         })?;
+        hd.count.store(1, Ordering::Relaxed);
+        hd.start.store(me.1, Ordering::Relaxed);
+        hd.pid.store(me.0, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn unheld(b: &Block) -> bool {
+        b.holders
+            .iter()
+            .all(|hd| hd.pid.load(Ordering::Relaxed) == 0)
+    }
+
+    /// Drops one hold of this process; frees the block when nothing needs it (under the lock).
+    fn release_locked(&self, off: u64, b: &Block) {
+        let me = (self.pid, my_start());
+        for hd in &b.holders {
+            if hd.pid.load(Ordering::Relaxed) == me.0 && hd.start.load(Ordering::Relaxed) == me.1 {
+                if hd.count.fetch_sub(1, Ordering::Relaxed) <= 1 {
+                    hd.count.store(0, Ordering::Relaxed);
+                    hd.pid.store(0, Ordering::Relaxed);
+                }
+                break;
+            }
+        }
+        if Self::unheld(b)
+            && b.queued.load(Ordering::Relaxed) == 0
+            && b.free.load(Ordering::Relaxed) == 0
+        {
+            self.push_free(off, b);
+        }
+    }
+
+    /// Allocates a block with room for `bytes` of payload, held by this process, under the
+    /// lock; None when the arena is full.
+    fn alloc_locked(&self, bytes: u64) -> Result<Option<u64>> {
+        let need = bytes + BLOCK_HDR;
+        let c = class_for(need)
+            .filter(|c| class_size(*c) <= self.arena_len)
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Resource,
+                    "write",
+                    format!(
+                        "an item of {bytes} bytes does not fit the queue's arena ({} bytes; raise PARALLEL_WORKQUEUE_ARENA)",
+                        self.arena_len
+                    ),
+                )
+            })?;
         let h = self.hdr();
-        // Exact class first, then up to two classes larger (at most ~2x slack).
+        // Exact class first, then up to two classes larger (at most ~1.5x slack).
         for cc in c..(c + 3).min(NCLASS) {
             let head = h.free[cc].load(Ordering::Relaxed);
             if head == 0 {
@@ -530,15 +654,14 @@ impl Segment {
             let off = head - 1;
             let Some((b, _)) = self.valid_block(off).filter(|(b, _)| {
                 b.class.load(Ordering::Relaxed) as usize == cc
-                    && b.state.load(Ordering::Relaxed) == FREE
+                    && b.free.load(Ordering::Relaxed) == 1
             }) else {
                 // SHQ-4: a corrupted free list is dropped, not followed; repair rebuilds it.
                 h.free[cc].store(0, Ordering::Relaxed);
                 continue;
             };
-            h.free[cc].store(b.next.load(Ordering::Relaxed), Ordering::Relaxed);
-            self.take(b, WRITING);
-            b.used.store(bytes, Ordering::Relaxed);
+            h.free[cc].store(b.next.load(Ordering::Relaxed), Ordering::Relaxed); // commit
+            self.claim(b, bytes)?;
             return Ok(Some(off));
         }
         let bump = h.bump.load(Ordering::Relaxed);
@@ -547,12 +670,22 @@ impl Segment {
             let b = self.block(bump).expect("inside the arena");
             b.magic.store(BLOCK_MAGIC, Ordering::Relaxed);
             b.class.store(c as u32, Ordering::Relaxed);
-            b.used.store(bytes, Ordering::Relaxed);
-            self.take(b, WRITING);
+            self.claim(b, bytes)?;
             h.bump.store(bump + size, Ordering::Relaxed); // commit (SHQ-2)
             return Ok(Some(bump));
         }
         Ok(None)
+    }
+
+    fn claim(&self, b: &Block, bytes: u64) -> Result<()> {
+        b.free.store(0, Ordering::Relaxed);
+        b.queued.store(0, Ordering::Relaxed);
+        b.used.store(bytes, Ordering::Relaxed);
+        for hd in &b.holders {
+            hd.pid.store(0, Ordering::Relaxed);
+            hd.count.store(0, Ordering::Relaxed);
+        }
+        self.hold_locked(b)
     }
 
     /// Allocates a block for `bytes`, waiting for readers to free blocks until the deadline.
@@ -578,65 +711,150 @@ impl Segment {
         Ok(got.expect("ready means a block"))
     }
 
-    /// Returns a block this process holds to the arena.
-    fn free_block(&self, off: u64) {
+    /// Drops one hold of this process on a block.
+    fn release(&self, off: u64) {
         let Ok(g) = self.lock(Deadline::after(Duration::from_secs(30))) else {
-            tracing::error!("could not lock a work queue to free a block; repair will reclaim it");
+            tracing::error!(
+                "could not lock a work queue to release a block; repair will reclaim it"
+            );
             return;
         };
-        if let Some((b, _)) = self.valid_block(off)
-            && b.holder.load(Ordering::Relaxed) == self.pid
-            && matches!(b.state.load(Ordering::Relaxed), WRITING | HELD)
-        {
-            self.push_free(off, b);
+        if let Some((b, _)) = self.valid_block(off) {
+            self.release_locked(off, b);
         }
         drop(g);
         self.events[EV_SPACE].notify();
     }
 
+    /// A lease for a hold this process just took on block `off`, registered by address.
+    fn lease(self: &Arc<Self>, off: u64) -> Arc<Lease> {
+        let l = Arc::new(Lease {
+            seg: self.clone(),
+            off,
+        });
+        if let Some((b, _)) = self.valid_block(off) {
+            let start = self.payload(off) as usize;
+            let used = b.used.load(Ordering::Relaxed);
+            let mut g = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+            g.insert(start, (off, used, Arc::downgrade(&l)));
+        }
+        l
+    }
+
+    /// The lease and offset of an arena range this process holds, if `[p, p + len)` is one.
+    fn find_lease(&self, p: usize, len: usize) -> Option<(Arc<Lease>, u64)> {
+        let g = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+        let (start, (_off, used, weak)) = g.range(..=p).next_back()?;
+        let at = (p - start) as u64;
+        if at + len as u64 > *used {
+            return None;
+        }
+        Some((weak.upgrade()?, at))
+    }
+
+    /// A contiguous tensor allocated in the arena: writing it to the queue passes it by
+    /// reference (no copy), and readers in any process view the same memory.
+    pub(crate) fn empty_tensor(
+        self: &Arc<Self>,
+        dtype: crate::DType,
+        shape: Vec<usize>,
+        deadline: Deadline,
+    ) -> Result<Tensor> {
+        let bytes = crate::value::byte_len(dtype, &shape)?;
+        let off = self.alloc(bytes.max(1), deadline)?;
+        let lease = self.lease(off);
+        let keep: Arc<dyn std::any::Any + Send + Sync> = lease;
+        Ok(Tensor {
+            dtype,
+            shape,
+            strides: None,
+            device: crate::Device::Cpu,
+            storage: Storage::Foreign {
+                ptr: self.payload(off),
+                len: bytes as usize,
+                keep,
+            },
+        })
+    }
+
     /// Encodes `items` into blocks and appends them to direction `dir`, adjacent and in order.
-    pub(crate) fn push(&self, dir: usize, items: &[Value], deadline: Deadline) -> Result<()> {
+    /// Segments that already live in the arena travel by reference.
+    pub(crate) fn push(
+        self: &Arc<Self>,
+        dir: usize,
+        items: &[Value],
+        deadline: Deadline,
+    ) -> Result<()> {
         let limits = Limits::from_config();
         let mut blocks = Vec::with_capacity(items.len());
+        let mut pinned = Vec::new(); // leases of referenced blocks, held until published
         let r = (|| {
             for v in items {
                 let enc = wire::encode(v, &limits)?;
-                let seg_total: u64 = enc
-                    .segs
-                    .iter()
-                    .map(|s| align64(s.bytes().len() as u64))
-                    .sum();
-                let bytes = ITEM_PREFIX + align64(enc.desc.len() as u64) + seg_total;
+                let mut refs = Vec::with_capacity(enc.segs.len());
+                let mut inline: u64 = 0;
+                for s in &enc.segs {
+                    let b = s.bytes();
+                    match self
+                        .find_lease(b.as_ptr() as usize, b.len())
+                        .filter(|_| !b.is_empty())
+                    {
+                        Some((lease, at)) => {
+                            refs.push(Some((lease.off, at)));
+                            pinned.push(lease);
+                        }
+                        None => {
+                            refs.push(None);
+                            inline += align64(b.len() as u64);
+                        }
+                    }
+                }
+                let table = align64(16 * enc.segs.len() as u64);
+                let bytes = ITEM_PREFIX + table + align64(enc.desc.len() as u64) + inline;
                 let off = self.alloc(bytes, deadline)?;
-                blocks.push(off);
-                self.write_item(off, &enc);
+                blocks.push((
+                    off,
+                    refs.iter().flatten().map(|(o, _)| *o).collect::<Vec<_>>(),
+                ));
+                self.write_item(off, &enc, &refs);
             }
             self.publish(dir, &blocks, deadline)
         })();
         if r.is_err() {
-            for off in blocks {
-                self.free_block(off);
+            for (off, _) in blocks {
+                self.release(off);
             }
         }
+        drop(pinned);
         r
     }
 
-    /// Copies an encoded item into its block (outside the lock: the block is ours, SHQ-5).
-    fn write_item(&self, off: u64, enc: &wire::Encoded<'_>) {
+    /// Copies an encoded item into its block (outside the lock: only we hold the fresh block,
+    /// SHQ-5). `refs[i]` names the arena block holding segment i, when it is not copied.
+    fn write_item(&self, off: u64, enc: &wire::Encoded<'_>, refs: &[Option<(u64, u64)>]) {
         let p = self.payload(off);
         let mut prefix = [0u8; ITEM_PREFIX as usize];
         prefix[0..4].copy_from_slice(&ITEM_MAGIC.to_le_bytes());
         prefix[4..8].copy_from_slice(&(enc.segs.len() as u32).to_le_bytes());
         prefix[8..12].copy_from_slice(&(enc.desc.len() as u32).to_le_bytes());
         prefix[16..24].copy_from_slice(&enc.payload_len.to_le_bytes());
-        let mut at = ITEM_PREFIX;
-        // SAFETY: the block was allocated for exactly this layout (alloc's `bytes`), it lies in
-        // the arena, and state WRITING makes it ours alone (SHQ-5).
+        let mut at = ITEM_PREFIX + align64(16 * enc.segs.len() as u64);
+        // SAFETY: the block was allocated for exactly this layout (push's `bytes`), it lies in
+        // the arena, and only we hold it until it is published (SHQ-5).
         unsafe {
             std::ptr::copy_nonoverlapping(prefix.as_ptr(), p, prefix.len());
+            for (i, r) in refs.iter().enumerate() {
+                let e = p.add((ITEM_PREFIX + 16 * i as u64) as usize);
+                let (blk, within) = r.map_or((0, 0), |(b, a)| (b + 1, a));
+                std::ptr::write_unaligned(e as *mut u64, blk);
+                std::ptr::write_unaligned(e.add(8) as *mut u64, within);
+            }
             std::ptr::copy_nonoverlapping(enc.desc.as_ptr(), p.add(at as usize), enc.desc.len());
             at += align64(enc.desc.len() as u64);
-            for s in &enc.segs {
+            for (s, r) in enc.segs.iter().zip(refs) {
+                if r.is_some() {
+                    continue;
+                }
                 let b = s.bytes();
                 std::ptr::copy_nonoverlapping(b.as_ptr(), p.add(at as usize), b.len());
                 at += align64(b.len() as u64);
@@ -644,7 +862,8 @@ impl Segment {
         }
     }
 
-    fn publish(&self, dir: usize, blocks: &[u64], deadline: Deadline) -> Result<()> {
+    /// Appends item blocks (with the blocks they refer to) to direction `dir` under the lock.
+    fn publish(&self, dir: usize, blocks: &[(u64, Vec<u64>)], deadline: Deadline) -> Result<()> {
         if blocks.len() as u64 > self.cap {
             return Err(Error::new(
                 ErrorKind::Unsupported,
@@ -671,15 +890,22 @@ impl Segment {
                 if tail.wrapping_sub(head) + blocks.len() as u64 > self.cap {
                     return Ok(false);
                 }
-                for (i, off) in blocks.iter().enumerate() {
+                for (i, (off, refs)) in blocks.iter().enumerate() {
                     let (o, l) = self.slot(dir, tail + i as u64);
                     o.store(*off, Ordering::Relaxed);
                     l.store(0, Ordering::Relaxed);
-                    if let Some(b) = self.block(*off) {
-                        b.state.store(QUEUED, Ordering::Relaxed);
+                    for r in std::iter::once(off).chain(refs) {
+                        if let Some(b) = self.block(*r) {
+                            b.queued.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                 }
                 h.dirs[dir][1].store(tail + blocks.len() as u64, Ordering::Relaxed); // commit
+                for (off, _) in blocks {
+                    if let Some((b, _)) = self.valid_block(*off) {
+                        self.release_locked(*off, b); // the writer's hold; the slot keeps it
+                    }
+                }
                 Ok(true)
             },
         )?;
@@ -696,7 +922,7 @@ impl Segment {
             .min(self.cap) as usize
     }
 
-    /// Takes the oldest item of `dir`, if any, and decodes it (tensors view the block).
+    /// Takes the oldest item of `dir`, if any, and decodes it (tensors view the arena).
     pub(crate) fn try_pop(
         self: &Arc<Self>,
         dir: usize,
@@ -706,7 +932,7 @@ impl Segment {
             return Ok(None);
         }
         let h = self.hdr();
-        let off = {
+        let (off, refs) = {
             let _g = self.lock(deadline)?;
             let (head, tail) = (
                 h.dirs[dir][0].load(Ordering::Relaxed),
@@ -717,25 +943,57 @@ impl Segment {
             }
             let off = self.slot(dir, head).0.load(Ordering::Relaxed);
             h.dirs[dir][0].store(head + 1, Ordering::Relaxed); // commit
-            let Some((b, _)) = self.valid_block(off) else {
+            let refs = self.item_refs(off);
+            let mut held = Vec::new();
+            for r in std::iter::once(off).chain(refs.iter().flatten().map(|(b, _)| *b)) {
+                let Some((b, _)) = self.valid_block(r) else {
+                    continue;
+                };
+                self.hold_locked(b)?;
+                b.queued.fetch_sub(1, Ordering::Relaxed);
+                held.push(r);
+            }
+            let Some(refs) = refs else {
+                for r in held {
+                    if let Some((b, _)) = self.valid_block(r) {
+                        self.release_locked(r, b);
+                    }
+                }
                 return Err(protocol(
                     "read",
-                    format!("queue slot names a bad block at {off}"),
+                    format!("queue slot names a bad item at {off}"),
                 ));
             };
-            self.take(b, HELD);
-            off
+            (off, refs)
         };
         self.events[EV_SPACE].notify();
-        let lease = Arc::new(Lease {
-            seg: self.clone(),
-            off,
-        });
-        self.decode(lease).map(Some)
+        let item = self.lease(off);
+        let mut ref_leases = std::collections::HashMap::new();
+        for (b, _) in &refs {
+            ref_leases.entry(*b).or_insert_with(|| self.lease(*b));
+        }
+        // Holds taken once per reference: drop the duplicates' extra holds.
+        let extra = refs.len() - ref_leases.len();
+        let dups: Vec<u64> = {
+            let mut seen = std::collections::HashSet::new();
+            refs.iter()
+                .filter(|(b, _)| !seen.insert(*b))
+                .map(|(b, _)| *b)
+                .collect()
+        };
+        debug_assert_eq!(dups.len(), extra);
+        for b in dups {
+            self.release(b);
+        }
+        self.decode(item, &ref_leases).map(Some)
     }
 
     /// Decodes the item in a held block (SHQ-4).
-    fn decode(&self, lease: Arc<Lease>) -> Result<Value> {
+    fn decode(
+        &self,
+        lease: Arc<Lease>,
+        refs: &std::collections::HashMap<u64, Arc<Lease>>,
+    ) -> Result<Value> {
         let (b, size) = self
             .valid_block(lease.off)
             .ok_or_else(|| protocol("read", "queue block vanished"))?;
@@ -743,22 +1001,23 @@ impl Segment {
         let used = b.used.load(Ordering::Relaxed).min(room);
         let p = self.payload(lease.off);
         let mut prefix = [0u8; ITEM_PREFIX as usize];
-        // SAFETY: the block is ours (HELD) and holds at least ITEM_PREFIX bytes (checked below
-        // before any use of the prefix's numbers).
+        if used < ITEM_PREFIX {
+            return Err(protocol("read", "queue item too short"));
+        }
+        // SAFETY: the block is held by us and holds at least ITEM_PREFIX bytes (checked above).
         unsafe { std::ptr::copy_nonoverlapping(p, prefix.as_mut_ptr(), prefix.len()) };
         let rd32 = |i: usize| u32::from_le_bytes(prefix[i..i + 4].try_into().expect("4 bytes"));
         let (nseg, desc_len) = (rd32(4), rd32(8));
         let payload_len = u64::from_le_bytes(prefix[16..24].try_into().expect("8 bytes"));
-        if used < ITEM_PREFIX
-            || rd32(0) != ITEM_MAGIC
-            || ITEM_PREFIX + align64(desc_len as u64) > used
-        {
+        let table = align64(16 * nseg as u64);
+        let desc_at = ITEM_PREFIX + table;
+        if rd32(0) != ITEM_MAGIC || desc_at + align64(desc_len as u64) > used {
             return Err(protocol("read", "queue item has a corrupted prefix"));
         }
         let mut desc = AlignedVec::<16>::with_capacity(desc_len as usize);
-        // SAFETY: desc_len bytes after the prefix lie inside `used` (checked above).
+        // SAFETY: desc_len bytes at desc_at lie inside `used` (checked above).
         desc.extend_from_slice(unsafe {
-            std::slice::from_raw_parts(p.add(ITEM_PREFIX as usize), desc_len as usize)
+            std::slice::from_raw_parts(p.add(desc_at as usize), desc_len as usize)
         });
         let limits = Limits::from_config();
         let hdr = WireHeader {
@@ -771,22 +1030,49 @@ impl Segment {
         };
         let d = wire::access_descriptor(&desc)?;
         let segs = wire::check_descriptor(d, &hdr, &limits)?;
-        let mut at = ITEM_PREFIX + align64(desc_len as u64);
+        let mut at = desc_at + align64(desc_len as u64);
         let mut filled = Vec::with_capacity(segs.len());
         let mut tensors = Vec::new();
         for (i, s) in segs.iter().enumerate() {
-            if at.checked_add(s.len).is_none_or(|e| e > used) {
-                return Err(protocol("read", "queue item segments overrun their block"));
-            }
-            // SAFETY: [at, at + len) lies inside the block's used bytes (checked above).
-            let src = unsafe { p.add(at as usize) };
+            // SAFETY: entry i lies inside the table, which lies inside `used` (checked above).
+            let (blk, within) = unsafe {
+                let e = p.add((ITEM_PREFIX + 16 * i as u64) as usize);
+                (
+                    std::ptr::read_unaligned(e as *const u64),
+                    std::ptr::read_unaligned(e.add(8) as *const u64),
+                )
+            };
+            let (src, keep): (*mut u8, Arc<dyn std::any::Any + Send + Sync>) = if blk == 0 {
+                if at.checked_add(s.len).is_none_or(|e| e > used) {
+                    return Err(protocol("read", "queue item segments overrun their block"));
+                }
+                // SAFETY: [at, at + len) lies inside the block's used bytes (checked above).
+                let src = unsafe { p.add(at as usize) };
+                at += align64(s.len);
+                (src, lease.clone())
+            } else {
+                let l = refs.get(&(blk - 1)).ok_or_else(|| {
+                    protocol("read", "queue item refers to a block it does not hold")
+                })?;
+                let (rb, rsize) = self
+                    .valid_block(l.off)
+                    .ok_or_else(|| protocol("read", "queue item refers to a bad block"))?;
+                let rused = rb.used.load(Ordering::Relaxed).min(rsize - BLOCK_HDR);
+                if within.checked_add(s.len).is_none_or(|e| e > rused) {
+                    return Err(protocol("read", "queue item reference overruns its block"));
+                }
+                // SAFETY: [within, within + len) lies inside the referenced block (checked).
+                (
+                    unsafe { self.payload(l.off).add(within as usize) },
+                    l.clone(),
+                )
+            };
             match &s.kind {
                 SegKind::Tensor {
                     dtype,
                     shape,
                     device,
                 } => {
-                    let keep: Arc<dyn std::any::Any + Send + Sync> = lease.clone();
                     tensors.push(Some(Tensor {
                         dtype: *dtype,
                         shape: shape.clone(),
@@ -807,8 +1093,6 @@ impl Segment {
                     filled.push(wire::Filled::Buf(buf));
                 }
             }
-            let _ = i;
-            at += align64(s.len);
         }
         let mut v = wire::build_value(d, &segs, filled)?;
         place_tensors(&mut v, &mut tensors);
@@ -901,7 +1185,9 @@ struct Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.seg.free_block(self.off);
+        self.seg.release(self.off);
+        let mut g = self.seg.leases.lock().unwrap_or_else(|e| e.into_inner());
+        g.retain(|_, (_, _, w)| w.strong_count() > 0);
     }
 }
 
@@ -1021,10 +1307,41 @@ mod tests {
         };
         // Pretend a process that no longer exists holds it.
         let b = seg.block(off).unwrap();
-        b.holder.store(u32::MAX - 1, Ordering::Relaxed);
+        b.holders[0].pid.store(u32::MAX - 1, Ordering::Relaxed);
         let g = seg.lock(dl(5)).unwrap();
         seg.repair(&g);
         let again = seg.alloc_locked(100_000).unwrap().unwrap();
         assert_eq!(again, off, "the dead holder's block was reclaimed");
+    }
+
+    #[test]
+    fn shq_arena_tensors_travel_by_reference_and_live_while_needed() {
+        let seg = Segment::create("byref", 4, 8 << 20).unwrap();
+        let mut t = seg
+            .empty_tensor(crate::DType::U8, vec![1 << 20], dl(5))
+            .unwrap();
+        let ptr = t.data_mut_ptr();
+        // SAFETY: the tensor owns 1 MiB at ptr.
+        unsafe { std::ptr::write_bytes(ptr, 7, 1 << 20) };
+        seg.push(QUESTIONS, &[Value::Tensor(t)], dl(5)).unwrap();
+        // The writer dropped its tensor; the queued item keeps the block.
+        let got = seg.try_pop(QUESTIONS, dl(5)).unwrap().unwrap();
+        let gt = got.as_tensor().unwrap();
+        assert_eq!(
+            gt.data_ptr(),
+            ptr as *const u8,
+            "no copy: the reader views the same block"
+        );
+        assert!(gt.bytes().unwrap().iter().all(|b| *b == 7));
+        // Forwarding a received tensor is by reference too.
+        seg.push(ANSWERS, &[got], dl(5)).unwrap();
+        let back = seg.try_pop(ANSWERS, dl(5)).unwrap().unwrap();
+        assert_eq!(back.as_tensor().unwrap().data_ptr(), ptr as *const u8);
+        drop(back);
+        // Everything released: the 1 MiB block is reused by the next allocation of its class.
+        let t2 = seg
+            .empty_tensor(crate::DType::U8, vec![1 << 20], dl(5))
+            .unwrap();
+        assert_eq!(t2.data_ptr(), ptr as *const u8);
     }
 }
