@@ -12,8 +12,8 @@
 mod convert;
 mod dlpack;
 mod errors;
-mod workers;
 mod tree;
+mod workers;
 
 use errors::IntoPyResult;
 use parallel_engine::endpoint::ServerStats;
