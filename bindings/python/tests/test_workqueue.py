@@ -135,9 +135,9 @@ def test_wq_5_reads_time_out_promptly() -> None:
 
 
 BACKPRESSURE = """
-import threading, time, torch_parallel as parallel
-q = parallel.workqueue("bp")
-w = parallel.workqueue("bp")
+import sys, threading, time, torch_parallel as parallel
+q = parallel.workqueue(sys.argv[1])
+w = parallel.workqueue(sys.argv[1])
 q.write(1, 2)
 t0 = time.monotonic()
 try:
@@ -153,7 +153,8 @@ print("wrote 3", [w.read(timeout=5), w.read(timeout=5)])
 
 
 def test_wq_2_back_pressure_blocks_writers_until_readers_make_room() -> None:
-    rc, out, err = finish(spawn(BACKPRESSURE, env={"PARALLEL_WORKQUEUE_CAPACITY": "2"}))
+    p = spawn(BACKPRESSURE, unique("bp"), env={"PARALLEL_WORKQUEUE_CAPACITY": "2"})
+    rc, out, err = finish(p)
     assert rc == 0, err
     assert out.split("\n")[:3] == ["blocked", "read 1", "wrote 3 [2, 3]"], out
 
