@@ -321,10 +321,14 @@ def main() -> None:
         md.append(f"| {label} | {s['median']:.2f} ({s['min']:.2f}–{s['max']:.2f}) |")
     md += [
         "",
-        "workqueue / torch.multiprocessing.Queue, medians of the same run: "
-        f"**{ratio_fresh:.1f}x** producing a fresh tensor per transfer (the anchors' method: "
-        f"torch.mp about 0.44 GB/s; target at least 5x), **{ratio_ready:.1f}x** when the tensor "
-        "already exists in private memory (then the work queue pays one memcpy into shared memory).",
+        "workqueue / torch.multiprocessing.Queue, medians of this run: "
+        f"**{ratio_fresh:.1f}x** when each transfer produces a fresh tensor (the method of "
+        "research/performance-anchors.md, which measured torch.mp at 0.44 GB/s; this run: "
+        f"{tm['fresh: torch.multiprocessing.Queue (clone + put)']['median']:.2f} GB/s) and the "
+        "producer writes it into the queue's arena (`q.empty` + `copy_`); "
+        f"**{ratio_ready:.1f}x** when the tensor already exists in private memory (then the work "
+        "queue pays one memcpy into shared memory, torch.mp one copy into a new segment). "
+        "Target: at least 5x.",
         "",
         "Why: the work queue's arena is pooled shared memory whose pages stay faulted in; a tensor",
         "made there with `q.empty()` is handed over by reference, and a tensor in private memory",
