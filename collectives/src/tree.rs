@@ -45,6 +45,18 @@ pub enum Kind {
 }
 
 impl Kind {
+    fn from_code(c: i64) -> Option<Kind> {
+        [
+            Kind::AllReduce,
+            Kind::Broadcast,
+            Kind::Reduce,
+            Kind::AllGather,
+            Kind::Barrier,
+        ]
+        .into_iter()
+        .find(|k| *k as i64 == c)
+    }
+
     fn name(self) -> &'static str {
         match self {
             Kind::AllReduce => "all_reduce",
@@ -53,16 +65,6 @@ impl Kind {
             Kind::AllGather => "all_gather",
             Kind::Barrier => "barrier",
         }
-    }
-    fn parse(s: &str) -> Option<Kind> {
-        Some(match s {
-            "all_reduce" => Kind::AllReduce,
-            "broadcast" => Kind::Broadcast,
-            "reduce" => Kind::Reduce,
-            "all_gather" => Kind::AllGather,
-            "barrier" => Kind::Barrier,
-            _ => return None,
-        })
     }
 }
 
@@ -377,23 +379,25 @@ impl Tree {
         let mut have_own = carry_data && contributes && data.is_some();
         for &child in &self.plan.children[self.rank] {
             let v = self.recv_ctrl(child, deadline, &mut [])?;
-            if v.get("seq").and_then(Value::as_int) != Some(seq as i64) {
+            if field(&v, "seq").and_then(Value::as_int) != Some(seq as i64) {
                 culprit.get_or_insert(format!(
                     "rank {child} is at collective #{}, rank {} at #{seq}",
-                    v.get("seq").and_then(Value::as_int).unwrap_or(-1),
+                    field(&v, "seq").and_then(Value::as_int).unwrap_or(-1),
                     self.rank
                 ));
             }
-            n_active += v.get("active").and_then(Value::as_int).unwrap_or(0).max(0) as usize;
-            if let Some(c) = v.get("culprit").and_then(Value::as_str) {
+            n_active += field(&v, "active")
+                .and_then(Value::as_int)
+                .unwrap_or(0)
+                .max(0) as usize;
+            if let Some(c) = field(&v, "culprit").and_then(Value::as_str) {
                 culprit.get_or_insert(c.to_string());
             }
-            if let Some(theirs) = v.get("meta").map(parse_meta).transpose()? {
+            if let Some(theirs) = field(&v, "meta").map(parse_meta).transpose()? {
                 match &reference {
                     None => reference = Some(theirs),
                     Some(mine) if !same_call(mine, &theirs) => {
-                        let who = v
-                            .get("caller")
+                        let who = field(&v, "caller")
                             .and_then(Value::as_int)
                             .unwrap_or(child as i64);
                         culprit.get_or_insert(format!(
@@ -406,7 +410,7 @@ impl Tree {
                     _ => {}
                 }
             }
-            if let Some(Value::List(parts)) = v.get("data") {
+            if let Some(Value::List(parts)) = field(&v, "data") {
                 for t in parts {
                     let Some(b) = t.as_tensor().and_then(Tensor::bytes) else {
                         continue;
@@ -472,12 +476,13 @@ impl Tree {
                 }
                 items.push(("data", Value::List(parts)));
                 self.link(parent)?
-                    .send(&dict(items), Some(deadline.remaining()))?;
+                    .send(&frame(&UP, items), Some(deadline.remaining()))?;
                 let v = self.recv_ctrl(parent, deadline, &mut [])?;
-                if v.get("seq").and_then(Value::as_int) != Some(seq as i64) && culprit.is_none() {
+                if field(&v, "seq").and_then(Value::as_int) != Some(seq as i64) && culprit.is_none()
+                {
                     culprit = Some(format!(
                         "rank {parent} answered collective #{} to #{seq}",
-                        v.get("seq").and_then(Value::as_int).unwrap_or(-1)
+                        field(&v, "seq").and_then(Value::as_int).unwrap_or(-1)
                     ));
                 }
                 Verdict::from_value(&v, culprit)?
@@ -699,7 +704,7 @@ impl Tree {
             (start * item, len * item)
         };
         // At least ~4 chunks per segment so the copy of one overlaps the reduction of the last, but
-        // not under 256 KiB (the default single-copy threshold of shm links).
+        // not under 256 KiB, where per-chunk costs start to show.
         let target = (buf.len() / p / 4).max(256 << 10).min(self.tuning.chunk);
         let chunk = (target / item).max(1) * item;
         let deadline = self.deadline();
@@ -1061,21 +1066,22 @@ impl Verdict {
             // SAFETY: `self.data` outlives the synchronous sends of this value.
             items.push(("data", unsafe { view(d) }));
         }
-        dict(items)
+        frame(&DOWN, items)
     }
 
     fn from_value(v: &Value, culprit: Option<String>) -> Result<Verdict> {
         Ok(Verdict {
-            contributors: v
-                .get("contributors")
+            contributors: field(v, "contributors")
                 .and_then(Value::as_int)
                 .unwrap_or(0)
                 .max(0) as usize,
-            meta: v.get("meta").map(parse_meta).transpose()?,
-            culprit: culprit
-                .or_else(|| v.get("culprit").and_then(Value::as_str).map(str::to_string)),
-            data: v
-                .get("data")
+            meta: field(v, "meta").map(parse_meta).transpose()?,
+            culprit: culprit.or_else(|| {
+                field(v, "culprit")
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+            }),
+            data: field(v, "data")
                 .and_then(Value::as_tensor)
                 .and_then(Tensor::bytes)
                 .map(<[u8]>::to_vec),
@@ -1096,38 +1102,67 @@ fn combine(op: &Op, m: &Meta, dst: &mut [u8], src: &[u8]) -> Result<()> {
 }
 
 fn meta_value(m: &Meta) -> Value {
-    dict(vec![
-        ("kind", Value::str(m.kind.name())),
-        ("op", Value::str(&m.op)),
-        (
-            "dtype",
-            m.dtype.map_or(Value::None, |d| Value::Int(d as u8 as i64)),
-        ),
-        ("count", Value::Int(m.count as i64)),
-        ("root", Value::Int(m.root as i64)),
+    Value::Tuple(vec![
+        Value::Int(m.kind as i64),
+        Value::str(&m.op),
+        m.dtype.map_or(Value::None, |d| Value::Int(d as u8 as i64)),
+        Value::Int(m.count as i64),
+        Value::Int(m.root as i64),
     ])
 }
 
 fn parse_meta(v: &Value) -> Result<Meta> {
     let bad = || Error::new(ErrorKind::Protocol, "tree", "malformed control frame");
+    let Value::Tuple(t) = v else {
+        return Err(bad());
+    };
+    let [
+        Value::Int(kind),
+        Value::Str(op),
+        dtype,
+        Value::Int(count),
+        Value::Int(root),
+    ] = &t[..]
+    else {
+        return Err(bad());
+    };
     Ok(Meta {
-        kind: v
-            .get("kind")
-            .and_then(Value::as_str)
-            .and_then(Kind::parse)
-            .ok_or_else(bad)?,
-        op: v
-            .get("op")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string(),
-        dtype: v
-            .get("dtype")
-            .and_then(Value::as_int)
-            .and_then(|c| DType::from_code(c as u8)),
-        count: v.get("count").and_then(Value::as_int).unwrap_or(0).max(0) as usize,
-        root: v.get("root").and_then(Value::as_int).unwrap_or(0).max(0) as usize,
+        kind: Kind::from_code(*kind).ok_or_else(bad)?,
+        op: op.clone(),
+        dtype: dtype.as_int().and_then(|c| DType::from_code(c as u8)),
+        count: (*count).max(0) as usize,
+        root: (*root).max(0) as usize,
     })
+}
+
+/// Field names of the two control frames, in their positional order. Control frames are tuples
+/// (no key strings to archive and allocate on the hot path); absent fields are None.
+const UP: [&str; 6] = ["seq", "caller", "active", "meta", "culprit", "data"];
+const DOWN: [&str; 5] = ["seq", "contributors", "meta", "culprit", "data"];
+
+/// Builds a control frame from named items (any order; missing ones become None).
+fn frame(names: &[&str], mut items: Vec<(&str, Value)>) -> Value {
+    Value::Tuple(
+        names
+            .iter()
+            .map(|n| match items.iter().position(|(k, _)| k == n) {
+                Some(i) => items.swap_remove(i).1,
+                None => Value::None,
+            })
+            .collect(),
+    )
+}
+
+/// A named field of a control frame (tuple) or of a dict frame; None when absent.
+fn field<'a>(v: &'a Value, name: &str) -> Option<&'a Value> {
+    let got = match v {
+        Value::Tuple(t) => {
+            let names: &[&str] = if t.len() == UP.len() { &UP } else { &DOWN };
+            names.iter().position(|n| *n == name).and_then(|i| t.get(i))
+        }
+        _ => v.get(name),
+    };
+    got.filter(|x| !matches!(x, Value::None))
 }
 
 /// Two ranks called the same collective (TREE-2).
