@@ -735,26 +735,18 @@ impl Tree {
                     let n = b.saturating_sub(a);
                     // SAFETY: [ro+a, ro+b) lies in buf and is disjoint from the segment being sent.
                     let dst = unsafe { std::slice::from_raw_parts_mut(base.add(ro + a), n) };
+                    // Reduce: receive into the scratch chunk, then combine; else straight into buf.
+                    let into: &mut [u8] = if reduce { &mut scratch[..n] } else { &mut *dst };
+                    lc.recv_into(&mut [out_view(into)], Some(deadline.remaining()))
+                        .map_err(|e| {
+                            Error::new(
+                                e.kind(),
+                                "all_reduce",
+                                format!("ring step from rank {left}: {e}"),
+                            )
+                        })?;
                     if reduce {
-                        let s = &mut scratch[..n];
-                        lc.recv_into(&mut [out_view(s)], Some(deadline.remaining()))
-                            .map_err(|e| {
-                                Error::new(
-                                    e.kind(),
-                                    "all_reduce",
-                                    format!("ring step from rank {left}: {e}"),
-                                )
-                            })?;
-                        ops::reduce_into(op, dtype, dst, s)?;
-                    } else {
-                        lc.recv_into(&mut [out_view(dst)], Some(deadline.remaining()))
-                            .map_err(|e| {
-                                Error::new(
-                                    e.kind(),
-                                    "all_reduce",
-                                    format!("ring step from rank {left}: {e}"),
-                                )
-                            })?;
+                        ops::reduce_into(op, dtype, dst, &scratch[..n])?;
                     }
                 }
             }
@@ -873,16 +865,7 @@ impl Tree {
             if let Some(c) = v.get("culprit").and_then(Value::as_str) {
                 culprit.get_or_insert(c.to_string());
             }
-            if let Some(Value::List(items)) = v.get("pieces") {
-                for it in items {
-                    if let Value::Tuple(t) = it
-                        && let [Value::Int(r), Value::Bytes(b)] = &t[..]
-                        && (*r as usize) < pieces.len()
-                    {
-                        pieces[*r as usize] = Some(b.to_vec());
-                    }
-                }
-            }
+            absorb_pieces(&v, pieces);
         }
         let pack = |pieces: &[Option<Vec<u8>>]| -> Value {
             Value::List(
@@ -913,16 +896,7 @@ impl Tree {
             if let Some(c) = v.get("culprit").and_then(Value::as_str) {
                 culprit = Some(c.to_string());
             }
-            if let Some(Value::List(items)) = v.get("pieces") {
-                for it in items {
-                    if let Value::Tuple(t) = it
-                        && let [Value::Int(r), Value::Bytes(b)] = &t[..]
-                        && (*r as usize) < pieces.len()
-                    {
-                        pieces[*r as usize] = Some(b.to_vec());
-                    }
-                }
-            }
+            absorb_pieces(&v, pieces);
         }
         for &child in &self.plan.children[self.rank] {
             let mut items = vec![("seq", Value::Int(seq as i64))];
@@ -1036,6 +1010,21 @@ impl Tree {
             ));
         }
         Ok(())
+    }
+}
+
+/// Takes the (rank, bytes) pieces an all-gather frame carries.
+fn absorb_pieces(v: &Value, pieces: &mut [Option<Vec<u8>>]) {
+    let Some(Value::List(items)) = v.get("pieces") else {
+        return;
+    };
+    for it in items {
+        if let Value::Tuple(t) = it
+            && let [Value::Int(r), Value::Bytes(b)] = &t[..]
+            && (*r as usize) < pieces.len()
+        {
+            pieces[*r as usize] = Some(b.to_vec());
+        }
     }
 }
 

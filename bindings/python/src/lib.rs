@@ -26,7 +26,7 @@ use pyo3::types::{PyDict, PyTuple};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-fn timeout(t: Option<f64>) -> PyResult<Option<Duration>> {
+pub(crate) fn timeout(t: Option<f64>) -> PyResult<Option<Duration>> {
     match t {
         None => Ok(None),
         Some(s) if s.is_finite() && s >= 0.0 => Ok(Some(Duration::from_secs_f64(s))),

@@ -20,9 +20,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
-fn secs(t: Option<f64>) -> Option<Duration> {
-    t.filter(|s| s.is_finite() && *s >= 0.0)
-        .map(Duration::from_secs_f64)
+fn secs(t: Option<f64>) -> PyResult<Option<Duration>> {
+    crate::timeout(t)
+}
+
+fn op_or_sum(op: Option<&Bound<'_, PyAny>>) -> PyResult<Op> {
+    op.map_or(Ok(Op::Sum), make_op)
 }
 
 /// Builds the op: a name, or a Python callable applied to torch views of each chunk.
@@ -236,7 +239,7 @@ impl Work {
     #[pyo3(signature = (timeout=None))]
     fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<PyObject> {
         let c = self.done.clone();
-        let d = Deadline::or_default(secs(timeout));
+        let d = Deadline::or_default(secs(timeout)?);
         crate::wait(py, move || c.wait(d, "tree"))?;
         Ok(self.value.clone_ref(py))
     }
@@ -257,7 +260,7 @@ impl Tree_ {
             rank,
             world_size,
             root,
-            timeout: secs(timeout),
+            timeout: secs(timeout)?,
             host: None,
         };
         let tree = crate::wait(py, move || Tree::new(opts))?;
@@ -288,10 +291,7 @@ impl Tree_ {
         value: Bound<'py, PyAny>,
         op: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let op = match op {
-            Some(o) => make_op(o)?,
-            None => Op::Sum,
-        };
+        let op = op_or_sum(op)?;
         let mut leaves = Leaves::collect(&value)?;
         self.run(py, move |t| {
             leaves.each_group(|dt, b| t.all_reduce(dt, b, &op).map(|_| ()))
@@ -305,10 +305,7 @@ impl Tree_ {
         value: Bound<'_, PyAny>,
         op: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Work> {
-        let op = match op {
-            Some(o) => make_op(o)?,
-            None => Op::Sum,
-        };
+        let op = op_or_sum(op)?;
         let mut leaves = Leaves::collect(&value)?;
         self.work(value, move |t| {
             leaves.each_group(|dt, b| t.all_reduce(dt, b, &op).map(|_| ()))
@@ -349,10 +346,7 @@ impl Tree_ {
         op: Option<&Bound<'py, PyAny>>,
         root: usize,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let op = match op {
-            Some(o) => make_op(o)?,
-            None => Op::Sum,
-        };
+        let op = op_or_sum(op)?;
         let mut leaves = Leaves::collect(&value)?;
         self.run(py, move |t| {
             leaves.each_group(|dt, b| t.reduce(dt, b, &op, root).map(|_| ()))
@@ -417,7 +411,8 @@ impl Tree_ {
         timeout: Option<f64>,
     ) -> PyResult<usize> {
         let op = op.map(make_op).transpose()?;
-        self.run(py, move |t| t.done(op.as_ref(), secs(timeout)))
+        let timeout = secs(timeout)?;
+        self.run(py, move |t| t.done(op.as_ref(), timeout))
     }
     /// The plan: hosts, tree, ring and link kinds.
     fn plan(&self) -> String {
