@@ -79,15 +79,31 @@ fn val(r: usize, i: usize) -> f64 {
     ((r * 7 + i * 3) % 5) as f64 + 1.0
 }
 
+/// Rank r's value for `op`: products use 1s and 2s, so they stay exact in every dtype (and the
+/// reference's order does not matter).
+fn val_for(op: &Op, r: usize, i: usize) -> f64 {
+    if matches!(op, Op::Prod) {
+        1.0 + ((r + i) % 2) as f64
+    } else {
+        val(r, i)
+    }
+}
+
 /// The expected result, computed by the reference kernels in rank order.
 fn expected(op: &Op, dtype: DType, n: usize, count: usize) -> Vec<u8> {
-    let mut acc = encode(dtype, &(0..count).map(|i| val(0, i)).collect::<Vec<_>>());
+    let mut acc = encode(
+        dtype,
+        &(0..count).map(|i| val_for(op, 0, i)).collect::<Vec<_>>(),
+    );
     for r in 1..n {
         ops::reduce_into(
             op,
             dtype,
             &mut acc,
-            &encode(dtype, &(0..count).map(|i| val(r, i)).collect::<Vec<_>>()),
+            &encode(
+                dtype,
+                &(0..count).map(|i| val_for(op, r, i)).collect::<Vec<_>>(),
+            ),
         )
         .unwrap();
     }
@@ -103,7 +119,9 @@ fn check_all_reduce(n: usize, op: Op, dtype: DType, count: usize) {
     let res = world(n, move |t| {
         let mut buf = encode(
             dtype,
-            &(0..count).map(|i| val(t.rank(), i)).collect::<Vec<_>>(),
+            &(0..count)
+                .map(|i| val_for(&op2, t.rank(), i))
+                .collect::<Vec<_>>(),
         );
         let c = t.all_reduce(dtype, &mut buf, &op2)?;
         Ok((c, buf))
@@ -140,7 +158,9 @@ fn tree_1_every_world_size_and_awkward_size() {
 }
 
 #[test]
-fn tree_1_every_op_and_dtype() {
+fn tree_1_every_op_and_dtype_and_world_size() {
+    // One world per size; inside it every op x dtype x awkward size, both algorithms (the ring
+    // from 256 KiB on). Each rank checks bitwise against the reference reduction in rank order.
     let all = [
         DType::Bool,
         DType::U8,
@@ -158,24 +178,52 @@ fn tree_1_every_op_and_dtype() {
         DType::C64,
         DType::C128,
     ];
-    for dtype in all {
-        for op in [
-            Op::Sum,
-            Op::Prod,
-            Op::Min,
-            Op::Max,
-            Op::Avg,
-            Op::Band,
-            Op::Bor,
-            Op::Bxor,
-        ] {
-            if op.check(dtype).is_err() {
-                continue;
+    let ops = [
+        Op::Sum,
+        Op::Prod,
+        Op::Min,
+        Op::Max,
+        Op::Avg,
+        Op::Band,
+        Op::Bor,
+        Op::Bxor,
+    ];
+    for n in [1, 2, 3, 5, 8] {
+        let ops = ops.clone();
+        let res = world(n, move |t| {
+            let mut checked = 0;
+            for dtype in all {
+                for op in &ops {
+                    if op.check(dtype).is_err() {
+                        continue;
+                    }
+                    let counts: &[usize] = if dtype == DType::F32 || dtype == DType::U8 {
+                        &[0, 1, 7919, 200_003]
+                    } else {
+                        &[0, 1, 7919]
+                    };
+                    for &count in counts {
+                        let mut buf = encode(
+                            dtype,
+                            &(0..count)
+                                .map(|i| val_for(op, t.rank(), i))
+                                .collect::<Vec<_>>(),
+                        );
+                        let c = t.all_reduce(dtype, &mut buf, op)?;
+                        assert_eq!(c, n);
+                        assert!(
+                            buf == expected(op, dtype, n, count),
+                            "rank {} of {n}: {op:?} {dtype:?} x{count} (TREE-1)",
+                            t.rank()
+                        );
+                        checked += 1;
+                    }
+                }
             }
-            // Small (tree) and large (ring) paths.
-            for count in [13, 200_003] {
-                check_all_reduce(3, op.clone(), dtype, count);
-            }
+            Ok(checked)
+        });
+        for r in res {
+            assert!(r.unwrap() > 100);
         }
     }
 }
