@@ -318,8 +318,8 @@ pub(crate) fn recv_fds(sock: RawFd, data: &mut [u8], nfds: usize) -> Result<(usi
     Ok((rc as usize, out))
 }
 
-/// The pid of the process at the other end of a Unix socket.
-pub(crate) fn peer_pid(sock: RawFd) -> Result<i32> {
+/// The credentials (pid, uid, gid) of the process at the other end of a Unix socket.
+pub(crate) fn peer_cred(sock: RawFd) -> Result<libc::ucred> {
     let mut cred = libc::ucred {
         pid: 0,
         uid: 0,
@@ -337,7 +337,12 @@ pub(crate) fn peer_pid(sock: RawFd) -> Result<i32> {
         )
     };
     check(rc, "shm", "SO_PEERCRED")?;
-    Ok(cred.pid)
+    Ok(cred)
+}
+
+/// The pid of the process at the other end of a Unix socket.
+pub(crate) fn peer_pid(sock: RawFd) -> Result<i32> {
+    peer_cred(sock).map(|c| c.pid)
 }
 
 /// Copies `dst.len()` bytes from `addr` in process `pid` (one copy, kernel to kernel).

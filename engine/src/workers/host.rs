@@ -127,23 +127,7 @@ fn prefix(s: &str, n: usize) -> &str {
 }
 
 fn peer_uid(fd: RawFd) -> Option<u32> {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: valid pointers of the stated size.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            &mut cred as *mut _ as *mut libc::c_void,
-            &mut len,
-        )
-    };
-    (rc == 0).then_some(cred.uid)
+    crate::transport::sys::peer_cred(fd).ok().map(|c| c.uid)
 }
 
 fn errno(e: &Error) -> Option<i32> {
