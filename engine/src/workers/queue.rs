@@ -138,25 +138,38 @@ impl<T> Channel<T> {
 
     /// Places `item`, waiting for room until the deadline (WQ-2).
     pub fn push(&self, item: T, deadline: Deadline) -> Result<(), Rejected<T>> {
-        let mut slot = Some(item);
-        let r = self.writable.wait_until(
+        self.place(
+            item,
             deadline,
-            self.spin,
-            "write",
             "room in the queue (readers are slower than writers; raise PARALLEL_WORKQUEUE_CAPACITY or read faster)",
-            || {
+            |x| self.ring.try_push(x),
+        )
+    }
+
+    /// Waits until `try_place` accepts `value` (handing it back while the queue is full), the
+    /// queue closes, or the deadline passes; a failed write gives the value back.
+    fn place<U>(
+        &self,
+        value: U,
+        deadline: Deadline,
+        what: &str,
+        try_place: impl Fn(U) -> Result<(), U>,
+    ) -> Result<(), Rejected<U>> {
+        let mut slot = Some(value);
+        let r = self
+            .writable
+            .wait_until(deadline, self.spin, "write", what, || {
                 if self.is_closed() {
                     return Err(closed_for_writing("write"));
                 }
-                match self.ring.try_push(slot.take().expect("item present until placed")) {
+                match try_place(slot.take().expect("value present until placed")) {
                     Ok(()) => Ok(true),
                     Err(back) => {
                         slot = Some(back);
                         Ok(false)
                     }
                 }
-            },
-        );
+            });
         match r {
             Ok(()) => {
                 self.readable.notify();
@@ -164,7 +177,7 @@ impl<T> Channel<T> {
             }
             Err(error) => Err(Rejected {
                 error,
-                item: slot.expect("a failed write still holds its item"),
+                item: slot.expect("a failed write still holds its value"),
             }),
         }
     }
@@ -183,35 +196,12 @@ impl<T> Channel<T> {
             );
             return Err(Rejected { error, item: items });
         }
-        let mut slot = Some(items);
-        let r = self.writable.wait_until(
+        self.place(
+            items,
             deadline,
-            self.spin,
-            "write",
             "room in the queue for the whole batch",
-            || {
-                if self.is_closed() {
-                    return Err(closed_for_writing("write"));
-                }
-                match self.ring.try_push_batch(slot.take().expect("present")) {
-                    Ok(()) => Ok(true),
-                    Err(back) => {
-                        slot = Some(back);
-                        Ok(false)
-                    }
-                }
-            },
-        );
-        match r {
-            Ok(()) => {
-                self.readable.notify();
-                Ok(())
-            }
-            Err(error) => Err(Rejected {
-                error,
-                item: slot.expect("a failed write still holds its items"),
-            }),
-        }
+            |x| self.ring.try_push_batch(x),
+        )
     }
 
     /// Places all `items` as adjacent entries now, or gives them back (full or closed).
