@@ -18,7 +18,11 @@
 
 use parallel_engine::endpoint::ServerStats;
 use parallel_engine::wire::{self, FrameKind, HEADER_LEN, Header, Limits};
+#[path = "common/pattern.rs"]
+mod pattern;
+
 use parallel_engine::{Client, DType, ErrorKind, Key, LinkKind, Server, Tensor, Value};
+use pattern::pattern;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::unix::process::ExitStatusExt;
@@ -172,26 +176,6 @@ fn serve(env: &[(&str, Option<&str>)]) -> (Peer, u16) {
 }
 
 // ---- data -------------------------------------------------------------------------------------
-
-/// The bytes `parallel-peer big` sends: 64 KiB blocks, each a rotation of 0..251 stamped with its
-/// block number. Keep in sync with `pattern` in engine/src/bin/parallel-peer.rs.
-fn pattern(n: usize) -> Vec<u8> {
-    const BLOCK: usize = 64 << 10;
-    let base: Vec<u8> = (0..BLOCK + 251).map(|i| (i % 251) as u8).collect();
-    let mut out = Vec::with_capacity(n);
-    let mut b = 0usize;
-    while out.len() < n {
-        let len = BLOCK.min(n - out.len());
-        let start = out.len();
-        let rot = (b * 7) % 251;
-        out.extend_from_slice(&base[rot..rot + len]);
-        let stamp = (b as u64).to_le_bytes();
-        let k = stamp.len().min(len);
-        out[start..start + k].copy_from_slice(&stamp[..k]);
-        b += 1;
-    }
-    out
-}
 
 fn assert_pattern(v: &Value, n: usize) {
     let t = v.as_tensor().expect("a tensor");

@@ -23,7 +23,11 @@
 //! progress lines go to stdout ("port N", "sending", "sent"), errors to stderr.
 #![allow(clippy::print_stdout, clippy::print_stderr)] // test helper binary: reports on stdio
 
+#[path = "../../tests/common/pattern.rs"]
+mod pattern;
+
 use parallel_engine::{Client, DType, ErrorKind, Server, Tensor, Value};
+use pattern::pattern;
 use std::io::Write;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -204,27 +208,6 @@ fn no_core_dumps() {
     };
     // SAFETY: setrlimit reads one valid, initialised rlimit struct; it affects only this process.
     unsafe { libc::setrlimit(libc::RLIMIT_CORE, &zero) };
-}
-
-/// The bytes `big` sends: 64 KiB blocks, each a rotation of 0..251 (so shifted data never
-/// matches) stamped with its block number (so swapped blocks never match). Keep in sync with
-/// `pattern` in engine/tests/processes.rs.
-fn pattern(n: usize) -> Vec<u8> {
-    const BLOCK: usize = 64 << 10;
-    let base: Vec<u8> = (0..BLOCK + 251).map(|i| (i % 251) as u8).collect();
-    let mut out = Vec::with_capacity(n);
-    let mut b = 0usize;
-    while out.len() < n {
-        let len = BLOCK.min(n - out.len());
-        let start = out.len();
-        let rot = (b * 7) % 251;
-        out.extend_from_slice(&base[rot..rot + len]);
-        let stamp = (b as u64).to_le_bytes();
-        let k = stamp.len().min(len);
-        out[start..start + k].copy_from_slice(&stamp[..k]);
-        b += 1;
-    }
-    out
 }
 
 /// The first offset where `a` and `b` differ (or where the shorter one ends).
