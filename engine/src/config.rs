@@ -260,6 +260,39 @@ pub const TABLE: &[Var] = &[
         default: "16G",
         doc: "Address space of the shared-memory arena behind a work queue that other processes open. Only the pages items use are committed; freed blocks are reused (and stay faulted in). Writers wait for readers to free blocks when it is full.",
     },
+    Var {
+        name: "PARALLEL_CUDA",
+        kind: VarKind::Bool,
+        default: "1",
+        doc: "Use CUDA when a driver (libcuda) is found. 0: behave as on a machine without a GPU (CUDA tensors are refused with a clear error). The library is looked for once, with dlopen, before any CUDA call.",
+    },
+    Var {
+        name: "PARALLEL_CUDA_IPC",
+        kind: VarKind::Bool,
+        default: "1",
+        doc: "Send CUDA tensors between processes of one host by CUDA IPC (memory and event handles; the receiver copies device to device) when both ends have CUDA and share a shared-memory link. 0: stage them through pinned host memory like across hosts.",
+    },
+    Var {
+        name: "PARALLEL_CUDA_CHUNK",
+        kind: VarKind::Bytes {
+            min: 64 * KIB,
+            max: GIB,
+        },
+        default: "4M",
+        doc: "Pipeline chunk of staged CUDA transfers: the device-to-host copy of chunk k+1 overlaps the send of chunk k (and the host-to-device copy of chunk k the receive of chunk k+1).",
+    },
+    Var {
+        name: "PARALLEL_CUDA_STAGING",
+        kind: VarKind::Int { min: 2, max: 64 },
+        default: "4",
+        doc: "Pinned host buffers of PARALLEL_CUDA_CHUNK bytes each staged transfer cycles through (per direction, per thread; allocated on first use and kept).",
+    },
+    Var {
+        name: "PARALLEL_NVRTC_LIB",
+        kind: VarKind::Text,
+        default: "",
+        doc: "Path of libnvrtc for the GPU reduction kernels. Empty: the loader's path (libnvrtc.so.13, .12), then the NVIDIA wheels next to torch (`nvidia/*/lib`), found by torch_parallel.",
+    },
 ];
 
 /// The effective configuration.
@@ -290,6 +323,11 @@ pub struct Config {
     pub collective_chunk: u64,
     pub workqueue_capacity: usize,
     pub workqueue_arena: u64,
+    pub cuda: bool,
+    pub cuda_ipc: bool,
+    pub cuda_chunk: usize,
+    pub cuda_staging: usize,
+    pub nvrtc_lib: String,
     /// Every variable's effective value as text, in table order.
     pub effective: Vec<(&'static str, String)>,
 }
@@ -531,6 +569,11 @@ impl Config {
         }
         let workqueue_capacity = u(next()) as usize;
         let workqueue_arena = u(next());
+        let cuda = b(next());
+        let cuda_ipc = b(next());
+        let cuda_chunk = u(next()) as usize;
+        let cuda_staging = u(next()) as usize;
+        let nvrtc_lib = t(next());
         Ok(Config {
             io,
             threads,
@@ -556,6 +599,11 @@ impl Config {
             collective_chunk,
             workqueue_capacity,
             workqueue_arena,
+            cuda,
+            cuda_ipc,
+            cuda_chunk,
+            cuda_staging,
+            nvrtc_lib,
             effective,
         })
     }

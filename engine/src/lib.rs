@@ -6,6 +6,7 @@
 
 pub mod buffer;
 pub mod config;
+pub mod cuda;
 pub mod endpoint;
 pub mod error;
 pub mod runtime;

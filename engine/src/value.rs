@@ -224,9 +224,9 @@ impl Tensor {
         }
     }
 
-    /// The contiguous bytes of a contiguous tensor.
+    /// The contiguous bytes of a contiguous CPU tensor (`None` for device memory).
     pub fn bytes(&self) -> Option<&[u8]> {
-        if !self.is_contiguous() {
+        if !self.is_contiguous() || self.is_cuda() {
             return None;
         }
         let n = self.nbytes();
@@ -238,8 +238,19 @@ impl Tensor {
         Some(unsafe { std::slice::from_raw_parts(self.data_ptr(), n) })
     }
 
+    pub fn is_cuda(&self) -> bool {
+        matches!(self.device, Device::Cuda(_))
+    }
+
     /// The elements gathered into a new contiguous buffer (VALUE-1).
     pub fn contiguous_bytes(&self) -> Result<Buf> {
+        if self.is_cuda() {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                "tensor",
+                "a CUDA tensor must be contiguous here (call .contiguous() first)",
+            ));
+        }
         let item = self.dtype.itemsize();
         let mut out = Buf::with_len(self.nbytes())?;
         if let Some(b) = self.bytes() {

@@ -66,6 +66,8 @@ impl FrameKind {
 
 /// Header flag: large segments of this message travel by cross-memory attach (shm links only).
 pub const FLAG_CMA: u8 = 1;
+/// Header flag: CUDA tensor segments of this message are CUDA IPC records (shm links only).
+pub const FLAG_CUDA_IPC: u8 = 2;
 
 /// Limits applied to everything decoded.
 #[derive(Debug, Clone, Copy)]
@@ -143,7 +145,7 @@ impl Header {
             payload_len: u64::from_le_bytes(b[16..24].try_into().expect("8 bytes")),
             seq: u64::from_le_bytes(b[24..32].try_into().expect("8 bytes")),
         };
-        if h.flags & !FLAG_CMA != 0 {
+        if h.flags & !(FLAG_CMA | FLAG_CUDA_IPC) != 0 {
             return Err(protocol(
                 "decode",
                 format!("unknown header flags {:#04x}", h.flags),
@@ -410,6 +412,9 @@ pub enum Filled {
     Buf(Buf),
     /// The i-th caller-provided output tensor was filled in place.
     Out(usize),
+    /// A tensor received into memory of the receiver's choosing (a new CUDA tensor, or a CPU
+    /// tensor for a CUDA segment that cannot land on a device here).
+    Tensor(Tensor),
 }
 
 /// Builds the value from a checked descriptor and its received segments (in order).
@@ -475,6 +480,10 @@ pub fn build_value(d: &ArchivedDescriptor, segs: &[SegInfo], filled: Vec<Filled>
                 seg_i += 1;
                 match (f, &info.kind) {
                     (Filled::Out(i), _) => Value::Out(i),
+                    (Filled::Tensor(t), SegKind::Tensor { .. }) => Value::Tensor(t),
+                    (Filled::Tensor(_), _) => {
+                        return Err(protocol("decode", "tensor placed in a bytes segment"));
+                    }
                     (Filled::Buf(b), SegKind::Bytes) => Value::Bytes(b),
                     (Filled::Buf(b), SegKind::Pickle) => Value::Pickle(b),
                     (
@@ -536,19 +545,35 @@ pub fn build_value(d: &ArchivedDescriptor, segs: &[SegInfo], filled: Vec<Filled>
     result.ok_or_else(|| protocol("decode", "empty value tree"))
 }
 
-/// A payload segment to send: borrowed from the value, or gathered into a buffer.
+/// A payload segment to send: borrowed from the value, gathered into a buffer, or CUDA device
+/// memory (staged or exported by the link; never read as host bytes).
 #[derive(Debug)]
 pub enum OutSeg<'a> {
     Borrowed(&'a [u8]),
     Owned(Buf),
+    Device { ptr: u64, len: usize, dev: i32 },
 }
 
 impl OutSeg<'_> {
+    /// The bytes of a host segment (empty for a device segment: see [`OutSeg::len`]).
     pub fn bytes(&self) -> &[u8] {
         match self {
             OutSeg::Borrowed(b) => b,
             OutSeg::Owned(b) => b,
+            OutSeg::Device { .. } => &[],
         }
+    }
+    pub fn len(&self) -> usize {
+        match self {
+            OutSeg::Device { len, .. } => *len,
+            _ => self.bytes().len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn is_device(&self) -> bool {
+        matches!(self, OutSeg::Device { .. })
     }
 }
 
@@ -595,7 +620,7 @@ pub fn encode<'a>(v: &'a Value, limits: &Limits) -> Result<Encoded<'a>> {
         }
         let seg = segs.len() as u32;
         let mut add_seg = |s: OutSeg<'a>| {
-            d.segments.push(s.bytes().len() as u64);
+            d.segments.push(s.len() as u64);
             segs.push(s);
         };
         let node = match v {
@@ -628,9 +653,23 @@ pub fn encode<'a>(v: &'a Value, limits: &Limits) -> Result<Encoded<'a>> {
                 Node::Dict(items.len() as u32)
             }
             Value::Tensor(t) => {
-                add_seg(match t.bytes() {
-                    Some(b) => OutSeg::Borrowed(b),
-                    None => OutSeg::Owned(t.contiguous_bytes()?),
+                add_seg(match (t.device, t.bytes()) {
+                    (Device::Cuda(dev), _) => {
+                        if !t.is_contiguous() {
+                            return Err(Error::new(
+                                ErrorKind::Unsupported,
+                                "send",
+                                "a non-contiguous CUDA tensor: send t.contiguous() (torch_parallel does this for you)",
+                            ));
+                        }
+                        OutSeg::Device {
+                            ptr: t.data_ptr() as u64,
+                            len: t.nbytes(),
+                            dev,
+                        }
+                    }
+                    (_, Some(b)) => OutSeg::Borrowed(b),
+                    (_, None) => OutSeg::Owned(t.contiguous_bytes()?),
                 });
                 let (device, device_index) = match t.device {
                     Device::Cpu => (0, 0),

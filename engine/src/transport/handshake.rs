@@ -3,10 +3,10 @@
 //! ```text
 //! client                                   server
 //!   Hello {version, host, pid, nonce_c, shm}  ->
-//!                                          <-  Welcome {host, nonce_s, auth, proof_s, shm_name}
+//!                                          <-  Welcome {host, nonce_s, auth, proof_s, shm_name, cuda_ipc}
 //!   Auth {proof_c}  (only when a secret is set)  ->
 //!                                          <-  Ready {id} | Refuse {reason}
-//!   Link {shm: bool}  ->
+//!   Link {shm: bool, cuda_ipc: bool}  ->
 //!   [shm: connect to the abstract socket shm_name, send token + memfd + 4 eventfds, probes]
 //! ```
 //! proof_s = HMAC-SHA256(secret, "parallel/server" | nonce_c | nonce_s), proof_c likewise with
@@ -20,6 +20,8 @@
 //! - HS-2: a shared-memory link is offered only when both ends have the same host identity
 //!   (topology TOPO-1) and both allow it; any failure while setting it up fails the connection
 //!   with a clear error (set PARALLEL_SHM=0 to keep such peers on TCP).
+//! - HS-3: CUDA tensors travel by CUDA IPC only on a shared-memory link whose two ends both
+//!   offered it (CUDA present, `PARALLEL_CUDA_IPC` on); otherwise they are staged.
 
 use super::shm::{Bells, Mapping, ShmEnd};
 use super::{Link, sys};
@@ -309,12 +311,19 @@ fn client_handshake(fd: OwnedFd, addr: &SocketAddr, deadline: Deadline) -> Resul
         Some(Value::Str(s)) if cfg.shm => Some(s.clone()),
         _ => None,
     };
+    let ipc_mine = crate::cuda::ipc_offered();
     send_hs(
         raw,
         FrameKind::Hello,
-        &dict(vec![("shm", Value::Bool(shm_name.is_some()))]),
+        &dict(vec![
+            ("shm", Value::Bool(shm_name.is_some())),
+            ("cuda_ipc", Value::Bool(ipc_mine)),
+        ]),
         deadline,
     )?;
+    // CUDA IPC needs the same host (the shm link) and CUDA on both ends (HS-3).
+    let cuda_ipc =
+        shm_name.is_some() && ipc_mine && matches!(w.get("cuda_ipc"), Some(Value::Bool(true)));
     let peer = format!("{addr} (pid {server_pid})");
     let shm = match shm_name {
         Some(name) => Some(
@@ -322,7 +331,7 @@ fn client_handshake(fd: OwnedFd, addr: &SocketAddr, deadline: Deadline) -> Resul
         ),
         None => None,
     };
-    Ok(Link::new(fd, shm, peer))
+    Ok(Link::new(fd, shm, peer, cuda_ipc))
 }
 
 fn client_shm(name: &str, token: &[u8], liveness: RawFd, deadline: Deadline) -> Result<ShmEnd> {
@@ -486,6 +495,8 @@ pub fn accept(fd: OwnedFd, addr: SocketAddr, id: u64) -> Result<Accepted> {
     if let Some(n) = &shm_name {
         welcome.push(("shm_name", Value::str(n.clone())));
     }
+    let ipc_mine = shm_name.is_some() && crate::cuda::ipc_offered();
+    welcome.push(("cuda_ipc", Value::Bool(ipc_mine)));
     send_hs(raw, FrameKind::Welcome, &dict(welcome), deadline)?;
     if let Some(secret) = &cfg.secret {
         let auth = recv_hs(raw, deadline, FrameKind::Auth).map_err(|e| {
@@ -546,8 +557,10 @@ pub fn accept(fd: OwnedFd, addr: SocketAddr, id: u64) -> Result<Accepted> {
         }
         _ => None,
     };
+    let cuda_ipc =
+        shm.is_some() && ipc_mine && matches!(choice.get("cuda_ipc"), Some(Value::Bool(true)));
     Ok(Accepted {
-        link: Link::new(fd, shm, peer),
+        link: Link::new(fd, shm, peer, cuda_ipc),
         addr,
     })
 }

@@ -20,15 +20,25 @@ pub(crate) mod sys;
 
 use crate::buffer::Buf;
 use crate::config::config;
+use crate::cuda;
 use crate::error::{Error, ErrorKind, Result, protocol};
 use crate::runtime::{self, Deadline, Interest};
-use crate::value::{Tensor, Value};
-use crate::wire::{self, FLAG_CMA, Filled, FrameKind, HEADER_LEN, Header, Limits, SegKind};
+use crate::value::{Device, Tensor, Value};
+use crate::wire::{
+    self, FLAG_CMA, FLAG_CUDA_IPC, Filled, FrameKind, HEADER_LEN, Header, Limits, SegKind,
+};
 use rkyv::util::AlignedVec;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+/// One piece of an outgoing frame.
+enum Part<'a> {
+    Host(&'a [u8]),
+    /// (address, length, device) of a CUDA tensor to stage.
+    Device(u64, usize, i32),
+}
 
 /// The kind of a link.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,6 +143,8 @@ pub struct Link {
     pub(crate) counters: Counters,
     limits: Limits,
     spin: Duration,
+    /// CUDA tensors go by CUDA IPC on this link (handshake HS-3).
+    cuda_ipc: bool,
 }
 
 impl std::fmt::Debug for Link {
@@ -149,7 +161,12 @@ pub struct RecvGuard<'a> {
 }
 
 impl Link {
-    pub(crate) fn new(sock: OwnedFd, shm: Option<shm::ShmEnd>, peer: String) -> Link {
+    pub(crate) fn new(
+        sock: OwnedFd,
+        shm: Option<shm::ShmEnd>,
+        peer: String,
+        cuda_ipc: bool,
+    ) -> Link {
         Link {
             kind: if shm.is_some() {
                 LinkKind::Shm
@@ -173,7 +190,13 @@ impl Link {
             counters: Counters::default(),
             limits: Limits::from_config(),
             spin: config().spin,
+            cuda_ipc,
         }
+    }
+
+    /// Whether CUDA tensors travel by CUDA IPC on this link (else staged through host memory).
+    pub fn cuda_ipc(&self) -> bool {
+        self.cuda_ipc
     }
 
     pub fn kind(&self) -> LinkKind {
@@ -238,6 +261,84 @@ impl Link {
     // ---- send ---------------------------------------------------------------------------------
 
     /// Sends a user message.
+    /// Writes host parts in as few calls as possible and streams device parts through pinned
+    /// staging buffers.
+    fn write_parts(&self, parts: &[Part<'_>], deadline: Deadline) -> Result<()> {
+        let mut pending: Vec<&[u8]> = Vec::with_capacity(parts.len());
+        for p in parts {
+            match p {
+                Part::Host(b) => pending.push(b),
+                Part::Device(ptr, len, dev) => {
+                    if !pending.is_empty() {
+                        self.write_bytes(&pending, deadline, "a message")?;
+                        pending.clear();
+                    }
+                    self.send_device(*ptr, *len, *dev, deadline)?;
+                }
+            }
+        }
+        if pending.is_empty() {
+            Ok(())
+        } else {
+            self.write_bytes(&pending, deadline, "a message")
+        }
+    }
+
+    /// Staged send of device memory (CUDA-4): the device-to-host copy of chunk k+1.. overlaps
+    /// the send of chunk k; `PARALLEL_CUDA_STAGING` pinned buffers of `PARALLEL_CUDA_CHUNK` bytes.
+    fn send_device(&self, ptr: u64, len: usize, dev: i32, deadline: Deadline) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let g = cuda::require("send")?;
+        let cfg = config();
+        let chunk = cfg.cuda_chunk;
+        let nchunks = len.div_ceil(chunk);
+        let nb = cfg.cuda_staging.min(nchunks);
+        let bufs = cuda::STAGING.with(|s| s.borrow_mut().0.get(nb, chunk).map(<[_]>::to_vec))?;
+        let mut events: std::collections::VecDeque<cuda::Event> = Default::default();
+        let n_of = |k: usize| chunk.min(len - k * chunk);
+        let issue = |k: usize, events: &mut std::collections::VecDeque<cuda::Event>| {
+            // SAFETY: the chunk lies inside the sender's tensor (kept alive by the caller until
+            // send returns) and inside staging buffer k % nb (ours; the buffer's previous chunk
+            // was written out before it is reused).
+            unsafe {
+                g.copy(
+                    dev,
+                    cuda::Mem::Host(bufs[k % nb].0),
+                    cuda::Mem::Dev(ptr + (k * chunk) as u64),
+                    n_of(k),
+                )?
+            };
+            events.push_back(g.record(dev, false)?);
+            Ok::<(), Error>(())
+        };
+        let r = (|| {
+            for k in 0..nb {
+                issue(k, &mut events)?;
+            }
+            for k in 0..nchunks {
+                let ev = events.pop_front().expect("one event per issued chunk");
+                g.wait_event(ev, deadline)?;
+                // SAFETY: the copy into this buffer completed (its event); n_of(k) <= chunk.
+                let b = unsafe { std::slice::from_raw_parts(bufs[k % nb].0, n_of(k)) };
+                self.write_bytes(&[b], deadline, "a CUDA tensor")?;
+                if k + nb < nchunks {
+                    issue(k + nb, &mut events)?;
+                }
+            }
+            Ok(())
+        })();
+        if r.is_err() {
+            // Copies still in flight must not land in buffers a later transfer reuses.
+            for ev in events.drain(..) {
+                g.release_event(ev);
+            }
+            let _ = g.sync(dev, Deadline::after(Duration::from_secs(10)));
+        }
+        r
+    }
+
     pub fn send(&self, v: &Value, deadline: Deadline) -> Result<()> {
         self.send_frame(FrameKind::Message, v, deadline)
     }
@@ -272,12 +373,41 @@ impl Link {
                 && enc
                     .segs
                     .iter()
-                    .any(|g| g.bytes().len() as u64 >= s.cma_threshold)
+                    .any(|g| !g.is_device() && g.len() as u64 >= s.cma_threshold)
         });
+        let has_dev = enc.segs.iter().any(wire::OutSeg::is_device);
+        // CUDA IPC: export every device segment first; if any cannot be exported (memory from a
+        // pool allocator, say), the whole frame is staged instead.
+        let mut ipc: Option<Vec<(cuda::IpcRecord, cuda::Event)>> = None;
+        if has_dev && self.cuda_ipc {
+            let g = cuda::require("send").map_err(|e| self.err(e))?;
+            let mut recs = Vec::new();
+            let mut ok = true;
+            for seg in &enc.segs {
+                if let wire::OutSeg::Device { ptr, len, dev } = seg {
+                    match g.ipc_export(*dev, *ptr, *len) {
+                        Ok(r) => recs.push(r),
+                        Err(e) => {
+                            tracing::debug!("CUDA IPC export failed ({e}); staging this message");
+                            ok = false;
+                            break;
+                        }
+                    }
+                }
+            }
+            if ok {
+                ipc = Some(recs);
+            } else {
+                for (_, ev) in recs {
+                    g.release_event(ev);
+                }
+            }
+        }
         st.seq += 1;
         let h = Header {
             kind,
-            flags: if cma.is_some() { FLAG_CMA } else { 0 },
+            flags: if cma.is_some() { FLAG_CMA } else { 0 }
+                | if ipc.is_some() { FLAG_CUDA_IPC } else { 0 },
             desc_len: enc.desc.len() as u32,
             nseg: enc.segs.len() as u32,
             payload_len: enc.payload_len,
@@ -296,21 +426,40 @@ impl Link {
                 r
             })
             .collect();
-        let mut parts: Vec<&[u8]> = Vec::with_capacity(2 + enc.segs.len());
-        parts.push(&hb);
-        parts.push(&enc.desc);
+        let ipc_records: Vec<[u8; cuda::IPC_RECORD_LEN]> =
+            ipc.iter().flatten().map(|(r, _)| r.encode()).collect();
+        let mut parts: Vec<Part<'_>> = Vec::with_capacity(2 + enc.segs.len());
+        parts.push(Part::Host(&hb));
+        parts.push(Part::Host(&enc.desc));
+        let mut ipc_i = 0usize;
         for (g, r) in enc.segs.iter().zip(&records) {
-            match cma {
-                Some(s) if g.bytes().len() as u64 >= s.cma_threshold => parts.push(r),
-                _ => parts.push(g.bytes()),
+            match (g, cma) {
+                (wire::OutSeg::Device { ptr, len, dev }, _) => {
+                    if ipc.is_some() {
+                        parts.push(Part::Host(&ipc_records[ipc_i]));
+                        ipc_i += 1;
+                    } else {
+                        parts.push(Part::Device(*ptr, *len, *dev));
+                    }
+                }
+                (_, Some(s)) if g.len() as u64 >= s.cma_threshold => parts.push(Part::Host(r)),
+                _ => parts.push(Part::Host(g.bytes())),
             }
         }
+        let acked = cma.is_some() || ipc.is_some();
         let r = self
-            .write_bytes(&parts, deadline, "a message")
-            .and_then(|_| match cma {
-                Some(s) => s.wait_cma_ack(s.note_cma_sent(), deadline),
-                None => Ok(()),
+            .write_parts(&parts, deadline)
+            .and_then(|_| match (acked, self.shm.as_ref()) {
+                (true, Some(s)) => s.wait_cma_ack(s.note_cma_sent(), deadline),
+                _ => Ok(()),
             });
+        if let Some(recs) = ipc
+            && let Some(g) = cuda::cuda()
+        {
+            for (_, ev) in recs {
+                g.release_event(ev);
+            }
+        }
         if let Err(e) = r {
             // We cannot know how much of the frame left: the stream is no longer framed (LINK-2).
             st.poisoned = Some(format!("a send failed part way ({e})"));
@@ -571,8 +720,12 @@ impl RecvGuard<'_> {
             Ordering::Relaxed,
         );
         let cma = h.flags & FLAG_CMA != 0;
-        if cma && link.shm.is_none() {
-            return Err(protocol("recv", "cross-memory frame on a TCP link"));
+        let ipc = h.flags & FLAG_CUDA_IPC != 0;
+        if (cma || ipc) && link.shm.is_none() {
+            return Err(protocol(
+                "recv",
+                "cross-memory or CUDA IPC frame on a TCP link",
+            ));
         }
         let mismatch = if out.is_empty() {
             None
@@ -584,41 +737,104 @@ impl RecvGuard<'_> {
         let mut failure: Option<Error> = None;
         for s in &segs {
             let len = s.len as usize;
-            let via_cma = cma && link.shm.as_ref().is_some_and(|x| s.len >= x.cma_threshold);
+            let dev_seg = match &s.kind {
+                SegKind::Tensor {
+                    device: Device::Cuda(i),
+                    ..
+                } => Some(*i),
+                _ => None,
+            };
+            let via_cma = cma
+                && dev_seg.is_none()
+                && link.shm.as_ref().is_some_and(|x| s.len >= x.cma_threshold);
+            let via_ipc = ipc && dev_seg.is_some();
             let to_out =
                 mismatch.is_none() && !out.is_empty() && matches!(s.kind, SegKind::Tensor { .. });
             if mismatch.is_some() || failure.is_some() {
-                self.skip(len, via_cma, deadline)?;
+                if via_ipc {
+                    self.read_ipc_record(len, deadline)?;
+                } else {
+                    self.skip(len, via_cma, deadline)?;
+                }
                 continue;
             }
-            if to_out {
+            // Where the bytes land: the caller's tensor, a new CUDA tensor (for a CUDA segment,
+            // when this process has CUDA), or a new host buffer.
+            let r = if to_out {
                 let t = &mut out[out_i];
-                if let Some(dst) = out_contiguous_slice(t) {
-                    if let Err(e) = self.fill(dst, via_cma, deadline) {
-                        failure = Some(e);
-                        continue;
-                    }
-                } else {
-                    let mut tmp = Buf::with_len(len)?;
-                    if let Err(e) = self.fill(&mut tmp, via_cma, deadline) {
-                        failure = Some(e);
-                        continue;
-                    }
-                    t.scatter_from(&tmp);
-                }
-                filled.push(Filled::Out(out_i));
                 out_i += 1;
+                self.fill_tensor(t, len, via_cma, via_ipc, deadline)
+                    .map(|_| Filled::Out(out_i - 1))
+            } else if let (Some(i), SegKind::Tensor { dtype, shape, .. }) = (dev_seg, &s.kind)
+                && let Some(g) = cuda::cuda()
+            {
+                let dev = if (i as usize) < g.device_count() {
+                    i
+                } else {
+                    0
+                };
+                let a = match cuda::DeviceAlloc::new(dev, len) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Nothing of the segment was consumed yet: drop it, keep the framing.
+                        if via_ipc {
+                            self.read_ipc_record(len, deadline)?;
+                        } else {
+                            self.skip(len, via_cma, deadline)?;
+                        }
+                        failure = Some(e);
+                        continue;
+                    }
+                };
+                {
+                    let a = std::sync::Arc::new(a);
+                    // SAFETY: a fresh device allocation of exactly `len` bytes, kept by `keep`.
+                    let mut t = unsafe {
+                        Tensor::from_raw(
+                            *dtype,
+                            shape.clone(),
+                            None,
+                            Device::Cuda(dev),
+                            a.ptr as *mut u8,
+                            len,
+                            a.clone(),
+                        )
+                    };
+                    self.fill_tensor(&mut t, len, via_cma, via_ipc, deadline)
+                        .map(|_| Filled::Tensor(t))
+                }
+            } else if via_ipc {
+                // A CUDA IPC record for a process without CUDA cannot happen (HS-3).
+                Err(protocol("recv", "CUDA IPC record on a link without CUDA"))
             } else {
                 // Sized by the peer's declaration: memory is committed as the bytes arrive (BUF-4).
-                let mut b = Buf::for_incoming(len)?;
-                if let Err(e) = self.fill(&mut b, via_cma, deadline) {
-                    failure = Some(e);
-                    continue;
+                Buf::for_incoming(len).and_then(|mut b| {
+                    self.fill(&mut b, via_cma, deadline)?;
+                    Ok(match (&s.kind, dev_seg) {
+                        // A CUDA tensor arriving where there is no CUDA: a CPU tensor.
+                        (SegKind::Tensor { dtype, shape, .. }, Some(_)) => Filled::Tensor(Tensor {
+                            dtype: *dtype,
+                            shape: shape.clone(),
+                            strides: None,
+                            device: Device::Cpu,
+                            storage: crate::value::Storage::Owned(b),
+                        }),
+                        _ => Filled::Buf(b),
+                    })
+                })
+            };
+            match r {
+                Ok(f) => filled.push(f),
+                // The segment may be half consumed: the stream is no longer framed (LINK-2).
+                Err(e) => {
+                    if cma || ipc {
+                        link.shm.as_ref().expect("checked").ack_cma();
+                    }
+                    return Err(e);
                 }
-                filled.push(Filled::Buf(b));
             }
         }
-        if cma {
+        if cma || ipc {
             link.shm.as_ref().expect("checked").ack_cma();
         }
         if let Some(e) = failure {
@@ -628,6 +844,158 @@ impl RecvGuard<'_> {
             return Err(Error::new(ErrorKind::Mismatch, "recv", m));
         }
         wire::build_value(d, &segs, filled)
+    }
+
+    /// Receives the next segment into tensor `t` (CPU or CUDA, contiguous or strided CPU).
+    fn fill_tensor(
+        &mut self,
+        t: &mut Tensor,
+        len: usize,
+        via_cma: bool,
+        via_ipc: bool,
+        deadline: Deadline,
+    ) -> Result<()> {
+        if via_ipc {
+            let rec = self.read_ipc_record(len, deadline)?;
+            let g = cuda::require("recv")?;
+            let dev = match t.device {
+                Device::Cuda(i) => i,
+                Device::Cpu => 0,
+            };
+            let src = g.ipc_import(dev, &rec)?;
+            return match t.device {
+                Device::Cuda(_) => {
+                    // SAFETY: the exporter keeps its memory until our ack; `t` is contiguous
+                    // (match_outs) and holds `len` bytes.
+                    unsafe {
+                        g.copy(
+                            dev,
+                            cuda::Mem::Dev(t.data_mut_ptr() as u64),
+                            cuda::Mem::Dev(src),
+                            len,
+                        )?
+                    };
+                    g.sync(dev, deadline)
+                }
+                Device::Cpu => {
+                    let mut tmp = Buf::with_len(len)?;
+                    let dst = out_contiguous_slice(t);
+                    let host = match dst {
+                        Some(d) => d.as_mut_ptr(),
+                        None => tmp.as_mut_ptr(),
+                    };
+                    // SAFETY: as above; `host` holds `len` bytes (the out tensor or tmp).
+                    unsafe { g.copy(dev, cuda::Mem::Host(host), cuda::Mem::Dev(src), len)? };
+                    g.sync(dev, deadline)?;
+                    if !t.is_contiguous() {
+                        t.scatter_from(&tmp);
+                    }
+                    Ok(())
+                }
+            };
+        }
+        if let Device::Cuda(dev) = t.device {
+            let dst = t.data_mut_ptr() as u64;
+            if via_cma {
+                let mut tmp = Buf::with_len(len)?;
+                self.fill(&mut tmp, true, deadline)?;
+                // SAFETY: `t` is a contiguous CUDA tensor of `len` bytes (match_outs).
+                return unsafe {
+                    cuda::copy_sync(
+                        dev,
+                        cuda::Mem::Dev(dst),
+                        cuda::Mem::Host(tmp.as_mut_ptr()),
+                        len,
+                    )
+                };
+            }
+            return self.recv_device(dst, len, dev, deadline);
+        }
+        if let Some(dst) = out_contiguous_slice(t) {
+            self.fill(dst, via_cma, deadline)
+        } else {
+            let mut tmp = Buf::with_len(len)?;
+            self.fill(&mut tmp, via_cma, deadline)?;
+            t.scatter_from(&tmp);
+            Ok(())
+        }
+    }
+
+    /// Staged receive into device memory (CUDA-4): the host-to-device copy of chunk k overlaps
+    /// the receive of chunk k+1.
+    fn recv_device(&mut self, dst: u64, len: usize, dev: i32, deadline: Deadline) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let g = cuda::require("recv")?;
+        let cfg = config();
+        let chunk = cfg.cuda_chunk;
+        let nchunks = len.div_ceil(chunk);
+        let nb = cfg.cuda_staging.min(nchunks);
+        let bufs = cuda::STAGING.with(|s| s.borrow_mut().1.get(nb, chunk).map(<[_]>::to_vec))?;
+        let mut events: std::collections::VecDeque<cuda::Event> = Default::default();
+        let r = (|| {
+            for k in 0..nchunks {
+                if k >= nb {
+                    // Buffer k % nb is free once the copy of chunk k - nb finished.
+                    let ev = events.pop_front().expect("one event per chunk in flight");
+                    g.wait_event(ev, deadline)?;
+                }
+                let n = chunk.min(len - k * chunk);
+                // SAFETY: staging buffer k % nb holds `chunk` >= n bytes and no copy reads it.
+                let b = unsafe { std::slice::from_raw_parts_mut(bufs[k % nb].0, n) };
+                self.link
+                    .read_bytes(b, deadline, "a CUDA tensor", Duration::ZERO)?
+                    .then_some(())
+                    .ok_or_else(|| {
+                        Error::new(
+                            ErrorKind::PeerLost,
+                            "recv",
+                            "connection closed inside a message",
+                        )
+                    })?;
+                // SAFETY: `dst` holds `len` bytes (the caller's contiguous CUDA tensor or our
+                // allocation); the staging buffer stays untouched until the copy's event.
+                unsafe {
+                    g.copy(
+                        dev,
+                        cuda::Mem::Dev(dst + (k * chunk) as u64),
+                        cuda::Mem::Host(b.as_mut_ptr()),
+                        n,
+                    )?
+                };
+                events.push_back(g.record(dev, false)?);
+            }
+            for ev in events.drain(..) {
+                g.release_event(ev);
+            }
+            g.sync(dev, deadline)
+        })();
+        if r.is_err() {
+            for ev in events.drain(..) {
+                g.release_event(ev);
+            }
+            let _ = g.sync(dev, Deadline::after(Duration::from_secs(10)));
+        }
+        r
+    }
+
+    /// Reads the CUDA IPC record standing in for a device segment of `len` bytes.
+    fn read_ipc_record(&mut self, len: usize, deadline: Deadline) -> Result<cuda::IpcRecord> {
+        let mut b = [0u8; cuda::IPC_RECORD_LEN];
+        self.link
+            .read_bytes(&mut b, deadline, "a CUDA IPC record", Duration::ZERO)?;
+        let rec = cuda::IpcRecord::decode(&b);
+        if rec.len != len as u64 {
+            return Err(protocol(
+                "recv",
+                format!(
+                    "CUDA IPC record of {} bytes for a {len}-byte tensor",
+                    rec.len
+                ),
+            ));
+        }
+        Ok(rec)
     }
 
     /// Fills `dst` with the next segment (through the stream, or by cross-memory attach).
@@ -716,6 +1084,19 @@ fn match_outs(segs: &[wire::SegInfo], out: &[Tensor]) -> Option<String> {
             incoming.len(),
             out.len()
         ));
+    }
+    for (i, t) in out.iter().enumerate() {
+        if t.is_cuda() && !t.is_contiguous() {
+            return Some(format!(
+                "out[{i}] is a non-contiguous CUDA tensor: receive into a contiguous one and copy (torch_parallel does this for you) (the message was discarded; the connection is still usable)"
+            ));
+        }
+        if t.is_cuda() && cuda::cuda().is_none() {
+            return Some(format!(
+                "out[{i}] is a CUDA tensor but this process cannot use CUDA: {} (the message was discarded; the connection is still usable)",
+                cuda::unavailable_reason()
+            ));
+        }
     }
     for (i, ((dtype, shape), t)) in incoming.iter().zip(out).enumerate() {
         if **dtype != t.dtype || **shape != t.shape {
