@@ -34,6 +34,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod gpu;
+pub use gpu::DeviceReduce;
+
 /// Which collective a control frame belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -76,17 +79,20 @@ struct Meta {
     dtype: Option<DType>,
     count: usize,
     root: usize,
+    /// The data are CUDA tensors (the GPU path: tree up and down, reductions on the device).
+    gpu: bool,
 }
 
 impl Meta {
     fn describe(&self) -> String {
         match self.dtype {
             Some(d) => format!(
-                "{}(op {}, {} x {}, root {})",
+                "{}(op {}, {} x {}{}, root {})",
                 self.kind.name(),
                 self.op,
                 self.count,
                 d.name(),
+                if self.gpu { " on CUDA" } else { "" },
                 self.root
             ),
             None => format!("{}(root {})", self.kind.name(), self.root),
@@ -125,6 +131,8 @@ pub struct Tree {
     contributors: AtomicU64,
     done: Mutex<bool>,
     failed: Mutex<Option<String>>,
+    /// Device scratch of the GPU path, reused across calls.
+    gpu_scratch: Mutex<Option<parallel_engine::cuda::DeviceAlloc>>,
 }
 
 /// A send for the tree's own sender thread.
@@ -231,6 +239,7 @@ impl Tree {
             contributors: AtomicU64::new(0),
             done: Mutex::new(false),
             failed: Mutex::new(None),
+            gpu_scratch: Mutex::new(None),
         })
     }
 
@@ -556,6 +565,7 @@ impl Tree {
             dtype: Some(dtype),
             count: buf.len() / dtype.itemsize(),
             root: 0,
+            gpu: false,
         };
         self.run(|| {
             if self.uses_ring(buf.len()) {
@@ -789,6 +799,7 @@ impl Tree {
             dtype: Some(dtype),
             count: buf.len() / dtype.itemsize(),
             root,
+            gpu: false,
         };
         self.run(|| {
             self.pass(Some(&meta), None, Some(buf), true, self.rank == root)
@@ -806,6 +817,7 @@ impl Tree {
             dtype: Some(dtype),
             count: buf.len() / dtype.itemsize(),
             root,
+            gpu: false,
         };
         let mut work = buf.to_vec();
         self.run(|| {
@@ -828,6 +840,7 @@ impl Tree {
             dtype: None,
             count: 0,
             root: 0,
+            gpu: false,
         };
         self.run(|| {
             // Gather: each rank's piece travels up as bytes, packed with its length.
@@ -937,6 +950,7 @@ impl Tree {
             dtype: None,
             count: 0,
             root: 0,
+            gpu: false,
         };
         self.run(|| {
             self.pass(Some(&meta), None, None, false, false)
@@ -970,6 +984,16 @@ impl Tree {
                 return Ok(served);
             }
             served += 1;
+            // Join the device path of a CUDA all-reduce with identity data (host memory).
+            if let Some(m) = &v.meta
+                && m.kind == Kind::AllReduce
+                && m.gpu
+            {
+                if let Err(e) = self.serve_gpu_all_reduce(m, op) {
+                    return Err(self.abort(&e));
+                }
+                continue;
+            }
             // Join the ring part of a large all-reduce with identity data.
             if let Some(m) = &v.meta
                 && m.kind == Kind::AllReduce
@@ -1097,6 +1121,7 @@ fn meta_value(m: &Meta) -> Value {
         m.dtype.map_or(Value::None, |d| Value::Int(d as u8 as i64)),
         Value::Int(m.count as i64),
         Value::Int(m.root as i64),
+        Value::Bool(m.gpu),
     ])
 }
 
@@ -1111,6 +1136,7 @@ fn parse_meta(v: &Value) -> Result<Meta> {
         dtype,
         Value::Int(count),
         Value::Int(root),
+        _,
     ] = &t[..]
     else {
         return Err(bad());
@@ -1121,6 +1147,7 @@ fn parse_meta(v: &Value) -> Result<Meta> {
         dtype: dtype.as_int().and_then(|c| DType::from_code(c as u8)),
         count: (*count).max(0) as usize,
         root: (*root).max(0) as usize,
+        gpu: matches!(t.get(5), Some(Value::Bool(true))),
     })
 }
 

@@ -1,0 +1,212 @@
+//! The Tree's GPU path: all-reduce of CUDA tensors with reductions on the device.
+//!
+//! After the usual control pass (which checks that every rank called the same collective on the
+//! same kind of memory, TREE-2), the data go up the tree and come back down as whole CUDA tensors
+//! over the tree's links: between processes of one host by CUDA IPC (the parent copies the
+//! child's tensor device to device, then reduces it into its own with an NVRTC-compiled kernel),
+//! across hosts staged through pinned host memory (the links' pipeline). Ranks that called
+//! `done()` take part with the op's identity in host memory (uneven endings, TREE-4).
+//!
+//! Invariants:
+//! - GPU-1: contributions are applied in the same order as on the CPU path (own, then children
+//!   in rank order), and every rank receives the root's bytes: the result is bitwise the same on
+//!   every rank.
+//! - GPU-2: when `all_reduce_cuda` returns, the result is complete in the caller's memory (our
+//!   stream is synchronized, CUDA-2); the caller's producer stream was ordered before our work
+//!   by the caller (DLPack's stream argument in the bindings).
+
+use super::{Kind, Meta, Tree};
+use crate::cuda_ops;
+use crate::ops::{self, Op};
+use parallel_engine::cuda::{self, DeviceAlloc};
+use parallel_engine::runtime::Deadline;
+use parallel_engine::value::{DType, Device, Tensor, Value};
+use parallel_engine::{Error, ErrorKind, Result};
+use std::sync::Arc;
+
+/// A user reduce function on device memory: `f(dst, src, dtype, elements, device)` must leave
+/// `dst = dst op src` and be complete on the device when it returns.
+pub type DeviceReduce = Arc<dyn Fn(u64, u64, DType, usize, i32) -> Result<()> + Send + Sync>;
+
+/// A tensor header over memory the caller keeps alive for the duration of one send or receive.
+fn alias(dtype: DType, n: usize, device: Device, ptr: *mut u8, len: usize) -> Tensor {
+    // SAFETY: used only for one synchronous send/receive while the memory is alive (callers).
+    unsafe { Tensor::from_raw(dtype, vec![n], None, device, ptr, len, Arc::new(())) }
+}
+
+impl Tree {
+    /// All-reduce of `len` bytes of CUDA memory at `ptr` on device `dev`, in place; returns how
+    /// many ranks contributed. `user` applies a user op on the device (needed for `Op::User`).
+    ///
+    /// # Safety
+    /// `ptr` is device memory on `dev` of `len` bytes (whole elements of `dtype`), valid and not
+    /// used by anything else until this returns (GPU-2).
+    pub unsafe fn all_reduce_cuda(
+        &self,
+        dtype: DType,
+        dev: i32,
+        ptr: u64,
+        len: usize,
+        op: &Op,
+        user: Option<&DeviceReduce>,
+    ) -> Result<usize> {
+        op.check(dtype)?;
+        let g = cuda::require("all_reduce")?;
+        if !self.active() {
+            return Err(Error::new(
+                ErrorKind::Config,
+                "all_reduce",
+                "this rank called done(): it has no more data to reduce",
+            ));
+        }
+        if matches!(op, Op::User(_)) && user.is_none() {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                "all_reduce",
+                "a user op on CUDA tensors needs its device form (all_reduce_cuda's `user`)",
+            ));
+        }
+        let count = len / dtype.itemsize();
+        let meta = Meta {
+            kind: Kind::AllReduce,
+            op: op.name().into(),
+            dtype: Some(dtype),
+            count,
+            root: 0,
+            gpu: true,
+        };
+        self.run(|| {
+            let v = self.pass(Some(&meta), Some(op), None, false, true)?;
+            let deadline = self.deadline();
+            let mut scratch = self.scratch(dev, len)?;
+            let mine = alias(dtype, count, Device::Cuda(dev), ptr as *mut u8, len);
+            let mut tmp = alias(dtype, count, Device::Cuda(dev), scratch.ptr as *mut u8, len);
+            let r = self.up_and_down(mine, &mut tmp, deadline, |_, _| match (op, user) {
+                (Op::User(_), Some(f)) => {
+                    g.sync(dev, deadline)?;
+                    f(ptr, scratch.ptr, dtype, count, dev)
+                }
+                // SAFETY: the caller's tensor and our scratch, `count` elements each on `dev`,
+                // both untouched until the stream is synchronized below.
+                _ => unsafe { cuda_ops::reduce_device(op, dtype, ptr, scratch.ptr, count, dev) },
+            });
+            let r = r.and_then(|_| {
+                if matches!(op, Op::Avg) {
+                    // SAFETY: the caller's tensor, synchronized below.
+                    unsafe { cuda_ops::divide_device(dtype, ptr, count, v.contributors, dev)? };
+                }
+                g.sync(dev, deadline)
+            });
+            self.keep_scratch(&mut scratch);
+            r.map(|_| v.contributors)
+        })
+    }
+
+    /// A finished rank's part in a CUDA all-reduce: the op's identity, in host memory (links
+    /// stage between host and device as needed).
+    pub(super) fn serve_gpu_all_reduce(&self, m: &Meta, op: Option<&Op>) -> Result<()> {
+        let dtype = m.dtype.ok_or_else(|| {
+            Error::new(
+                ErrorKind::Protocol,
+                "done",
+                "a CUDA all-reduce without dtype",
+            )
+        })?;
+        let op = match op.cloned().or_else(|| Op::parse(&m.op).ok()) {
+            Some(op) => op,
+            None if self.plan.children[self.rank].is_empty() => Op::Sum,
+            None => {
+                return Err(Error::new(
+                    ErrorKind::Unsupported,
+                    "done",
+                    "the others reduce with a user function: pass it to done(op) so this rank can combine its children's data",
+                ));
+            }
+        };
+        let len = m.count * dtype.itemsize();
+        let mut buf = vec![0u8; len];
+        ops::identity(&op, dtype, &mut buf);
+        let mut tmp = vec![0u8; len];
+        let mine = alias(dtype, m.count, Device::Cpu, buf.as_mut_ptr(), len);
+        let mut scratch = alias(dtype, m.count, Device::Cpu, tmp.as_mut_ptr(), len);
+        let (bp, tp) = (buf.as_mut_ptr(), tmp.as_ptr());
+        self.up_and_down(mine, &mut scratch, self.deadline(), |_, _| {
+            // SAFETY: both buffers hold `len` bytes and live until the end of this function.
+            let (d, s) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut(bp, len),
+                    std::slice::from_raw_parts(tp, len),
+                )
+            };
+            ops::reduce_into(&op, dtype, d, s)
+        })
+    }
+
+    /// Reduce up the tree (children in rank order, GPU-1), then the root's result down.
+    fn up_and_down(
+        &self,
+        mut mine: Tensor,
+        scratch: &mut Tensor,
+        deadline: Deadline,
+        mut reduce: impl FnMut(&mut Tensor, &Tensor) -> Result<()>,
+    ) -> Result<()> {
+        let children = self.plan.children[self.rank].clone();
+        for &child in &children {
+            self.recv_data(child, scratch, deadline)?;
+            reduce(&mut mine, scratch)?;
+        }
+        if let Some(parent) = self.plan.parent[self.rank] {
+            self.send_data(parent, &mine, deadline)?;
+            self.recv_data(parent, &mut mine, deadline)?;
+        }
+        for &child in &children {
+            self.send_data(child, &mine, deadline)?;
+        }
+        Ok(())
+    }
+
+    fn send_data(&self, to: usize, t: &Tensor, deadline: Deadline) -> Result<()> {
+        let v = Value::Tensor(alias(
+            t.dtype,
+            t.numel(),
+            t.device,
+            t.data_ptr() as *mut u8,
+            t.nbytes(),
+        ));
+        self.link(to)?
+            .send(&v, Some(deadline.remaining()))
+            .map_err(|e| Error::new(e.kind(), "tree", format!("to rank {to}: {e}")))
+    }
+
+    fn recv_data(&self, from: usize, into: &mut Tensor, deadline: Deadline) -> Result<()> {
+        match self.recv_ctrl(from, deadline, std::slice::from_mut(into))? {
+            Value::Out(0) => Ok(()),
+            other => Err(Error::new(
+                ErrorKind::Protocol,
+                "tree",
+                format!("rank {from} sent {other:?} where CUDA all-reduce data was expected"),
+            )),
+        }
+    }
+
+    /// A device buffer of at least `len` bytes on `dev` (the tree keeps the last one).
+    fn scratch(&self, dev: i32, len: usize) -> Result<DeviceAlloc> {
+        let mut s = self.gpu_scratch.lock().unwrap_or_else(|p| p.into_inner());
+        match s.take() {
+            Some(a) if a.dev == dev && a.len >= len => Ok(a),
+            _ => DeviceAlloc::new(dev, len),
+        }
+    }
+
+    fn keep_scratch(&self, a: &mut DeviceAlloc) {
+        let taken = std::mem::replace(
+            a,
+            DeviceAlloc {
+                ptr: 0,
+                len: 0,
+                dev: a.dev,
+            },
+        );
+        *self.gpu_scratch.lock().unwrap_or_else(|p| p.into_inner()) = Some(taken);
+    }
+}
