@@ -214,7 +214,7 @@ pub fn flatten_out(
             flatten_out(&v, tensors, objs, depth + 1)?;
         }
     } else if obj.hasattr("__dlpack__")? {
-        tensors.push(dlpack::import(obj)?);
+        tensors.push(dlpack::import_out(obj)?);
         objs.push(obj.clone().unbind());
     } else {
         return Err(unsupported(format!(

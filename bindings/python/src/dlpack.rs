@@ -7,7 +7,11 @@
 //!   as long as the engine may read or write its memory.
 //! - DL-2: an exported capsule owns its engine tensor until the consumer calls the deleter, or,
 //!   if never consumed, until the capsule is destroyed (the standard "used_dltensor" protocol).
+//! - DL-3: CUDA tensors are imported with our stream as DLPack's `stream` argument (the producer
+//!   orders its work before ours); exported CUDA tensors are complete (our stream was
+//!   synchronized), so the consumer may use them on any stream.
 
+use crate::errors::IntoPyResult;
 use parallel_engine::value::{DType, Device, Tensor};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::ffi;
@@ -109,15 +113,53 @@ struct Keep {
     _obj: Py<PyAny>,
 }
 
+/// Imports a tensor-like object whose data the engine reads (a send): a non-contiguous CUDA
+/// tensor is made contiguous first (on the GPU, by its own library).
+pub fn import(obj: &Bound<'_, PyAny>) -> PyResult<Tensor> {
+    import_as(obj, false)
+}
+
+/// Imports a tensor-like object the engine writes into (`out=`, collectives).
+pub fn import_out(obj: &Bound<'_, PyAny>) -> PyResult<Tensor> {
+    import_as(obj, true)
+}
+
 /// Imports a tensor-like object through `__dlpack__`. torch tensors that require grad are
 /// detached first (we only read or fill their data).
-pub fn import(obj: &Bound<'_, PyAny>) -> PyResult<Tensor> {
+///
+/// CUDA (DL-3): the producer is asked, through DLPack's `stream` argument, to order its pending
+/// work on the tensor before our stream of that device (torch records an event on its current
+/// stream and makes ours wait); our calls synchronize our stream before they return.
+fn import_as(obj: &Bound<'_, PyAny>, write: bool) -> PyResult<Tensor> {
     let py = obj.py();
     let mut src = obj.clone();
     if src.hasattr("requires_grad")? && src.getattr("requires_grad")?.is_truthy()? {
         src = src.call_method0("detach")?;
     }
-    let capsule = src.call_method0("__dlpack__")?;
+    let (dev_type, dev_id) = if src.hasattr("__dlpack_device__")? {
+        src.call_method0("__dlpack_device__")?
+            .extract::<(i32, i32)>()
+            .unwrap_or((KDL_CPU, 0))
+    } else {
+        (KDL_CPU, 0)
+    };
+    let capsule = if dev_type == KDL_CUDA {
+        let g = parallel_engine::cuda::require(if write { "recv" } else { "send" }).py()?;
+        if src.hasattr("is_contiguous")? && !src.call_method0("is_contiguous")?.is_truthy()? {
+            if write {
+                return Err(PyValueError::new_err(
+                    "a non-contiguous CUDA tensor cannot be filled in place: pass a contiguous tensor and copy it into the view afterwards",
+                ));
+            }
+            src = src.call_method0("contiguous")?;
+        }
+        let stream = g.stream(dev_id).py()?;
+        let kw = pyo3::types::PyDict::new(py);
+        kw.set_item("stream", stream)?;
+        src.call_method("__dlpack__", (), Some(&kw))?
+    } else {
+        src.call_method0("__dlpack__")?
+    };
     // SAFETY: PyCapsule_GetPointer checks the capsule type and name and returns NULL (with an
     // exception set) when they do not match.
     let p = unsafe { ffi::PyCapsule_GetPointer(capsule.as_ptr(), NAME.as_ptr()) }
@@ -143,11 +185,7 @@ pub fn import(obj: &Bound<'_, PyAny>) -> PyResult<Tensor> {
     })?;
     let device = match t.device.device_type {
         KDL_CPU => Device::Cpu,
-        KDL_CUDA => {
-            return Err(PyValueError::new_err(
-                "CUDA tensors cannot be sent yet: this build moves CPU tensors only (CUDA links are a separate feature); call .cpu() first",
-            ));
-        }
+        KDL_CUDA => Device::Cuda(t.device.device_id),
         other => {
             return Err(PyValueError::new_err(format!(
                 "tensors on DLPack device type {other} are not supported; move the tensor to the CPU first"
@@ -253,6 +291,7 @@ pub fn export(py: Python<'_>, tensor: Tensor) -> PyResult<PyObject> {
                 .map(|s| s.iter().map(|x| *x as i64).collect())
         })
         .flatten();
+    let device = tensor.device;
     let mut ctx = Box::new(Ctx {
         tensor,
         shape,
@@ -268,9 +307,15 @@ pub fn export(py: Python<'_>, tensor: Tensor) -> PyResult<PyObject> {
     let m = Box::new(DLManagedTensor {
         dl_tensor: DLTensor {
             data,
-            device: DLDevice {
-                device_type: KDL_CPU,
-                device_id: 0,
+            device: match device {
+                Device::Cpu => DLDevice {
+                    device_type: KDL_CPU,
+                    device_id: 0,
+                },
+                Device::Cuda(i) => DLDevice {
+                    device_type: KDL_CUDA,
+                    device_id: i,
+                },
             },
             ndim,
             dtype,

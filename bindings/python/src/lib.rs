@@ -120,7 +120,11 @@ impl Received {
         dlpack::export(py, t)
     }
     fn __dlpack_device__(&self) -> (i32, i32) {
-        (1, 0)
+        let t = self.tensor.lock().unwrap_or_else(|e| e.into_inner());
+        match t.as_ref().map(|t| t.device) {
+            Some(parallel_engine::value::Device::Cuda(i)) => (2, i),
+            _ => (1, 0),
+        }
     }
 }
 
@@ -521,6 +525,27 @@ fn io_backend() -> PyResult<&'static str> {
     parallel_engine::runtime::backend().map(|b| b.name()).py()
 }
 
+/// Whether this process can use CUDA (driver found, PARALLEL_CUDA on).
+#[pyfunction]
+fn cuda_available() -> bool {
+    parallel_engine::cuda::cuda().is_some()
+}
+
+/// What CUDA this process uses, or why it has none.
+#[pyfunction]
+fn cuda_info() -> String {
+    match parallel_engine::cuda::cuda() {
+        Some(g) => g.describe(),
+        None => format!("no CUDA: {}", parallel_engine::cuda::unavailable_reason()),
+    }
+}
+
+/// A candidate path of libnvrtc (the package registers the NVIDIA wheels next to torch).
+#[pyfunction]
+fn _add_nvrtc_hint(path: &str) {
+    parallel_engine::cuda::nvrtc::add_hint(path);
+}
+
 /// The environment-variable table as Markdown (docs/environment.md).
 #[pyfunction]
 fn environment_markdown() -> String {
@@ -550,6 +575,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<tree::Work>()?;
     m.add_function(wrap_pyfunction!(config, m)?)?;
     m.add_function(wrap_pyfunction!(io_backend, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_available, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_info, m)?)?;
+    m.add_function(wrap_pyfunction!(_add_nvrtc_hint, m)?)?;
     m.add_function(wrap_pyfunction!(environment_markdown, m)?)?;
     m.add_function(wrap_pyfunction!(_register_errors, m)?)?;
     m.add_function(wrap_pyfunction!(_set_tensor_factory, m)?)?;

@@ -10,7 +10,9 @@ use crate::convert;
 use crate::dlpack;
 use crate::errors::IntoPyResult;
 use parallel_collectives::ops::{Op, UserReduce};
+use parallel_collectives::tree::DeviceReduce;
 use parallel_collectives::{Tree, TreeOptions};
+use parallel_engine::cuda::{self, DeviceAlloc, Mem};
 use parallel_engine::runtime::{Completion, Deadline};
 use parallel_engine::value::{DType, Device, Tensor};
 use parallel_engine::{Error, ErrorKind};
@@ -24,50 +26,93 @@ fn secs(t: Option<f64>) -> PyResult<Option<Duration>> {
     crate::timeout(t)
 }
 
-fn op_or_sum(op: Option<&Bound<'_, PyAny>>) -> PyResult<Op> {
-    op.map_or(Ok(Op::Sum), make_op)
+fn op_or_sum(op: Option<&Bound<'_, PyAny>>) -> PyResult<(Op, Option<DeviceReduce>)> {
+    op.map_or(Ok((Op::Sum, None)), make_op)
 }
 
-/// Builds the op: a name, or a Python callable applied to torch views of each chunk.
-fn make_op(op: &Bound<'_, PyAny>) -> PyResult<Op> {
+/// Builds the op: a name, or a Python callable applied to torch views of each chunk (host
+/// memory) and, for CUDA tensors, to torch CUDA tensors (the device form).
+fn make_op(op: &Bound<'_, PyAny>) -> PyResult<(Op, Option<DeviceReduce>)> {
     if let Ok(s) = op.downcast::<PyString>() {
-        return Op::parse(s.to_str()?).py();
+        return Ok((Op::parse(s.to_str()?).py()?, None));
     }
     if !op.is_callable() {
         return Err(pyo3::exceptions::PyTypeError::new_err(
             "op must be a name (sum, prod, min, max, avg, band, bor, bxor) or a callable f(a, b)",
         ));
     }
-    let f: Py<PyAny> = op.clone().unbind();
+    let f: Arc<Py<PyAny>> = Arc::new(op.clone().unbind());
+    // Calls f(a, b) on two views; copies a returned result into a.
+    fn apply(
+        py: Python<'_>,
+        f: &Py<PyAny>,
+        device: Device,
+        dtype: DType,
+        n: usize,
+        dst: *mut u8,
+        src: *mut u8,
+    ) -> PyResult<()> {
+        let wrap = |p: *mut u8| -> PyResult<PyObject> {
+            let keep: Arc<dyn std::any::Any + Send + Sync> = Arc::new(());
+            // SAFETY: the view covers exactly the chunk, valid for the duration of this call;
+            // the user function must not keep references to it (documented).
+            let t = unsafe {
+                Tensor::from_raw(dtype, vec![n], None, device, p, n * dtype.itemsize(), keep)
+            };
+            convert::to_py(py, parallel_engine::Value::Tensor(t), &[], false)
+        };
+        let a = wrap(dst)?;
+        let b = wrap(src)?;
+        let r = f.call1(py, (a.clone_ref(py), b))?;
+        if !r.is_none(py) && !r.is(&a) {
+            a.call_method1(py, "copy_", (r,))?;
+        }
+        if let Device::Cuda(i) = device {
+            // The function queued its work on torch's current stream: finish it before our
+            // stream goes on with the result.
+            py.import("torch")?
+                .getattr("cuda")?
+                .call_method1("synchronize", (i,))?;
+        }
+        Ok(())
+    }
+    fn raised(e: PyErr) -> Error {
+        Error::new(
+            ErrorKind::Unsupported,
+            "all_reduce",
+            format!("the reduce function raised: {e}"),
+        )
+    }
+    let fh = f.clone();
     let user: UserReduce = Arc::new(move |dst: &mut [u8], src: &[u8], dtype: DType, n: usize| {
-        Python::with_gil(|py| -> parallel_engine::Result<()> {
-            let wrap = |p: *mut u8, len: usize| -> PyResult<PyObject> {
-                let keep: Arc<dyn std::any::Any + Send + Sync> = Arc::new(());
-                // SAFETY: the view covers exactly the chunk, valid for the duration of this call;
-                // the user function must not keep references to it (documented).
-                let t =
-                    unsafe { Tensor::from_raw(dtype, vec![n], None, Device::Cpu, p, len, keep) };
-                convert::to_py(py, parallel_engine::Value::Tensor(t), &[], false)
-            };
-            let mut call = || -> PyResult<()> {
-                let a = wrap(dst.as_mut_ptr(), dst.len())?;
-                let b = wrap(src.as_ptr() as *mut u8, src.len())?;
-                let r = f.call1(py, (a.clone_ref(py), b))?;
-                if !r.is_none(py) && !r.is(&a) {
-                    a.call_method1(py, "copy_", (r,))?;
-                }
-                Ok(())
-            };
-            call().map_err(|e| {
-                Error::new(
-                    ErrorKind::Unsupported,
-                    "all_reduce",
-                    format!("the reduce function raised: {e}"),
-                )
-            })
+        Python::with_gil(|py| {
+            apply(
+                py,
+                &fh,
+                Device::Cpu,
+                dtype,
+                n,
+                dst.as_mut_ptr(),
+                src.as_ptr() as *mut u8,
+            )
+            .map_err(raised)
         })
     });
-    Ok(Op::User(user))
+    let device: DeviceReduce = Arc::new(move |dst: u64, src: u64, dtype: DType, n: usize, dev| {
+        Python::with_gil(|py| {
+            apply(
+                py,
+                &f,
+                Device::Cuda(dev),
+                dtype,
+                n,
+                dst as *mut u8,
+                src as *mut u8,
+            )
+            .map_err(raised)
+        })
+    });
+    Ok((Op::User(user), Some(device)))
 }
 
 /// The tensors of a value, grouped for the collectives.
@@ -82,25 +127,35 @@ impl Leaves {
         Ok(Leaves { tensors })
     }
 
-    /// Dtype groups in first-appearance order, each a list of leaf indices.
-    fn groups(&self) -> Vec<(DType, Vec<usize>)> {
-        let mut g: Vec<(DType, Vec<usize>)> = Vec::new();
+    /// (dtype, device) groups in first-appearance order, each a list of leaf indices.
+    fn groups(&self) -> Vec<(DType, Device, Vec<usize>)> {
+        let mut g: Vec<(DType, Device, Vec<usize>)> = Vec::new();
         for (i, t) in self.tensors.iter().enumerate() {
-            match g.iter_mut().find(|(d, _)| *d == t.dtype) {
-                Some((_, v)) => v.push(i),
-                None => g.push((t.dtype, vec![i])),
+            match g
+                .iter_mut()
+                .find(|(d, dev, _)| *d == t.dtype && *dev == t.device)
+            {
+                Some((_, _, v)) => v.push(i),
+                None => g.push((t.dtype, t.device, vec![i])),
             }
         }
         g
     }
 
-    /// Runs `f` on one contiguous byte buffer per dtype group: the tensor's own memory when the
-    /// group is one contiguous tensor, else a fused copy that is written back afterwards.
+    /// Runs `f` on one contiguous byte buffer per dtype group of CPU tensors: the tensor's own
+    /// memory when the group is one contiguous tensor, else a fused copy that is written back
+    /// afterwards. Groups of CUDA tensors go to `fdev` (device memory, fused on the device when
+    /// there are several), or, without it, are staged through host memory for `f`.
     fn each_group(
         &mut self,
         mut f: impl FnMut(DType, &mut [u8]) -> parallel_engine::Result<()>,
+        mut fdev: Option<&mut dyn FnMut(DType, i32, u64, usize) -> parallel_engine::Result<()>>,
     ) -> parallel_engine::Result<()> {
-        for (dtype, idx) in self.groups() {
+        for (dtype, device, idx) in self.groups() {
+            if let Device::Cuda(dev) = device {
+                self.cuda_group(dtype, dev, &idx, &mut f, &mut fdev)?;
+                continue;
+            }
             if idx.len() == 1 && self.tensors[idx[0]].is_contiguous() {
                 let t = &mut self.tensors[idx[0]];
                 let n = t.nbytes();
@@ -130,6 +185,81 @@ impl Leaves {
         }
         Ok(())
     }
+
+    /// One group of (contiguous) CUDA tensors on device `dev`.
+    fn cuda_group(
+        &mut self,
+        dtype: DType,
+        dev: i32,
+        idx: &[usize],
+        f: &mut impl FnMut(DType, &mut [u8]) -> parallel_engine::Result<()>,
+        fdev: &mut Option<&mut dyn FnMut(DType, i32, u64, usize) -> parallel_engine::Result<()>>,
+    ) -> parallel_engine::Result<()> {
+        let g = cuda::require("collective")?;
+        let deadline = Deadline::or_default(None);
+        let total: usize = idx.iter().map(|i| self.tensors[*i].nbytes()).sum();
+        let ptrs: Vec<(u64, usize)> = idx
+            .iter()
+            .map(|i| {
+                let t = &mut self.tensors[*i];
+                (t.data_mut_ptr() as u64, t.nbytes())
+            })
+            .collect();
+        // Copies between the tensors and one buffer (device or host), in order, then a sync.
+        let gather_scatter = |buf: Mem, back: bool| -> parallel_engine::Result<()> {
+            let mut off = 0u64;
+            for (p, n) in &ptrs {
+                let at = match buf {
+                    Mem::Dev(b) => Mem::Dev(b + off),
+                    Mem::Host(h) => Mem::Host(h.wrapping_add(off as usize)),
+                };
+                let (dst, src) = if back {
+                    (Mem::Dev(*p), at)
+                } else {
+                    (at, Mem::Dev(*p))
+                };
+                // SAFETY: each tensor holds n bytes (contiguous, import_out) and the buffer
+                // `total` bytes; the tensors stay alive (their capsules) until the sync below.
+                unsafe { g.copy(dev, dst, src, *n)? };
+                off += *n as u64;
+            }
+            g.sync(dev, deadline)
+        };
+        match fdev {
+            Some(fd) if ptrs.len() == 1 => fd(dtype, dev, ptrs[0].0, ptrs[0].1),
+            Some(fd) => {
+                let fused = DeviceAlloc::new(dev, total)?;
+                gather_scatter(Mem::Dev(fused.ptr), false)?;
+                fd(dtype, dev, fused.ptr, total)?;
+                gather_scatter(Mem::Dev(fused.ptr), true)
+            }
+            None => {
+                let mut host = vec![0u8; total];
+                gather_scatter(Mem::Host(host.as_mut_ptr()), false)?;
+                f(dtype, &mut host)?;
+                gather_scatter(Mem::Host(host.as_mut_ptr()), true)
+            }
+        }
+    }
+}
+
+/// All-reduce of every group of leaves: CPU groups through the host path, CUDA groups through
+/// the Tree's GPU path (reductions on the device).
+fn all_reduce_leaves(
+    t: &Tree,
+    leaves: &mut Leaves,
+    op: &Op,
+    user: Option<&DeviceReduce>,
+) -> parallel_engine::Result<()> {
+    let mut on_device = |dt: DType, dev: i32, ptr: u64, len: usize| {
+        // SAFETY: `ptr` is a contiguous CUDA tensor (or our fused buffer) of `len` bytes on
+        // `dev`, kept alive by its capsule and used by nothing else during the call.
+        unsafe { t.all_reduce_cuda(dt, dev, ptr, len, op, user) }.map(|_| ())
+    };
+    leaves.each_group(
+        |dt, b| t.all_reduce(dt, b, op).map(|_| ()),
+        Some(&mut on_device),
+    )
 }
 
 /// An allreduce tree of processes (see `torch_parallel.tree`).
@@ -291,10 +421,10 @@ impl Tree_ {
         value: Bound<'py, PyAny>,
         op: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let op = op_or_sum(op)?;
+        let (op, user) = op_or_sum(op)?;
         let mut leaves = Leaves::collect(&value)?;
         self.run(py, move |t| {
-            leaves.each_group(|dt, b| t.all_reduce(dt, b, &op).map(|_| ()))
+            all_reduce_leaves(t, &mut leaves, &op, user.as_ref())
         })?;
         Ok(value)
     }
@@ -305,10 +435,10 @@ impl Tree_ {
         value: Bound<'_, PyAny>,
         op: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Work> {
-        let op = op_or_sum(op)?;
+        let (op, user) = op_or_sum(op)?;
         let mut leaves = Leaves::collect(&value)?;
         self.work(value, move |t| {
-            leaves.each_group(|dt, b| t.all_reduce(dt, b, &op).map(|_| ()))
+            all_reduce_leaves(t, &mut leaves, &op, user.as_ref())
         })
     }
     /// Like broadcast, without waiting.
@@ -316,7 +446,7 @@ impl Tree_ {
     fn broadcast_async(&self, value: Bound<'_, PyAny>, root: usize) -> PyResult<Work> {
         let mut leaves = Leaves::collect(&value)?;
         self.work(value, move |t| {
-            leaves.each_group(|dt, b| t.broadcast(dt, b, root))
+            leaves.each_group(|dt, b| t.broadcast(dt, b, root), None)
         })
     }
     /// Like barrier, without waiting.
@@ -333,7 +463,7 @@ impl Tree_ {
     ) -> PyResult<Bound<'py, PyAny>> {
         let mut leaves = Leaves::collect(&value)?;
         self.run(py, move |t| {
-            leaves.each_group(|dt, b| t.broadcast(dt, b, root))
+            leaves.each_group(|dt, b| t.broadcast(dt, b, root), None)
         })?;
         Ok(value)
     }
@@ -346,10 +476,10 @@ impl Tree_ {
         op: Option<&Bound<'py, PyAny>>,
         root: usize,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let op = op_or_sum(op)?;
+        let (op, _) = op_or_sum(op)?;
         let mut leaves = Leaves::collect(&value)?;
         self.run(py, move |t| {
-            leaves.each_group(|dt, b| t.reduce(dt, b, &op, root).map(|_| ()))
+            leaves.each_group(|dt, b| t.reduce(dt, b, &op, root).map(|_| ()), None)
         })?;
         Ok(value)
     }
@@ -369,7 +499,18 @@ impl Tree_ {
     }
     /// Every rank's tensor, in rank order (shapes may differ between ranks).
     fn all_gather(&self, py: Python<'_>, tensor: &Bound<'_, PyAny>) -> PyResult<PyObject> {
-        let t = dlpack::import(tensor)?;
+        // CUDA tensors are gathered through host memory and come back on their device.
+        let device = tensor
+            .getattr("is_cuda")
+            .and_then(|c| c.is_truthy())
+            .unwrap_or(false)
+            .then(|| tensor.getattr("device"))
+            .transpose()?;
+        let host = match &device {
+            Some(_) => tensor.call_method0("cpu")?,
+            None => tensor.clone(),
+        };
+        let t = dlpack::import(&host)?;
         let mut packed = vec![t.dtype as u8, t.shape.len() as u8];
         for d in &t.shape {
             packed.extend_from_slice(&(*d as u64).to_le_bytes());
@@ -388,12 +529,11 @@ impl Tree_ {
             }
             let data = p.get(2 + 8 * nd..).ok_or_else(bad)?.to_vec();
             let t = Tensor::from_bytes(dtype, shape, data).py()?;
-            out.append(convert::to_py(
-                py,
-                parallel_engine::Value::Tensor(t),
-                &[],
-                false,
-            )?)?;
+            let mut o = convert::to_py(py, parallel_engine::Value::Tensor(t), &[], false)?;
+            if let Some(d) = &device {
+                o = o.call_method1(py, "to", (d,))?;
+            }
+            out.append(o)?;
         }
         Ok(out.into_any().unbind())
     }
@@ -410,7 +550,7 @@ impl Tree_ {
         op: Option<&Bound<'_, PyAny>>,
         timeout: Option<f64>,
     ) -> PyResult<usize> {
-        let op = op.map(make_op).transpose()?;
+        let op = op.map(make_op).transpose()?.map(|(op, _)| op);
         let timeout = secs(timeout)?;
         self.run(py, move |t| t.done(op.as_ref(), timeout))
     }

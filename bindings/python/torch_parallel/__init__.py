@@ -11,8 +11,9 @@ Client/Server::
     server.close()
 
 Values: None, bool, int (64-bit), float, str, bytes, list, tuple, dict (str/int keys) and tensors
-(torch, numpy or any DLPack object, CPU), nested freely. Received tensors are torch tensors when
-torch is importable, else numpy arrays. Every blocking call takes ``timeout`` (seconds; default
+(torch, numpy or any DLPack object, CPU or CUDA), nested freely. Received tensors are torch tensors
+when torch is importable, else numpy arrays; CUDA tensors arrive on the same device index (by CUDA
+IPC between processes of one host, staged through pinned host memory otherwise; docs/cuda.md). Every blocking call takes ``timeout`` (seconds; default
 ``PARALLEL_TIMEOUT``) and releases the GIL while it waits.
 """
 
@@ -64,6 +65,8 @@ __all__ = [
     "WorkerError",
     "client",
     "config",
+    "cuda_available",
+    "cuda_info",
     "io_backend",
     "map",
     "server",
@@ -86,6 +89,23 @@ def _tensor_factory() -> Any:
 
 
 _native._set_tensor_factory(_tensor_factory())
+
+
+def _register_nvrtc() -> None:
+    """Points the engine at libnvrtc from the NVIDIA wheels that torch's CUDA build installs
+    (``nvidia/*/lib``), for the GPU reduction kernels; cheap, and nothing is loaded here."""
+    import glob
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("nvidia")
+    for root in list(spec.submodule_search_locations or []) if spec else []:
+        for path in sorted(glob.glob(os.path.join(root, "*", "lib", "libnvrtc.so*")), reverse=True):
+            if "builtins" not in os.path.basename(path):
+                _native._add_nvrtc_hint(path)
+
+
+_register_nvrtc()
 
 
 def server(host: str = "127.0.0.1", port: int = 0, *, allow_pickle: bool = False) -> Server:
@@ -136,6 +156,16 @@ def tree(
 def config() -> dict[str, str]:
     """Every effective ``PARALLEL_*`` value (raises ConfigError for a malformed one)."""
     return dict(_native.config())
+
+
+def cuda_available() -> bool:
+    """Whether this process can use CUDA (an NVIDIA driver was found and ``PARALLEL_CUDA`` is on)."""
+    return bool(_native.cuda_available())
+
+
+def cuda_info() -> str:
+    """The CUDA driver and devices in use, or why there is no CUDA here."""
+    return str(_native.cuda_info())
 
 
 def io_backend() -> str:
