@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The one command for a machine with an NVIDIA GPU (issue #5, CUDA tensors): sets up, shows the
+# GPU, runs the CUDA tests (tests/gpu), then the CUDA benchmark (benches/cuda.py).
+#   bash scripts/gpu.sh [benches/cuda.py args, e.g. --quick]
+# Writes ${OUT:-bench-out}/gpu/: env.txt, pytest.log, bench.log, cuda.json, cuda.md.
+# Exits non-zero when torch sees no GPU, when a test fails, or when the benchmark fails.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+dest="${OUT:-bench-out}/gpu"
+mkdir -p "$dest"
+bash scripts/setup.sh
+PY=.venv/bin/python
+
+# What this run is on.
+{
+  nvidia-smi || echo "nvidia-smi failed"
+  "$PY" -c 'import torch, torch_parallel as p
+print("torch", torch.__version__, "CUDA", torch.version.cuda, "available", torch.cuda.is_available())
+print("torch_parallel:", getattr(p, "cuda_info", lambda: "cuda_info() missing")())' \
+    || echo "importing torch or torch_parallel failed"
+} 2>&1 | tee "$dest/env.txt"
+# Without a GPU the tests would only skip: that is not a pass here.
+"$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' \
+  || { echo "gpu.sh: torch sees no CUDA device (see $dest/env.txt)"; exit 2; }
+
+# Tests first; the benchmark runs even when they fail (its numbers help), the exit code says so.
+set +e
+"$PY" -m pytest -q -ra -p no:cacheprovider tests/gpu 2>&1 | tee "$dest/pytest.log"
+tests=${PIPESTATUS[0]}
+"$PY" benches/cuda.py --json "$dest/cuda.json" --md "$dest/cuda.md" "$@" 2>&1 | tee "$dest/bench.log"
+bench=${PIPESTATUS[0]}
+set -e
+echo "gpu.sh: tests exit $tests, benchmark exit $bench; outputs in $dest"
+[ "$tests" -eq 0 ] || exit "$tests"
+exit "$bench"
