@@ -196,6 +196,7 @@ pub fn flatten_out(
     obj: &Bound<'_, PyAny>,
     tensors: &mut Vec<Tensor>,
     objs: &mut Vec<PyObject>,
+    writebacks: &mut Vec<(PyObject, PyObject)>,
     depth: usize,
 ) -> PyResult<()> {
     if depth > 64 {
@@ -203,24 +204,37 @@ pub fn flatten_out(
     }
     if let Ok(l) = obj.downcast::<PyList>() {
         for x in l.iter() {
-            flatten_out(&x, tensors, objs, depth + 1)?;
+            flatten_out(&x, tensors, objs, writebacks, depth + 1)?;
         }
     } else if let Ok(t) = obj.downcast::<PyTuple>() {
         for x in t.iter() {
-            flatten_out(&x, tensors, objs, depth + 1)?;
+            flatten_out(&x, tensors, objs, writebacks, depth + 1)?;
         }
     } else if let Ok(d) = obj.downcast::<PyDict>() {
         for (_, v) in d.iter() {
-            flatten_out(&v, tensors, objs, depth + 1)?;
+            flatten_out(&v, tensors, objs, writebacks, depth + 1)?;
         }
     } else if obj.hasattr("__dlpack__")? {
-        tensors.push(dlpack::import_out(obj)?);
+        let (t, tmp) = dlpack::import_out(obj)?;
+        tensors.push(t);
         objs.push(obj.clone().unbind());
+        if let Some(tmp) = tmp {
+            writebacks.push((obj.clone().unbind(), tmp));
+        }
     } else {
         return Err(unsupported(format!(
             "out= must be a tensor or a list/tuple/dict of tensors, not {}",
             type_name(obj)
         )));
+    }
+    Ok(())
+}
+
+/// Copies contiguous stand-ins back into the non-contiguous CUDA views they replaced
+/// (`dlpack::import_out`), once the engine filled them.
+pub fn write_back(py: Python<'_>, writebacks: &[(PyObject, PyObject)]) -> PyResult<()> {
+    for (view, tmp) in writebacks {
+        view.call_method1(py, "copy_", (tmp.clone_ref(py),))?;
     }
     Ok(())
 }

@@ -119,9 +119,19 @@ pub fn import(obj: &Bound<'_, PyAny>) -> PyResult<Tensor> {
     import_as(obj, false)
 }
 
-/// Imports a tensor-like object the engine writes into (`out=`, collectives).
-pub fn import_out(obj: &Bound<'_, PyAny>) -> PyResult<Tensor> {
-    import_as(obj, true)
+/// Imports a tensor-like object the engine writes into (`out=`, collectives). A non-contiguous
+/// CUDA tensor is replaced by a contiguous copy, returned too: the caller copies it back into the
+/// view once the engine is done (`convert::write_back`).
+pub fn import_out(obj: &Bound<'_, PyAny>) -> PyResult<(Tensor, Option<PyObject>)> {
+    if obj.hasattr("is_cuda")?
+        && obj.getattr("is_cuda")?.is_truthy()?
+        && !obj.call_method0("is_contiguous")?.is_truthy()?
+    {
+        let tmp = obj.call_method0("contiguous")?;
+        let t = import_as(&tmp, true)?;
+        return Ok((t, Some(tmp.unbind())));
+    }
+    Ok((import_as(obj, true)?, None))
 }
 
 /// Imports a tensor-like object through `__dlpack__`. torch tensors that require grad are

@@ -150,12 +150,13 @@ fn do_recv(
     pickle: bool,
 ) -> PyResult<PyObject> {
     let t = timeout(t)?;
-    let (mut tensors, mut objs) = (Vec::new(), Vec::new());
+    let (mut tensors, mut objs, mut wb) = (Vec::new(), Vec::new(), Vec::new());
     if let Some(o) = out {
-        convert::flatten_out(o, &mut tensors, &mut objs, 0)?;
+        convert::flatten_out(o, &mut tensors, &mut objs, &mut wb, 0)?;
     }
     let c = conn.clone();
     let v = wait(py, move || c.recv_into(&mut tensors, t))?;
+    convert::write_back(py, &wb)?;
     convert::to_py(py, v, &objs, pickle)
 }
 
@@ -169,6 +170,7 @@ fn do_send_async(
     Ok(Handle {
         inner: HandleKind::Send(conn.send_async(v, timeout(t)?)),
         outs: vec![],
+        writebacks: vec![],
         pickle,
     })
 }
@@ -179,13 +181,14 @@ fn do_recv_async(
     out: Option<&Bound<'_, PyAny>>,
     pickle: bool,
 ) -> PyResult<Handle> {
-    let (mut tensors, mut objs) = (Vec::new(), Vec::new());
+    let (mut tensors, mut objs, mut wb) = (Vec::new(), Vec::new(), Vec::new());
     if let Some(o) = out {
-        convert::flatten_out(o, &mut tensors, &mut objs, 0)?;
+        convert::flatten_out(o, &mut tensors, &mut objs, &mut wb, 0)?;
     }
     Ok(Handle {
         inner: HandleKind::Recv(conn.recv_async(tensors, timeout(t)?)),
         outs: objs,
+        writebacks: wb,
         pickle,
     })
 }
@@ -477,6 +480,8 @@ enum HandleKind {
 pub struct Handle {
     inner: HandleKind,
     outs: Vec<PyObject>,
+    /// Non-contiguous CUDA `out=` views and their contiguous stand-ins (copied back on wait).
+    writebacks: Vec<(PyObject, PyObject)>,
     pickle: bool,
 }
 
@@ -502,6 +507,7 @@ impl Handle {
             HandleKind::Recv(c) => {
                 let c = c.clone();
                 let (v, _outs) = wait(py, move || c.wait(d, "recv_async"))?;
+                convert::write_back(py, &self.writebacks)?;
                 convert::to_py(py, v, &self.outs, self.pickle)
             }
         }
@@ -538,6 +544,28 @@ fn cuda_info() -> String {
         Some(g) => g.describe(),
         None => format!("no CUDA: {}", parallel_engine::cuda::unavailable_reason()),
     }
+}
+
+/// Device memory the engine creates (received CUDA tensors, scratch) comes from `f(device,
+/// nbytes)`, which returns a tensor owning it (the package passes torch's caching allocator).
+#[pyfunction]
+fn _set_cuda_allocator(f: PyObject) {
+    let f = Arc::new(f);
+    parallel_engine::cuda::set_allocator(Box::new(move |dev: i32, len: usize| {
+        Python::with_gil(|py| {
+            let t = f.call1(py, (dev, len))?;
+            let ptr: u64 = t.call_method0(py, "data_ptr")?.extract(py)?;
+            let owner: Box<dyn std::any::Any + Send + Sync> = Box::new(t);
+            Ok::<_, PyErr>((ptr, owner))
+        })
+        .map_err(|e| {
+            parallel_engine::Error::new(
+                parallel_engine::ErrorKind::Resource,
+                "alloc",
+                format!("allocating {len} bytes on cuda:{dev} through torch failed: {e}"),
+            )
+        })
+    }));
 }
 
 /// A candidate path of libnvrtc (the package registers the NVIDIA wheels next to torch).
@@ -578,6 +606,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_available, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_info, m)?)?;
     m.add_function(wrap_pyfunction!(_add_nvrtc_hint, m)?)?;
+    m.add_function(wrap_pyfunction!(_set_cuda_allocator, m)?)?;
     m.add_function(wrap_pyfunction!(environment_markdown, m)?)?;
     m.add_function(wrap_pyfunction!(_register_errors, m)?)?;
     m.add_function(wrap_pyfunction!(_set_tensor_factory, m)?)?;

@@ -121,10 +121,11 @@ struct Leaves {
 }
 
 impl Leaves {
-    fn collect(value: &Bound<'_, PyAny>) -> PyResult<Leaves> {
-        let (mut tensors, mut objs) = (Vec::new(), Vec::new());
-        convert::flatten_out(value, &mut tensors, &mut objs, 0)?;
-        Ok(Leaves { tensors })
+    /// The leaves, and the contiguous stand-ins of non-contiguous CUDA views to copy back.
+    fn collect(value: &Bound<'_, PyAny>) -> PyResult<(Leaves, Vec<(PyObject, PyObject)>)> {
+        let (mut tensors, mut objs, mut wb) = (Vec::new(), Vec::new(), Vec::new());
+        convert::flatten_out(value, &mut tensors, &mut objs, &mut wb, 0)?;
+        Ok((Leaves { tensors }, wb))
     }
 
     /// (dtype, device) groups in first-appearance order, each a list of leaf indices.
@@ -343,11 +344,13 @@ impl Tree_ {
     fn work(
         &self,
         value: Bound<'_, PyAny>,
+        writebacks: Vec<(PyObject, PyObject)>,
         f: impl FnOnce(&Tree) -> parallel_engine::Result<()> + Send + 'static,
     ) -> PyResult<Work> {
         Ok(Work {
             done: self.submit(f)?,
             value: value.unbind(),
+            writebacks,
         })
     }
 }
@@ -357,6 +360,8 @@ impl Tree_ {
 pub struct Work {
     done: Completion<()>,
     value: PyObject,
+    /// Non-contiguous CUDA views and their contiguous stand-ins (copied back on wait).
+    writebacks: Vec<(PyObject, PyObject)>,
 }
 
 #[pymethods]
@@ -371,6 +376,7 @@ impl Work {
         let c = self.done.clone();
         let d = Deadline::or_default(secs(timeout)?);
         crate::wait(py, move || c.wait(d, "tree"))?;
+        convert::write_back(py, &self.writebacks)?;
         Ok(self.value.clone_ref(py))
     }
 }
@@ -422,10 +428,11 @@ impl Tree_ {
         op: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let (op, user) = op_or_sum(op)?;
-        let mut leaves = Leaves::collect(&value)?;
+        let (mut leaves, wb) = Leaves::collect(&value)?;
         self.run(py, move |t| {
             all_reduce_leaves(t, &mut leaves, &op, user.as_ref())
         })?;
+        convert::write_back(py, &wb)?;
         Ok(value)
     }
     /// Like all_reduce, without waiting: returns a handle with wait(timeout) and done().
@@ -436,22 +443,24 @@ impl Tree_ {
         op: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Work> {
         let (op, user) = op_or_sum(op)?;
-        let mut leaves = Leaves::collect(&value)?;
-        self.work(value, move |t| {
+        let (mut leaves, wb) = Leaves::collect(&value)?;
+        self.work(value, wb, move |t| {
             all_reduce_leaves(t, &mut leaves, &op, user.as_ref())
         })
     }
     /// Like broadcast, without waiting.
     #[pyo3(signature = (value, root=0))]
     fn broadcast_async(&self, value: Bound<'_, PyAny>, root: usize) -> PyResult<Work> {
-        let mut leaves = Leaves::collect(&value)?;
-        self.work(value, move |t| {
+        let (mut leaves, wb) = Leaves::collect(&value)?;
+        self.work(value, wb, move |t| {
             leaves.each_group(|dt, b| t.broadcast(dt, b, root), None)
         })
     }
     /// Like barrier, without waiting.
     fn barrier_async(&self, py: Python<'_>) -> PyResult<Work> {
-        self.work(py.None().into_bound(py), |t| t.barrier().map(|_| ()))
+        self.work(py.None().into_bound(py), vec![], |t| {
+            t.barrier().map(|_| ())
+        })
     }
     /// Broadcast from `root` in place; returns `value`.
     #[pyo3(signature = (value, root=0))]
@@ -461,10 +470,11 @@ impl Tree_ {
         value: Bound<'py, PyAny>,
         root: usize,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let mut leaves = Leaves::collect(&value)?;
+        let (mut leaves, wb) = Leaves::collect(&value)?;
         self.run(py, move |t| {
             leaves.each_group(|dt, b| t.broadcast(dt, b, root), None)
         })?;
+        convert::write_back(py, &wb)?;
         Ok(value)
     }
     /// Reduce to `root` (in place there; other ranks keep their values); returns `value`.
@@ -477,10 +487,11 @@ impl Tree_ {
         root: usize,
     ) -> PyResult<Bound<'py, PyAny>> {
         let (op, _) = op_or_sum(op)?;
-        let mut leaves = Leaves::collect(&value)?;
+        let (mut leaves, wb) = Leaves::collect(&value)?;
         self.run(py, move |t| {
             leaves.each_group(|dt, b| t.reduce(dt, b, &op, root).map(|_| ()), None)
         })?;
+        convert::write_back(py, &wb)?;
         Ok(value)
     }
     /// All-reduce of a copy of `tensor`, then this rank's part of it along dimension 0 (parts as

@@ -10,10 +10,11 @@ Client/Server::
     client.close()
     server.close()
 
-Values: None, bool, int (64-bit), float, str, bytes, list, tuple, dict (str/int keys) and tensors
-(torch, numpy or any DLPack object, CPU or CUDA), nested freely. Received tensors are torch tensors
-when torch is importable, else numpy arrays; CUDA tensors arrive on the same device index (by CUDA
-IPC between processes of one host, staged through pinned host memory otherwise; docs/cuda.md). Every blocking call takes ``timeout`` (seconds; default
+Values: None, bool, int (64-bit), float, str, bytes, list, tuple, dict (str/int keys) and
+tensors (torch, numpy or any DLPack object, CPU or CUDA), nested freely. Received tensors are
+torch tensors when torch is importable, else numpy arrays; CUDA tensors arrive on the same device
+index (by CUDA IPC between processes of one host, staged through pinned host memory otherwise;
+see docs/cuda.md). Every blocking call takes ``timeout`` (seconds; default
 ``PARALLEL_TIMEOUT``) and releases the GIL while it waits.
 """
 
@@ -89,6 +90,17 @@ def _tensor_factory() -> Any:
 
 
 _native._set_tensor_factory(_tensor_factory())
+
+
+def _cuda_alloc(device: int, nbytes: int) -> Any:
+    """Device memory for received CUDA tensors, from torch's caching allocator (``cudaFree``
+    would synchronize the whole device each time a received tensor is freed)."""
+    import torch
+
+    return torch.empty(nbytes, dtype=torch.uint8, device=f"cuda:{device}")
+
+
+_native._set_cuda_allocator(_cuda_alloc)
 
 
 def _register_nvrtc() -> None:

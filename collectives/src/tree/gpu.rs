@@ -205,6 +205,7 @@ impl Tree {
                 ptr: 0,
                 len: 0,
                 dev: a.dev,
+                owner: None,
             },
         );
         *self.gpu_scratch.lock().unwrap_or_else(|p| p.into_inner()) = Some(taken);

@@ -88,6 +88,10 @@ pub(super) struct Driver {
     devs: Vec<OnceLock<std::result::Result<DevState, Error>>>,
     /// Opened IPC allocations: (device, handle) -> base address.
     ipc: Mutex<HashMap<(i32, [u8; 64]), DevPtr>>,
+    /// Our own exports (a process cannot open its own handles): handle -> base address, and
+    /// event handle -> event (alive until the exporter's send returns, after the importer's ack).
+    own_mem: Mutex<HashMap<[u8; 64], DevPtr>>,
+    own_events: Mutex<HashMap<[u8; 64], u64>>,
     kernels: Mutex<HashMap<(i32, String), (Module, u64)>>,
 }
 
@@ -123,6 +127,8 @@ impl Driver {
             count: count as usize,
             devs: (0..count).map(|_| OnceLock::new()).collect(),
             ipc: Mutex::new(HashMap::new()),
+            own_mem: Mutex::new(HashMap::new()),
+            own_events: Mutex::new(HashMap::new()),
             kernels: Mutex::new(HashMap::new()),
         })
     }
@@ -332,6 +338,10 @@ impl Gpu for Driver {
     }
 
     fn release_event(&self, ev: Event) {
+        self.own_events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, e| *e != ev.raw);
         if self.enter(ev.dev).is_ok() {
             // SAFETY: created by record(); destroyed once (the driver defers a pending one).
             unsafe { sys::cuEventDestroy_v2(ev.raw as sys::CUevent) };
@@ -408,11 +418,44 @@ impl Gpu for Driver {
             rec.mem[i] = mh.reserved[i] as u8;
             rec.event[i] = eh.reserved[i] as u8;
         }
+        self.own_mem
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(rec.mem, base);
+        self.own_events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(rec.event, ev.raw);
         Ok((rec, ev))
     }
 
     fn ipc_import(&self, dev: i32, rec: &IpcRecord) -> Result<DevPtr> {
         let st = self.enter(dev)?;
+        // A peer in this same process (threads, or a tree with several ranks here).
+        let own_base = self
+            .own_mem
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&rec.mem)
+            .copied();
+        if let Some(base) = own_base {
+            let ev = self
+                .own_events
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&rec.event)
+                .copied();
+            if let Some(ev) = ev {
+                ck(
+                    // SAFETY: our own event, alive until the exporter's send returns (after our
+                    // ack).
+                    unsafe { sys::cuStreamWaitEvent(st.stream, ev as sys::CUevent, 0) },
+                    "recv",
+                    "cuStreamWaitEvent",
+                )?;
+            }
+            return Ok(base + rec.offset);
+        }
         let base = {
             let mut cache = self.ipc.lock().unwrap_or_else(|p| p.into_inner());
             match cache.get(&(dev, rec.mem)) {

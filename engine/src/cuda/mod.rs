@@ -21,6 +21,7 @@
 use crate::config::config;
 use crate::error::{Error, ErrorKind, Result};
 use crate::runtime::Deadline;
+use std::any::Any;
 use std::sync::OnceLock;
 
 #[cfg_attr(feature = "cuda-sim", allow(dead_code))]
@@ -198,27 +199,68 @@ fn probe() -> std::result::Result<Box<dyn Gpu>, String> {
     }
 }
 
+/// Allocates `len` bytes on a device for the engine, returning the address and the owner whose
+/// drop frees it (the bindings install torch's caching allocator: `cuMemFree` synchronizes the
+/// whole device, a cached block does not).
+pub type DeviceAllocator =
+    Box<dyn Fn(i32, usize) -> Result<(DevPtr, Box<dyn Any + Send + Sync>)> + Send + Sync>;
+
+static ALLOCATOR: OnceLock<DeviceAllocator> = OnceLock::new();
+
+/// Installs the allocator of device memory the engine creates (once per process).
+pub fn set_allocator(f: DeviceAllocator) {
+    let _ = ALLOCATOR.set(f);
+}
+
 /// A device allocation freed when dropped (the storage of CUDA tensors the engine creates).
-#[derive(Debug)]
 pub struct DeviceAlloc {
     pub ptr: DevPtr,
     pub len: usize,
     pub dev: i32,
+    /// The installed allocator's owner of the memory; `None`: ours (`cuMemAlloc`).
+    pub owner: Option<Box<dyn Any + Send + Sync>>,
+}
+
+impl std::fmt::Debug for DeviceAlloc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DeviceAlloc({} bytes on cuda:{})", self.len, self.dev)
+    }
 }
 
 impl DeviceAlloc {
     pub fn new(dev: i32, len: usize) -> Result<DeviceAlloc> {
         let g = require("alloc")?;
+        if len == 0 {
+            return Ok(DeviceAlloc {
+                ptr: 0,
+                len,
+                dev,
+                owner: None,
+            });
+        }
+        if let Some(a) = ALLOCATOR.get() {
+            let (ptr, owner) = a(dev, len)?;
+            return Ok(DeviceAlloc {
+                ptr,
+                len,
+                dev,
+                owner: Some(owner),
+            });
+        }
         Ok(DeviceAlloc {
-            ptr: if len == 0 { 0 } else { g.alloc(dev, len)? },
+            ptr: g.alloc(dev, len)?,
             len,
             dev,
+            owner: None,
         })
     }
 }
 
 impl Drop for DeviceAlloc {
     fn drop(&mut self) {
+        if self.owner.take().is_some() {
+            return;
+        }
         if self.ptr != 0
             && let Some(g) = cuda()
         {
