@@ -2,14 +2,25 @@
 # The one command for a machine with an NVIDIA GPU (issue #5, CUDA tensors): sets up, shows the
 # GPU, runs the CUDA tests (tests/gpu), then the CUDA benchmark (benches/cuda.py).
 #   bash scripts/gpu.sh [benches/cuda.py args, e.g. --quick]
+# With dist/torch_parallel-*.whl present (scripts/build-wheel.sh), uses that wheel and the
+# machine's python3 with its torch instead of building (for GPU machines without Rust or network).
 # Writes ${OUT:-bench-out}/gpu/: env.txt, pytest.log, bench.log, cuda.json, cuda.md.
 # Exits non-zero when torch sees no GPU, when a test fails, or when the benchmark fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dest="${OUT:-bench-out}/gpu"
 mkdir -p "$dest"
-bash scripts/setup.sh
-PY=.venv/bin/python
+if compgen -G "dist/torch_parallel-*.whl" >/dev/null; then
+  # A wheel built elsewhere (scripts/build-wheel.sh): a machine with torch and no Rust, no network
+  # (the lent GPU machines). Installed beside that machine's own torch, nothing else fetched.
+  PY=${PARALLEL_GPU_PYTHON:-python3}
+  site=$(mktemp -d)
+  "$PY" -m pip install -q --no-index --no-deps --target "$site" dist/torch_parallel-*.whl
+  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+else
+  bash scripts/setup.sh
+  PY=.venv/bin/python
+fi
 
 # What this run is on.
 {

@@ -1228,5 +1228,14 @@ int main() {
                 "{name} is not an entry of its PTX"
             );
         }
+        // The driver path asks for a CUBIN of the device's own architecture first.
+        let (name, src) = kernel_source(&Op::Sum, DType::BF16).expect("a kernel");
+        let cubin = nvrtc::compile(&src, &name, vec!["--gpu-architecture=sm_90".into()])
+            .unwrap_or_else(|e| panic!("NVRTC refused {name} for sm_90: {e}"));
+        assert_eq!(&cubin[..4], b"\x7fELF", "a CUBIN is an ELF image");
+        assert!(
+            cubin.windows(name.len()).any(|w| w == name.as_bytes()),
+            "{name} is not in its CUBIN"
+        );
     }
 }

@@ -182,7 +182,7 @@ impl Driver {
                 Ok(DevState {
                     ctx,
                     stream,
-                    arch: format!("compute_{major}{minor}"),
+                    arch: format!("{major}{minor}"),
                 })
             })
             .as_ref()
@@ -512,11 +512,23 @@ impl Gpu for Driver {
         if let Some((_, f)) = ks.get(&(dev, name.to_string())) {
             return Ok(Kernel { func: *f, dev });
         }
+        // A CUBIN for this device first (no JIT; loads on an older driver of the same major
+        // version), PTX when this NVRTC does not know the device's architecture.
+        let src = source();
         let ptx = super::nvrtc::compile(
-            &source(),
+            &src,
             name,
-            vec![format!("--gpu-architecture={}", st.arch)],
-        )?;
+            vec![format!("--gpu-architecture=sm_{}", st.arch)],
+        )
+        .or_else(|e| {
+            tracing::debug!("{e}; compiling {name} to PTX instead");
+            super::nvrtc::compile(
+                &src,
+                name,
+                vec![format!("--gpu-architecture=compute_{}", st.arch)],
+            )
+        })?;
+        let image = ptx;
         let mut m: sys::CUmodule = std::ptr::null_mut();
         let mut f: sys::CUfunction = std::ptr::null_mut();
         let cname = CString::new(name)
@@ -524,7 +536,7 @@ impl Gpu for Driver {
         // SAFETY: NUL-terminated PTX; out-pointers.
         unsafe {
             ck(
-                sys::cuModuleLoadData(&mut m, ptx.as_ptr().cast()),
+                sys::cuModuleLoadData(&mut m, image.as_ptr().cast()),
                 "cuda",
                 &format!(
                     "loading kernel {name} (PTX newer than the driver? update the driver or use an older NVRTC via PARALLEL_NVRTC_LIB)"

@@ -63,27 +63,68 @@ pub fn load() -> Result<&'static str> {
         .map_err(|e| Error::new(ErrorKind::Unsupported, "nvrtc", e.clone()))
 }
 
-/// Compiles CUDA C `src` to PTX (NUL-terminated, ready for `cuModuleLoadData`).
+/// Compiles CUDA C `src` into an image for `cuModuleLoadData`: a CUBIN when the options name a
+/// real architecture (`--gpu-architecture=sm_90`: loads on any driver of the same major version,
+/// CUDA's minor version compatibility), else NUL-terminated PTX (JIT-compiled by the driver, which
+/// must then be at least as new as this NVRTC).
 pub fn compile(src: &str, name: &str, options: Vec<String>) -> Result<Vec<u8>> {
+    use cudarc::nvrtc::{result, sys};
     load()?;
-    let opts = cudarc::nvrtc::CompileOptions {
-        options,
-        name: Some(format!("{name}.cu")),
-        ..Default::default()
-    };
-    let ptx = cudarc::nvrtc::compile_ptx_with_opts(src, opts).map_err(|e| {
+    let fail = |what: &str, e: String| {
         Error::new(
             ErrorKind::Resource,
             "nvrtc",
-            format!("compiling kernel {name} failed: {e:?}"),
+            format!("{what} kernel {name} failed: {e}"),
         )
-    })?;
-    let mut bytes = ptx
-        .as_bytes()
-        .map(<[u8]>::to_vec)
-        .ok_or_else(|| Error::new(ErrorKind::Resource, "nvrtc", "NVRTC returned no PTX"))?;
-    if bytes.last() != Some(&0) {
-        bytes.push(0);
-    }
-    Ok(bytes)
+    };
+    let csrc = CString::new(src).map_err(|_| fail("compiling", "NUL in the source".into()))?;
+    let cname = CString::new(format!("{name}.cu"))
+        .map_err(|_| fail("compiling", "NUL in the name".into()))?;
+    let cubin = options
+        .iter()
+        .any(|o| o.starts_with("--gpu-architecture=sm_"));
+    let prog = result::create_program(&csrc, Some(&cname))
+        .map_err(|e| fail("creating the program of", format!("{e:?}")))?;
+    // SAFETY: `prog` is a live program (created above, destroyed once below); the out-buffers
+    // are sized by the matching size calls.
+    let r = unsafe {
+        (|| {
+            if let Err(e) = result::compile_program(prog, &options) {
+                let log = result::get_program_log(prog)
+                    .map(|l| {
+                        let b: Vec<u8> =
+                            l.iter().map(|c| *c as u8).take_while(|c| *c != 0).collect();
+                        String::from_utf8_lossy(&b).into_owned()
+                    })
+                    .unwrap_or_default();
+                return Err(fail("compiling", format!("{e:?}: {log}")));
+            }
+            let mut n = 0usize;
+            let mut out;
+            if cubin {
+                sys::nvrtcGetCUBINSize(prog, &mut n)
+                    .result()
+                    .map_err(|e| fail("getting the CUBIN of", format!("{e:?}")))?;
+                out = vec![0u8; n];
+                sys::nvrtcGetCUBIN(prog, out.as_mut_ptr().cast())
+                    .result()
+                    .map_err(|e| fail("getting the CUBIN of", format!("{e:?}")))?;
+            } else {
+                sys::nvrtcGetPTXSize(prog, &mut n)
+                    .result()
+                    .map_err(|e| fail("getting the PTX of", format!("{e:?}")))?;
+                out = vec![0u8; n];
+                sys::nvrtcGetPTX(prog, out.as_mut_ptr().cast())
+                    .result()
+                    .map_err(|e| fail("getting the PTX of", format!("{e:?}")))?;
+                if out.last() != Some(&0) {
+                    out.push(0);
+                }
+            }
+            Ok(out)
+        })()
+    };
+    // SAFETY: created above, destroyed once.
+    let _ = unsafe { result::destroy_program(prog) };
+    r
 }
