@@ -146,8 +146,12 @@ except parallel.Timeout as e:
     assert "PARALLEL_WORKQUEUE_CAPACITY" in str(e), e
     took = time.monotonic() - t0
     print("blocked" if 0.2 <= took < 3 else f"blocked for {took}s")
-threading.Timer(0.2, lambda: print("read", w.read(timeout=5))).start()
+got = []
+reader = threading.Timer(0.2, lambda: got.append(w.read(timeout=5)))
+reader.start()
 q.write(3, timeout=5)  # waits until the reader makes room
+reader.join()  # (one thread prints: two would interleave their output)
+print("read", got[0])
 print("wrote 3", [w.read(timeout=5), w.read(timeout=5)])
 """
 
