@@ -14,6 +14,9 @@ step "cargo fmt --check"
 cargo fmt --all -- --check
 step "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets -q -- -D warnings
+# The libraries alone, as the wheel builds them: the real CUDA driver backend, not the simulated
+# device the tests enable (engine feature cuda-sim).
+cargo clippy -p parallel-engine -p parallel-collectives -p parallel-python --lib -q -- -D warnings
 step "ruff"
 "$PY" -m ruff check .
 "$PY" -m ruff format --check .
@@ -38,6 +41,14 @@ for io in $backends; do
     fi
     grep -E '^test result' "$log"
     PARALLEL_IO=$io PARALLEL_SHM=$shm cargo run -q -p parallel-engine --example hello
+    # CUDA tensors of every size by (simulated) CUDA IPC, not only those above the threshold.
+    if ! PARALLEL_IO=$io PARALLEL_SHM=$shm PARALLEL_CUDA_IPC_THRESHOLD=0 cargo test \
+      -p parallel-engine --test cuda_sim -p parallel-collectives --test tree_cuda >"$log" 2>&1; then
+      tail -n 80 "$log"
+      echo "CUDA tests with PARALLEL_CUDA_IPC_THRESHOLD=0 failed under PARALLEL_IO=$io PARALLEL_SHM=$shm"
+      exit 1
+    fi
+
     step "pytest, PARALLEL_IO=$io PARALLEL_SHM=$shm"
     PARALLEL_IO=$io PARALLEL_SHM=$shm "$PY" -m pytest -q -p no:cacheprovider bindings/python/tests examples tests
   done

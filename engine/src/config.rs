@@ -273,6 +273,21 @@ pub const TABLE: &[Var] = &[
         doc: "Send CUDA tensors between processes of one host by CUDA IPC (memory and event handles; the receiver copies device to device) when both ends have CUDA and share a shared-memory link. 0: stage them through pinned host memory like across hosts.",
     },
     Var {
+        name: "PARALLEL_CUDA_IPC_THRESHOLD",
+        kind: VarKind::Bytes {
+            min: 0,
+            max: 1 << 40,
+        },
+        default: "1M",
+        doc: "Messages whose CUDA tensors add up to at least this many bytes go by CUDA IPC (when the link allows it); smaller ones are staged through the shared-memory ring, which is faster for them (no mapping to open) and lets `send` return before the peer receives.",
+    },
+    Var {
+        name: "PARALLEL_CUDA_IPC_CACHE",
+        kind: VarKind::Int { min: 0, max: 4096 },
+        default: "0",
+        doc: "Peer allocations a receiver keeps mapped after a CUDA IPC copy (least recently used are closed first). 0: every mapping is closed right after its copy, as CUDA requires before the sender may free the memory. More saves the mapping cost (about 0.1-1 ms) on repeated transfers from the same allocation, but then a sender must not return that memory to the driver (torch.cuda.empty_cache) while a peer may hold it mapped.",
+    },
+    Var {
         name: "PARALLEL_CUDA_CHUNK",
         kind: VarKind::Bytes {
             min: 64 * KIB,
@@ -325,6 +340,8 @@ pub struct Config {
     pub workqueue_arena: u64,
     pub cuda: bool,
     pub cuda_ipc: bool,
+    pub cuda_ipc_threshold: u64,
+    pub cuda_ipc_cache: usize,
     pub cuda_chunk: usize,
     pub cuda_staging: usize,
     pub nvrtc_lib: String,
@@ -571,6 +588,8 @@ impl Config {
         let workqueue_arena = u(next());
         let cuda = b(next());
         let cuda_ipc = b(next());
+        let cuda_ipc_threshold = u(next());
+        let cuda_ipc_cache = u(next()) as usize;
         let cuda_chunk = u(next()) as usize;
         let cuda_staging = u(next()) as usize;
         let nvrtc_lib = t(next());
@@ -601,6 +620,8 @@ impl Config {
             workqueue_arena,
             cuda,
             cuda_ipc,
+            cuda_ipc_threshold,
+            cuda_ipc_cache,
             cuda_chunk,
             cuda_staging,
             nvrtc_lib,

@@ -90,7 +90,12 @@ fn cuda_tensors_arrive_as_cuda_tensors_on_the_same_device() {
         let data = pattern(*n, k as u8);
         let dev = (k % 2) as i32;
         let x = dev_tensor(dev, DType::F32, vec![n / 4], &data, 4096 + 4 * k);
-        let v = Value::List(vec![Value::Int(k as i64), Value::Tensor(x)]);
+        let empty = dev_tensor(dev, DType::F32, vec![0], &[], 0);
+        let v = Value::List(vec![
+            Value::Int(k as i64),
+            Value::Tensor(x),
+            Value::Tensor(empty),
+        ]);
         std::thread::scope(|sc| {
             let h = sc.spawn(|| conn.recv(t(30.0)).unwrap());
             c.send_timeout(&v, t(30.0)).unwrap();
@@ -102,6 +107,8 @@ fn cuda_tensors_arrive_as_cuda_tensors_on_the_same_device() {
             assert_eq!(rt.device, Device::Cuda(dev), "size {n}");
             assert_eq!(rt.shape, vec![n / 4]);
             assert!(read_back(rt) == data, "contents of {n} bytes");
+            let e = items[2].as_tensor().unwrap();
+            assert_eq!((e.device, e.nbytes()), (Device::Cuda(dev), 0));
         });
     }
 }
@@ -310,4 +317,22 @@ fn cuda_views_across_processes() {
     }
     conn.send(&Value::None, t(10.0)).unwrap();
     assert!(child.wait().unwrap().success());
+}
+
+#[test]
+fn small_cuda_messages_do_not_wait_for_the_receiver() {
+    // Below PARALLEL_CUDA_IPC_THRESHOLD a CUDA tensor is staged: the send returns before the
+    // peer receives (a symmetric send-then-receive exchange must not deadlock).
+    let data = pattern(64 << 10, 5);
+    if ipc_expected() && config().cuda_ipc_threshold <= data.len() as u64 {
+        return; // this run sends everything by IPC (the CI run with a zero threshold)
+    }
+    let (s, c) = pair();
+    let conn = s.connections().pop().unwrap();
+    let x = dev_tensor(0, DType::U8, vec![data.len()], &data, 0);
+    c.send_timeout(&Value::Tensor(dev_clone(&x)), t(10.0))
+        .unwrap();
+    conn.send(&Value::Tensor(dev_clone(&x)), t(10.0)).unwrap();
+    assert!(read_back(conn.recv(t(10.0)).unwrap().as_tensor().unwrap()) == data);
+    assert!(read_back(c.recv(t(10.0)).unwrap().as_tensor().unwrap()) == data);
 }

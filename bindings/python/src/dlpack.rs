@@ -166,7 +166,20 @@ fn import_as(obj: &Bound<'_, PyAny>, write: bool) -> PyResult<Tensor> {
         let stream = g.stream(dev_id).py()?;
         let kw = pyo3::types::PyDict::new(py);
         kw.set_item("stream", stream)?;
-        src.call_method("__dlpack__", (), Some(&kw))?
+        // torch orders its *current device's* current stream before ours: make the tensor's
+        // device current for the call (harmless for other producers).
+        let on_device = py
+            .import("torch")
+            .and_then(|t| t.getattr("cuda")?.getattr("device")?.call1((dev_id,)))
+            .ok();
+        if let Some(d) = &on_device {
+            d.call_method0("__enter__")?;
+        }
+        let cap = src.call_method("__dlpack__", (), Some(&kw));
+        if let Some(d) = &on_device {
+            d.call_method1("__exit__", (py.None(), py.None(), py.None()))?;
+        }
+        cap?
     } else {
         src.call_method0("__dlpack__")?
     };

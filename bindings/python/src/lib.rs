@@ -547,13 +547,16 @@ fn cuda_info() -> String {
 }
 
 /// Device memory the engine creates (received CUDA tensors, scratch) comes from `f(device,
-/// nbytes)`, which returns a tensor owning it (the package passes torch's caching allocator).
+/// nbytes, stream)`, which returns a tensor owning it and makes our `stream` wait until the
+/// memory is free of the allocator's earlier users (the package passes torch's caching
+/// allocator, whose blocks are ordered on torch's current stream).
 #[pyfunction]
 fn _set_cuda_allocator(f: PyObject) {
     let f = Arc::new(f);
     parallel_engine::cuda::set_allocator(Box::new(move |dev: i32, len: usize| {
+        let stream = parallel_engine::cuda::require("alloc")?.stream(dev)?;
         Python::with_gil(|py| {
-            let t = f.call1(py, (dev, len))?;
+            let t = f.call1(py, (dev, len, stream))?;
             let ptr: u64 = t.call_method0(py, "data_ptr")?.extract(py)?;
             let owner: Box<dyn std::any::Any + Send + Sync> = Box::new(t);
             Ok::<_, PyErr>((ptr, owner))

@@ -92,12 +92,19 @@ def _tensor_factory() -> Any:
 _native._set_tensor_factory(_tensor_factory())
 
 
-def _cuda_alloc(device: int, nbytes: int) -> Any:
+def _cuda_alloc(device: int, nbytes: int, stream: int) -> Any:
     """Device memory for received CUDA tensors, from torch's caching allocator (``cudaFree``
-    would synchronize the whole device each time a received tensor is freed)."""
+    would synchronize the whole device each time a received tensor is freed). A cached block is
+    free only in the order of torch's current stream: the engine's ``stream``, which writes it,
+    waits for that stream first."""
     import torch
 
-    return torch.empty(nbytes, dtype=torch.uint8, device=f"cuda:{device}")
+    with torch.cuda.device(device):
+        t = torch.empty(nbytes, dtype=torch.uint8, device=f"cuda:{device}")
+        ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        ready.record()
+        torch.cuda.ExternalStream(stream, device=device).wait_event(ready)  # type: ignore[no-untyped-call]
+    return t
 
 
 _native._set_cuda_allocator(_cuda_alloc)
@@ -110,11 +117,19 @@ def _register_nvrtc() -> None:
     import importlib.util
     import os
 
+    def major(path: str) -> int:
+        tail = os.path.basename(path).rpartition(".so.")[2].split(".")[0]
+        return int(tail) if tail.isdigit() else 0
+
     spec = importlib.util.find_spec("nvidia")
-    for root in list(spec.submodule_search_locations or []) if spec else []:
-        for path in sorted(glob.glob(os.path.join(root, "*", "lib", "libnvrtc.so*")), reverse=True):
-            if "builtins" not in os.path.basename(path):
-                _native._add_nvrtc_hint(path)
+    found = [
+        path
+        for root in (list(spec.submodule_search_locations or []) if spec else [])
+        for path in glob.glob(os.path.join(root, "*", "lib", "libnvrtc.so*"))
+        if "builtins" not in os.path.basename(path)
+    ]
+    for path in sorted(found, key=major, reverse=True):  # the newest NVRTC first
+        _native._add_nvrtc_hint(path)
 
 
 _register_nvrtc()

@@ -97,6 +97,10 @@ impl Tree {
                 }
                 g.sync(dev, deadline)
             });
+            if r.is_err() {
+                // Nothing of ours may still write the caller's tensor or the scratch we keep.
+                g.drain(dev);
+            }
             self.keep_scratch(&mut scratch);
             r.map(|_| v.contributors)
         })

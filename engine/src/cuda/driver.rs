@@ -1,6 +1,11 @@
 //! The real backend: the CUDA driver API through cudarc (dynamic loading).
+//!
+//! Every call makes the device's primary context current on the calling thread for its duration
+//! and restores the thread's previous context afterwards ([`Entered`]): torch's notion of the
+//! current device (taken from the current context) is left as the caller had it.
 
 use super::{DevPtr, Event, Gpu, IpcRecord, Kernel, Mem};
+use crate::config::config;
 use crate::error::{Error, ErrorKind, Result};
 use crate::runtime::{Deadline, relax};
 use cudarc::driver::sys;
@@ -33,7 +38,7 @@ fn driver_library_present() -> std::result::Result<(), String> {
     ))
 }
 
-/// Whether libcuda can be loaded (without initialising CUDA): cheap, for the handshake.
+/// Whether libcuda can be loaded (without initialising CUDA).
 pub(super) fn library_loadable() -> bool {
     static OK: OnceLock<bool> = OnceLock::new();
     *OK.get_or_init(|| driver_library_present().is_ok())
@@ -51,17 +56,13 @@ fn name_of(r: sys::CUresult) -> String {
     }
 }
 
+/// A failed driver call: `Resource`, so a collective that meets it aborts on every rank.
 fn ck(r: sys::CUresult, op: &'static str, what: &str) -> Result<()> {
     if r == sys::CUresult::CUDA_SUCCESS {
         return Ok(());
     }
-    let kind = match r {
-        sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => ErrorKind::Resource,
-        sys::CUresult::CUDA_ERROR_INVALID_VALUE => ErrorKind::Unsupported,
-        _ => ErrorKind::Resource,
-    };
     Err(Error::new(
-        kind,
+        ErrorKind::Resource,
         op,
         format!("{what} failed: {}", name_of(r)),
     ))
@@ -70,6 +71,7 @@ fn ck(r: sys::CUresult, op: &'static str, what: &str) -> Result<()> {
 struct DevState {
     ctx: sys::CUcontext,
     stream: sys::CUstream,
+    /// Compute capability as digits ("90").
     arch: String,
 }
 
@@ -78,20 +80,59 @@ unsafe impl Send for DevState {}
 // SAFETY: as above.
 unsafe impl Sync for DevState {}
 
+/// A device's context made current for the length of one call; the previous one comes back.
+struct Entered<'a> {
+    st: &'a DevState,
+    prev: sys::CUcontext,
+}
+
+impl std::ops::Deref for Entered<'_> {
+    type Target = DevState;
+    fn deref(&self) -> &DevState {
+        self.st
+    }
+}
+
+impl Drop for Entered<'_> {
+    fn drop(&mut self) {
+        if self.prev != self.st.ctx {
+            // SAFETY: restores the context that was current (possibly none) on this thread.
+            unsafe { sys::cuCtxSetCurrent(self.prev) };
+        }
+    }
+}
+
 struct Module(#[allow(dead_code)] sys::CUmodule);
 // SAFETY: a loaded module is a driver object usable from any thread.
 unsafe impl Send for Module {}
+
+/// A peer's allocation mapped by CUDA IPC.
+struct Mapping {
+    base: DevPtr,
+    size: u64,
+    /// The context it was opened in (closed there).
+    dev: i32,
+    /// Copies in progress from it.
+    users: usize,
+    last_use: u64,
+}
+
+#[derive(Default)]
+struct IpcState {
+    /// Peer allocations by handle (`PARALLEL_CUDA_IPC_CACHE` kept once unused).
+    open: HashMap<[u8; 64], Mapping>,
+    tick: u64,
+    /// Our own exports (a process cannot open its own handles): handle -> (base, exports in
+    /// flight), and event handle -> event (alive until the exporter's send returns).
+    own_mem: HashMap<[u8; 64], (DevPtr, usize)>,
+    own_events: HashMap<[u8; 64], (u64, [u8; 64])>,
+}
 
 pub(super) struct Driver {
     version: i32,
     count: usize,
     devs: Vec<OnceLock<std::result::Result<DevState, Error>>>,
-    /// Opened IPC allocations: (device, handle) -> base address.
-    ipc: Mutex<HashMap<(i32, [u8; 64]), DevPtr>>,
-    /// Our own exports (a process cannot open its own handles): handle -> base address, and
-    /// event handle -> event (alive until the exporter's send returns, after the importer's ack).
-    own_mem: Mutex<HashMap<[u8; 64], DevPtr>>,
-    own_events: Mutex<HashMap<[u8; 64], u64>>,
+    ipc: Mutex<IpcState>,
     kernels: Mutex<HashMap<(i32, String), (Module, u64)>>,
 }
 
@@ -126,15 +167,17 @@ impl Driver {
             version,
             count: count as usize,
             devs: (0..count).map(|_| OnceLock::new()).collect(),
-            ipc: Mutex::new(HashMap::new()),
-            own_mem: Mutex::new(HashMap::new()),
-            own_events: Mutex::new(HashMap::new()),
+            ipc: Mutex::new(IpcState::default()),
             kernels: Mutex::new(HashMap::new()),
         })
     }
 
-    /// Makes `dev`'s primary context current on this thread; returns its state.
-    fn enter(&self, dev: i32) -> Result<&DevState> {
+    fn ipc_state(&self) -> std::sync::MutexGuard<'_, IpcState> {
+        self.ipc.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes `dev`'s primary context current on this thread until the guard drops.
+    fn enter(&self, dev: i32) -> Result<Entered<'_>> {
         let slot = usize::try_from(dev)
             .ok()
             .and_then(|d| self.devs.get(d))
@@ -148,6 +191,9 @@ impl Driver {
                     ),
                 )
             })?;
+        let mut prev: sys::CUcontext = std::ptr::null_mut();
+        // SAFETY: out-pointer to a local.
+        unsafe { sys::cuCtxGetCurrent(&mut prev) };
         let st = slot
             .get_or_init(|| {
                 let mut d: sys::CUdevice = 0;
@@ -187,14 +233,24 @@ impl Driver {
             })
             .as_ref()
             .map_err(Error::clone)?;
-        // SAFETY: a retained primary context.
-        ck(
-            // SAFETY: out-pointers to locals / handles owned by this backend.
-            unsafe { sys::cuCtxSetCurrent(st.ctx) },
-            "cuda",
-            "cuCtxSetCurrent",
-        )?;
-        Ok(st)
+        let guard = Entered { st, prev };
+        if prev != st.ctx {
+            ck(
+                // SAFETY: a retained primary context.
+                unsafe { sys::cuCtxSetCurrent(st.ctx) },
+                "cuda",
+                "cuCtxSetCurrent",
+            )?;
+        }
+        Ok(guard)
+    }
+
+    /// Closes a mapping in the context it was opened in.
+    fn close_mapping(&self, m: &Mapping) {
+        if self.enter(m.dev).is_ok() {
+            // SAFETY: opened by cuIpcOpenMemHandle in this context; no copy uses it (users 0).
+            unsafe { sys::cuIpcCloseMemHandle(m.base) };
+        }
     }
 }
 
@@ -202,6 +258,20 @@ fn addr(m: Mem) -> sys::CUdeviceptr {
     match m {
         Mem::Host(p) => p as sys::CUdeviceptr,
         Mem::Dev(d) => d,
+    }
+}
+
+fn poll(deadline: Deadline, what: &str, mut query: impl FnMut() -> sys::CUresult) -> Result<()> {
+    let mut step = 0u32;
+    loop {
+        match query() {
+            sys::CUresult::CUDA_SUCCESS => return Ok(()),
+            sys::CUresult::CUDA_ERROR_NOT_READY => {
+                deadline.slice("cuda", what)?;
+                relax(&mut step);
+            }
+            r => return ck(r, "cuda", &format!("waiting for {what}")),
+        }
     }
 }
 
@@ -246,11 +316,10 @@ impl Gpu for Driver {
     }
 
     fn alloc(&self, dev: i32, len: usize) -> Result<DevPtr> {
-        self.enter(dev)?;
+        let _e = self.enter(dev)?;
         let mut p: sys::CUdeviceptr = 0;
-        // SAFETY: out-pointer to a local.
         ck(
-            // SAFETY: out-pointers to locals / handles owned by this backend.
+            // SAFETY: out-pointer to a local.
             unsafe { sys::cuMemAlloc_v2(&mut p, len.max(1)) },
             "cuda",
             &format!("allocating {len} bytes on CUDA device {dev}"),
@@ -259,18 +328,17 @@ impl Gpu for Driver {
     }
 
     unsafe fn free(&self, dev: i32, ptr: DevPtr) {
-        if self.enter(dev).is_ok() {
+        if let Ok(_e) = self.enter(dev) {
             // SAFETY: the caller's contract.
             unsafe { sys::cuMemFree_v2(ptr) };
         }
     }
 
     fn host_alloc(&self, len: usize) -> Result<*mut u8> {
-        self.enter(0)?;
+        let _e = self.enter(0)?;
         let mut p: *mut c_void = std::ptr::null_mut();
-        // SAFETY: out-pointer; PORTABLE: pinned for every context.
         ck(
-            // SAFETY: out-pointers to locals / handles owned by this backend.
+            // SAFETY: out-pointer; PORTABLE: pinned for every context.
             unsafe { sys::cuMemHostAlloc(&mut p, len, sys::CU_MEMHOSTALLOC_PORTABLE) },
             "cuda",
             &format!("allocating {len} bytes of pinned host memory"),
@@ -279,8 +347,10 @@ impl Gpu for Driver {
     }
 
     unsafe fn host_free(&self, p: *mut u8, _len: usize) {
-        // SAFETY: the caller's contract.
-        unsafe { sys::cuMemFreeHost(p.cast()) };
+        if let Ok(_e) = self.enter(0) {
+            // SAFETY: the caller's contract.
+            unsafe { sys::cuMemFreeHost(p.cast()) };
+        }
     }
 
     unsafe fn copy(&self, dev: i32, dst: Mem, src: Mem, len: usize) -> Result<()> {
@@ -288,9 +358,8 @@ impl Gpu for Driver {
             return Ok(());
         }
         let st = self.enter(dev)?;
-        // SAFETY: the caller's contract; unified addressing makes every direction one call.
         ck(
-            // SAFETY: out-pointers to locals / handles owned by this backend.
+            // SAFETY: the caller's contract; unified addressing makes every direction one call.
             unsafe { sys::cuMemcpyAsync(addr(dst), addr(src), len, st.stream) },
             "cuda",
             "cuMemcpyAsync",
@@ -317,32 +386,38 @@ impl Gpu for Driver {
 
     fn wait_event(&self, ev: Event, deadline: Deadline) -> Result<()> {
         let raw = ev.raw as sys::CUevent;
-        let r = (|| {
-            self.enter(ev.dev)?;
-            let mut step = 0u32;
-            loop {
-                // SAFETY: an event we created.
-                match unsafe { sys::cuEventQuery(raw) } {
-                    sys::CUresult::CUDA_SUCCESS => return Ok(()),
-                    sys::CUresult::CUDA_ERROR_NOT_READY => {
-                        deadline.slice("cuda", "a GPU copy to finish")?;
-                        relax(&mut step);
-                    }
-                    r => return ck(r, "cuda", "waiting for a GPU copy (cuEventQuery)"),
-                }
-            }
-        })();
+        let r = self.enter(ev.dev).and_then(|_e| {
+            // SAFETY: an event we created.
+            poll(deadline, "a GPU copy to finish", || unsafe {
+                sys::cuEventQuery(raw)
+            })
+        });
         // SAFETY: created by record(); destroyed once (destroy of a pending event is deferred).
         unsafe { sys::cuEventDestroy_v2(raw) };
         r
     }
 
     fn release_event(&self, ev: Event) {
-        self.own_events
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|_, e| *e != ev.raw);
-        if self.enter(ev.dev).is_ok() {
+        {
+            let mut s = self.ipc_state();
+            let mine: Vec<[u8; 64]> = s
+                .own_events
+                .iter()
+                .filter(|(_, (e, _))| *e == ev.raw)
+                .map(|(h, _)| *h)
+                .collect();
+            for h in mine {
+                if let Some((_, mem)) = s.own_events.remove(&h)
+                    && let Some(entry) = s.own_mem.get_mut(&mem)
+                {
+                    entry.1 = entry.1.saturating_sub(1);
+                    if entry.1 == 0 {
+                        s.own_mem.remove(&mem);
+                    }
+                }
+            }
+        }
+        if let Ok(_e) = self.enter(ev.dev) {
             // SAFETY: created by record(); destroyed once (the driver defers a pending one).
             unsafe { sys::cuEventDestroy_v2(ev.raw as sys::CUevent) };
         }
@@ -350,27 +425,26 @@ impl Gpu for Driver {
 
     fn sync(&self, dev: i32, deadline: Deadline) -> Result<()> {
         let st = self.enter(dev)?;
-        let mut step = 0u32;
-        loop {
-            // SAFETY: our stream.
-            match unsafe { sys::cuStreamQuery(st.stream) } {
-                sys::CUresult::CUDA_SUCCESS => return Ok(()),
-                sys::CUresult::CUDA_ERROR_NOT_READY => {
-                    deadline.slice("cuda", "the GPU stream to finish")?;
-                    relax(&mut step);
-                }
-                r => return ck(r, "cuda", "waiting for the GPU stream (cuStreamQuery)"),
-            }
+        // SAFETY: our stream.
+        poll(deadline, "the GPU stream to finish", || unsafe {
+            sys::cuStreamQuery(st.stream)
+        })
+    }
+
+    fn drain(&self, dev: i32) {
+        if let Ok(st) = self.enter(dev) {
+            // SAFETY: our stream; blocks until its work is done (no interrupt, no deadline: used
+            // on error paths so no copy is left writing memory that is about to be reused).
+            unsafe { sys::cuStreamSynchronize(st.stream) };
         }
     }
 
     fn ipc_export(&self, dev: i32, ptr: DevPtr, len: usize) -> Result<(IpcRecord, Event)> {
-        self.enter(dev)?;
+        let _e = self.enter(dev)?;
         let mut base: sys::CUdeviceptr = 0;
         let mut size: usize = 0;
-        // SAFETY: out-pointers to locals.
         ck(
-            // SAFETY: out-pointers to locals / handles owned by this backend.
+            // SAFETY: out-pointers to locals.
             unsafe { sys::cuMemGetAddressRange_v2(&mut base, &mut size, ptr) },
             "cuda",
             "finding the allocation of a tensor (cuMemGetAddressRange)",
@@ -387,19 +461,17 @@ impl Gpu for Driver {
         }
         // SAFETY: zeroed handles are valid out-values for the driver to fill.
         let mut mh: sys::CUipcMemHandle = unsafe { std::mem::zeroed() };
-        // SAFETY: `base` is the start of a device allocation.
         ck(
-            // SAFETY: out-pointers to locals / handles owned by this backend.
+            // SAFETY: `base` is the start of a device allocation.
             unsafe { sys::cuIpcGetMemHandle(&mut mh, base) },
             "cuda",
-            "exporting a CUDA allocation (cuIpcGetMemHandle; memory from cudaMallocAsync pools or virtual memory management cannot be shared: set PARALLEL_CUDA_IPC=0)",
+            "exporting a CUDA allocation (cuIpcGetMemHandle; memory from cudaMallocAsync pools or virtual memory management cannot be shared)",
         )?;
         let ev = self.record(dev, true)?;
         // SAFETY: as above.
         let mut eh: sys::CUipcEventHandle = unsafe { std::mem::zeroed() };
-        // SAFETY: an interprocess event we created.
         if let Err(e) = ck(
-            // SAFETY: out-pointers to locals / handles owned by this backend.
+            // SAFETY: an interprocess event we created.
             unsafe { sys::cuIpcGetEventHandle(&mut eh, ev.raw as sys::CUevent) },
             "cuda",
             "cuIpcGetEventHandle",
@@ -418,33 +490,22 @@ impl Gpu for Driver {
             rec.mem[i] = mh.reserved[i] as u8;
             rec.event[i] = eh.reserved[i] as u8;
         }
-        self.own_mem
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(rec.mem, base);
-        self.own_events
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(rec.event, ev.raw);
+        let mut s = self.ipc_state();
+        s.own_mem.entry(rec.mem).or_insert((base, 0)).1 += 1;
+        s.own_events.insert(rec.event, (ev.raw, rec.mem));
         Ok((rec, ev))
     }
 
     fn ipc_import(&self, dev: i32, rec: &IpcRecord) -> Result<DevPtr> {
         let st = self.enter(dev)?;
+        let own = {
+            let s = self.ipc_state();
+            s.own_mem
+                .get(&rec.mem)
+                .map(|(b, _)| (*b, s.own_events.get(&rec.event).map(|(e, _)| *e)))
+        };
         // A peer in this same process (threads, or a tree with several ranks here).
-        let own_base = self
-            .own_mem
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&rec.mem)
-            .copied();
-        if let Some(base) = own_base {
-            let ev = self
-                .own_events
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(&rec.event)
-                .copied();
+        if let Some((base, ev)) = own {
             if let Some(ev) = ev {
                 ck(
                     // SAFETY: our own event, alive until the exporter's send returns (after our
@@ -457,9 +518,19 @@ impl Gpu for Driver {
             return Ok(base + rec.offset);
         }
         let base = {
-            let mut cache = self.ipc.lock().unwrap_or_else(|p| p.into_inner());
-            match cache.get(&(dev, rec.mem)) {
-                Some(b) => *b,
+            let mut s = self.ipc_state();
+            s.tick += 1;
+            let tick = s.tick;
+            match s.open.get_mut(&rec.mem) {
+                Some(m) => {
+                    m.users += 1;
+                    m.last_use = tick;
+                    if rec.offset.checked_add(rec.len).is_none_or(|e| e > m.size) {
+                        m.users -= 1;
+                        return Err(overrun(rec, m.size));
+                    }
+                    m.base
+                }
                 None => {
                     // SAFETY: zeroed then filled from the record.
                     let mut mh: sys::CUipcMemHandle = unsafe { std::mem::zeroed() };
@@ -467,20 +538,31 @@ impl Gpu for Driver {
                         mh.reserved[i] = rec.mem[i] as std::ffi::c_char;
                     }
                     let mut b: sys::CUdeviceptr = 0;
-                    // SAFETY: out-pointer; a handle from a peer (the driver validates it).
                     ck(
-                        // SAFETY: out-pointers to locals / handles owned by this backend.
+                        // SAFETY: out-pointer; a handle from a peer (the driver validates it).
                         unsafe { sys::cuIpcOpenMemHandle_v2(&mut b, mh, 1) },
                         "recv",
                         "opening a peer's CUDA memory (cuIpcOpenMemHandle; set PARALLEL_CUDA_IPC=0 to stage through host memory instead)",
                     )?;
-                    if cache.len() >= 4096 {
-                        tracing::warn!(
-                            "{} CUDA IPC mappings are open in this process",
-                            cache.len()
-                        );
+                    let (mut b2, mut size) = (0 as sys::CUdeviceptr, 0usize);
+                    // SAFETY: out-pointers; `b` is the mapping just opened.
+                    unsafe { sys::cuMemGetAddressRange_v2(&mut b2, &mut size, b) };
+                    let m = Mapping {
+                        base: b,
+                        size: size as u64,
+                        dev,
+                        users: 1,
+                        last_use: tick,
+                    };
+                    // A peer naming bytes outside its allocation would make the copy fault,
+                    // which poisons every CUDA context of the process: refuse it here.
+                    if rec.offset.checked_add(rec.len).is_none_or(|e| e > m.size) {
+                        let e = overrun(rec, m.size);
+                        drop(s);
+                        self.close_mapping(&m);
+                        return Err(e);
                     }
-                    cache.insert((dev, rec.mem), b);
+                    s.open.insert(rec.mem, m);
                     b
                 }
             }
@@ -491,19 +573,55 @@ impl Gpu for Driver {
             eh.reserved[i] = rec.event[i] as std::ffi::c_char;
         }
         let mut ev: sys::CUevent = std::ptr::null_mut();
-        // SAFETY: out-pointer; the peer's event handle; our stream waits on it, then it is
-        // released (the wait is already enqueued).
-        unsafe {
+        // SAFETY: out-pointer; the peer's event handle; our stream waits on it, then our copy of
+        // the event is released (the wait is already enqueued).
+        let r = unsafe {
             ck(
                 sys::cuIpcOpenEventHandle(&mut ev, eh),
                 "recv",
                 "opening a peer's CUDA event (cuIpcOpenEventHandle)",
-            )?;
-            let r = sys::cuStreamWaitEvent(st.stream, ev, 0);
-            sys::cuEventDestroy_v2(ev);
-            ck(r, "recv", "cuStreamWaitEvent")?;
+            )
+            .and_then(|_| {
+                let r = sys::cuStreamWaitEvent(st.stream, ev, 0);
+                sys::cuEventDestroy_v2(ev);
+                ck(r, "recv", "cuStreamWaitEvent")
+            })
+        };
+        if let Err(e) = r {
+            self.ipc_done(rec);
+            return Err(e);
         }
         Ok(base + rec.offset)
+    }
+
+    fn ipc_done(&self, rec: &IpcRecord) {
+        let cap = config().cuda_ipc_cache;
+        let mut closing = Vec::new();
+        {
+            let mut s = self.ipc_state();
+            if let Some(m) = s.open.get_mut(&rec.mem) {
+                m.users = m.users.saturating_sub(1);
+            }
+            // Keep at most `cap` idle mappings, closing the least recently used.
+            loop {
+                let idle: Vec<([u8; 64], u64)> = s
+                    .open
+                    .iter()
+                    .filter(|(_, m)| m.users == 0)
+                    .map(|(h, m)| (*h, m.last_use))
+                    .collect();
+                if idle.len() <= cap {
+                    break;
+                }
+                let oldest = idle.iter().min_by_key(|(_, t)| *t).expect("non-empty").0;
+                if let Some(m) = s.open.remove(&oldest) {
+                    closing.push(m);
+                }
+            }
+        }
+        for m in closing {
+            self.close_mapping(&m);
+        }
     }
 
     fn kernel(&self, dev: i32, name: &str, source: &dyn Fn() -> String) -> Result<Kernel> {
@@ -515,7 +633,7 @@ impl Gpu for Driver {
         // A CUBIN for this device first (no JIT; loads on an older driver of the same major
         // version), PTX when this NVRTC does not know the device's architecture.
         let src = source();
-        let ptx = super::nvrtc::compile(
+        let image = super::nvrtc::compile(
             &src,
             name,
             vec![format!("--gpu-architecture=sm_{}", st.arch)],
@@ -528,12 +646,11 @@ impl Gpu for Driver {
                 vec![format!("--gpu-architecture=compute_{}", st.arch)],
             )
         })?;
-        let image = ptx;
         let mut m: sys::CUmodule = std::ptr::null_mut();
         let mut f: sys::CUfunction = std::ptr::null_mut();
         let cname = CString::new(name)
             .map_err(|_| Error::new(ErrorKind::Config, "cuda", "kernel name with a NUL byte"))?;
-        // SAFETY: NUL-terminated PTX; out-pointers.
+        // SAFETY: a CUBIN or NUL-terminated PTX image; out-pointers.
         unsafe {
             ck(
                 sys::cuModuleLoadData(&mut m, image.as_ptr().cast()),
@@ -562,8 +679,8 @@ impl Gpu for Driver {
         let st = self.enter(k.dev)?;
         let block: u32 = 256;
         let blocks = n.div_ceil(block as usize).min(65535 * 8) as u32;
-        // SAFETY: the caller's contract (kernels loop with a grid stride over n).
         ck(
+            // SAFETY: the caller's contract (kernels loop with a grid stride over n).
             unsafe {
                 sys::cuLaunchKernel(
                     k.func as sys::CUfunction,
@@ -583,4 +700,15 @@ impl Gpu for Driver {
             "cuLaunchKernel",
         )
     }
+}
+
+fn overrun(rec: &IpcRecord, size: u64) -> Error {
+    Error::new(
+        ErrorKind::Protocol,
+        "recv",
+        format!(
+            "a CUDA IPC record names {} bytes at offset {} of a {size}-byte allocation",
+            rec.len, rec.offset
+        ),
+    )
 }

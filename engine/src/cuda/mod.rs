@@ -125,11 +125,17 @@ pub trait Gpu: Send + Sync + std::fmt::Debug {
     fn release_event(&self, ev: Event);
     /// Waits for everything queued on our stream of `dev`.
     fn sync(&self, dev: i32, deadline: Deadline) -> Result<()>;
+    /// Waits for our stream of `dev` without deadline or interrupt (error paths: no copy may
+    /// still be writing memory that is about to be reused or released).
+    fn drain(&self, dev: i32);
     /// Exports `len` bytes at `ptr` (an event recorded now orders the importer after our stream).
     fn ipc_export(&self, dev: i32, ptr: DevPtr, len: usize) -> Result<(IpcRecord, Event)>;
     /// Maps an exported allocation (cached) and makes our stream of `dev` wait for its event;
     /// returns the address of the exported tensor's first byte.
     fn ipc_import(&self, dev: i32, rec: &IpcRecord) -> Result<DevPtr>;
+    /// The copy from an imported record finished (its stream synchronized): the mapping may be
+    /// closed (`PARALLEL_CUDA_IPC_CACHE`).
+    fn ipc_done(&self, rec: &IpcRecord);
     /// Loads (once per device and name) a kernel from CUDA C source compiled by NVRTC.
     fn kernel(&self, dev: i32, name: &str, source: &dyn Fn() -> String) -> Result<Kernel>;
     /// Launches `k` over `n` elements (1-D grid) on our stream with the given arguments.
@@ -181,7 +187,9 @@ pub fn ipc_offered() -> bool {
     }
     #[cfg(not(feature = "cuda-sim"))]
     {
-        driver::library_loadable()
+        // Loading libcuda is cheap; a process that has it but cannot use CUDA (no visible
+        // device) must not offer IPC, so CUDA is initialised here when the library is there.
+        driver::library_loadable() && cuda().is_some()
     }
 }
 

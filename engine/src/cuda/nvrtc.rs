@@ -22,6 +22,22 @@ pub fn add_hint(path: &str) {
 }
 
 fn try_dlopen(name: &str) -> bool {
+    // NVRTC loads its builtins library by name at compile time: from a path outside the loader's
+    // search path, load the one beside it first.
+    if let Some(dir) = std::path::Path::new(name).parent()
+        && !dir.as_os_str().is_empty()
+        && let Ok(entries) = std::fs::read_dir(dir)
+    {
+        for e in entries.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.starts_with("libnvrtc-builtins.so")
+                && let Ok(c) = CString::new(e.path().to_string_lossy().into_owned())
+            {
+                // SAFETY: a NUL-terminated path; the handle is kept for the process's life.
+                unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
+            }
+        }
+    }
     let Ok(c) = CString::new(name) else {
         return false;
     };

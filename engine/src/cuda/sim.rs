@@ -213,6 +213,10 @@ impl Gpu for Sim {
 
     fn release_event(&self, _ev: Event) {}
 
+    fn drain(&self, _dev: i32) {}
+
+    fn ipc_done(&self, _rec: &IpcRecord) {}
+
     fn sync(&self, dev: i32, _deadline: Deadline) -> Result<()> {
         Self::check_dev(dev)
     }

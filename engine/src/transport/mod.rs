@@ -334,7 +334,7 @@ impl Link {
             for ev in events.drain(..) {
                 g.release_event(ev);
             }
-            let _ = g.sync(dev, Deadline::after(Duration::from_secs(10)));
+            g.drain(dev);
         }
         r
     }
@@ -378,27 +378,49 @@ impl Link {
         let has_dev = enc.segs.iter().any(wire::OutSeg::is_device);
         // CUDA IPC: export every device segment first; if any cannot be exported (memory from a
         // pool allocator, say), the whole frame is staged instead.
-        let mut ipc: Option<Vec<(cuda::IpcRecord, cuda::Event)>> = None;
-        if has_dev && self.cuda_ipc {
+        // Small messages are staged: no mapping to open, and `send` need not wait for the peer.
+        let dev_bytes: u64 = enc
+            .segs
+            .iter()
+            .filter(|g| g.is_device())
+            .map(|g| g.len() as u64)
+            .sum();
+        let mut ipc: Option<Vec<(cuda::IpcRecord, Option<cuda::Event>)>> = None;
+        if has_dev && self.cuda_ipc && dev_bytes >= config().cuda_ipc_threshold {
             let g = cuda::require("send").map_err(|e| self.err(e))?;
             let mut recs = Vec::new();
             let mut ok = true;
             for seg in &enc.segs {
-                if let wire::OutSeg::Device { ptr, len, dev } = seg {
-                    match g.ipc_export(*dev, *ptr, *len) {
-                        Ok(r) => recs.push(r),
-                        Err(e) => {
-                            tracing::debug!("CUDA IPC export failed ({e}); staging this message");
-                            ok = false;
-                            break;
+                match seg {
+                    // Nothing to map: an empty record.
+                    wire::OutSeg::Device { len: 0, .. } => recs.push((
+                        cuda::IpcRecord {
+                            mem: [0; 64],
+                            event: [0; 64],
+                            offset: 0,
+                            len: 0,
+                        },
+                        None,
+                    )),
+                    wire::OutSeg::Device { ptr, len, dev } => {
+                        match g.ipc_export(*dev, *ptr, *len) {
+                            Ok((r, ev)) => recs.push((r, Some(ev))),
+                            Err(e) => {
+                                tracing::debug!(
+                                    "CUDA IPC export failed ({e}); staging this message"
+                                );
+                                ok = false;
+                                break;
+                            }
                         }
                     }
+                    _ => {}
                 }
             }
             if ok {
                 ipc = Some(recs);
             } else {
-                for (_, ev) in recs {
+                for ev in recs.into_iter().filter_map(|r| r.1) {
                     g.release_event(ev);
                 }
             }
@@ -456,7 +478,7 @@ impl Link {
         if let Some(recs) = ipc
             && let Some(g) = cuda::cuda()
         {
-            for (_, ev) in recs {
+            for ev in recs.into_iter().filter_map(|r| r.1) {
                 g.release_event(ev);
             }
         }
@@ -763,7 +785,7 @@ impl RecvGuard<'_> {
             let r = if to_out {
                 let t = &mut out[out_i];
                 out_i += 1;
-                self.fill_tensor(t, len, via_cma, via_ipc, deadline)
+                self.fill_tensor(t, len, via_cma, via_ipc, dev_seg, deadline)
                     .map(|_| Filled::Out(out_i - 1))
             } else if let (Some(i), SegKind::Tensor { dtype, shape, .. }) = (dev_seg, &s.kind)
                 && let Some(g) = cuda::cuda()
@@ -800,7 +822,7 @@ impl RecvGuard<'_> {
                             a.clone(),
                         )
                     };
-                    self.fill_tensor(&mut t, len, via_cma, via_ipc, deadline)
+                    self.fill_tensor(&mut t, len, via_cma, via_ipc, dev_seg, deadline)
                         .map(|_| Filled::Tensor(t))
                 }
             } else if via_ipc {
@@ -853,46 +875,59 @@ impl RecvGuard<'_> {
         len: usize,
         via_cma: bool,
         via_ipc: bool,
+        src_dev: Option<i32>,
         deadline: Deadline,
     ) -> Result<()> {
         if via_ipc {
             let rec = self.read_ipc_record(len, deadline)?;
+            if len == 0 {
+                return Ok(());
+            }
             let g = cuda::require("recv")?;
-            let dev = match t.device {
-                Device::Cuda(i) => i,
-                Device::Cpu => 0,
+            let dev = match (t.device, src_dev) {
+                (Device::Cuda(i), _) => i,
+                (Device::Cpu, Some(i)) if (i as usize) < g.device_count() => i,
+                (Device::Cpu, _) => 0,
             };
             let src = g.ipc_import(dev, &rec)?;
-            return match t.device {
-                Device::Cuda(_) => {
-                    // SAFETY: the exporter keeps its memory until our ack; `t` is contiguous
-                    // (match_outs) and holds `len` bytes.
-                    unsafe {
-                        g.copy(
-                            dev,
-                            cuda::Mem::Dev(t.data_mut_ptr() as u64),
-                            cuda::Mem::Dev(src),
-                            len,
-                        )?
-                    };
-                    g.sync(dev, deadline)
-                }
-                Device::Cpu => {
-                    let mut tmp = Buf::with_len(len)?;
-                    let dst = out_contiguous_slice(t);
-                    let host = match dst {
-                        Some(d) => d.as_mut_ptr(),
-                        None => tmp.as_mut_ptr(),
-                    };
-                    // SAFETY: as above; `host` holds `len` bytes (the out tensor or tmp).
-                    unsafe { g.copy(dev, cuda::Mem::Host(host), cuda::Mem::Dev(src), len)? };
-                    g.sync(dev, deadline)?;
-                    if !t.is_contiguous() {
-                        t.scatter_from(&tmp);
+            let mut copy = || -> Result<()> {
+                match t.device {
+                    Device::Cuda(_) => {
+                        // SAFETY: the exporter keeps its memory until our ack; `t` is
+                        // contiguous (match_outs) and holds `len` bytes.
+                        unsafe {
+                            g.copy(
+                                dev,
+                                cuda::Mem::Dev(t.data_mut_ptr() as u64),
+                                cuda::Mem::Dev(src),
+                                len,
+                            )?
+                        };
+                        g.sync(dev, deadline)
                     }
-                    Ok(())
+                    Device::Cpu => {
+                        let mut tmp = Buf::with_len(len)?;
+                        let host = match out_contiguous_slice(t) {
+                            Some(d) => d.as_mut_ptr(),
+                            None => tmp.as_mut_ptr(),
+                        };
+                        // SAFETY: as above; `host` holds `len` bytes (the out tensor or tmp).
+                        unsafe { g.copy(dev, cuda::Mem::Host(host), cuda::Mem::Dev(src), len)? };
+                        g.sync(dev, deadline)?;
+                        if !t.is_contiguous() {
+                            t.scatter_from(&tmp);
+                        }
+                        Ok(())
+                    }
                 }
             };
+            let r = copy();
+            if r.is_err() {
+                // The sender frees its memory once we acknowledge: finish reading it first.
+                g.drain(dev);
+            }
+            g.ipc_done(&rec);
+            return r;
         }
         if let Device::Cuda(dev) = t.device {
             let dst = t.data_mut_ptr() as u64;
@@ -975,7 +1010,7 @@ impl RecvGuard<'_> {
             for ev in events.drain(..) {
                 g.release_event(ev);
             }
-            let _ = g.sync(dev, Deadline::after(Duration::from_secs(10)));
+            g.drain(dev);
         }
         r
     }
