@@ -38,7 +38,13 @@ pytestmark = pytest.mark.timeout(600)  # the workers' own deadlines come first
 
 WORKER = str(pathlib.Path(__file__).with_name("cuda_worker.py"))
 DEADLINE = 300.0  # seconds for one set of workers, imports and CUDA start-up included
-KNOBS = ("PARALLEL_CUDA", "PARALLEL_CUDA_IPC", "PARALLEL_SHM")
+KNOBS = (
+    "PARALLEL_CUDA",
+    "PARALLEL_CUDA_IPC",
+    "PARALLEL_CUDA_IPC_CACHE",
+    "PARALLEL_CUDA_IPC_THRESHOLD",
+    "PARALLEL_SHM",
+)
 MODES = {
     "ipc": {},  # the defaults: CUDA IPC over the shared-memory link
     "staged": {"PARALLEL_CUDA_IPC": "0"},  # pinned host memory, shared-memory link
