@@ -316,6 +316,35 @@ impl Drop for Staging {
     }
 }
 
+/// The plan of one staged transfer of `len` bytes: `nchunks` chunks of (at most) `chunk` bytes
+/// through this thread's pinned buffers (`PARALLEL_CUDA_CHUNK`, `PARALLEL_CUDA_STAGING`).
+pub(crate) struct Stage {
+    pub g: &'static dyn Gpu,
+    pub chunk: usize,
+    pub nchunks: usize,
+    pub bufs: Vec<(*mut u8, usize)>,
+}
+
+impl Stage {
+    pub(crate) fn plan(op: &'static str, len: usize, sending: bool) -> Result<Stage> {
+        let g = require(op)?;
+        let chunk = config().cuda_chunk;
+        let nchunks = len.div_ceil(chunk);
+        let nb = config().cuda_staging.min(nchunks);
+        let bufs = STAGING.with(|s| {
+            let mut s = s.borrow_mut();
+            let set = if sending { &mut s.0 } else { &mut s.1 };
+            set.get(nb, chunk).map(<[_]>::to_vec)
+        })?;
+        Ok(Stage {
+            g,
+            chunk,
+            nchunks,
+            bufs,
+        })
+    }
+}
+
 thread_local! {
     /// Staging buffers of this thread (sends and receives run on the caller's thread).
     pub(crate) static STAGING: std::cell::RefCell<(Staging, Staging)> =

@@ -290,12 +290,13 @@ impl Link {
         if len == 0 {
             return Ok(());
         }
-        let g = cuda::require("send")?;
-        let cfg = config();
-        let chunk = cfg.cuda_chunk;
-        let nchunks = len.div_ceil(chunk);
-        let nb = cfg.cuda_staging.min(nchunks);
-        let bufs = cuda::STAGING.with(|s| s.borrow_mut().0.get(nb, chunk).map(<[_]>::to_vec))?;
+        let cuda::Stage {
+            g,
+            chunk,
+            nchunks,
+            bufs,
+        } = cuda::Stage::plan("send", len, true)?;
+        let nb = bufs.len();
         let mut events: std::collections::VecDeque<cuda::Event> = Default::default();
         let n_of = |k: usize| chunk.min(len - k * chunk);
         let issue = |k: usize, events: &mut std::collections::VecDeque<cuda::Event>| {
@@ -962,12 +963,13 @@ impl RecvGuard<'_> {
         if len == 0 {
             return Ok(());
         }
-        let g = cuda::require("recv")?;
-        let cfg = config();
-        let chunk = cfg.cuda_chunk;
-        let nchunks = len.div_ceil(chunk);
-        let nb = cfg.cuda_staging.min(nchunks);
-        let bufs = cuda::STAGING.with(|s| s.borrow_mut().1.get(nb, chunk).map(<[_]>::to_vec))?;
+        let cuda::Stage {
+            g,
+            chunk,
+            nchunks,
+            bufs,
+        } = cuda::Stage::plan("recv", len, false)?;
+        let nb = bufs.len();
         let mut events: std::collections::VecDeque<cuda::Event> = Default::default();
         let r = (|| {
             for k in 0..nchunks {
