@@ -29,6 +29,8 @@ pub struct Probe {
     pub cores: usize,
     pub numa_nodes: usize,
     pub pid: u32,
+    /// The CUDA devices this rank sees, by PCI bus id (empty without CUDA).
+    pub gpus: Vec<String>,
 }
 
 impl Probe {
@@ -42,6 +44,10 @@ impl Probe {
             ("cores", Value::Int(self.cores as i64)),
             ("numa", Value::Int(self.numa_nodes as i64)),
             ("pid", Value::Int(self.pid as i64)),
+            (
+                "gpus",
+                Value::List(self.gpus.iter().map(Value::str).collect()),
+            ),
         ])
     }
 
@@ -67,6 +73,14 @@ impl Probe {
             cores: i("cores")? as usize,
             numa_nodes: i("numa")? as usize,
             pid: i("pid")? as u32,
+            gpus: match v.get("gpus") {
+                Some(Value::List(l)) => l
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_string)
+                    .collect(),
+                _ => Vec::new(),
+            },
         })
     }
 }
@@ -182,6 +196,21 @@ impl Plan {
         }
     }
 
+    /// The link kind as `print(tree)` shows it: shared-memory links between two ranks that both
+    /// see GPUs also carry large CUDA tensors by CUDA IPC (`PARALLEL_CUDA_IPC`).
+    pub fn link_label(&self, a: usize, b: usize, shm: bool, cuda_ipc: bool) -> &'static str {
+        match self.link_kind(a, b, shm) {
+            "shm"
+                if cuda_ipc
+                    && !self.probes[a].gpus.is_empty()
+                    && !self.probes[b].gpus.is_empty() =>
+            {
+                "shm + cuda-ipc"
+            }
+            k => k,
+        }
+    }
+
     /// Neighbours of `rank` in the ring: (left, right).
     pub fn ring_neighbours(&self, rank: usize) -> (usize, usize) {
         let n = self.ring.len();
@@ -244,7 +273,7 @@ impl Plan {
     }
 
     /// Human-readable plan (what `print(tree)` shows).
-    pub fn describe(&self, shm: bool) -> String {
+    pub fn describe(&self, shm: bool, cuda_ipc: bool) -> String {
         let mut s = format!(
             "Plan: {} ranks on {} host(s)\n",
             self.world(),
@@ -252,8 +281,19 @@ impl Plan {
         );
         for (h, members) in self.hosts.iter().enumerate() {
             let p = &self.probes[members[0]];
+            let mut gpus: Vec<&str> = members
+                .iter()
+                .flat_map(|m| self.probes[*m].gpus.iter().map(String::as_str))
+                .collect();
+            gpus.sort_unstable();
+            gpus.dedup();
+            let gpus = if gpus.is_empty() {
+                String::new()
+            } else {
+                format!(", GPUs {}", gpus.join(" "))
+            };
             s.push_str(&format!(
-                "  host {h} ({}, {} cores, {} NUMA node(s)): ranks {:?}, leader {}\n",
+                "  host {h} ({}, {} cores, {} NUMA node(s){gpus}): ranks {:?}, leader {}\n",
                 p.hostname, p.cores, p.numa_nodes, members, members[0]
             ));
         }
@@ -262,7 +302,7 @@ impl Plan {
             if !c.is_empty() {
                 let kinds: Vec<String> = c
                     .iter()
-                    .map(|x| format!("{x} [{}]", self.link_kind(r, *x, shm)))
+                    .map(|x| format!("{x} [{}]", self.link_label(r, *x, shm, cuda_ipc)))
                     .collect();
                 s.push_str(&format!("    {r} <- {}\n", kinds.join(", ")));
             }
@@ -287,7 +327,38 @@ mod tests {
             cores: 2,
             numa_nodes: 1,
             pid: 1,
+            gpus: Vec::new(),
         }
+    }
+
+    #[test]
+    fn plan_shows_gpus_and_cuda_ipc_links_between_ranks_that_both_see_gpus() {
+        let mut probes: Vec<Probe> = ["a", "a", "a", "b"]
+            .iter()
+            .enumerate()
+            .map(|(r, h)| probe(r, h))
+            .collect();
+        probes[0].gpus = vec!["0000:3b:00.0".into()];
+        probes[1].gpus = vec!["0000:3b:00.0".into()];
+        probes[3].gpus = vec!["0000:86:00.0".into()];
+        let back = Probe::from_value(&probes[0].to_value()).unwrap();
+        assert_eq!(back.gpus, probes[0].gpus);
+        let plan = Plan::build(probes).unwrap();
+        assert_eq!(plan.link_label(0, 1, true, true), "shm + cuda-ipc");
+        assert_eq!(plan.link_label(0, 1, true, false), "shm");
+        assert_eq!(
+            plan.link_label(0, 2, true, true),
+            "shm",
+            "rank 2 sees no GPU"
+        );
+        assert_eq!(
+            plan.link_label(0, 3, true, true),
+            "tcp",
+            "across hosts: staged"
+        );
+        let d = plan.describe(true, true);
+        assert!(d.contains("GPUs 0000:3b:00.0)"), "{d}");
+        assert!(d.contains("[shm + cuda-ipc]"), "{d}");
     }
 
     #[test]
@@ -339,7 +410,7 @@ mod tests {
         for n in 1..=9 {
             let plan = Plan::build((0..n).map(|r| probe(r, "h")).collect()).unwrap();
             assert_eq!(plan.children.iter().map(Vec::len).sum::<usize>(), n - 1);
-            assert!(plan.describe(true).contains(&format!("{n} ranks")));
+            assert!(plan.describe(true, true).contains(&format!("{n} ranks")));
         }
     }
 }

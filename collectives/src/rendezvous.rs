@@ -251,6 +251,7 @@ fn probe_of(rank: usize, addr: String, port: u16, host: Option<&str>) -> Probe {
         cores: parallel_engine::topology::usable_cores(),
         numa_nodes: numa,
         pid: std::process::id(),
+        gpus: parallel_engine::cuda::gpu_ids(),
     }
 }
 

@@ -261,7 +261,8 @@ impl Tree {
     }
     /// The plan as text, with this process's link kinds.
     pub fn describe(&self) -> String {
-        let mut s = self.plan.describe(parallel_engine::config::config().shm);
+        let cfg = parallel_engine::config::config();
+        let mut s = self.plan.describe(cfg.shm, cfg.cuda && cfg.cuda_ipc);
         s.push_str(&format!("  this process: rank {}\n", self.rank));
         s
     }

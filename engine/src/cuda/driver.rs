@@ -293,6 +293,25 @@ impl Gpu for Driver {
         self.count
     }
 
+    fn pci_bus_id(&self, dev: i32) -> Result<String> {
+        let _e = self.enter(dev)?;
+        let mut d: sys::CUdevice = 0;
+        let mut buf = [0 as std::ffi::c_char; 32];
+        // SAFETY: out-pointers; the buffer's length is passed.
+        unsafe {
+            ck(sys::cuDeviceGet(&mut d, dev), "cuda", "cuDeviceGet")?;
+            ck(
+                sys::cuDeviceGetPCIBusId(buf.as_mut_ptr(), buf.len() as i32, d),
+                "cuda",
+                "cuDeviceGetPCIBusId",
+            )?;
+        }
+        // SAFETY: the driver wrote a NUL-terminated string into the buffer.
+        Ok(unsafe { CStr::from_ptr(buf.as_ptr()) }
+            .to_string_lossy()
+            .into_owned())
+    }
+
     fn device_of(&self, ptr: DevPtr) -> Result<i32> {
         let mut ord: i32 = -1;
         // SAFETY: out-pointer to a local int (the attribute's type).

@@ -99,6 +99,8 @@ pub trait Gpu: Send + Sync + std::fmt::Debug {
     fn describe(&self) -> String;
     fn simulated(&self) -> bool;
     fn device_count(&self) -> usize;
+    /// The PCI bus id of a device ("0000:3b:00.0").
+    fn pci_bus_id(&self, dev: i32) -> Result<String>;
     /// The device owning a device address (an error for host memory).
     fn device_of(&self, ptr: DevPtr) -> Result<i32>;
     /// Our stream on `dev`, as a raw handle (for DLPack's `stream=` argument).
@@ -173,6 +175,16 @@ pub fn require(op: &'static str) -> Result<&'static dyn Gpu> {
             ),
         )
     })
+}
+
+/// The CUDA devices this process sees, by PCI bus id (for the Tree's probe; empty without CUDA).
+pub fn gpu_ids() -> Vec<String> {
+    let Some(g) = cuda() else {
+        return Vec::new();
+    };
+    (0..g.device_count() as i32)
+        .map(|d| g.pci_bus_id(d).unwrap_or_else(|_| format!("cuda:{d}")))
+        .collect()
 }
 
 /// Whether this process offers CUDA IPC to same-host peers (advertised in the handshake).

@@ -94,6 +94,11 @@ impl Gpu for Sim {
         DEVICES
     }
 
+    fn pci_bus_id(&self, dev: i32) -> Result<String> {
+        Self::check_dev(dev)?;
+        Ok(format!("sim:{dev}"))
+    }
+
     fn device_of(&self, ptr: DevPtr) -> Result<i32> {
         self.find(ptr).map(|f| f.3).ok_or_else(|| {
             Error::new(
