@@ -985,12 +985,17 @@ impl Tree {
                 return Ok(served);
             }
             served += 1;
-            // Join the device path of a CUDA all-reduce with identity data (host memory).
+            // Join the device path of a CUDA all-reduce (identity data) or broadcast (relaying),
+            // in host memory.
             if let Some(m) = &v.meta
-                && m.kind == Kind::AllReduce
                 && m.gpu
             {
-                if let Err(e) = self.serve_gpu_all_reduce(m, op) {
+                let r = match m.kind {
+                    Kind::AllReduce => self.serve_gpu_all_reduce(m, op),
+                    Kind::Broadcast => self.serve_gpu_broadcast(m),
+                    _ => Ok(()),
+                };
+                if let Err(e) = r {
                     return Err(self.abort(&e));
                 }
                 continue;

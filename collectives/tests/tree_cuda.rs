@@ -197,3 +197,69 @@ fn gpu_uneven_endings_and_mismatch() {
         assert!(e.to_string().contains("on CUDA"), "{e}");
     }
 }
+
+#[test]
+fn gpu_broadcast_from_every_root_and_through_a_finished_rank() {
+    for n in [1usize, 2, 3, 5] {
+        for root in 0..n {
+            let want = data(DType::F32, root, 999);
+            let res = world_on(n, None, move |t| {
+                let dev = (t.rank() % 2) as i32;
+                let mine = data(DType::F32, t.rank(), 999);
+                let a = DeviceAlloc::new(dev, mine.len() + 64)?;
+                let p = a.ptr + 64;
+                // SAFETY: inside our allocation.
+                unsafe {
+                    cuda::copy_sync(
+                        dev,
+                        Mem::Dev(p),
+                        Mem::Host(mine.as_ptr() as *mut u8),
+                        mine.len(),
+                    )?
+                };
+                // SAFETY: our allocation, used by nothing else during the call.
+                unsafe { t.broadcast_cuda(DType::F32, dev, p, mine.len(), root)? };
+                let mut out = vec![0u8; mine.len()];
+                // SAFETY: as above.
+                unsafe {
+                    cuda::copy_sync(dev, Mem::Host(out.as_mut_ptr()), Mem::Dev(p), out.len())?
+                };
+                Ok(out)
+            });
+            for (r, got) in res.into_iter().enumerate() {
+                assert!(got.unwrap() == want, "n={n} root={root} rank {r}");
+            }
+        }
+    }
+    // A finished rank in the middle of the tree relays the data in host memory.
+    let want = data(DType::I32, 3, 50);
+    let res = world_on(4, None, move |t| {
+        if t.rank() == 2 {
+            t.done(None, None)?;
+            return Ok(None);
+        }
+        let mine = data(DType::I32, t.rank(), 50);
+        let a = DeviceAlloc::new(0, mine.len())?;
+        // SAFETY: our allocation.
+        unsafe {
+            cuda::copy_sync(
+                0,
+                Mem::Dev(a.ptr),
+                Mem::Host(mine.as_ptr() as *mut u8),
+                mine.len(),
+            )?
+        };
+        // SAFETY: as above.
+        unsafe { t.broadcast_cuda(DType::I32, 0, a.ptr, mine.len(), 3)? };
+        let mut out = vec![0u8; mine.len()];
+        // SAFETY: as above.
+        unsafe { cuda::copy_sync(0, Mem::Host(out.as_mut_ptr()), Mem::Dev(a.ptr), out.len())? };
+        t.done(None, None)?;
+        Ok(Some(out))
+    });
+    for (r, got) in res.into_iter().enumerate() {
+        if r != 2 {
+            assert!(got.unwrap().unwrap() == want, "rank {r}");
+        }
+    }
+}

@@ -263,6 +263,16 @@ fn all_reduce_leaves(
     )
 }
 
+/// Broadcast of every group of leaves: CPU groups through the host path, CUDA groups through the
+/// Tree's GPU path (CUDA IPC inside a host).
+fn broadcast_leaves(t: &Tree, leaves: &mut Leaves, root: usize) -> parallel_engine::Result<()> {
+    let mut on_device = |dt: DType, dev: i32, ptr: u64, len: usize| {
+        // SAFETY: as in all_reduce_leaves.
+        unsafe { t.broadcast_cuda(dt, dev, ptr, len, root) }
+    };
+    leaves.each_group(|dt, b| t.broadcast(dt, b, root), Some(&mut on_device))
+}
+
 /// An allreduce tree of processes (see `torch_parallel.tree`).
 #[pyclass(module = "torch_parallel._native", name = "Tree", frozen)]
 pub struct Tree_ {
@@ -452,9 +462,7 @@ impl Tree_ {
     #[pyo3(signature = (value, root=0))]
     fn broadcast_async(&self, value: Bound<'_, PyAny>, root: usize) -> PyResult<Work> {
         let (mut leaves, wb) = Leaves::collect(&value)?;
-        self.work(value, wb, move |t| {
-            leaves.each_group(|dt, b| t.broadcast(dt, b, root), None)
-        })
+        self.work(value, wb, move |t| broadcast_leaves(t, &mut leaves, root))
     }
     /// Like barrier, without waiting.
     fn barrier_async(&self, py: Python<'_>) -> PyResult<Work> {
@@ -471,9 +479,7 @@ impl Tree_ {
         root: usize,
     ) -> PyResult<Bound<'py, PyAny>> {
         let (mut leaves, wb) = Leaves::collect(&value)?;
-        self.run(py, move |t| {
-            leaves.each_group(|dt, b| t.broadcast(dt, b, root), None)
-        })?;
+        self.run(py, move |t| broadcast_leaves(t, &mut leaves, root))?;
         convert::write_back(py, &wb)?;
         Ok(value)
     }

@@ -146,6 +146,89 @@ impl Tree {
         })
     }
 
+    /// Broadcast of `len` bytes of CUDA memory at `ptr` on device `dev` from rank `root`, in
+    /// place: from `root` up the tree to rank 0 along the one path that leads there, then down to
+    /// every other rank, whole tensors over the tree's links (CUDA IPC inside a host).
+    ///
+    /// # Safety
+    /// As [`Tree::all_reduce_cuda`].
+    pub unsafe fn broadcast_cuda(
+        &self,
+        dtype: DType,
+        dev: i32,
+        ptr: u64,
+        len: usize,
+        root: usize,
+    ) -> Result<()> {
+        self.check_root(root)?;
+        let g = cuda::require("broadcast")?;
+        let count = len / dtype.itemsize();
+        let meta = Meta {
+            kind: Kind::Broadcast,
+            op: "copy".into(),
+            dtype: Some(dtype),
+            count,
+            root,
+            gpu: true,
+        };
+        self.run(|| {
+            self.pass(Some(&meta), None, None, false, self.rank == root)?;
+            let deadline = self.deadline();
+            let mine = alias(dtype, count, Device::Cuda(dev), ptr as *mut u8, len);
+            let r = self
+                .relay(mine, root, deadline)
+                .and_then(|_| g.sync(dev, deadline));
+            if r.is_err() {
+                g.drain(dev);
+            }
+            r
+        })
+    }
+
+    /// A finished rank's part in a CUDA broadcast: it relays the data through host memory.
+    pub(super) fn serve_gpu_broadcast(&self, m: &Meta) -> Result<()> {
+        let dtype = m.dtype.ok_or_else(|| {
+            Error::new(
+                ErrorKind::Protocol,
+                "done",
+                "a CUDA broadcast without dtype",
+            )
+        })?;
+        let len = m.count * dtype.itemsize();
+        let mut buf = vec![0u8; len];
+        let mine = alias(dtype, m.count, Device::Cpu, buf.as_mut_ptr(), len);
+        self.relay(mine, m.root, self.deadline())
+    }
+
+    /// Moves `root`'s data to every rank: up the path from `root` to rank 0 (the ranks on it hold
+    /// the data after this phase), then down from each rank to its children off that path.
+    fn relay(&self, mut mine: Tensor, root: usize, deadline: Deadline) -> Result<()> {
+        // The ranks whose subtree holds `root`: root, its parent, ..., rank 0.
+        let mut on_path = vec![false; self.world_size()];
+        let mut r = Some(root);
+        while let Some(x) = r {
+            on_path[x] = true;
+            r = self.plan.parent[x];
+        }
+        let children = self.plan.children[self.rank].clone();
+        if on_path[self.rank] {
+            if self.rank != root
+                && let Some(&c) = children.iter().find(|c| on_path[**c])
+            {
+                self.recv_data(c, &mut mine, deadline)?;
+            }
+            if let Some(parent) = self.plan.parent[self.rank] {
+                self.send_data(parent, &mine, deadline)?;
+            }
+        } else if let Some(parent) = self.plan.parent[self.rank] {
+            self.recv_data(parent, &mut mine, deadline)?;
+        }
+        for &c in children.iter().filter(|c| !on_path[**c]) {
+            self.send_data(c, &mine, deadline)?;
+        }
+        Ok(())
+    }
+
     /// Reduce up the tree (children in rank order, GPU-1), then the root's result down.
     fn up_and_down(
         &self,
