@@ -27,3 +27,8 @@ def test_demo_example_small():
 def test_allreduce_demo_small():
     out = run(str(HERE / "allreduce_demo.py"), "--iters", "2")
     assert "verified on every rank" in out and "64 MiB" in out
+
+
+def test_cuda_example_runs_or_says_there_is_no_cuda():
+    out = run(str(HERE / "cuda_tensors.py"))
+    assert "no CUDA here" in out or ("rank 0: ok" in out and "rank 1: ok" in out), out

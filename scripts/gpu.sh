@@ -38,6 +38,8 @@ print("torch_parallel:", getattr(p, "cuda_info", lambda: "cuda_info() missing")(
 set +e
 "$PY" -m pytest -q -ra -p no:cacheprovider tests/gpu 2>&1 | tee "$dest/pytest.log"
 tests=${PIPESTATUS[0]}
+"$PY" examples/cuda_tensors.py 2>&1 | tee -a "$dest/pytest.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || tests=1
 "$PY" benches/cuda.py --json "$dest/cuda.json" --md "$dest/cuda.md" "$@" 2>&1 | tee "$dest/bench.log"
 bench=${PIPESTATUS[0]}
 set -e
