@@ -76,6 +76,7 @@ fn reduce_on_device(
 
 #[test]
 fn gpu_1_all_reduce_of_cuda_memory_equals_the_cpu_reference() {
+    cuda::use_simulator();
     for n in [1usize, 2, 3, 5] {
         for (op, dtype) in [
             (Op::Sum, DType::F32),
@@ -105,6 +106,7 @@ fn gpu_1_all_reduce_of_cuda_memory_equals_the_cpu_reference() {
 
 #[test]
 fn gpu_staged_across_simulated_hosts_and_large_buffers() {
+    cuda::use_simulator();
     // Two hosts of two ranks: CUDA IPC inside a host, pinned staging across (several chunks).
     let count = 3 << 20;
     let want = reference(&Op::Sum, DType::F32, &[0, 1, 2, 3], count);
@@ -118,6 +120,7 @@ fn gpu_staged_across_simulated_hosts_and_large_buffers() {
 
 #[test]
 fn gpu_user_reduce_function_runs_in_its_device_form() {
+    cuda::use_simulator();
     let user: DeviceReduce = Arc::new(|dst, src, dtype, n, _dev| {
         // The simulated device is host memory: a stand-in for a torch CUDA callable.
         let len = n * dtype.itemsize();
@@ -147,6 +150,7 @@ fn gpu_user_reduce_function_runs_in_its_device_form() {
 
 #[test]
 fn gpu_uneven_endings_and_mismatch() {
+    cuda::use_simulator();
     // Rank 2 is done: it serves with the identity in host memory; the others get 2 contributors.
     let want = reference(&Op::Sum, DType::I32, &[0, 1], 100);
     let res = world_on(3, None, move |t| {
@@ -200,6 +204,7 @@ fn gpu_uneven_endings_and_mismatch() {
 
 #[test]
 fn gpu_broadcast_from_every_root_and_through_a_finished_rank() {
+    cuda::use_simulator();
     for n in [1usize, 2, 3, 5] {
         for root in 0..n {
             let want = data(DType::F32, root, 999);

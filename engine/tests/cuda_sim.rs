@@ -80,6 +80,7 @@ fn ipc_expected() -> bool {
 
 #[test]
 fn cuda_tensors_arrive_as_cuda_tensors_on_the_same_device() {
+    cuda::use_simulator();
     let (s, c) = pair();
     assert_eq!(c.conn().link().cuda_ipc(), ipc_expected());
     let conn = s.connections().pop().unwrap();
@@ -115,6 +116,7 @@ fn cuda_tensors_arrive_as_cuda_tensors_on_the_same_device() {
 
 #[test]
 fn into_cuda_and_cpu_out_and_from_cpu_into_cuda() {
+    cuda::use_simulator();
     let (s, c) = pair();
     let conn = s.connections().pop().unwrap();
     let data = pattern(data_len(), 7);
@@ -195,6 +197,7 @@ fn dev_clone(x: &Tensor) -> Tensor {
 
 #[test]
 fn the_sender_may_reuse_its_tensor_once_send_returns() {
+    cuda::use_simulator();
     let (s, c) = pair();
     let conn = s.connections().pop().unwrap();
     let data = pattern(1 << 20, 3);
@@ -222,6 +225,7 @@ fn the_sender_may_reuse_its_tensor_once_send_returns() {
 
 #[test]
 fn a_refused_cuda_message_keeps_the_link_usable() {
+    cuda::use_simulator();
     let (s, c) = pair();
     let conn = s.connections().pop().unwrap();
     let data = pattern(4096, 1);
@@ -252,6 +256,7 @@ fn a_refused_cuda_message_keeps_the_link_usable() {
 
 #[test]
 fn non_contiguous_cuda_tensors_are_refused_before_anything_is_sent() {
+    cuda::use_simulator();
     let (_s, c) = pair();
     let data = pattern(64, 0);
     let mut x = dev_tensor(0, DType::F32, vec![4, 4], &data, 0);
@@ -266,6 +271,7 @@ fn non_contiguous_cuda_tensors_are_refused_before_anything_is_sent() {
 /// them staged.
 #[test]
 fn cuda_views_across_processes() {
+    cuda::use_simulator();
     #[allow(clippy::disallowed_methods)] // the child's role comes from its environment
     if let Ok(port) = std::env::var("PARALLEL_TEST_CUDA_CHILD") {
         let c = Client::connect("127.0.0.1", port.parse().unwrap(), t(10.0)).unwrap();
@@ -321,6 +327,7 @@ fn cuda_views_across_processes() {
 
 #[test]
 fn small_cuda_messages_do_not_wait_for_the_receiver() {
+    cuda::use_simulator();
     // Below PARALLEL_CUDA_IPC_THRESHOLD a CUDA tensor is staged: the send returns before the
     // peer receives (a symmetric send-then-receive exchange must not deadlock).
     let data = pattern(64 << 10, 5);

@@ -3,8 +3,9 @@
 //! The driver API is reached through cudarc with dynamic loading, so nothing CUDA is needed to
 //! build or to run: [`cuda()`] looks for libcuda with `dlopen` first (cudarc panics when the
 //! library is missing) and answers `None` on a machine without a GPU, which then simply has no
-//! CUDA link kinds. Tests on such machines use a simulated device (feature `cuda-sim`), whose
-//! "device memory" is shared host memory that other processes map by handle, like CUDA IPC.
+//! CUDA link kinds. Tests on such machines use a simulated device (feature `cuda-sim`, chosen by
+//! calling [`use_simulator`] first), whose "device memory" is shared host memory that other
+//! processes map by handle, like CUDA IPC.
 //!
 //! Invariants:
 //! - CUDA-1: no cudarc function is called before the probe found libcuda and `cuInit` succeeded;
@@ -24,7 +25,6 @@ use crate::runtime::Deadline;
 use std::any::Any;
 use std::sync::OnceLock;
 
-#[cfg_attr(feature = "cuda-sim", allow(dead_code))]
 mod driver;
 pub mod nvrtc;
 #[cfg(feature = "cuda-sim")]
@@ -193,16 +193,29 @@ pub fn ipc_offered() -> bool {
     if !(config().cuda && config().cuda_ipc) {
         return false;
     }
-    #[cfg(feature = "cuda-sim")]
-    {
-        true
-    }
-    #[cfg(not(feature = "cuda-sim"))]
-    {
-        // Loading libcuda is cheap; a process that has it but cannot use CUDA (no visible
-        // device) must not offer IPC, so CUDA is initialised here when the library is there.
-        driver::library_loadable() && cuda().is_some()
-    }
+    // Loading libcuda is cheap; a process that has it but cannot use CUDA (no visible device)
+    // must not offer IPC, so CUDA is initialised here when the library is there.
+    (simulating() || driver::library_loadable()) && cuda().is_some()
+}
+
+#[cfg(feature = "cuda-sim")]
+static SIMULATE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Tests without a GPU: use the simulated device instead of the driver. Call it before anything
+/// touches CUDA in the process (the backend is chosen once).
+#[cfg(feature = "cuda-sim")]
+pub fn use_simulator() {
+    SIMULATE.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+#[cfg(feature = "cuda-sim")]
+fn simulating() -> bool {
+    SIMULATE.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+#[cfg(not(feature = "cuda-sim"))]
+fn simulating() -> bool {
+    false
 }
 
 fn probe() -> std::result::Result<Box<dyn Gpu>, String> {
@@ -210,13 +223,10 @@ fn probe() -> std::result::Result<Box<dyn Gpu>, String> {
         return Err("PARALLEL_CUDA=0".into());
     }
     #[cfg(feature = "cuda-sim")]
-    {
-        Ok(Box::new(sim::Sim::new()))
+    if simulating() {
+        return Ok(Box::new(sim::Sim::new()));
     }
-    #[cfg(not(feature = "cuda-sim"))]
-    {
-        driver::Driver::probe().map(|d| Box::new(d) as Box<dyn Gpu>)
-    }
+    driver::Driver::probe().map(|d| Box::new(d) as Box<dyn Gpu>)
 }
 
 /// Allocates `len` bytes on a device for the engine, returning the address and the owner whose
