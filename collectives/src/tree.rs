@@ -991,7 +991,7 @@ impl Tree {
                 && m.gpu
             {
                 let r = match m.kind {
-                    Kind::AllReduce => self.serve_gpu_all_reduce(m, op),
+                    Kind::AllReduce | Kind::Reduce => self.serve_gpu_all_reduce(m, op),
                     Kind::Broadcast => self.serve_gpu_broadcast(m),
                     _ => Ok(()),
                 };

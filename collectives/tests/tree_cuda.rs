@@ -268,3 +268,39 @@ fn gpu_broadcast_from_every_root_and_through_a_finished_rank() {
         }
     }
 }
+
+#[test]
+fn gpu_reduce_only_the_root_changes() {
+    cuda::use_simulator();
+    for root in 0..3 {
+        let want = reference(&Op::Avg, DType::F32, &[0, 1, 2], 300);
+        let res = world_on(3, None, move |t| {
+            let mine = data(DType::F32, t.rank(), 300);
+            let a = DeviceAlloc::new(0, mine.len())?;
+            // SAFETY: our allocation.
+            unsafe {
+                cuda::copy_sync(
+                    0,
+                    Mem::Dev(a.ptr),
+                    Mem::Host(mine.as_ptr() as *mut u8),
+                    mine.len(),
+                )?
+            };
+            // SAFETY: as above.
+            let n =
+                unsafe { t.reduce_cuda(DType::F32, 0, a.ptr, mine.len(), &Op::Avg, None, root)? };
+            let mut out = vec![0u8; mine.len()];
+            // SAFETY: as above.
+            unsafe { cuda::copy_sync(0, Mem::Host(out.as_mut_ptr()), Mem::Dev(a.ptr), out.len())? };
+            Ok((n, out, mine))
+        });
+        for (r, got) in res.into_iter().enumerate() {
+            let (n, out, mine) = got.unwrap();
+            assert_eq!(n, 3);
+            assert!(
+                out == if r == root { want.clone() } else { mine },
+                "root {root} rank {r}"
+            );
+        }
+    }
+}

@@ -492,10 +492,17 @@ impl Tree_ {
         op: Option<&Bound<'py, PyAny>>,
         root: usize,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let (op, _) = op_or_sum(op)?;
+        let (op, user) = op_or_sum(op)?;
         let (mut leaves, wb) = Leaves::collect(&value)?;
         self.run(py, move |t| {
-            leaves.each_group(|dt, b| t.reduce(dt, b, &op, root).map(|_| ()), None)
+            let mut on_device = |dt: DType, dev: i32, ptr: u64, len: usize| {
+                // SAFETY: as in all_reduce_leaves.
+                unsafe { t.reduce_cuda(dt, dev, ptr, len, &op, user.as_ref(), root) }.map(|_| ())
+            };
+            leaves.each_group(
+                |dt, b| t.reduce(dt, b, &op, root).map(|_| ()),
+                Some(&mut on_device),
+            )
         })?;
         convert::write_back(py, &wb)?;
         Ok(value)

@@ -18,7 +18,7 @@
 use super::{Kind, Meta, Tree};
 use crate::cuda_ops;
 use crate::ops::{self, Op};
-use parallel_engine::cuda::{self, DeviceAlloc};
+use parallel_engine::cuda::{self, DeviceAlloc, Mem};
 use parallel_engine::runtime::Deadline;
 use parallel_engine::value::{DType, Device, Tensor, Value};
 use parallel_engine::{Error, ErrorKind, Result};
@@ -50,53 +50,112 @@ impl Tree {
         op: &Op,
         user: Option<&DeviceReduce>,
     ) -> Result<usize> {
+        // SAFETY: the caller's contract.
+        unsafe { self.reduce_on_device(Kind::AllReduce, dtype, dev, ptr, len, op, user, 0) }
+    }
+
+    /// Reduce of CUDA memory to `root`: only `root`'s tensor receives the result (the others
+    /// keep theirs); returns how many ranks contributed. Reductions on the device, as
+    /// [`Tree::all_reduce_cuda`] (whose path it takes on a copy).
+    ///
+    /// # Safety
+    /// As [`Tree::all_reduce_cuda`].
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn reduce_cuda(
+        &self,
+        dtype: DType,
+        dev: i32,
+        ptr: u64,
+        len: usize,
+        op: &Op,
+        user: Option<&DeviceReduce>,
+        root: usize,
+    ) -> Result<usize> {
+        self.check_root(root)?;
+        // SAFETY: the caller's contract.
+        unsafe { self.reduce_on_device(Kind::Reduce, dtype, dev, ptr, len, op, user, root) }
+    }
+
+    /// The GPU path of all-reduce (in place) and reduce (into a copy; the root keeps the result).
+    ///
+    /// # Safety
+    /// As [`Tree::all_reduce_cuda`].
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn reduce_on_device(
+        &self,
+        kind: Kind,
+        dtype: DType,
+        dev: i32,
+        ptr: u64,
+        len: usize,
+        op: &Op,
+        user: Option<&DeviceReduce>,
+        root: usize,
+    ) -> Result<usize> {
+        let what = kind.name();
         op.check(dtype)?;
-        let g = cuda::require("all_reduce")?;
+        let g = cuda::require(what)?;
         if !self.active() {
             return Err(Error::new(
                 ErrorKind::Config,
-                "all_reduce",
+                what,
                 "this rank called done(): it has no more data to reduce",
             ));
         }
         if matches!(op, Op::User(_)) && user.is_none() {
             return Err(Error::new(
                 ErrorKind::Unsupported,
-                "all_reduce",
+                what,
                 "a user op on CUDA tensors needs its device form (all_reduce_cuda's `user`)",
             ));
         }
         let count = len / dtype.itemsize();
         let meta = Meta {
-            kind: Kind::AllReduce,
+            kind,
             op: op.name().into(),
             dtype: Some(dtype),
             count,
-            root: 0,
+            root,
             gpu: true,
         };
         self.run(|| {
             let v = self.pass(Some(&meta), Some(op), None, false, true)?;
             let deadline = self.deadline();
             let mut scratch = self.scratch(dev, len)?;
-            let mine = alias(dtype, count, Device::Cuda(dev), ptr as *mut u8, len);
-            let mut tmp = alias(dtype, count, Device::Cuda(dev), scratch.ptr as *mut u8, len);
-            let r = self.up_and_down(mine, &mut tmp, deadline, |_, _| match (op, user) {
-                (Op::User(_), Some(f)) => {
-                    g.sync(dev, deadline)?;
-                    f(ptr, scratch.ptr, dtype, count, dev)
+            // Reduce works on a copy: only the root's tensor changes.
+            let copy = match kind {
+                Kind::Reduce => Some(DeviceAlloc::new(dev, len)?),
+                _ => None,
+            };
+            let work = copy.as_ref().map_or(ptr, |c| c.ptr);
+            let r = (|| {
+                if let Some(c) = &copy {
+                    // SAFETY: our fresh allocation and the caller's tensor, `len` bytes each.
+                    unsafe { g.copy(dev, Mem::Dev(c.ptr), Mem::Dev(ptr), len)? };
                 }
-                // SAFETY: the caller's tensor and our scratch, `count` elements each on `dev`,
-                // both untouched until the stream is synchronized below.
-                _ => unsafe { cuda_ops::reduce_device(op, dtype, ptr, scratch.ptr, count, dev) },
-            });
-            let r = r.and_then(|_| {
+                let mine = alias(dtype, count, Device::Cuda(dev), work as *mut u8, len);
+                let mut tmp = alias(dtype, count, Device::Cuda(dev), scratch.ptr as *mut u8, len);
+                self.up_and_down(mine, &mut tmp, deadline, |_, _| match (op, user) {
+                    (Op::User(_), Some(f)) => {
+                        g.sync(dev, deadline)?;
+                        f(work, scratch.ptr, dtype, count, dev)
+                    }
+                    // SAFETY: our working tensor and scratch, `count` elements each on `dev`,
+                    // both untouched until the stream is synchronized below.
+                    _ => unsafe {
+                        cuda_ops::reduce_device(op, dtype, work, scratch.ptr, count, dev)
+                    },
+                })?;
                 if matches!(op, Op::Avg) {
-                    // SAFETY: the caller's tensor, synchronized below.
-                    unsafe { cuda_ops::divide_device(dtype, ptr, count, v.contributors, dev)? };
+                    // SAFETY: as above.
+                    unsafe { cuda_ops::divide_device(dtype, work, count, v.contributors, dev)? };
+                }
+                if copy.is_some() && self.rank == root {
+                    // SAFETY: as above.
+                    unsafe { g.copy(dev, Mem::Dev(ptr), Mem::Dev(work), len)? };
                 }
                 g.sync(dev, deadline)
-            });
+            })();
             if r.is_err() {
                 // Nothing of ours may still write the caller's tensor or the scratch we keep.
                 g.drain(dev);
