@@ -124,7 +124,7 @@ struct IpcState {
     tick: u64,
     /// Our own exports (a process cannot open its own handles): handle -> (base, exports in
     /// flight), and event handle -> event (alive until the exporter's send returns).
-    own_mem: HashMap<[u8; 64], (DevPtr, usize)>,
+    own_mem: HashMap<[u8; 64], (DevPtr, u64, usize)>,
     own_events: HashMap<[u8; 64], (u64, [u8; 64])>,
 }
 
@@ -232,7 +232,12 @@ impl Driver {
                 })
             })
             .as_ref()
-            .map_err(Error::clone)?;
+            .map_err(|e| {
+                // A first use that failed half way may have left its context current.
+                // SAFETY: restores the context that was current (possibly none).
+                unsafe { sys::cuCtxSetCurrent(prev) };
+                e.clone()
+            })?;
         let guard = Entered { st, prev };
         if prev != st.ctx {
             ck(
@@ -247,9 +252,16 @@ impl Driver {
 
     /// Closes a mapping in the context it was opened in.
     fn close_mapping(&self, m: &Mapping) {
-        if self.enter(m.dev).is_ok() {
+        // The guard must live across the call: the mapping is closed in its own context.
+        if let Ok(_e) = self.enter(m.dev) {
             // SAFETY: opened by cuIpcOpenMemHandle in this context; no copy uses it (users 0).
-            unsafe { sys::cuIpcCloseMemHandle(m.base) };
+            let r = unsafe { sys::cuIpcCloseMemHandle(m.base) };
+            if r != sys::CUresult::CUDA_SUCCESS {
+                tracing::warn!(
+                    "closing a CUDA IPC mapping failed: {} (the peer's memory stays mapped)",
+                    name_of(r)
+                );
+            }
         }
     }
 }
@@ -429,8 +441,8 @@ impl Gpu for Driver {
                 if let Some((_, mem)) = s.own_events.remove(&h)
                     && let Some(entry) = s.own_mem.get_mut(&mem)
                 {
-                    entry.1 = entry.1.saturating_sub(1);
-                    if entry.1 == 0 {
+                    entry.2 = entry.2.saturating_sub(1);
+                    if entry.2 == 0 {
                         s.own_mem.remove(&mem);
                     }
                 }
@@ -510,7 +522,7 @@ impl Gpu for Driver {
             rec.event[i] = eh.reserved[i] as u8;
         }
         let mut s = self.ipc_state();
-        s.own_mem.entry(rec.mem).or_insert((base, 0)).1 += 1;
+        s.own_mem.entry(rec.mem).or_insert((base, size as u64, 0)).2 += 1;
         s.own_events.insert(rec.event, (ev.raw, rec.mem));
         Ok((rec, ev))
     }
@@ -521,10 +533,13 @@ impl Gpu for Driver {
             let s = self.ipc_state();
             s.own_mem
                 .get(&rec.mem)
-                .map(|(b, _)| (*b, s.own_events.get(&rec.event).map(|(e, _)| *e)))
+                .map(|(b, size, _)| (*b, *size, s.own_events.get(&rec.event).map(|(e, _)| *e)))
         };
         // A peer in this same process (threads, or a tree with several ranks here).
-        if let Some((base, ev)) = own {
+        if let Some((base, size, ev)) = own {
+            if rec.offset.checked_add(rec.len).is_none_or(|e| e > size) {
+                return Err(overrun(rec, size));
+            }
             if let Some(ev) = ev {
                 ck(
                     // SAFETY: our own event, alive until the exporter's send returns (after our
