@@ -304,3 +304,46 @@ fn gpu_reduce_only_the_root_changes() {
         }
     }
 }
+
+#[test]
+fn the_safe_tensor_front_reduces_cpu_and_cuda_tensors() {
+    cuda::use_simulator();
+    let want = reference(&Op::Sum, DType::I32, &[0, 1], 64);
+    for got in world_on(2, None, move |t| {
+        let mine = data(DType::I32, t.rank(), 64);
+        let mut cpu =
+            parallel_engine::value::Tensor::from_bytes(DType::I32, vec![64], mine.clone())?;
+        t.all_reduce_tensor(&mut cpu, &Op::Sum, None)?;
+        let a = Arc::new(DeviceAlloc::new(0, mine.len())?);
+        // SAFETY: our allocation.
+        unsafe {
+            cuda::copy_sync(
+                0,
+                Mem::Dev(a.ptr),
+                Mem::Host(mine.as_ptr() as *mut u8),
+                mine.len(),
+            )?
+        };
+        let p = a.ptr as *mut u8;
+        // SAFETY: the tensor covers our allocation, which it keeps alive.
+        let mut dev = unsafe {
+            parallel_engine::value::Tensor::from_raw(
+                DType::I32,
+                vec![64],
+                None,
+                parallel_engine::value::Device::Cuda(0),
+                p,
+                mine.len(),
+                a.clone(),
+            )
+        };
+        t.all_reduce_tensor(&mut dev, &Op::Sum, None)?;
+        let mut out = vec![0u8; mine.len()];
+        // SAFETY: as above.
+        unsafe { cuda::copy_sync(0, Mem::Host(out.as_mut_ptr()), Mem::Dev(a.ptr), out.len())? };
+        Ok((cpu.bytes().unwrap().to_vec(), out))
+    }) {
+        let (cpu, dev) = got.unwrap();
+        assert!(cpu == want && dev == want);
+    }
+}

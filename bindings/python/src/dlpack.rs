@@ -168,13 +168,12 @@ fn import_as(obj: &Bound<'_, PyAny>, write: bool) -> PyResult<Tensor> {
         kw.set_item("stream", stream)?;
         // torch orders its *current device's* current stream before ours: make the tensor's
         // device current for the call (harmless for other producers).
+        // (Without a CUDA-enabled torch, e.g. for a CuPy array, there is nothing to set.)
         let on_device = py
             .import("torch")
             .and_then(|t| t.getattr("cuda")?.getattr("device")?.call1((dev_id,)))
-            .ok();
-        if let Some(d) = &on_device {
-            d.call_method0("__enter__")?;
-        }
+            .ok()
+            .filter(|d| d.call_method0("__enter__").is_ok());
         let cap = src.call_method("__dlpack__", (), Some(&kw));
         if let Some(d) = &on_device {
             d.call_method1("__exit__", (py.None(), py.None(), py.None()))?;

@@ -54,6 +54,44 @@ impl Tree {
         unsafe { self.reduce_on_device(Kind::AllReduce, dtype, dev, ptr, len, op, user, 0) }
     }
 
+    /// All-reduce of one tensor in place, CPU or CUDA (a safe front for Rust users: the tensor's
+    /// storage keeps its memory alive); returns how many ranks contributed. A CUDA tensor must be
+    /// contiguous; a user op on CUDA memory needs `user`.
+    pub fn all_reduce_tensor(
+        &self,
+        t: &mut Tensor,
+        op: &Op,
+        user: Option<&DeviceReduce>,
+    ) -> Result<usize> {
+        if !t.is_contiguous() {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                "all_reduce",
+                "a non-contiguous tensor: reduce a contiguous copy and copy it back",
+            ));
+        }
+        let len = t.nbytes();
+        match t.device {
+            Device::Cuda(dev) => {
+                let ptr = t.data_mut_ptr() as u64;
+                // SAFETY: `t` is a contiguous CUDA tensor of `len` bytes, exclusively borrowed
+                // (nothing else uses it during the call) and kept alive by its storage.
+                unsafe { self.all_reduce_cuda(t.dtype, dev, ptr, len, op, user) }
+            }
+            Device::Cpu => {
+                let dtype = t.dtype;
+                let bytes: &mut [u8] = if len == 0 {
+                    &mut []
+                } else {
+                    // SAFETY: a contiguous CPU tensor's `len` bytes from its data pointer are
+                    // its elements, exclusively borrowed.
+                    unsafe { std::slice::from_raw_parts_mut(t.data_mut_ptr(), len) }
+                };
+                self.all_reduce(dtype, bytes, op)
+            }
+        }
+    }
+
     /// Reduce of CUDA memory to `root`: only `root`'s tensor receives the result (the others
     /// keep theirs); returns how many ranks contributed. Reductions on the device, as
     /// [`Tree::all_reduce_cuda`] (whose path it takes on a copy).

@@ -269,13 +269,18 @@ impl DeviceAlloc {
             });
         }
         if let Some(a) = ALLOCATOR.get() {
-            let (ptr, owner) = a(dev, len)?;
-            return Ok(DeviceAlloc {
-                ptr,
-                len,
-                dev,
-                owner: Some(owner),
-            });
+            match a(dev, len) {
+                Ok((ptr, owner)) => {
+                    return Ok(DeviceAlloc {
+                        ptr,
+                        len,
+                        dev,
+                        owner: Some(owner),
+                    });
+                }
+                // (torch without CUDA, say): the driver's own allocation still works.
+                Err(e) => tracing::debug!("{e}; allocating with cuMemAlloc instead"),
+            }
         }
         Ok(DeviceAlloc {
             ptr: g.alloc(dev, len)?,
