@@ -111,11 +111,6 @@ def test_point_to_point(fake_dir: pathlib.Path, mode: str) -> None:
     run_workers(fake_dir, [["recv", port], ["send", port]], env)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Received.__dlpack_device__ answers (kDLCPU, 0) once __dlpack__ took the tensor "
-    "(bindings/python/src/lib.rs:122-128): a consumer asking after export sees a CUDA tensor on the CPU",
-)
 def test_dlpack_device_after_export(fake_dir: pathlib.Path) -> None:
     env, link, ipc_bytes = MODES["shm"]
     port = str(free_port())

@@ -85,11 +85,14 @@ fn stats_dict<'py>(py: Python<'py>, s: &Stats) -> PyResult<Bound<'py, PyDict>> {
 #[pyclass(module = "torch_parallel._native", frozen)]
 pub struct Received {
     tensor: Mutex<Option<Tensor>>,
+    /// Kept apart: a consumer may ask for the device after `__dlpack__` took the tensor.
+    device: parallel_engine::value::Device,
 }
 
 impl Received {
     pub fn new(t: Tensor) -> Received {
         Received {
+            device: t.device,
             tensor: Mutex::new(Some(t)),
         }
     }
@@ -120,10 +123,9 @@ impl Received {
         dlpack::export(py, t)
     }
     fn __dlpack_device__(&self) -> (i32, i32) {
-        let t = self.tensor.lock().unwrap_or_else(|e| e.into_inner());
-        match t.as_ref().map(|t| t.device) {
-            Some(parallel_engine::value::Device::Cuda(i)) => (2, i),
-            _ => (1, 0),
+        match self.device {
+            parallel_engine::value::Device::Cuda(i) => (2, i),
+            parallel_engine::value::Device::Cpu => (1, 0),
         }
     }
 }
