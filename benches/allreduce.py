@@ -39,19 +39,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
+from _common import HOST, cmd, cpu_seconds, free_port, pct, read_text, run_probe, tail
+from _common import machine_info as base_machine_info
+
 KiB = 1 << 10
 MiB = 1 << 20
-HOST = "127.0.0.1"
 SCRIPT = os.path.abspath(__file__)
 
 # The sweep: 4 KiB .. 64 MiB in powers of 4. HEADLINE: the sizes of the targets.
@@ -113,21 +113,6 @@ TARGET_4K_ABS_S = 10e-6
 # children: one rank each
 
 
-def pct(xs_sorted, q):
-    k = (len(xs_sorted) - 1) * q
-    f = int(k)
-    c = min(f + 1, len(xs_sorted) - 1)
-    return xs_sorted[f] + (xs_sorted[c] - xs_sorted[f]) * (k - f)
-
-
-def _cpu() -> float:
-    """CPU seconds (user + system) of this process, all threads."""
-    import resource
-
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
-
-
 def warmup(nbytes, iters):
     """Warm-up ops: a tenth of the timed ones as the peers' scripts, and at least WARM_BYTES of
     traffic (at most 2000 ops), so that one-time costs are out of the timed loop: our shared-memory
@@ -156,12 +141,12 @@ def bench_sizes(rank, world, cfg, alloc, fill, op, check, barrier):
         barrier()
         pc = time.perf_counter
         lat = []
-        cpu0 = _cpu()
+        cpu0 = cpu_seconds()
         for _ in range(iters):
             t0 = pc()
             op(buf)
             lat.append(pc() - t0)
-        cpu = _cpu() - cpu0
+        cpu = cpu_seconds() - cpu0
         s = sorted(lat)
         out[label] = {
             "bytes": nbytes,
@@ -311,20 +296,14 @@ def child_main(system, rank_arg, cfg):
 # orchestration (parent process)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
 def _ours_child(pid: int) -> bool:
     """Whether pid is still one of this script's children (guards against pid reuse)."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmd = f.read().split(b"\0")
+            argv = f.read().split(b"\0")
     except OSError:
         return False
-    return SCRIPT.encode() in cmd and b"--child" in cmd
+    return SCRIPT.encode() in argv and b"--child" in argv
 
 
 def _stop(procs, out_dir):
@@ -362,22 +341,12 @@ def _stop(procs, out_dir):
 
 def cpu_stall_us():
     """Microseconds some task waited for a CPU since boot (/proc/pressure/cpu, "some"), or None."""
-    for line in _read("/proc/pressure/cpu").splitlines():
+    for line in read_text("/proc/pressure/cpu").splitlines():
         if line.startswith("some"):
             for f in line.split():
                 if f.startswith("total="):
                     return int(f[6:])
     return None
-
-
-def _tail(path, n=3):
-    """The last n non-empty lines of a log, joined."""
-    try:
-        with open(path, errors="replace") as f:
-            lines = [ln.strip() for ln in f.read()[-4000:].splitlines() if ln.strip()]
-    except OSError:
-        return ""
-    return " / ".join(lines[-n:])
 
 
 def launch(system, world, cfg, tmpdir, tag, deadline):
@@ -413,13 +382,13 @@ def launch(system, world, cfg, tmpdir, tag, deadline):
     procs, logs = [], []
     stall0, w0 = cpu_stall_us(), time.monotonic()
     try:
-        for i, cmd in enumerate(cmds):
+        for i, argv in enumerate(cmds):
             log = os.path.join(out_dir, f"log-{i}.txt")
             logs.append(log)
             with open(log, "w") as lf:
                 procs.append(
                     subprocess.Popen(
-                        cmd,
+                        argv,
                         stdin=subprocess.DEVNULL,
                         stdout=lf,
                         stderr=subprocess.STDOUT,
@@ -456,7 +425,7 @@ def launch(system, world, cfg, tmpdir, tag, deadline):
         missing = [r for r in range(world) if r not in results]
         err = f"exit codes {codes}, no result from rank(s) {missing}"
     if err:
-        tails = [t for t in (_tail(x) for x in logs) if t]
+        tails = [t for t in (tail(x) for x in logs) if t]
         if tails:
             err += ": " + " | ".join(tails)[-600:]
     return results, err, shown, pressure
@@ -631,29 +600,7 @@ print("PROBE" + json.dumps(out, default=str))
 
 
 def probe_ours(timeout=90):
-    try:
-        cp = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"import torch_parallel timed out after {timeout} s"}
-    for line in cp.stdout.splitlines():
-        if line.startswith("PROBE"):
-            return json.loads(line[5:])
-    return {"error": (cp.stderr.strip().splitlines() or ["probe failed"])[-1]}
-
-
-def _read(path):
-    try:
-        with open(path) as f:
-            return f.read()
-    except OSError:
-        return ""
-
-
-def _cmd(args, timeout=10):
-    try:
-        return subprocess.run(args, capture_output=True, text=True, timeout=timeout).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
+    return run_probe(PROBE, timeout, "import torch_parallel")
 
 
 def _version(dist):
@@ -666,33 +613,12 @@ def _version(dist):
 
 
 def machine_info():
-    info = {"nproc": os.cpu_count()}
-    try:
-        info["usable_cpus"] = len(os.sched_getaffinity(0))
-    except AttributeError:
-        pass
-    for line in _read("/proc/meminfo").splitlines():
-        if line.startswith("MemTotal:"):
-            info["mem_GiB"] = round(int(line.split()[1]) / 2**20, 1)
-    for line in _read("/proc/cpuinfo").splitlines():
-        if line.startswith("model name"):
-            info["cpu_model"] = line.split(":", 1)[1].strip()
-            break
-    info["kernel"] = platform.release()
-    thp = _read("/sys/kernel/mm/transparent_hugepage/enabled").strip()
-    if thp:
-        info["thp"] = thp
-    info["python"] = platform.python_version()
+    info = base_machine_info()
     for d in ("torch", "numpy", "mpi4py", "matplotlib"):
         info[d] = _version(d)
     mpirun = shutil.which("mpirun")
-    info["mpirun"] = (_cmd([mpirun, "--version"]).splitlines() or ["?"])[0] if mpirun else "not installed"
-    here = os.path.dirname(SCRIPT)
-    info["git"] = _cmd(["git", "-C", here, "rev-parse", "--short", "HEAD"])
-    if _cmd(["git", "-C", here, "status", "--porcelain"]):
-        info["git"] += " (dirty)"
-    info["loadavg_start"] = _read("/proc/loadavg").split()[:3]
-    info["cpu_pressure_start"] = (_read("/proc/pressure/cpu").splitlines() or [""])[0]
+    info["mpirun"] = (cmd([mpirun, "--version"]).splitlines() or ["?"])[0] if mpirun else "not installed"
+    info["cpu_pressure_start"] = (read_text("/proc/pressure/cpu").splitlines() or [""])[0]
     return info
 
 
@@ -1069,12 +995,12 @@ def main():
                     continue
                 print(f"[rep {rep + 1}/{a.reps}] {s} (p={a.world}) ...", end=" ", flush=True)
                 t0 = time.monotonic()
-                res, err, cmd, psi = launch(s, a.world, cfg, tmpdir, f"{s}-{rep}", deadline)
+                res, err, command, psi = launch(s, a.world, cfg, tmpdir, f"{s}-{rep}", deadline)
                 if err:
-                    runs[s].append({"status": "error", "note": err, "command": cmd})
+                    runs[s].append({"status": "error", "note": err, "command": command})
                     print(f"error: {err}", flush=True)
                     continue
-                runs[s].append({"status": "ok", "ranks": res, "command": cmd, "cpu_pressure": psi})
+                runs[s].append({"status": "ok", "ranks": res, "command": command, "cpu_pressure": psi})
                 r0 = res[0]["sizes"]
                 brief = ", ".join(f"{k} {fmt_t(r0[k]['median_s'])}" for k in HEADLINE if k in r0)
                 bad = [k for k in r0 if not all(rr["sizes"][k]["verified"] for rr in res.values())]
@@ -1093,8 +1019,8 @@ def main():
             want = "shm" if n == "ours_shm" else "tcp"
             if r["links"] != [want]:
                 r["note"] = (r.get("note", "") + f"; links are {r['links']}, not [{want!r}]").lstrip("; ")
-    machine["loadavg_end"] = _read("/proc/loadavg").split()[:3]
-    machine["cpu_pressure_end"] = (_read("/proc/pressure/cpu").splitlines() or [""])[0]
+    machine["loadavg_end"] = read_text("/proc/loadavg").split()[:3]
+    machine["cpu_pressure_end"] = (read_text("/proc/pressure/cpu").splitlines() or [""])[0]
     report = {
         "started": started,
         "elapsed_s": time.monotonic() - t_start,

@@ -47,16 +47,16 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
+from _common import HOST, cmd, free_port, git_revision, run_probe, tail
+
 MiB = 1 << 20
 GiB = 1 << 30
-HOST = "127.0.0.1"
 SCRIPT = os.path.abspath(__file__)
 SIZES = {"1MiB": MiB, "64MiB": 64 * MiB, "256MiB": 256 * MiB, "1GiB": GiB}
 TARGET_IPC_VS_D2D = 0.8
@@ -265,21 +265,6 @@ def child_main(role, rank, cfg):
 # orchestration
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def _tail(path, n=4):
-    try:
-        with open(path, errors="replace") as f:
-            lines = [x.strip() for x in f.read()[-6000:].splitlines() if x.strip()]
-    except OSError:
-        return ""
-    return " / ".join(lines[-n:])
-
-
 def launch(children, env_extra, cfg, tmpdir, tag, deadline):
     """Runs children [(role, rank)] together. Returns ({(role, rank): result}, error or None)."""
     out_dir = os.path.join(tmpdir, tag)
@@ -291,11 +276,11 @@ def launch(children, env_extra, cfg, tmpdir, tag, deadline):
     try:
         for role, rank in children:
             logs.append(os.path.join(out_dir, f"log-{role}-{rank}.txt"))
-            cmd = [sys.executable, SCRIPT, "--child", role, "--rank", str(rank), "--cfg", json.dumps(cfg)]
+            argv = [sys.executable, SCRIPT, "--child", role, "--rank", str(rank), "--cfg", json.dumps(cfg)]
             with open(logs[-1], "w") as lf:
                 procs.append(
                     subprocess.Popen(
-                        cmd,
+                        argv,
                         stdin=subprocess.DEVNULL,
                         stdout=lf,
                         stderr=subprocess.STDOUT,
@@ -333,7 +318,7 @@ def launch(children, env_extra, cfg, tmpdir, tag, deadline):
                 results[(role, rank)] = json.load(f)
     if err is None and len(results) < len(children):
         err = f"exit codes {[p.returncode for p in procs]}"
-    tails = " | ".join(t for t in (_tail(x) for x in logs) if t)
+    tails = " | ".join(t for t in (tail(x) for x in logs) if t)
     if err and tails:
         err += ": " + tails[-800:]
     return results, err
@@ -362,21 +347,7 @@ print("PROBE" + json.dumps(out, default=str))
 
 
 def probe(timeout=120):
-    try:
-        cp = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"importing torch timed out after {timeout} s"}
-    for line in cp.stdout.splitlines():
-        if line.startswith("PROBE"):
-            return json.loads(line[5:])
-    return {"error": (cp.stderr.strip().splitlines() or ["probe failed"])[-1]}
-
-
-def _cmd(args, timeout=20):
-    try:
-        return subprocess.run(args, capture_output=True, text=True, timeout=timeout).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
+    return run_probe(PROBE, timeout, "importing torch")
 
 
 def run_pair(env, cfg, tmpdir, tag, deadline):
@@ -619,11 +590,9 @@ def main():
         return 1
     print(f"{p['device']}; torch {p['torch']} (CUDA {p['torch_cuda']}); torch_parallel: {p.get('cuda_info')}")
     started, t_start = time.strftime("%Y-%m-%d %H:%M:%S %z"), time.monotonic()
-    git = _cmd(["git", "-C", os.path.dirname(SCRIPT), "rev-parse", "--short", "HEAD"])
-    if _cmd(["git", "-C", os.path.dirname(SCRIPT), "status", "--porcelain"]):
-        git += " (dirty)"
+    git = git_revision()
     machine = {"nproc": os.cpu_count(), "python": platform.python_version(), "git": git}
-    driver = _cmd(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]) or "?"
+    driver = cmd(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]) or "?"
     results = {}
     tmpdir = tempfile.mkdtemp(prefix="parallel-cuda-")
     try:
@@ -632,11 +601,11 @@ def main():
                 results[part] = fn(a, tmpdir)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
-    cmd = [os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd()) else sys.executable]
+    python = os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd()) else sys.executable
     report = {
         "started": started,
         "elapsed_s": time.monotonic() - t_start,
-        "command": " ".join([*cmd, *sys.argv]),
+        "command": " ".join([python, *sys.argv]),
         "args": {k: v for k, v in vars(a).items() if k not in ("child", "rank", "cfg")},
         "probe": p,
         "driver": driver,

@@ -34,7 +34,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import platform
 import queue
 import random
 import shutil
@@ -46,8 +45,10 @@ import tempfile
 import time
 import traceback
 
+from _common import HOST, cmd, cpu_seconds, free_port, pct, read_text, run_probe
+from _common import machine_info as base_machine_info
+
 MiB = 1 << 20
-HOST = "127.0.0.1"
 SMALL_MSG = b"12345678"  # the 8-byte message of the round-trip test
 
 # --only keys -> row names
@@ -93,14 +94,6 @@ def verify(buf, nbytes: int, what: str) -> None:
         raise AssertionError(f"{what}: received {len(mv)} bytes, expected {nbytes}")
     if mv[:MiB] != block or mv[nbytes - MiB :] != block:
         raise AssertionError(f"{what}: received payload differs from what was sent")
-
-
-def _cpu() -> float:
-    """CPU seconds (user + system) of this process, all threads (the engine's reactor threads too)."""
-    import resource
-
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
 
 
 def _call_with_timeout(fn, timeout, **kw):
@@ -158,7 +151,7 @@ def sock_tp_recv(link, family, path, nbytes, reps, t_op):
         c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     buf = bytearray(nbytes)  # zero-filled, so already faulted in
     mv = memoryview(buf)
-    cpu0 = _cpu()
+    cpu0 = cpu_seconds()
     for i in range(reps + 1):
         got = 0
         while got < nbytes:
@@ -169,7 +162,7 @@ def sock_tp_recv(link, family, path, nbytes, reps, t_op):
         if i == 0:
             verify(buf, nbytes, "sockets")
         c.sendall(b"k")
-    cpu = _cpu() - cpu0
+    cpu = cpu_seconds() - cpu0
     done.wait(t_op)
     c.close()
     srv.close()
@@ -188,7 +181,7 @@ def sock_tp_send(link, family, path, nbytes, reps, t_op):
         s.settimeout(t_op)
         s.connect(addr)
     rates = []
-    cpu0 = _cpu()
+    cpu0 = cpu_seconds()
     for i in range(reps + 1):  # the first one is warm-up
         t0 = time.perf_counter()
         s.sendall(data)
@@ -197,7 +190,7 @@ def sock_tp_send(link, family, path, nbytes, reps, t_op):
         dt = time.perf_counter() - t0
         if i:
             rates.append(nbytes / dt / 1e9)
-    cpu = _cpu() - cpu0
+    cpu = cpu_seconds() - cpu0
     done.set()
     s.close()
     return {"GBps": rates, "client_cpu_s": cpu}
@@ -223,7 +216,7 @@ def zmq_tp_recv(link, nbytes, reps, t_op):
     if ack.recv() != b"hi":
         raise ConnectionError("bad hello")
     ack.send(b"ready")
-    cpu0 = _cpu()
+    cpu0 = cpu_seconds()
     for i in range(reps + 1):
         f = pull.recv(copy=False)
         if i == 0:
@@ -232,7 +225,7 @@ def zmq_tp_recv(link, nbytes, reps, t_op):
             raise AssertionError("zmq: short message")
         del f
         ack.send(b"k")
-    cpu = _cpu() - cpu0
+    cpu = cpu_seconds() - cpu0
     done.wait(t_op)
     pull.close()
     ack.close()
@@ -259,7 +252,7 @@ def zmq_tp_send(link, nbytes, reps, t_op):
     if ack.recv() != b"ready":
         raise ConnectionError("bad ready")
     rates = []
-    cpu0 = _cpu()
+    cpu0 = cpu_seconds()
     for i in range(reps + 1):
         t0 = time.perf_counter()
         push.send(data, copy=False)
@@ -267,7 +260,7 @@ def zmq_tp_send(link, nbytes, reps, t_op):
         dt = time.perf_counter() - t0
         if i:
             rates.append(nbytes / dt / 1e9)
-    cpu = _cpu() - cpu0
+    cpu = cpu_seconds() - cpu0
     done.set()
     push.close()
     ack.close()
@@ -301,7 +294,7 @@ def gloo_tp(link, rank, port, nbytes, reps, t_op):
     if rank == 0:
         data = torch.frombuffer(pattern(nbytes), dtype=torch.uint8)
         rates = []
-        cpu0 = _cpu()
+        cpu0 = cpu_seconds()
         for i in range(reps + 1):
             t0 = time.perf_counter()
             dist.send(data, 1)
@@ -309,17 +302,17 @@ def gloo_tp(link, rank, port, nbytes, reps, t_op):
             dt = time.perf_counter() - t0
             if i:
                 rates.append(nbytes / dt / 1e9)
-        out = {"GBps": rates, "client_cpu_s": _cpu() - cpu0}
+        out = {"GBps": rates, "client_cpu_s": cpu_seconds() - cpu0}
         done.set()
     else:
         buf = torch.zeros(nbytes, dtype=torch.uint8)
-        cpu0 = _cpu()
+        cpu0 = cpu_seconds()
         for i in range(reps + 1):
             dist.recv(buf, 0)
             if i == 0:
                 verify(buf.numpy(), nbytes, "gloo")
             dist.send(ack, 0)
-        out = {"verified": True, "server_cpu_s": _cpu() - cpu0}
+        out = {"verified": True, "server_cpu_s": cpu_seconds() - cpu0}
         done.wait(t_op)
     dist.destroy_process_group()
     return out
@@ -339,7 +332,7 @@ def ours_tp_recv(link, nbytes, reps, t_op):
     conn.send("ready")
     buf = torch.zeros(nbytes, dtype=torch.uint8)  # preallocated and faulted in
     into_out = True
-    cpu0 = _cpu()
+    cpu0 = cpu_seconds()
     for i in range(reps + 1):
         r = _call_with_timeout(conn.recv, t_op, out=buf)
         if r is not buf and not (isinstance(r, torch.Tensor) and r.data_ptr() == buf.data_ptr()):
@@ -353,7 +346,7 @@ def ours_tp_recv(link, nbytes, reps, t_op):
         if i == 0:
             verify(buf.numpy(), nbytes, "ours (out=)")
         conn.send(b"k")
-    cpu = _cpu() - cpu0
+    cpu = cpu_seconds() - cpu0
     done.wait(t_op)
     res = {
         "verified": True,
@@ -379,7 +372,7 @@ def ours_tp_send(link, nbytes, reps, t_op):
     if c.recv(timeout=t_op) != "ready":
         raise AssertionError("bad ready")
     rates = []
-    cpu0 = _cpu()
+    cpu0 = cpu_seconds()
     for i in range(reps + 1):
         t0 = time.perf_counter()
         c.send(data)
@@ -391,7 +384,7 @@ def ours_tp_send(link, nbytes, reps, t_op):
             rates.append(nbytes / dt / 1e9)
     res = {
         "GBps": rates,
-        "client_cpu_s": _cpu() - cpu0,
+        "client_cpu_s": cpu_seconds() - cpu0,
         "link": _safe(lambda: c.link),
         "client_stats": _safe(c.stats),
         "version": getattr(parallel, "__version__", None),
@@ -435,7 +428,7 @@ def sock_rtt_echo(link, family, path, total, t_op):
     size = len(SMALL_MSG)
     buf = bytearray(size)
     mv = memoryview(buf)
-    cpu0 = _cpu()
+    cpu0 = cpu_seconds()
     for _ in range(total):
         got = 0
         while got < size:
@@ -444,7 +437,7 @@ def sock_rtt_echo(link, family, path, total, t_op):
                 raise ConnectionError("peer closed")
             got += n
         c.sendall(buf)
-    cpu = _cpu() - cpu0
+    cpu = cpu_seconds() - cpu0
     done.wait(t_op)
     c.close()
     srv.close()
@@ -466,7 +459,7 @@ def sock_rtt_ping(link, family, path, warm, n, reps, t_op):
     mv = memoryview(buf)
     pc = time.perf_counter_ns
     samples = []
-    cpu0 = _cpu()
+    cpu0 = cpu_seconds()
     for i in range(warm + n * reps):
         t0 = pc()
         s.sendall(SMALL_MSG)
@@ -479,7 +472,7 @@ def sock_rtt_ping(link, family, path, warm, n, reps, t_op):
         t1 = pc()
         if i >= warm:
             samples.append((t1 - t0) / 1e3)
-    cpu = _cpu() - cpu0
+    cpu = cpu_seconds() - cpu0
     if bytes(buf) != SMALL_MSG:
         raise AssertionError("echo differs")
     done.set()
@@ -497,10 +490,10 @@ def zmq_rtt_echo(link, total, t_op):
     rep.setsockopt(zmq.RCVTIMEO, int(t_op * 1000))
     rep.setsockopt(zmq.SNDTIMEO, int(t_op * 1000))
     q.put(rep.bind_to_random_port(f"tcp://{HOST}"))
-    cpu0 = _cpu()
+    cpu0 = cpu_seconds()
     for _ in range(total):
         rep.send(rep.recv())
-    cpu = _cpu() - cpu0
+    cpu = cpu_seconds() - cpu0
     done.wait(t_op)
     rep.close()
     ctx.term()
@@ -521,7 +514,7 @@ def zmq_rtt_ping(link, warm, n, reps, t_op):
     pc = time.perf_counter_ns
     samples = []
     r = b""
-    cpu0 = _cpu()
+    cpu0 = cpu_seconds()
     for i in range(warm + n * reps):
         t0 = pc()
         req.send(SMALL_MSG)
@@ -529,7 +522,7 @@ def zmq_rtt_ping(link, warm, n, reps, t_op):
         t1 = pc()
         if i >= warm:
             samples.append((t1 - t0) / 1e3)
-    cpu = _cpu() - cpu0
+    cpu = cpu_seconds() - cpu0
     if r != SMALL_MSG:
         raise AssertionError("echo differs")
     done.set()
@@ -560,7 +553,7 @@ def gloo_rtt(link, rank, port, warm, n, reps, t_op):
         msg = torch.frombuffer(bytearray(SMALL_MSG), dtype=torch.uint8)
         pc = time.perf_counter_ns
         samples = []
-        cpu0 = _cpu()
+        cpu0 = cpu_seconds()
         for i in range(total):
             t0 = pc()
             dist.send(msg, 1)
@@ -568,17 +561,17 @@ def gloo_rtt(link, rank, port, warm, n, reps, t_op):
             t1 = pc()
             if i >= warm:
                 samples.append((t1 - t0) / 1e3)
-        cpu = _cpu() - cpu0
+        cpu = cpu_seconds() - cpu0
         if bytes(buf.numpy()) != SMALL_MSG:
             raise AssertionError("echo differs")
         out = {**_rtt_summary(samples, n), "client_cpu_s": cpu}
         done.set()
     else:
-        cpu0 = _cpu()
+        cpu0 = cpu_seconds()
         for _ in range(total):
             dist.recv(buf, 0)
             dist.send(buf, 0)
-        out = {"server_cpu_s": _cpu() - cpu0}
+        out = {"server_cpu_s": cpu_seconds() - cpu0}
         done.wait(t_op)
     dist.destroy_process_group()
     return out
@@ -594,10 +587,10 @@ def ours_rtt_echo(link, total, t_op):
     if hello != "hello":
         raise AssertionError(f"bad hello {hello!r}")
     conn.send("ready")
-    cpu0 = _cpu()
+    cpu0 = cpu_seconds()
     for _ in range(total):
         conn.send(_call_with_timeout(conn.recv, t_op))
-    cpu = _cpu() - cpu0
+    cpu = cpu_seconds() - cpu0
     done.wait(t_op)
     res = {
         "server_cpu_s": cpu,
@@ -620,7 +613,7 @@ def ours_rtt_ping(link, warm, n, reps, t_op):
     pc = time.perf_counter_ns
     samples = []
     r = None
-    cpu0 = _cpu()
+    cpu0 = cpu_seconds()
     for i in range(warm + n * reps):
         t0 = pc()
         c.send(SMALL_MSG)
@@ -628,7 +621,7 @@ def ours_rtt_ping(link, warm, n, reps, t_op):
         t1 = pc()
         if i >= warm:
             samples.append((t1 - t0) / 1e3)
-    cpu = _cpu() - cpu0
+    cpu = cpu_seconds() - cpu0
     if r != SMALL_MSG:
         raise AssertionError(f"echo differs: {r!r}")
     res = _rtt_summary(samples, n)
@@ -640,12 +633,6 @@ def ours_rtt_ping(link, warm, n, reps, t_op):
 
 # ----------------------------------------------------------------------------------------------
 # orchestration (parent process)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def run_pair(ctx, recv_fn, recv_args, send_fn, send_args, env, deadline_s):
@@ -864,13 +851,6 @@ def measure_rtt(ctx, name, warm, n, reps, t_op, deadline, tmpdir):
     return row
 
 
-def pct(xs_sorted, q):
-    k = (len(xs_sorted) - 1) * q
-    f = int(k)
-    c = min(f + 1, len(xs_sorted) - 1)
-    return xs_sorted[f] + (xs_sorted[c] - xs_sorted[f]) * (k - f)
-
-
 def merge_tp(runs):
     """Pools the rates of several runs of one row into a summary."""
     ok = [r for r in runs if r.get("status") == "ok"]
@@ -942,54 +922,11 @@ print("PROBE" + json.dumps(out, default=str))
 
 
 def probe_ours(timeout=90):
-    try:
-        cp = subprocess.run(
-            [sys.executable, "-c", PROBE],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-    except subprocess.TimeoutExpired:
-        return {"error": f"import torch_parallel timed out after {timeout} s"}
-    for line in cp.stdout.splitlines():
-        if line.startswith("PROBE"):
-            return json.loads(line[5:])
-    return {"error": (cp.stderr.strip().splitlines() or ["probe failed"])[-1]}
-
-
-def _read(path):
-    try:
-        with open(path) as f:
-            return f.read()
-    except OSError:
-        return ""
-
-
-def _cmd(args, timeout=10):
-    try:
-        return subprocess.run(args, capture_output=True, text=True, timeout=timeout).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
+    return run_probe(PROBE, timeout, "import torch_parallel")
 
 
 def machine_info():
-    info = {"nproc": os.cpu_count()}
-    try:
-        info["usable_cpus"] = len(os.sched_getaffinity(0))
-    except AttributeError:
-        pass
-    for line in _read("/proc/meminfo").splitlines():
-        if line.startswith("MemTotal:"):
-            info["mem_GiB"] = round(int(line.split()[1]) / 2**20, 1)
-    for line in _read("/proc/cpuinfo").splitlines():
-        if line.startswith("model name"):
-            info["cpu_model"] = line.split(":", 1)[1].strip()
-            break
-    info["kernel"] = platform.release()
-    thp = _read("/sys/kernel/mm/transparent_hugepage/enabled").strip()
-    if thp:
-        info["thp"] = thp
-    info["python"] = platform.python_version()
+    info = base_machine_info()
     for mod in ("torch", "zmq", "numpy"):
         try:
             m = __import__(mod)  # only for versions; the children import their own copies
@@ -999,12 +936,7 @@ def machine_info():
         except Exception as e:
             info[mod] = f"unavailable ({type(e).__name__})"
     iperf = shutil.which("iperf3")
-    info["iperf3"] = (_cmd([iperf, "--version"]).splitlines() or ["?"])[0] if iperf else "not installed"
-    here = os.path.dirname(os.path.abspath(__file__))
-    info["git"] = _cmd(["git", "-C", here, "rev-parse", "--short", "HEAD"])
-    if _cmd(["git", "-C", here, "status", "--porcelain"]):
-        info["git"] += " (dirty)"
-    info["loadavg_start"] = _read("/proc/loadavg").split()[:3]
+    info["iperf3"] = (cmd([iperf, "--version"]).splitlines() or ["?"])[0] if iperf else "not installed"
     return info
 
 
@@ -1397,7 +1329,7 @@ def main():
                     )
                 if rows is tp and r.get("recv_into_out") is False:
                     r["note"] = (r.get("note", "") + "; recv(out=) returned another tensor").lstrip("; ")
-    machine["loadavg_end"] = _read("/proc/loadavg").split()[:3]
+    machine["loadavg_end"] = read_text("/proc/loadavg").split()[:3]
     report = {
         "started": started,
         "elapsed_s": time.monotonic() - t_start,

@@ -59,33 +59,30 @@ def _stats(xs: list[float]) -> dict[str, float]:
 # children (spawned: module-level functions)
 
 
-def _child_std(q_in: Any, q_out: Any, mode: str, n: int, reps: int) -> None:
-    q_out.put("ready")
+def _consume(get: Any, put: Any, mode: str, n: int, reps: int) -> None:
+    """The reading side, the same for every queue: `reps` rounds of n items (or one tensor, whose
+    first element is read), each acknowledged with "done"."""
+    put("ready")
     for _ in range(reps):
         if mode == "items":
             for _ in range(n):
-                q_in.get(timeout=TIMEOUT)
+                get(timeout=TIMEOUT)
         else:
-            t = q_in.get(timeout=TIMEOUT)
+            t = get(timeout=TIMEOUT)
             float(t[0])
             del t
-        q_out.put("done")
+        put("done")
+
+
+def _child_std(q_in: Any, q_out: Any, mode: str, n: int, reps: int) -> None:
+    _consume(q_in.get, q_out.put, mode, n, reps)
 
 
 def _child_ours(name: str, mode: str, n: int, reps: int) -> None:
     import torch_parallel as parallel
 
     q = parallel.workqueue(name)
-    q.write("ready")
-    for _ in range(reps):
-        if mode == "items":
-            for _ in range(n):
-                q.read(timeout=TIMEOUT)
-        else:
-            t = q.read(timeout=TIMEOUT)
-            float(t[0])
-            del t
-        q.write("done")
+    _consume(q.read, q.write, mode, n, reps)
 
 
 def _join(p: Any) -> None:

@@ -1,0 +1,113 @@
+"""Helpers the benchmark programs share: ports, percentiles, CPU time, logs, subprocess probes and
+the description of the machine a run was measured on.
+
+Imported by benches/allreduce.py, transport.py and cuda.py (which run with this folder first on
+sys.path, as scripts and as their own child processes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def pct(xs_sorted, q):
+    """The q-quantile of sorted samples, linearly interpolated."""
+    k = (len(xs_sorted) - 1) * q
+    f = int(k)
+    c = min(f + 1, len(xs_sorted) - 1)
+    return xs_sorted[f] + (xs_sorted[c] - xs_sorted[f]) * (k - f)
+
+
+def cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process, all threads (the engine's reactor threads too)."""
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def read_text(path):
+    """A file's text, or "" when it cannot be read."""
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def cmd(args, timeout=10):
+    """A command's stdout, stripped, or "" when it cannot run or overruns `timeout`."""
+    try:
+        return subprocess.run(args, capture_output=True, text=True, timeout=timeout).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def tail(path, n=3):
+    """The last n non-empty lines of a log, joined."""
+    try:
+        with open(path, errors="replace") as f:
+            lines = [ln.strip() for ln in f.read()[-6000:].splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return " / ".join(lines[-n:])
+
+
+def run_probe(code, timeout, what):
+    """Runs `code` (which prints one line "PROBE" + JSON) in a fresh interpreter; its dict, or
+    {"error": ...} saying why there is none."""
+    try:
+        cp = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"{what} timed out after {timeout} s"}
+    for line in cp.stdout.splitlines():
+        if line.startswith("PROBE"):
+            return json.loads(line[5:])
+    return {"error": (cp.stderr.strip().splitlines() or ["probe failed"])[-1]}
+
+
+def git_revision():
+    """The checkout's short commit, marked "(dirty)" with uncommitted changes."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    rev = cmd(["git", "-C", here, "rev-parse", "--short", "HEAD"])
+    if cmd(["git", "-C", here, "status", "--porcelain"]):
+        rev += " (dirty)"
+    return rev
+
+
+def machine_info():
+    """What every report records of the machine: cores, memory, CPU, kernel, huge pages, Python,
+    git revision and the load when the run started. Programs add their peers' versions."""
+    info = {"nproc": os.cpu_count()}
+    try:
+        info["usable_cpus"] = len(os.sched_getaffinity(0))
+    except AttributeError:
+        pass
+    for line in read_text("/proc/meminfo").splitlines():
+        if line.startswith("MemTotal:"):
+            info["mem_GiB"] = round(int(line.split()[1]) / 2**20, 1)
+    for line in read_text("/proc/cpuinfo").splitlines():
+        if line.startswith("model name"):
+            info["cpu_model"] = line.split(":", 1)[1].strip()
+            break
+    info["kernel"] = platform.release()
+    thp = read_text("/sys/kernel/mm/transparent_hugepage/enabled").strip()
+    if thp:
+        info["thp"] = thp
+    info["python"] = platform.python_version()
+    info["git"] = git_revision()
+    info["loadavg_start"] = read_text("/proc/loadavg").split()[:3]
+    return info
