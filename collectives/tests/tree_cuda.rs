@@ -42,6 +42,31 @@ fn reference(op: &Op, dtype: DType, ranks: &[usize], count: usize) -> Vec<u8> {
     acc
 }
 
+/// `bytes` in a new allocation on `dev`, `offset` bytes in (a view, as torch tensors often are);
+/// the allocation (which must outlive the uses) and the view's address.
+fn upload(dev: i32, bytes: &[u8], offset: usize) -> Result<(DeviceAlloc, u64)> {
+    let a = DeviceAlloc::new(dev, offset + bytes.len())?;
+    let p = a.ptr + offset as u64;
+    // SAFETY: inside our allocation.
+    unsafe {
+        cuda::copy_sync(
+            dev,
+            Mem::Dev(p),
+            Mem::Host(bytes.as_ptr() as *mut u8),
+            bytes.len(),
+        )?
+    };
+    Ok((a, p))
+}
+
+/// `len` bytes of device memory at `p` on `dev`.
+fn download(dev: i32, p: u64, len: usize) -> Result<Vec<u8>> {
+    let mut out = vec![0u8; len];
+    // SAFETY: the caller's allocation holds `len` bytes at `p`.
+    unsafe { cuda::copy_sync(dev, Mem::Host(out.as_mut_ptr()), Mem::Dev(p), len)? };
+    Ok(out)
+}
+
 /// Rank r's all-reduce on simulated device memory (device r % 2); returns the result bytes.
 fn reduce_on_device(
     t: &Tree,
@@ -54,23 +79,11 @@ fn reduce_on_device(
     let dev = (r % 2) as i32;
     let mine = data(dtype, r, count);
     // A view 256 bytes into its allocation, as torch tensors often are.
-    let a = DeviceAlloc::new(dev, mine.len() + 256)?;
-    let p = a.ptr + 256;
-    // SAFETY: inside our allocation.
-    unsafe {
-        cuda::copy_sync(
-            dev,
-            Mem::Dev(p),
-            Mem::Host(mine.as_ptr() as *mut u8),
-            mine.len(),
-        )?
-    };
+    let (_a, p) = upload(dev, &mine, 256)?;
     // SAFETY: our allocation, used by nothing else during the call.
     let n = unsafe { t.all_reduce_cuda(dtype, dev, p, mine.len(), op, user)? };
     assert_eq!(n, t.world_size());
-    let mut out = vec![0u8; mine.len()];
-    // SAFETY: as above.
-    unsafe { cuda::copy_sync(dev, Mem::Host(out.as_mut_ptr()), Mem::Dev(p), out.len())? };
+    let out = download(dev, p, mine.len())?;
     Ok(out)
 }
 
@@ -160,21 +173,10 @@ fn gpu_uneven_endings_and_mismatch() {
         }
         let dev = 0;
         let mine = data(DType::I32, t.rank(), 100);
-        let a = DeviceAlloc::new(dev, mine.len())?;
-        // SAFETY: our allocation.
-        unsafe {
-            cuda::copy_sync(
-                dev,
-                Mem::Dev(a.ptr),
-                Mem::Host(mine.as_ptr() as *mut u8),
-                mine.len(),
-            )?
-        };
+        let (_a, p) = upload(dev, &mine, 0)?;
         // SAFETY: as above.
-        let n = unsafe { t.all_reduce_cuda(DType::I32, dev, a.ptr, mine.len(), &Op::Sum, None)? };
-        let mut out = vec![0u8; mine.len()];
-        // SAFETY: as above.
-        unsafe { cuda::copy_sync(dev, Mem::Host(out.as_mut_ptr()), Mem::Dev(a.ptr), out.len())? };
+        let n = unsafe { t.all_reduce_cuda(DType::I32, dev, p, mine.len(), &Op::Sum, None)? };
+        let out = download(dev, p, mine.len())?;
         t.done(None, None)?;
         Ok(Some((n, out)))
     });
@@ -211,24 +213,10 @@ fn gpu_broadcast_from_every_root_and_through_a_finished_rank() {
             let res = world_on(n, None, move |t| {
                 let dev = (t.rank() % 2) as i32;
                 let mine = data(DType::F32, t.rank(), 999);
-                let a = DeviceAlloc::new(dev, mine.len() + 64)?;
-                let p = a.ptr + 64;
-                // SAFETY: inside our allocation.
-                unsafe {
-                    cuda::copy_sync(
-                        dev,
-                        Mem::Dev(p),
-                        Mem::Host(mine.as_ptr() as *mut u8),
-                        mine.len(),
-                    )?
-                };
+                let (_a, p) = upload(dev, &mine, 64)?;
                 // SAFETY: our allocation, used by nothing else during the call.
                 unsafe { t.broadcast_cuda(DType::F32, dev, p, mine.len(), root)? };
-                let mut out = vec![0u8; mine.len()];
-                // SAFETY: as above.
-                unsafe {
-                    cuda::copy_sync(dev, Mem::Host(out.as_mut_ptr()), Mem::Dev(p), out.len())?
-                };
+                let out = download(dev, p, mine.len())?;
                 Ok(out)
             });
             for (r, got) in res.into_iter().enumerate() {
@@ -244,21 +232,10 @@ fn gpu_broadcast_from_every_root_and_through_a_finished_rank() {
             return Ok(None);
         }
         let mine = data(DType::I32, t.rank(), 50);
-        let a = DeviceAlloc::new(0, mine.len())?;
-        // SAFETY: our allocation.
-        unsafe {
-            cuda::copy_sync(
-                0,
-                Mem::Dev(a.ptr),
-                Mem::Host(mine.as_ptr() as *mut u8),
-                mine.len(),
-            )?
-        };
+        let (_a, p) = upload(0, &mine, 0)?;
         // SAFETY: as above.
-        unsafe { t.broadcast_cuda(DType::I32, 0, a.ptr, mine.len(), 3)? };
-        let mut out = vec![0u8; mine.len()];
-        // SAFETY: as above.
-        unsafe { cuda::copy_sync(0, Mem::Host(out.as_mut_ptr()), Mem::Dev(a.ptr), out.len())? };
+        unsafe { t.broadcast_cuda(DType::I32, 0, p, mine.len(), 3)? };
+        let out = download(0, p, mine.len())?;
         t.done(None, None)?;
         Ok(Some(out))
     });
@@ -276,22 +253,10 @@ fn gpu_reduce_only_the_root_changes() {
         let want = reference(&Op::Avg, DType::F32, &[0, 1, 2], 300);
         let res = world_on(3, None, move |t| {
             let mine = data(DType::F32, t.rank(), 300);
-            let a = DeviceAlloc::new(0, mine.len())?;
-            // SAFETY: our allocation.
-            unsafe {
-                cuda::copy_sync(
-                    0,
-                    Mem::Dev(a.ptr),
-                    Mem::Host(mine.as_ptr() as *mut u8),
-                    mine.len(),
-                )?
-            };
+            let (_a, p) = upload(0, &mine, 0)?;
             // SAFETY: as above.
-            let n =
-                unsafe { t.reduce_cuda(DType::F32, 0, a.ptr, mine.len(), &Op::Avg, None, root)? };
-            let mut out = vec![0u8; mine.len()];
-            // SAFETY: as above.
-            unsafe { cuda::copy_sync(0, Mem::Host(out.as_mut_ptr()), Mem::Dev(a.ptr), out.len())? };
+            let n = unsafe { t.reduce_cuda(DType::F32, 0, p, mine.len(), &Op::Avg, None, root)? };
+            let out = download(0, p, mine.len())?;
             Ok((n, out, mine))
         });
         for (r, got) in res.into_iter().enumerate() {
@@ -314,17 +279,9 @@ fn the_safe_tensor_front_reduces_cpu_and_cuda_tensors() {
         let mut cpu =
             parallel_engine::value::Tensor::from_bytes(DType::I32, vec![64], mine.clone())?;
         t.all_reduce_tensor(&mut cpu, &Op::Sum, None)?;
-        let a = Arc::new(DeviceAlloc::new(0, mine.len())?);
-        // SAFETY: our allocation.
-        unsafe {
-            cuda::copy_sync(
-                0,
-                Mem::Dev(a.ptr),
-                Mem::Host(mine.as_ptr() as *mut u8),
-                mine.len(),
-            )?
-        };
-        let p = a.ptr as *mut u8;
+        let (a, ptr) = upload(0, &mine, 0)?;
+        let a = Arc::new(a);
+        let p = ptr as *mut u8;
         // SAFETY: the tensor covers our allocation, which it keeps alive.
         let mut dev = unsafe {
             parallel_engine::value::Tensor::from_raw(
@@ -338,9 +295,7 @@ fn the_safe_tensor_front_reduces_cpu_and_cuda_tensors() {
             )
         };
         t.all_reduce_tensor(&mut dev, &Op::Sum, None)?;
-        let mut out = vec![0u8; mine.len()];
-        // SAFETY: as above.
-        unsafe { cuda::copy_sync(0, Mem::Host(out.as_mut_ptr()), Mem::Dev(a.ptr), out.len())? };
+        let out = download(0, ptr, mine.len())?;
         Ok((cpu.bytes().unwrap().to_vec(), out))
     }) {
         let (cpu, dev) = got.unwrap();
