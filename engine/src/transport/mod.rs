@@ -907,16 +907,22 @@ impl RecvGuard<'_> {
                         g.sync(dev, deadline)
                     }
                     Device::Cpu => {
-                        let mut tmp = Buf::with_len(len)?;
-                        let host = match out_contiguous_slice(t) {
-                            Some(d) => d.as_mut_ptr(),
-                            None => tmp.as_mut_ptr(),
+                        // Straight into a contiguous tensor; a strided one through a buffer.
+                        let mut tmp = if t.is_contiguous() {
+                            None
+                        } else {
+                            Some(Buf::with_len(len)?)
+                        };
+                        let host = match (&mut tmp, out_contiguous_slice(t)) {
+                            (Some(b), _) => b.as_mut_ptr(),
+                            (None, Some(d)) => d.as_mut_ptr(),
+                            (None, None) => unreachable!("contiguous"),
                         };
                         // SAFETY: as above; `host` holds `len` bytes (the out tensor or tmp).
                         unsafe { g.copy(dev, cuda::Mem::Host(host), cuda::Mem::Dev(src), len)? };
                         g.sync(dev, deadline)?;
-                        if !t.is_contiguous() {
-                            t.scatter_from(&tmp);
+                        if let Some(b) = &tmp {
+                            t.scatter_from(b);
                         }
                         Ok(())
                     }
