@@ -336,7 +336,7 @@ fn client_handshake(fd: OwnedFd, addr: &SocketAddr, deadline: Deadline) -> Resul
 
 fn client_shm(name: &str, token: &[u8], liveness: RawFd, deadline: Deadline) -> Result<ShmEnd> {
     let cfg = config();
-    let cap = cfg.shm_ring;
+    let cap = Mapping::ring_bytes(cfg.shm_ring);
     let memfd = sys::memfd("parallel-ring", Mapping::total_len(cap))?;
     let bells = [
         Bells {

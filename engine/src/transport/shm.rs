@@ -8,13 +8,22 @@
 //!
 //! Invariants:
 //! - SHM-1: the memory is a memfd (anonymous): nothing is left in /dev/shm, whatever kills us.
-//! - SHM-2: indices read from shared memory are untrusted: `head - tail` is checked against the
-//!   capacity before every copy; a violation is a protocol error, never an out-of-bounds access.
+//! - SHM-2: indices read from shared memory are untrusted: `tail <= head <= tail + capacity` is
+//!   checked (against our own copy of the index we own) before every copy; a violation is a
+//!   protocol error on this link, never an out-of-bounds access.
 //! - SHM-3: park protocol: a waiter stores its parked flag, then re-reads the index (both SeqCst);
 //!   a producer stores the index, then reads the flag (SeqCst): one of them sees the other, so a
 //!   wake-up cannot be lost. Waits are sliced anyway (runtime RT-1).
 //! - SHM-4: a segment sent by cross-memory attach stays valid until the receiver acknowledges it
 //!   (`cma_done`); the sender's `send` does not return before that.
+//! - SHM-5: the ring capacity is a positive multiple of 4096 bytes, so both control blocks are
+//!   page aligned (their u64 atomics aligned); a configured size is rounded up
+//!   ([`Mapping::ring_bytes`]), a peer's other size is refused.
+//! - SHM-6 (a peer cannot crash us): the memfd is sealed against any change of size before it
+//!   is shared, and the receiving side checks the seals and the exact size before it maps
+//!   (`sys::check_sealed`, SEAL-1/2). Nothing the peer does to the file or to the bytes in it
+//!   can fault our accesses; garbage in the control words is SHM-2's protocol error, on this
+//!   link only.
 
 use super::sys;
 use crate::error::{Error, ErrorKind, Result, protocol};
@@ -25,6 +34,8 @@ use std::time::{Duration, Instant};
 
 /// Bytes before each ring's data area (its control block).
 pub(crate) const CTRL: usize = 4096;
+/// Ring capacities are multiples of this (SHM-5).
+pub(crate) const RING_ALIGN: usize = 4096;
 
 #[repr(C)]
 struct Ctrl {
@@ -58,18 +69,24 @@ impl Mapping {
         2 * (CTRL + cap)
     }
 
-    /// Maps a memfd of `total_len(cap)` bytes.
+    /// The ring size used for a configured `PARALLEL_SHM_RING`: rounded up to a whole number of
+    /// pages (SHM-5), so that both control blocks stay page aligned whatever size was written
+    /// (`4MB` is 4,000,000 bytes, not a multiple of 4096).
+    pub fn ring_bytes(configured: usize) -> usize {
+        configured.div_ceil(RING_ALIGN) * RING_ALIGN
+    }
+
+    /// Maps a memfd of `total_len(cap)` bytes, checking it first (SHM-5, SEAL-2): `cap` is a
+    /// whole number of pages, the file is a memfd of exactly that size whose size is sealed.
     pub fn map(fd: OwnedFd, cap: usize) -> Result<Mapping> {
-        let len = Self::total_len(cap);
-        // SAFETY: fstat into a zeroed struct.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: valid fd and pointer.
-        if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 || (st.st_size as usize) < len {
+        if cap == 0 || cap % RING_ALIGN != 0 {
             return Err(protocol(
                 "shm",
-                format!("shared segment is {} bytes, expected {len}", st.st_size),
+                format!("ring capacity {cap} is not a positive multiple of {RING_ALIGN} bytes"),
             ));
         }
+        let len = Self::total_len(cap);
+        sys::check_sealed(fd.as_raw_fd(), Some(len), "shm")?;
         // SAFETY: mapping a memfd of at least len bytes, shared.
         let p = unsafe {
             libc::mmap(
@@ -288,7 +305,9 @@ impl ShmEnd {
             let mut off = 0usize;
             while off < b.len() {
                 let tail = c.tail.load(Ordering::Acquire);
-                let used = head.wrapping_sub(tail);
+                // SHM-2: the reader's tail never passes our head (indices start at 0 and
+                // would take centuries to reach 2^64), and never falls a ring behind.
+                let used = head.checked_sub(tail).unwrap_or(u64::MAX);
                 if used > cap {
                     return Err(protocol(
                         "send",
@@ -340,7 +359,7 @@ impl ShmEnd {
         let mut got = 0usize;
         while got < buf.len() {
             let head = c.head.load(Ordering::Acquire);
-            let avail = head.wrapping_sub(tail);
+            let avail = head.checked_sub(tail).unwrap_or(u64::MAX);
             if avail > cap {
                 return Err(protocol(
                     "recv",
@@ -416,5 +435,154 @@ impl ShmEnd {
     pub fn mark_closed(&self) {
         self.map.ctrl(self.tx).closed.store(1, Ordering::SeqCst);
         sys::eventfd_signal(self.bells[self.tx].data.as_raw_fd());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::FromRawFd;
+
+    const CAP: usize = 64 << 10;
+
+    fn end(cap: usize) -> (ShmEnd, OwnedFd) {
+        let map = Mapping::map(sys::memfd("t", Mapping::total_len(cap)).unwrap(), cap).unwrap();
+        ShmEnd::init(&map);
+        let bells = || Bells {
+            data: sys::eventfd().unwrap(),
+            space: sys::eventfd().unwrap(),
+        };
+        // A liveness fd that never becomes readable (the "peer" stays alive).
+        let live = sys::eventfd().unwrap();
+        let e = ShmEnd::new(
+            map,
+            1,
+            [bells(), bells()],
+            live.as_raw_fd(),
+            0,
+            Duration::ZERO,
+        );
+        (e, live)
+    }
+
+    fn dl() -> Deadline {
+        Deadline::after(Duration::from_secs(5))
+    }
+
+    #[test]
+    fn shm_2_head_beyond_capacity_or_behind_tail_is_a_protocol_error() {
+        let (e, _live) = end(CAP);
+        let c = e.map.ctrl(e.rx());
+        for head in [CAP as u64 + 1, 10 * CAP as u64, u64::MAX, u64::MAX / 2] {
+            c.head.store(head, Ordering::SeqCst);
+            assert!(e.has_data());
+            let mut buf = [0u8; 16];
+            let err = e.read_exact(&mut buf, dl(), "a test frame").unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Protocol, "{err}");
+            assert!(err.message().contains("corrupted"), "{err}");
+        }
+    }
+
+    #[test]
+    fn shm_2_tail_ahead_of_head_is_a_protocol_error_for_the_writer() {
+        let (e, _live) = end(CAP);
+        let c = e.map.ctrl(e.tx);
+        for tail in [1, CAP as u64 * 3, u64::MAX] {
+            c.tail.store(tail, Ordering::SeqCst);
+            let err = e.write_all(&[&[1u8; 100]], dl(), "room").unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Protocol, "{err}");
+        }
+    }
+
+    #[test]
+    fn shm_2_valid_indices_within_capacity_still_deliver_the_bytes() {
+        // The check refuses only what is impossible: a full ring that wraps reads back intact.
+        let (e, _live) = end(CAP);
+        let c = e.map.ctrl(e.rx());
+        let start = 7 * CAP as u64 + 12_345; // the ring turned over 7 times, data wraps its end
+        c.head.store(start, Ordering::SeqCst);
+        c.tail.store(start, Ordering::SeqCst);
+        e.tail.store(start, Ordering::SeqCst);
+        let bytes: Vec<u8> = (0..CAP).map(|i| (i * 7 % 251) as u8).collect();
+        let data = e.map.data(e.rx());
+        for (i, b) in bytes.iter().enumerate() {
+            // SAFETY: index modulo the capacity lies inside the data area.
+            unsafe { *data.add((start.wrapping_add(i as u64) % CAP as u64) as usize) = *b };
+        }
+        c.head
+            .store(start.wrapping_add(CAP as u64), Ordering::SeqCst);
+        let mut got = vec![0u8; CAP];
+        e.read_exact(&mut got, dl(), "a full ring").unwrap();
+        assert_eq!(got, bytes);
+    }
+
+    #[test]
+    fn shm_5_ring_sizes_round_up_to_whole_pages() {
+        assert_eq!(Mapping::ring_bytes(64 << 10), 64 << 10);
+        assert_eq!(Mapping::ring_bytes(4_000_000), 4_001_792); // "4MB"
+        assert_eq!(Mapping::ring_bytes(65_537), 69_632);
+        for cap in [65_537, 1_000_001, 4_000_000] {
+            let r = Mapping::ring_bytes(cap);
+            assert!(r >= cap && r % 4096 == 0 && r - cap < 4096);
+        }
+        let (e, _live) = end(Mapping::ring_bytes(100_001));
+        assert_eq!(e.map.ctrl(1) as *const Ctrl as usize % 4096, 0);
+    }
+
+    #[test]
+    fn shm_5_a_capacity_that_misaligns_the_control_words_is_refused() {
+        let cap = (64 << 10) + 1;
+        let fd = sys::memfd("odd", Mapping::total_len(cap)).unwrap();
+        let Err(e) = Mapping::map(fd, cap) else {
+            panic!("an odd ring was mapped")
+        };
+        assert_eq!(e.kind(), ErrorKind::Protocol, "{e}");
+        assert!(e.message().contains("multiple of 4096"), "{e}");
+    }
+
+    #[test]
+    fn shm_6_segment_size_is_sealed_against_shrinking_and_growing() {
+        let fd = sys::memfd("sealed", Mapping::total_len(CAP)).unwrap();
+        for size in [0, 4096, (4 * CAP) as libc::off_t] {
+            // SAFETY: plain syscall on our own fd.
+            let rc = unsafe { libc::ftruncate(fd.as_raw_fd(), size) };
+            let err = std::io::Error::last_os_error();
+            assert_eq!(rc, -1, "resizing to {size} succeeded");
+            assert_eq!(err.raw_os_error(), Some(libc::EPERM));
+        }
+        // SAFETY: plain fcntl; F_SEAL_SEAL forbids removing or adding seals.
+        let rc = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_WRITE) };
+        assert_eq!(rc, -1);
+        Mapping::map(fd, CAP).unwrap();
+    }
+
+    #[test]
+    fn shm_6_unsealed_or_wrongly_sized_segments_are_refused_before_mapping() {
+        // SAFETY: plain syscalls; the fd is owned at once.
+        let unsealed = unsafe {
+            let fd = libc::memfd_create(c"unsealed".as_ptr(), libc::MFD_CLOEXEC);
+            assert!(fd >= 0);
+            assert_eq!(
+                libc::ftruncate(fd, Mapping::total_len(CAP) as libc::off_t),
+                0
+            );
+            OwnedFd::from_raw_fd(fd)
+        };
+        let Err(e) = Mapping::map(unsealed, CAP) else {
+            panic!("an unsealed segment was mapped")
+        };
+        assert_eq!(e.kind(), ErrorKind::Protocol, "{e}");
+        assert!(e.message().contains("not sealed"), "{e}");
+        let big = sys::memfd("big", Mapping::total_len(CAP) + 4096).unwrap();
+        let Err(e) = Mapping::map(big, CAP) else {
+            panic!("a wrongly sized segment was mapped")
+        };
+        assert!(e.message().contains("expected"), "{e}");
+        // Not a memfd at all (a regular file cannot carry seals the same way).
+        let f = std::fs::File::open("/proc/self/exe").unwrap();
+        let Err(e) = Mapping::map(f.into(), CAP) else {
+            panic!("a regular file was mapped")
+        };
+        assert_eq!(e.kind(), ErrorKind::Protocol, "{e}");
     }
 }

@@ -191,11 +191,18 @@ pub(crate) fn eventfd_drain(fd: RawFd) {
     unsafe { libc::read(fd, &mut v as *mut u64 as *mut libc::c_void, 8) };
 }
 
+/// The seals every shared segment carries once sized: its size can never change again, and no
+/// one can add or remove a seal (SEAL-1).
+pub(crate) const SEALS: libc::c_int = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+
+/// Creates a memfd of `size` bytes and seals its size (SEAL-1): no process that reaches the file
+/// later (by the fd we pass, or through /proc/<pid>/fd) can shrink it under our mapping, which
+/// would turn our next access into SIGBUS.
 pub(crate) fn memfd(name: &str, size: usize) -> Result<OwnedFd> {
     let cname = std::ffi::CString::new(name).expect("no NUL");
     // SAFETY: valid C string; anonymous memory file, nothing appears in /dev/shm.
     let fd = check(
-        unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) },
+        unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) },
         "shm",
         "memfd_create()",
     )?;
@@ -204,7 +211,62 @@ pub(crate) fn memfd(name: &str, size: usize) -> Result<OwnedFd> {
     // SAFETY: sizing our own memfd.
     let rc = unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) };
     check(rc, "shm", "ftruncate(memfd)")?;
+    // SAFETY: plain fcntl on our own memfd.
+    let rc = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, SEALS) };
+    check(rc, "shm", "fcntl(F_ADD_SEALS) on the memfd")?;
     Ok(fd)
+}
+
+/// Checks a shared segment received from another process before we map it (SEAL-2): it must be
+/// a memfd on tmpfs (not hugetlbfs, whose faults can fail with SIGBUS), sealed against any change
+/// of size (`SEALS`), and exactly `want` bytes long (`None`: any size). Returns its size.
+pub(crate) fn check_sealed(fd: RawFd, want: Option<usize>, op: &'static str) -> Result<usize> {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    let refuse = |why: String| {
+        crate::error::protocol(
+            op,
+            format!(
+                "refusing the peer's shared segment: {why} (is the peer a Parallel process of the same version?)"
+            ),
+        )
+    };
+    // SAFETY: fstatfs into a zeroed struct, valid fd.
+    let mut sf: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid fd and pointer.
+    check(
+        unsafe { libc::fstatfs(fd, &mut sf) },
+        op,
+        "fstatfs(shared segment)",
+    )?;
+    if sf.f_type as i64 != TMPFS_MAGIC {
+        return Err(refuse(format!(
+            "it is not a plain memfd (file system type {:#x})",
+            sf.f_type
+        )));
+    }
+    // SAFETY: plain fcntl; fails with EINVAL for files that cannot carry seals.
+    let seals = unsafe { libc::fcntl(fd, libc::F_GET_SEALS) };
+    if seals < 0 || seals & SEALS != SEALS {
+        return Err(refuse(format!(
+            "its size is not sealed (seals {seals:#x}, need F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL)"
+        )));
+    }
+    // SAFETY: fstat into a zeroed struct.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: valid fd and pointer.
+    check(
+        unsafe { libc::fstat(fd, &mut st) },
+        op,
+        "fstat(shared segment)",
+    )?;
+    let size = st.st_size as usize;
+    if want.is_some_and(|w| w != size) {
+        return Err(refuse(format!(
+            "it is {size} bytes, expected {}",
+            want.unwrap_or(0)
+        )));
+    }
+    Ok(size)
 }
 
 /// Creates a listening abstract-namespace Unix socket (no file on disk; gone when closed).

@@ -36,6 +36,12 @@
 //!   out before it is validated, so another process cannot change it between check and use.
 //! - SHQ-5: critical sections are short (index and free-list updates); payload copies run
 //!   outside the lock, into a fresh block only its writer holds.
+//! - SHQ-6 (a process cannot crash the others): the memfd's size is sealed once set
+//!   (`sys::memfd`, SEAL-1) and every process checks the seals before it maps (SEAL-2), so no one
+//!   can shrink the file under the others' mappings (SIGBUS). The ring counters are checked
+//!   (`indices`) before use: counters more than `capacity` apart are a protocol error for every
+//!   reader and writer of the queue, never an out-of-bounds slot or a wait for items that do not
+//!   exist.
 
 use super::event::{Event, EventWords};
 use crate::error::{Error, ErrorKind, Result, protocol};
@@ -221,13 +227,8 @@ impl Segment {
     }
 
     fn map(fd: OwnedFd, init: Option<(u64, u64, u64)>) -> Result<Segment> {
-        // SAFETY: fstat into a zeroed struct.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: valid fd and pointer.
-        if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
-            return Err(sys::last("workqueue", "fstat(queue memfd)"));
-        }
-        let len = st.st_size as usize;
+        // SHQ-6: a memfd whose size is sealed, so no process can shrink it under our mapping.
+        let len = sys::check_sealed(fd.as_raw_fd(), None, "workqueue")?;
         if len < HEADER {
             return Err(protocol(
                 "workqueue",
@@ -415,6 +416,28 @@ impl Segment {
                 }
             }
         }
+    }
+
+    /// The (head, tail) counters of direction `dir`, checked (SHQ-4): at most `cap` items apart.
+    /// Under the lock.
+    fn indices(&self, dir: usize) -> Result<(u64, u64)> {
+        let d = &self.hdr().dirs[dir];
+        let (head, tail) = (d[0].load(Ordering::Relaxed), d[1].load(Ordering::Relaxed));
+        if tail.wrapping_sub(head) > self.cap {
+            return Err(protocol(
+                "workqueue",
+                format!(
+                    "the queue's shared {} ring is corrupted (head {head}, tail {tail}, capacity {}): a process that has the queue open wrote into its shared memory; the queue cannot be used any more",
+                    if dir == QUESTIONS {
+                        "questions"
+                    } else {
+                        "answers"
+                    },
+                    self.cap
+                ),
+            ));
+        }
+        Ok((head, tail))
     }
 
     fn slot(&self, dir: usize, i: u64) -> (&AtomicU64, &AtomicU64) {
@@ -883,15 +906,12 @@ impl Segment {
             "room in the queue (readers are slower than writers; raise PARALLEL_WORKQUEUE_CAPACITY or read faster)",
             || {
                 let _g = self.lock(deadline)?;
-                let (head, tail) = (
-                    h.dirs[dir][0].load(Ordering::Relaxed),
-                    h.dirs[dir][1].load(Ordering::Relaxed),
-                );
+                let (head, tail) = self.indices(dir)?;
                 if tail.wrapping_sub(head) + blocks.len() as u64 > self.cap {
                     return Ok(false);
                 }
                 for (i, (off, refs)) in blocks.iter().enumerate() {
-                    let (o, l) = self.slot(dir, tail + i as u64);
+                    let (o, l) = self.slot(dir, tail.wrapping_add(i as u64));
                     o.store(*off, Ordering::Relaxed);
                     l.store(0, Ordering::Relaxed);
                     for r in std::iter::once(off).chain(refs) {
@@ -900,7 +920,7 @@ impl Segment {
                         }
                     }
                 }
-                h.dirs[dir][1].store(tail + blocks.len() as u64, Ordering::Relaxed); // commit
+                h.dirs[dir][1].store(tail.wrapping_add(blocks.len() as u64), Ordering::Relaxed); // commit
                 for (off, _) in blocks {
                     if let Some((b, _)) = self.valid_block(*off) {
                         self.release_locked(*off, b); // the writer's hold; the slot keeps it
@@ -913,13 +933,17 @@ impl Segment {
         Ok(())
     }
 
-    /// Items queued in direction `dir`.
+    /// Items queued in direction `dir` (a corrupted ring reads as full: its readers then see
+    /// SHQ-4's error rather than waiting for items).
     pub(crate) fn len(&self, dir: usize) -> usize {
+        self.raw_len(dir).min(self.cap) as usize
+    }
+
+    fn raw_len(&self, dir: usize) -> u64 {
         let h = self.hdr();
         h.dirs[dir][1]
             .load(Ordering::Relaxed)
             .wrapping_sub(h.dirs[dir][0].load(Ordering::Relaxed))
-            .min(self.cap) as usize
     }
 
     /// Takes the oldest item of `dir`, if any, and decodes it (tensors view the arena).
@@ -928,21 +952,18 @@ impl Segment {
         dir: usize,
         deadline: Deadline,
     ) -> Result<Option<Value>> {
-        if self.len(dir) == 0 {
+        if self.raw_len(dir) == 0 {
             return Ok(None);
         }
         let h = self.hdr();
         let (off, refs) = {
             let _g = self.lock(deadline)?;
-            let (head, tail) = (
-                h.dirs[dir][0].load(Ordering::Relaxed),
-                h.dirs[dir][1].load(Ordering::Relaxed),
-            );
+            let (head, tail) = self.indices(dir)?;
             if head == tail {
                 return Ok(None);
             }
             let off = self.slot(dir, head).0.load(Ordering::Relaxed);
-            h.dirs[dir][0].store(head + 1, Ordering::Relaxed); // commit
+            h.dirs[dir][0].store(head.wrapping_add(1), Ordering::Relaxed); // commit
             let refs = self.item_refs(off);
             let mut held = Vec::new();
             for r in std::iter::once(off).chain(refs.iter().flatten().map(|(b, _)| *b)) {
@@ -1343,5 +1364,66 @@ mod tests {
             .empty_tensor(crate::DType::U8, vec![1 << 20], dl(5))
             .unwrap();
         assert_eq!(t2.data_ptr(), ptr as *const u8);
+    }
+
+    #[test]
+    fn shq_6_corrupt_ring_counters_are_a_protocol_error_not_a_crash() {
+        let seg = Segment::create("corrupt", 4, 1 << 20).unwrap();
+        seg.push(QUESTIONS, &[Value::Int(1), Value::Int(2)], dl(5))
+            .unwrap();
+        let h = seg.hdr();
+        // A peer moves the tail past the capacity, then behind the head (wrapping), then to the
+        // top of the counter range: every reader and writer gets the error, nothing panics.
+        for (head, tail) in [(0, 4 + 1), (5, 3), (0, u64::MAX), (7, u64::MAX / 2)] {
+            h.dirs[QUESTIONS][0].store(head, Ordering::Relaxed);
+            h.dirs[QUESTIONS][1].store(tail, Ordering::Relaxed);
+            let e = seg.try_pop(QUESTIONS, dl(5)).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Protocol, "{e}");
+            assert!(e.message().contains("corrupted"), "{e}");
+            let e = seg.push(QUESTIONS, &[Value::Int(3)], dl(5)).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Protocol, "{e}");
+            assert!(seg.len(QUESTIONS) <= 4);
+        }
+        // Counters at the very top of their range but consistent wrap around without overflow.
+        h.dirs[QUESTIONS][0].store(u64::MAX, Ordering::Relaxed);
+        h.dirs[QUESTIONS][1].store(u64::MAX, Ordering::Relaxed);
+        seg.push(QUESTIONS, &[Value::Int(9)], dl(5)).unwrap();
+        assert_eq!(h.dirs[QUESTIONS][1].load(Ordering::Relaxed), 0);
+        let v = seg.try_pop(QUESTIONS, dl(5)).unwrap().unwrap();
+        assert_eq!(v.as_int(), Some(9));
+        // The other direction was never touched and still works.
+        seg.push(ANSWERS, &[Value::Int(4)], dl(5)).unwrap();
+        assert_eq!(
+            seg.try_pop(ANSWERS, dl(5)).unwrap().unwrap().as_int(),
+            Some(4)
+        );
+    }
+
+    #[test]
+    fn shq_6_segment_size_is_sealed_and_open_refuses_unsealed_memory() {
+        let seg = Segment::create("sealed", 4, 1 << 20).unwrap();
+        // SAFETY: plain syscalls on our own fd.
+        let (shrink, grow) = unsafe {
+            (
+                libc::ftruncate(seg.fd.as_raw_fd(), 4096),
+                libc::ftruncate(seg.fd.as_raw_fd(), 1 << 30),
+            )
+        };
+        assert_eq!(
+            (shrink, grow),
+            (-1, -1),
+            "resizing a sealed segment must fail"
+        );
+        // A process handing out an unsealed memfd (whatever its header says) is refused.
+        // SAFETY: plain syscalls; the fd is owned at once.
+        let fd = unsafe {
+            let fd = libc::memfd_create(c"unsealed".as_ptr(), libc::MFD_CLOEXEC);
+            assert!(fd >= 0);
+            assert_eq!(libc::ftruncate(fd, seg.len as libc::off_t), 0);
+            <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd)
+        };
+        let e = Segment::open(fd).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Protocol, "{e}");
+        assert!(e.message().contains("not sealed"), "{e}");
     }
 }
