@@ -132,7 +132,7 @@ pub const TABLE: &[Var] = &[
             max: GIB,
         },
         default: "4M",
-        doc: "Bytes of each direction's shared-memory ring.",
+        doc: "Bytes of each direction's shared-memory ring, rounded up to a multiple of 4096 (so the ring's control words stay page aligned: 100000 gives 102400 bytes).",
     },
     Var {
         name: "PARALLEL_SHM_CMA",

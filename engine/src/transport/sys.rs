@@ -230,14 +230,11 @@ pub(crate) fn check_sealed(fd: RawFd, want: Option<usize>, op: &'static str) -> 
             ),
         )
     };
-    // SAFETY: fstatfs into a zeroed struct, valid fd.
+    // SAFETY: a zeroed statfs is a valid value.
     let mut sf: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: valid fd and pointer.
-    check(
-        unsafe { libc::fstatfs(fd, &mut sf) },
-        op,
-        "fstatfs(shared segment)",
-    )?;
+    let rc = unsafe { libc::fstatfs(fd, &mut sf) };
+    check(rc, op, "fstatfs(shared segment)")?;
     if sf.f_type as i64 != TMPFS_MAGIC {
         return Err(refuse(format!(
             "it is not a plain memfd (file system type {:#x})",
@@ -254,11 +251,8 @@ pub(crate) fn check_sealed(fd: RawFd, want: Option<usize>, op: &'static str) -> 
     // SAFETY: fstat into a zeroed struct.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: valid fd and pointer.
-    check(
-        unsafe { libc::fstat(fd, &mut st) },
-        op,
-        "fstat(shared segment)",
-    )?;
+    let rc = unsafe { libc::fstat(fd, &mut st) };
+    check(rc, op, "fstat(shared segment)")?;
     let size = st.st_size as usize;
     if want.is_some_and(|w| w != size) {
         return Err(refuse(format!(
