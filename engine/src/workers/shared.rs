@@ -22,8 +22,8 @@
 //! Invariants:
 //! - SHQ-1 (nothing leaks): the memory is a memfd, so nothing is left in /dev/shm whatever
 //!   kills us; the kernel frees it when the last process unmaps it.
-//! - SHQ-2 (never left locked): the mutex is robust. When its holder dies, the next locker gets
-//!   EOWNERDEAD, marks it consistent and runs [`Segment::repair`], which rebuilds the free lists
+//! - SHQ-2 (never left locked): the lock is robust. When its holder dies, the next locker sees a
+//!   dead pid in the lock word, takes the lock over and runs [`Segment::repair`], which rebuilds the free lists
 //!   from the blocks themselves. Every critical section commits with one final store (a ring
 //!   index, a free-list head, the bump pointer), so a holder killed at any point leaves a state
 //!   that repair turns consistent; a block it held is reclaimed, not leaked.
@@ -34,6 +34,11 @@
 //! - SHQ-4 (shared memory is untrusted): offsets, lengths, classes and counts read from the
 //!   mapping are checked against the mapping's bounds before any access; the descriptor is copied
 //!   out before it is validated, so another process cannot change it between check and use.
+//! - SHQ-7 (no pointer in shared memory): the lock is one futex word holding the holder's pid
+//!   (`CONTENDED` set while someone waits), not a pthread robust mutex: glibc keeps the robust
+//!   list's pointers inside the mutex and writes through them on unlock, so any process that can
+//!   write the segment could make the others write where it chose. Garbage in the word costs a
+//!   wait (until the deadline, if it names a live process) or a take-over and a repair.
 //! - SHQ-5: critical sections are short (index and free-list updates); payload copies run
 //!   outside the lock, into a fresh block only its writer holds.
 //! - SHQ-6 (a process cannot crash the others): the memfd's size is sealed once set
@@ -50,7 +55,6 @@ use crate::transport::sys;
 use crate::value::{Key, Storage, Tensor, Value};
 use crate::wire::{self, FrameKind, Header as WireHeader, Limits, SegKind};
 use rkyv::util::AlignedVec;
-use std::cell::UnsafeCell;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::OnceLock;
@@ -58,7 +62,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 const MAGIC: u64 = u64::from_le_bytes(*b"PRLWQ\0\0\x01");
-const VERSION: u32 = 1;
+const VERSION: u32 = 2; // 2: the futex-word lock (SHQ-7)
 const HEADER: usize = 4096;
 const BLOCK_MAGIC: u32 = 0xB10C_B10C;
 const ITEM_MAGIC: u32 = 0x17E4_17E4;
@@ -91,7 +95,8 @@ struct Header {
     owner_start: AtomicU64,
     arena_off: AtomicU64,
     arena_len: AtomicU64,
-    lock: UnsafeCell<libc::pthread_mutex_t>,
+    /// 0: free; else the holder's pid, `CONTENDED` set while someone waits (SHQ-2, SHQ-7).
+    lock: AtomicU32,
     closed: AtomicU32,
     shm_mode: AtomicU32,
     ev: [EventWords; 3],
@@ -163,6 +168,24 @@ pub(crate) fn alive(pid: u32, start: u64) -> bool {
     pid != 0 && start_time(pid).is_some_and(|s| start == 0 || s == start)
 }
 
+/// Set in the lock word while a process waits for the lock (SHQ-7); pids stay below 2^22.
+const CONTENDED: u32 = 1 << 31;
+
+/// A futex operation on a word of the mapping; `Some(errno)` when it failed.
+fn futex(w: &AtomicU32, op: libc::c_int, val: u32, timeout: Option<Duration>) -> Option<i32> {
+    let ts = timeout.map(|t| libc::timespec {
+        tv_sec: t.as_secs() as libc::time_t,
+        tv_nsec: t.subsec_nanos() as libc::c_long,
+    });
+    let tp = ts
+        .as_ref()
+        .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    // SAFETY: FUTEX_WAIT/WAKE on a live, aligned u32 of our mapping (not private: the word is
+    // shared between processes); the kernel only compares, sleeps and wakes.
+    let rc = unsafe { libc::syscall(libc::SYS_futex, w.as_ptr(), op, val, tp) };
+    (rc < 0).then(|| std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+}
+
 /// Payload address -> (block offset, used bytes, a lease of this process on it).
 type LeaseMap = std::collections::BTreeMap<usize, (u64, u64, std::sync::Weak<Lease>)>;
 
@@ -183,7 +206,7 @@ pub(crate) struct Segment {
 }
 
 // SAFETY: the mapping is shared memory reached only through atomics (header, block headers),
-// through the robust mutex, and through payload copies into blocks that SHQ-5 gives to one
+// through the lock word, and through payload copies into blocks that SHQ-5 gives to one
 // thread at a time.
 unsafe impl Send for Segment {}
 // SAFETY: see above.
@@ -205,8 +228,10 @@ struct Guard<'a> {
 
 impl Drop for Guard<'_> {
     fn drop(&mut self) {
-        // SAFETY: we hold the lock (Guard exists only after a successful lock).
-        unsafe { libc::pthread_mutex_unlock(self.seg.hdr().lock.get()) };
+        let w = &self.seg.hdr().lock;
+        if w.swap(0, Ordering::Release) & CONTENDED != 0 {
+            futex(w, libc::FUTEX_WAKE, 1, None);
+        }
     }
 }
 
@@ -251,7 +276,7 @@ impl Segment {
         }
         let base = p as *mut u8;
         // SAFETY: the header lies at the start of a mapping of at least HEADER bytes; all its
-        // fields are atomics or the mutex (plain bytes until initialised).
+        // fields are atomics (plain bytes until initialised).
         let hdr = unsafe { &*(base as *const Header) };
         if let Some((cap, arena_off, arena_len)) = init {
             Segment::init(hdr, cap, arena_off, arena_len)?;
@@ -296,24 +321,7 @@ impl Segment {
         hdr.capacity.store(cap as u32, Ordering::SeqCst);
         hdr.arena_off.store(arena_off, Ordering::SeqCst);
         hdr.arena_len.store(arena_len, Ordering::SeqCst);
-        // SAFETY: plain libc calls on the fresh (zeroed) memfd mapping, before anyone else sees
-        // it: a robust, process-shared mutex (SHQ-2).
-        let rc = unsafe {
-            let mut attr: libc::pthread_mutexattr_t = std::mem::zeroed();
-            libc::pthread_mutexattr_init(&mut attr);
-            libc::pthread_mutexattr_setpshared(&mut attr, libc::PTHREAD_PROCESS_SHARED);
-            libc::pthread_mutexattr_setrobust(&mut attr, libc::PTHREAD_MUTEX_ROBUST);
-            let rc = libc::pthread_mutex_init(hdr.lock.get(), &attr);
-            libc::pthread_mutexattr_destroy(&mut attr);
-            rc
-        };
-        if rc != 0 {
-            return Err(Error::os(
-                "workqueue",
-                "pthread_mutex_init(robust, shared)",
-                std::io::Error::from_raw_os_error(rc),
-            ));
-        }
+        hdr.lock.store(0, Ordering::SeqCst);
         // SAFETY: plain syscall.
         hdr.uid.store(unsafe { libc::getuid() }, Ordering::SeqCst);
         hdr.owner_pid.store(std::process::id(), Ordering::SeqCst);
@@ -374,45 +382,58 @@ impl Segment {
         c.load(Ordering::SeqCst)
     }
 
-    /// Locks the robust mutex, repairing after a dead holder (SHQ-2).
+    /// Takes the queue's lock, taking it over (and repairing) from a dead holder (SHQ-2, SHQ-7).
     fn lock(&self, deadline: Deadline) -> Result<Guard<'_>> {
+        let w = &self.hdr().lock;
+        let mut want = self.pid;
+        for _ in 0..64 {
+            if w.compare_exchange(0, want, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+            {
+                return Ok(Guard { seg: self });
+            }
+            std::hint::spin_loop();
+        }
+        // From now on we may sleep: whoever holds the lock must wake a sleeper when it unlocks,
+        // and we keep the mark when we get the lock (other sleepers may remain).
+        want |= CONTENDED;
         loop {
-            let slice = deadline.slice("workqueue", "the queue's lock")?;
-            let mut now = libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            };
-            // SAFETY: valid pointer.
-            unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut now) };
-            let ns = now.tv_nsec as u64 + slice.subsec_nanos() as u64;
-            let abs = libc::timespec {
-                tv_sec: now.tv_sec
-                    + slice.as_secs() as libc::time_t
-                    + (ns / 1_000_000_000) as libc::time_t,
-                tv_nsec: (ns % 1_000_000_000) as libc::c_long,
-            };
-            // SAFETY: the mutex was initialised by the creator (checked magic) and lives in our
-            // mapping.
-            let rc = unsafe { libc::pthread_mutex_timedlock(self.hdr().lock.get(), &abs) };
-            match rc {
-                0 => return Ok(Guard { seg: self }),
-                libc::EOWNERDEAD => {
-                    // SAFETY: we hold the mutex; marking it consistent is the robust protocol.
-                    unsafe { libc::pthread_mutex_consistent(self.hdr().lock.get()) };
+            let cur = w.load(Ordering::Relaxed);
+            if cur == 0 {
+                if w.compare_exchange(0, want, Ordering::Acquire, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    return Ok(Guard { seg: self });
+                }
+                continue;
+            }
+            if cur & CONTENDED == 0
+                && w.compare_exchange(cur, cur | CONTENDED, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_err()
+            {
+                continue;
+            }
+            let slice = deadline
+                .slice("workqueue", "the queue's lock (another process holds it)")?
+                .min(Duration::from_millis(10));
+            if futex(w, libc::FUTEX_WAIT, cur | CONTENDED, Some(slice)) == Some(libc::ETIMEDOUT) {
+                let holder = cur & !CONTENDED;
+                if holder != self.pid
+                    && !alive(holder, 0)
+                    && w.compare_exchange(
+                        cur | CONTENDED,
+                        want,
+                        Ordering::Acquire,
+                        Ordering::Relaxed,
+                    )
+                    .is_ok()
+                {
                     let g = Guard { seg: self };
                     tracing::warn!(
-                        "a process died holding a work queue's lock; repairing the queue"
+                        "process {holder} died holding a work queue's lock (or its lock word was overwritten); repairing the queue"
                     );
                     self.repair(&g);
                     return Ok(g);
-                }
-                libc::ETIMEDOUT | libc::EINTR => continue,
-                rc => {
-                    return Err(Error::os(
-                        "workqueue",
-                        "locking the queue",
-                        std::io::Error::from_raw_os_error(rc),
-                    ));
                 }
             }
         }
@@ -1425,5 +1446,32 @@ mod tests {
         let e = Segment::open(fd).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Protocol, "{e}");
         assert!(e.message().contains("not sealed"), "{e}");
+    }
+
+    #[test]
+    fn shq_7_garbage_in_the_lock_word_is_a_take_over_or_a_timeout_never_a_crash() {
+        let seg = Segment::create("lockword", 4, 1 << 20).unwrap();
+        seg.push(QUESTIONS, &[Value::Int(5)], dl(5)).unwrap();
+        let w = &seg.hdr().lock;
+        // A dead (or made-up) holder: taken over and repaired within a few slices.
+        for junk in [u32::MAX - 2, CONTENDED | 4_000_000, 4_194_000] {
+            w.store(junk, Ordering::SeqCst);
+            let t = std::time::Instant::now();
+            drop(seg.lock(dl(5)).unwrap());
+            assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+            assert_eq!(w.load(Ordering::SeqCst), 0, "unlocked");
+        }
+        // A live holder that never unlocks (pid 1 exists everywhere): the deadline's timeout.
+        w.store(1, Ordering::SeqCst);
+        let e = seg
+            .try_pop(QUESTIONS, Deadline::after(Duration::from_millis(100)))
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+        w.store(0, Ordering::SeqCst);
+        assert_eq!(
+            seg.try_pop(QUESTIONS, dl(5)).unwrap().unwrap().as_int(),
+            Some(5),
+            "the item survived"
+        );
     }
 }
