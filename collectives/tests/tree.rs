@@ -213,7 +213,9 @@ fn broadcast_reduce_all_gather_barrier() {
             assert_eq!(x, encode(DType::I64, &[r as f64, 1.0]));
         }
         let pieces = t.all_gather(&vec![r as u8; r + 1])?;
-        for (k, p) in pieces.iter().enumerate() {
+        assert_eq!(pieces.len(), 5);
+        for (k, (rank, p)) in pieces.iter().enumerate() {
+            assert_eq!(*rank, k);
             assert_eq!(p, &vec![k as u8; k + 1]);
         }
         t.barrier()?;
