@@ -755,13 +755,19 @@ impl Tree {
     /// rank raise together, naming the rank whose function failed.
     fn user_all_reduce(&self, meta: &Meta, dtype: DType, buf: &mut [u8], op: &Op) -> Result<usize> {
         let mut work = buf.to_vec();
-        let contributors = if self.uses_ring(buf.len()) {
-            let v = self.pass(Some(meta), Some(op), None, false, true)?;
+        let ring = match self.uses_ring(buf.len()) {
+            true => Some(self.pass(Some(meta), Some(op), None, false, true)?.contributors),
+            false => None,
+        };
+        let contributors = if ring == Some(self.world_size()) {
             let (guarded, failed) = guard(op);
-            self.large_all_reduce(dtype, &mut work, &guarded, v.contributors)?;
+            self.large_all_reduce(dtype, &mut work, &guarded, self.world_size())?;
             self.settle(Some(meta), take(&failed))?;
-            v.contributors
+            self.world_size()
         } else {
+            // Small, or some ranks are done: in a ring a done rank would have to contribute the
+            // function's identity element, which a user function does not have, so the data
+            // goes through the tree (a second pass when the first found ranks done).
             self.pass(Some(meta), Some(op), Some(&mut work), true, true)?
                 .contributors
         };
@@ -1152,11 +1158,13 @@ impl Tree {
                     ops::identity(&builtin, dt, &mut buf);
                     self.large_all_reduce(dt, &mut buf, &builtin, v.contributors)?;
                 }
-                // A user function (which this rank may not have): relay, then the status round.
+                // A user function: the others send the data through the tree instead (no
+                // identity element for this rank to contribute in a ring).
                 Err(_) => {
-                    let (guarded, failed) = guard(&relay_op(op.cloned()));
-                    self.large_all_reduce(dt, &mut buf, &guarded, v.contributors)?;
-                    self.settle(None, take(&failed))?;
+                    let again = self.pass(None, op, None, false, false)?;
+                    if !again.parts.is_empty() {
+                        self.settle(None, None)?;
+                    }
                 }
             }
         }
@@ -1213,31 +1221,6 @@ fn guard(op: &Op) -> (Op, Failed) {
         Ok(())
     }));
     (guarded, failed)
-}
-
-/// A finished rank's stand-in for the others' user reduce function, which it may not have: its
-/// own data counts for nothing, so the first contribution to land on a range is copied; only a
-/// second one (two children's data meeting here) needs the function, `f` from `done(op=...)`.
-fn relay_op(f: Option<Op>) -> Op {
-    let seeded: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new());
-    Op::User(Arc::new(move |d: &mut [u8], s: &[u8], dt, _n| {
-        let at = d.as_ptr() as usize;
-        let mut sd = seeded.lock().unwrap_or_else(|p| p.into_inner());
-        if !sd.iter().any(|(a, b)| at >= *a && at < *b) {
-            d.copy_from_slice(s);
-            sd.push((at, at + d.len()));
-            return Ok(());
-        }
-        match &f {
-            Some(op) => ops::reduce_into(op, dt, d, s),
-            None => Err(Error::new(
-                ErrorKind::Config,
-                "done",
-                "this rank called done() and holds two ranks' data to combine with the others' \
-                 reduce function: pass the function to done(op=...) too",
-            )),
-        }
-    }))
 }
 
 /// Takes the (rank, bytes) pieces an all-gather frame carries.

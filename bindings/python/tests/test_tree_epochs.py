@@ -68,6 +68,12 @@ def run_epoch(tree, epoch: int, steps: list[int], out: list[bytes], log: list[st
                 tree.all_reduce(y, op)
                 assert np.allclose(y.numpy(), ref(what), rtol=1e-5, atol=1e-4), (where, what, op)
                 out.append(y.numpy().tobytes())
+            # A callable max over negative numbers: a done rank's zero would win.
+            m = -mine(what).abs() - 1
+            tree.all_reduce(m, lambda a, b: torch.maximum(a, b, out=a))
+            want_max = np.max([-np.abs(data(epoch, s, k, n, what)) - 1 for k in active], axis=0)
+            assert np.array_equal(m.numpy(), want_max), (where, what, "max")
+            out.append(m.numpy().tobytes())
         z = mine("small")
         tree.all_reduce(z, "avg")
         assert np.allclose(z.numpy(), ref("small") / len(active), rtol=1e-5, atol=1e-5), where
