@@ -756,7 +756,10 @@ impl Tree {
     fn user_all_reduce(&self, meta: &Meta, dtype: DType, buf: &mut [u8], op: &Op) -> Result<usize> {
         let mut work = buf.to_vec();
         let ring = match self.uses_ring(buf.len()) {
-            true => Some(self.pass(Some(meta), Some(op), None, false, true)?.contributors),
+            true => Some(
+                self.pass(Some(meta), Some(op), None, false, true)?
+                    .contributors,
+            ),
             false => None,
         };
         let contributors = if ring == Some(self.world_size()) {

@@ -139,7 +139,11 @@ fn check_result(py: Python<'_>, a: &Bound<'_, PyAny>, r: &Bound<'_, PyAny>) -> P
         match (x.getattr("shape"), x.getattr("dtype")) {
             (Ok(shape), Ok(dtype)) => {
                 let shape = py.import("builtins")?.getattr("tuple")?.call1((shape,))?;
-                Ok(format!("a tensor of shape {} and dtype {}", shape.repr()?, dtype))
+                Ok(format!(
+                    "a tensor of shape {} and dtype {}",
+                    shape.repr()?,
+                    dtype
+                ))
             }
             _ => Ok(format!("a {}", x.get_type().name()?)),
         }

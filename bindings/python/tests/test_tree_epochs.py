@@ -10,7 +10,6 @@ rank. Then a fresh Tree per epoch replays it: the results must be bitwise identi
 from __future__ import annotations
 
 import os
-import pathlib
 import socket
 import subprocess
 import sys
@@ -48,10 +47,10 @@ def run_epoch(tree, epoch: int, steps: list[int], out: list[bytes], log: list[st
         active = [k for k in range(n) if steps[k] > s]
         done = [k for k in range(n) if steps[k] <= s]
 
-        def mine(what: str) -> torch.Tensor:
+        def mine(what: str, s: int = s) -> torch.Tensor:
             return torch.from_numpy(data(epoch, s, r, n, what).copy())
 
-        def ref(what: str):  # type: ignore[no-untyped-def]
+        def ref(what: str, s: int = s, active: list[int] = active):  # type: ignore[no-untyped-def]
             return sum(data(epoch, s, k, n, what).astype(np.float64) for k in active)
 
         where = f"epoch {epoch} step {s} rank {r} (active {active})"
