@@ -17,8 +17,14 @@
 //!   links, so every rank raises promptly instead of waiting for its timeout.
 //! - TREE-5: across hosts with several ranks each, large all-reduces are hierarchical: only host
 //!   leaders send across hosts, so each host's network link carries 2(H-1)/H of the data.
-//! - TREE-4: a rank that has finished (`done`) takes part with the op's identity element until all
-//!   ranks have finished; each collective reports how many ranks contributed.
+//! - TREE-4: a rank that has finished (`done`) takes part without contributing (the op's identity
+//!   element) until all ranks have finished; then the epoch ends and every rank takes part again,
+//!   on the same tree. Each collective reports how many ranks contributed; all_gather returns the
+//!   contributing ranks' pieces with their ranks; a broadcast or reduce whose root is done is the
+//!   same error on every rank (decided at rank 0 from the done ranks each subtree reports).
+//! - TREE-6: a user reduce function that fails on any rank fails the collective on every rank, with
+//!   no buffer changed and the tree still usable: the failure travels up with the control pass (or,
+//!   after a ring, in a status round over the tree links), and rank 0's verdict carries it down.
 
 use crate::ops::{self, Op};
 use crate::plan::{Plan, dict};
@@ -30,9 +36,9 @@ use parallel_engine::value::{DType, Device, Tensor, Value};
 use parallel_engine::{Error, ErrorKind, Result, Server};
 use std::any::Any;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 mod gpu;
 pub use gpu::DeviceReduce;
@@ -130,6 +136,9 @@ pub struct Tree {
     tuning: Tuning,
     contributors: AtomicU64,
     done: Mutex<bool>,
+    /// The error the current collective returns was agreed by every rank (a verdict): the
+    /// tree is still in step and must not be aborted.
+    agreed: AtomicBool,
     failed: Mutex<Option<String>>,
     /// Device scratch of the GPU path, reused across calls.
     gpu_scratch: Mutex<Option<parallel_engine::cuda::DeviceAlloc>>,
@@ -238,6 +247,7 @@ impl Tree {
             tuning,
             contributors: AtomicU64::new(0),
             done: Mutex::new(false),
+            agreed: AtomicBool::new(false),
             failed: Mutex::new(None),
             gpu_scratch: Mutex::new(None),
         })
@@ -375,11 +385,36 @@ impl Tree {
         &self,
         meta: Option<&Meta>,
         op: Option<&Op>,
-        mut data: Option<&mut [u8]>,
+        data: Option<&mut [u8]>,
         carry_data: bool,
         contributes: bool,
     ) -> Result<Verdict> {
-        let deadline = self.deadline();
+        self.pass_with(Pass {
+            meta,
+            op,
+            data,
+            carry_data,
+            contributes,
+            piece: None,
+            failure: None,
+            deadline: self.deadline(),
+        })
+    }
+
+    /// [`Tree::pass`] with all its parts: an all-gather piece, a failure to report (TREE-6), a
+    /// deadline. Errors every rank agreed on (a mismatch, a reduce function that raised, a root
+    /// that is done) come back only after the verdict went down, so the tree stays in step.
+    fn pass_with(&self, p: Pass<'_>) -> Result<Verdict> {
+        let Pass {
+            meta,
+            op,
+            mut data,
+            carry_data,
+            contributes,
+            piece,
+            failure,
+            deadline,
+        } = p;
         let seq = self.next_seq();
         let idle = meta.is_none();
         let mut n_active = usize::from(!idle);
@@ -387,6 +422,11 @@ impl Tree {
         let mut reference: Option<Meta> = meta.cloned();
         let mut partials: Vec<Vec<u8>> = Vec::new();
         let mut have_own = carry_data && contributes && data.is_some();
+        let mut idle_ranks: Vec<usize> = if idle { vec![self.rank] } else { vec![] };
+        let mut pieces: Vec<(usize, Vec<u8>)> = piece.map(|b| (self.rank, b)).into_iter().collect();
+        // This rank's own reduce function failed (TREE-6): reduce nothing more, report it.
+        let mut local_fail = failure;
+        let mut error: Option<(ErrorKind, String)> = None;
         for &child in &self.plan.children[self.rank] {
             let v = self.recv_ctrl(child, deadline, &mut [])?;
             if field(&v, "seq").and_then(Value::as_int) != Some(seq as i64) {
@@ -403,6 +443,11 @@ impl Tree {
             if let Some(c) = field(&v, "culprit").and_then(Value::as_str) {
                 culprit.get_or_insert(c.to_string());
             }
+            if error.is_none() {
+                error = field(&v, "error").and_then(parse_error);
+            }
+            idle_ranks.extend(int_list(field(&v, "idle")));
+            absorb_pieces(field(&v, "pieces"), &mut pieces);
             if let Some(theirs) = field(&v, "meta").map(parse_meta).transpose()? {
                 match &reference {
                     None => reference = Some(theirs),
@@ -437,7 +482,13 @@ impl Tree {
                         continue;
                     }
                     match (&mut data, have_own, op, reference.as_ref()) {
-                        (Some(d), true, Some(op), Some(m)) if carry_data => combine(op, m, d, b)?,
+                        (Some(d), true, Some(op), Some(m)) if carry_data => {
+                            if local_fail.is_none()
+                                && let Err(e) = combine(op, m, d, b)
+                            {
+                                local_fail = Some(e);
+                            }
+                        }
                         (Some(d), false, _, _) if carry_data && !idle => {
                             d.copy_from_slice(b);
                             have_own = true;
@@ -449,16 +500,31 @@ impl Tree {
         }
         // A finished rank that knows the op (built-in, or given to done()) reduces what it holds.
         if partials.len() > 1
-            && let (Some(m), Some(dt)) =
-                (reference.as_ref(), reference.as_ref().and_then(|m| m.dtype))
+            && local_fail.is_none()
+            && let Some(m) = reference.as_ref()
+            && m.dtype.is_some()
             && let Some(op) = op.cloned().or_else(|| Op::parse(&m.op).ok())
         {
             let (first, rest) = partials.split_at_mut(1);
             for r in rest.iter() {
-                combine(&op, m, &mut first[0], r)?;
+                if let Err(e) = combine(&op, m, &mut first[0], r) {
+                    local_fail = Some(e);
+                    break;
+                }
             }
             partials.truncate(1);
-            let _ = dt;
+        }
+        if error.is_none()
+            && let Some(e) = &local_fail
+        {
+            error = Some((
+                ErrorKind::Worker,
+                format!(
+                    "the reduce function raised on rank {} ({})",
+                    self.rank,
+                    e.message()
+                ),
+            ));
         }
         let verdict = match self.plan.parent[self.rank] {
             Some(parent) => {
@@ -473,8 +539,14 @@ impl Tree {
                 if let Some(c) = &culprit {
                     items.push(("culprit", Value::str(c)));
                 }
+                if let Some(e) = &error {
+                    items.push(("error", error_value(e)));
+                }
+                if !idle_ranks.is_empty() {
+                    items.push(("idle", int_list_value(&idle_ranks)));
+                }
                 let mut parts: Vec<Value> = Vec::new();
-                if culprit.is_none() {
+                if culprit.is_none() && error.is_none() {
                     if have_own && let Some(d) = data.as_deref() {
                         // SAFETY: `data` outlives the synchronous send below.
                         parts.push(unsafe { view(d) });
@@ -482,6 +554,9 @@ impl Tree {
                     for p in &partials {
                         // SAFETY: `partials` outlives the synchronous send below.
                         parts.push(unsafe { view(p) });
+                    }
+                    if !pieces.is_empty() {
+                        items.push(("pieces", pieces_value(&pieces)));
                     }
                 }
                 items.push(("data", Value::List(parts)));
@@ -498,16 +573,43 @@ impl Tree {
                 Verdict::from_value(&v, culprit)?
             }
             None => {
-                let result = if have_own {
-                    data.as_deref().map(<[u8]>::to_vec)
+                // The root of the tree decides. A broadcast or reduce whose root is done has no
+                // source (or no destination): the same error on every rank (TREE-4).
+                if culprit.is_none()
+                    && error.is_none()
+                    && let Some(m) = &reference
+                    && matches!(m.kind, Kind::Broadcast | Kind::Reduce)
+                    && idle_ranks.contains(&m.root)
+                {
+                    error = Some((
+                        ErrorKind::Config,
+                        format!(
+                            "its root, rank {}, called done() for this epoch; a {} needs its root \
+                             to take part: use a root that still has data (ranks done: {:?})",
+                            m.root,
+                            m.kind.name(),
+                            sorted(&idle_ranks)
+                        ),
+                    ));
+                }
+                // A finished root without the user function sends the partial results down;
+                // the contributing ranks reduce them, in the same order, then settle.
+                let (result, parts) = if have_own {
+                    (data.as_deref().map(<[u8]>::to_vec), Vec::new())
+                } else if partials.len() > 1 {
+                    (None, partials)
                 } else {
-                    partials.into_iter().next()
+                    (partials.into_iter().next(), Vec::new())
                 };
+                pieces.sort_by_key(|(r, _)| *r);
                 Verdict {
                     contributors: n_active,
                     meta: reference,
                     culprit,
+                    error,
                     data: result,
+                    parts,
+                    pieces,
                 }
             }
         };
@@ -515,34 +617,96 @@ impl Tree {
             self.link(child)?
                 .send(&verdict.to_value(seq), Some(deadline.remaining()))?;
         }
+        self.contributors
+            .store(verdict.contributors as u64, Ordering::SeqCst);
+        let what = meta.map_or("done", |m| m.kind.name());
         if let Some(c) = &verdict.culprit {
-            let what = meta.map_or("done", |m| m.kind.name());
+            self.agreed.store(true, Ordering::SeqCst);
             return Err(Error::new(
                 ErrorKind::Mismatch,
                 what,
                 format!("collective mismatch: {c}"),
             ));
         }
+        if let Some((kind, msg)) = &verdict.error {
+            self.agreed.store(true, Ordering::SeqCst);
+            return Err(match local_fail {
+                // This rank's own function raised: its error is the cause (TREE-6).
+                Some(e) => Error::new(
+                    ErrorKind::Worker,
+                    what,
+                    format!(
+                        "aborted on every rank: the reduce function raised on rank {} ({}); \
+                         the buffer was left as it was and the tree stays usable",
+                        self.rank,
+                        e.message()
+                    ),
+                )
+                .with_cause(e),
+                None => Error::new(
+                    *kind,
+                    what,
+                    match kind {
+                        ErrorKind::Worker => format!(
+                            "aborted on every rank: {msg}; the buffer was left as it was and \
+                             the tree stays usable"
+                        ),
+                        _ => format!("refused on every rank: {msg}"),
+                    },
+                ),
+            });
+        }
         if carry_data
-            && let (Some(d), Some(r)) = (data, verdict.data.as_ref())
+            && let (Some(d), Some(r)) = (data.as_deref_mut(), verdict.data.as_ref())
             && d.len() == r.len()
         {
             d.copy_from_slice(r);
         }
-        self.contributors
-            .store(verdict.contributors as u64, Ordering::SeqCst);
+        if carry_data
+            && let (Some(d), Some(m), Some(op), [first, rest @ ..]) =
+                (data, meta, op, &verdict.parts[..])
+        {
+            d.copy_from_slice(first);
+            let mut failed = None;
+            for p in rest {
+                if let Err(e) = combine(op, m, d, p) {
+                    failed = Some(e);
+                    break;
+                }
+            }
+            self.settle(Some(m), failed)?;
+        }
         Ok(verdict)
     }
 
+    /// Runs one collective; an error the ranks did not all agree on aborts the tree (TREE-3).
     fn run<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
         self.check_usable()?;
+        self.agreed.store(false, Ordering::SeqCst);
         match f() {
             Ok(v) => Ok(v),
+            Err(e) if self.agreed.swap(false, Ordering::SeqCst) => Err(e),
             Err(e) if e.kind() == ErrorKind::Mismatch || e.kind() == ErrorKind::Unsupported => {
                 Err(e)
             }
             Err(e) => Err(self.abort(&e)),
         }
+    }
+
+    /// The status round after a pipeline that ran a user reduce function (TREE-6): every rank
+    /// reports whether its function failed, so all raise together, or none does.
+    fn settle(&self, meta: Option<&Meta>, failure: Option<Error>) -> Result<()> {
+        self.pass_with(Pass {
+            meta,
+            op: None,
+            data: None,
+            carry_data: false,
+            contributes: false,
+            piece: None,
+            failure,
+            deadline: self.deadline(),
+        })
+        .map(|_| ())
     }
 
     fn active(&self) -> bool {
@@ -568,6 +732,9 @@ impl Tree {
             root: 0,
             gpu: false,
         };
+        if let Op::User(_) = op {
+            return self.run(|| self.user_all_reduce(&meta, dtype, buf, op));
+        }
         self.run(|| {
             if self.uses_ring(buf.len()) {
                 let v = self.pass(Some(&meta), Some(op), None, false, true)?;
@@ -581,6 +748,34 @@ impl Tree {
                 Ok(v.contributors)
             }
         })
+    }
+
+    /// All-reduce with a user function (TREE-6): on a copy, so that a function that raises on
+    /// any rank leaves every rank's buffer as it was; after the ring, a status round makes every
+    /// rank raise together, naming the rank whose function failed.
+    fn user_all_reduce(&self, meta: &Meta, dtype: DType, buf: &mut [u8], op: &Op) -> Result<usize> {
+        let mut work = buf.to_vec();
+        let ring = match self.uses_ring(buf.len()) {
+            true => Some(
+                self.pass(Some(meta), Some(op), None, false, true)?
+                    .contributors,
+            ),
+            false => None,
+        };
+        let contributors = if ring == Some(self.world_size()) {
+            let (guarded, failed) = guard(op);
+            self.large_all_reduce(dtype, &mut work, &guarded, self.world_size())?;
+            self.settle(Some(meta), take(&failed))?;
+            self.world_size()
+        } else {
+            // Small, or some ranks are done: in a ring a done rank would have to contribute the
+            // function's identity element, which a user function does not have, so the data
+            // goes through the tree (a second pass when the first found ranks done).
+            self.pass(Some(meta), Some(op), Some(&mut work), true, true)?
+                .contributors
+        };
+        buf.copy_from_slice(&work);
+        Ok(contributors)
     }
 
     /// Pipelined ring all-reduce: reduce-scatter, then all-gather (TREE-1).
@@ -833,8 +1028,9 @@ impl Tree {
         })
     }
 
-    /// Every rank's bytes, in rank order (sizes may differ between ranks).
-    pub fn all_gather(&self, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
+    /// Every contributing rank's bytes, as (rank, bytes) in rank order (sizes may differ between
+    /// ranks). While some ranks are done (TREE-4) their entries are absent.
+    pub fn all_gather(&self, mine: &[u8]) -> Result<Vec<(usize, Vec<u8>)>> {
         let meta = Meta {
             kind: Kind::AllGather,
             op: "gather".into(),
@@ -844,105 +1040,31 @@ impl Tree {
             gpu: false,
         };
         self.run(|| {
-            // Gather: each rank's piece travels up as bytes, packed with its length.
-            let world = self.world_size();
-            let mut pieces: Vec<Option<Vec<u8>>> = vec![None; world];
-            pieces[self.rank] = Some(mine.to_vec());
-            let packed = self.gather_pieces(&meta, &mut pieces)?;
-            Ok(packed)
-        })
-    }
-
-    fn gather_pieces(&self, meta: &Meta, pieces: &mut [Option<Vec<u8>>]) -> Result<Vec<Vec<u8>>> {
-        let deadline = self.deadline();
-        let seq = self.next_seq();
-        let mut culprit: Option<String> = None;
-        for &child in &self.plan.children[self.rank] {
-            let v = self.recv_ctrl(child, deadline, &mut [])?;
-            let their = v.get("meta").map(parse_meta).transpose()?;
-            if v.get("seq").and_then(Value::as_int) != Some(seq as i64)
-                || their.as_ref().is_none_or(|t| t.kind != meta.kind)
-            {
-                let desc = their
-                    .as_ref()
-                    .map(Meta::describe)
-                    .unwrap_or_else(|| "done()".into());
-                culprit.get_or_insert(format!(
-                    "rank {} called {desc} but rank {} called {}",
-                    v.get("caller")
-                        .and_then(Value::as_int)
-                        .unwrap_or(child as i64),
-                    self.rank,
-                    meta.describe()
+            // Each rank's piece travels up tagged with its rank; the root sends them all down.
+            let v = self.pass_with(Pass {
+                meta: Some(&meta),
+                op: None,
+                data: None,
+                carry_data: false,
+                contributes: true,
+                piece: Some(mine.to_vec()),
+                failure: None,
+                deadline: self.deadline(),
+            })?;
+            if v.pieces.len() != v.contributors {
+                return Err(Error::new(
+                    ErrorKind::Protocol,
+                    "all_gather",
+                    format!(
+                        "{} pieces arrived for {} contributing ranks",
+                        v.pieces.len(),
+                        v.contributors
+                    ),
                 ));
             }
-            if let Some(c) = v.get("culprit").and_then(Value::as_str) {
-                culprit.get_or_insert(c.to_string());
-            }
-            absorb_pieces(&v, pieces);
-        }
-        let pack = |pieces: &[Option<Vec<u8>>]| -> Value {
-            Value::List(
-                pieces
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(r, p)| {
-                        p.as_ref().map(|b| {
-                            Value::Tuple(vec![Value::Int(r as i64), Value::bytes(b.clone())])
-                        })
-                    })
-                    .collect(),
-            )
-        };
-        if let Some(parent) = self.plan.parent[self.rank] {
-            let mut items = vec![
-                ("seq", Value::Int(seq as i64)),
-                ("caller", Value::Int(self.rank as i64)),
-                ("meta", meta_value(meta)),
-            ];
-            if let Some(c) = &culprit {
-                items.push(("culprit", Value::str(c)));
-            }
-            items.push(("pieces", pack(pieces)));
-            self.link(parent)?
-                .send(&dict(items), Some(deadline.remaining()))?;
-            let v = self.recv_ctrl(parent, deadline, &mut [])?;
-            if let Some(c) = v.get("culprit").and_then(Value::as_str) {
-                culprit = Some(c.to_string());
-            }
-            absorb_pieces(&v, pieces);
-        }
-        for &child in &self.plan.children[self.rank] {
-            let mut items = vec![("seq", Value::Int(seq as i64))];
-            if let Some(c) = &culprit {
-                items.push(("culprit", Value::str(c)));
-            }
-            items.push(("pieces", pack(pieces)));
-            self.link(child)?
-                .send(&dict(items), Some(deadline.remaining()))?;
-        }
-        if let Some(c) = culprit {
-            return Err(Error::new(
-                ErrorKind::Mismatch,
-                "all_gather",
-                format!("collective mismatch: {c}"),
-            ));
-        }
-        pieces
-            .iter_mut()
-            .enumerate()
-            .map(|(r, p)| {
-                p.take().ok_or_else(|| {
-                    Error::new(
-                        ErrorKind::Protocol,
-                        "all_gather",
-                        format!("rank {r}'s piece is missing"),
-                    )
-                })
-            })
-            .collect()
+            Ok(v.pieces)
+        })
     }
-
     /// Waits until every rank reached the barrier; returns how many ranks still contribute.
     pub fn barrier(&self) -> Result<usize> {
         let meta = Meta {
@@ -959,64 +1081,97 @@ impl Tree {
         })
     }
 
-    /// Uneven endings (TREE-4): this rank has no more data. It keeps answering the other ranks'
-    /// collectives, contributing the op's identity element, until every rank called `done`;
-    /// returns how many collectives it served. `op` is needed only for a user reduce function
-    /// (a finished rank with several contributing children must apply it).
+    /// Uneven endings (TREE-4): this rank has no more data for this epoch. It keeps answering the
+    /// other ranks' collectives without contributing (the op's identity element) until every rank
+    /// called `done`; then the epoch ends, this rank takes part again from the next collective
+    /// on, and `done` returns how many collectives it served. `op` is needed only for a user
+    /// reduce function (a finished rank holding two ranks' data must combine them). `timeout`
+    /// bounds each wait for the others' next collective (default: the tree's timeout).
     pub fn done(&self, op: Option<&Op>, timeout: Option<Duration>) -> Result<usize> {
+        self.check_usable()?;
         *self.done.lock().unwrap_or_else(|p| p.into_inner()) = true;
-        let end = Instant::now() + timeout.unwrap_or(self.timeout);
+        let r = self.serve(op, timeout.unwrap_or(self.timeout));
+        // Whether the epoch ended or the tree failed, this rank is no longer serving.
+        *self.done.lock().unwrap_or_else(|p| p.into_inner()) = false;
+        r
+    }
+
+    fn serve(&self, op: Option<&Op>, wait: Duration) -> Result<usize> {
         let mut served = 0;
         loop {
-            if Instant::now() > end {
-                return Err(Error::new(
-                    ErrorKind::Timeout,
-                    "done",
-                    "the other ranks kept running collectives past the timeout",
-                ));
-            }
             self.check_usable()?;
-            let v = match self.pass(None, op, None, false, false) {
+            self.agreed.store(false, Ordering::SeqCst);
+            let v = match self.pass_with(Pass {
+                meta: None,
+                op,
+                data: None,
+                carry_data: false,
+                contributes: false,
+                piece: None,
+                failure: None,
+                deadline: Deadline::after(wait),
+            }) {
                 Ok(v) => v,
-                Err(e) if e.kind() == ErrorKind::Mismatch => return Err(e),
+                // The others' call failed on every rank (a mismatch, their reduce function, a
+                // done root): they raise, this rank serves on.
+                Err(_) if self.agreed.swap(false, Ordering::SeqCst) => {
+                    served += 1;
+                    continue;
+                }
                 Err(e) => return Err(self.abort(&e)),
             };
             if v.contributors == 0 {
                 return Ok(served);
             }
             served += 1;
-            // Join the device path of a CUDA all-reduce (identity data) or broadcast (relaying),
-            // in host memory.
-            if let Some(m) = &v.meta
-                && m.gpu
-            {
-                let r = match m.kind {
-                    Kind::AllReduce | Kind::Reduce => self.serve_gpu_all_reduce(m, op),
-                    Kind::Broadcast => self.serve_gpu_broadcast(m),
-                    _ => Ok(()),
-                };
-                if let Err(e) = r {
-                    return Err(self.abort(&e));
+            if let Err(e) = self.serve_data(&v, op) {
+                if self.agreed.swap(false, Ordering::SeqCst) {
+                    continue;
                 }
-                continue;
+                return Err(self.abort(&e));
             }
-            // Join the ring part of a large all-reduce with identity data.
-            if let Some(m) = &v.meta
-                && m.kind == Kind::AllReduce
-                && let Some(dt) = m.dtype
-                && self.uses_ring(m.count * dt.itemsize())
-            {
-                let op = op
-                    .cloned()
-                    .or_else(|| Op::parse(&m.op).ok())
-                    .unwrap_or(Op::Sum);
-                let mut buf = vec![0u8; m.count * dt.itemsize()];
-                ops::identity(&op, dt, &mut buf);
-                if let Err(e) = self.large_all_reduce(dt, &mut buf, &op, v.contributors) {
-                    return Err(self.abort(&e));
+        }
+    }
+
+    /// A finished rank's part in the data phase of the others' collective, if it has one.
+    fn serve_data(&self, v: &Verdict, op: Option<&Op>) -> Result<()> {
+        let Some(m) = &v.meta else { return Ok(()) };
+        // The contributing ranks reduce partial results this (root) rank could not combine.
+        if !v.parts.is_empty() {
+            return self.settle(None, None);
+        }
+        // Join the device path of a CUDA all-reduce (identity data) or broadcast (relaying),
+        // in host memory.
+        if m.gpu {
+            return match m.kind {
+                Kind::AllReduce | Kind::Reduce => self.serve_gpu_all_reduce(m, op),
+                Kind::Broadcast => self.serve_gpu_broadcast(m),
+                _ => Ok(()),
+            };
+        }
+        // Join the ring part of a large all-reduce without contributing.
+        if m.kind == Kind::AllReduce
+            && let Some(dt) = m.dtype
+            && self.uses_ring(m.count * dt.itemsize())
+        {
+            let mut buf = vec![0u8; m.count * dt.itemsize()];
+            match Op::parse(&m.op) {
+                // A built-in op: its identity element is a contribution that changes nothing.
+                Ok(builtin) => {
+                    ops::identity(&builtin, dt, &mut buf);
+                    self.large_all_reduce(dt, &mut buf, &builtin, v.contributors)?;
+                }
+                // A user function: the others send the data through the tree instead (no
+                // identity element for this rank to contribute in a ring).
+                Err(_) => {
+                    let again = self.pass(None, op, None, false, false)?;
+                    if !again.parts.is_empty() {
+                        self.settle(None, None)?;
+                    }
                 }
             }
         }
+        Ok(())
     }
 
     fn uses_ring(&self, nbytes: usize) -> bool {
@@ -1043,19 +1198,104 @@ impl Tree {
     }
 }
 
+/// Where a guarded user function records its first failure.
+type Failed = Arc<Mutex<Option<Error>>>;
+
+fn take(f: &Failed) -> Option<Error> {
+    f.lock().unwrap_or_else(|p| p.into_inner()).take()
+}
+
+/// Wraps a user reduce function so that its first failure is recorded instead of returned and
+/// later calls do nothing: the pipeline runs to its end, every link stays in step, and the status
+/// round ([`Tree::settle`]) reports the failure on every rank (TREE-6). Built-in ops pass through.
+fn guard(op: &Op) -> (Op, Failed) {
+    let failed: Failed = Arc::new(Mutex::new(None));
+    let Op::User(f) = op else {
+        return (op.clone(), failed);
+    };
+    let (f, cell) = (f.clone(), failed.clone());
+    let guarded = Op::User(Arc::new(move |d: &mut [u8], s: &[u8], dt, n| {
+        let mut c = cell.lock().unwrap_or_else(|p| p.into_inner());
+        if c.is_none()
+            && let Err(e) = f(d, s, dt, n)
+        {
+            *c = Some(e);
+        }
+        Ok(())
+    }));
+    (guarded, failed)
+}
+
 /// Takes the (rank, bytes) pieces an all-gather frame carries.
-fn absorb_pieces(v: &Value, pieces: &mut [Option<Vec<u8>>]) {
-    let Some(Value::List(items)) = v.get("pieces") else {
+fn absorb_pieces(v: Option<&Value>, pieces: &mut Vec<(usize, Vec<u8>)>) {
+    let Some(Value::List(items)) = v else {
         return;
     };
     for it in items {
         if let Value::Tuple(t) = it
-            && let [Value::Int(r), Value::Bytes(b)] = &t[..]
-            && (*r as usize) < pieces.len()
+            && let [Value::Int(r), Value::Tensor(b)] = &t[..]
+            && *r >= 0
+            && let Some(bytes) = b.bytes()
         {
-            pieces[*r as usize] = Some(b.to_vec());
+            pieces.push((*r as usize, bytes.to_vec()));
         }
     }
+}
+
+/// The pieces of an all-gather as a frame field (views: `pieces` outlives the sends).
+fn pieces_value(pieces: &[(usize, Vec<u8>)]) -> Value {
+    Value::List(
+        pieces
+            .iter()
+            .map(|(r, b)| {
+                // SAFETY: the caller keeps `pieces` alive and unchanged until its sends completed.
+                Value::Tuple(vec![Value::Int(*r as i64), unsafe { view(b) }])
+            })
+            .collect(),
+    )
+}
+
+fn error_value((kind, msg): &(ErrorKind, String)) -> Value {
+    let code = match kind {
+        ErrorKind::Config => 1,
+        _ => 0,
+    };
+    Value::Tuple(vec![Value::Int(code), Value::str(msg)])
+}
+
+fn parse_error(v: &Value) -> Option<(ErrorKind, String)> {
+    let Value::Tuple(t) = v else { return None };
+    let [Value::Int(code), Value::Str(msg)] = &t[..] else {
+        return None;
+    };
+    let kind = if *code == 1 {
+        ErrorKind::Config
+    } else {
+        ErrorKind::Worker
+    };
+    Some((kind, msg.clone()))
+}
+
+fn int_list_value(v: &[usize]) -> Value {
+    Value::List(v.iter().map(|r| Value::Int(*r as i64)).collect())
+}
+
+fn int_list(v: Option<&Value>) -> Vec<usize> {
+    match v {
+        Some(Value::List(items)) => items
+            .iter()
+            .filter_map(Value::as_int)
+            .filter(|r| *r >= 0)
+            .map(|r| r as usize)
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn sorted(v: &[usize]) -> Vec<usize> {
+    let mut v = v.to_vec();
+    v.sort_unstable();
+    v
 }
 
 /// The outcome of a control pass, as every rank learns it.
@@ -1064,7 +1304,28 @@ struct Verdict {
     contributors: usize,
     meta: Option<Meta>,
     culprit: Option<String>,
+    /// An error every rank raises: a reduce function that failed (Worker), a done root (Config).
+    error: Option<(ErrorKind, String)>,
     data: Option<Vec<u8>>,
+    /// Partial results a finished root could not combine (it lacks the user function): every
+    /// contributing rank reduces them in this order, then the ranks settle (TREE-6).
+    parts: Vec<Vec<u8>>,
+    /// all_gather: (rank, bytes) of every contributing rank, in rank order.
+    pieces: Vec<(usize, Vec<u8>)>,
+}
+
+/// One rank's part in a control pass (see [`Tree::pass_with`]).
+struct Pass<'a> {
+    meta: Option<&'a Meta>,
+    op: Option<&'a Op>,
+    data: Option<&'a mut [u8]>,
+    carry_data: bool,
+    contributes: bool,
+    /// all_gather: this rank's piece.
+    piece: Option<Vec<u8>>,
+    /// This rank's reduce function failed earlier in the collective (in the ring).
+    failure: Option<Error>,
+    deadline: Deadline,
 }
 
 impl Verdict {
@@ -1079,11 +1340,21 @@ impl Verdict {
         if let Some(c) = &self.culprit {
             items.push(("culprit", Value::str(c)));
         }
-        if self.culprit.is_none()
-            && let Some(d) = &self.data
-        {
-            // SAFETY: `self.data` outlives the synchronous sends of this value.
-            items.push(("data", unsafe { view(d) }));
+        if let Some(e) = &self.error {
+            items.push(("error", error_value(e)));
+        }
+        if self.culprit.is_none() && self.error.is_none() {
+            if let Some(d) = &self.data {
+                // SAFETY: `self.data` outlives the synchronous sends of this value.
+                items.push(("data", unsafe { view(d) }));
+            } else if !self.parts.is_empty() {
+                // SAFETY: as above, for `self.parts`.
+                let parts = self.parts.iter().map(|p| unsafe { view(p) }).collect();
+                items.push(("data", Value::List(parts)));
+            }
+            if !self.pieces.is_empty() {
+                items.push(("pieces", pieces_value(&self.pieces)));
+            }
         }
         frame(&DOWN, items)
     }
@@ -1100,10 +1371,24 @@ impl Verdict {
                     .and_then(Value::as_str)
                     .map(str::to_string)
             }),
+            error: field(v, "error").and_then(parse_error),
             data: field(v, "data")
                 .and_then(Value::as_tensor)
                 .and_then(Tensor::bytes)
                 .map(<[u8]>::to_vec),
+            parts: match field(v, "data") {
+                Some(Value::List(l)) => l
+                    .iter()
+                    .filter_map(|t| t.as_tensor().and_then(Tensor::bytes))
+                    .map(<[u8]>::to_vec)
+                    .collect(),
+                _ => Vec::new(),
+            },
+            pieces: {
+                let mut p = Vec::new();
+                absorb_pieces(field(v, "pieces"), &mut p);
+                p
+            },
         })
     }
 }
@@ -1159,8 +1444,18 @@ fn parse_meta(v: &Value) -> Result<Meta> {
 
 /// Field names of the two control frames, in their positional order. Control frames are tuples
 /// (no key strings to archive and allocate on the hot path); absent fields are None.
-const UP: [&str; 6] = ["seq", "caller", "active", "meta", "culprit", "data"];
-const DOWN: [&str; 5] = ["seq", "contributors", "meta", "culprit", "data"];
+const UP: [&str; 9] = [
+    "seq", "caller", "active", "meta", "culprit", "data", "idle", "error", "pieces",
+];
+const DOWN: [&str; 7] = [
+    "seq",
+    "contributors",
+    "meta",
+    "culprit",
+    "data",
+    "error",
+    "pieces",
+];
 
 /// Builds a control frame from named items (any order; missing ones become None).
 fn frame(names: &[&str], mut items: Vec<(&str, Value)>) -> Value {

@@ -213,7 +213,9 @@ fn broadcast_reduce_all_gather_barrier() {
             assert_eq!(x, encode(DType::I64, &[r as f64, 1.0]));
         }
         let pieces = t.all_gather(&vec![r as u8; r + 1])?;
-        for (k, p) in pieces.iter().enumerate() {
+        assert_eq!(pieces.len(), 5);
+        for (k, (rank, p)) in pieces.iter().enumerate() {
+            assert_eq!(*rank, k);
             assert_eq!(p, &vec![k as u8; k + 1]);
         }
         t.barrier()?;
@@ -354,4 +356,140 @@ fn tree_5_hierarchical_all_reduce_across_simulated_hosts() {
     for r in res {
         r.unwrap();
     }
+}
+
+/// A user op that fails on rank `bad` (whenever that rank applies it), else adds f32s.
+fn failing_on(bad: usize, rank: usize) -> Op {
+    Op::User(Arc::new(move |d: &mut [u8], s: &[u8], dt, _n| {
+        if rank == bad {
+            return Err(parallel_engine::Error::new(
+                ErrorKind::Worker,
+                "all_reduce",
+                format!("user op failed on {bad}"),
+            ));
+        }
+        ops::reduce_into(&Op::Sum, dt, d, s)
+    }))
+}
+
+#[test]
+fn tree_6_a_failing_user_op_fails_every_rank_and_the_tree_stays_usable() {
+    // Tree path (rank 0 and rank 1, which has child 3, apply the op) and ring (every rank does).
+    let n = 4;
+    for (bad, count) in [(0, 100), (1, 100), (0, 300_000), (2, 300_000), (3, 300_000)] {
+        let res = world(n, move |t| {
+            let r = t.rank();
+            let mine = encode(DType::F32, &vec![(r + 1) as f64; count]);
+            let mut b = mine.clone();
+            let e = t
+                .all_reduce(DType::F32, &mut b, &failing_on(bad, r))
+                .expect_err("the collective must fail on every rank");
+            assert_eq!(b, mine, "rank {r}: the buffer changed");
+            // The tree stays usable.
+            let mut c = mine.clone();
+            assert_eq!(t.all_reduce(DType::F32, &mut c, &failing_on(n, r))?, n);
+            assert_eq!(c, encode(DType::F32, &vec![10.0; count]));
+            Ok(e)
+        });
+        for (r, x) in res.into_iter().enumerate() {
+            let e = x.unwrap_or_else(|e| panic!("bad {bad} x{count}: rank {r}: {e}"));
+            assert_eq!(e.kind(), ErrorKind::Worker, "rank {r}: {e}");
+            let msg = e.to_string();
+            assert!(
+                msg.contains(&format!("raised on rank {bad} (user op failed on {bad})")),
+                "bad {bad} x{count}: rank {r}: {msg}"
+            );
+            let cause = std::error::Error::source(&e).map(|c| c.to_string());
+            assert_eq!(
+                cause.is_some(),
+                r == bad,
+                "bad {bad} x{count}: rank {r}: only the failing rank has a cause: {cause:?}"
+            );
+        }
+    }
+}
+
+fn f32s(b: &[u8]) -> Vec<f32> {
+    b.chunks(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+#[test]
+fn tree_4_epochs_on_one_tree_with_every_collective_while_ranks_are_done() {
+    // 3 epochs, each with another done() order; in each step every collective runs while some
+    // ranks are done. A user max over negative numbers shows that done ranks contribute nothing
+    // (a zero would win), in the tree path and in the ring (done ranks relay without the op).
+    let orders: [[usize; 3]; 3] = [[1, 2, 3], [3, 1, 0], [0, 2, 2]];
+    let user_max = Op::User(Arc::new(|d: &mut [u8], s: &[u8], dt, _n| {
+        ops::reduce_into(&Op::Max, dt, d, s)
+    }));
+    let res = world(3, move |t| {
+        let r = t.rank();
+        let mut refused = Vec::new();
+        for (e, steps) in orders.iter().enumerate() {
+            for s in 0..steps[r] {
+                let active: Vec<usize> = (0..3).filter(|k| steps[*k] > s).collect();
+                let done: Vec<usize> = (0..3).filter(|k| steps[*k] <= s).collect();
+                for count in [10, 300_000] {
+                    let val = |k: usize| -((k * 10 + e + s + 1) as f64);
+                    let mut b = encode(DType::F32, &vec![val(r); count]);
+                    assert_eq!(t.all_reduce(DType::F32, &mut b, &user_max)?, active.len());
+                    let want = active.iter().map(|k| val(*k)).fold(f64::MIN, f64::max);
+                    let got = f32s(&b);
+                    assert!(
+                        got.iter().all(|x| *x as f64 == want),
+                        "r{r} e{e} s{s} x{count}: {} want {want}",
+                        got[0]
+                    );
+                    let mut c = encode(DType::F64, &vec![(r + 1) as f64; count]);
+                    t.all_reduce(DType::F64, &mut c, &Op::Sum)?;
+                    let sum: usize = active.iter().map(|k| k + 1).sum();
+                    assert_eq!(c, encode(DType::F64, &vec![sum as f64; count]));
+                }
+                let pieces = t.all_gather(&vec![r as u8; r + e])?;
+                let ranks: Vec<usize> = pieces.iter().map(|p| p.0).collect();
+                assert_eq!(ranks, active, "e{e} s{s}");
+                for (k, p) in pieces {
+                    assert_eq!(p, vec![k as u8; k + e]);
+                }
+                assert_eq!(t.barrier()?, active.len());
+                let mut b = vec![r as u8; 9];
+                t.broadcast(DType::U8, &mut b, active[0])?;
+                assert_eq!(b, vec![active[0] as u8; 9]);
+                if let Some(&d) = done.first() {
+                    let mut b = vec![r as u8; 9];
+                    let err = t.broadcast(DType::U8, &mut b, d).unwrap_err();
+                    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+                    assert_eq!(b, vec![r as u8; 9]);
+                    let err2 = t.reduce(DType::U8, &mut b, &Op::Sum, d).unwrap_err();
+                    refused.push((e, s, err.to_string(), err2.to_string()));
+                }
+            }
+            assert_eq!(t.done(None, None)?, served(steps, r));
+        }
+        Ok(refused)
+    });
+    let all: Vec<_> = res
+        .into_iter()
+        .enumerate()
+        .map(|(r, x)| x.unwrap_or_else(|e| panic!("rank {r}: {e}")))
+        .collect();
+    // The same refusal on every rank that called it, naming the done root.
+    for (e, s, msg, msg2) in all.iter().flatten() {
+        assert!(msg.contains("rank"), "{msg}");
+        for other in all.iter().flatten().filter(|x| x.0 == *e && x.1 == *s) {
+            assert_eq!(&other.2, msg);
+            assert_eq!(&other.3, msg2);
+        }
+    }
+    assert!(all.iter().flatten().count() > 0);
+}
+
+/// How many collectives rank r serves after its done() in an epoch with these step counts: per
+/// step of the others, 2 sizes x 2 all-reduces, all_gather, barrier, broadcast, and (some rank
+/// being done) the two refused calls. Extra rounds inside an all-reduce are not counted.
+fn served(steps: &[usize; 3], r: usize) -> usize {
+    let last = *steps.iter().max().unwrap();
+    (steps[r]..last).map(|_| 4 + 3 + 2).sum()
 }

@@ -111,6 +111,12 @@ impl Error {
         self
     }
 
+    /// The error that caused this one (its `source()`).
+    pub fn with_cause(mut self, cause: Error) -> Error {
+        self.source = Some(Arc::new(cause));
+        self
+    }
+
     pub fn kind(&self) -> ErrorKind {
         self.kind
     }

@@ -26,15 +26,28 @@ fn secs(t: Option<f64>) -> PyResult<Option<Duration>> {
     crate::timeout(t)
 }
 
-fn op_or_sum(op: Option<&Bound<'_, PyAny>>) -> PyResult<(Op, Option<DeviceReduce>)> {
-    op.map_or(Ok((Op::Sum, None)), make_op)
+/// The first exception a Python reduce function raised in one call, kept to become the cause
+/// of the error that call raises on this rank.
+type Raised = Arc<Mutex<Option<PyErr>>>;
+
+fn op_or_sum(op: Option<&Bound<'_, PyAny>>) -> PyResult<(Op, Option<DeviceReduce>, Raised)> {
+    op.map_or(Ok((Op::Sum, None, Raised::default())), make_op)
+}
+
+/// The Python exception for a collective's error; when this rank's reduce function raised, its
+/// exception becomes the cause (`raise ... from exc`).
+fn with_cause(py: Python<'_>, err: PyErr, raised: &Raised) -> PyErr {
+    if let Some(orig) = raised.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        err.set_cause(py, Some(orig));
+    }
+    err
 }
 
 /// Builds the op: a name, or a Python callable applied to torch views of each chunk (host
 /// memory) and, for CUDA tensors, to torch CUDA tensors (the device form).
-fn make_op(op: &Bound<'_, PyAny>) -> PyResult<(Op, Option<DeviceReduce>)> {
+fn make_op(op: &Bound<'_, PyAny>) -> PyResult<(Op, Option<DeviceReduce>, Raised)> {
     if let Ok(s) = op.downcast::<PyString>() {
-        return Ok((Op::parse(s.to_str()?).py()?, None));
+        return Ok((Op::parse(s.to_str()?).py()?, None, Raised::default()));
     }
     if !op.is_callable() {
         return Err(pyo3::exceptions::PyTypeError::new_err(
@@ -65,6 +78,7 @@ fn make_op(op: &Bound<'_, PyAny>) -> PyResult<(Op, Option<DeviceReduce>)> {
         let b = wrap(src)?;
         let r = f.call1(py, (a.clone_ref(py), b))?;
         if !r.is_none(py) && !r.is(&a) {
+            check_result(py, a.bind(py), r.bind(py))?;
             a.call_method1(py, "copy_", (r,))?;
         }
         if let Device::Cuda(i) = device {
@@ -76,14 +90,16 @@ fn make_op(op: &Bound<'_, PyAny>) -> PyResult<(Op, Option<DeviceReduce>)> {
         }
         Ok(())
     }
-    fn raised(e: PyErr) -> Error {
-        Error::new(
-            ErrorKind::Unsupported,
-            "all_reduce",
-            format!("the reduce function raised: {e}"),
-        )
+    // Keeps the first exception (the cause on this rank); the Tree gets its text (for the others).
+    fn raised(py: Python<'_>, e: PyErr, keep: &Raised) -> Error {
+        let msg = e.to_string();
+        keep.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert_with(|| e.clone_ref(py));
+        Error::new(ErrorKind::Worker, "all_reduce", msg)
     }
-    let fh = f.clone();
+    let keep = Raised::default();
+    let (fh, kh) = (f.clone(), keep.clone());
     let user: UserReduce = Arc::new(move |dst: &mut [u8], src: &[u8], dtype: DType, n: usize| {
         Python::with_gil(|py| {
             apply(
@@ -95,9 +111,10 @@ fn make_op(op: &Bound<'_, PyAny>) -> PyResult<(Op, Option<DeviceReduce>)> {
                 dst.as_mut_ptr(),
                 src.as_ptr() as *mut u8,
             )
-            .map_err(raised)
+            .map_err(|e| raised(py, e, &kh))
         })
     });
+    let kd = keep.clone();
     let device: DeviceReduce = Arc::new(move |dst: u64, src: u64, dtype: DType, n: usize, dev| {
         Python::with_gil(|py| {
             apply(
@@ -109,10 +126,43 @@ fn make_op(op: &Bound<'_, PyAny>) -> PyResult<(Op, Option<DeviceReduce>)> {
                 dst as *mut u8,
                 src as *mut u8,
             )
-            .map_err(raised)
+            .map_err(|e| raised(py, e, &kd))
         })
     });
-    Ok((Op::User(user), Some(device)))
+    Ok((Op::User(user), Some(device), keep))
+}
+
+/// A reduce function's result must be a tensor like its first argument: `copy_` would otherwise
+/// broadcast a wrong shape or cast a wrong dtype without a word.
+fn check_result(py: Python<'_>, a: &Bound<'_, PyAny>, r: &Bound<'_, PyAny>) -> PyResult<()> {
+    let describe = |x: &Bound<'_, PyAny>| -> PyResult<String> {
+        match (x.getattr("shape"), x.getattr("dtype")) {
+            (Ok(shape), Ok(dtype)) => {
+                let shape = py.import("builtins")?.getattr("tuple")?.call1((shape,))?;
+                Ok(format!(
+                    "a tensor of shape {} and dtype {}",
+                    shape.repr()?,
+                    dtype
+                ))
+            }
+            _ => Ok(format!("a {}", x.get_type().name()?)),
+        }
+    };
+    let same = |name: &str| -> bool {
+        match (a.getattr(name), r.getattr(name)) {
+            (Ok(x), Ok(y)) => x.eq(y).unwrap_or(false),
+            _ => false,
+        }
+    };
+    if same("shape") && same("dtype") {
+        return Ok(());
+    }
+    Err(pyo3::exceptions::PyTypeError::new_err(format!(
+        "the reduce function returned {}, but its first argument is {}: update the first argument \
+         in place (and return it or None) or return a tensor of the same shape and dtype",
+        describe(r)?,
+        describe(a)?
+    )))
 }
 
 /// The tensors of a value, grouped for the collectives.
@@ -361,6 +411,7 @@ impl Tree_ {
             done: self.submit(f)?,
             value: value.unbind(),
             writebacks,
+            raised: Raised::default(),
         })
     }
 }
@@ -372,6 +423,8 @@ pub struct Work {
     value: PyObject,
     /// Non-contiguous CUDA views and their contiguous stand-ins (copied back on wait).
     writebacks: Vec<(PyObject, PyObject)>,
+    /// What this rank's reduce function raised (the cause of wait's error).
+    raised: Raised,
 }
 
 #[pymethods]
@@ -385,7 +438,7 @@ impl Work {
     fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<PyObject> {
         let c = self.done.clone();
         let d = Deadline::or_default(secs(timeout)?);
-        crate::wait(py, move || c.wait(d, "tree"))?;
+        crate::wait(py, move || c.wait(d, "tree")).map_err(|e| with_cause(py, e, &self.raised))?;
         convert::write_back(py, &self.writebacks)?;
         Ok(self.value.clone_ref(py))
     }
@@ -437,11 +490,12 @@ impl Tree_ {
         value: Bound<'py, PyAny>,
         op: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let (op, user) = op_or_sum(op)?;
+        let (op, user, raised) = op_or_sum(op)?;
         let (mut leaves, wb) = Leaves::collect(&value)?;
         self.run(py, move |t| {
             all_reduce_leaves(t, &mut leaves, &op, user.as_ref())
-        })?;
+        })
+        .map_err(|e| with_cause(py, e, &raised))?;
         convert::write_back(py, &wb)?;
         Ok(value)
     }
@@ -452,11 +506,13 @@ impl Tree_ {
         value: Bound<'_, PyAny>,
         op: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Work> {
-        let (op, user) = op_or_sum(op)?;
+        let (op, user, raised) = op_or_sum(op)?;
         let (mut leaves, wb) = Leaves::collect(&value)?;
-        self.work(value, wb, move |t| {
+        let mut w = self.work(value, wb, move |t| {
             all_reduce_leaves(t, &mut leaves, &op, user.as_ref())
-        })
+        })?;
+        w.raised = raised;
+        Ok(w)
     }
     /// Like broadcast, without waiting.
     #[pyo3(signature = (value, root=0))]
@@ -492,7 +548,7 @@ impl Tree_ {
         op: Option<&Bound<'py, PyAny>>,
         root: usize,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let (op, user) = op_or_sum(op)?;
+        let (op, user, raised) = op_or_sum(op)?;
         let (mut leaves, wb) = Leaves::collect(&value)?;
         self.run(py, move |t| {
             let mut on_device = |dt: DType, dev: i32, ptr: u64, len: usize| {
@@ -503,7 +559,8 @@ impl Tree_ {
                 |dt, b| t.reduce(dt, b, &op, root).map(|_| ()),
                 Some(&mut on_device),
             )
-        })?;
+        })
+        .map_err(|e| with_cause(py, e, &raised))?;
         convert::write_back(py, &wb)?;
         Ok(value)
     }
@@ -521,7 +578,8 @@ impl Tree_ {
         let parts = reduced.call_method1("tensor_split", (self.tree.world_size(),))?;
         parts.get_item(self.tree.rank())
     }
-    /// Every rank's tensor, in rank order (shapes may differ between ranks).
+    /// Every rank's tensor, in rank order (shapes may differ between ranks); None for the ranks
+    /// that called done() in this epoch.
     fn all_gather(&self, py: Python<'_>, tensor: &Bound<'_, PyAny>) -> PyResult<PyObject> {
         // CUDA tensors are gathered through host memory and come back on their device.
         let device = tensor
@@ -541,8 +599,8 @@ impl Tree_ {
         }
         packed.extend_from_slice(&t.contiguous_bytes().py()?);
         let pieces = self.run(py, move |tr| tr.all_gather(&packed))?;
-        let out = PyList::empty(py);
-        for p in pieces {
+        let out = PyList::new(py, (0..self.tree.world_size()).map(|_| py.None()))?;
+        for (rank, p) in pieces {
             let bad = || pyo3::exceptions::PyValueError::new_err("malformed all_gather piece");
             let dtype = DType::from_code(*p.first().ok_or_else(bad)?).ok_or_else(bad)?;
             let nd = *p.get(1).ok_or_else(bad)? as usize;
@@ -557,7 +615,7 @@ impl Tree_ {
             if let Some(d) = &device {
                 o = o.call_method1(py, "to", (d,))?;
             }
-            out.append(o)?;
+            out.set_item(rank, o)?;
         }
         Ok(out.into_any().unbind())
     }
@@ -565,8 +623,10 @@ impl Tree_ {
     fn barrier(&self, py: Python<'_>) -> PyResult<()> {
         self.run(py, |t| t.barrier().map(|_| ()))
     }
-    /// Uneven endings: this rank has no more data. It keeps serving the others' collectives
-    /// (contributing the op's identity) until every rank called done(); returns how many it served.
+    /// Uneven endings: this rank has no more data for this epoch. It keeps serving the others'
+    /// collectives (contributing nothing) until every rank called done(); then the next epoch
+    /// starts with every rank. Returns how many collectives it served. `timeout` bounds each wait
+    /// for the others' next collective.
     #[pyo3(signature = (op=None, timeout=None))]
     fn done(
         &self,
@@ -574,7 +634,7 @@ impl Tree_ {
         op: Option<&Bound<'_, PyAny>>,
         timeout: Option<f64>,
     ) -> PyResult<usize> {
-        let op = op.map(make_op).transpose()?.map(|(op, _)| op);
+        let op = op.map(make_op).transpose()?.map(|(op, _, _)| op);
         let timeout = secs(timeout)?;
         self.run(py, move |t| t.done(op.as_ref(), timeout))
     }

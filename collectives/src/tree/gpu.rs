@@ -166,6 +166,7 @@ impl Tree {
                 _ => None,
             };
             let work = copy.as_ref().map_or(ptr, |c| c.ptr);
+            let mut failed: Option<Error> = None;
             let r = (|| {
                 if let Some(c) = &copy {
                     // SAFETY: our fresh allocation and the caller's tensor, `len` bytes each.
@@ -174,9 +175,16 @@ impl Tree {
                 let mine = alias(dtype, count, Device::Cuda(dev), work as *mut u8, len);
                 let mut tmp = alias(dtype, count, Device::Cuda(dev), scratch.ptr as *mut u8, len);
                 self.up_and_down(mine, &mut tmp, deadline, |_, _| match (op, user) {
+                    // A failing user function is recorded, not returned: the data keeps moving
+                    // and the status round below fails every rank together (TREE-6).
                     (Op::User(_), Some(f)) => {
                         g.sync(dev, deadline)?;
-                        f(work, scratch.ptr, dtype, count, dev)
+                        if failed.is_none()
+                            && let Err(e) = f(work, scratch.ptr, dtype, count, dev)
+                        {
+                            failed = Some(e);
+                        }
+                        Ok(())
                     }
                     // SAFETY: our working tensor and scratch, `count` elements each on `dev`,
                     // both untouched until the stream is synchronized below.
@@ -199,7 +207,11 @@ impl Tree {
                 g.drain(dev);
             }
             self.keep_scratch(&mut scratch);
-            r.map(|_| v.contributors)
+            r?;
+            if matches!(op, Op::User(_)) {
+                self.settle(Some(&meta), failed)?;
+            }
+            Ok(v.contributors)
         })
     }
 
@@ -231,6 +243,7 @@ impl Tree {
         let mine = alias(dtype, m.count, Device::Cpu, buf.as_mut_ptr(), len);
         let mut scratch = alias(dtype, m.count, Device::Cpu, tmp.as_mut_ptr(), len);
         let (bp, tp) = (buf.as_mut_ptr(), tmp.as_ptr());
+        let (guarded, failed) = super::guard(&op);
         self.up_and_down(mine, &mut scratch, self.deadline(), |_, _| {
             // SAFETY: both buffers hold `len` bytes and live until the end of this function.
             let (d, s) = unsafe {
@@ -239,8 +252,13 @@ impl Tree {
                     std::slice::from_raw_parts(tp, len),
                 )
             };
-            ops::reduce_into(&op, dtype, d, s)
-        })
+            ops::reduce_into(&guarded, dtype, d, s)
+        })?;
+        // The others ran a user function: the status round of TREE-6.
+        if Op::parse(&m.op).is_err() {
+            self.settle(None, super::take(&failed))?;
+        }
+        Ok(())
     }
 
     /// Broadcast of `len` bytes of CUDA memory at `ptr` on device `dev` from rank `root`, in
