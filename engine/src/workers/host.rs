@@ -59,8 +59,8 @@ use crate::transport::sys;
 use crate::value::Value;
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -795,7 +795,10 @@ impl HostQueue {
             return Ok(());
         }
         let more = if n - seen > 1 {
-            format!(" ({} worker processes died holding questions since the last report)", n - seen)
+            format!(
+                " ({} worker processes died holding questions since the last report)",
+                n - seen
+            )
         } else {
             String::new()
         };

@@ -516,7 +516,11 @@ impl<T> WorkQueue<T> {
         }
         let deadline = Deadline::or_default(timeout);
         let (total, piece) = (items.len(), self.capacity().div_ceil(2));
-        let piece = if total <= self.capacity() { total } else { piece };
+        let piece = if total <= self.capacity() {
+            total
+        } else {
+            piece
+        };
         let (mut rest, mut done) = (items, 0);
         while !rest.is_empty() {
             let tail = rest.split_off(piece.min(rest.len()));

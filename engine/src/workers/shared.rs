@@ -1132,7 +1132,11 @@ impl Segment {
     /// questions are settled first, WQA-3) when it has none. Under the lock.
     fn proc_slot_locked(&self, pid: u32, start: u64) -> Result<usize> {
         let h = self.hdr();
-        if let Some(i) = h.procs.iter().position(|p| p.pid.load(Ordering::Relaxed) == pid) {
+        if let Some(i) = h
+            .procs
+            .iter()
+            .position(|p| p.pid.load(Ordering::Relaxed) == pid)
+        {
             return Ok(i);
         }
         for (i, p) in h.procs.iter().enumerate() {
@@ -1217,7 +1221,11 @@ impl Segment {
     /// Under the lock: this process took one question (WQA-1).
     fn count_taken_locked(&self) {
         let h = self.hdr();
-        if let Some(i) = h.procs.iter().position(|p| p.pid.load(Ordering::Relaxed) == self.pid) {
+        if let Some(i) = h
+            .procs
+            .iter()
+            .position(|p| p.pid.load(Ordering::Relaxed) == self.pid)
+        {
             h.acct.held[i].fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -1230,7 +1238,10 @@ impl Segment {
         }
         let h = self.hdr();
         if remote
-            && let Some(i) = h.procs.iter().position(|p| p.pid.load(Ordering::Relaxed) == self.pid)
+            && let Some(i) = h
+                .procs
+                .iter()
+                .position(|p| p.pid.load(Ordering::Relaxed) == self.pid)
         {
             let _ = h.acct.held[i].fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| {
                 Some(v.saturating_sub(n))
@@ -1260,11 +1271,15 @@ impl Segment {
         p.pid.store(0, Ordering::Relaxed);
         if held > 0 {
             h.acct.last_lost_pid.store(pid, Ordering::Relaxed);
-            h.acct.last_lost_held.store(held.min(u32::MAX as u64) as u32, Ordering::Relaxed);
+            h.acct
+                .last_lost_held
+                .store(held.min(u32::MAX as u64) as u32, Ordering::Relaxed);
             h.acct.lost_questions.fetch_add(held, Ordering::Relaxed);
             h.acct.settled.fetch_add(held, Ordering::SeqCst);
             h.acct.lost_procs.fetch_add(1, Ordering::SeqCst);
-            tracing::warn!("work queue: worker process {pid} died holding {held} unanswered question(s)");
+            tracing::warn!(
+                "work queue: worker process {pid} died holding {held} unanswered question(s)"
+            );
         }
         self.events[ANSWERS].notify();
     }
