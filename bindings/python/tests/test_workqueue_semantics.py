@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import threading
 import time
 import uuid
-
-import subprocess
 
 import pytest
 
