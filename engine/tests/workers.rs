@@ -9,6 +9,10 @@
 //!   same queue; tensors cross in shared memory and the reader's tensor views it; a process killed
 //!   while holding the queue's lock, or while holding an item, leaves the queue usable and is not
 //!   counted as a live worker.
+//! - WQ-2/HQ-7: a write of more items than the capacity completes as readers consume, or times
+//!   out saying how far it got; HQ-6: the owner does not reach end of queue while a process
+//!   attaches; WQ-7/WQA-1..3: drain waits for the questions still outstanding, an unanswered
+//!   sentinel does not poison it, a worker process killed holding questions is a named error.
 //! - The seed's two examples (load 3 files with map; two workers loading files from a queue).
 //!
 //! Child processes re-run this test binary's ignored `child` test with `PARALLEL_TEST_CHILD` set.
@@ -468,10 +472,152 @@ fn hq_3_a_worker_process_killed_holding_an_item_does_not_hang_the_owner() {
     wait_exit(&mut k, Duration::from_secs(5));
     q.close();
     let start = Instant::now();
+    // WQA-3: it died holding a question: a `Worker` error naming it, then the end of queue.
+    let e = q.read(t(5000)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Worker, "{e}");
+    assert!(
+        e.to_string()
+            .contains(&format!("worker process {}", k.id())),
+        "{e}"
+    );
     let e = q.read(t(5000)).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Closed, "{e}");
     assert!(
         start.elapsed() < Duration::from_secs(2),
         "the dead worker is not waited for"
     );
+}
+
+#[test]
+fn wq_2_a_write_of_more_items_than_the_capacity_completes_as_readers_consume() {
+    let q: WorkQueue<u32> = WorkQueue::new(2);
+    let w = q.worker();
+    let reader = std::thread::spawn(move || w.iter().map(Result::unwrap).collect::<Vec<_>>());
+    q.write_all((0..1000).collect(), t(60_000)).unwrap();
+    q.close();
+    assert_eq!(reader.join().unwrap(), (0..1000).collect::<Vec<_>>());
+}
+
+#[test]
+fn wq_2_a_write_larger_than_the_capacity_times_out_saying_how_far_it_got() {
+    let q: WorkQueue<u32> = WorkQueue::new(2);
+    let w = q.worker();
+    let start = Instant::now();
+    let r = q.write_all((0..10).collect(), t(300)).unwrap_err();
+    assert!(start.elapsed() < Duration::from_secs(5));
+    assert_eq!(r.error.kind(), ErrorKind::Timeout);
+    let msg = r.error.to_string();
+    assert!(msg.contains("2 of the 10 items were written"), "{msg}");
+    assert!(msg.contains("capacity 2"), "{msg}");
+    assert_eq!(
+        r.item,
+        (2..10).collect::<Vec<_>>(),
+        "the rest is given back"
+    );
+    assert_eq!(w.read(t(1000)).unwrap(), 0);
+    assert_eq!(w.read(t(1000)).unwrap(), 1);
+}
+
+#[test]
+fn wq_7_drain_is_not_poisoned_by_an_unanswered_sentinel() {
+    let q: WorkQueue<Option<u32>> = WorkQueue::new(16);
+    let workers: Vec<_> = (0..2)
+        .map(|_| {
+            let w = q.worker();
+            std::thread::spawn(move || {
+                while let Ok(Some(x)) = w.read(t(30_000)) {
+                    w.write(Some(x * 2), None).unwrap();
+                }
+                // A sentinel (None) or the end: the handle closes without answering it.
+            })
+        })
+        .collect();
+    q.write_all((0..10).map(Some).collect(), None).unwrap();
+    q.drain(t(30_000)).unwrap();
+    q.write(None, None).unwrap(); // stops one worker, never answered
+    let start = Instant::now();
+    q.drain(t(30_000)).unwrap();
+    assert!(start.elapsed() < Duration::from_secs(10));
+    q.write_all((0..5).map(Some).collect(), None).unwrap();
+    q.drain(t(30_000)).unwrap();
+    let mut got: Vec<u32> = (0..15).map(|_| q.read(t(1000)).unwrap().unwrap()).collect();
+    got.sort();
+    let mut want: Vec<u32> = (0..10).chain(0..5).map(|x| x * 2).collect();
+    want.sort();
+    assert_eq!(got, want);
+    q.close();
+    for h in workers {
+        h.join().unwrap();
+    }
+}
+
+#[test]
+fn wq_7_a_timed_out_drain_names_what_is_outstanding_and_the_next_drain_works() {
+    let q: WorkQueue<u32> = WorkQueue::new(16);
+    let w = q.worker();
+    q.write_all(vec![1, 2], None).unwrap();
+    let e = q.drain(t(200)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Timeout);
+    let msg = e.to_string();
+    assert!(
+        msg.contains("2 of the 2 questions written before drain() are still unanswered"),
+        "{msg}"
+    );
+    assert!(msg.contains("2 questions queued"), "{msg}");
+    let x = w.read(t(1000)).unwrap();
+    let e = q.drain(t(200)).unwrap_err();
+    assert!(e.to_string().contains("1 questions held unanswered"), "{e}");
+    w.write(x, None).unwrap();
+    let y = w.read(t(1000)).unwrap();
+    w.write(y, None).unwrap();
+    q.drain(t(5000)).unwrap();
+    assert_eq!((q.read(t(1000)).unwrap(), q.read(t(1000)).unwrap()), (1, 2));
+}
+
+#[test]
+fn hq_7_a_write_of_more_items_than_the_capacity_to_a_worker_process_completes() {
+    // Capacity comes from the config (1024 by default): 3000 items cross in pieces.
+    let name = unique("big-write");
+    let q = HostQueue::open(&name, None).unwrap();
+    let mut k = spawn_child("echo", &name);
+    let n = 3 * q.capacity() as i64;
+    // The child echoes each item: read the answers while writing, from another thread of
+    // this process (an owner's handle works from any thread in Rust).
+    let q = Arc::new(q);
+    let q2 = q.clone();
+    let answers = std::thread::spawn(move || {
+        (0..n)
+            .map(|_| q2.read(t(60_000)).unwrap().as_int().unwrap())
+            .collect::<Vec<_>>()
+    });
+    q.write((0..n).map(Value::Int).collect(), t(60_000))
+        .unwrap();
+    assert_eq!(answers.join().unwrap(), (0..n).collect::<Vec<_>>());
+    q.close();
+    assert!(wait_exit(&mut k, Duration::from_secs(20)).success());
+}
+
+#[test]
+fn hq_6_the_owner_does_not_end_while_a_worker_process_attaches() {
+    // Questions queued in-process move to shared memory when the first process connects; the
+    // owner's end-of-queue check runs across that move and the child's attach.
+    for round in 0..3 {
+        let name = unique(&format!("attach-{round}"));
+        let q = HostQueue::open(&name, None).unwrap();
+        let big: Vec<f32> = vec![1.0; 4 << 20];
+        let items: Vec<Value> = (0..6).map(|_| Value::Tensor(tensor(&big))).collect();
+        q.write(items, None).unwrap();
+        q.close();
+        let mut k = spawn_child("echo", &name);
+        let mut got = 0;
+        loop {
+            match q.read(t(60_000)) {
+                Ok(_) => got += 1,
+                Err(e) if e.kind() == ErrorKind::Closed => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(got, 6, "round {round}: the owner's read ended early");
+        assert!(wait_exit(&mut k, Duration::from_secs(20)).success());
+    }
 }

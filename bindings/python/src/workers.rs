@@ -13,7 +13,8 @@
 //!   reference while the item stays in-process; read tensors are exported without a copy.
 //! - PYWQ-2: every blocking call releases the GIL and honours its deadline and Ctrl-C (PY-1).
 //! - PYWQ-3: a non-blocking read of an empty queue raises `queue.Empty`; end of queue raises
-//!   `Closed` (and ends iteration); a timeout raises `Timeout`.
+//!   `Closed` (and ends iteration); a timeout raises `Timeout`; a worker process lost while
+//!   holding questions raises `WorkerError` (WQA-3), once.
 
 use crate::{convert, timeout, wait};
 use parallel_engine::Error;
@@ -170,8 +171,9 @@ impl WorkQueue {
         Ok(self.acting(py)?.is_closed())
     }
 
-    /// Writes each value as one item, adjacent and in order (owner: questions; worker:
-    /// answers). Waits for room up to `timeout` when the queue is full (back-pressure).
+    /// Writes each value as one item, in order (owner: questions; worker: answers). Up to
+    /// `capacity` items land adjacent; more are placed in pieces as readers make room
+    /// (back-pressure). `timeout` bounds the whole call; a timeout says how many went in.
     #[pyo3(signature = (*values, timeout=None))]
     fn write(
         &self,
@@ -192,8 +194,9 @@ impl WorkQueue {
         self.read_value(py, timeout, block)
     }
 
-    /// Owner: waits until every question written so far has an answer queued (one answer per
-    /// question), or until no answer can come any more.
+    /// Owner: waits until every question written before the call is answered, or was taken by
+    /// a worker that closed (or died) without answering it; a worker process that died holding
+    /// questions raises `WorkerError` naming it.
     #[pyo3(signature = (timeout=None))]
     fn drain(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<()> {
         let t = self::timeout(timeout)?;

@@ -248,7 +248,7 @@ time.sleep(60)
 """
 
 
-def test_hq_3_a_killed_worker_process_is_not_waited_for() -> None:
+def test_hq_3_a_killed_worker_process_is_not_waited_for_and_its_lost_item_is_reported() -> None:
     name = unique("hold")
     q = parallel.workqueue(name)
     p = spawn(HOLD, name)
@@ -259,6 +259,10 @@ def test_hq_3_a_killed_worker_process_is_not_waited_for() -> None:
     finish(p)
     q.close()
     start = time.monotonic()
+    # WQA-3: it died holding a question, so its answer is lost: an error naming it, not a
+    # silent end of queue; then the end of queue.
+    with pytest.raises(parallel.WorkerError, match=f"worker process {p.pid}"):
+        q.read(timeout=10)
     with pytest.raises(parallel.Closed):
         q.read(timeout=10)
     assert time.monotonic() - start < 3

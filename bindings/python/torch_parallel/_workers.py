@@ -132,7 +132,9 @@ class MapHandle:
                 raise self._timeout()
             try:
                 answer = q.read(timeout=min(_POLL, left))
-            except Timeout:
+            except (Timeout, WorkerError):
+                # WorkerError: a worker process died holding its job (the queue reports it
+                # once); _check_dead names it with its index and exit code.
                 self._check_dead()
                 continue
             self._take(answer)
@@ -162,7 +164,7 @@ class MapHandle:
                 assert self._queue is not None
                 self._take(self._queue.read(timeout=_POLL))
                 continue
-            except Timeout:
+            except (Timeout, WorkerError):
                 pass
             code = p.returncode
             how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
@@ -352,7 +354,8 @@ class Pool:
         while True:
             try:
                 answer = self._queue.read(timeout=_POLL)
-            except Timeout:
+            except (Timeout, WorkerError):
+                # WorkerError: a worker process died holding a job (reported once by the queue).
                 if self._map.done():
                     self._fail_pending("every pool worker process exited")
                     return

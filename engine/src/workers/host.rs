@@ -27,6 +27,28 @@
 //!   within one wait slice (`PeerLost` naming the owner's pid) instead of hanging.
 //! - HQ-5: the waits of both tiers share the segment's parking words, so a reader waiting on
 //!   both wakes for an item in either.
+//! - HQ-6 (no early end while a process attaches): the listener reserves a worker entry for a
+//!   connecting process before it hands over the memfd, and the owner's end-of-queue check sees
+//!   the in-process questions and the shared ones under the switch lock, so a question being
+//!   moved to shared memory is never "in neither tier". A process that is opening the queue
+//!   therefore holds the owner's end of queue off until it attaches and closes, or dies.
+//! - HQ-7 (write back-pressure): a write of up to `capacity` items lands whole and adjacent; a
+//!   larger one is placed in order, in pieces of at most half the capacity, as readers make
+//!   room. The deadline bounds the whole call; a failure says how many items went in and gives
+//!   back the rest.
+//!
+//! Question accounting (drain and lost workers):
+//! - WQA-1: each worker handle counts the questions it took and has not answered (`held`);
+//!   for processes other than the owner's, the queue's header keeps the same count per process
+//!   (taken under the queue's lock, so a process killed after taking a question is known to
+//!   hold it).
+//! - WQA-2: an answer settles one question its writer holds (answers beyond that settle
+//!   nothing); closing a handle settles everything it holds (those answers will never come).
+//!   `drain()` waits until the questions settled reach the number written before the call,
+//!   so an unanswered sentinel taken by a worker that then closed does not hold up any drain.
+//! - WQA-3: a worker process found dead while holding questions settles them and is recorded
+//!   as lost; the owner's next read or drain that would wait (or reach end of queue) raises a
+//!   `Worker` error naming its pid, once. The queue stays usable.
 
 use super::queue::{Channel, Rejected, Role, end_of_queue};
 use super::shared::{ANSWERS, EV_SPACE, QUESTIONS, Segment, alive};
@@ -37,9 +59,10 @@ use crate::transport::sys;
 use crate::value::Value;
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The in-process tier (owner's process only).
 struct Local {
@@ -55,9 +78,34 @@ struct Inner {
     local: Option<Local>,
     seg: Arc<Segment>,
     local_workers: AtomicUsize,
+    /// Questions held by this process's worker handles (WQA-1).
+    local_held: AtomicU64,
+    /// Lost worker processes already reported to the owner (WQA-3).
+    reported_lost: AtomicU64,
+    /// When the owner last looked for dead worker processes (ms since `born`).
+    last_reap_ms: AtomicU64,
+    born: Instant,
     owner_dropped: AtomicBool,
     stop: Option<OwnedFd>,
     listener: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Inner {
+    fn new(name: &str, local: Option<Local>, seg: Arc<Segment>, stop: Option<OwnedFd>) -> Inner {
+        Inner {
+            name: name.to_string(),
+            local,
+            seg,
+            local_workers: AtomicUsize::new(0),
+            local_held: AtomicU64::new(0),
+            reported_lost: AtomicU64::new(0),
+            last_reap_ms: AtomicU64::new(0),
+            born: Instant::now(),
+            owner_dropped: AtomicBool::new(false),
+            stop,
+            listener: Mutex::new(None),
+        }
+    }
 }
 
 impl Drop for Inner {
@@ -83,6 +131,8 @@ pub struct HostQueue {
     inner: Arc<Inner>,
     role: Role,
     closed: AtomicBool,
+    /// Questions this (worker) handle took and has not answered (WQA-1).
+    held: AtomicU64,
 }
 
 impl std::fmt::Debug for HostQueue {
@@ -173,15 +223,7 @@ impl HostQueue {
             }
             match HostQueue::connect(name, &sock, deadline) {
                 Ok(seg) => {
-                    let inner = Arc::new(Inner {
-                        name: name.to_string(),
-                        local: None,
-                        seg,
-                        local_workers: AtomicUsize::new(0),
-                        owner_dropped: AtomicBool::new(false),
-                        stop: None,
-                        listener: Mutex::new(None),
-                    });
+                    let inner = Arc::new(Inner::new(name, None, seg, None));
                     reg.insert(name.to_string(), Arc::downgrade(&inner));
                     return HostQueue::worker_of(inner, deadline);
                 }
@@ -204,6 +246,7 @@ impl HostQueue {
             inner,
             role: Role::Worker,
             closed: AtomicBool::new(false),
+            held: AtomicU64::new(0),
         })
     }
 
@@ -226,15 +269,7 @@ impl HostQueue {
         };
         let stop = sys::eventfd()?;
         let stop_fd = stop.as_raw_fd();
-        let inner = Arc::new(Inner {
-            name: name.to_string(),
-            local: Some(local),
-            seg,
-            local_workers: AtomicUsize::new(0),
-            owner_dropped: AtomicBool::new(false),
-            stop: Some(stop),
-            listener: Mutex::new(None),
-        });
+        let inner = Arc::new(Inner::new(name, Some(local), seg, Some(stop)));
         let weak = Arc::downgrade(&inner);
         let t = std::thread::Builder::new()
             .name(format!("parallel-wq-{}", prefix(name, 10)))
@@ -245,6 +280,7 @@ impl HostQueue {
             inner,
             role: Role::Owner,
             closed: AtomicBool::new(false),
+            held: AtomicU64::new(0),
         })
     }
 
@@ -389,8 +425,11 @@ impl HostQueue {
         Ok(())
     }
 
-    /// Writes `items` as adjacent entries (owner: questions; worker: answers), waiting for room
-    /// up to `timeout`. Tensors stay by reference while the item stays in-process.
+    /// Writes `items` in order (owner: questions; worker: answers), waiting for room up to
+    /// `timeout` (HQ-7): up to `capacity` items land whole and adjacent; more are placed in
+    /// pieces of at most half the capacity as readers make room. On failure the items not
+    /// written are given back and the error says how many went in. Tensors stay by reference
+    /// while the item stays in-process.
     pub fn write(
         &self,
         items: Vec<Value>,
@@ -400,24 +439,149 @@ impl HostQueue {
             return Err(Rejected { error, item: items });
         }
         let deadline = Deadline::or_default(timeout);
+        let (total, cap) = (items.len(), self.capacity());
+        if total <= cap {
+            return self
+                .write_piece(items, deadline)
+                .map_err(|r| self.explain_rejected(r, 0, total));
+        }
+        let piece = cap.div_ceil(2);
+        let (mut rest, mut done) = (items, 0);
+        while !rest.is_empty() {
+            let tail = rest.split_off(piece.min(rest.len()));
+            let n = rest.len();
+            if let Err(Rejected { error, mut item }) = self.write_piece(rest, deadline) {
+                item.extend(tail);
+                return Err(self.explain_rejected(Rejected { error, item }, done, total));
+            }
+            done += n;
+            rest = tail;
+        }
+        Ok(())
+    }
+
+    /// One piece of a write (at most `capacity` items, adjacent).
+    fn write_piece(
+        &self,
+        items: Vec<Value>,
+        deadline: Deadline,
+    ) -> Result<(), Rejected<Vec<Value>>> {
         let n = items.len() as u64;
         let dir = if self.role == Role::Owner {
             QUESTIONS
         } else {
             ANSWERS
         };
-        let r = match (&self.inner.local, self.role) {
+        match (&self.inner.local, self.role) {
             (Some(l), Role::Worker) => l.answers.push_all(items, deadline),
             (Some(l), Role::Owner) => self.write_question(l, items, deadline),
             (None, _) => match self.inner.seg.push(dir, &items, deadline) {
                 Ok(()) => Ok(()),
                 Err(error) => Err(Rejected { error, item: items }),
             },
-        };
-        if r.is_ok() {
-            self.inner.seg.count_written(dir, n);
+        }?;
+        self.inner.seg.count_written(dir, n);
+        if self.role == Role::Worker {
+            self.settle(n);
         }
-        r
+        Ok(())
+    }
+
+    /// A worker handle settles up to `n` of the questions it holds (WQA-2).
+    fn settle(&self, n: u64) {
+        let mut credit = 0;
+        let _ = self
+            .held
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |h| {
+                credit = h.min(n);
+                Some(h - credit)
+            });
+        if credit > 0 {
+            if self.inner.local.is_some() {
+                self.inner.local_held.fetch_sub(credit, Ordering::SeqCst);
+            }
+            self.inner.seg.settle(credit, self.inner.local.is_none());
+        }
+    }
+
+    /// A worker handle took a question (WQA-1).
+    fn took(&self) {
+        self.held.fetch_add(1, Ordering::SeqCst);
+        if self.inner.local.is_some() {
+            self.inner.local_held.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn explain_rejected(
+        &self,
+        r: Rejected<Vec<Value>>,
+        done: usize,
+        total: usize,
+    ) -> Rejected<Vec<Value>> {
+        let Rejected { error, item } = r;
+        let error = if total > 1 || done > 0 {
+            Error::new(
+                error.kind(),
+                error.op(),
+                format!(
+                    "{done} of the {total} items were written (in order); the other {} were not: {}",
+                    item.len(),
+                    error.message()
+                ),
+            )
+        } else {
+            error
+        };
+        Rejected {
+            error: self.explain(error, None),
+            item,
+        }
+    }
+
+    /// Adds the queue's state to a timeout: what was queued, held and outstanding.
+    fn explain(&self, e: Error, drain_target: Option<u64>) -> Error {
+        if e.kind() != ErrorKind::Timeout {
+            return e;
+        }
+        let seg = &self.inner.seg;
+        let local_q = self.inner.local.as_ref().map_or(0, |l| l.questions.len());
+        let local_a = self.inner.local.as_ref().map_or(0, |l| l.answers.len());
+        let mut state = format!(
+            "queue {:?} (capacity {}): {} questions queued, {} answers queued, questions {}",
+            self.inner.name,
+            self.capacity(),
+            local_q + seg.len(QUESTIONS),
+            local_a + seg.len(ANSWERS),
+            if seg.closed() { "closed" } else { "open" },
+        );
+        if self.role == Role::Owner {
+            let holders: Vec<String> = seg
+                .holders()
+                .into_iter()
+                .map(|(pid, held, attaching)| {
+                    if attaching {
+                        format!("process {pid} attaching")
+                    } else {
+                        format!("process {pid} holds {held}")
+                    }
+                })
+                .collect();
+            state.push_str(&format!(
+                "; questions held unanswered: {} by {} worker handle(s) of this process{}{}",
+                self.inner.local_held.load(Ordering::SeqCst),
+                self.inner.local_workers.load(Ordering::SeqCst),
+                if holders.is_empty() { "" } else { ", " },
+                holders.join(", ")
+            ));
+            if let Some(target) = drain_target {
+                let settled = seg.settled();
+                state.push_str(&format!(
+                    "; {} of the {target} questions written before drain() are still unanswered",
+                    target.saturating_sub(settled)
+                ));
+            }
+        }
+        Error::new(e.kind(), e.op(), format!("{} [{state}]", e.message()))
     }
 
     /// The owner's question write: in-process or shared, never both (HQ-2).
@@ -499,12 +663,16 @@ impl HostQueue {
             deadline,
             config().spin.min(Duration::from_micros(20)),
             "read",
-            "an item in the work queue",
+            match self.role {
+                Role::Owner => "an answer in the work queue",
+                Role::Worker => "a question in the work queue",
+            },
             || {
                 got = self.try_read_until(deadline)?;
                 Ok(got.is_some())
             },
-        )?;
+        )
+        .map_err(|e| self.explain(e, None))?;
         Ok(got.expect("ready means an item"))
     }
 
@@ -518,7 +686,12 @@ impl HostQueue {
         if let Some(v) = self.pop_once(dir, deadline)? {
             return Ok(Some(v));
         }
+        if self.role == Role::Owner {
+            self.reap(deadline)?;
+            self.report_lost("read")?;
+        }
         if self.ended(deadline)? {
+            self.report_lost("read")?;
             return match self.pop_once(dir, deadline)? {
                 Some(v) => Ok(Some(v)),
                 None => Err(end_of_queue(
@@ -549,6 +722,14 @@ impl HostQueue {
     }
 
     fn pop_once(&self, dir: usize, deadline: Deadline) -> Result<Option<Value>> {
+        let v = self.pop_either(dir, deadline)?;
+        if v.is_some() && dir == QUESTIONS {
+            self.took();
+        }
+        Ok(v)
+    }
+
+    fn pop_either(&self, dir: usize, deadline: Deadline) -> Result<Option<Value>> {
         if let Some(l) = &self.inner.local {
             let ch = if dir == QUESTIONS {
                 &l.questions
@@ -562,13 +743,74 @@ impl HostQueue {
         self.inner.seg.try_pop(dir, deadline)
     }
 
+    /// True when the questions are closed and none is left in either tier (HQ-6: seen under
+    /// the switch lock, so a question on its way to shared memory counts).
     fn questions_done(&self) -> bool {
-        let local_empty = self
-            .inner
-            .local
-            .as_ref()
-            .is_none_or(|l| l.questions.is_empty());
-        self.inner.seg.closed() && local_empty && self.inner.seg.len(QUESTIONS) == 0
+        let seg = &self.inner.seg;
+        if !seg.closed() {
+            return false;
+        }
+        match &self.inner.local {
+            None => seg.len(QUESTIONS) == 0,
+            // After the switch nothing is ever queued in-process again.
+            Some(l) if seg.shm_mode() => l.questions.is_empty() && seg.len(QUESTIONS) == 0,
+            Some(l) => match l.switch.try_lock() {
+                Ok(_g) => l.questions.is_empty() && seg.len(QUESTIONS) == 0,
+                Err(std::sync::TryLockError::Poisoned(g)) => {
+                    let _g = g.into_inner();
+                    l.questions.is_empty() && seg.len(QUESTIONS) == 0
+                }
+                Err(std::sync::TryLockError::WouldBlock) => false, // busy: look again later
+            },
+        }
+    }
+
+    /// Owner: looks for dead worker processes, at most once per wait slice (WQA-3).
+    fn reap(&self, deadline: Deadline) -> Result<()> {
+        let now = self.inner.born.elapsed().as_millis() as u64;
+        let last = self.inner.last_reap_ms.load(Ordering::SeqCst);
+        if now.saturating_sub(last) < crate::runtime::SLICE.as_millis() as u64
+            || self
+                .inner
+                .last_reap_ms
+                .compare_exchange(last, now, Ordering::SeqCst, Ordering::SeqCst)
+                .is_err()
+        {
+            return Ok(());
+        }
+        self.inner.seg.remote_workers(deadline).map(|_| ())
+    }
+
+    /// Owner: raises, once, the loss of a worker process that died holding questions (WQA-3).
+    fn report_lost(&self, op: &'static str) -> Result<()> {
+        let (n, pid, held) = self.inner.seg.lost();
+        let seen = self.inner.reported_lost.load(Ordering::SeqCst);
+        if n <= seen
+            || self
+                .inner
+                .reported_lost
+                .compare_exchange(seen, n, Ordering::SeqCst, Ordering::SeqCst)
+                .is_err()
+        {
+            return Ok(());
+        }
+        let more = if n - seen > 1 {
+            format!(
+                " ({} worker processes died holding questions since the last report)",
+                n - seen
+            )
+        } else {
+            String::new()
+        };
+        Err(Error::new(
+            ErrorKind::Worker,
+            op,
+            format!(
+                "worker process {pid} of queue {:?} died (killed, or exited without closing the queue) holding {held} unanswered question(s): their answers will never come{more}. The queue stays usable: the other answers can still be read",
+                self.inner.name
+            ),
+        )
+        .with_peer(format!("pid {pid}")))
     }
 
     /// True when nothing more can arrive for this handle's reads (HQ-3).
@@ -590,8 +832,9 @@ impl HostQueue {
             && self.inner.seg.remote_workers(deadline)? == 0)
     }
 
-    /// Owner: waits until there are as many answers as questions written so far (one answer per
-    /// question, as the original), or until no answer can come any more.
+    /// Owner: waits until every question written before the call is settled (WQA-2): answered,
+    /// or taken by a worker handle that closed (or a process that died) without answering it.
+    /// A worker process that died holding questions is a `Worker` error naming it (WQA-3).
     pub fn drain(&self, timeout: Option<Duration>) -> Result<()> {
         if self.role != Role::Owner {
             return Err(Error::new(
@@ -601,14 +844,25 @@ impl HostQueue {
             ));
         }
         let deadline = Deadline::or_default(timeout);
-        let want = self.inner.seg.written(QUESTIONS);
-        self.inner.seg.events[ANSWERS].wait_until(
-            deadline,
-            Duration::ZERO,
-            "drain",
-            "an answer to every question written (drain assumes one answer per question)",
-            || Ok(self.inner.seg.written(ANSWERS) >= want || self.ended(deadline)?),
-        )
+        let target = self.inner.seg.written(QUESTIONS);
+        let seg = &self.inner.seg;
+        seg.events[ANSWERS]
+            .wait_until(
+                deadline,
+                Duration::ZERO,
+                "drain",
+                "an answer to every question written before drain()",
+                || {
+                    self.report_lost("drain")?;
+                    if seg.settled() >= target {
+                        return Ok(true);
+                    }
+                    self.reap(deadline)?;
+                    self.report_lost("drain")?;
+                    Ok(seg.settled() >= target || self.ended(deadline)?)
+                },
+            )
+            .map_err(|e| self.explain(e, Some(target)))
     }
 
     /// Closes this handle for writing: the owner's close ends the questions (workers read what is
@@ -625,10 +879,14 @@ impl HostQueue {
                 self.inner.seg.close();
             }
             (Role::Worker, Some(_)) => {
+                self.settle(u64::MAX); // what it holds will never be answered (WQA-2)
                 self.inner.local_workers.fetch_sub(1, Ordering::SeqCst);
                 self.inner.seg.events[ANSWERS].notify();
             }
-            (Role::Worker, None) => self.inner.seg.detach(),
+            (Role::Worker, None) => {
+                self.settle(u64::MAX);
+                self.inner.seg.detach()
+            }
         }
     }
 
@@ -690,12 +948,25 @@ fn serve(listener: OwnedFd, stop: RawFd, inner: Weak<Inner>) {
         }
         // SAFETY: a fresh fd from accept4.
         let conn = unsafe { OwnedFd::from_raw_fd(c) };
-        if peer_uid(conn.as_raw_fd()) != Some(my_uid()) {
+        let cred = crate::transport::sys::peer_cred(conn.as_raw_fd()).ok();
+        if cred.map(|c| c.uid) != Some(my_uid()) {
             tracing::warn!(
                 "refused a process of another user that tried to open work queue {:?}",
                 inner.name
             );
             continue;
+        }
+        // HQ-6: it counts as a worker from now on, until it attaches and closes, or dies.
+        if let Some(c) = cred
+            && let Err(e) = inner
+                .seg
+                .reserve(c.pid as u32, Deadline::after(Duration::from_secs(5)))
+        {
+            tracing::warn!(
+                "work queue {:?}: could not reserve an entry for process {}: {e}",
+                inner.name,
+                c.pid
+            );
         }
         if let Err(e) = HostQueue::switch_to_shared(&inner) {
             tracing::error!(

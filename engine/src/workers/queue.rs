@@ -13,14 +13,20 @@
 //!   when, in addition, no worker handle is open and every answer was taken: nothing more can
 //!   arrive. End of queue is never a guess from a sentinel value.
 //! - WQ-2 (back-pressure): each direction holds at most `capacity` items
-//!   (`PARALLEL_WORKQUEUE_CAPACITY`); a writer waits, with a deadline, for room.
-//! - WQ-3: one `write_all` lands as adjacent items in order (RING-3); items of one writer are read
-//!   in the order written (RING-4).
+//!   (`PARALLEL_WORKQUEUE_CAPACITY`); a writer waits, with a deadline, for room. A `write_all`
+//!   of more items than the capacity is placed in order, in pieces of at most half the
+//!   capacity, as readers make room; the deadline bounds the whole call.
+//! - WQ-3: one `write_all` of at most `capacity` items lands as adjacent items in order
+//!   (RING-3); items of one writer are read in the order written (RING-4).
 //! - WQ-4: a failed write gives the item back ([`Rejected`]).
 //! - WQ-5: every wait has a deadline (default `PARALLEL_TIMEOUT`) and parks without a lost
 //!   wake-up (EVENT-1); closing wakes every waiter of both directions.
 //! - WQ-6: a name maps to at most one live queue per process; a queue whose owner handle was
 //!   dropped no longer answers to its name, so the next `open` creates a fresh one.
+//! - WQ-7 (drain): each worker handle counts the questions it took and has not answered; an
+//!   answer settles one of them, closing the handle settles all of them (they will never be
+//!   answered). `drain()` waits until the settled questions reach the number written before
+//!   the call, so a sentinel nobody answers does not hold up this drain or any later one.
 
 use super::event::Event;
 use super::ring::Ring;
@@ -266,6 +272,10 @@ pub(crate) struct Inner<T> {
     owner_dropped: AtomicBool,
     asked: AtomicU64,
     answered: AtomicU64,
+    /// Questions answered, or abandoned by a closed worker handle (WQ-7).
+    settled: AtomicU64,
+    /// Questions held unanswered by open worker handles (for timeout messages).
+    held: AtomicU64,
 }
 
 /// A handle on an owner <-> workers queue of `T` items, shared by the threads of one process.
@@ -273,6 +283,8 @@ pub struct WorkQueue<T> {
     inner: Arc<Inner<T>>,
     role: Role,
     closed: AtomicBool,
+    /// Questions this worker handle took and has not answered (WQ-7).
+    held: AtomicU64,
 }
 
 impl<T> std::fmt::Debug for WorkQueue<T> {
@@ -307,11 +319,14 @@ impl<T: Send + 'static> WorkQueue<T> {
             owner_dropped: AtomicBool::new(false),
             asked: AtomicU64::new(0),
             answered: AtomicU64::new(0),
+            settled: AtomicU64::new(0),
+            held: AtomicU64::new(0),
         });
         WorkQueue {
             inner,
             role: Role::Owner,
             closed: AtomicBool::new(false),
+            held: AtomicU64::new(0),
         }
     }
 
@@ -336,6 +351,7 @@ impl<T: Send + 'static> WorkQueue<T> {
                     inner,
                     role: Role::Worker,
                     closed: AtomicBool::new(false),
+                    held: AtomicU64::new(0),
                 });
             }
         }
@@ -355,6 +371,7 @@ impl<T: Send + 'static> WorkQueue<T> {
             inner: self.inner.clone(),
             role: Role::Worker,
             closed: AtomicBool::new(false),
+            held: AtomicU64::new(0),
         }
     }
 }
@@ -406,9 +423,58 @@ impl<T> WorkQueue<T> {
 
     fn count_written(&self, n: u64) {
         match self.role {
-            Role::Owner => self.inner.asked.fetch_add(n, Ordering::SeqCst),
-            Role::Worker => self.inner.answered.fetch_add(n, Ordering::SeqCst),
-        };
+            Role::Owner => {
+                self.inner.asked.fetch_add(n, Ordering::SeqCst);
+            }
+            Role::Worker => {
+                self.inner.answered.fetch_add(n, Ordering::SeqCst);
+                self.settle(n);
+            }
+        }
+    }
+
+    /// Settles up to `n` of the questions this worker handle holds (WQ-7).
+    fn settle(&self, n: u64) {
+        let mut credit = 0;
+        let _ = self
+            .held
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |h| {
+                credit = h.min(n);
+                Some(h - credit)
+            });
+        if credit > 0 {
+            self.inner.held.fetch_sub(credit, Ordering::SeqCst);
+            self.inner.settled.fetch_add(credit, Ordering::SeqCst);
+            self.inner.answers.readable.notify();
+        }
+    }
+
+    /// The queue's state, for timeout messages.
+    fn state(&self) -> String {
+        format!(
+            "capacity {}: {} questions queued, {} answers queued, {} questions held unanswered by {} worker handle(s), questions {}",
+            self.capacity(),
+            self.inner.questions.len(),
+            self.inner.answers.len(),
+            self.inner.held.load(Ordering::SeqCst),
+            self.workers(),
+            if self.inner.questions.is_closed() {
+                "closed"
+            } else {
+                "open"
+            }
+        )
+    }
+
+    fn explain(&self, e: Error, extra: &str) -> Error {
+        if e.kind() != ErrorKind::Timeout {
+            return e;
+        }
+        Error::new(
+            e.kind(),
+            e.op(),
+            format!("{} [{}{extra}]", e.message(), self.state()),
+        )
     }
 
     /// Writes one item (owner: a question; worker: an answer), waiting for room up to `timeout`
@@ -417,7 +483,12 @@ impl<T> WorkQueue<T> {
         if let Err(error) = self.check_open() {
             return Err(Rejected { error, item });
         }
-        self.outgoing().push(item, Deadline::or_default(timeout))?;
+        if let Err(Rejected { error, item }) =
+            self.outgoing().push(item, Deadline::or_default(timeout))
+        {
+            let error = self.explain(error, "");
+            return Err(Rejected { error, item });
+        }
         self.count_written(1);
         Ok(())
     }
@@ -432,7 +503,9 @@ impl<T> WorkQueue<T> {
         Ok(())
     }
 
-    /// Writes all items as adjacent entries (WQ-3).
+    /// Writes all items in order: up to `capacity` of them as adjacent entries (WQ-3), more in
+    /// pieces of at most half the capacity as readers make room (WQ-2). On failure the items
+    /// not written are given back and the error says how many went in.
     pub fn write_all(
         &self,
         items: Vec<T>,
@@ -441,10 +514,37 @@ impl<T> WorkQueue<T> {
         if let Err(error) = self.check_open() {
             return Err(Rejected { error, item: items });
         }
-        let n = items.len() as u64;
-        self.outgoing()
-            .push_all(items, Deadline::or_default(timeout))?;
-        self.count_written(n);
+        let deadline = Deadline::or_default(timeout);
+        let (total, piece) = (items.len(), self.capacity().div_ceil(2));
+        let piece = if total <= self.capacity() {
+            total
+        } else {
+            piece
+        };
+        let (mut rest, mut done) = (items, 0);
+        while !rest.is_empty() {
+            let tail = rest.split_off(piece.min(rest.len()));
+            let n = rest.len();
+            if let Err(Rejected { error, mut item }) = self.outgoing().push_all(rest, deadline) {
+                item.extend(tail);
+                let error = Error::new(
+                    error.kind(),
+                    error.op(),
+                    format!(
+                        "{done} of the {total} items were written (in order); the other {} were not: {}",
+                        item.len(),
+                        error.message()
+                    ),
+                );
+                return Err(Rejected {
+                    error: self.explain(error, ""),
+                    item,
+                });
+            }
+            self.count_written(n as u64);
+            done += n;
+            rest = tail;
+        }
         Ok(())
     }
 
@@ -467,21 +567,35 @@ impl<T> WorkQueue<T> {
     pub fn read(&self, timeout: Option<Duration>) -> Result<T> {
         let ch = self.incoming();
         let mut got = None;
-        ch.readable.wait_until(
-            Deadline::or_default(timeout),
-            ch.spin,
-            "read",
-            "an item in the work queue",
-            || {
-                got = self.try_read()?;
-                Ok(got.is_some())
-            },
-        )?;
+        ch.readable
+            .wait_until(
+                Deadline::or_default(timeout),
+                ch.spin,
+                "read",
+                match self.role {
+                    Role::Owner => "an answer in the work queue",
+                    Role::Worker => "a question in the work queue",
+                },
+                || {
+                    got = self.try_read()?;
+                    Ok(got.is_some())
+                },
+            )
+            .map_err(|e| self.explain(e, ""))?;
         Ok(got.expect("ready means an item"))
     }
 
     /// Reads the next item if one is queued: `Ok(None)` when empty, `Closed` at end of queue.
     pub fn try_read(&self) -> Result<Option<T>> {
+        let v = self.try_read_inner()?;
+        if v.is_some() && self.role == Role::Worker {
+            self.held.fetch_add(1, Ordering::SeqCst);
+            self.inner.held.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(v)
+    }
+
+    fn try_read_inner(&self) -> Result<Option<T>> {
         if let Some(v) = self.incoming().try_pop() {
             return Ok(Some(v));
         }
@@ -504,8 +618,9 @@ impl<T> WorkQueue<T> {
         }
     }
 
-    /// Owner: waits until there are as many answers as questions written so far (one answer per
-    /// question, as the original), or until no answer can come any more (WQ-1).
+    /// Owner: waits until every question written before the call is settled (WQ-7): answered,
+    /// or taken by a worker handle that closed without answering it; or until no answer can
+    /// come any more (WQ-1).
     pub fn drain(&self, timeout: Option<Duration>) -> Result<()> {
         if self.role != Role::Owner {
             return Err(Error::new(
@@ -516,13 +631,23 @@ impl<T> WorkQueue<T> {
         }
         let want = self.inner.asked.load(Ordering::SeqCst);
         let ch = &self.inner.answers;
-        ch.readable.wait_until(
-            Deadline::or_default(timeout),
-            ch.spin,
-            "drain",
-            "an answer to every question written (drain assumes one answer per question; answers beyond the capacity wait for reads)",
-            || Ok(self.inner.answered.load(Ordering::SeqCst) >= want || self.ended()),
-        )
+        ch.readable
+            .wait_until(
+                Deadline::or_default(timeout),
+                ch.spin,
+                "drain",
+                "an answer to every question written before drain() (answers beyond the capacity wait for reads)",
+                || Ok(self.inner.settled.load(Ordering::SeqCst) >= want || self.ended()),
+            )
+            .map_err(|e| {
+                let left = want.saturating_sub(self.inner.settled.load(Ordering::SeqCst));
+                self.explain(
+                    e,
+                    &format!(
+                        "; {left} of the {want} questions written before drain() are still unanswered"
+                    ),
+                )
+            })
     }
 
     /// Closes this handle for writing. The owner's close ends the questions: workers read what is
@@ -535,6 +660,7 @@ impl<T> WorkQueue<T> {
         match self.role {
             Role::Owner => self.inner.questions.close(),
             Role::Worker => {
+                self.settle(u64::MAX); // what it holds will never be answered (WQ-7)
                 self.inner.workers.fetch_sub(1, Ordering::SeqCst);
                 self.inner.answers.readable.notify();
             }
