@@ -380,8 +380,9 @@ impl Server {
     }
 
     /// Sends `v` to every connection with `tag` (all when None), in id order, and returns how
-    /// many got it. A client that is gone (closed, dead, its link broken by the failed send) is
-    /// dropped from the server and skipped, never an error; any other failure (the value
+    /// many got it. A client that is gone (closed, dead, hung up, its link broken by the failed
+    /// send) is skipped, never an error, and dropped from the server unless it left unread
+    /// messages; any other failure (the value
     /// cannot be encoded, say) is an error naming each connection it failed on.
     pub fn broadcast(
         &self,
@@ -397,6 +398,10 @@ impl Server {
         for c in &conns {
             if c.link.is_broken() {
                 self.inner.retire(c, None);
+                continue;
+            }
+            if c.link.peer_hung_up() {
+                // Departed; it stays listed only while it has unread messages (EP-6).
                 continue;
             }
             match c.link.send(v, deadline) {

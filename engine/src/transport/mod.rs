@@ -33,8 +33,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-/// A descriptor is received in pieces of at most this many bytes, so memory follows the bytes.
-const DESC_CHUNK: usize = 256 << 10;
+/// A descriptor is received in pieces that start at this size and double, so the memory it
+/// commits follows the bytes that arrived (BUF-4).
+const DESC_CHUNK: usize = 16 << 10;
 
 /// One piece of an outgoing frame.
 enum Part<'a> {
@@ -800,7 +801,8 @@ impl RecvGuard<'_> {
         let mut desc = AlignedVec::<16>::with_capacity((h.desc_len as usize).min(DESC_CHUNK));
         while desc.len() < h.desc_len as usize {
             let at = desc.len();
-            desc.resize((at + DESC_CHUNK).min(h.desc_len as usize), 0);
+            // Doubling from DESC_CHUNK: at most twice what arrived is committed.
+            desc.resize((at + at.max(DESC_CHUNK)).min(h.desc_len as usize), 0);
             link.read_bytes(
                 &mut desc[at..],
                 deadline,
