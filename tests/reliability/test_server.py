@@ -130,7 +130,7 @@ def raw(port):
         except OSError:
             pass
         s.close()
-    raise SystemExit(f"no socket found for client {len(clients)} among {len(os.listdir('/proc/self/fd'))} fds")
+    raise SystemExit(f"no socket found for client {len(clients)}")
 seen, clients, socks = set(), [], []
 for i in range(n):
     c = parallel.client("127.0.0.1", port, timeout=30)
@@ -178,7 +178,7 @@ sys.stdin.read()
 
 
 def test_partial_frame_stall_does_not_block_other_clients() -> None:
-    env = {"PARALLEL_FRAME_TIMEOUT": "3"}
+    env = {"PARALLEL_FRAME_TIMEOUT": "6"}
     srv, port = start_server(HOL_SERVER, env)
     # Header of a message with a 64-byte descriptor, then 5 of those bytes, then silence.
     partial = header(MESSAGE, 64, 0, 0) + b"\x00" * 5
@@ -188,18 +188,19 @@ def test_partial_frame_stall_does_not_block_other_clients() -> None:
         time.sleep(0.3)  # let the server see the partial frame first
         tell(srv, "go")
         good = parallel.client("127.0.0.1", port, timeout=10)
-        t0 = time.monotonic()
         for i in range(100):
             good.send({"i": i, "payload": list(range(i % 7))})
         r = line(srv, 60)
-        delivered = time.monotonic() - t0
         assert r["got"] == [{"i": i, "payload": list(range(i % 7))} for i in range(100)]
-        assert delivered < 10, f"100 messages took {delivered:.1f}s behind a stalled client"
+        # All delivered before the stalled client's frame deadline (6 s) could free anything.
+        assert r["took"] < 5, f"100 messages took {r['took']:.1f}s behind a stalled client"
         assert r["err"] is not None and "PARALLEL_FRAME_TIMEOUT" in r["err"], r
-        assert r["err_after"] < 3 + 10, r
+        assert r["err_after"] < 6 + 10, r
         assert r["left"] == 1, r  # only the good client remains
-        print(f"100 messages in {delivered:.2f}s behind a stalled client; dropped after "
-              f"{r['err_after']:.2f}s more (PARALLEL_FRAME_TIMEOUT=3)")
+        print(
+            f"100 messages in {r['took']:.2f}s behind a stalled client; it was dropped "
+            f"{r['err_after']:.2f}s later (PARALLEL_FRAME_TIMEOUT=6)"
+        )
         good.send("still there?")
         assert good.recv(timeout=10) == "still there?"
         assert srv.poll() is None
