@@ -329,9 +329,10 @@ impl Tree {
         let mut f = self.failed.lock().unwrap_or_else(|p| p.into_inner());
         if f.is_none() {
             *f = Some(msg.clone());
-            let frame = dict(vec![("abort", Value::str(&msg))]);
+            // A typed Abort frame: the neighbour's receive fails with PeerLost and this
+            // reason whatever it expected (a control message or data into its buffer).
             for c in self.links.values() {
-                let _ = c.send(&frame, Some(Duration::from_millis(200)));
+                let _ = c.send_abort(&msg, Some(Duration::from_millis(200)));
             }
             for c in self.links.values() {
                 c.close();

@@ -84,6 +84,12 @@ pub const TABLE: &[Var] = &[
         doc: "Time a freshly accepted connection has to complete the hello (and authentication) before the server drops it, in seconds.",
     },
     Var {
+        name: "PARALLEL_FRAME_TIMEOUT",
+        kind: VarKind::Seconds,
+        default: "30",
+        doc: "Time a message has to arrive completely once its first byte arrived, when a server reads it for `recv_any`, in seconds. A client that sends part of a message and stalls is dropped (with a warning) after this long, and never delays messages from other clients. Raise it for very large messages over slow networks.",
+    },
+    Var {
         name: "PARALLEL_MAX_FRAME",
         kind: VarKind::Bytes {
             min: KIB,
@@ -319,6 +325,7 @@ pub struct Config {
     pub timeout: Duration,
     pub connect_timeout: Duration,
     pub handshake_timeout: Duration,
+    pub frame_timeout: Duration,
     pub max_frame: u64,
     pub max_descriptor: u64,
     pub max_value_depth: usize,
@@ -546,6 +553,7 @@ impl Config {
         let timeout = d(next());
         let connect_timeout = d(next());
         let handshake_timeout = d(next());
+        let frame_timeout = d(next());
         let max_frame = u(next());
         let max_descriptor = u(next());
         let max_value_depth = u(next()) as usize;
@@ -560,7 +568,7 @@ impl Config {
         let secret = if !secret_file.is_empty() {
             let mut bytes = std::fs::read(&secret_file).map_err(|e| {
                 bad(
-                    &TABLE[16],
+                    &TABLE[17],
                     &secret_file,
                     &format!("cannot read the secret file: {e}"),
                 )
@@ -600,6 +608,7 @@ impl Config {
             timeout,
             connect_timeout,
             handshake_timeout,
+            frame_timeout,
             max_frame,
             max_descriptor,
             max_value_depth,

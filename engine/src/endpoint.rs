@@ -13,13 +13,27 @@
 //! - EP-3: `close()` from any thread wakes every blocked call on the endpoint, which fails with
 //!   `Closed`.
 //! - EP-4: asynchronous operations of one connection run on one reactor, in submission order.
+//! - EP-5: no head-of-line blocking: `recv_any` reads a message inline only when all of it is
+//!   already queued; a message still arriving is read by a short-lived thread of its own, under
+//!   the connection's receive lock, within `PARALLEL_FRAME_TIMEOUT` (else the connection is
+//!   dropped with a warning), and lands in the connection's inbox, which every receive on the
+//!   connection empties first (so order is kept).
+//! - EP-6: a departed client is retired within about 0.2 s whatever the application calls: the
+//!   acceptor thread checks for peers that hung up and, when nothing but an orderly close is left
+//!   to read, closes the connection and drops it from the server (its fds and rings are freed
+//!   once the application holds no `Conn`). A death found this way is reported by the next
+//!   `recv_any` (EP-2), from a bounded list.
+//! - EP-7: handshakes never lock clients out: at most `MAX_HANDSHAKES` run at once, and a new
+//!   connection beyond that evicts the oldest unfinished one (idle sockets age first), so a
+//!   client that completes its hello promptly always gets in.
 
 use crate::config::config;
 use crate::error::{Error, ErrorKind, Result};
 use crate::runtime::{self, Completion, Deadline, Interest, Runtime};
 use crate::transport::handshake;
-use crate::transport::{Link, LinkKind, Stats, sys};
+use crate::transport::{self, Link, LinkKind, Stats, sys};
 use crate::value::{Tensor, Value};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
@@ -27,9 +41,24 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 static CONN_KEYS: AtomicUsize = AtomicUsize::new(0);
-/// Handshakes in progress in this process, and the most allowed at once.
-static HANDSHAKES: AtomicUsize = AtomicUsize::new(0);
+/// The most handshakes in progress at once in this process (EP-7).
 const MAX_HANDSHAKES: usize = 256;
+/// Deaths found by the acceptor and not yet reported by `recv_any`, at most (EP-6).
+const MAX_LOST: usize = 64;
+/// How often the acceptor looks for departed clients (EP-6).
+const REAP_EVERY: Duration = Duration::from_millis(200);
+
+/// A handshake in progress: a second descriptor of its socket, to shut it down on eviction.
+struct Pending {
+    ticket: u64,
+    since: Instant,
+    addr: SocketAddr,
+    sock: Option<OwnedFd>,
+}
+
+/// Handshakes in progress in this process, oldest first (EP-7).
+static PENDING: Mutex<Vec<Pending>> = Mutex::new(Vec::new());
+static TICKETS: AtomicU64 = AtomicU64::new(0);
 
 /// One connection: a link plus the server-side id and tag (also used as the client's core).
 #[derive(Debug)]
@@ -40,6 +69,10 @@ pub struct Conn {
     key: usize,
     reported: AtomicBool,
     created: Instant,
+    /// Messages (or the error that ended the link) read ahead for `recv_any` (EP-5).
+    inbox: Mutex<VecDeque<Result<Value>>>,
+    /// A read-ahead thread holds the receive lock (EP-5).
+    reading: AtomicBool,
 }
 
 impl Conn {
@@ -51,7 +84,34 @@ impl Conn {
             key: CONN_KEYS.fetch_add(1, Ordering::Relaxed),
             reported: AtomicBool::new(false),
             created: Instant::now(),
+            inbox: Mutex::new(VecDeque::new()),
+            reading: AtomicBool::new(false),
         }
+    }
+    fn take_inbox(&self) -> Option<Result<Value>> {
+        self.inbox
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop_front()
+    }
+    fn inbox_empty(&self) -> bool {
+        self.inbox
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+    }
+    /// Receives the next message: first what a read-ahead left in the inbox (EP-5).
+    fn recv_deadline(&self, out: &mut [Tensor], deadline: Deadline) -> Result<Value> {
+        let mut g = self.link.lock_recv();
+        if let Some(r) = self.take_inbox() {
+            return match r {
+                Ok(v) if !out.is_empty() => {
+                    transport::into_outs(v, out).map_err(|e| e.with_peer(self.peer()))
+                }
+                r => r,
+            };
+        }
+        g.recv(out, deadline)
     }
     pub fn id(&self) -> i64 {
         self.id.load(Ordering::Relaxed)
@@ -88,14 +148,18 @@ impl Conn {
         self.link.send(v, Deadline::or_default(timeout))
     }
     pub fn recv(&self, timeout: Option<Duration>) -> Result<Value> {
-        self.link.recv(&mut [], Deadline::or_default(timeout))
+        self.recv_deadline(&mut [], Deadline::or_default(timeout))
     }
     /// Receives into the caller's tensors (in order), checking dtype and shape.
     pub fn recv_into(&self, out: &mut [Tensor], timeout: Option<Duration>) -> Result<Value> {
-        self.link.recv(out, Deadline::or_default(timeout))
+        self.recv_deadline(out, Deadline::or_default(timeout))
     }
     pub fn close(&self) {
         self.link.close()
+    }
+    /// Sends an abort notice (see [`Link::send_abort`]).
+    pub fn send_abort(&self, reason: &str, timeout: Option<Duration>) -> Result<()> {
+        self.link.send_abort(reason, Deadline::or_default(timeout))
     }
 
     /// Sends on this connection's reactor (EP-4); the value is moved into the task.
@@ -117,7 +181,7 @@ impl Conn {
         let (me, done) = (self.clone(), c.clone());
         let deadline = Deadline::or_default(timeout);
         Runtime::get().spawn_on(self.key, move || {
-            let r = me.link.recv(&mut out, deadline).map(|v| (v, out));
+            let r = me.recv_deadline(&mut out, deadline).map(|v| (v, out));
             done.complete(r)
         });
         c
@@ -180,6 +244,8 @@ struct ServerInner {
     departed: Mutex<Stats>,
     accepted: AtomicU64,
     refused: AtomicU64,
+    /// Deaths found by the acceptor, for `recv_any` to report (EP-6).
+    lost: Mutex<VecDeque<Error>>,
 }
 
 /// A listening server and its connections.
@@ -226,6 +292,7 @@ impl Server {
             departed: Mutex::new(Stats::default()),
             accepted: AtomicU64::new(0),
             refused: AtomicU64::new(0),
+            lost: Mutex::new(VecDeque::new()),
         });
         let weak = Arc::downgrade(&inner);
         std::thread::Builder::new()
@@ -312,8 +379,11 @@ impl Server {
         Ok(conns.len())
     }
 
-    /// Sends `v` to every connection with `tag` (all when None), in id order. Every connection is
-    /// tried; the error names each one that failed.
+    /// Sends `v` to every connection with `tag` (all when None), in id order, and returns how
+    /// many got it. A client that is gone (closed, dead, hung up, its link broken by the failed
+    /// send) is skipped, never an error, and dropped from the server unless it left unread
+    /// messages; any other failure (the value
+    /// cannot be encoded, say) is an error naming each connection it failed on.
     pub fn broadcast(
         &self,
         v: &Value,
@@ -324,14 +394,30 @@ impl Server {
         let conns = self.tagged(tag);
         let mut failed = Vec::new();
         let mut first: Option<Error> = None;
+        let mut sent = 0usize;
         for c in &conns {
-            if let Err(e) = c.link.send(v, deadline) {
-                failed.push(format!("{} (id {})", c.peer(), c.id()));
-                first.get_or_insert(e);
+            if c.link.is_broken() {
+                self.inner.retire(c, None);
+                continue;
+            }
+            if c.link.peer_hung_up() {
+                // Departed; it stays listed only while it has unread messages (EP-6).
+                continue;
+            }
+            match c.link.send(v, deadline) {
+                Ok(()) => sent += 1,
+                Err(e) if c.link.is_broken() => {
+                    tracing::warn!("broadcast: dropping {} (id {}): {e}", c.peer(), c.id());
+                    self.inner.retire(c, None);
+                }
+                Err(e) => {
+                    failed.push(format!("{} (id {})", c.peer(), c.id()));
+                    first.get_or_insert(e);
+                }
             }
         }
         match first {
-            None => Ok(conns.len()),
+            None => Ok(sent),
             Some(e) => Err(Error::new(
                 e.kind(),
                 "broadcast",
@@ -345,21 +431,56 @@ impl Server {
         }
     }
 
-    fn remove(&self, c: &Arc<Conn>) {
-        let mut g = self.inner.conns.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(i) = g.iter().position(|x| Arc::ptr_eq(x, c)) {
-            g.remove(i);
-            self.inner
-                .departed
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .add(&c.stats());
+    /// Starts a read-ahead of the message arriving on `c` (EP-5); false if no thread could be
+    /// started (the caller then reads inline).
+    fn read_ahead(&self, c: &Arc<Conn>) -> bool {
+        if c.reading.swap(true, Ordering::SeqCst) {
+            return true;
         }
-        self.inner.changed.notify_all();
+        let (conn, weak) = (c.clone(), Arc::downgrade(&self.inner));
+        let spawned = std::thread::Builder::new()
+            .name("parallel-frame".into())
+            .stack_size(512 << 10)
+            .spawn(move || {
+                runtime::block_signals();
+                let limit = config().frame_timeout;
+                let mut g = conn.link.lock_recv();
+                // A direct receive may have taken the message meanwhile: read only a frame
+                // that has begun to arrive, so the frame deadline runs from its first byte.
+                if conn.link.ready() {
+                    let r = g
+                        .recv(&mut [], Deadline::after(limit))
+                        .map_err(|e| stalled(&conn, e, limit));
+                    conn.inbox
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push_back(r);
+                }
+                drop(g);
+                conn.reading.store(false, Ordering::SeqCst);
+                if let Some(inner) = weak.upgrade() {
+                    sys::eventfd_signal(inner.wake.as_raw_fd());
+                }
+            });
+        if let Err(e) = spawned {
+            c.reading.store(false, Ordering::SeqCst);
+            tracing::warn!("cannot start a read-ahead thread ({e}); reading inline");
+            return false;
+        }
+        true
+    }
+
+    /// A receive on `c` failed: the connection goes; the error is returned when it is the first
+    /// report of a failure other than an orderly close (EP-2).
+    fn failed(&self, c: &Arc<Conn>, e: Error) -> Option<Error> {
+        let report = e.kind() != ErrorKind::Closed && !c.reported.swap(true, Ordering::SeqCst);
+        self.inner.retire(c, None);
+        report.then(|| e.with_op("recv_any"))
     }
 
     /// Receives the next message from whichever connection (with `tag`) has one first (EP-1),
-    /// returning the message and its connection.
+    /// returning the message and its connection. A message still arriving never delays the
+    /// others (EP-5).
     pub fn recv_any(
         &self,
         tag: Option<&str>,
@@ -377,29 +498,51 @@ impl Server {
                     "the server was closed",
                 ));
             }
+            let lost = self
+                .inner
+                .lost
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop_front();
+            if let Some(e) = lost {
+                return Err(e);
+            }
             let conns = self.tagged(tag);
             let n = conns.len();
             let start = self.inner.rr.fetch_add(1, Ordering::Relaxed);
             for i in 0..n {
                 let c = &conns[(start + i) % n];
-                if !c.link.ready() {
+                match c.take_inbox() {
+                    Some(Ok(v)) => return Ok((v, c.clone())),
+                    Some(Err(e)) => match self.failed(c, e) {
+                        Some(e) => return Err(e),
+                        None => continue,
+                    },
+                    None => {}
+                }
+                if c.reading.load(Ordering::SeqCst) || !c.link.ready() {
                     continue;
                 }
                 let Some(mut g) = c.link.try_lock_recv() else {
                     continue;
                 };
-                match g.recv(&mut [], deadline) {
-                    Ok(v) => return Ok((v, c.clone())),
-                    Err(e) if e.kind() == ErrorKind::Closed => {
-                        drop(g);
-                        self.remove(c);
+                if !c.inbox_empty() {
+                    continue; // a read-ahead just finished: the next pass takes it
+                }
+                if !c.link.frame_queued() {
+                    drop(g);
+                    if self.read_ahead(c) {
+                        continue;
                     }
-                    Err(e) if e.kind() == ErrorKind::Timeout => return Err(e.with_op("recv_any")),
+                    g = c.link.lock_recv();
+                }
+                let r = g.recv(&mut [], deadline);
+                drop(g);
+                match r {
+                    Ok(v) => return Ok((v, c.clone())),
                     Err(e) => {
-                        drop(g);
-                        self.remove(c);
-                        if !c.reported.swap(true, Ordering::SeqCst) {
-                            return Err(e.with_op("recv_any"));
+                        if let Some(e) = self.failed(c, e) {
+                            return Err(e);
                         }
                     }
                 }
@@ -410,10 +553,15 @@ impl Server {
             }
             fds.clear();
             fds.push((self.inner.wake.as_raw_fd(), Interest::Read));
-            for c in &conns {
+            let idle: Vec<&Arc<Conn>> = conns
+                .iter()
+                .filter(|c| !c.reading.load(Ordering::SeqCst))
+                .collect();
+            for c in &idle {
                 c.link.park_fds(&mut fds);
             }
-            let any_ready = conns.iter().any(|c| c.link.ready());
+            let any_ready =
+                idle.iter().any(|c| c.link.ready()) || conns.iter().any(|c| !c.inbox_empty());
             let r = if any_ready {
                 Ok(())
             } else {
@@ -426,7 +574,7 @@ impl Server {
                     .slice("recv_any", &what)
                     .and_then(|s| runtime::wait_once(&fds, s))
             };
-            for c in &conns {
+            for c in &idle {
                 c.link.unpark();
             }
             sys::eventfd_drain(self.inner.wake.as_raw_fd());
@@ -473,6 +621,117 @@ impl Server {
     }
 }
 
+impl ServerInner {
+    /// Drops `c` from the server and closes it; `lost`, when given, is queued for the next
+    /// `recv_any` to report (EP-2, EP-6).
+    fn retire(&self, c: &Arc<Conn>, lost: Option<Error>) {
+        let mut g = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = g.iter().position(|x| Arc::ptr_eq(x, c)) {
+            g.remove(i);
+            self.departed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .add(&c.stats());
+        }
+        drop(g);
+        c.close();
+        if let Some(e) = lost {
+            let mut l = self.lost.lock().unwrap_or_else(|e| e.into_inner());
+            if l.len() >= MAX_LOST {
+                l.pop_front();
+            }
+            l.push_back(e.with_op("recv_any"));
+            drop(l);
+            sys::eventfd_signal(self.wake.as_raw_fd());
+        }
+        self.changed.notify_all();
+    }
+
+    /// Retires every connection whose client departed and left nothing to read but an orderly
+    /// close (EP-6). A connection with unread messages stays until they are read.
+    fn reap(&self) {
+        let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for c in &conns {
+            if c.reading.load(Ordering::SeqCst) || !c.inbox_empty() {
+                continue;
+            }
+            if c.link.is_broken() {
+                self.retire(c, None);
+                continue;
+            }
+            if !c.link.peer_hung_up() {
+                continue;
+            }
+            let Some(mut g) = c.link.try_lock_recv() else {
+                continue;
+            };
+            if !c.link.only_close_queued() {
+                continue;
+            }
+            let r = g.recv(&mut [], Deadline::after(Duration::from_millis(50)));
+            drop(g);
+            let lost = match r {
+                Err(e) if e.kind() != ErrorKind::Closed => {
+                    (!c.reported.swap(true, Ordering::SeqCst)).then_some(e)
+                }
+                _ => None,
+            };
+            self.retire(c, lost);
+        }
+    }
+}
+
+/// The error a read-ahead reports for a frame that did not complete in time (EP-5).
+fn stalled(conn: &Conn, e: Error, limit: Duration) -> Error {
+    if e.kind() != ErrorKind::Timeout {
+        return e;
+    }
+    tracing::warn!(
+        "dropping {} (id {}): a message did not arrive completely within PARALLEL_FRAME_TIMEOUT={:.0}s",
+        conn.peer(),
+        conn.id(),
+        limit.as_secs_f64()
+    );
+    Error::new(
+        ErrorKind::Timeout,
+        "recv_any",
+        format!(
+            "the client sent part of a message and stalled for {:.0}s: it was dropped (PARALLEL_FRAME_TIMEOUT)",
+            limit.as_secs_f64()
+        ),
+    )
+    .with_peer(conn.peer())
+}
+
+/// Registers a handshake about to start, evicting the oldest unfinished one when `MAX_HANDSHAKES`
+/// are in progress (EP-7). Returns the ticket that `handshake_done` takes.
+fn handshake_begin(sock: RawFd, addr: SocketAddr) -> (u64, Option<(SocketAddr, Duration)>) {
+    let ticket = TICKETS.fetch_add(1, Ordering::Relaxed);
+    let mut p = PENDING.lock().unwrap_or_else(|e| e.into_inner());
+    let mut evicted = None;
+    if p.len() >= MAX_HANDSHAKES {
+        let old = p.remove(0);
+        if let Some(s) = &old.sock {
+            sys::shutdown(s.as_raw_fd());
+        }
+        evicted = Some((old.addr, old.since.elapsed()));
+    }
+    p.push(Pending {
+        ticket,
+        since: Instant::now(),
+        addr,
+        sock: sys::dup(sock),
+    });
+    (ticket, evicted)
+}
+
+fn handshake_done(ticket: u64) {
+    let mut p = PENDING.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(i) = p.iter().position(|x| x.ticket == ticket) {
+        p.remove(i);
+    }
+}
+
 impl Drop for ServerInner {
     fn drop(&mut self) {
         self.closed.store(true, Ordering::SeqCst);
@@ -490,36 +749,40 @@ impl Drop for ServerInner {
 
 fn accept_loop(weak: std::sync::Weak<ServerInner>) {
     runtime::block_signals();
+    let mut last_reap = Instant::now();
     loop {
         let Some(inner) = weak.upgrade() else { return };
         if inner.closed.load(Ordering::SeqCst) {
             return;
+        }
+        if last_reap.elapsed() >= REAP_EVERY {
+            inner.reap();
+            last_reap = Instant::now();
         }
         let lfd = inner.listener.as_raw_fd();
         match handshake::try_accept(lfd) {
             Ok(Some((fd, addr))) => {
                 // Each handshake gets its own short-lived thread (HS-1): a silent client then
                 // costs one parked thread for PARALLEL_HANDSHAKE_TIMEOUT and delays nobody else.
-                // The number in flight is bounded; beyond it new connections are dropped at once.
-                if HANDSHAKES.fetch_add(1, Ordering::SeqCst) >= MAX_HANDSHAKES {
-                    HANDSHAKES.fetch_sub(1, Ordering::SeqCst);
-                    inner.refused.fetch_add(1, Ordering::Relaxed);
+                // The number in flight is bounded; beyond it the oldest is evicted (EP-7).
+                let (ticket, evicted) = handshake_begin(fd.as_raw_fd(), addr);
+                if let Some((old, age)) = evicted {
                     tracing::warn!(
-                        "dropping {addr}: {MAX_HANDSHAKES} handshakes already in progress"
+                        "{MAX_HANDSHAKES} handshakes in progress: dropped the oldest (from {old}, {:.1}s old) to admit {addr}",
+                        age.as_secs_f64()
                     );
-                    continue;
                 }
                 let w = weak.clone();
                 let spawned = std::thread::Builder::new()
                     .name("parallel-handshake".into())
                     .spawn(move || {
-                        struct Done;
+                        struct Done(u64);
                         impl Drop for Done {
                             fn drop(&mut self) {
-                                HANDSHAKES.fetch_sub(1, Ordering::SeqCst);
+                                handshake_done(self.0);
                             }
                         }
-                        let _done = Done;
+                        let _done = Done(ticket);
                         runtime::block_signals();
                         let id_hint = 0;
                         match handshake::accept(fd, addr, id_hint) {
@@ -546,7 +809,7 @@ fn accept_loop(weak: std::sync::Weak<ServerInner>) {
                         }
                     });
                 if let Err(e) = spawned {
-                    HANDSHAKES.fetch_sub(1, Ordering::SeqCst);
+                    handshake_done(ticket);
                     tracing::error!("cannot start a handshake thread: {e}");
                 }
             }

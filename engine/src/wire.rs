@@ -47,6 +47,9 @@ pub enum FrameKind {
     Message = 16,
     /// Orderly close: the sender will send nothing more.
     Close = 17,
+    /// The sender abandoned what the two ends were doing (a collective whose rank died, say);
+    /// the descriptor carries `{"reason": str}`, no segments; a Close follows.
+    Abort = 18,
 }
 
 impl FrameKind {
@@ -59,6 +62,7 @@ impl FrameKind {
             5 => FrameKind::Refuse,
             16 => FrameKind::Message,
             17 => FrameKind::Close,
+            18 => FrameKind::Abort,
             _ => return None,
         })
     }

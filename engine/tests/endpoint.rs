@@ -347,3 +347,54 @@ fn ipv6_loopback() {
     c.send(&Value::Int(6)).unwrap();
     assert_eq!(s.recv_any(None, t(10.0)).unwrap().0.as_int(), Some(6));
 }
+
+/// EP-6 (issue 10.6): a client that closes is retired within a second without any receive on
+/// the server; broadcast skips it and counts the living.
+#[test]
+fn ep_6_departed_client_is_retired_and_broadcast_counts_the_living() {
+    let s = Server::bind("127.0.0.1", 0).unwrap();
+    let a = Client::connect("127.0.0.1", s.port(), t(10.0)).unwrap();
+    let b = Client::connect("127.0.0.1", s.port(), t(10.0)).unwrap();
+    s.wait_for(2, t(10.0)).unwrap();
+    let held = s.connections();
+    b.close();
+    let t0 = Instant::now();
+    while s.connections().len() > 1 && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        s.connections().len(),
+        1,
+        "the departed client is still listed"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    assert_eq!(held.iter().filter(|c| c.is_closed()).count(), 1);
+    assert_eq!(s.broadcast(&Value::Int(7), None, t(10.0)).unwrap(), 1);
+    assert_eq!(a.recv(t(10.0)).unwrap().as_int(), Some(7));
+    // An orderly close is not an error for recv_any.
+    assert_eq!(
+        s.recv_any(None, t(0.2)).unwrap_err().kind(),
+        ErrorKind::Timeout
+    );
+}
+
+/// EP-5: a message read ahead for recv_any (a frame too large to be queued whole) is still
+/// delivered, intact and in order with the connection's later messages, to a direct recv.
+#[test]
+fn ep_5_read_ahead_message_reaches_a_direct_recv_in_order() {
+    let (s, c) = pair();
+    let big: Vec<u8> = (0..(32usize << 20)).map(|i| (i % 251) as u8).collect();
+    let c2 = c.clone();
+    let expect = big.clone();
+    let h = std::thread::spawn(move || {
+        c2.send(&Value::bytes(big)).unwrap();
+        c2.send(&Value::Int(2)).unwrap();
+    });
+    let (v, conn) = s.recv_any(None, t(30.0)).unwrap();
+    match v {
+        Value::Bytes(b) => assert!(b[..] == expect[..], "payload corrupted"),
+        other => panic!("expected bytes, got {}", other.type_name()),
+    }
+    assert_eq!(conn.recv(t(10.0)).unwrap().as_int(), Some(2));
+    h.join().unwrap();
+}

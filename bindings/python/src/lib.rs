@@ -392,7 +392,8 @@ impl Server {
         }
         Ok(conns.len())
     }
-    /// Sends `value` to every client (with `tag`), in id order; returns how many.
+    /// Sends `value` to every client (with `tag`), in id order; returns how many got it. A client
+    /// that departed or died is skipped (and dropped), never an error.
     #[pyo3(signature = (value, tag=None, timeout=None))]
     fn broadcast(
         &self,

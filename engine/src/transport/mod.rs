@@ -33,6 +33,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+/// A descriptor is received in pieces that start at this size and double, so the memory it
+/// commits follows the bytes that arrived (BUF-4).
+const DESC_CHUNK: usize = 16 << 10;
+
 /// One piece of an outgoing frame.
 enum Part<'a> {
     Host(&'a [u8]),
@@ -344,6 +348,16 @@ impl Link {
         self.send_frame(FrameKind::Message, v, deadline)
     }
 
+    /// Tells the peer that what the two ends were doing is abandoned, and why: its pending or
+    /// next receive fails with `PeerLost` carrying `reason`, whatever it expected.
+    pub fn send_abort(&self, reason: &str, deadline: Deadline) -> Result<()> {
+        let v = Value::Dict(vec![(
+            crate::value::Key::Str("reason".into()),
+            Value::str(reason),
+        )]);
+        self.send_frame(FrameKind::Abort, &v, deadline)
+    }
+
     pub(crate) fn send_frame(&self, kind: FrameKind, v: &Value, deadline: Deadline) -> Result<()> {
         let start = Instant::now();
         let enc = wire::encode(v, &self.limits).map_err(|e| self.err(e))?;
@@ -532,6 +546,63 @@ impl Link {
         }
     }
 
+    /// The bytes queued for reading, how many of the next header's bytes are among them, and
+    /// the header when it decodes; consumes nothing. `None`: the stream ended or broke (a
+    /// receive fails at once).
+    fn peek_header(&self) -> Option<(usize, usize, Option<Header>)> {
+        let mut hb = [0u8; HEADER_LEN];
+        let (queued, n) = match &self.shm {
+            Some(s) => s.peek(&mut hb)?,
+            None => sys::peek(self.sock.as_raw_fd(), &mut hb)?,
+        };
+        let h = (n == HEADER_LEN)
+            .then(|| Header::decode(&hb, &self.limits).ok())
+            .flatten();
+        Some((queued, n, h))
+    }
+
+    /// True when a receive would complete without waiting for the peer: the whole next frame
+    /// is queued, or the stream ended or holds bytes that are no frame (the receive fails at
+    /// once). Call with the receive lock held; consumes nothing. A frame whose payload travels
+    /// by cross-memory attach or CUDA IPC is never "queued".
+    pub fn frame_queued(&self) -> bool {
+        match self.peek_header() {
+            None => true,
+            // Woken by the liveness socket, not the ring: the peer is gone.
+            Some((0, _, _)) => self.shm.is_some(),
+            Some((queued, _, Some(h))) => {
+                h.flags & (FLAG_CMA | FLAG_CUDA_IPC) == 0
+                    && queued as u64 >= HEADER_LEN as u64 + h.desc_len as u64 + h.payload_len
+            }
+            // A whole header that does not decode is refused at once; a partial one may stall.
+            Some((_, n, None)) => n == HEADER_LEN,
+        }
+    }
+
+    /// After the peer hung up: true when nothing but an orderly close (or nothing) remains to be
+    /// read, so the link can be retired without losing a message. Call with the receive lock held.
+    pub fn only_close_queued(&self) -> bool {
+        match self.peek_header() {
+            None | Some((0, _, _)) => true,
+            Some((_, _, Some(h))) => h.kind == FrameKind::Close,
+            // Part of a header (it can never complete), or bytes that are no frame.
+            Some((_, _, None)) => true,
+        }
+    }
+
+    /// True when the peer hung up (its side of the socket is shut down or the process died).
+    pub fn peer_hung_up(&self) -> bool {
+        sys::hung_up(self.sock.as_raw_fd())
+    }
+
+    /// True when the link can carry nothing more: closed, peer lost, or poisoned (LINK-2).
+    pub fn is_broken(&self) -> bool {
+        self.is_closed()
+            || self.peer_lost.load(Ordering::SeqCst)
+            || self.send.try_lock().is_ok_and(|st| st.poisoned.is_some())
+            || self.recv.try_lock().is_ok_and(|st| st.poisoned.is_some())
+    }
+
     /// Waits (spin, then park) until [`Link::ready`] or the deadline; consumes nothing.
     pub fn wait_ready(&self, deadline: Deadline) -> Result<()> {
         let spin_until = Instant::now() + self.spin;
@@ -709,7 +780,7 @@ impl RecvGuard<'_> {
         let link = self.link;
         let h = Header::decode(hb, &link.limits)?;
         match h.kind {
-            FrameKind::Message => {}
+            FrameKind::Message | FrameKind::Abort => {}
             FrameKind::Close => {
                 link.peer_closed.store(true, Ordering::SeqCst);
                 return Err(Error::new(
@@ -725,9 +796,19 @@ impl RecvGuard<'_> {
                 ));
             }
         }
-        let mut desc = AlignedVec::<16>::with_capacity(h.desc_len as usize);
-        desc.resize(h.desc_len as usize, 0);
-        link.read_bytes(&mut desc, deadline, "a message descriptor", Duration::ZERO)?
+        // Grown as the bytes arrive (WIRE-1, BUF-4): a header that announces a large
+        // descriptor and stalls commits one chunk, not the declared size.
+        let mut desc = AlignedVec::<16>::with_capacity((h.desc_len as usize).min(DESC_CHUNK));
+        while desc.len() < h.desc_len as usize {
+            let at = desc.len();
+            // Doubling from DESC_CHUNK: at most twice what arrived is committed.
+            desc.resize((at + at.max(DESC_CHUNK)).min(h.desc_len as usize), 0);
+            link.read_bytes(
+                &mut desc[at..],
+                deadline,
+                "a message descriptor",
+                Duration::ZERO,
+            )?
             .then_some(())
             .ok_or_else(|| {
                 Error::new(
@@ -736,8 +817,25 @@ impl RecvGuard<'_> {
                     "connection closed inside a message",
                 )
             })?;
+        }
         let d = wire::access_descriptor(&desc)?;
         let segs = wire::check_descriptor(d, &h, &link.limits)?;
+        if h.kind == FrameKind::Abort {
+            // Whatever the receive expected, an abort is the answer (with its reason).
+            if !segs.is_empty() {
+                return Err(protocol("recv", "an Abort frame with payload segments"));
+            }
+            let v = wire::build_value(d, &segs, Vec::new())?;
+            let why = v
+                .get("reason")
+                .and_then(Value::as_str)
+                .unwrap_or("no reason given");
+            return Err(Error::new(
+                ErrorKind::PeerLost,
+                "recv",
+                format!("the peer aborted: {why}"),
+            ));
+        }
         link.counters.bytes_recv.fetch_add(
             HEADER_LEN as u64 + desc.len() as u64 + h.payload_len,
             Ordering::Relaxed,
@@ -1109,6 +1207,58 @@ impl RecvGuard<'_> {
         self.state.scratch = scratch;
         r
     }
+}
+
+/// Moves the tensors of an already received message into the caller's `out` tensors (in order),
+/// as a receive into `out` would have: they then appear as `Value::Out(i)`. A message whose
+/// tensors do not match is a `Mismatch` error (the message is consumed, as in LINK-1).
+pub fn into_outs(mut v: Value, out: &mut [Tensor]) -> Result<Value> {
+    let mut got: Vec<Tensor> = Vec::new();
+    let mut stack: Vec<&mut Value> = vec![&mut v];
+    while let Some(x) = stack.pop() {
+        match x {
+            Value::List(l) | Value::Tuple(l) => stack.extend(l.iter_mut().rev()),
+            Value::Dict(d) => stack.extend(d.iter_mut().rev().map(|(_, v)| v)),
+            Value::Tensor(_) => {
+                let Value::Tensor(t) = std::mem::replace(x, Value::Out(got.len())) else {
+                    unreachable!("matched a tensor")
+                };
+                got.push(t);
+            }
+            _ => {}
+        }
+    }
+    let why = if got.len() != out.len() {
+        Some(format!(
+            "the message holds {} tensors but {} were given as out (the message was discarded; the connection is still usable)",
+            got.len(),
+            out.len()
+        ))
+    } else {
+        got.iter().zip(out.iter()).enumerate().find_map(|(i, (g, o))| {
+            (g.dtype != o.dtype || g.shape != o.shape || o.is_cuda() || g.bytes().is_none()).then(|| {
+                format!(
+                    "tensor {i} of the message is {} {:?} but out[{i}] is {} {:?}{} (the message was discarded; the connection is still usable)",
+                    g.dtype.name(),
+                    g.shape,
+                    o.dtype.name(),
+                    o.shape,
+                    if o.is_cuda() { " on CUDA (this message was read ahead by recv_any into host memory)" } else { "" }
+                )
+            })
+        })
+    };
+    if let Some(m) = why {
+        return Err(Error::new(ErrorKind::Mismatch, "recv", m));
+    }
+    for (g, o) in got.iter().zip(out.iter_mut()) {
+        let src = g.bytes().expect("checked above");
+        match out_contiguous_slice(o) {
+            Some(d) => d.copy_from_slice(src),
+            None => o.scatter_from(src),
+        }
+    }
+    Ok(v)
 }
 
 /// Checks the caller's `out` tensors against the incoming tensor segments; returns why they do

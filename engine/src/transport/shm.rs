@@ -436,6 +436,33 @@ impl ShmEnd {
         self.map.ctrl(self.tx).closed.store(1, Ordering::SeqCst);
         sys::eventfd_signal(self.bells[self.tx].data.as_raw_fd());
     }
+    /// Unread bytes in the incoming ring, and the first `buf.len()` of them copied into `buf`
+    /// without consuming them: (unread, copied). `None` when the ring indices are corrupt.
+    pub fn peek(&self, buf: &mut [u8]) -> Option<(usize, usize)> {
+        let cap = self.map.cap as u64;
+        let rx = self.rx();
+        let tail = self.tail.load(Ordering::Relaxed);
+        let avail = self
+            .map
+            .ctrl(rx)
+            .head
+            .load(Ordering::Acquire)
+            .wrapping_sub(tail);
+        if avail > cap {
+            return None;
+        }
+        let n = (avail as usize).min(buf.len());
+        let pos = (tail % cap) as usize;
+        let first = n.min(self.map.cap - pos);
+        let data = self.map.data(rx);
+        // SAFETY: as in read_exact: [tail, tail + n) lies in the data area and belongs to the
+        // reader (avail <= cap checked); nothing is consumed.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.add(pos), buf.as_mut_ptr(), first);
+            std::ptr::copy_nonoverlapping(data, buf.as_mut_ptr().add(first), n - first);
+        }
+        Some((avail as usize, n))
+    }
 }
 
 #[cfg(test)]

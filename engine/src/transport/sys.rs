@@ -426,3 +426,55 @@ pub(crate) fn cma_read(pid: i32, addr: u64, dst: &mut [u8]) -> std::io::Result<(
     }
     Ok(())
 }
+
+/// Bytes waiting in a socket's receive queue, and the first `buf.len()` of them copied into
+/// `buf` without consuming anything: (queued, copied). `None` at end of stream or on an error.
+pub(crate) fn peek(fd: RawFd, buf: &mut [u8]) -> Option<(usize, usize)> {
+    let mut queued: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int.
+    if unsafe { libc::ioctl(fd, libc::FIONREAD, &mut queued) } != 0 {
+        return None;
+    }
+    // SAFETY: writing at most buf.len() bytes into our own buffer.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            buf.as_mut_ptr() as *mut libc::c_void,
+            buf.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        let e = std::io::Error::last_os_error().raw_os_error();
+        // Nothing queued yet: not an end.
+        return matches!(e, Some(libc::EAGAIN) | Some(libc::EINTR)).then_some((0, 0));
+    }
+    if n == 0 {
+        return None;
+    }
+    Some((queued.max(0) as usize, n as usize))
+}
+
+/// True when the peer shut its side down (or the connection broke): nothing more will arrive
+/// beyond what is queued.
+pub(crate) fn hung_up(fd: RawFd) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, zero timeout.
+    unsafe {
+        libc::poll(&mut p, 1, 0) > 0
+            && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+    }
+}
+
+/// A second descriptor for the same open socket (so it can be shut down from another thread
+/// without racing the owner's close and a reuse of the number).
+pub(crate) fn dup(fd: RawFd) -> Option<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC returns a fresh descriptor we own, or -1.
+    let d = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    // SAFETY: fresh owned descriptor.
+    (d >= 0).then(|| unsafe { std::os::fd::FromRawFd::from_raw_fd(d) })
+}
