@@ -17,6 +17,8 @@
 pub mod handshake;
 pub(crate) mod shm;
 pub(crate) mod sys;
+/// Randomness from the OS generator only (nonces, names): an error where there is none.
+pub use sys::{random_bytes, random_hex};
 
 use crate::buffer::Buf;
 use crate::config::config;
@@ -738,10 +740,13 @@ impl RecvGuard<'_> {
             })?;
         let d = wire::access_descriptor(&desc)?;
         let segs = wire::check_descriptor(d, &h, &link.limits)?;
-        link.counters.bytes_recv.fetch_add(
-            HEADER_LEN as u64 + desc.len() as u64 + h.payload_len,
-            Ordering::Relaxed,
-        );
+        // bytes_recv counts what arrived, segment by segment, never what the peer declared.
+        let received = |n: usize| {
+            link.counters
+                .bytes_recv
+                .fetch_add(n as u64, Ordering::Relaxed)
+        };
+        received(HEADER_LEN + desc.len());
         let cma = h.flags & FLAG_CMA != 0;
         let ipc = h.flags & FLAG_CUDA_IPC != 0;
         if (cma || ipc) && link.shm.is_none() {
@@ -779,6 +784,7 @@ impl RecvGuard<'_> {
                 } else {
                     self.skip(len, via_cma, deadline)?;
                 }
+                received(len);
                 continue;
             }
             // Where the bytes land: the caller's tensor, a new CUDA tensor (for a CUDA segment,
@@ -805,6 +811,7 @@ impl RecvGuard<'_> {
                         } else {
                             self.skip(len, via_cma, deadline)?;
                         }
+                        received(len);
                         failure = Some(e);
                         continue;
                     }
@@ -847,7 +854,10 @@ impl RecvGuard<'_> {
                 })
             };
             match r {
-                Ok(f) => filled.push(f),
+                Ok(f) => {
+                    received(len);
+                    filled.push(f);
+                }
                 // The segment may be half consumed: the stream is no longer framed (LINK-2).
                 Err(e) => {
                     if cma || ipc {
