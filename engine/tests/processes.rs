@@ -248,7 +248,7 @@ fn seed_example_across_processes() {
     assert_eq!(msg.as_str(), Some("hi"));
     assert_eq!(conn.link_kind(), expected_link());
     assert!(
-        names_peer(&conn.peer(), child.pid()),
+        names_peer(conn.peer(), child.pid()),
         "the connection names the child: {}",
         conn.peer()
     );
@@ -277,7 +277,7 @@ fn tensor_64mib_parent_to_child_server_and_back() {
     let (mut server, port) = serve(&[]);
     let c = Client::connect("127.0.0.1", port, t(10.0)).unwrap();
     assert_eq!(c.link_kind(), expected_link());
-    assert!(names_peer(&c.peer(), server.pid()), "{}", c.peer());
+    assert!(names_peer(c.peer(), server.pid()), "{}", c.peer());
     c.send(&pattern_tensor(n)).unwrap();
     assert_pattern(&c.recv(t(10.0)).unwrap(), n);
     c.send(&Value::str("quit")).unwrap();
@@ -322,7 +322,7 @@ fn assert_serves_another(server: &Server) {
     let mut next = Peer::client(server.port(), &["send-hi"]);
     let (v, conn) = server.recv_any(None, t(10.0)).unwrap();
     assert_eq!(v.as_str(), Some("hi"));
-    assert!(names_peer(&conn.peer(), next.pid()), "{}", conn.peer());
+    assert!(names_peer(conn.peer(), next.pid()), "{}", conn.peer());
     next.succeeds(Duration::from_secs(5));
 }
 
