@@ -4,6 +4,8 @@
 //!    ours (PARALLEL_RANK, PARALLEL_WORLD_SIZE, PARALLEL_ROOT), torchrun (RANK, WORLD_SIZE,
 //!    MASTER_ADDR, MASTER_PORT), SLURM (SLURM_PROCID, SLURM_NTASKS, first host of
 //!    SLURM_NODELIST), Open MPI (OMPI_COMM_WORLD_RANK/SIZE), PMI/PMIx (PMI_RANK/SIZE, PMIX_RANK).
+//!    Every one is listed in the engine's configuration (engine/src/config.rs, LAUNCHER) and read
+//!    through it, checked against its row.
 //! 2. Rank 0 (or, when ranks are not given, whoever binds the root address first) listens on the
 //!    root address; every other rank connects to it, retrying until the deadline, so ranks may
 //!    start in any order, minutes apart.
@@ -37,21 +39,21 @@ pub struct TreeOptions {
     pub host: Option<String>,
 }
 
-/// Launcher variables are read here, in one place (they are not tuning knobs, so they are not
-/// in the engine's PARALLEL_* table, except our own three, which are documented there too).
-#[allow(clippy::disallowed_methods)] // reads launcher variables (torchrun, SLURM, MPI), see above
-fn env(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|s| !s.trim().is_empty())
+/// A launcher variable, read through the engine's configuration, which lists every variable
+/// (TABLE and LAUNCHER in engine/src/config.rs) and checks it against its row: a malformed value
+/// is a `Config` error naming it.
+fn env(name: &str) -> Result<Option<String>> {
+    parallel_engine::config::launcher_var(name)
 }
 
-fn parse_usize(name: &str, v: &str) -> Result<usize> {
-    v.trim().parse().map_err(|_| {
-        Error::new(
-            ErrorKind::Config,
-            "tree",
-            format!("{name}={v:?} is not a whole number"),
-        )
-    })
+/// The first of `names` that is set, as a whole number checked against its row.
+fn first_uint(names: &[&'static str]) -> Result<Option<(&'static str, usize)>> {
+    for n in names {
+        if let Some(v) = parallel_engine::config::launcher_uint(n)? {
+            return Ok(Some((n, v as usize)));
+        }
+    }
+    Ok(None)
 }
 
 /// The first host of a SLURM node list such as `node[01-04,07],gpu5`.
@@ -80,33 +82,31 @@ pub struct Resolved {
 
 /// Step 1: arguments, then launcher variables.
 pub fn resolve(opts: &TreeOptions) -> Result<Resolved> {
-    let first = |names: &[&'static str]| -> Option<(&'static str, String)> {
-        names.iter().find_map(|n| env(n).map(|v| (*n, v)))
-    };
+    parallel_engine::config::try_config()?; // CONFIG-4
     let (rank, rank_src) = match opts.rank {
         Some(r) => (Some(r), "arguments"),
-        None => match first(&[
+        None => match first_uint(&[
             "PARALLEL_RANK",
             "RANK",
             "SLURM_PROCID",
             "OMPI_COMM_WORLD_RANK",
             "PMI_RANK",
             "PMIX_RANK",
-        ]) {
-            Some((n, v)) => (Some(parse_usize(n, &v)?), n),
+        ])? {
+            Some((n, v)) => (Some(v), n),
             None => (None, "root-assigned"),
         },
     };
     let world = match opts.world_size {
         Some(w) => w,
-        None => match first(&[
+        None => match first_uint(&[
             "PARALLEL_WORLD_SIZE",
             "WORLD_SIZE",
             "SLURM_NTASKS",
             "OMPI_COMM_WORLD_SIZE",
             "PMI_SIZE",
-        ]) {
-            Some((n, v)) => parse_usize(n, &v)?,
+        ])? {
+            Some((_, v)) => v,
             None => {
                 return Err(Error::new(
                     ErrorKind::Config,
@@ -119,18 +119,18 @@ pub fn resolve(opts: &TreeOptions) -> Result<Resolved> {
     let root = match &opts.root {
         Some(r) => r.clone(),
         None => match (
-            env("PARALLEL_ROOT"),
-            env("MASTER_ADDR"),
-            env("SLURM_NODELIST").and_then(|l| first_slurm_host(&l)),
+            env("PARALLEL_ROOT")?,
+            env("MASTER_ADDR")?,
+            env("SLURM_NODELIST")?.and_then(|l| first_slurm_host(&l)),
         ) {
             (Some(r), _, _) => r,
             (None, Some(a), _) => format!(
                 "{a}:{}",
-                env("MASTER_PORT").unwrap_or_else(|| "29500".into())
+                parallel_engine::config::launcher_uint("MASTER_PORT")?.unwrap_or(29500)
             ),
             (None, None, Some(h)) => format!(
                 "{h}:{}",
-                env("MASTER_PORT").unwrap_or_else(|| "29500".into())
+                parallel_engine::config::launcher_uint("MASTER_PORT")?.unwrap_or(29500)
             ),
             _ => {
                 return Err(Error::new(
@@ -187,7 +187,7 @@ pub fn resolve(opts: &TreeOptions) -> Result<Resolved> {
 
 /// The address of the interface named by PARALLEL_IFNAME, if set.
 fn ifname_addr() -> Result<Option<String>> {
-    let Some(name) = env("PARALLEL_IFNAME") else {
+    let Some(name) = env("PARALLEL_IFNAME")? else {
         return Ok(None);
     };
     let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();

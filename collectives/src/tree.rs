@@ -217,7 +217,7 @@ fn out_view(bytes: &mut [u8]) -> Tensor {
 impl Tree {
     /// Joins the tree (rendezvous, plan, links). See [`rendezvous`].
     pub fn new(opts: TreeOptions) -> Result<Tree> {
-        let cfg = parallel_engine::config::config();
+        let cfg = parallel_engine::config::try_config()?; // CONFIG-4
         let timeout = opts.timeout.unwrap_or(cfg.timeout);
         let resolved = rendezvous::resolve(&opts)?;
         let joined = rendezvous::join(&resolved, timeout)?;

@@ -1,16 +1,28 @@
-//! Every `PARALLEL_*` environment variable, parsed in one place.
+//! Every environment variable the code reads, parsed in one place.
 //!
 //! Invariants:
 //! - CONFIG-1: this is the only module that reads the environment (clippy's `disallowed-methods`
-//!   guards it); everything else asks [`config()`].
-//! - CONFIG-2: [`TABLE`] is the single source of truth: `docs/environment.md` is rendered from it
-//!   ([`render_markdown`]) and a test fails when the file drifts.
-//! - CONFIG-3: a malformed value is an error naming the variable, its value and the accepted range;
-//!   it is never silently replaced by the default.
+//!   guards it); everything else asks [`try_config`] / [`config`], or [`launcher_var`] for the
+//!   launcher variables of a tree's rendezvous.
+//! - CONFIG-2: [`TABLE`] and [`LAUNCHER`] list every variable read; `docs/environment.md` is
+//!   rendered from them ([`render_markdown`]) and a test fails when the file drifts. Values are
+//!   looked up by name, never by position in the table.
+//! - CONFIG-3: a malformed value is an error `NAME='value' is not valid: expected ...` naming the
+//!   accepted form; it is never replaced by a default.
+//! - CONFIG-4 (fail closed): every public entry point (Server, Client, Tree, work queues, pools,
+//!   the Python `config()`) calls [`try_config`] before anything else, so a malformed environment
+//!   is a `Config` error there. [`config`] is for code that runs after such a call; reached with a
+//!   malformed environment anyway it aborts the process: nothing ever runs on defaults, and
+//!   authentication is never silently off.
+//! - CONFIG-5: authentication is off only when PARALLEL_SECRET and PARALLEL_SECRET_FILE are both
+//!   unset. A set but empty secret, an unreadable or empty secret file, is an error.
 //!
-//! The configuration is read once per process, on first use, and is immutable afterwards.
+//! The [`TABLE`] is read once per process, on first use, and is immutable afterwards; the
+//! [`LAUNCHER`] variables are read when a tree resolves its rank (so a launcher that sets them
+//! late still works).
 
 use crate::error::{Error, ErrorKind, Result};
+use std::collections::HashMap;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -19,15 +31,15 @@ use std::time::Duration;
 pub enum VarKind {
     /// Unsigned integer with an inclusive range.
     Int { min: u64, max: u64 },
-    /// A size in bytes; accepts suffixes K, M, G, T (powers of 1024).
+    /// A size in bytes with an inclusive range (see [`parse_bytes`] for the units).
     Bytes { min: u64, max: u64 },
-    /// Seconds as a decimal number.
+    /// A positive duration: seconds as a decimal number, or with a unit (ms, s, min, h).
     Seconds,
-    /// 0/1, false/true, no/yes, off/on.
+    /// 1/true/yes/on or 0/false/no/off.
     Bool,
     /// One of a fixed set of words.
     Choice(&'static [&'static str]),
-    /// Free text.
+    /// Free text (validated where it is used, if at all).
     Text,
 }
 
@@ -44,6 +56,11 @@ pub struct Var {
 const GIB: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;
 const KIB: u64 = 1 << 10;
+/// The most ranks a tree may have (bounds rank and world-size variables).
+const MAX_RANKS: u64 = 1 << 24;
+
+/// The accepted form of a size, as the documentation and the errors say it.
+const BYTES_FORM: &str = "a size in bytes: a number with an optional unit, K M G T P or KiB MiB GiB TiB PiB (powers of 1024), KB MB GB TB PB (powers of 1000), coming to a whole number of bytes, e.g. 4096, 64K, 4MiB, 4MB, 1.5G";
 
 /// The table of every variable the engine (and the crates above it) reads.
 pub const TABLE: &[Var] = &[
@@ -226,13 +243,19 @@ pub const TABLE: &[Var] = &[
     },
     Var {
         name: "PARALLEL_RANK",
-        kind: VarKind::Text,
+        kind: VarKind::Int {
+            min: 0,
+            max: MAX_RANKS,
+        },
         default: "",
         doc: "This process's rank in a tree (else RANK, SLURM_PROCID, OMPI_COMM_WORLD_RANK, PMI_RANK, PMIX_RANK; unset everywhere: the root assigns ranks in arrival order).",
     },
     Var {
         name: "PARALLEL_WORLD_SIZE",
-        kind: VarKind::Text,
+        kind: VarKind::Int {
+            min: 1,
+            max: MAX_RANKS,
+        },
         default: "",
         doc: "Number of ranks in a tree (else WORLD_SIZE, SLURM_NTASKS, OMPI_COMM_WORLD_SIZE, PMI_SIZE).",
     },
@@ -316,6 +339,111 @@ pub const TABLE: &[Var] = &[
     },
 ];
 
+/// Launcher variables (torchrun, SLURM, Open MPI, PMI/PMIx) a tree's rendezvous reads when
+/// PARALLEL_RANK, PARALLEL_WORLD_SIZE or PARALLEL_ROOT are unset. Read (and validated) when a
+/// tree is created, through [`launcher_var`] and [`launcher_uint`]; not tuning knobs, so a
+/// malformed one fails only the tree that needs it.
+pub const LAUNCHER: &[Var] = &[
+    Var {
+        name: "RANK",
+        kind: VarKind::Int {
+            min: 0,
+            max: MAX_RANKS,
+        },
+        default: "",
+        doc: "torchrun: this process's rank (after PARALLEL_RANK).",
+    },
+    Var {
+        name: "WORLD_SIZE",
+        kind: VarKind::Int {
+            min: 1,
+            max: MAX_RANKS,
+        },
+        default: "",
+        doc: "torchrun: the number of ranks (after PARALLEL_WORLD_SIZE).",
+    },
+    Var {
+        name: "MASTER_ADDR",
+        kind: VarKind::Text,
+        default: "",
+        doc: "torchrun: the root's host, with MASTER_PORT (after PARALLEL_ROOT).",
+    },
+    Var {
+        name: "MASTER_PORT",
+        kind: VarKind::Int { min: 1, max: 65535 },
+        default: "29500",
+        doc: "torchrun: the root's port, with MASTER_ADDR or SLURM_NODELIST.",
+    },
+    Var {
+        name: "SLURM_PROCID",
+        kind: VarKind::Int {
+            min: 0,
+            max: MAX_RANKS,
+        },
+        default: "",
+        doc: "SLURM: this process's rank (after PARALLEL_RANK, RANK).",
+    },
+    Var {
+        name: "SLURM_NTASKS",
+        kind: VarKind::Int {
+            min: 1,
+            max: MAX_RANKS,
+        },
+        default: "",
+        doc: "SLURM: the number of ranks (after PARALLEL_WORLD_SIZE, WORLD_SIZE).",
+    },
+    Var {
+        name: "SLURM_NODELIST",
+        kind: VarKind::Text,
+        default: "",
+        doc: "SLURM: its first host is the root (after PARALLEL_ROOT, MASTER_ADDR), with MASTER_PORT.",
+    },
+    Var {
+        name: "OMPI_COMM_WORLD_RANK",
+        kind: VarKind::Int {
+            min: 0,
+            max: MAX_RANKS,
+        },
+        default: "",
+        doc: "Open MPI: this process's rank (after PARALLEL_RANK, RANK, SLURM_PROCID).",
+    },
+    Var {
+        name: "OMPI_COMM_WORLD_SIZE",
+        kind: VarKind::Int {
+            min: 1,
+            max: MAX_RANKS,
+        },
+        default: "",
+        doc: "Open MPI: the number of ranks (after PARALLEL_WORLD_SIZE, WORLD_SIZE, SLURM_NTASKS).",
+    },
+    Var {
+        name: "PMI_RANK",
+        kind: VarKind::Int {
+            min: 0,
+            max: MAX_RANKS,
+        },
+        default: "",
+        doc: "PMI (MPICH, Intel MPI): this process's rank (after the above).",
+    },
+    Var {
+        name: "PMI_SIZE",
+        kind: VarKind::Int {
+            min: 1,
+            max: MAX_RANKS,
+        },
+        default: "",
+        doc: "PMI: the number of ranks (after the above).",
+    },
+    Var {
+        name: "PMIX_RANK",
+        kind: VarKind::Int {
+            min: 0,
+            max: MAX_RANKS,
+        },
+        default: "",
+        doc: "PMIx: this process's rank (after the above).",
+    },
+];
 /// The effective configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -366,51 +494,178 @@ pub enum IoChoice {
 
 static CONFIG: OnceLock<std::result::Result<Config, Error>> = OnceLock::new();
 
-/// The process configuration, read from the environment on first use.
-///
-/// Panics never; a malformed variable is reported by [`try_config`] and, here, replaced by the
-/// whole default configuration after an error log line (so a reactor thread cannot fail on it).
+/// One variable from the environment. A value that is not UTF-8 is kept (lossily converted), so
+/// a numeric one fails validation and a secret stays set (CONFIG-5): never "unset".
 #[allow(clippy::disallowed_methods)] // CONFIG-1: the one place that reads the environment
-pub fn config() -> &'static Config {
-    match CONFIG.get_or_init(|| Config::from_lookup(&|n| std::env::var(n).ok())) {
-        Ok(c) => c,
-        Err(e) => {
-            static FALLBACK: OnceLock<Config> = OnceLock::new();
-            FALLBACK.get_or_init(|| {
-                tracing::error!("{e}; using defaults for every PARALLEL_* variable");
-                Config::from_lookup(&|_| None).expect("defaults parse")
-            })
-        }
+fn env_lookup(name: &str) -> Option<String> {
+    match std::env::var(name) {
+        Ok(v) => Some(v),
+        Err(std::env::VarError::NotPresent) => None,
+        Err(std::env::VarError::NotUnicode(v)) => Some(v.to_string_lossy().into_owned()),
     }
 }
 
-/// The process configuration, or the error that a malformed variable caused.
-#[allow(clippy::disallowed_methods)] // CONFIG-1: the one place that reads the environment
+/// The process configuration, or the error a malformed variable causes (CONFIG-3). Every
+/// public entry point calls this first (CONFIG-4); the result is computed once per process.
 pub fn try_config() -> Result<&'static Config> {
-    match CONFIG.get_or_init(|| Config::from_lookup(&|n| std::env::var(n).ok())) {
+    match CONFIG.get_or_init(|| Config::from_lookup(&env_lookup)) {
         Ok(c) => Ok(c),
         Err(e) => Err(e.clone()),
     }
 }
 
-fn bad(var: &Var, value: &str, why: &str) -> Error {
+/// The process configuration, for code that runs after an entry point's [`try_config`].
+///
+/// Never returns defaults for a malformed environment: reached with one (an entry point that
+/// forgot its check), it logs the error and aborts the process (CONFIG-4).
+pub fn config() -> &'static Config {
+    match try_config() {
+        Ok(c) => c,
+        Err(e) => unusable(&e),
+    }
+}
+
+#[cold]
+fn unusable(e: &Error) -> ! {
+    use std::io::Write;
+    tracing::error!("{e}; refusing to run on defaults");
+    let _ = writeln!(
+        std::io::stderr(),
+        "parallel: {e}; refusing to run on defaults (aborting)"
+    );
+    std::process::abort()
+}
+
+/// A row of [`TABLE`] or [`LAUNCHER`] by name.
+fn find(name: &str) -> Result<&'static Var> {
+    TABLE
+        .iter()
+        .chain(LAUNCHER)
+        .find(|v| v.name == name)
+        .ok_or_else(|| internal(name))
+}
+
+/// A launcher variable (or one of the tree's PARALLEL_* variables), read from the environment
+/// now and checked against its row (CONFIG-2, CONFIG-3). Unset or blank: its default, if any.
+pub fn launcher_var(name: &str) -> Result<Option<String>> {
+    let var = find(name)?;
+    let raw = env_lookup(name).filter(|s| !s.trim().is_empty());
+    match raw.or_else(|| Some(var.default.to_string()).filter(|d| !d.is_empty())) {
+        None => Ok(None),
+        Some(v) => {
+            parse_var(var, &v)?;
+            Ok(Some(v.trim().to_string()))
+        }
+    }
+}
+
+/// A numeric launcher variable (see [`launcher_var`]), checked against its range.
+pub fn launcher_uint(name: &str) -> Result<Option<u64>> {
+    let var = find(name)?;
+    match launcher_var(name)? {
+        None => Ok(None),
+        Some(v) => match parse_var(var, &v)? {
+            Parsed::U(x) => Ok(Some(x)),
+            _ => Err(internal(name)),
+        },
+    }
+}
+
+/// The error of a malformed value: `NAME='value' is not valid: expected ...` (CONFIG-3).
+fn bad(name: &str, value: &str, expected: &str) -> Error {
     Error::new(
         ErrorKind::Config,
         "config",
-        format!("{}={value:?} is not valid: {why}", var.name),
+        format!(
+            "{name}='{}' is not valid: expected {expected}",
+            value.escape_debug()
+        ),
     )
 }
 
-fn parse_bytes(s: &str) -> Option<u64> {
+fn internal(name: &str) -> Error {
+    Error::new(
+        ErrorKind::Config,
+        "config",
+        format!(
+            "internal error: {name} is missing from the configuration table or read as another kind"
+        ),
+    )
+}
+
+/// A byte count for people: `64KiB`, `1GiB`, `1000`.
+fn human_bytes(n: u64) -> String {
+    const UNITS: [(u64, &str); 5] = [
+        (1 << 50, "PiB"),
+        (1 << 40, "TiB"),
+        (GIB, "GiB"),
+        (MIB, "MiB"),
+        (KIB, "KiB"),
+    ];
+    UNITS
+        .iter()
+        .find(|(u, _)| n >= *u && n % u == 0)
+        .map_or_else(|| n.to_string(), |(u, s)| format!("{}{s}", n / u))
+}
+
+/// Parses a size: a number (digits, optionally a decimal fraction), optional spaces, an optional
+/// unit, case-insensitive. `K`, `Ki`, `KiB` (and M, G, T, P) are powers of 1024; `KB`, `MB`,
+/// `GB`, `TB`, `PB` are SI, powers of 1000; `B` or nothing: bytes. The result must be a whole
+/// number of bytes (`1.5K` = 1536; `1.5` is refused) and fit in 64 bits.
+pub fn parse_bytes(s: &str) -> Option<u64> {
     let s = s.trim();
-    let (num, mul) = match s.chars().last()? {
-        'k' | 'K' => (&s[..s.len() - 1], KIB),
-        'm' | 'M' => (&s[..s.len() - 1], MIB),
-        'g' | 'G' => (&s[..s.len() - 1], GIB),
-        't' | 'T' => (&s[..s.len() - 1], GIB * 1024),
-        _ => (s, 1),
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = (&s[..split], s[split..].trim());
+    let mul: u64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "ki" | "kib" => KIB,
+        "m" | "mi" | "mib" => MIB,
+        "g" | "gi" | "gib" => GIB,
+        "t" | "ti" | "tib" => 1 << 40,
+        "p" | "pi" | "pib" => 1 << 50,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        "pb" => 1_000_000_000_000_000,
+        _ => return None,
     };
-    num.trim().parse::<u64>().ok()?.checked_mul(mul)
+    let (int, frac) = num.split_once('.').unwrap_or((num, ""));
+    let digits = |d: &str| d.bytes().all(|c| c.is_ascii_digit());
+    if (int.is_empty() && frac.is_empty()) || !digits(int) || !digits(frac) || frac.len() > 18 {
+        return None;
+    }
+    let whole = if int.is_empty() {
+        0
+    } else {
+        int.parse::<u64>().ok()?.checked_mul(mul)?
+    };
+    if frac.is_empty() {
+        return Some(whole);
+    }
+    let den = 10u128.pow(frac.len() as u32);
+    let part = frac.parse::<u128>().ok()? * u128::from(mul);
+    if part % den != 0 {
+        return None;
+    }
+    whole.checked_add(u64::try_from(part / den).ok()?)
+}
+
+/// Parses a duration in seconds: a decimal number, optionally with a unit `ms`, `s`, `min`, `h`.
+pub fn parse_seconds(s: &str) -> Option<f64> {
+    let s = s.trim().to_ascii_lowercase();
+    let split = s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len());
+    let (num, unit) = (s[..split].trim(), &s[split..]);
+    let mul = match unit {
+        "" | "s" => 1.0,
+        "ms" => 1e-3,
+        "min" => 60.0,
+        "h" => 3600.0,
+        _ => return None,
+    };
+    num.parse::<f64>().ok().map(|v| v * mul)
 }
 
 fn parse_bool(s: &str) -> Option<bool> {
@@ -439,55 +694,65 @@ pub fn parse_cpu_list(s: &str) -> Option<Vec<usize>> {
     Some(out)
 }
 
+/// The accepted form of a kind, as the errors and the documentation say it.
+fn accepted(kind: VarKind) -> String {
+    match kind {
+        VarKind::Int { min, max } => format!("a whole number from {min} to {max}"),
+        VarKind::Bytes { min, max } => format!(
+            "{BYTES_FORM}; from {} to {}",
+            human_bytes(min),
+            human_bytes(max)
+        ),
+        VarKind::Seconds => {
+            "a positive duration in seconds (e.g. 30, 0.5), or with a unit: 500ms, 30s, 2min, 1h"
+                .to_string()
+        }
+        VarKind::Bool => "1, true, yes, on or 0, false, no, off".to_string(),
+        VarKind::Choice(words) => format!("one of {}", words.join(", ")),
+        VarKind::Text => "text".to_string(),
+    }
+}
+
 /// A checked value of one variable.
+#[derive(Debug, Clone)]
 enum Parsed {
     U(u64),
     D(Duration),
     B(bool),
     T(String),
+    /// Unset, and the row has no default.
+    Unset,
 }
 
 fn parse_var(var: &Var, raw: &str) -> Result<Parsed> {
+    let no = || bad(var.name, raw, &accepted(var.kind));
     Ok(match var.kind {
         VarKind::Int { min, max } => {
-            let v: u64 = raw
-                .trim()
-                .parse()
-                .map_err(|_| bad(var, raw, "expected a whole number"))?;
+            let v: u64 = raw.trim().parse().map_err(|_| no())?;
             if v < min || v > max {
-                return Err(bad(var, raw, &format!("expected {min}..={max}")));
+                return Err(no());
             }
             Parsed::U(v)
         }
         VarKind::Bytes { min, max } => {
-            let v = parse_bytes(raw)
-                .ok_or_else(|| bad(var, raw, "expected bytes like 4096, 64K, 4M, 1G"))?;
+            let v = parse_bytes(raw).ok_or_else(no)?;
             if v < min || v > max {
-                return Err(bad(var, raw, &format!("expected {min}..={max} bytes")));
+                return Err(no());
             }
             Parsed::U(v)
         }
         VarKind::Seconds => {
-            let v: f64 = raw
-                .trim()
-                .parse()
-                .map_err(|_| bad(var, raw, "expected seconds"))?;
+            let v = parse_seconds(raw).ok_or_else(no)?;
             if !(v.is_finite() && v > 0.0 && v <= 1e9) {
-                return Err(bad(var, raw, "expected a positive number of seconds"));
+                return Err(no());
             }
             Parsed::D(Duration::from_secs_f64(v))
         }
-        VarKind::Bool => {
-            Parsed::B(parse_bool(raw).ok_or_else(|| bad(var, raw, "expected 0 or 1"))?)
-        }
+        VarKind::Bool => Parsed::B(parse_bool(raw).ok_or_else(no)?),
         VarKind::Choice(words) => {
             let w = raw.trim().to_ascii_lowercase();
             if !words.contains(&w.as_str()) {
-                return Err(bad(
-                    var,
-                    raw,
-                    &format!("expected one of {}", words.join(", ")),
-                ));
+                return Err(no());
             }
             Parsed::T(w)
         }
@@ -495,15 +760,118 @@ fn parse_var(var: &Var, raw: &str) -> Result<Parsed> {
     })
 }
 
+/// Every variable of [`TABLE`], checked, by name (CONFIG-2: never by position).
+#[derive(Debug)]
+struct Vals {
+    map: HashMap<&'static str, Parsed>,
+    read: std::cell::RefCell<Vec<&'static str>>,
+}
+
+impl Vals {
+    fn get(&self, name: &'static str) -> Result<&Parsed> {
+        self.read.borrow_mut().push(name);
+        self.map.get(name).ok_or_else(|| internal(name))
+    }
+    fn u(&self, name: &'static str) -> Result<u64> {
+        match self.get(name)? {
+            Parsed::U(v) => Ok(*v),
+            _ => Err(internal(name)),
+        }
+    }
+    fn n(&self, name: &'static str) -> Result<usize> {
+        usize::try_from(self.u(name)?).map_err(|_| internal(name))
+    }
+    fn d(&self, name: &'static str) -> Result<Duration> {
+        match self.get(name)? {
+            Parsed::D(v) => Ok(*v),
+            _ => Err(internal(name)),
+        }
+    }
+    fn b(&self, name: &'static str) -> Result<bool> {
+        match self.get(name)? {
+            Parsed::B(v) => Ok(*v),
+            _ => Err(internal(name)),
+        }
+    }
+    fn t(&self, name: &'static str) -> Result<String> {
+        match self.get(name)? {
+            Parsed::T(v) => Ok(v.clone()),
+            Parsed::Unset => Ok(String::new()),
+            _ => Err(internal(name)),
+        }
+    }
+}
+
+/// The shared secret (CONFIG-5): from PARALLEL_SECRET_FILE (which wins), else PARALLEL_SECRET;
+/// None only when both are unset.
+fn read_secret(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Option<Vec<u8>>> {
+    const OFF: &str = "unset PARALLEL_SECRET and PARALLEL_SECRET_FILE to turn authentication off";
+    if let Some(path) = lookup("PARALLEL_SECRET_FILE") {
+        let name = "PARALLEL_SECRET_FILE";
+        if path.trim().is_empty() {
+            return Err(bad(
+                name,
+                &path,
+                &format!("the path of a file holding the shared secret ({OFF})"),
+            ));
+        }
+        let mut bytes = std::fs::read(&path).map_err(|e| {
+            bad(
+                name,
+                &path,
+                &format!("a readable file holding the shared secret (reading it failed: {e})"),
+            )
+        })?;
+        while bytes.last().is_some_and(|c| *c == b'\n' || *c == b'\r') {
+            bytes.pop();
+        }
+        if bytes.is_empty() {
+            return Err(bad(
+                name,
+                &path,
+                &format!("a file holding the shared secret, but it is empty ({OFF})"),
+            ));
+        }
+        return Ok(Some(bytes));
+    }
+    match lookup("PARALLEL_SECRET") {
+        None => Ok(None),
+        // The value is blank, so naming it discloses nothing.
+        Some(s) if s.trim().is_empty() => Err(bad(
+            "PARALLEL_SECRET",
+            &s,
+            &format!("a non-empty shared secret ({OFF})"),
+        )),
+        Some(s) => Ok(Some(s.into_bytes())),
+    }
+}
+
 impl Config {
     /// Builds a configuration from a lookup function (the environment, or a test's map).
     pub fn from_lookup(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Config> {
-        let mut vals = Vec::with_capacity(TABLE.len());
+        let (vals, effective) = Self::check_all(lookup)?;
+        let secret = read_secret(lookup)?;
+        Self::build(&vals, secret, effective)
+    }
+
+    /// Parses every row of [`TABLE`]; a blank value means the default, except for the secret.
+    #[allow(clippy::type_complexity)]
+    fn check_all(
+        lookup: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<(Vals, Vec<(&'static str, String)>)> {
+        let mut map = HashMap::with_capacity(TABLE.len());
         let mut effective = Vec::with_capacity(TABLE.len());
         for var in TABLE {
             let raw = lookup(var.name).filter(|s| !s.trim().is_empty());
             let text = raw.clone().unwrap_or_else(|| var.default.to_string());
-            vals.push(parse_var(var, &text)?);
+            let parsed = if text.is_empty() {
+                Parsed::Unset
+            } else {
+                parse_var(var, &text)?
+            };
+            if map.insert(var.name, parsed).is_some() {
+                return Err(internal(var.name)); // a name listed twice
+            }
             let shown = if var.name == "PARALLEL_SECRET" && raw.is_some() {
                 "<set>".to_string()
             } else {
@@ -511,149 +879,84 @@ impl Config {
             };
             effective.push((var.name, shown));
         }
-        let mut it = vals.into_iter();
-        let mut next = || it.next().expect("table order");
-        let u = |p: Parsed| {
-            if let Parsed::U(v) = p {
-                v
-            } else {
-                unreachable!("kind")
-            }
+        let vals = Vals {
+            map,
+            read: Default::default(),
         };
-        let d = |p: Parsed| {
-            if let Parsed::D(v) = p {
-                v
-            } else {
-                unreachable!("kind")
-            }
-        };
-        let b = |p: Parsed| {
-            if let Parsed::B(v) = p {
-                v
-            } else {
-                unreachable!("kind")
-            }
-        };
-        let t = |p: Parsed| {
-            if let Parsed::T(v) = p {
-                v
-            } else {
-                unreachable!("kind")
-            }
-        };
-        let io = match t(next()).as_str() {
+        Ok((vals, effective))
+    }
+
+    fn build(
+        v: &Vals,
+        secret: Option<Vec<u8>>,
+        effective: Vec<(&'static str, String)>,
+    ) -> Result<Config> {
+        let io = match v.t("PARALLEL_IO")?.as_str() {
             "uring" => IoChoice::Uring,
             "epoll" => IoChoice::Epoll,
             _ => IoChoice::Auto,
         };
-        let threads = u(next()) as usize;
-        let cpus_text = t(next());
+        let cpus_text = v.t("PARALLEL_CPUS")?;
         let cpus = parse_cpu_list(&cpus_text)
-            .ok_or_else(|| bad(&TABLE[2], &cpus_text, "expected a core list like 0-3,6"))?;
-        let timeout = d(next());
-        let connect_timeout = d(next());
-        let handshake_timeout = d(next());
-        let frame_timeout = d(next());
-        let max_frame = u(next());
-        let max_descriptor = u(next());
-        let max_value_depth = u(next()) as usize;
-        let max_segments = u(next()) as usize;
-        let shm = b(next());
-        let shm_ring = u(next()) as usize;
-        let shm_cma = b(next());
-        let shm_cma_threshold = u(next());
-        let spin = Duration::from_micros(u(next()));
-        let secret_text = t(next());
-        let secret_file = t(next());
-        let secret = if !secret_file.is_empty() {
-            let mut bytes = std::fs::read(&secret_file).map_err(|e| {
-                bad(
-                    &TABLE[17],
-                    &secret_file,
-                    &format!("cannot read the secret file: {e}"),
-                )
-            })?;
-            while bytes.last().is_some_and(|c| *c == b'\n' || *c == b'\r') {
-                bytes.pop();
-            }
-            Some(bytes)
-        } else if !secret_text.is_empty() {
-            Some(secret_text.into_bytes())
-        } else {
-            None
-        };
-        let pool_bytes = u(next());
-        let mlock = b(next());
-        let chunk = u(next()) as usize;
-        let algo = t(next());
-        let ring_threshold = u(next());
-        let collective_chunk = u(next());
-        // Launcher-facing text variables, validated where they are used (collectives' rendezvous).
-        for _ in 0..4 {
-            let _ = t(next());
+            .ok_or_else(|| bad("PARALLEL_CPUS", &cpus_text, "a core list like 0-3,6"))?;
+        // Read where they are used (the tree's rendezvous, launcher_var), checked above.
+        for name in [
+            "PARALLEL_SECRET",
+            "PARALLEL_SECRET_FILE",
+            "PARALLEL_RANK",
+            "PARALLEL_WORLD_SIZE",
+            "PARALLEL_ROOT",
+            "PARALLEL_IFNAME",
+        ] {
+            v.get(name)?;
         }
-        let workqueue_capacity = u(next()) as usize;
-        let workqueue_arena = u(next());
-        let cuda = b(next());
-        let cuda_ipc = b(next());
-        let cuda_ipc_threshold = u(next());
-        let cuda_ipc_cache = u(next()) as usize;
-        let cuda_chunk = u(next()) as usize;
-        let cuda_staging = u(next()) as usize;
-        let nvrtc_lib = t(next());
         Ok(Config {
             io,
-            threads,
+            threads: v.n("PARALLEL_THREADS")?,
             cpus,
-            timeout,
-            connect_timeout,
-            handshake_timeout,
-            frame_timeout,
-            max_frame,
-            max_descriptor,
-            max_value_depth,
-            max_segments,
-            shm,
-            shm_ring,
-            shm_cma,
-            shm_cma_threshold,
-            spin,
+            timeout: v.d("PARALLEL_TIMEOUT")?,
+            connect_timeout: v.d("PARALLEL_CONNECT_TIMEOUT")?,
+            handshake_timeout: v.d("PARALLEL_HANDSHAKE_TIMEOUT")?,
+            frame_timeout: v.d("PARALLEL_FRAME_TIMEOUT")?,
+            max_frame: v.u("PARALLEL_MAX_FRAME")?,
+            max_descriptor: v.u("PARALLEL_MAX_DESCRIPTOR")?,
+            max_value_depth: v.n("PARALLEL_MAX_VALUE_DEPTH")?,
+            max_segments: v.n("PARALLEL_MAX_SEGMENTS")?,
+            shm: v.b("PARALLEL_SHM")?,
+            shm_ring: v.n("PARALLEL_SHM_RING")?,
+            shm_cma: v.b("PARALLEL_SHM_CMA")?,
+            shm_cma_threshold: v.u("PARALLEL_SHM_CMA_THRESHOLD")?,
+            spin: Duration::from_micros(v.u("PARALLEL_SPIN_US")?),
             secret,
-            pool_bytes,
-            mlock,
-            chunk,
-            algo,
-            ring_threshold,
-            collective_chunk,
-            workqueue_capacity,
-            workqueue_arena,
-            cuda,
-            cuda_ipc,
-            cuda_ipc_threshold,
-            cuda_ipc_cache,
-            cuda_chunk,
-            cuda_staging,
-            nvrtc_lib,
+            pool_bytes: v.u("PARALLEL_POOL_BYTES")?,
+            mlock: v.b("PARALLEL_MLOCK")?,
+            chunk: v.n("PARALLEL_CHUNK")?,
+            algo: v.t("PARALLEL_ALGO")?,
+            ring_threshold: v.u("PARALLEL_RING_THRESHOLD")?,
+            collective_chunk: v.u("PARALLEL_COLLECTIVE_CHUNK")?,
+            workqueue_capacity: v.n("PARALLEL_WORKQUEUE_CAPACITY")?,
+            workqueue_arena: v.u("PARALLEL_WORKQUEUE_ARENA")?,
+            cuda: v.b("PARALLEL_CUDA")?,
+            cuda_ipc: v.b("PARALLEL_CUDA_IPC")?,
+            cuda_ipc_threshold: v.u("PARALLEL_CUDA_IPC_THRESHOLD")?,
+            cuda_ipc_cache: v.n("PARALLEL_CUDA_IPC_CACHE")?,
+            cuda_chunk: v.n("PARALLEL_CUDA_CHUNK")?,
+            cuda_staging: v.n("PARALLEL_CUDA_STAGING")?,
+            nvrtc_lib: v.t("PARALLEL_NVRTC_LIB")?,
             effective,
         })
     }
 }
 
-/// Renders the table as the Markdown of `docs/environment.md`.
-pub fn render_markdown() -> String {
-    let mut s = String::from(
-        "# Environment variables\n\n<!-- Generated from engine/src/config.rs (TABLE); a test fails when this file differs. \
-         Regenerate with `cargo run -p parallel-engine --example envdoc > docs/environment.md`. -->\n\n\
-         Every tuning knob of Parallel is one environment variable, read once per process when the engine \
-         is first used. `torch_parallel.config()` returns the effective values. A malformed value is an \
-         error naming the variable (`torch_parallel.config()` raises it; the engine logs it and uses the defaults).\n\n\
-         | variable | default | accepted | meaning |\n|---|---|---|---|\n",
-    );
-    for v in TABLE {
+fn render_rows(s: &mut String, rows: &[Var]) {
+    s.push_str("| variable | default | accepted | meaning |\n|---|---|---|---|\n");
+    for v in rows {
         let accepted = match v.kind {
             VarKind::Int { min, max } => format!("{min}..={max}"),
-            VarKind::Bytes { .. } => "bytes (K, M, G, T suffixes)".to_string(),
-            VarKind::Seconds => "seconds".to_string(),
+            VarKind::Bytes { min, max } => {
+                format!("size, {}..={}", human_bytes(min), human_bytes(max))
+            }
+            VarKind::Seconds => "duration".to_string(),
             VarKind::Bool => "0 or 1".to_string(),
             VarKind::Choice(w) => w.join(", "),
             VarKind::Text => "text".to_string(),
@@ -668,13 +971,44 @@ pub fn render_markdown() -> String {
             v.name, v.doc
         ));
     }
+}
+
+/// Renders the tables as the Markdown of `docs/environment.md`.
+pub fn render_markdown() -> String {
+    let mut s = String::from(
+        "# Environment variables\n\n<!-- Generated from engine/src/config.rs (TABLE, LAUNCHER); a test fails when this file differs. \
+         Regenerate with `cargo run -p parallel-engine --example envdoc > docs/environment.md`. -->\n\n\
+         Every tuning knob of Parallel is one environment variable, read once per process when the engine \
+         is first used. `torch_parallel.config()` returns the effective values.\n\n\
+         **A malformed value is an error, never a default.** The first call that uses the configuration \
+         (creating a server, client, tree, work queue or pool, `torch_parallel.config()`) fails with \
+         `ConfigError`: `PARALLEL_X='value' is not valid: expected ...`, naming the accepted form. \
+         Nothing runs on defaults, so a typo elsewhere cannot silently turn authentication off. \
+         A blank value means the default, except for the secret: authentication is off only when both \
+         `PARALLEL_SECRET` and `PARALLEL_SECRET_FILE` are unset; a blank secret, or a secret file that \
+         cannot be read or is empty, is an error.\n\n\
+         Forms accepted:\n\n\
+         - **size**: a number with an optional unit, case-insensitive, spaces allowed: `K`, `Ki`, `KiB` \
+         (and `M`, `G`, `T`, `P`) are powers of 1024; `KB`, `MB`, `GB`, `TB`, `PB` are SI, powers of 1000; \
+         `B` or no unit: bytes. `4096`, `4k`, `4KiB` and `4 KiB` are 4096 bytes, `4KB` is 4000, `4MB` is \
+         4000000, `4MiB` is 4194304, `1.5G` is 1610612736. A fraction must come to a whole number of bytes.\n\
+         - **duration**: seconds as a decimal number (`30`, `0.5`), or with a unit: `500ms`, `30s`, `2min`, `1h`.\n\
+         - **0 or 1**: also `true`/`false`, `yes`/`no`, `on`/`off`.\n\n",
+    );
+    render_rows(&mut s, TABLE);
+    s.push_str(
+        "\n## Launcher variables\n\n\
+         Read by a tree when it resolves its rank, world size and root (after `PARALLEL_RANK`, \
+         `PARALLEL_WORLD_SIZE` and `PARALLEL_ROOT`, in this order), when the tree is created. A malformed \
+         one that the tree needs is a `ConfigError` of that tree; the others are not read.\n\n",
+    );
+    render_rows(&mut s, LAUNCHER);
     s
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
 
     fn with(pairs: &[(&str, &str)]) -> Result<Config> {
         let m: HashMap<String, String> = pairs
@@ -684,23 +1018,158 @@ mod tests {
         Config::from_lookup(&|n| m.get(n).cloned())
     }
 
+    fn err(pairs: &[(&str, &str)]) -> String {
+        with(pairs).unwrap_err().to_string()
+    }
+
     #[test]
     fn defaults_parse() {
         let c = with(&[]).unwrap();
         assert_eq!(c.io, IoChoice::Auto);
         assert_eq!(c.max_value_depth, 64);
         assert_eq!(c.max_frame, 64 * GIB);
+        assert_eq!(c.shm_ring, 4 * MIB as usize);
+        assert!(c.secret.is_none());
         assert_eq!(c.effective.len(), TABLE.len());
     }
 
     #[test]
-    fn config_3_malformed_values_name_the_variable() {
-        let e = with(&[("PARALLEL_MAX_FRAME", "lots")]).unwrap_err();
-        assert!(e.to_string().contains("PARALLEL_MAX_FRAME"), "{e}");
-        let e = with(&[("PARALLEL_IO", "kqueue")]).unwrap_err();
-        assert!(e.to_string().contains("uring, epoll"), "{e}");
-        let e = with(&[("PARALLEL_THREADS", "99999")]).unwrap_err();
-        assert!(e.to_string().contains("0..=1024"), "{e}");
+    fn config_2_every_table_row_is_read_by_name() {
+        let (vals, effective) = Config::check_all(&|_| None).unwrap();
+        Config::build(&vals, None, effective).unwrap();
+        let read = vals.read.borrow();
+        for var in TABLE {
+            assert!(read.contains(&var.name), "{} is never read", var.name);
+        }
+        let mut names: Vec<_> = TABLE.iter().chain(LAUNCHER).map(|v| v.name).collect();
+        names.sort_unstable();
+        let n = names.len();
+        names.dedup();
+        assert_eq!(n, names.len(), "a variable is listed twice");
+    }
+
+    #[test]
+    fn config_2_every_default_is_valid() {
+        for var in TABLE.iter().chain(LAUNCHER) {
+            if !var.default.is_empty() {
+                parse_var(var, var.default).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn config_3_each_malformed_kind_names_variable_value_and_form() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("PARALLEL_SHM_RING", "lots", "KiB MiB GiB"),
+            ("PARALLEL_SHM_RING", "4 furlongs", "powers of 1000"),
+            ("PARALLEL_MAX_FRAME", "-1", "a size in bytes"),
+            ("PARALLEL_MAX_FRAME", "1.5", "whole"), // not a whole number of bytes
+            (
+                "PARALLEL_MAX_FRAME",
+                "99999999999999999999",
+                "a size in bytes",
+            ),
+            ("PARALLEL_MAX_FRAME", "20000P", "a size in bytes"), // overflows 64 bits
+            ("PARALLEL_SHM_RING", "1K", "from 64KiB to 1GiB"),
+            ("PARALLEL_THREADS", "99999", "from 0 to 1024"),
+            ("PARALLEL_THREADS", "four", "a whole number"),
+            ("PARALLEL_THREADS", "-1", "a whole number"),
+            ("PARALLEL_TIMEOUT", "soon", "duration in seconds"),
+            ("PARALLEL_TIMEOUT", "0", "positive"),
+            ("PARALLEL_TIMEOUT", "-5", "positive"),
+            ("PARALLEL_TIMEOUT", "NaN", "positive"),
+            ("PARALLEL_TIMEOUT", "inf", "positive"),
+            ("PARALLEL_TIMEOUT", "5 fortnights", "500ms"),
+            (
+                "PARALLEL_SHM",
+                "maybe",
+                "1, true, yes, on or 0, false, no, off",
+            ),
+            ("PARALLEL_IO", "kqueue", "one of auto, uring, epoll"),
+            ("PARALLEL_CPUS", "0-x", "a core list"),
+            ("PARALLEL_RANK", "first", "a whole number"),
+            ("PARALLEL_WORLD_SIZE", "0", "from 1 to"),
+        ];
+        for (name, value, form) in cases {
+            let e = err(&[(name, value), ("PARALLEL_SECRET", "s")]);
+            let head = format!("{name}='{value}' is not valid: expected ");
+            assert!(e.contains(&head), "{name}={value}: {e}");
+            assert!(e.contains(form), "{name}={value}: {e} lacks {form:?}");
+            assert!(!e.contains("='s'"), "the secret leaked: {e}");
+        }
+        // Quotes and control characters in a value are escaped, not printed raw.
+        let e = err(&[("PARALLEL_IO", "a'b\nc")]);
+        assert!(e.contains(r"PARALLEL_IO='a\'b\nc' is not valid"), "{e}");
+    }
+
+    #[test]
+    fn config_3_malformed_variable_never_yields_defaults_or_drops_the_secret() {
+        // The old behaviour: one bad variable made everything default, secret included.
+        assert!(with(&[("PARALLEL_SECRET", "s"), ("PARALLEL_SHM_RING", "lots")]).is_err());
+        let c = with(&[("PARALLEL_SECRET", "s"), ("PARALLEL_SHM_RING", "8MiB")]).unwrap();
+        assert_eq!(c.secret.as_deref(), Some(&b"s"[..]));
+    }
+
+    #[test]
+    fn config_bytes_accepts_the_forms_people_write() {
+        let cases: &[(&str, u64)] = &[
+            ("4096", 4096),
+            ("4096B", 4096),
+            ("4k", 4096),
+            ("4K", 4096),
+            ("4Ki", 4096),
+            ("4KiB", 4096),
+            ("4kib", 4096),
+            ("4 KiB", 4096),
+            (" 4 KiB ", 4096),
+            ("4KB", 4000),
+            ("4kB", 4000),
+            ("4MB", 4_000_000),
+            ("4M", 4 * MIB),
+            ("4MiB", 4 * MIB),
+            ("4 MiB", 4 * MIB),
+            ("1.5G", 3 * GIB / 2),
+            ("1.5GiB", 3 * GIB / 2),
+            ("0.5K", 512),
+            (".5K", 512),
+            ("2.0", 2),
+            ("1GB", 1_000_000_000),
+            ("2T", 2 << 40),
+            ("1TB", 1_000_000_000_000),
+            ("1P", 1 << 50),
+            ("1PB", 1_000_000_000_000_000),
+            ("0", 0),
+        ];
+        for (text, want) in cases {
+            assert_eq!(parse_bytes(text), Some(*want), "{text:?}");
+        }
+        for text in [
+            "", ".", "K", "4KK", "4 K B", "1.2.3K", "0x10", "4e3", "-4K", "4KiBs", "1.5", "0.3K",
+            "16EiB", "1,5K",
+        ] {
+            assert_eq!(parse_bytes(text), None, "{text:?}");
+        }
+        let c = with(&[("PARALLEL_SHM_RING", "4 MiB"), ("PARALLEL_CHUNK", "4MB")]).unwrap();
+        assert_eq!(c.shm_ring, 4 * MIB as usize);
+        assert_eq!(c.chunk, 4_000_000);
+    }
+
+    #[test]
+    fn config_durations_and_booleans() {
+        let c = with(&[
+            ("PARALLEL_TIMEOUT", "500ms"),
+            ("PARALLEL_CONNECT_TIMEOUT", "2min"),
+            ("PARALLEL_HANDSHAKE_TIMEOUT", "0.25"),
+            ("PARALLEL_SHM", "off"),
+            ("PARALLEL_MLOCK", "Yes"),
+        ])
+        .unwrap();
+        assert_eq!(c.timeout, Duration::from_millis(500));
+        assert_eq!(c.connect_timeout, Duration::from_secs(120));
+        assert_eq!(c.handshake_timeout, Duration::from_millis(250));
+        assert!(!c.shm && c.mlock);
+        assert_eq!(parse_seconds("1h"), Some(3600.0));
+        assert_eq!(parse_seconds("30 s"), Some(30.0));
     }
 
     #[test]
@@ -709,11 +1178,15 @@ mod tests {
             ("PARALLEL_SHM_RING", "8M"),
             ("PARALLEL_IO", "EPOLL"),
             ("PARALLEL_CPUS", "0-2,5"),
+            ("PARALLEL_THREADS", " 3 "),
         ])
         .unwrap();
         assert_eq!(c.shm_ring, 8 << 20);
         assert_eq!(c.io, IoChoice::Epoll);
         assert_eq!(c.cpus, vec![0, 1, 2, 5]);
+        assert_eq!(c.threads, 3);
+        // Blank means the default for a tuning knob.
+        assert_eq!(with(&[("PARALLEL_THREADS", " ")]).unwrap().threads, 0);
         let c = with(&[("PARALLEL_SECRET", "s3")]).unwrap();
         assert_eq!(c.secret.as_deref(), Some(&b"s3"[..]));
         assert!(
@@ -721,6 +1194,75 @@ mod tests {
                 .iter()
                 .any(|(n, v)| *n == "PARALLEL_SECRET" && v == "<set>")
         );
+    }
+
+    fn temp_file(tag: &str, contents: Option<&[u8]>) -> std::path::PathBuf {
+        let p =
+            std::env::temp_dir().join(format!("parallel-config-test-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        if let Some(c) = contents {
+            std::fs::write(&p, c).unwrap();
+        }
+        p
+    }
+
+    #[test]
+    fn config_5_only_unsetting_the_secret_turns_authentication_off() {
+        // Blank secret: an error, not "no secret".
+        for blank in ["", "  "] {
+            let e = err(&[("PARALLEL_SECRET", blank)]);
+            assert!(
+                e.contains("PARALLEL_SECRET='") && e.contains("non-empty"),
+                "{e}"
+            );
+        }
+        // Unreadable secret file.
+        let missing = temp_file("missing", None);
+        let m = missing.to_str().unwrap();
+        let e = err(&[("PARALLEL_SECRET_FILE", m), ("PARALLEL_SECRET", "s")]);
+        assert!(
+            e.contains(&format!("PARALLEL_SECRET_FILE='{m}' is not valid"))
+                && e.contains("reading it failed"),
+            "{e}"
+        );
+        // A directory cannot be read as a file either.
+        let dir = std::env::temp_dir();
+        let e = err(&[("PARALLEL_SECRET_FILE", dir.to_str().unwrap())]);
+        assert!(e.contains("reading it failed"), "{e}");
+        // Empty file (a newline only is empty too).
+        let empty = temp_file("empty", Some(b"\n"));
+        let e = err(&[("PARALLEL_SECRET_FILE", empty.to_str().unwrap())]);
+        assert!(e.contains("it is empty"), "{e}");
+        // Blank path.
+        assert!(err(&[("PARALLEL_SECRET_FILE", "")]).contains("PARALLEL_SECRET_FILE=''"));
+        // A good file wins over PARALLEL_SECRET; its trailing newline is dropped.
+        let good = temp_file("good", Some(b"from-file\r\n"));
+        let c = with(&[
+            ("PARALLEL_SECRET_FILE", good.to_str().unwrap()),
+            ("PARALLEL_SECRET", "other"),
+        ])
+        .unwrap();
+        assert_eq!(c.secret.as_deref(), Some(&b"from-file"[..]));
+        // Both unset: authentication off.
+        assert!(with(&[]).unwrap().secret.is_none());
+        for p in [empty, good] {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+
+    #[test]
+    fn config_2_launcher_rows_validate_their_kind() {
+        assert!(find("MASTER_PORT").is_ok() && find("SLURM_NODELIST").is_ok());
+        assert!(find("NOT_A_VARIABLE").is_err());
+        let port = find("MASTER_PORT").unwrap();
+        let e = parse_var(port, "99999").err().unwrap().to_string();
+        assert!(
+            e.contains("MASTER_PORT='99999' is not valid: expected a whole number from 1 to 65535"),
+            "{e}"
+        );
+        let rank = find("RANK").unwrap();
+        assert!(parse_var(rank, "x").is_err());
+        assert!(matches!(parse_var(rank, " 7 ").unwrap(), Parsed::U(7)));
     }
 
     #[test]

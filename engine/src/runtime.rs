@@ -49,10 +49,12 @@ static BACKEND: OnceLock<std::result::Result<Backend, Error>> = OnceLock::new();
 
 /// The process's I/O backend (RT-3).
 pub fn backend() -> Result<Backend> {
+    // CONFIG-4: Server and Client creation start here, so a malformed environment fails them.
+    let io = crate::config::try_config()?.io;
     BACKEND
         .get_or_init(|| {
             let probe = io_uring::IoUring::new(8);
-            match (config().io, probe) {
+            match (io, probe) {
                 (IoChoice::Epoll, _) => Ok(Backend::Epoll),
                 (_, Ok(_)) => Ok(Backend::Uring),
                 (IoChoice::Uring, Err(e)) => Err(Error::new(

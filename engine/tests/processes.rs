@@ -52,6 +52,16 @@ fn expected_link() -> LinkKind {
     }
 }
 
+/// HS-5: a peer is named by its address and, on a shared-memory link, by the pid the kernel
+/// reports (SO_PEERCRED); a pid claimed over TCP is never shown.
+fn names_peer(text: &str, pid: u32) -> bool {
+    let with_pid = text.contains(&format!("pid {pid}"));
+    match expected_link() {
+        LinkKind::Shm => with_pid,
+        _ => text.contains("127.0.0.1:") && !text.contains("pid "),
+    }
+}
+
 // ---- child processes ---------------------------------------------------------------------------
 
 /// A child `parallel-peer`, killed (SIGKILL) and reaped when dropped, so a failing test leaves no
@@ -238,7 +248,7 @@ fn seed_example_across_processes() {
     assert_eq!(msg.as_str(), Some("hi"));
     assert_eq!(conn.link_kind(), expected_link());
     assert!(
-        conn.peer().contains(&format!("pid {}", child.pid())),
+        names_peer(conn.peer(), child.pid()),
         "the connection names the child: {}",
         conn.peer()
     );
@@ -267,11 +277,7 @@ fn tensor_64mib_parent_to_child_server_and_back() {
     let (mut server, port) = serve(&[]);
     let c = Client::connect("127.0.0.1", port, t(10.0)).unwrap();
     assert_eq!(c.link_kind(), expected_link());
-    assert!(
-        c.peer().contains(&format!("pid {}", server.pid())),
-        "{}",
-        c.peer()
-    );
+    assert!(names_peer(c.peer(), server.pid()), "{}", c.peer());
     c.send(&pattern_tensor(n)).unwrap();
     assert_pattern(&c.recv(t(10.0)).unwrap(), n);
     c.send(&Value::str("quit")).unwrap();
@@ -306,7 +312,7 @@ fn assert_peer_lost(e: &parallel_engine::Error, took: Duration, pid: u32) {
     assert_eq!(e.kind(), ErrorKind::PeerLost, "{e}");
     assert!(took < PROMPT, "reported {took:?} after the peer died: {e}");
     assert!(
-        e.to_string().contains(&format!("pid {pid}")),
+        names_peer(&e.to_string(), pid),
         "the error names the dead peer (pid {pid}): {e}"
     );
 }
@@ -316,7 +322,7 @@ fn assert_serves_another(server: &Server) {
     let mut next = Peer::client(server.port(), &["send-hi"]);
     let (v, conn) = server.recv_any(None, t(10.0)).unwrap();
     assert_eq!(v.as_str(), Some("hi"));
-    assert!(conn.peer().contains(&format!("pid {}", next.pid())));
+    assert!(names_peer(conn.peer(), next.pid()), "{}", conn.peer());
     next.succeeds(Duration::from_secs(5));
 }
 
@@ -376,7 +382,7 @@ fn assert_died_mid_message(e: &parallel_engine::Error, pid: u32) {
         "a peer dying mid-message is PeerLost (or Protocol), got {:?}: {e}",
         e.kind()
     );
-    assert!(e.to_string().contains(&format!("pid {pid}")), "{e}");
+    assert!(names_peer(&e.to_string(), pid), "{e}");
 }
 
 #[test]
@@ -749,8 +755,14 @@ fn survives_after_handshake(name: &str, kind: ErrorKind, attack: impl Fn(&mut Tc
         let e = server.recv_any(None, t(10.0)).unwrap_err();
         assert!(t0.elapsed() < PROMPT, "{name}: took {:?}", t0.elapsed());
         assert_eq!(e.kind(), kind, "{name}: {e}");
-        let me = format!("pid {}", std::process::id());
+        // Named by its address; the pid its Hello claims is not shown (HS-5).
+        let me = s.local_addr().unwrap().to_string();
         assert!(e.to_string().contains(&me), "{name}: names the peer: {e}");
+        let claimed = format!("pid {}", std::process::id());
+        assert!(
+            !e.to_string().contains(&claimed),
+            "{name}: claimed pid used: {e}"
+        );
         assert!(dropped_by_server(&mut s), "{name}: connection kept open");
         assert_eq!(server.connections().len(), 0, "{name}");
     }
@@ -831,6 +843,31 @@ fn link_3_truncated_message_then_close_after_the_handshake() {
         s.write_all(&[0u8; 100]).unwrap();
         s.shutdown(Shutdown::Both).unwrap();
     });
+}
+
+/// Stats count what arrived: a message that declares 1 GiB and delivers 100 bytes of it adds
+/// its header and descriptor to `bytes_recv`, never the declared size (issue 11, behaviour 9).
+#[test]
+fn stats_bytes_recv_counts_bytes_received_not_declared() {
+    assert!(parallel_engine::config::config().secret.is_none());
+    let _shared = MEMORY.read().unwrap_or_else(|e| e.into_inner());
+    let server = Server::bind("127.0.0.1", 0).unwrap();
+    let mut s = raw_handshake(server.port());
+    let big = 1u64 << 30;
+    let desc = tensor_descriptor(DType::U8, big, big);
+    s.write_all(&header(FrameKind::Message, desc.len() as u32, 1, big))
+        .unwrap();
+    s.write_all(&desc).unwrap();
+    s.write_all(&[0u8; 100]).unwrap();
+    s.shutdown(Shutdown::Both).unwrap();
+    let e = server.recv_any(None, t(10.0)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::PeerLost, "{e}");
+    let got = server.stats().traffic.bytes_recv;
+    let framing = (HEADER_LEN + desc.len()) as u64;
+    assert!(
+        (framing..=framing + 100).contains(&got),
+        "bytes_recv {got}, but only {framing} bytes of framing and 100 of payload arrived"
+    );
 }
 
 /// The archived descriptor of one 1-d tensor of `numel` elements whose payload segment announces

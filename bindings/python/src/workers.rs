@@ -16,6 +16,7 @@
 //!   `Closed` (and ends iteration); a timeout raises `Timeout`; a worker process lost while
 //!   holding questions raises `WorkerError` (WQA-3), once.
 
+use crate::errors::IntoPyResult;
 use crate::{convert, timeout, wait};
 use parallel_engine::Error;
 use parallel_engine::value::{DType, Value};
@@ -115,16 +116,16 @@ impl WorkQueue {
         bind_thread: bool,
     ) -> PyResult<WorkQueue> {
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-        let name = name.unwrap_or_else(|| {
-            format!(
-                "anonymous-{}-{id}-{:x}",
+        // An anonymous queue's name is unguessable (OS generator only), so no other process can
+        // bind it first.
+        let name = match name {
+            Some(n) => n,
+            None => format!(
+                "anonymous-{}-{id}-{}",
                 std::process::id(),
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap_or_default()
-                    .as_nanos()
-            )
-        });
+                parallel_engine::transport::random_hex::<16>().py()?
+            ),
+        };
         let t = self::timeout(timeout)?;
         let handle = Arc::new(wait(py, move || HostQueue::open(&name, t))?);
         Ok(WorkQueue {

@@ -141,7 +141,9 @@ def test_wrong_or_missing_secret_is_refused_and_the_server_serves_the_rest(tmp_p
     bad = spawn(SECRET_CLIENT, port, "bad", env={"PARALLEL_SECRET": "wrong"})
     rc, out, _ = finish(bad)
     assert rc == 7 and "secret" in out, out
-    none = spawn(SECRET_CLIENT, port, "none", env={"PARALLEL_SECRET": "", "PARALLEL_SECRET_FILE": ""})
+    # Without a secret: both variables unset (a set but blank secret is a ConfigError).
+    unset = "import os\nfor v in ('PARALLEL_SECRET', 'PARALLEL_SECRET_FILE'):\n    os.environ.pop(v, None)\n"
+    none = spawn(unset + SECRET_CLIENT, port, "none")
     rc, out, _ = finish(none)
     assert rc == 7 and "requires a shared secret" in out, out
     good = spawn(SECRET_CLIENT, port, "good", env={"PARALLEL_SECRET": "s3cret"})

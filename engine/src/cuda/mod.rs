@@ -219,7 +219,8 @@ fn simulating() -> bool {
 }
 
 fn probe() -> std::result::Result<Box<dyn Gpu>, String> {
-    if !config().cuda {
+    // A malformed environment: no CUDA, and the reason says why (CONFIG-4).
+    if !crate::config::try_config().map_err(|e| e.to_string())?.cuda {
         return Err("PARALLEL_CUDA=0".into());
     }
     #[cfg(feature = "cuda-sim")]

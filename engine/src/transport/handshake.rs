@@ -22,6 +22,9 @@
 //!   with a clear error (set PARALLEL_SHM=0 to keep such peers on TCP).
 //! - HS-3: CUDA tensors travel by CUDA IPC only on a shared-memory link whose two ends both
 //!   offered it (CUDA present, `PARALLEL_CUDA_IPC` on); otherwise they are staged.
+//! - HS-5: nonces, probes and shared-memory socket names come from the OS generator only
+//!   (getrandom(2)); without one the handshake fails. No pid a peer claims is used: the pid in a
+//!   link's name is the kernel's (SO_PEERCRED on the shared-memory socket); over TCP there is none.
 
 use super::shm::{Bells, Mapping, ShmEnd};
 use super::{Link, sys};
@@ -257,13 +260,12 @@ pub fn connect(host: &str, port: u16, timeout: Duration) -> Result<Link> {
 fn client_handshake(fd: OwnedFd, addr: &SocketAddr, deadline: Deadline) -> Result<Link> {
     let cfg = config();
     let raw = fd.as_raw_fd();
-    let nonce_c = sys::random_bytes::<32>();
+    let nonce_c = sys::random_bytes::<32>()?;
     send_hs(
         raw,
         FrameKind::Hello,
         &dict(vec![
             ("host", Value::str(host_identity())),
-            ("pid", Value::Int(std::process::id() as i64)),
             ("nonce", Value::bytes(nonce_c.to_vec())),
             ("shm", Value::Bool(cfg.shm)),
         ]),
@@ -305,8 +307,7 @@ fn client_handshake(fd: OwnedFd, addr: &SocketAddr, deadline: Deadline) -> Resul
         }
         (None, false) => {}
     }
-    let ready = recv_hs(raw, deadline, FrameKind::Ready)?;
-    let server_pid = ready.get("pid").and_then(Value::as_int).unwrap_or(0);
+    recv_hs(raw, deadline, FrameKind::Ready)?;
     let shm_name = match w.get("shm_name") {
         Some(Value::Str(s)) if cfg.shm => Some(s.clone()),
         _ => None,
@@ -324,13 +325,16 @@ fn client_handshake(fd: OwnedFd, addr: &SocketAddr, deadline: Deadline) -> Resul
     // CUDA IPC needs the same host (the shm link) and CUDA on both ends (HS-3).
     let cuda_ipc =
         shm_name.is_some() && ipc_mine && matches!(w.get("cuda_ipc"), Some(Value::Bool(true)));
-    let peer = format!("{addr} (pid {server_pid})");
+    // HS-5: a pid the peer claims is spoofable and never used; the one named is the kernel's
+    // (SO_PEERCRED on the shared-memory socket), and over TCP there is none.
     let shm = match shm_name {
         Some(name) => Some(
-            client_shm(&name, &nonce_s, raw, deadline).map_err(|e| e.with_peer(peer.clone()))?,
+            client_shm(&name, &nonce_s, raw, deadline)
+                .map_err(|e| e.with_peer(addr.to_string()))?,
         ),
         None => None,
     };
+    let peer = verified_peer(addr, shm.as_ref());
     Ok(Link::new(fd, shm, peer, cuda_ipc))
 }
 
@@ -374,7 +378,7 @@ fn client_shm(name: &str, token: &[u8], liveness: RawFd, deadline: Deadline) -> 
     let map = Mapping::map(memfd, cap)?;
     ShmEnd::init(&map);
     // Our probe for the server's cross-memory test: 32 random bytes at a known address.
-    let probe = Box::new(sys::random_bytes::<32>());
+    let probe = Box::new(sys::random_bytes::<32>()?);
     let mut msg = Vec::with_capacity(80);
     msg.extend_from_slice(&token[..32.min(token.len())]);
     msg.extend_from_slice(&(cap as u64).to_le_bytes());
@@ -442,6 +446,15 @@ fn read_unix(fd: RawFd, buf: &mut [u8], deadline: Deadline) -> Result<()> {
     Ok(())
 }
 
+/// How a peer is named in errors (HS-5): its address, and over shared memory the pid the kernel
+/// reports for the other end of the set-up socket (SO_PEERCRED), never a pid the peer claims.
+fn verified_peer(addr: &SocketAddr, shm: Option<&ShmEnd>) -> String {
+    match shm {
+        Some(end) => format!("{addr} (pid {})", end.peer_pid),
+        None => addr.to_string(),
+    }
+}
+
 /// What the server learned about an accepted client.
 #[derive(Debug)]
 pub struct Accepted {
@@ -460,18 +473,17 @@ pub fn accept(fd: OwnedFd, addr: SocketAddr, id: u64) -> Result<Accepted> {
     if nonce_c.len() != 32 {
         return Err(protocol("handshake", "client nonce must be 32 bytes"));
     }
-    let client_pid = hello.get("pid").and_then(Value::as_int).unwrap_or(0);
     let same_host = hello.get("host").and_then(Value::as_str) == Some(host_identity());
     let wants_shm = matches!(hello.get("shm"), Some(Value::Bool(true)));
-    let nonce_s = sys::random_bytes::<32>();
-    let shm_name = (same_host && wants_shm && cfg.shm).then(|| {
-        let r = sys::random_bytes::<12>();
-        format!(
+    let nonce_s = sys::random_bytes::<32>()?;
+    let shm_name = match same_host && wants_shm && cfg.shm {
+        true => Some(format!(
             "parallel/{}/{}",
             std::process::id(),
-            r.iter().map(|b| format!("{b:02x}")).collect::<String>()
-        )
-    });
+            sys::random_hex::<12>()?
+        )),
+        false => None,
+    };
     let shm_listener = match &shm_name {
         Some(n) => Some(sys::unix_listen_abstract(n.as_bytes())?),
         None => None,
@@ -531,32 +543,27 @@ pub fn accept(fd: OwnedFd, addr: SocketAddr, id: u64) -> Result<Accepted> {
             return Err(Error::new(
                 ErrorKind::Auth,
                 "accept",
-                format!(
-                    "client {addr} (pid {client_pid}) presented a wrong shared secret; refused"
-                ),
+                format!("client {addr} presented a wrong shared secret; refused"),
             ));
         }
     }
     send_hs(
         raw,
         FrameKind::Ready,
-        &dict(vec![
-            ("id", Value::Int(id as i64)),
-            ("pid", Value::Int(std::process::id() as i64)),
-        ]),
+        &dict(vec![("id", Value::Int(id as i64))]),
         deadline,
     )?;
     let choice = recv_hs(raw, deadline, FrameKind::Hello)?;
-    let peer = format!("{addr} (pid {client_pid})");
     let shm = match (
         shm_listener,
         matches!(choice.get("shm"), Some(Value::Bool(true))),
     ) {
-        (Some(l), true) => {
-            Some(server_shm(l, &nonce_s, raw, deadline).map_err(|e| e.with_peer(peer.clone()))?)
-        }
+        (Some(l), true) => Some(
+            server_shm(l, &nonce_s, raw, deadline).map_err(|e| e.with_peer(addr.to_string()))?,
+        ),
         _ => None,
     };
+    let peer = verified_peer(&addr, shm.as_ref()); // HS-5
     let cuda_ipc =
         shm.is_some() && ipc_mine && matches!(choice.get("cuda_ipc"), Some(Value::Bool(true)));
     Ok(Accepted {
@@ -617,7 +624,7 @@ fn server_shm(
     ];
     let [d0, s0, d1, s1] = b;
     let map = Mapping::map(memfd, cap as usize)?;
-    let probe = Box::new(sys::random_bytes::<32>());
+    let probe = Box::new(sys::random_bytes::<32>()?);
     let mut reply = Vec::with_capacity(41);
     reply.push(cma_c2s as u8);
     reply.extend_from_slice(&(probe.as_ptr() as u64).to_le_bytes());

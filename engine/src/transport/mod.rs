@@ -17,6 +17,8 @@
 pub mod handshake;
 pub(crate) mod shm;
 pub(crate) mod sys;
+/// Randomness from the OS generator only (nonces, names): an error where there is none.
+pub use sys::{random_bytes, random_hex};
 
 use crate::buffer::Buf;
 use crate::config::config;
@@ -836,10 +838,13 @@ impl RecvGuard<'_> {
                 format!("the peer aborted: {why}"),
             ));
         }
-        link.counters.bytes_recv.fetch_add(
-            HEADER_LEN as u64 + desc.len() as u64 + h.payload_len,
-            Ordering::Relaxed,
-        );
+        // bytes_recv counts what arrived, segment by segment, never what the peer declared.
+        let received = |n: usize| {
+            link.counters
+                .bytes_recv
+                .fetch_add(n as u64, Ordering::Relaxed)
+        };
+        received(HEADER_LEN + desc.len());
         let cma = h.flags & FLAG_CMA != 0;
         let ipc = h.flags & FLAG_CUDA_IPC != 0;
         if (cma || ipc) && link.shm.is_none() {
@@ -877,6 +882,7 @@ impl RecvGuard<'_> {
                 } else {
                     self.skip(len, via_cma, deadline)?;
                 }
+                received(len);
                 continue;
             }
             // Where the bytes land: the caller's tensor, a new CUDA tensor (for a CUDA segment,
@@ -903,6 +909,7 @@ impl RecvGuard<'_> {
                         } else {
                             self.skip(len, via_cma, deadline)?;
                         }
+                        received(len);
                         failure = Some(e);
                         continue;
                     }
@@ -945,7 +952,10 @@ impl RecvGuard<'_> {
                 })
             };
             match r {
-                Ok(f) => filled.push(f),
+                Ok(f) => {
+                    received(len);
+                    filled.push(f);
+                }
                 // The segment may be half consumed: the stream is no longer framed (LINK-2).
                 Err(e) => {
                     if cma || ipc {

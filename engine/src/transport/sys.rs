@@ -1,6 +1,6 @@
 //! Small, checked wrappers over the socket, memfd, eventfd and process_vm_readv system calls.
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
@@ -144,28 +144,27 @@ pub(crate) fn readable_now(fd: RawFd) -> bool {
     unsafe { libc::poll(&mut p, 1, 0) > 0 }
 }
 
-pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {
+/// `N` bytes from the operating system's generator (getrandom(2), blocking until the kernel's
+/// pool is seeded). No fallback: without an OS generator it is an error, never a guessable value
+/// (nonces, shared-memory and queue names depend on it).
+pub fn random_bytes<const N: usize>() -> Result<[u8; N]> {
     let mut b = [0u8; N];
-    let mut got = 0;
-    while got < N {
-        // SAFETY: writing into our own buffer.
-        let rc = unsafe { libc::getrandom(b[got..].as_mut_ptr() as *mut libc::c_void, N - got, 0) };
-        if rc > 0 {
-            got += rc as usize;
-        } else if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-            // getrandom is always present on Linux >= 3.17; fall back to the clock and pid.
-            let t = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_nanos();
-            for (i, x) in b.iter_mut().enumerate() {
-                *x = ((t >> ((i % 16) * 8)) as u8)
-                    ^ (std::process::id() as u8).wrapping_mul(i as u8 + 1);
-            }
-            break;
-        }
-    }
-    b
+    getrandom::fill(&mut b).map_err(|e| {
+        Error::new(
+            ErrorKind::Resource,
+            "random",
+            format!("the operating system's random generator is unavailable ({e}); refusing to use a guessable nonce"),
+        )
+    })?;
+    Ok(b)
+}
+
+/// `N` random bytes from the OS generator as lowercase hex (see [`random_bytes`]).
+pub fn random_hex<const N: usize>() -> Result<String> {
+    Ok(random_bytes::<N>()?
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
 }
 
 pub(crate) fn eventfd() -> Result<OwnedFd> {

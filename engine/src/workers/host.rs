@@ -195,6 +195,7 @@ impl HostQueue {
     /// Creates the queue `name` (this handle is its owner) or opens it (a worker handle), from
     /// any process of this host (HQ-1). `timeout` bounds the hand-shake with the creator.
     pub fn open(name: &str, timeout: Option<Duration>) -> Result<HostQueue> {
+        crate::config::try_config()?; // CONFIG-4
         if name.is_empty() || name.contains('\0') {
             return Err(Error::new(
                 ErrorKind::Config,

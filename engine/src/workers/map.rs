@@ -55,6 +55,7 @@ where
     T: Send + 'static,
     F: Fn(usize) -> T + Send + Sync + 'static,
 {
+    crate::config::try_config()?; // CONFIG-4
     let f = Arc::new(f);
     let slots: Vec<Completion<T>> = (0..n).map(|_| Completion::default()).collect();
     let mut threads = Vec::with_capacity(n);
@@ -194,6 +195,7 @@ impl Pool {
     /// A pool of `n` threads (0: one per usable core). Jobs queue up to
     /// `PARALLEL_WORKQUEUE_CAPACITY`; `submit` waits for room beyond that.
     pub fn new(n: usize) -> Result<Pool> {
+        crate::config::try_config()?; // CONFIG-4
         let n = if n == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         } else {
