@@ -519,9 +519,9 @@ pub fn build_value(d: &ArchivedDescriptor, segs: &[SegInfo], filled: Vec<Filled>
                 Some(Open::Dict(items, key, want)) => {
                     match key.take() {
                         None => {
-                            *key = Some(match v {
-                                Value::Str(s) => Key::Str(s),
-                                Value::Int(i) => Key::Int(i),
+                            *key = Some(match &mut v {
+                                Value::Str(s) => Key::Str(std::mem::take(s)),
+                                Value::Int(i) => Key::Int(*i),
                                 _ => {
                                     return Err(protocol("decode", "dict key is not a str or int"));
                                 }
