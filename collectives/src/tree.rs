@@ -19,6 +19,11 @@
 //!   leaders send across hosts, so each host's network link carries 2(H-1)/H of the data.
 //! - TREE-4: a rank that has finished (`done`) takes part with the op's identity element until all
 //!   ranks have finished; each collective reports how many ranks contributed.
+//! - TREE-6: a collective over a nested value carries a 64-bit hash of the value's structure
+//!   (paths, dtypes, shapes) in its control frame, so ranks whose values differ in structure are
+//!   told in the same pass, before any data moves; such a verdict ([`STRUCTURE_DIFFERS`]) is
+//!   given only when every rank takes part and nothing else differs but the values, so every rank
+//!   may then gather the full structures to name the first differing entry.
 
 use crate::ops::{self, Op};
 use crate::plan::{Plan, dict};
@@ -81,6 +86,9 @@ struct Meta {
     root: usize,
     /// The data are CUDA tensors (the GPU path: tree up and down, reductions on the device).
     gpu: bool,
+    /// Hash of the structure of the nested value the data come from (0: none), set by the
+    /// bindings through [`Tree::with_structure`] (TREE-6).
+    sig: u64,
 }
 
 impl Meta {
@@ -133,6 +141,23 @@ pub struct Tree {
     failed: Mutex<Option<String>>,
     /// Device scratch of the GPU path, reused across calls.
     gpu_scratch: Mutex<Option<parallel_engine::cuda::DeviceAlloc>>,
+    /// The structure hash the collectives carry while [`Tree::with_structure`] runs (TREE-6).
+    structure: AtomicU64,
+}
+
+/// The start of a mismatch verdict that says only the values' structures differ (TREE-6): every
+/// rank then called the same collective and may gather the structures to name the difference.
+pub const STRUCTURE_DIFFERS: &str = "passed a value of another structure than";
+
+/// Records why a collective fails: the first reason wins, except that a reason naming only a
+/// difference of structure gives way to any other (TREE-6).
+fn blame(culprit: &mut Option<String>, why: String) {
+    let weak = |c: &str| c.contains(STRUCTURE_DIFFERS);
+    match culprit {
+        None => *culprit = Some(why),
+        Some(c) if weak(c) && !weak(&why) => *culprit = Some(why),
+        _ => {}
+    }
 }
 
 /// A send for the tree's own sender thread.
@@ -240,6 +265,7 @@ impl Tree {
             done: Mutex::new(false),
             failed: Mutex::new(None),
             gpu_scratch: Mutex::new(None),
+            structure: AtomicU64::new(0),
         })
     }
 
@@ -358,6 +384,15 @@ impl Tree {
         Ok(v)
     }
 
+    /// Runs `f` with every collective it calls carrying `sig`, the hash of the structure of the
+    /// nested value they come from (TREE-6); 0 for none.
+    pub fn with_structure<T>(&self, sig: u64, f: impl FnOnce() -> T) -> T {
+        self.structure.store(sig, Ordering::SeqCst);
+        let r = f();
+        self.structure.store(0, Ordering::SeqCst);
+        r
+    }
+
     fn next_seq(&self) -> u64 {
         let mut s = self.seq.lock().unwrap_or_else(|p| p.into_inner());
         *s += 1;
@@ -384,24 +419,30 @@ impl Tree {
         let idle = meta.is_none();
         let mut n_active = usize::from(!idle);
         let mut culprit: Option<String> = None;
-        let mut reference: Option<Meta> = meta.cloned();
+        let mut reference: Option<Meta> = meta.map(|m| Meta {
+            sig: self.structure.load(Ordering::SeqCst),
+            ..m.clone()
+        });
         let mut partials: Vec<Vec<u8>> = Vec::new();
         let mut have_own = carry_data && contributes && data.is_some();
         for &child in &self.plan.children[self.rank] {
             let v = self.recv_ctrl(child, deadline, &mut [])?;
             if field(&v, "seq").and_then(Value::as_int) != Some(seq as i64) {
-                culprit.get_or_insert(format!(
-                    "rank {child} is at collective #{}, rank {} at #{seq}",
-                    field(&v, "seq").and_then(Value::as_int).unwrap_or(-1),
-                    self.rank
-                ));
+                blame(
+                    &mut culprit,
+                    format!(
+                        "rank {child} is at collective #{}, rank {} at #{seq}",
+                        field(&v, "seq").and_then(Value::as_int).unwrap_or(-1),
+                        self.rank
+                    ),
+                );
             }
             n_active += field(&v, "active")
                 .and_then(Value::as_int)
                 .unwrap_or(0)
                 .max(0) as usize;
             if let Some(c) = field(&v, "culprit").and_then(Value::as_str) {
-                culprit.get_or_insert(c.to_string());
+                blame(&mut culprit, c.to_string());
             }
             if let Some(theirs) = field(&v, "meta").map(parse_meta).transpose()? {
                 match &reference {
@@ -410,17 +451,29 @@ impl Tree {
                         let who = field(&v, "caller")
                             .and_then(Value::as_int)
                             .unwrap_or(child as i64);
-                        culprit.get_or_insert(format!(
-                            "rank {who} called {} but rank {} called {}",
-                            theirs.describe(),
-                            self.rank,
-                            mine.describe()
-                        ));
+                        let why = if mine.kind == theirs.kind
+                            && mine.sig != 0
+                            && theirs.sig != 0
+                            && mine.sig != theirs.sig
+                        {
+                            format!("rank {who} {STRUCTURE_DIFFERS} rank {}", self.rank)
+                        } else {
+                            format!(
+                                "rank {who} called {} but rank {} called {}",
+                                theirs.describe(),
+                                self.rank,
+                                mine.describe()
+                            )
+                        };
+                        blame(&mut culprit, why);
                     }
                     _ => {}
                 }
             }
-            if let Some(Value::List(parts)) = field(&v, "data") {
+            // Once the collective is known to fail, its data are not looked at (TREE-2).
+            if culprit.is_none()
+                && let Some(Value::List(parts)) = field(&v, "data")
+            {
                 for t in parts {
                     let Some(b) = t.as_tensor().and_then(Tensor::bytes) else {
                         continue;
@@ -429,11 +482,14 @@ impl Tree {
                         .as_ref()
                         .and_then(|m| m.dtype.map(|d| m.count * d.itemsize()));
                     if want.is_some_and(|w| w != b.len()) {
-                        culprit.get_or_insert(format!(
-                            "rank {child}'s subtree sent {} bytes for {}",
-                            b.len(),
-                            reference.as_ref().map(Meta::describe).unwrap_or_default()
-                        ));
+                        blame(
+                            &mut culprit,
+                            format!(
+                                "rank {child}'s subtree sent {} bytes for {}",
+                                b.len(),
+                                reference.as_ref().map(Meta::describe).unwrap_or_default()
+                            ),
+                        );
                         continue;
                     }
                     match (&mut data, have_own, op, reference.as_ref()) {
@@ -498,6 +554,16 @@ impl Tree {
                 Verdict::from_value(&v, culprit)?
             }
             None => {
+                // A structure verdict needs every rank in the collective (TREE-6): with some
+                // ranks done, it stays a plain mismatch.
+                if n_active < self.world_size()
+                    && let Some(c) = culprit.as_mut()
+                {
+                    *c = c.replace(
+                        STRUCTURE_DIFFERS,
+                        "passed a value of a different structure than",
+                    );
+                }
                 let result = if have_own {
                     data.as_deref().map(<[u8]>::to_vec)
                 } else {
@@ -567,6 +633,7 @@ impl Tree {
             count: buf.len() / dtype.itemsize(),
             root: 0,
             gpu: false,
+            sig: 0,
         };
         self.run(|| {
             if self.uses_ring(buf.len()) {
@@ -801,6 +868,7 @@ impl Tree {
             count: buf.len() / dtype.itemsize(),
             root,
             gpu: false,
+            sig: 0,
         };
         self.run(|| {
             self.pass(Some(&meta), None, Some(buf), true, self.rank == root)
@@ -819,6 +887,7 @@ impl Tree {
             count: buf.len() / dtype.itemsize(),
             root,
             gpu: false,
+            sig: 0,
         };
         let mut work = buf.to_vec();
         self.run(|| {
@@ -842,6 +911,7 @@ impl Tree {
             count: 0,
             root: 0,
             gpu: false,
+            sig: 0,
         };
         self.run(|| {
             // Gather: each rank's piece travels up as bytes, packed with its length.
@@ -952,6 +1022,7 @@ impl Tree {
             count: 0,
             root: 0,
             gpu: false,
+            sig: 0,
         };
         self.run(|| {
             self.pass(Some(&meta), None, None, false, false)
@@ -1128,6 +1199,7 @@ fn meta_value(m: &Meta) -> Value {
         Value::Int(m.count as i64),
         Value::Int(m.root as i64),
         Value::Bool(m.gpu),
+        Value::Int(m.sig as i64),
     ])
 }
 
@@ -1143,6 +1215,7 @@ fn parse_meta(v: &Value) -> Result<Meta> {
         Value::Int(count),
         Value::Int(root),
         _,
+        ..,
     ] = &t[..]
     else {
         return Err(bad());
@@ -1154,6 +1227,7 @@ fn parse_meta(v: &Value) -> Result<Meta> {
         count: (*count).max(0) as usize,
         root: (*root).max(0) as usize,
         gpu: matches!(t.get(5), Some(Value::Bool(true))),
+        sig: t.get(6).and_then(Value::as_int).unwrap_or(0) as u64,
     })
 }
 

@@ -12,6 +12,7 @@
 mod convert;
 mod dlpack;
 mod errors;
+mod structure;
 mod tree;
 mod workers;
 
