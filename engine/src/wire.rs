@@ -888,6 +888,40 @@ mod tests {
     }
 
     #[test]
+    fn wire_3_value_100000_deep_encodes_decodes_and_drops_on_a_small_stack() {
+        // Nothing on the way recurses on the depth (WIRE-3, VALUE-3): a 128 KiB stack suffices.
+        std::thread::Builder::new()
+            .stack_size(128 << 10)
+            .spawn(|| {
+                let deep = Limits {
+                    max_depth: 200_000,
+                    max_descriptor: 1 << 30,
+                    ..limits()
+                };
+                let mut v = Value::Int(7);
+                for i in 0..100_000 {
+                    v = if i % 2 == 0 {
+                        Value::List(vec![v])
+                    } else {
+                        Value::Dict(vec![(Key::Int(i), v)])
+                    };
+                }
+                let f = encode_frame(FrameKind::Message, 0, &v, &deep).unwrap();
+                let (_, back) = decode_frame(&f, &deep).unwrap();
+                assert!(v.same(&back));
+                let shallow = Limits {
+                    max_descriptor: 1 << 30,
+                    ..limits()
+                };
+                let e = decode_frame(&f, &shallow).unwrap_err();
+                assert!(e.to_string().contains("PARALLEL_MAX_VALUE_DEPTH"), "{e}");
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    #[test]
     fn wire_4_inconsistent_tensor_sizes_refused() {
         let d = Descriptor {
             nodes: vec![Node::Tensor(TensorNode {
