@@ -19,7 +19,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::runtime::{self, Completion, Deadline, Interest, Runtime};
 use crate::transport::handshake;
 use crate::transport::{Link, LinkKind, Stats, sys};
-use crate::value::{Tensor, Value};
+use crate::value::{Key, Tensor, Value};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
@@ -94,6 +94,17 @@ impl Conn {
     pub fn recv_into(&self, out: &mut [Tensor], timeout: Option<Duration>) -> Result<Value> {
         self.link.recv(out, Deadline::or_default(timeout))
     }
+    /// Like `recv_into`, matching tensors to `out` by path (`paths[i]` is `out[i]`'s), not by
+    /// position ([`crate::transport::Link::recv_keyed`]).
+    pub fn recv_into_keyed(
+        &self,
+        out: &mut [Tensor],
+        paths: &[Vec<Key>],
+        timeout: Option<Duration>,
+    ) -> Result<Value> {
+        self.link
+            .recv_keyed(out, paths, Deadline::or_default(timeout))
+    }
     pub fn close(&self) {
         self.link.close()
     }
@@ -110,15 +121,28 @@ impl Conn {
     /// Receives on this connection's reactor; `out` tensors are moved in and handed back.
     pub fn recv_async(
         self: &Arc<Self>,
+        out: Vec<Tensor>,
+        timeout: Option<Duration>,
+    ) -> Completion<(Value, Vec<Tensor>)> {
+        self.recv_async_keyed(out, None, timeout)
+    }
+
+    /// [`Conn::recv_async`], matching tensors to `out` by path when `paths` are given.
+    pub fn recv_async_keyed(
+        self: &Arc<Self>,
         mut out: Vec<Tensor>,
+        paths: Option<Vec<Vec<Key>>>,
         timeout: Option<Duration>,
     ) -> Completion<(Value, Vec<Tensor>)> {
         let c = Completion::default();
         let (me, done) = (self.clone(), c.clone());
         let deadline = Deadline::or_default(timeout);
         Runtime::get().spawn_on(self.key, move || {
-            let r = me.link.recv(&mut out, deadline).map(|v| (v, out));
-            done.complete(r)
+            let r = match &paths {
+                Some(p) => me.link.recv_keyed(&mut out, p, deadline),
+                None => me.link.recv(&mut out, deadline),
+            };
+            done.complete(r.map(|v| (v, out)))
         });
         c
     }

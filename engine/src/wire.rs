@@ -545,6 +545,110 @@ pub fn build_value(d: &ArchivedDescriptor, segs: &[SegInfo], filled: Vec<Filled>
     result.ok_or_else(|| protocol("decode", "empty value tree"))
 }
 
+/// The path of each tensor of a checked descriptor (list/tuple indices as `Key::Int`, dict keys),
+/// in segment order, found with an explicit stack (WIRE-3).
+pub fn tensor_paths(d: &ArchivedDescriptor) -> Vec<Vec<Key>> {
+    struct Open {
+        /// Nodes still to come in this container.
+        left: u64,
+        dict: bool,
+        /// The next child's index (lists, tuples), or the key just read (dicts).
+        index: i64,
+        key: Option<Key>,
+        /// This container's own place in its parent (None for the root).
+        at: Option<Key>,
+    }
+    let mut stack: Vec<Open> = Vec::new();
+    let mut paths = Vec::new();
+    for node in d.nodes.iter() {
+        let mut at = None;
+        if let Some(top) = stack.last_mut() {
+            top.left = top.left.saturating_sub(1);
+            if top.dict && top.left % 2 == 1 {
+                top.key = match node {
+                    ArchivedNode::Str(s) => Some(Key::Str(s.as_str().to_string())),
+                    ArchivedNode::Int(i) => Some(Key::Int(i.to_native())),
+                    _ => None,
+                };
+                continue;
+            }
+            at = if top.dict {
+                top.key.take()
+            } else {
+                top.index += 1;
+                Some(Key::Int(top.index - 1))
+            };
+        }
+        let children = match node {
+            ArchivedNode::List(n) | ArchivedNode::Tuple(n) => u64::from(n.to_native()),
+            ArchivedNode::Dict(n) => 2 * u64::from(n.to_native()),
+            ArchivedNode::Tensor(_) => {
+                let mut p: Vec<Key> = stack.iter().filter_map(|o| o.at.clone()).collect();
+                p.extend(at.clone());
+                paths.push(p);
+                0
+            }
+            _ => 0,
+        };
+        if children > 0 {
+            stack.push(Open {
+                left: children,
+                dict: matches!(node, ArchivedNode::Dict(_)),
+                index: 0,
+                key: None,
+                at,
+            });
+        }
+        while stack.last().is_some_and(|o| o.left == 0) {
+            stack.pop();
+        }
+    }
+    paths
+}
+
+/// `value['a'][0]`, as Python indexes it.
+pub fn path_str(path: &[Key]) -> String {
+    let mut s = String::from("value");
+    for k in path {
+        match k {
+            Key::Int(i) => s.push_str(&format!("[{i}]")),
+            Key::Str(k) => s.push_str(&format!("[{}]", format!("{k:?}").replace('"', "'"))),
+        }
+    }
+    s
+}
+
+/// For each of a message's tensors (their paths, in segment order), the index of the receiver's
+/// tensor at the same path; or why they do not correspond.
+pub fn match_paths(
+    incoming: &[Vec<Key>],
+    outs: &[Vec<Key>],
+) -> std::result::Result<Vec<usize>, String> {
+    let mut by_path: std::collections::HashMap<&[Key], usize> = std::collections::HashMap::new();
+    for (j, p) in outs.iter().enumerate() {
+        by_path.insert(p, j);
+    }
+    let mut order = Vec::with_capacity(incoming.len());
+    for p in incoming {
+        match by_path.remove(p.as_slice()) {
+            Some(j) => order.push(j),
+            None => {
+                return Err(format!(
+                    "the message has a tensor at {}, out= has none there",
+                    path_str(p)
+                ));
+            }
+        }
+    }
+    if let Some(j) = (0..outs.len()).find(|j| by_path.contains_key(outs[*j].as_slice())) {
+        return Err(format!(
+            "out= has a tensor at {}, the message has none there",
+            path_str(&outs[j])
+        ));
+    }
+    Ok(order)
+}
+
 /// A payload segment to send: borrowed from the value, gathered into a buffer, or CUDA device
 /// memory (staged or exported by the link; never read as host bytes).
 #[derive(Debug)]

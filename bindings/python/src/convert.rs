@@ -371,36 +371,64 @@ fn open_val(
     }))
 }
 
-/// Flattens an `out=` argument (a tensor, or a list/tuple/dict of them, nested) into tensors, in
-/// the order a sender's value of the same shape lists its tensors.
-pub fn flatten_out(
+/// The tensors of an `out=` argument (a tensor, or a list/tuple/dict of them, nested).
+#[derive(Default)]
+pub struct Outs {
+    pub tensors: Vec<Tensor>,
+    pub objs: Vec<PyObject>,
+    pub writebacks: Vec<(PyObject, PyObject)>,
+    /// Each tensor's path (indices and dict keys), for a container `out=`: the message's tensors
+    /// are matched to them by path. None for a bare tensor, which takes the message's only one.
+    pub paths: Option<Vec<Vec<Key>>>,
+}
+
+impl Outs {
+    pub fn collect(obj: &Bound<'_, PyAny>) -> PyResult<Outs> {
+        let mut o = Outs::default();
+        let mut paths = Vec::new();
+        flatten_out(obj, &mut o, &mut Vec::new(), &mut paths)?;
+        if !obj.hasattr("__dlpack__")? {
+            o.paths = Some(paths);
+        }
+        Ok(o)
+    }
+}
+
+/// Flattens an `out=` argument into tensors and their paths.
+fn flatten_out(
     obj: &Bound<'_, PyAny>,
-    tensors: &mut Vec<Tensor>,
-    objs: &mut Vec<PyObject>,
-    writebacks: &mut Vec<(PyObject, PyObject)>,
-    depth: usize,
+    o: &mut Outs,
+    path: &mut Vec<Key>,
+    paths: &mut Vec<Vec<Key>>,
 ) -> PyResult<()> {
-    if depth > 64 {
+    if path.len() > 64 {
         return Err(unsupported("out= nests too deeply"));
     }
+    let mut each = |o: &mut Outs, path: &mut Vec<Key>, k: Key, x: &Bound<'_, PyAny>| {
+        path.push(k);
+        let r = flatten_out(x, o, path, paths);
+        path.pop();
+        r
+    };
     if let Ok(l) = obj.downcast::<PyList>() {
-        for x in l.iter() {
-            flatten_out(&x, tensors, objs, writebacks, depth + 1)?;
+        for (i, x) in l.iter().enumerate() {
+            each(o, path, Key::Int(i as i64), &x)?;
         }
     } else if let Ok(t) = obj.downcast::<PyTuple>() {
-        for x in t.iter() {
-            flatten_out(&x, tensors, objs, writebacks, depth + 1)?;
+        for (i, x) in t.iter().enumerate() {
+            each(o, path, Key::Int(i as i64), &x)?;
         }
     } else if let Ok(d) = obj.downcast::<PyDict>() {
-        for (_, v) in d.iter() {
-            flatten_out(&v, tensors, objs, writebacks, depth + 1)?;
+        for (k, v) in d.iter() {
+            each(o, path, dict_key(&k)?, &v)?;
         }
     } else if obj.hasattr("__dlpack__")? {
         let (t, tmp) = dlpack::import_out(obj)?;
-        tensors.push(t);
-        objs.push(obj.clone().unbind());
+        o.tensors.push(t);
+        o.objs.push(obj.clone().unbind());
+        paths.push(path.clone());
         if let Some(tmp) = tmp {
-            writebacks.push((obj.clone().unbind(), tmp));
+            o.writebacks.push((obj.clone().unbind(), tmp));
         }
     } else {
         return Err(unsupported(format!(

@@ -129,8 +129,8 @@ impl Flat {
             ));
         }
         let children = |me: &mut Flat,
-                            path: &mut Vec<Comp>,
-                            items: Vec<(Comp, Bound<'_, PyAny>)>|
+                        path: &mut Vec<Comp>,
+                        items: Vec<(Comp, Bound<'_, PyAny>)>|
          -> PyResult<()> {
             for (c, x) in items {
                 path.push(c);

@@ -23,7 +23,7 @@ use crate::config::config;
 use crate::cuda;
 use crate::error::{Error, ErrorKind, Result, protocol};
 use crate::runtime::{self, Deadline, Interest};
-use crate::value::{Device, Tensor, Value};
+use crate::value::{Device, Key, Tensor, Value};
 use crate::wire::{
     self, FLAG_CMA, FLAG_CUDA_IPC, Filled, FrameKind, HEADER_LEN, Header, Limits, SegKind,
 };
@@ -524,6 +524,18 @@ impl Link {
         self.lock_recv().recv(out, deadline)
     }
 
+    /// Receives one message; each tensor goes into the `out` tensor whose path (`paths[i]` for
+    /// `out[i]`: list/tuple indices and dict keys from the root) is the tensor's path in the
+    /// message, whatever order either side's dicts list their keys in (LINK-1 on mismatch).
+    pub fn recv_keyed(
+        &self,
+        out: &mut [Tensor],
+        paths: &[Vec<Key>],
+        deadline: Deadline,
+    ) -> Result<Value> {
+        self.lock_recv().recv_keyed(out, Some(paths), deadline)
+    }
+
     /// True when a receive would find bytes (or the end of the stream) without waiting.
     pub fn ready(&self) -> bool {
         match &self.shm {
@@ -628,7 +640,17 @@ impl RecvGuard<'_> {
 
     /// Receives one message (see [`Link::recv`]).
     pub fn recv(&mut self, out: &mut [Tensor], deadline: Deadline) -> Result<Value> {
-        let r = self.recv_message(out, deadline);
+        self.recv_keyed(out, None, deadline)
+    }
+
+    /// Receives one message (see [`Link::recv_keyed`]; `None`: `out` in order).
+    pub fn recv_keyed(
+        &mut self,
+        out: &mut [Tensor],
+        paths: Option<&[Vec<Key>]>,
+        deadline: Deadline,
+    ) -> Result<Value> {
+        let r = self.recv_message(out, paths, deadline);
         if r.as_ref().is_err_and(|e| e.kind() == ErrorKind::PeerLost) {
             // LINK-3 for the other direction: a shared-memory ring (or a TCP socket whose reset
             // has not arrived yet) would otherwise accept a send to the dead peer silently.
@@ -637,7 +659,12 @@ impl RecvGuard<'_> {
         r
     }
 
-    fn recv_message(&mut self, out: &mut [Tensor], deadline: Deadline) -> Result<Value> {
+    fn recv_message(
+        &mut self,
+        out: &mut [Tensor],
+        paths: Option<&[Vec<Key>]>,
+        deadline: Deadline,
+    ) -> Result<Value> {
         let link = self.link;
         let start = Instant::now();
         if link.closed_locally.load(Ordering::SeqCst) {
@@ -685,7 +712,7 @@ impl RecvGuard<'_> {
                 return Err(link.err(e));
             }
         }
-        let r = self.recv_after_header(&hb, out, deadline);
+        let r = self.recv_after_header(&hb, out, paths, deadline);
         match &r {
             Ok(_) => {
                 link.counters.msgs_recv.fetch_add(1, Ordering::Relaxed);
@@ -704,6 +731,7 @@ impl RecvGuard<'_> {
         &mut self,
         hb: &[u8; HEADER_LEN],
         out: &mut [Tensor],
+        paths: Option<&[Vec<Key>]>,
         deadline: Deadline,
     ) -> Result<Value> {
         let link = self.link;
@@ -750,10 +778,26 @@ impl RecvGuard<'_> {
                 "cross-memory or CUDA IPC frame on a TCP link",
             ));
         }
+        // Which out tensor each tensor segment lands in: in order, or by path.
+        let (order, by_path) = match paths {
+            Some(p) if !out.is_empty() => match wire::match_paths(&wire::tensor_paths(d), p) {
+                Ok(o) => (o, None),
+                Err(m) => (Vec::new(), Some(m)),
+            },
+            _ => ((0..out.len()).collect(), None),
+        };
         let mismatch = if out.is_empty() {
             None
         } else {
-            match_outs(&segs, out)
+            by_path
+                .map(|m| format!("{m} (the message was discarded; the connection is still usable)"))
+                .or_else(|| {
+                    let name = |j: usize| match paths {
+                        Some(p) => format!("out= at {}", wire::path_str(&p[j])),
+                        None => format!("out[{j}]"),
+                    };
+                    match_outs(&segs, out, &order, &name)
+                })
         };
         let mut filled = Vec::with_capacity(segs.len());
         let mut out_i = 0usize;
@@ -784,10 +828,10 @@ impl RecvGuard<'_> {
             // Where the bytes land: the caller's tensor, a new CUDA tensor (for a CUDA segment,
             // when this process has CUDA), or a new host buffer.
             let r = if to_out {
-                let t = &mut out[out_i];
+                let j = order[out_i];
                 out_i += 1;
-                self.fill_tensor(t, len, via_cma, via_ipc, dev_seg, deadline)
-                    .map(|_| Filled::Out(out_i - 1))
+                self.fill_tensor(&mut out[j], len, via_cma, via_ipc, dev_seg, deadline)
+                    .map(|_| Filled::Out(j))
             } else if let (Some(i), SegKind::Tensor { dtype, shape, .. }) = (dev_seg, &s.kind)
                 && let Some(g) = cuda::cuda()
             {
@@ -1113,7 +1157,12 @@ impl RecvGuard<'_> {
 
 /// Checks the caller's `out` tensors against the incoming tensor segments; returns why they do
 /// not match, if they do not.
-fn match_outs(segs: &[wire::SegInfo], out: &[Tensor]) -> Option<String> {
+fn match_outs(
+    segs: &[wire::SegInfo],
+    out: &[Tensor],
+    order: &[usize],
+    name: &dyn Fn(usize) -> String,
+) -> Option<String> {
     let incoming: Vec<_> = segs
         .iter()
         .filter_map(|s| match &s.kind {
@@ -1141,12 +1190,14 @@ fn match_outs(segs: &[wire::SegInfo], out: &[Tensor]) -> Option<String> {
             ));
         }
     }
-    for (i, ((dtype, shape), t)) in incoming.iter().zip(out).enumerate() {
+    for (i, ((dtype, shape), j)) in incoming.iter().zip(order).enumerate() {
+        let t = &out[*j];
         if **dtype != t.dtype || **shape != t.shape {
             return Some(format!(
-                "tensor {i} of the message is {} {:?} but out[{i}] is {} {:?} (the message was discarded; the connection is still usable)",
+                "tensor {i} of the message is {} {:?} but {} is {} {:?} (the message was discarded; the connection is still usable)",
                 dtype.name(),
                 shape,
+                name(*j),
                 t.dtype.name(),
                 t.shape
             ));
