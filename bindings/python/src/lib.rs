@@ -211,7 +211,8 @@ macro_rules! conn_methods {
             fn send(&self, py: Python<'_>, value: &Bound<'_, PyAny>, timeout: Option<f64>) -> PyResult<()> {
                 do_send(py, &self.conn, value, timeout, self.pickle)
             }
-            /// Receives the next message; with `out`, tensors land in the given tensors in place.
+            /// Receives the next message; with `out` (a tensor, or lists/tuples/dicts of them), each
+            /// tensor lands in place in the `out` tensor at its own path (indices and dict keys).
             #[pyo3(signature = (timeout=None, out=None))]
             fn recv(&self, py: Python<'_>, timeout: Option<f64>, out: Option<&Bound<'_, PyAny>>) -> PyResult<PyObject> {
                 do_recv(py, &self.conn, timeout, out, self.pickle)

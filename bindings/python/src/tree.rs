@@ -534,6 +534,11 @@ impl Tree_ {
         self.tree.contributors()
     }
     /// All-reduce in place; returns `value`. `op`: a name or a callable `f(a, b)`.
+    ///
+    /// `value`: a tensor, a number, or lists/tuples/dicts of them, nested; leaves are matched
+    /// across ranks by place and dict key (never insertion order), and a structure that differs
+    /// across ranks is a Mismatch on every rank naming the first differing path. Numbers (int,
+    /// float, bool) are reduced too: then a copy of `value` carrying them is returned.
     #[pyo3(signature = (value, op=None))]
     fn all_reduce<'py>(
         &self,
@@ -590,7 +595,8 @@ impl Tree_ {
             t.barrier().map(|_| ())
         })
     }
-    /// Broadcast from `root` in place; returns `value`.
+    /// Broadcast from `root` in place, matched by structure and key like all_reduce; returns
+    /// `value` (a copy carrying the root's numbers when it holds numbers).
     #[pyo3(signature = (value, root=0))]
     fn broadcast<'py>(
         &self,
@@ -609,7 +615,8 @@ impl Tree_ {
         })?;
         p.finish(value, &leaves)
     }
-    /// Reduce to `root` (in place there; other ranks keep their values); returns `value`.
+    /// Reduce to `root` (in place there; other ranks keep their values), matched by structure
+    /// and key like all_reduce; returns `value` (a copy carrying the numbers when it holds any).
     #[pyo3(signature = (value, op=None, root=0))]
     fn reduce<'py>(
         &self,
