@@ -85,6 +85,17 @@ impl Op {
             DType::F16 | DType::BF16 | DType::F32 | DType::F64 | DType::C64 | DType::C128
         );
         let complex = matches!(dtype, DType::C64 | DType::C128);
+        if matches!(self, Op::Avg) && !float {
+            // As torch: an integer mean would be truncated silently.
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                "all_reduce",
+                format!(
+                    "avg is only supported for floating-point and complex dtypes, got {}: cast to a floating-point dtype first (e.g. t.float()), or use op='sum' and divide",
+                    dtype.name()
+                ),
+            ));
+        }
         let bad = match self {
             Op::Band | Op::Bor | Op::Bxor => float,
             Op::Min | Op::Max => complex,

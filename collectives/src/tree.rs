@@ -25,9 +25,14 @@
 //! - TREE-6: a user reduce function that fails on any rank fails the collective on every rank, with
 //!   no buffer changed and the tree still usable: the failure travels up with the control pass (or,
 //!   after a ring, in a status round over the tree links), and rank 0's verdict carries it down.
+//! - TREE-7: a collective over a nested value carries a 64-bit hash of the value's structure
+//!   (paths, dtypes, shapes) in its control frame, so ranks whose values differ in structure are
+//!   told in the same pass, before any data moves; such a verdict ([`STRUCTURE_DIFFERS`]) is
+//!   given only when every rank takes part and nothing else differs but the values, so every rank
+//!   may then gather the full structures to name the first differing entry.
 
 use crate::ops::{self, Op};
-use crate::plan::{Plan, dict};
+use crate::plan::Plan;
 use crate::rendezvous::{self, TreeOptions};
 use parallel_engine::buffer::Buf;
 use parallel_engine::endpoint::Conn;
@@ -87,6 +92,9 @@ struct Meta {
     root: usize,
     /// The data are CUDA tensors (the GPU path: tree up and down, reductions on the device).
     gpu: bool,
+    /// Hash of the structure of the nested value the data come from (0: none), set by the
+    /// bindings through [`Tree::with_structure`] (TREE-7).
+    sig: u64,
 }
 
 impl Meta {
@@ -142,6 +150,23 @@ pub struct Tree {
     failed: Mutex<Option<String>>,
     /// Device scratch of the GPU path, reused across calls.
     gpu_scratch: Mutex<Option<parallel_engine::cuda::DeviceAlloc>>,
+    /// The structure hash the collectives carry while [`Tree::with_structure`] runs (TREE-7).
+    structure: AtomicU64,
+}
+
+/// The start of a mismatch verdict that says only the values' structures differ (TREE-7): every
+/// rank then called the same collective and may gather the structures to name the difference.
+pub const STRUCTURE_DIFFERS: &str = "passed a value of another structure than";
+
+/// Records why a collective fails: the first reason wins, except that a reason naming only a
+/// difference of structure gives way to any other (TREE-7).
+fn blame(culprit: &mut Option<String>, why: String) {
+    let weak = |c: &str| c.contains(STRUCTURE_DIFFERS);
+    match culprit {
+        None => *culprit = Some(why),
+        Some(c) if weak(c) && !weak(&why) => *culprit = Some(why),
+        _ => {}
+    }
 }
 
 /// A send for the tree's own sender thread.
@@ -250,6 +275,7 @@ impl Tree {
             agreed: AtomicBool::new(false),
             failed: Mutex::new(None),
             gpu_scratch: Mutex::new(None),
+            structure: AtomicU64::new(0),
         })
     }
 
@@ -369,6 +395,15 @@ impl Tree {
         Ok(v)
     }
 
+    /// Runs `f` with every collective it calls carrying `sig`, the hash of the structure of the
+    /// nested value they come from (TREE-7); 0 for none.
+    pub fn with_structure<T>(&self, sig: u64, f: impl FnOnce() -> T) -> T {
+        self.structure.store(sig, Ordering::SeqCst);
+        let r = f();
+        self.structure.store(0, Ordering::SeqCst);
+        r
+    }
+
     fn next_seq(&self) -> u64 {
         let mut s = self.seq.lock().unwrap_or_else(|p| p.into_inner());
         *s += 1;
@@ -420,7 +455,10 @@ impl Tree {
         let idle = meta.is_none();
         let mut n_active = usize::from(!idle);
         let mut culprit: Option<String> = None;
-        let mut reference: Option<Meta> = meta.cloned();
+        let mut reference: Option<Meta> = meta.map(|m| Meta {
+            sig: self.structure.load(Ordering::SeqCst),
+            ..m.clone()
+        });
         let mut partials: Vec<Vec<u8>> = Vec::new();
         let mut have_own = carry_data && contributes && data.is_some();
         let mut idle_ranks: Vec<usize> = if idle { vec![self.rank] } else { vec![] };
@@ -431,18 +469,21 @@ impl Tree {
         for &child in &self.plan.children[self.rank] {
             let v = self.recv_ctrl(child, deadline, &mut [])?;
             if field(&v, "seq").and_then(Value::as_int) != Some(seq as i64) {
-                culprit.get_or_insert(format!(
-                    "rank {child} is at collective #{}, rank {} at #{seq}",
-                    field(&v, "seq").and_then(Value::as_int).unwrap_or(-1),
-                    self.rank
-                ));
+                blame(
+                    &mut culprit,
+                    format!(
+                        "rank {child} is at collective #{}, rank {} at #{seq}",
+                        field(&v, "seq").and_then(Value::as_int).unwrap_or(-1),
+                        self.rank
+                    ),
+                );
             }
             n_active += field(&v, "active")
                 .and_then(Value::as_int)
                 .unwrap_or(0)
                 .max(0) as usize;
             if let Some(c) = field(&v, "culprit").and_then(Value::as_str) {
-                culprit.get_or_insert(c.to_string());
+                blame(&mut culprit, c.to_string());
             }
             if error.is_none() {
                 error = field(&v, "error").and_then(parse_error);
@@ -456,17 +497,29 @@ impl Tree {
                         let who = field(&v, "caller")
                             .and_then(Value::as_int)
                             .unwrap_or(child as i64);
-                        culprit.get_or_insert(format!(
-                            "rank {who} called {} but rank {} called {}",
-                            theirs.describe(),
-                            self.rank,
-                            mine.describe()
-                        ));
+                        let why = if mine.kind == theirs.kind
+                            && mine.sig != 0
+                            && theirs.sig != 0
+                            && mine.sig != theirs.sig
+                        {
+                            format!("rank {who} {STRUCTURE_DIFFERS} rank {}", self.rank)
+                        } else {
+                            format!(
+                                "rank {who} called {} but rank {} called {}",
+                                theirs.describe(),
+                                self.rank,
+                                mine.describe()
+                            )
+                        };
+                        blame(&mut culprit, why);
                     }
                     _ => {}
                 }
             }
-            if let Some(Value::List(parts)) = field(&v, "data") {
+            // Once the collective is known to fail, its data are not looked at (TREE-2).
+            if culprit.is_none()
+                && let Some(Value::List(parts)) = field(&v, "data")
+            {
                 for t in parts {
                     let Some(b) = t.as_tensor().and_then(Tensor::bytes) else {
                         continue;
@@ -475,11 +528,14 @@ impl Tree {
                         .as_ref()
                         .and_then(|m| m.dtype.map(|d| m.count * d.itemsize()));
                     if want.is_some_and(|w| w != b.len()) {
-                        culprit.get_or_insert(format!(
-                            "rank {child}'s subtree sent {} bytes for {}",
-                            b.len(),
-                            reference.as_ref().map(Meta::describe).unwrap_or_default()
-                        ));
+                        blame(
+                            &mut culprit,
+                            format!(
+                                "rank {child}'s subtree sent {} bytes for {}",
+                                b.len(),
+                                reference.as_ref().map(Meta::describe).unwrap_or_default()
+                            ),
+                        );
                         continue;
                     }
                     match (&mut data, have_own, op, reference.as_ref()) {
@@ -574,6 +630,16 @@ impl Tree {
                 Verdict::from_value(&v, culprit)?
             }
             None => {
+                // A structure verdict needs every rank in the collective (TREE-7): with some
+                // ranks done, it stays a plain mismatch.
+                if n_active < self.world_size()
+                    && let Some(c) = culprit.as_mut()
+                {
+                    *c = c.replace(
+                        STRUCTURE_DIFFERS,
+                        "passed a value of a different structure than",
+                    );
+                }
                 // The root of the tree decides. A broadcast or reduce whose root is done has no
                 // source (or no destination): the same error on every rank (TREE-4).
                 if culprit.is_none()
@@ -732,6 +798,7 @@ impl Tree {
             count: buf.len() / dtype.itemsize(),
             root: 0,
             gpu: false,
+            sig: 0,
         };
         if let Op::User(_) = op {
             return self.run(|| self.user_all_reduce(&meta, dtype, buf, op));
@@ -997,6 +1064,7 @@ impl Tree {
             count: buf.len() / dtype.itemsize(),
             root,
             gpu: false,
+            sig: 0,
         };
         self.run(|| {
             self.pass(Some(&meta), None, Some(buf), true, self.rank == root)
@@ -1015,6 +1083,7 @@ impl Tree {
             count: buf.len() / dtype.itemsize(),
             root,
             gpu: false,
+            sig: 0,
         };
         let mut work = buf.to_vec();
         self.run(|| {
@@ -1039,6 +1108,7 @@ impl Tree {
             count: 0,
             root: 0,
             gpu: false,
+            sig: 0,
         };
         self.run(|| {
             // Each rank's piece travels up tagged with its rank; the root sends them all down.
@@ -1075,6 +1145,7 @@ impl Tree {
             count: 0,
             root: 0,
             gpu: false,
+            sig: 0,
         };
         self.run(|| {
             self.pass(Some(&meta), None, None, false, false)
@@ -1414,6 +1485,7 @@ fn meta_value(m: &Meta) -> Value {
         Value::Int(m.count as i64),
         Value::Int(m.root as i64),
         Value::Bool(m.gpu),
+        Value::Int(m.sig as i64),
     ])
 }
 
@@ -1429,6 +1501,7 @@ fn parse_meta(v: &Value) -> Result<Meta> {
         Value::Int(count),
         Value::Int(root),
         _,
+        ..,
     ] = &t[..]
     else {
         return Err(bad());
@@ -1440,6 +1513,7 @@ fn parse_meta(v: &Value) -> Result<Meta> {
         count: (*count).max(0) as usize,
         root: (*root).max(0) as usize,
         gpu: matches!(t.get(5), Some(Value::Bool(true))),
+        sig: t.get(6).and_then(Value::as_int).unwrap_or(0) as u64,
     })
 }
 

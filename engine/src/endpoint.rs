@@ -32,7 +32,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::runtime::{self, Completion, Deadline, Interest, Runtime};
 use crate::transport::handshake;
 use crate::transport::{self, Link, LinkKind, Stats, sys};
-use crate::value::{Tensor, Value};
+use crate::value::{Key, Tensor, Value};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -101,17 +101,22 @@ impl Conn {
             .is_empty()
     }
     /// Receives the next message: first what a read-ahead left in the inbox (EP-5).
-    fn recv_deadline(&self, out: &mut [Tensor], deadline: Deadline) -> Result<Value> {
+    fn recv_deadline(
+        &self,
+        out: &mut [Tensor],
+        paths: Option<&[Vec<Key>]>,
+        deadline: Deadline,
+    ) -> Result<Value> {
         let mut g = self.link.lock_recv();
         if let Some(r) = self.take_inbox() {
             return match r {
                 Ok(v) if !out.is_empty() => {
-                    transport::into_outs(v, out).map_err(|e| e.with_peer(self.peer()))
+                    transport::into_outs(v, out, paths).map_err(|e| e.with_peer(self.peer()))
                 }
                 r => r,
             };
         }
-        g.recv(out, deadline)
+        g.recv_keyed(out, paths, deadline)
     }
     pub fn id(&self) -> i64 {
         self.id.load(Ordering::Relaxed)
@@ -148,11 +153,21 @@ impl Conn {
         self.link.send(v, Deadline::or_default(timeout))
     }
     pub fn recv(&self, timeout: Option<Duration>) -> Result<Value> {
-        self.recv_deadline(&mut [], Deadline::or_default(timeout))
+        self.recv_deadline(&mut [], None, Deadline::or_default(timeout))
     }
     /// Receives into the caller's tensors (in order), checking dtype and shape.
     pub fn recv_into(&self, out: &mut [Tensor], timeout: Option<Duration>) -> Result<Value> {
-        self.recv_deadline(out, Deadline::or_default(timeout))
+        self.recv_deadline(out, None, Deadline::or_default(timeout))
+    }
+    /// Like `recv_into`, matching tensors to `out` by path (`paths[i]` is `out[i]`'s), not by
+    /// position ([`crate::transport::Link::recv_keyed`]).
+    pub fn recv_into_keyed(
+        &self,
+        out: &mut [Tensor],
+        paths: &[Vec<Key>],
+        timeout: Option<Duration>,
+    ) -> Result<Value> {
+        self.recv_deadline(out, Some(paths), Deadline::or_default(timeout))
     }
     pub fn close(&self) {
         self.link.close()
@@ -174,15 +189,25 @@ impl Conn {
     /// Receives on this connection's reactor; `out` tensors are moved in and handed back.
     pub fn recv_async(
         self: &Arc<Self>,
+        out: Vec<Tensor>,
+        timeout: Option<Duration>,
+    ) -> Completion<(Value, Vec<Tensor>)> {
+        self.recv_async_keyed(out, None, timeout)
+    }
+
+    /// [`Conn::recv_async`], matching tensors to `out` by path when `paths` are given.
+    pub fn recv_async_keyed(
+        self: &Arc<Self>,
         mut out: Vec<Tensor>,
+        paths: Option<Vec<Vec<Key>>>,
         timeout: Option<Duration>,
     ) -> Completion<(Value, Vec<Tensor>)> {
         let c = Completion::default();
         let (me, done) = (self.clone(), c.clone());
         let deadline = Deadline::or_default(timeout);
         Runtime::get().spawn_on(self.key, move || {
-            let r = me.recv_deadline(&mut out, deadline).map(|v| (v, out));
-            done.complete(r)
+            let r = me.recv_deadline(&mut out, paths.as_deref(), deadline);
+            done.complete(r.map(|v| (v, out)))
         });
         c
     }

@@ -9,6 +9,9 @@
 //!   buffer by the sender ([`Tensor::contiguous_bytes`]); received tensors are always contiguous.
 //! - VALUE-2: a tensor's byte length is `numel * itemsize`, checked for overflow wherever it is
 //!   computed from untrusted numbers.
+//! - VALUE-3: nothing that walks a value recurses on its depth: dropping ([`Value`]'s `Drop`) and
+//!   comparing ([`Value::same`]) use explicit stacks, like the wire's encoder and decoder, so a
+//!   value nested as deep as the configuration allows cannot overflow a thread's stack.
 
 use crate::buffer::Buf;
 use crate::error::{Error, ErrorKind, Result};
@@ -403,6 +406,20 @@ impl Value {
             None
         }
     }
+    /// The tensor of a tensor value (a value is dropped without recursion, VALUE-3, so its
+    /// variants cannot be moved out of by a `match`: use this, or `std::mem::take` on `&mut`).
+    pub fn into_tensor(self) -> std::result::Result<Tensor, Value> {
+        if !matches!(self, Value::Tensor(_)) {
+            return Err(self);
+        }
+        let me = std::mem::ManuallyDrop::new(self);
+        match &*me {
+            // SAFETY: the tensor is read out exactly once and `me` is never dropped, so it is
+            // neither duplicated nor freed twice.
+            Value::Tensor(t) => Ok(unsafe { std::ptr::read(t) }),
+            _ => unreachable!("checked above"),
+        }
+    }
     pub fn as_tensor(&self) -> Option<&Tensor> {
         if let Value::Tensor(t) = self {
             Some(t)
@@ -437,8 +454,32 @@ impl Value {
             Value::Out(_) => "out tensor",
         }
     }
-    /// Structural equality (tensors compare dtype, shape and bytes).
+    /// Structural equality (tensors compare dtype, shape and bytes), without recursion (VALUE-3).
     pub fn same(&self, other: &Value) -> bool {
+        let mut stack: Vec<(&Value, &Value)> = vec![(self, other)];
+        while let Some((a, b)) = stack.pop() {
+            match (a, b) {
+                (Value::List(x), Value::List(y)) | (Value::Tuple(x), Value::Tuple(y)) => {
+                    if x.len() != y.len() {
+                        return false;
+                    }
+                    stack.extend(x.iter().zip(y));
+                }
+                (Value::Dict(x), Value::Dict(y)) => {
+                    if x.len() != y.len() || x.iter().zip(y).any(|((ka, _), (kb, _))| ka != kb) {
+                        return false;
+                    }
+                    stack.extend(x.iter().zip(y).map(|((_, va), (_, vb))| (va, vb)));
+                }
+                _ if !a.same_leaf(b) => return false,
+                _ => {}
+            }
+        }
+        true
+    }
+
+    /// Equality of two non-container values (containers are never equal here).
+    fn same_leaf(&self, other: &Value) -> bool {
         match (self, other) {
             (Value::None, Value::None) => true,
             (Value::Bool(a), Value::Bool(b)) => a == b,
@@ -447,15 +488,6 @@ impl Value {
             (Value::Str(a), Value::Str(b)) => a == b,
             (Value::Bytes(a), Value::Bytes(b)) | (Value::Pickle(a), Value::Pickle(b)) => {
                 a[..] == b[..]
-            }
-            (Value::List(a), Value::List(b)) | (Value::Tuple(a), Value::Tuple(b)) => {
-                a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.same(y))
-            }
-            (Value::Dict(a), Value::Dict(b)) => {
-                a.len() == b.len()
-                    && a.iter()
-                        .zip(b)
-                        .all(|((ka, va), (kb, vb))| ka == kb && va.same(vb))
             }
             (Value::Out(a), Value::Out(b)) => a == b,
             (Value::Tensor(a), Value::Tensor(b)) => {
@@ -468,6 +500,44 @@ impl Value {
                     }
             }
             _ => false,
+        }
+    }
+}
+
+impl Value {
+    /// True for a list, tuple or dict holding another container (whose drop would recurse).
+    fn nests(&self) -> bool {
+        let c = |v: &Value| matches!(v, Value::List(_) | Value::Tuple(_) | Value::Dict(_));
+        match self {
+            Value::List(items) | Value::Tuple(items) => items.iter().any(c),
+            Value::Dict(items) => items.iter().any(|(_, v)| c(v)),
+            _ => false,
+        }
+    }
+
+    /// Moves this container's children out (leaving it empty).
+    fn take_children(&mut self, into: &mut Vec<Value>) {
+        match self {
+            Value::List(items) | Value::Tuple(items) => into.append(items),
+            Value::Dict(items) => into.extend(items.drain(..).map(|(_, v)| v)),
+            _ => {}
+        }
+    }
+}
+
+/// Drops nested containers with an explicit stack (VALUE-3): the compiler's drop glue recurses
+/// once per level, which overflows a thread's stack for a value nested some ten thousand deep.
+impl Drop for Value {
+    fn drop(&mut self) {
+        if !self.nests() {
+            return;
+        }
+        let mut stack: Vec<Value> = Vec::new();
+        self.take_children(&mut stack);
+        while let Some(mut v) = stack.pop() {
+            if v.nests() {
+                v.take_children(&mut stack);
+            }
         }
     }
 }
@@ -517,6 +587,32 @@ mod tests {
         };
         dst.scatter_from(&g);
         assert_eq!(dst_store, base.bytes().unwrap());
+    }
+
+    #[test]
+    fn value_3_deep_values_drop_and_compare_without_recursion() {
+        // On a 64 KiB stack, recursion over 200000 levels would overflow at once.
+        std::thread::Builder::new()
+            .stack_size(64 << 10)
+            .spawn(|| {
+                let deep = |leaf: i64| {
+                    let mut v = Value::Int(leaf);
+                    for i in 0..200_000 {
+                        v = match i % 3 {
+                            0 => Value::List(vec![v]),
+                            1 => Value::Tuple(vec![Value::None, v]),
+                            _ => Value::Dict(vec![(Key::Int(i), v)]),
+                        };
+                    }
+                    v
+                };
+                let (a, b, c) = (deep(1), deep(1), deep(2));
+                assert!(a.same(&b));
+                assert!(!a.same(&c));
+            })
+            .unwrap()
+            .join()
+            .unwrap();
     }
 
     #[test]

@@ -523,9 +523,9 @@ pub fn build_value(d: &ArchivedDescriptor, segs: &[SegInfo], filled: Vec<Filled>
                 Some(Open::Dict(items, key, want)) => {
                     match key.take() {
                         None => {
-                            *key = Some(match v {
-                                Value::Str(s) => Key::Str(s),
-                                Value::Int(i) => Key::Int(i),
+                            *key = Some(match &mut v {
+                                Value::Str(s) => Key::Str(std::mem::take(s)),
+                                Value::Int(i) => Key::Int(*i),
                                 _ => {
                                     return Err(protocol("decode", "dict key is not a str or int"));
                                 }
@@ -547,6 +547,110 @@ pub fn build_value(d: &ArchivedDescriptor, segs: &[SegInfo], filled: Vec<Filled>
         }
     }
     result.ok_or_else(|| protocol("decode", "empty value tree"))
+}
+
+/// The path of each tensor of a checked descriptor (list/tuple indices as `Key::Int`, dict keys),
+/// in segment order, found with an explicit stack (WIRE-3).
+pub fn tensor_paths(d: &ArchivedDescriptor) -> Vec<Vec<Key>> {
+    struct Open {
+        /// Nodes still to come in this container.
+        left: u64,
+        dict: bool,
+        /// The next child's index (lists, tuples), or the key just read (dicts).
+        index: i64,
+        key: Option<Key>,
+        /// This container's own place in its parent (None for the root).
+        at: Option<Key>,
+    }
+    let mut stack: Vec<Open> = Vec::new();
+    let mut paths = Vec::new();
+    for node in d.nodes.iter() {
+        let mut at = None;
+        if let Some(top) = stack.last_mut() {
+            top.left = top.left.saturating_sub(1);
+            if top.dict && top.left % 2 == 1 {
+                top.key = match node {
+                    ArchivedNode::Str(s) => Some(Key::Str(s.as_str().to_string())),
+                    ArchivedNode::Int(i) => Some(Key::Int(i.to_native())),
+                    _ => None,
+                };
+                continue;
+            }
+            at = if top.dict {
+                top.key.take()
+            } else {
+                top.index += 1;
+                Some(Key::Int(top.index - 1))
+            };
+        }
+        let children = match node {
+            ArchivedNode::List(n) | ArchivedNode::Tuple(n) => u64::from(n.to_native()),
+            ArchivedNode::Dict(n) => 2 * u64::from(n.to_native()),
+            ArchivedNode::Tensor(_) => {
+                let mut p: Vec<Key> = stack.iter().filter_map(|o| o.at.clone()).collect();
+                p.extend(at.clone());
+                paths.push(p);
+                0
+            }
+            _ => 0,
+        };
+        if children > 0 {
+            stack.push(Open {
+                left: children,
+                dict: matches!(node, ArchivedNode::Dict(_)),
+                index: 0,
+                key: None,
+                at,
+            });
+        }
+        while stack.last().is_some_and(|o| o.left == 0) {
+            stack.pop();
+        }
+    }
+    paths
+}
+
+/// `value['a'][0]`, as Python indexes it.
+pub fn path_str(path: &[Key]) -> String {
+    let mut s = String::from("value");
+    for k in path {
+        match k {
+            Key::Int(i) => s.push_str(&format!("[{i}]")),
+            Key::Str(k) => s.push_str(&format!("[{}]", format!("{k:?}").replace('"', "'"))),
+        }
+    }
+    s
+}
+
+/// For each of a message's tensors (their paths, in segment order), the index of the receiver's
+/// tensor at the same path; or why they do not correspond.
+pub fn match_paths(
+    incoming: &[Vec<Key>],
+    outs: &[Vec<Key>],
+) -> std::result::Result<Vec<usize>, String> {
+    let mut by_path: std::collections::HashMap<&[Key], usize> = std::collections::HashMap::new();
+    for (j, p) in outs.iter().enumerate() {
+        by_path.insert(p, j);
+    }
+    let mut order = Vec::with_capacity(incoming.len());
+    for p in incoming {
+        match by_path.remove(p.as_slice()) {
+            Some(j) => order.push(j),
+            None => {
+                return Err(format!(
+                    "the message has a tensor at {}, out= has none there",
+                    path_str(p)
+                ));
+            }
+        }
+    }
+    if let Some(j) = (0..outs.len()).find(|j| by_path.contains_key(outs[*j].as_slice())) {
+        return Err(format!(
+            "out= has a tensor at {}, the message has none there",
+            path_str(&outs[j])
+        ));
+    }
+    Ok(order)
 }
 
 /// A payload segment to send: borrowed from the value, gathered into a buffer, or CUDA device
@@ -889,6 +993,40 @@ mod tests {
                 .contains("PARALLEL_MAX_VALUE_DEPTH")
         );
         assert!(decode_frame(&f, &deep).is_ok());
+    }
+
+    #[test]
+    fn wire_3_value_100000_deep_encodes_decodes_and_drops_on_a_small_stack() {
+        // Nothing on the way recurses on the depth (WIRE-3, VALUE-3): a 128 KiB stack suffices.
+        std::thread::Builder::new()
+            .stack_size(128 << 10)
+            .spawn(|| {
+                let deep = Limits {
+                    max_depth: 200_000,
+                    max_descriptor: 1 << 30,
+                    ..limits()
+                };
+                let mut v = Value::Int(7);
+                for i in 0..100_000 {
+                    v = if i % 2 == 0 {
+                        Value::List(vec![v])
+                    } else {
+                        Value::Dict(vec![(Key::Int(i), v)])
+                    };
+                }
+                let f = encode_frame(FrameKind::Message, 0, &v, &deep).unwrap();
+                let (_, back) = decode_frame(&f, &deep).unwrap();
+                assert!(v.same(&back));
+                let shallow = Limits {
+                    max_descriptor: 1 << 30,
+                    ..limits()
+                };
+                let e = decode_frame(&f, &shallow).unwrap_err();
+                assert!(e.to_string().contains("PARALLEL_MAX_VALUE_DEPTH"), "{e}");
+            })
+            .unwrap()
+            .join()
+            .unwrap();
     }
 
     #[test]

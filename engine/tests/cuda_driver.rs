@@ -363,7 +363,8 @@ fn cuda_tensors_between_threads() {
                 (r.join().unwrap(), w.join().unwrap())
             });
             sent.unwrap();
-            let Value::List(items) = got.unwrap() else {
+            let got = got.unwrap();
+            let Value::List(items) = &got else {
                 panic!("not a list")
             };
             let rt = items[1].as_tensor().unwrap();
@@ -373,7 +374,7 @@ fn cuda_tensors_between_threads() {
             assert_eq!(count("ipc_exports") - exports, ipc as i32, "size {n}");
             // A peer in this process: its own memory, never a mapping.
             assert_eq!(count("ipc_opens"), 0);
-            drop(items);
+            drop(got);
             clean(&format!("size {n}"));
             no_pinned_left(&format!("size {n}"));
             assert_eq!(
@@ -526,7 +527,8 @@ fn cuda_tensors_across_processes() {
         clean("a refused message");
         // 3. Raw records through the backend: the tensor's address, bounds checked, closed.
         let g = cuda::cuda().unwrap();
-        let Value::Bytes(b) = conn.recv(t(30.0)).unwrap() else {
+        let got = conn.recv(t(30.0)).unwrap();
+        let Value::Bytes(b) = &got else {
             panic!("not bytes")
         };
         let rec = IpcRecord::decode(b[..].try_into().unwrap());

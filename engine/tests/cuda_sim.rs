@@ -101,7 +101,7 @@ fn cuda_tensors_arrive_as_cuda_tensors_on_the_same_device() {
             let h = sc.spawn(|| conn.recv(t(30.0)).unwrap());
             c.send_timeout(&v, t(30.0)).unwrap();
             let got = h.join().unwrap();
-            let Value::List(items) = got else {
+            let Value::List(items) = &got else {
                 panic!("{got:?}")
             };
             let rt = items[1].as_tensor().unwrap();
@@ -310,9 +310,8 @@ fn cuda_views_across_processes() {
     assert_eq!(conn.link().cuda_ipc(), ipc_expected());
     let base = pattern(3 << 20, 9);
     for _ in 0..3 {
-        let Value::List(items) = conn.recv(t(30.0)).unwrap() else {
-            panic!()
-        };
+        let got = conn.recv(t(30.0)).unwrap();
+        let Value::List(items) = &got else { panic!() };
         let off = items[0].as_int().unwrap() as usize;
         let x = items[1].as_tensor().unwrap();
         assert_eq!(x.device, Device::Cuda(0));

@@ -391,7 +391,7 @@ fn ep_5_read_ahead_message_reaches_a_direct_recv_in_order() {
         c2.send(&Value::Int(2)).unwrap();
     });
     let (v, conn) = s.recv_any(None, t(30.0)).unwrap();
-    match v {
+    match &v {
         Value::Bytes(b) => assert!(b[..] == expect[..], "payload corrupted"),
         other => panic!("expected bytes, got {}", other.type_name()),
     }

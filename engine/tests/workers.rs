@@ -382,7 +382,7 @@ fn child() {
     match mode {
         "echo" => loop {
             match q.read(t(10_000)) {
-                Ok(Value::Str(path)) => q
+                Ok(Value::Str(ref path)) => q
                     .write(vec![Value::bytes(std::fs::read(path).unwrap())], None)
                     .unwrap(),
                 Ok(v) => q.write(vec![v], None).unwrap(),
@@ -411,7 +411,7 @@ fn seed_workqueue_two_worker_processes_load_files() {
     }
     let mut kids = [spawn_child("echo", &name), spawn_child("echo", &name)];
     let mut got: Vec<Vec<u8>> = (0..3)
-        .map(|_| match q.read(t(10_000)).unwrap() {
+        .map(|_| match &q.read(t(10_000)).unwrap() {
             Value::Bytes(b) => b.to_vec(),
             v => panic!("unexpected {v:?}"),
         })

@@ -7,6 +7,10 @@
 //!   as long as the engine may read or write its memory.
 //! - DL-2: an exported capsule owns its engine tensor until the consumer calls the deleter, or,
 //!   if never consumed, until the capsule is destroyed (the standard "used_dltensor" protocol).
+//! - DL-4: a tensor the wire cannot carry (sparse, quantized, nested, conjugate or negative bit
+//!   set, float8 and other dtypes without a wire code) is refused with the package's Unsupported
+//!   error naming its dtype or layout and the fix, checked before `__dlpack__` is called (whose
+//!   own errors are torch's or numpy's classes, and are also turned into Unsupported).
 //! - DL-3: CUDA tensors are imported with our stream as DLPack's `stream` argument (the producer
 //!   orders its work before ours); exported CUDA tensors are complete (our stream was
 //!   synchronized), so the consumer may use them on any stream.
@@ -142,6 +146,7 @@ pub fn import_out(obj: &Bound<'_, PyAny>) -> PyResult<(Tensor, Option<PyObject>)
 /// stream and makes ours wait); our calls synchronize our stream before they return.
 fn import_as(obj: &Bound<'_, PyAny>, write: bool) -> PyResult<Tensor> {
     let py = obj.py();
+    refuse_unwired(obj)?;
     let mut src = obj.clone();
     if src.hasattr("requires_grad")? && src.getattr("requires_grad")?.is_truthy()? {
         src = src.call_method0("detach")?;
@@ -178,9 +183,10 @@ fn import_as(obj: &Bound<'_, PyAny>, write: bool) -> PyResult<Tensor> {
         if let Some(d) = &on_device {
             d.call_method1("__exit__", (py.None(), py.None(), py.None()))?;
         }
-        cap?
+        cap.map_err(|e| not_exported(obj, e))?
     } else {
-        src.call_method0("__dlpack__")?
+        src.call_method0("__dlpack__")
+            .map_err(|e| not_exported(obj, e))?
     };
     // SAFETY: PyCapsule_GetPointer checks the capsule type and name and returns NULL (with an
     // exception set) when they do not match.
@@ -200,8 +206,8 @@ fn import_as(obj: &Bound<'_, PyAny>, write: bool) -> PyResult<Tensor> {
         .map(|n| n.to_string())
         .unwrap_or_default();
     let dtype = dtype_from(t.dtype).ok_or_else(|| {
-        PyTypeError::new_err(format!(
-            "unsupported tensor dtype (DLPack code {}, {} bits, {} lanes) in a {ty}",
+        refuse(format!(
+            "unsupported tensor dtype (DLPack code {}, {} bits, {} lanes) in a {ty}: cast it to one of bool, (u)int8-64, float16, bfloat16, float32, float64, complex64, complex128",
             t.dtype.code, t.dtype.bits, t.dtype.lanes
         ))
     })?;
@@ -266,6 +272,105 @@ fn import_as(obj: &Bound<'_, PyAny>, write: bool) -> PyResult<Tensor> {
     // SAFETY: the producer guarantees the memory described by (ptr, shape, strides) is valid while
     // its capsule lives; `keep` holds the capsule for the tensor's lifetime (DL-1).
     Ok(unsafe { Tensor::from_raw(dtype, shape, strides, device, ptr, span, keep) })
+}
+
+/// The package's Unsupported error for a tensor the wire cannot carry (DL-4).
+fn refuse(msg: String) -> PyErr {
+    crate::errors::to_py(parallel_engine::Error::new(
+        parallel_engine::ErrorKind::Unsupported,
+        "tensor",
+        msg,
+    ))
+}
+
+/// `__dlpack__` failed: an Unsupported error naming the tensor and the producer's reason (DL-4).
+fn not_exported(obj: &Bound<'_, PyAny>, e: PyErr) -> PyErr {
+    let what = obj
+        .getattr("dtype")
+        .map(|d| d.to_string())
+        .unwrap_or_else(|_| crate::convert::type_name(obj));
+    refuse(format!(
+        "a {} {what} cannot be exported by DLPack ({e}): make it a dense, contiguous tensor of a plain dtype first (e.g. .to_dense(), .contiguous(), a cast)",
+        crate::convert::type_name(obj)
+    ))
+}
+
+/// The torch dtypes the wire carries (the others, float8 kinds among them, have no wire code).
+const WIRED: [&str; 15] = [
+    "torch.bool",
+    "torch.uint8",
+    "torch.int8",
+    "torch.int16",
+    "torch.int32",
+    "torch.int64",
+    "torch.float16",
+    "torch.bfloat16",
+    "torch.float32",
+    "torch.float64",
+    "torch.complex64",
+    "torch.complex128",
+    "torch.uint16",
+    "torch.uint32",
+    "torch.uint64",
+];
+
+/// Refuses torch tensors the wire cannot carry, naming the dtype or layout and the fix, before
+/// DLPack export is attempted (DL-4). Only torch tensors have these properties.
+fn refuse_unwired(obj: &Bound<'_, PyAny>) -> PyResult<()> {
+    let ty = obj.get_type();
+    if !ty
+        .module()
+        .is_ok_and(|m| m.to_string().starts_with("torch"))
+    {
+        return Ok(());
+    }
+    let flag = |name: &str| -> bool {
+        obj.getattr(name)
+            .and_then(|v| v.is_truthy())
+            .unwrap_or(false)
+    };
+    let call = |name: &str| -> bool {
+        obj.call_method0(name)
+            .and_then(|v| v.is_truthy())
+            .unwrap_or(false)
+    };
+    let layout = obj
+        .getattr("layout")
+        .map(|l| l.to_string())
+        .unwrap_or_default();
+    let dtype = obj
+        .getattr("dtype")
+        .map(|d| d.to_string())
+        .unwrap_or_default();
+    let why = if flag("is_nested") {
+        Some("a nested tensor cannot be sent: send t.unbind() (a list of tensors) or t.to_padded_tensor(0)".to_string())
+    } else if flag("is_sparse") || (!layout.is_empty() && layout != "torch.strided") {
+        Some(format!(
+            "a sparse tensor (layout {layout}) cannot be sent: call .to_dense() first"
+        ))
+    } else if flag("is_quantized") {
+        Some(format!(
+            "a quantized tensor ({dtype}) cannot be sent: call .dequantize() first, or send .int_repr() with its scale and zero point"
+        ))
+    } else if call("is_conj") {
+        Some(format!(
+            "a {dtype} tensor with its conjugate bit set cannot be sent: call .resolve_conj() first"
+        ))
+    } else if call("is_neg") {
+        Some(format!(
+            "a {dtype} tensor with its negative bit set cannot be sent: call .resolve_neg() first"
+        ))
+    } else if !dtype.is_empty() && !WIRED.contains(&dtype.as_str()) {
+        Some(format!(
+            "a {dtype} tensor cannot be sent (the wire has no code for this dtype): cast it first, e.g. t.to(torch.bfloat16), or send its bytes with t.view(torch.uint8)"
+        ))
+    } else {
+        None
+    };
+    match why {
+        Some(m) => Err(refuse(m)),
+        None => Ok(()),
+    }
 }
 
 /// What an exported capsule owns.

@@ -12,6 +12,7 @@
 mod convert;
 mod dlpack;
 mod errors;
+mod structure;
 mod tree;
 mod workers;
 
@@ -152,14 +153,18 @@ fn do_recv(
     pickle: bool,
 ) -> PyResult<PyObject> {
     let t = timeout(t)?;
-    let (mut tensors, mut objs, mut wb) = (Vec::new(), Vec::new(), Vec::new());
-    if let Some(o) = out {
-        convert::flatten_out(o, &mut tensors, &mut objs, &mut wb, 0)?;
-    }
+    let mut o = match out {
+        Some(o) => convert::Outs::collect(o)?,
+        None => convert::Outs::default(),
+    };
     let c = conn.clone();
-    let v = wait(py, move || c.recv_into(&mut tensors, t))?;
-    convert::write_back(py, &wb)?;
-    convert::to_py(py, v, &objs, pickle)
+    let (mut tensors, paths) = (std::mem::take(&mut o.tensors), o.paths.take());
+    let v = wait(py, move || match &paths {
+        Some(p) => c.recv_into_keyed(&mut tensors, p, t),
+        None => c.recv_into(&mut tensors, t),
+    })?;
+    convert::write_back(py, &o.writebacks)?;
+    convert::to_py(py, v, &o.objs, pickle)
 }
 
 fn do_send_async(
@@ -183,14 +188,14 @@ fn do_recv_async(
     out: Option<&Bound<'_, PyAny>>,
     pickle: bool,
 ) -> PyResult<Handle> {
-    let (mut tensors, mut objs, mut wb) = (Vec::new(), Vec::new(), Vec::new());
-    if let Some(o) = out {
-        convert::flatten_out(o, &mut tensors, &mut objs, &mut wb, 0)?;
-    }
+    let o = match out {
+        Some(o) => convert::Outs::collect(o)?,
+        None => convert::Outs::default(),
+    };
     Ok(Handle {
-        inner: HandleKind::Recv(conn.recv_async(tensors, timeout(t)?)),
-        outs: objs,
-        writebacks: wb,
+        inner: HandleKind::Recv(conn.recv_async_keyed(o.tensors, o.paths, timeout(t)?)),
+        outs: o.objs,
+        writebacks: o.writebacks,
         pickle,
     })
 }
@@ -206,7 +211,8 @@ macro_rules! conn_methods {
             fn send(&self, py: Python<'_>, value: &Bound<'_, PyAny>, timeout: Option<f64>) -> PyResult<()> {
                 do_send(py, &self.conn, value, timeout, self.pickle)
             }
-            /// Receives the next message; with `out`, tensors land in the given tensors in place.
+            /// Receives the next message; with `out` (a tensor, or lists/tuples/dicts of them), each
+            /// tensor lands in place in the `out` tensor at its own path (indices and dict keys).
             #[pyo3(signature = (timeout=None, out=None))]
             fn recv(&self, py: Python<'_>, timeout: Option<f64>, out: Option<&Bound<'_, PyAny>>) -> PyResult<PyObject> {
                 do_recv(py, &self.conn, timeout, out, self.pickle)

@@ -9,8 +9,9 @@
 use crate::convert;
 use crate::dlpack;
 use crate::errors::IntoPyResult;
+use crate::structure::{self, Flat};
 use parallel_collectives::ops::{Op, UserReduce};
-use parallel_collectives::tree::DeviceReduce;
+use parallel_collectives::tree::{DeviceReduce, STRUCTURE_DIFFERS};
 use parallel_collectives::{Tree, TreeOptions};
 use parallel_engine::cuda::{self, DeviceAlloc, Mem};
 use parallel_engine::runtime::{Completion, Deadline};
@@ -168,14 +169,115 @@ fn check_result(py: Python<'_>, a: &Bound<'_, PyAny>, r: &Bound<'_, PyAny>) -> P
 /// The tensors of a value, grouped for the collectives.
 struct Leaves {
     tensors: Vec<Tensor>,
+    /// The dtype of the empty collective a value without leaves still takes part in (its
+    /// structure is checked all the same, TREE-7).
+    empty: DType,
+}
+
+/// A value prepared for a collective (STRUCT-1..4): flattened in canonical order, checked
+/// against the op, with its structure's signature and hash.
+struct Prepared {
+    flat: Flat,
+    leaves: Leaves,
+    sig: Vec<u8>,
+    hash: u64,
+}
+
+impl Prepared {
+    fn new(value: &Bound<'_, PyAny>, what: &'static str, op: Option<&Op>) -> PyResult<Prepared> {
+        let mut flat = Flat::collect(value, what)?;
+        if let Some(op) = op {
+            flat.check_op(op, what)?;
+        }
+        let sig = flat.signature();
+        // FNV-1a; never 0 (which means "no structure").
+        let hash = sig
+            .iter()
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+            })
+            .max(1);
+        let empty = [DType::F32, DType::I64]
+            .into_iter()
+            .find(|d| op.is_none_or(|o| o.check(*d).is_ok()))
+            .unwrap_or(DType::U8);
+        let leaves = Leaves {
+            tensors: flat.leaf_tensors(),
+            empty,
+        };
+        Ok(Prepared {
+            flat,
+            leaves,
+            sig,
+            hash,
+        })
+    }
+
+    /// Refuses number leaves (for the asynchronous collectives, which return the value itself).
+    fn no_numbers(&self, what: &'static str) -> PyResult<()> {
+        if self.flat.has_numbers() {
+            return Err(crate::errors::to_py(Error::new(
+                ErrorKind::Unsupported,
+                what,
+                "plain numbers in the value: only the blocking call returns reduced numbers; pass tensors here",
+            )));
+        }
+        Ok(())
+    }
+
+    /// After the collective: copies back, and the value to return (a copy carrying the reduced
+    /// numbers when there are any, else `value` itself).
+    fn finish<'py>(
+        mut self,
+        value: Bound<'py, PyAny>,
+        leaves: &Leaves,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let py = value.py();
+        convert::write_back(py, &self.flat.writebacks)?;
+        if !self.flat.has_numbers() {
+            return Ok(value);
+        }
+        self.flat.numbers_from(&leaves.tensors);
+        Ok(self.flat.rebuild(&value)?.into_bound(py))
+    }
+}
+
+/// Runs the collective(s) of one nested value carrying its structure hash (TREE-7); when the
+/// ranks' structures differ, gathers them to name the first differing path and the ranks.
+fn structured(
+    t: &Tree,
+    what: &'static str,
+    hash: u64,
+    sig: &[u8],
+    f: impl FnOnce() -> parallel_engine::Result<()>,
+) -> parallel_engine::Result<()> {
+    match t.with_structure(hash, f) {
+        Err(e) if e.kind() == ErrorKind::Mismatch && e.message().contains(STRUCTURE_DIFFERS) => {
+            let named = t.all_gather(sig).ok().and_then(|all| {
+                // Every rank takes part in a structure verdict (TREE-7): sorted by rank,
+                // the i-th piece is rank i's.
+                let sigs: Vec<Vec<u8>> = all.into_iter().map(|(_, b)| b).collect();
+                structure::first_difference(&sigs)
+            });
+            Err(match named {
+                Some(m) => Error::new(
+                    ErrorKind::Mismatch,
+                    what,
+                    format!("the values differ in structure across ranks: {m}"),
+                ),
+                None => e,
+            })
+        }
+        r => r,
+    }
 }
 
 impl Leaves {
-    /// The leaves, and the contiguous stand-ins of non-contiguous CUDA views to copy back.
-    fn collect(value: &Bound<'_, PyAny>) -> PyResult<(Leaves, Vec<(PyObject, PyObject)>)> {
-        let (mut tensors, mut objs, mut wb) = (Vec::new(), Vec::new(), Vec::new());
-        convert::flatten_out(value, &mut tensors, &mut objs, &mut wb, 0)?;
-        Ok((Leaves { tensors }, wb))
+    fn none() -> Leaves {
+        Leaves {
+            tensors: Vec::new(),
+            empty: DType::F32,
+        }
     }
 
     /// (dtype, device) groups in first-appearance order, each a list of leaf indices.
@@ -202,7 +304,11 @@ impl Leaves {
         mut f: impl FnMut(DType, &mut [u8]) -> parallel_engine::Result<()>,
         mut fdev: Option<&mut dyn FnMut(DType, i32, u64, usize) -> parallel_engine::Result<()>>,
     ) -> parallel_engine::Result<()> {
-        for (dtype, device, idx) in self.groups() {
+        let groups = self.groups();
+        if groups.is_empty() {
+            return f(self.empty, &mut []);
+        }
+        for (dtype, device, idx) in groups {
             if let Device::Cuda(dev) = device {
                 self.cuda_group(dtype, dev, &idx, &mut f, &mut fdev)?;
                 continue;
@@ -483,6 +589,11 @@ impl Tree_ {
         self.tree.contributors()
     }
     /// All-reduce in place; returns `value`. `op`: a name or a callable `f(a, b)`.
+    ///
+    /// `value`: a tensor, a number, or lists/tuples/dicts of them, nested; leaves are matched
+    /// across ranks by place and dict key (never insertion order), and a structure that differs
+    /// across ranks is a Mismatch on every rank naming the first differing path. Numbers (int,
+    /// float, bool) are reduced too: then a copy of `value` carrying them is returned.
     #[pyo3(signature = (value, op=None))]
     fn all_reduce<'py>(
         &self,
@@ -491,13 +602,18 @@ impl Tree_ {
         op: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let (op, user, raised) = op_or_sum(op)?;
-        let (mut leaves, wb) = Leaves::collect(&value)?;
-        self.run(py, move |t| {
-            all_reduce_leaves(t, &mut leaves, &op, user.as_ref())
-        })
-        .map_err(|e| with_cause(py, e, &raised))?;
-        convert::write_back(py, &wb)?;
-        Ok(value)
+        let mut p = Prepared::new(&value, "all_reduce", Some(&op))?;
+        let mut leaves = std::mem::replace(&mut p.leaves, Leaves::none());
+        let (hash, sig) = (p.hash, std::mem::take(&mut p.sig));
+        let leaves = self
+            .run(py, move |t| {
+                structured(t, "all_reduce", hash, &sig, || {
+                    all_reduce_leaves(t, &mut leaves, &op, user.as_ref())
+                })?;
+                Ok(leaves)
+            })
+            .map_err(|e| with_cause(py, e, &raised))?;
+        p.finish(value, &leaves)
     }
     /// Like all_reduce, without waiting: returns a handle with wait(timeout) and done().
     #[pyo3(signature = (value, op=None))]
@@ -507,9 +623,14 @@ impl Tree_ {
         op: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Work> {
         let (op, user, raised) = op_or_sum(op)?;
-        let (mut leaves, wb) = Leaves::collect(&value)?;
-        let mut w = self.work(value, wb, move |t| {
-            all_reduce_leaves(t, &mut leaves, &op, user.as_ref())
+        let mut p = Prepared::new(&value, "all_reduce_async", Some(&op))?;
+        p.no_numbers("all_reduce_async")?;
+        let mut leaves = std::mem::replace(&mut p.leaves, Leaves::none());
+        let (hash, sig) = (p.hash, std::mem::take(&mut p.sig));
+        let mut w = self.work(value, p.flat.writebacks, move |t| {
+            structured(t, "all_reduce", hash, &sig, || {
+                all_reduce_leaves(t, &mut leaves, &op, user.as_ref())
+            })
         })?;
         w.raised = raised;
         Ok(w)
@@ -517,8 +638,15 @@ impl Tree_ {
     /// Like broadcast, without waiting.
     #[pyo3(signature = (value, root=0))]
     fn broadcast_async(&self, value: Bound<'_, PyAny>, root: usize) -> PyResult<Work> {
-        let (mut leaves, wb) = Leaves::collect(&value)?;
-        self.work(value, wb, move |t| broadcast_leaves(t, &mut leaves, root))
+        let mut p = Prepared::new(&value, "broadcast_async", None)?;
+        p.no_numbers("broadcast_async")?;
+        let mut leaves = std::mem::replace(&mut p.leaves, Leaves::none());
+        let (hash, sig) = (p.hash, std::mem::take(&mut p.sig));
+        self.work(value, p.flat.writebacks, move |t| {
+            structured(t, "broadcast", hash, &sig, || {
+                broadcast_leaves(t, &mut leaves, root)
+            })
+        })
     }
     /// Like barrier, without waiting.
     fn barrier_async(&self, py: Python<'_>) -> PyResult<Work> {
@@ -526,7 +654,8 @@ impl Tree_ {
             t.barrier().map(|_| ())
         })
     }
-    /// Broadcast from `root` in place; returns `value`.
+    /// Broadcast from `root` in place, matched by structure and key like all_reduce; returns
+    /// `value` (a copy carrying the root's numbers when it holds numbers).
     #[pyo3(signature = (value, root=0))]
     fn broadcast<'py>(
         &self,
@@ -534,12 +663,19 @@ impl Tree_ {
         value: Bound<'py, PyAny>,
         root: usize,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let (mut leaves, wb) = Leaves::collect(&value)?;
-        self.run(py, move |t| broadcast_leaves(t, &mut leaves, root))?;
-        convert::write_back(py, &wb)?;
-        Ok(value)
+        let mut p = Prepared::new(&value, "broadcast", None)?;
+        let mut leaves = std::mem::replace(&mut p.leaves, Leaves::none());
+        let (hash, sig) = (p.hash, std::mem::take(&mut p.sig));
+        let leaves = self.run(py, move |t| {
+            structured(t, "broadcast", hash, &sig, || {
+                broadcast_leaves(t, &mut leaves, root)
+            })?;
+            Ok(leaves)
+        })?;
+        p.finish(value, &leaves)
     }
-    /// Reduce to `root` (in place there; other ranks keep their values); returns `value`.
+    /// Reduce to `root` (in place there; other ranks keep their values), matched by structure
+    /// and key like all_reduce; returns `value` (a copy carrying the numbers when it holds any).
     #[pyo3(signature = (value, op=None, root=0))]
     fn reduce<'py>(
         &self,
@@ -549,20 +685,26 @@ impl Tree_ {
         root: usize,
     ) -> PyResult<Bound<'py, PyAny>> {
         let (op, user, raised) = op_or_sum(op)?;
-        let (mut leaves, wb) = Leaves::collect(&value)?;
-        self.run(py, move |t| {
-            let mut on_device = |dt: DType, dev: i32, ptr: u64, len: usize| {
-                // SAFETY: as in all_reduce_leaves.
-                unsafe { t.reduce_cuda(dt, dev, ptr, len, &op, user.as_ref(), root) }.map(|_| ())
-            };
-            leaves.each_group(
-                |dt, b| t.reduce(dt, b, &op, root).map(|_| ()),
-                Some(&mut on_device),
-            )
-        })
-        .map_err(|e| with_cause(py, e, &raised))?;
-        convert::write_back(py, &wb)?;
-        Ok(value)
+        let mut p = Prepared::new(&value, "reduce", Some(&op))?;
+        let mut leaves = std::mem::replace(&mut p.leaves, Leaves::none());
+        let (hash, sig) = (p.hash, std::mem::take(&mut p.sig));
+        let leaves = self
+            .run(py, move |t| {
+                let mut on_device = |dt: DType, dev: i32, ptr: u64, len: usize| {
+                    // SAFETY: as in all_reduce_leaves.
+                    unsafe { t.reduce_cuda(dt, dev, ptr, len, &op, user.as_ref(), root) }
+                        .map(|_| ())
+                };
+                structured(t, "reduce", hash, &sig, || {
+                    leaves.each_group(
+                        |dt, b| t.reduce(dt, b, &op, root).map(|_| ()),
+                        Some(&mut on_device),
+                    )
+                })?;
+                Ok(leaves)
+            })
+            .map_err(|e| with_cause(py, e, &raised))?;
+        p.finish(value, &leaves)
     }
     /// All-reduce of a copy of `tensor`, then this rank's part of it along dimension 0 (parts as
     /// `torch.tensor_split` makes them). Returns the part.

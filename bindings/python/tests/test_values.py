@@ -136,7 +136,7 @@ def test_out_mismatch_raises_and_keeps_the_connection(pair):
     assert isinstance(ei.value, ValueError) and ei.value.peer
     assert conn.recv(timeout=10) == "next"
     c.send([torch.ones(1)])
-    with pytest.raises(parallel.Mismatch, match="2 were given"):
+    with pytest.raises(parallel.Mismatch, match=r"out= has a tensor at value\[1\]"):
         conn.recv(timeout=10, out=[torch.empty(1), torch.empty(1)])
     c.send(42)
     assert conn.recv(timeout=10) == 42

@@ -155,6 +155,7 @@ impl Tree {
             count,
             root,
             gpu: true,
+            sig: 0,
         };
         self.run(|| {
             let v = self.pass(Some(&meta), Some(op), None, false, true)?;
@@ -285,6 +286,7 @@ impl Tree {
             count,
             root,
             gpu: true,
+            sig: 0,
         };
         self.run(|| {
             self.pass(Some(&meta), None, None, false, self.rank == root)?;

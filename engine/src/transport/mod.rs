@@ -25,7 +25,7 @@ use crate::config::config;
 use crate::cuda;
 use crate::error::{Error, ErrorKind, Result, protocol};
 use crate::runtime::{self, Deadline, Interest};
-use crate::value::{Device, Tensor, Value};
+use crate::value::{Device, Key, Tensor, Value};
 use crate::wire::{
     self, FLAG_CMA, FLAG_CUDA_IPC, Filled, FrameKind, HEADER_LEN, Header, Limits, SegKind,
 };
@@ -540,6 +540,18 @@ impl Link {
         self.lock_recv().recv(out, deadline)
     }
 
+    /// Receives one message; each tensor goes into the `out` tensor whose path (`paths[i]` for
+    /// `out[i]`: list/tuple indices and dict keys from the root) is the tensor's path in the
+    /// message, whatever order either side's dicts list their keys in (LINK-1 on mismatch).
+    pub fn recv_keyed(
+        &self,
+        out: &mut [Tensor],
+        paths: &[Vec<Key>],
+        deadline: Deadline,
+    ) -> Result<Value> {
+        self.lock_recv().recv_keyed(out, Some(paths), deadline)
+    }
+
     /// True when a receive would find bytes (or the end of the stream) without waiting.
     pub fn ready(&self) -> bool {
         match &self.shm {
@@ -701,7 +713,17 @@ impl RecvGuard<'_> {
 
     /// Receives one message (see [`Link::recv`]).
     pub fn recv(&mut self, out: &mut [Tensor], deadline: Deadline) -> Result<Value> {
-        let r = self.recv_message(out, deadline);
+        self.recv_keyed(out, None, deadline)
+    }
+
+    /// Receives one message (see [`Link::recv_keyed`]; `None`: `out` in order).
+    pub fn recv_keyed(
+        &mut self,
+        out: &mut [Tensor],
+        paths: Option<&[Vec<Key>]>,
+        deadline: Deadline,
+    ) -> Result<Value> {
+        let r = self.recv_message(out, paths, deadline);
         if r.as_ref().is_err_and(|e| e.kind() == ErrorKind::PeerLost) {
             // LINK-3 for the other direction: a shared-memory ring (or a TCP socket whose reset
             // has not arrived yet) would otherwise accept a send to the dead peer silently.
@@ -710,7 +732,12 @@ impl RecvGuard<'_> {
         r
     }
 
-    fn recv_message(&mut self, out: &mut [Tensor], deadline: Deadline) -> Result<Value> {
+    fn recv_message(
+        &mut self,
+        out: &mut [Tensor],
+        paths: Option<&[Vec<Key>]>,
+        deadline: Deadline,
+    ) -> Result<Value> {
         let link = self.link;
         let start = Instant::now();
         if link.closed_locally.load(Ordering::SeqCst) {
@@ -758,7 +785,7 @@ impl RecvGuard<'_> {
                 return Err(link.err(e));
             }
         }
-        let r = self.recv_after_header(&hb, out, deadline);
+        let r = self.recv_after_header(&hb, out, paths, deadline);
         match &r {
             Ok(_) => {
                 link.counters.msgs_recv.fetch_add(1, Ordering::Relaxed);
@@ -777,6 +804,7 @@ impl RecvGuard<'_> {
         &mut self,
         hb: &[u8; HEADER_LEN],
         out: &mut [Tensor],
+        paths: Option<&[Vec<Key>]>,
         deadline: Deadline,
     ) -> Result<Value> {
         let link = self.link;
@@ -853,10 +881,26 @@ impl RecvGuard<'_> {
                 "cross-memory or CUDA IPC frame on a TCP link",
             ));
         }
+        // Which out tensor each tensor segment lands in: in order, or by path.
+        let (order, by_path) = match paths {
+            Some(p) if !out.is_empty() => match wire::match_paths(&wire::tensor_paths(d), p) {
+                Ok(o) => (o, None),
+                Err(m) => (Vec::new(), Some(m)),
+            },
+            _ => ((0..out.len()).collect(), None),
+        };
         let mismatch = if out.is_empty() {
             None
         } else {
-            match_outs(&segs, out)
+            by_path
+                .map(|m| format!("{m} (the message was discarded; the connection is still usable)"))
+                .or_else(|| {
+                    let name = |j: usize| match paths {
+                        Some(p) => format!("out= at {}", wire::path_str(&p[j])),
+                        None => format!("out[{j}]"),
+                    };
+                    match_outs(&segs, out, &order, &name)
+                })
         };
         let mut filled = Vec::with_capacity(segs.len());
         let mut out_i = 0usize;
@@ -888,10 +932,10 @@ impl RecvGuard<'_> {
             // Where the bytes land: the caller's tensor, a new CUDA tensor (for a CUDA segment,
             // when this process has CUDA), or a new host buffer.
             let r = if to_out {
-                let t = &mut out[out_i];
+                let j = order[out_i];
                 out_i += 1;
-                self.fill_tensor(t, len, via_cma, via_ipc, dev_seg, deadline)
-                    .map(|_| Filled::Out(out_i - 1))
+                self.fill_tensor(&mut out[j], len, via_cma, via_ipc, dev_seg, deadline)
+                    .map(|_| Filled::Out(j))
             } else if let (Some(i), SegKind::Tensor { dtype, shape, .. }) = (dev_seg, &s.kind)
                 && let Some(g) = cuda::cuda()
             {
@@ -1219,29 +1263,76 @@ impl RecvGuard<'_> {
     }
 }
 
-/// Moves the tensors of an already received message into the caller's `out` tensors (in order),
-/// as a receive into `out` would have: they then appear as `Value::Out(i)`. A message whose
-/// tensors do not match is a `Mismatch` error (the message is consumed, as in LINK-1).
-pub fn into_outs(mut v: Value, out: &mut [Tensor]) -> Result<Value> {
-    let mut got: Vec<Tensor> = Vec::new();
-    let mut stack: Vec<&mut Value> = vec![&mut v];
-    while let Some(x) = stack.pop() {
+/// Moves the tensors of an already received message into the caller's `out` tensors (in order,
+/// or by path when `paths` is given, as [`Link::recv_keyed`] matches them), as a receive into
+/// `out` would have: they then appear as `Value::Out(i)`. A message whose tensors do not match is
+/// a `Mismatch` error (the message is consumed, as in LINK-1).
+pub fn into_outs(mut v: Value, out: &mut [Tensor], paths: Option<&[Vec<Key>]>) -> Result<Value> {
+    let mut found: Vec<(Vec<Key>, Tensor)> = Vec::new();
+    let mut stack: Vec<(Vec<Key>, &mut Value)> = vec![(Vec::new(), &mut v)];
+    while let Some((at, x)) = stack.pop() {
         match x {
-            Value::List(l) | Value::Tuple(l) => stack.extend(l.iter_mut().rev()),
-            Value::Dict(d) => stack.extend(d.iter_mut().rev().map(|(_, v)| v)),
+            Value::List(l) | Value::Tuple(l) => {
+                for (i, c) in l.iter_mut().enumerate().rev() {
+                    let mut p = at.clone();
+                    p.push(Key::Int(i as i64));
+                    stack.push((p, c));
+                }
+            }
+            Value::Dict(d) => {
+                for (k, c) in d.iter_mut().rev() {
+                    let mut p = at.clone();
+                    p.push(k.clone());
+                    stack.push((p, c));
+                }
+            }
             Value::Tensor(_) => {
-                let Value::Tensor(t) = std::mem::replace(x, Value::Out(got.len())) else {
+                let Ok(t) = std::mem::replace(x, Value::Out(found.len())).into_tensor() else {
                     unreachable!("matched a tensor")
                 };
-                got.push(t);
+                found.push((at, t));
             }
             _ => {}
         }
     }
-    let why = if got.len() != out.len() {
+    // Where each found tensor goes: in order, or to the out tensor at the same path.
+    let order: Vec<usize> = match paths {
+        Some(p) if !out.is_empty() && found.len() == out.len() => {
+            let incoming: Vec<Vec<Key>> = found.iter().map(|(at, _)| at.clone()).collect();
+            wire::match_paths(&incoming, p).map_err(|m| {
+                Error::new(
+                    ErrorKind::Mismatch,
+                    "recv",
+                    format!("{m} (the message was discarded; the connection is still usable)"),
+                )
+            })?
+        }
+        _ => (0..found.len()).collect(),
+    };
+    // The placeholders name the discovery index; renumber them to the out tensor each fills.
+    let mut stack: Vec<&mut Value> = vec![&mut v];
+    while let Some(x) = stack.pop() {
+        match x {
+            Value::List(l) | Value::Tuple(l) => stack.extend(l.iter_mut()),
+            Value::Dict(d) => stack.extend(d.iter_mut().map(|(_, c)| c)),
+            Value::Out(k) => *k = order[*k],
+            _ => {}
+        }
+    }
+    let mut got: Vec<Option<Tensor>> = Vec::new();
+    got.resize_with(out.len().max(found.len()), || None);
+    let n_found = found.len();
+    for ((_, t), &j) in found.into_iter().zip(&order) {
+        if j < got.len() {
+            got[j] = Some(t);
+        }
+    }
+    let got: Vec<Tensor> = got.into_iter().flatten().collect();
+    let got_len = n_found;
+    let why = if got_len != out.len() {
         Some(format!(
             "the message holds {} tensors but {} were given as out (the message was discarded; the connection is still usable)",
-            got.len(),
+            got_len,
             out.len()
         ))
     } else {
@@ -1273,7 +1364,12 @@ pub fn into_outs(mut v: Value, out: &mut [Tensor]) -> Result<Value> {
 
 /// Checks the caller's `out` tensors against the incoming tensor segments; returns why they do
 /// not match, if they do not.
-fn match_outs(segs: &[wire::SegInfo], out: &[Tensor]) -> Option<String> {
+fn match_outs(
+    segs: &[wire::SegInfo],
+    out: &[Tensor],
+    order: &[usize],
+    name: &dyn Fn(usize) -> String,
+) -> Option<String> {
     let incoming: Vec<_> = segs
         .iter()
         .filter_map(|s| match &s.kind {
@@ -1301,12 +1397,14 @@ fn match_outs(segs: &[wire::SegInfo], out: &[Tensor]) -> Option<String> {
             ));
         }
     }
-    for (i, ((dtype, shape), t)) in incoming.iter().zip(out).enumerate() {
+    for (i, ((dtype, shape), j)) in incoming.iter().zip(order).enumerate() {
+        let t = &out[*j];
         if **dtype != t.dtype || **shape != t.shape {
             return Some(format!(
-                "tensor {i} of the message is {} {:?} but out[{i}] is {} {:?} (the message was discarded; the connection is still usable)",
+                "tensor {i} of the message is {} {:?} but {} is {} {:?} (the message was discarded; the connection is still usable)",
                 dtype.name(),
                 shape,
+                name(*j),
                 t.dtype.name(),
                 t.shape
             ));
