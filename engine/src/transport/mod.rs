@@ -835,13 +835,9 @@ impl RecvGuard<'_> {
                     self.fill(&mut b, via_cma, deadline)?;
                     Ok(match (&s.kind, dev_seg) {
                         // A CUDA tensor arriving where there is no CUDA: a CPU tensor.
-                        (SegKind::Tensor { dtype, shape, .. }, Some(_)) => Filled::Tensor(Tensor {
-                            dtype: *dtype,
-                            shape: shape.clone(),
-                            strides: None,
-                            device: Device::Cpu,
-                            storage: crate::value::Storage::Owned(b),
-                        }),
+                        (SegKind::Tensor { dtype, shape, .. }, Some(_)) => {
+                            Filled::Tensor(Tensor::new(*dtype, shape.clone(), b)?)
+                        }
                         _ => Filled::Buf(b),
                     })
                 })
@@ -885,14 +881,14 @@ impl RecvGuard<'_> {
                 return Ok(());
             }
             let g = cuda::require("recv")?;
-            let dev = match (t.device, src_dev) {
+            let dev = match (t.device(), src_dev) {
                 (Device::Cuda(i), _) => i,
                 (Device::Cpu, Some(i)) if (i as usize) < g.device_count() => i,
                 (Device::Cpu, _) => 0,
             };
             let src = g.ipc_import(dev, &rec)?;
             let mut copy = || -> Result<()> {
-                match t.device {
+                match t.device() {
                     Device::Cuda(_) => {
                         // SAFETY: the exporter keeps its memory until our ack; `t` is
                         // contiguous (match_outs) and holds `len` bytes.
@@ -922,7 +918,7 @@ impl RecvGuard<'_> {
                         unsafe { g.copy(dev, cuda::Mem::Host(host), cuda::Mem::Dev(src), len)? };
                         g.sync(dev, deadline)?;
                         if let Some(b) = &tmp {
-                            t.scatter_from(b);
+                            t.scatter_from(b)?;
                         }
                         Ok(())
                     }
@@ -936,7 +932,7 @@ impl RecvGuard<'_> {
             g.ipc_done(&rec);
             return r;
         }
-        if let Device::Cuda(dev) = t.device {
+        if let Device::Cuda(dev) = t.device() {
             let dst = t.data_mut_ptr() as u64;
             if via_cma {
                 let mut tmp = Buf::with_len(len)?;
@@ -958,8 +954,7 @@ impl RecvGuard<'_> {
         } else {
             let mut tmp = Buf::with_len(len)?;
             self.fill(&mut tmp, via_cma, deadline)?;
-            t.scatter_from(&tmp);
-            Ok(())
+            t.scatter_from(&tmp)
         }
     }
 
@@ -1142,13 +1137,13 @@ fn match_outs(segs: &[wire::SegInfo], out: &[Tensor]) -> Option<String> {
         }
     }
     for (i, ((dtype, shape), t)) in incoming.iter().zip(out).enumerate() {
-        if **dtype != t.dtype || **shape != t.shape {
+        if **dtype != t.dtype() || **shape != t.shape() {
             return Some(format!(
                 "tensor {i} of the message is {} {:?} but out[{i}] is {} {:?} (the message was discarded; the connection is still usable)",
                 dtype.name(),
                 shape,
-                t.dtype.name(),
-                t.shape
+                t.dtype().name(),
+                t.shape()
             ));
         }
     }
