@@ -463,7 +463,14 @@ mod tests {
     #[test]
     fn ops_4_reduce_into_refuses_mismatched_lengths_in_every_build() {
         // Run with `--release` too: this is an assert in release builds, not a debug_assert.
-        for dt in [DType::U8, DType::F16, DType::BF16, DType::F32, DType::F64, DType::C128] {
+        for dt in [
+            DType::U8,
+            DType::F16,
+            DType::BF16,
+            DType::F32,
+            DType::F64,
+            DType::C128,
+        ] {
             let n = dt.itemsize();
             for op in [Op::Sum, Op::Max] {
                 if op.check(dt).is_err() {
@@ -479,7 +486,10 @@ mod tests {
                     }
                     let e = e.unwrap_err();
                     assert_eq!(e.kind(), ErrorKind::Mismatch, "{op:?} {dt:?} {d}/{s}: {e}");
-                    assert!(dst.iter().all(|b| *b == 0x11), "{op:?} {dt:?}: dst was written");
+                    assert!(
+                        dst.iter().all(|b| *b == 0x11),
+                        "{op:?} {dt:?}: dst was written"
+                    );
                 }
             }
         }
