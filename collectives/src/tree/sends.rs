@@ -107,3 +107,84 @@ impl Drop for SendScope<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rendezvous::TreeOptions;
+    use std::time::Instant;
+
+    /// SEND-1/SEND-2: a scope dropped on an error path, with large sends still blocked on a
+    /// neighbour that does not read, returns only once every send completed (so the caller may
+    /// then free the bytes), and promptly (it interrupts them), not at the 20 s deadline.
+    #[test]
+    fn send_2_dropped_scope_waits_for_every_pending_send() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let opts = move |r: usize| TreeOptions {
+            rank: Some(r),
+            world_size: Some(2),
+            root: Some(format!("127.0.0.1:{port}")),
+            timeout: Some(Duration::from_secs(20)),
+            ..Default::default()
+        };
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let stalled = std::thread::spawn(move || {
+            let t = Tree::new(opts(1)).unwrap();
+            // Reads nothing until told to stop, then leaves.
+            let _ = stop_rx.recv_timeout(Duration::from_secs(30));
+            drop(t);
+        });
+        let t = Tree::new(opts(0)).unwrap();
+        let conn = t.link(1).unwrap().clone();
+        let bytes = vec![0x5au8; 16 << 20];
+        let started = Instant::now();
+        let handles: Vec<Completion<()>> = {
+            let mut scope = SendScope::new(&t, Deadline::after(Duration::from_secs(20)));
+            for i in 0..4 {
+                scope.send(&conn, &bytes[i * (4 << 20)..(i + 1) * (4 << 20)]);
+            }
+            let handles = scope.pending.iter().map(|(_, c)| c.clone()).collect();
+            assert!(
+                scope.pending.iter().any(|(_, c)| !c.done()),
+                "64 MiB to a peer that reads nothing cannot all be sent at once"
+            );
+            handles
+            // The scope drops here, as on an early `?`.
+        };
+        let took = started.elapsed();
+        assert!(
+            handles.iter().all(Completion::done),
+            "the scope ended with a send still reading the bytes"
+        );
+        assert!(
+            took < Duration::from_secs(10),
+            "the scope took {took:?} to end"
+        );
+        drop(bytes); // now sound: no send reads them
+        stop_tx.send(()).unwrap();
+        stalled.join().unwrap();
+    }
+
+    #[test]
+    fn send_1_ring_segments_split_without_overlap() {
+        let mut buf: Vec<u8> = (0..10).collect();
+        let (s, r) = crate::tree::disjoint(&mut buf, 6..9, 2..5).unwrap();
+        assert_eq!(s, &[6, 7, 8]);
+        r.fill(0);
+        let (s, r) = crate::tree::disjoint(&mut buf, 0..2, 2..2).unwrap();
+        assert_eq!((s, r.len()), (&[0u8, 1][..], 0));
+        assert_eq!(buf, [0, 1, 0, 0, 0, 5, 6, 7, 8, 9]);
+        assert!(
+            crate::tree::disjoint(&mut buf, 0..3, 2..5).is_err(),
+            "overlap"
+        );
+        assert!(
+            crate::tree::disjoint(&mut buf, 0..3, 8..11).is_err(),
+            "out of bounds"
+        );
+    }
+}
