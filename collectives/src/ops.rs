@@ -186,23 +186,35 @@ fn reduce_half<T: Copy>(
     let n = dst.len() / 2;
     let (mut a, mut b) = ([0f32; B], [0f32; B]);
     let mut tmp: Vec<T> = Vec::with_capacity(B);
+    // The byte slices may be unaligned for T (found by Miri): copy into aligned vectors first.
+    let (mut ds, mut ss): (Vec<T>, Vec<T>) = (Vec::with_capacity(B), Vec::with_capacity(B));
     let mut i = 0;
     while i < n {
         let m = (n - i).min(B);
-        // SAFETY: reading m 16-bit values at element offset i from each buffer (in bounds).
-        let (ds, ss) = unsafe {
-            (
-                std::slice::from_raw_parts(dst.as_ptr().add(i * 2) as *const T, m),
-                std::slice::from_raw_parts(src.as_ptr().add(i * 2) as *const T, m),
-            )
-        };
-        to32(ds, &mut a[..m]);
-        to32(ss, &mut b[..m]);
+        // SAFETY: T is a 16-bit plain-old-data float (every bit pattern valid); m 16-bit values at
+        // element offset i are in bounds of dst and src (OPS-4: same length), and each vector has
+        // capacity B >= m, so the copies fill exactly the m elements set_len exposes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                dst.as_ptr().add(i * 2),
+                ds.as_mut_ptr() as *mut u8,
+                m * 2,
+            );
+            ds.set_len(m);
+            std::ptr::copy_nonoverlapping(
+                src.as_ptr().add(i * 2),
+                ss.as_mut_ptr() as *mut u8,
+                m * 2,
+            );
+            ss.set_len(m);
+        }
+        to32(&ds, &mut a[..m]);
+        to32(&ss, &mut b[..m]);
         let (ab, bb) = (bytes_of_mut(&mut a[..m]), bytes_of(&b[..m]));
         float_ops!(op, ab, bb, f32);
+        // Initialised values (overwritten by from32), so no reference to uninitialised memory.
         tmp.clear();
-        // SAFETY: T is a 16-bit plain-old-data float; we fill all m values below before reading.
-        unsafe { tmp.set_len(m) };
+        tmp.extend_from_slice(&ds);
         from32(&a[..m], &mut tmp);
         // SAFETY: writing m 16-bit values back at element offset i (in bounds).
         unsafe {
