@@ -11,6 +11,9 @@
 //! - OPS-2: `identity` fills a buffer with the op's neutral element (0 for sum, 1 for prod, the
 //!   largest value for min...), which is what a rank that has finished contributes (uneven endings).
 //! - OPS-3: min/max propagate NaN: if either side is NaN the result is NaN.
+//! - OPS-4: `reduce_into` checks, in every build (not only debug), that `dst` and `src` have the
+//!   same length, a whole number of elements, and that the op applies to the dtype; otherwise it
+//!   returns an error and touches nothing. The kernels' unsafe loads and stores rely on it.
 
 use parallel_engine::value::DType;
 use parallel_engine::{Error, ErrorKind, Result};
@@ -194,23 +197,35 @@ fn reduce_half<T: Copy>(
     let n = dst.len() / 2;
     let (mut a, mut b) = ([0f32; B], [0f32; B]);
     let mut tmp: Vec<T> = Vec::with_capacity(B);
+    // The byte slices may be unaligned for T (found by Miri): copy into aligned vectors first.
+    let (mut ds, mut ss): (Vec<T>, Vec<T>) = (Vec::with_capacity(B), Vec::with_capacity(B));
     let mut i = 0;
     while i < n {
         let m = (n - i).min(B);
-        // SAFETY: reading m 16-bit values at element offset i from each buffer (in bounds).
-        let (ds, ss) = unsafe {
-            (
-                std::slice::from_raw_parts(dst.as_ptr().add(i * 2) as *const T, m),
-                std::slice::from_raw_parts(src.as_ptr().add(i * 2) as *const T, m),
-            )
-        };
-        to32(ds, &mut a[..m]);
-        to32(ss, &mut b[..m]);
+        // SAFETY: T is a 16-bit plain-old-data float (every bit pattern valid); m 16-bit values at
+        // element offset i are in bounds of dst and src (OPS-4: same length), and each vector has
+        // capacity B >= m, so the copies fill exactly the m elements set_len exposes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                dst.as_ptr().add(i * 2),
+                ds.as_mut_ptr() as *mut u8,
+                m * 2,
+            );
+            ds.set_len(m);
+            std::ptr::copy_nonoverlapping(
+                src.as_ptr().add(i * 2),
+                ss.as_mut_ptr() as *mut u8,
+                m * 2,
+            );
+            ss.set_len(m);
+        }
+        to32(&ds, &mut a[..m]);
+        to32(&ss, &mut b[..m]);
         let (ab, bb) = (bytes_of_mut(&mut a[..m]), bytes_of(&b[..m]));
         float_ops!(op, ab, bb, f32);
+        // Initialised values (overwritten by from32), so no reference to uninitialised memory.
         tmp.clear();
-        // SAFETY: T is a 16-bit plain-old-data float; we fill all m values below before reading.
-        unsafe { tmp.set_len(m) };
+        tmp.extend_from_slice(&ds);
         from32(&a[..m], &mut tmp);
         // SAFETY: writing m 16-bit values back at element offset i (in bounds).
         unsafe {
@@ -234,9 +249,25 @@ fn bytes_of_mut(x: &mut [f32]) -> &mut [u8] {
     unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr() as *mut u8, std::mem::size_of_val(x)) }
 }
 
-/// `dst = dst op src`, elementwise (OPS-1). Both slices hold whole elements of `dtype`.
+/// `dst = dst op src`, elementwise (OPS-1). Both slices must hold the same number of whole
+/// elements of `dtype`: anything else is an error, in release builds too (OPS-4).
 pub fn reduce_into(op: &Op, dtype: DType, dst: &mut [u8], src: &[u8]) -> Result<()> {
-    debug_assert_eq!(dst.len(), src.len());
+    let item = dtype.itemsize();
+    if dst.len() != src.len() || dst.len() % item != 0 {
+        return Err(Error::new(
+            ErrorKind::Mismatch,
+            "reduce",
+            format!(
+                "reduce {} of {} bytes into {} bytes of {} ({item}-byte elements): both sides must \
+                 hold the same whole number of elements (this is a bug in the caller: please report it)",
+                op.name(),
+                src.len(),
+                dst.len(),
+                dtype.name()
+            ),
+        ));
+    }
+    op.check(dtype)?;
     if let Op::User(f) = op {
         return f(dst, src, dtype, dst.len() / dtype.itemsize());
     }
@@ -450,6 +481,48 @@ mod tests {
                 assert_eq!(x, src, "{op:?} {dt:?}");
             }
         }
+    }
+
+    #[test]
+    fn ops_4_reduce_into_refuses_mismatched_lengths_in_every_build() {
+        // Run with `--release` too: this is an assert in release builds, not a debug_assert.
+        for dt in [
+            DType::U8,
+            DType::F16,
+            DType::BF16,
+            DType::F32,
+            DType::F64,
+            DType::C128,
+        ] {
+            let n = dt.itemsize();
+            for op in [Op::Sum, Op::Max] {
+                if op.check(dt).is_err() {
+                    continue;
+                }
+                // src shorter, src longer, and a partial element: each an error, dst untouched.
+                let partial = if n > 1 { 4 * n - 1 } else { 5 };
+                for (d, s) in [(4 * n, 3 * n), (4 * n, 5 * n), (partial, partial)] {
+                    let mut dst = vec![0x11u8; d];
+                    let e = reduce_into(&op, dt, &mut dst, &vec![0x22u8; s]);
+                    if n == 1 && d == s {
+                        continue; // every length is whole for 1-byte elements
+                    }
+                    let e = e.unwrap_err();
+                    assert_eq!(e.kind(), ErrorKind::Mismatch, "{op:?} {dt:?} {d}/{s}: {e}");
+                    assert!(
+                        dst.iter().all(|b| *b == 0x11),
+                        "{op:?} {dt:?}: dst was written"
+                    );
+                }
+            }
+        }
+        // A user function is never called with mismatched lengths either.
+        let called: UserReduce = Arc::new(|_, _, _, _| panic!("called with a bad length"));
+        let e = reduce_into(&Op::User(called), DType::F32, &mut [0u8; 8], &[0u8; 4]);
+        assert_eq!(e.unwrap_err().kind(), ErrorKind::Mismatch);
+        // An op that does not apply to the dtype is an error, not a panic.
+        let e = reduce_into(&Op::Band, DType::F32, &mut [0u8; 4], &[0u8; 4]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
     }
 
     #[test]

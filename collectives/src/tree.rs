@@ -46,7 +46,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 mod gpu;
+mod sends;
+
 pub use gpu::DeviceReduce;
+use sends::SendScope;
 
 /// Which collective a control frame belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -236,6 +239,37 @@ fn out_view(bytes: &mut [u8]) -> Tensor {
             bytes.len(),
             keep(),
         )
+    }
+}
+
+/// The bytes of range `send` (shared) and of range `recv` (exclusive) of `buf`, which must not
+/// overlap: the ring sends one segment while it receives another.
+fn disjoint(
+    buf: &mut [u8],
+    send: std::ops::Range<usize>,
+    recv: std::ops::Range<usize>,
+) -> Result<(&[u8], &mut [u8])> {
+    let bad = || {
+        Error::new(
+            ErrorKind::Protocol,
+            "all_reduce",
+            format!(
+                "ring segments {send:?} and {recv:?} of a {}-byte buffer overlap (a bug: please report it)",
+                buf.len()
+            ),
+        )
+    };
+    if send.end.max(recv.end) > buf.len() {
+        return Err(bad());
+    }
+    if send.end <= recv.start {
+        let (lo, hi) = buf.split_at_mut(recv.start);
+        Ok((&lo[send], &mut hi[..recv.end - recv.start]))
+    } else if recv.end <= send.start {
+        let (lo, hi) = buf.split_at_mut(send.start);
+        Ok((&hi[..send.end - send.start], &mut lo[recv]))
+    } else {
+        Err(bad())
     }
 }
 
@@ -886,12 +920,13 @@ impl Tree {
         let n = buf.len();
         let base = buf.as_mut_ptr();
         let mut scratch = Buf::with_len(chunk.min(n.max(1)))?;
-        let mut pending: Vec<Completion<()>> = Vec::new();
-        // 1. Reduce inside the host, chunk by chunk, up the host's tree.
+        // 1. Reduce inside the host, chunk by chunk, up the host's tree. The sends go through a
+        // scope (SEND-1), ended before phase 2 writes buf, and on every early return.
+        let mut sends = SendScope::new(self, deadline);
         for a in (0..n.max(1)).step_by(chunk) {
             let b = (a + chunk).min(n);
-            // SAFETY: [a, b) lies in buf; sent chunks are not written again before their sends
-            // complete (waited for below, before phase 3 writes them).
+            // SAFETY: [a, b) lies in buf, and the chunks are disjoint; a chunk is written (reduced
+            // into) only before its send starts, and not again until the scope ended.
             let dst = unsafe { std::slice::from_raw_parts_mut(base.add(a), b - a) };
             for &c in &down {
                 let s = &mut scratch[..b - a];
@@ -907,13 +942,11 @@ impl Tree {
                 ops::reduce_into(op, dtype, dst, s)?;
             }
             if let Some(p) = up {
-                // SAFETY: see above.
-                pending.push(self.send_async(self.link(p)?, unsafe { view(dst) }, deadline));
+                sends.send(self.link(p)?, dst);
             }
         }
-        for h in pending.drain(..) {
-            h.wait(deadline, "all_reduce")?;
-        }
+        sends.wait_all("all_reduce")?;
+        drop(sends);
         // 2. The leaders all-reduce across hosts.
         if self.rank == leader {
             let ring: Vec<usize> = self.plan.hosts.iter().map(|h| h[0]).collect();
@@ -922,6 +955,7 @@ impl Tree {
             // (the leaders' ring divides; the others receive the divided result)
         }
         // 3. Broadcast inside the host, chunk by chunk, down the host's tree.
+        let mut sends = SendScope::new(self, deadline);
         for a in (0..n.max(1)).step_by(chunk) {
             let b = (a + chunk).min(n);
             // SAFETY: [a, b) lies in buf; no send of it is in flight while we receive into it.
@@ -938,14 +972,10 @@ impl Tree {
                     })?;
             }
             for &c in &down {
-                // SAFETY: the chunk stays unmodified until these sends complete (waited below).
-                pending.push(self.send_async(self.link(c)?, unsafe { view(dst) }, deadline));
+                sends.send(self.link(c)?, dst);
             }
         }
-        for h in pending {
-            h.wait(deadline, "all_reduce")?;
-        }
-        Ok(())
+        sends.wait_all("all_reduce")
     }
 
     /// Pipelined ring all-reduce over the ranks of `ring` (in that order), which must include
@@ -983,32 +1013,25 @@ impl Tree {
         let chunk = (target / item).max(1) * item;
         let deadline = self.deadline();
         let mut scratch = Buf::with_len(chunk.min(buf.len().max(1)))?;
-        let base = buf.as_mut_ptr();
         // One step: send segment `send_s` to the right while receiving segment `recv_s` from the
         // left, chunk by chunk; `reduce`: combine into our copy, else receive straight into it.
-        let mut step = |send_s: usize, recv_s: usize, reduce: bool| -> Result<()> {
+        // The sends borrow the send segment through a scope (SEND-1): the borrow checker keeps
+        // it unwritten until they completed, and an early `?` waits for (or interrupts) them.
+        let mut step = |buf: &mut [u8], send_s: usize, recv_s: usize, reduce: bool| -> Result<()> {
             let (so, sl) = seg(send_s);
             let (ro, rl) = seg(recv_s);
+            let (send, recv) = disjoint(buf, so..so + sl, ro..ro + rl)?;
             let chunks = sl.max(rl).div_ceil(chunk).max(1);
-            let mut pending: Vec<Completion<()>> = Vec::with_capacity(chunks);
+            let mut sends = SendScope::new(self, deadline);
             for k in 0..chunks {
                 let (a, b) = (k * chunk, ((k + 1) * chunk).min(sl));
                 if a < b || (k == 0 && sl == 0) {
-                    // SAFETY: [so+a, so+b) lies in buf; the segment being sent is not written
-                    // until every pending send of this step completed (waited below).
-                    let v = unsafe {
-                        view(std::slice::from_raw_parts(
-                            base.add(so + a),
-                            b.saturating_sub(a),
-                        ))
-                    };
-                    pending.push(self.send_async(&rc, v, deadline));
+                    sends.send(&rc, &send[a..b.max(a)]);
                 }
                 let (a, b) = (k * chunk, ((k + 1) * chunk).min(rl));
                 if a < b || (k == 0 && rl == 0) {
                     let n = b.saturating_sub(a);
-                    // SAFETY: [ro+a, ro+b) lies in buf and is disjoint from the segment being sent.
-                    let dst = unsafe { std::slice::from_raw_parts_mut(base.add(ro + a), n) };
+                    let dst = &mut recv[a..a + n];
                     // Reduce: receive into the scratch chunk, then combine; else straight into buf.
                     let into: &mut [u8] = if reduce { &mut scratch[..n] } else { &mut *dst };
                     lc.recv_into(&mut [out_view(into)], Some(deadline.remaining()))
@@ -1024,32 +1047,25 @@ impl Tree {
                     }
                 }
             }
-            for h in pending {
-                h.wait(deadline, "all_reduce").map_err(|e| {
-                    Error::new(
-                        e.kind(),
-                        "all_reduce",
-                        format!("ring step to rank {right}: {e}"),
-                    )
-                })?;
-            }
-            Ok(())
+            sends.wait_all("all_reduce").map_err(|e| {
+                Error::new(
+                    e.kind(),
+                    "all_reduce",
+                    format!("ring step to rank {right}: {e}"),
+                )
+            })
         };
         for s in 0..p - 1 {
-            step((pos + p - s) % p, (pos + p - s - 1) % p, true)?;
+            step(buf, (pos + p - s) % p, (pos + p - s - 1) % p, true)?;
         }
         let own = (pos + 1) % p;
         if matches!(op, Op::Avg) {
             let (o, l) = seg(own);
-            // SAFETY: our fully reduced segment, no send in flight.
-            ops::divide(
-                dtype,
-                unsafe { std::slice::from_raw_parts_mut(base.add(o), l) },
-                contributors,
-            );
+            // Our fully reduced segment; no send is in flight (every step's scope ended).
+            ops::divide(dtype, &mut buf[o..o + l], contributors);
         }
         for s in 0..p - 1 {
-            step((pos + 1 + p - s) % p, (pos + p - s) % p, false)?;
+            step(buf, (pos + 1 + p - s) % p, (pos + p - s) % p, false)?;
         }
         Ok(())
     }

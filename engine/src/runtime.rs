@@ -16,6 +16,14 @@
 //!   timed-out or interrupted operation is cancelled and its completion awaited.
 //! - RT-3: the backend is chosen once per process; `auto` probes io_uring and falls back to epoll
 //!   on any setup error (ENOSYS, EPERM under seccomp), with one log line.
+//! - RT-4: no path out of an io_uring transfer (`Ring::transfer`), error paths included, returns
+//!   while its entry may still be in flight: when the ring wait fails, the entry is cancelled
+//!   (IORING_OP_ASYNC_CANCEL) and its completion reaped before the error is returned, so the
+//!   caller's buffer is never released while the kernel may still read or write it. A transfer
+//!   entry carries its own tag ([`XFER_TAG`]), so no other completion (a stale poll, a cancel) is
+//!   ever taken for it. If the kernel refuses to reap for [`REAP_LIMIT`] (io_uring_enter failing
+//!   persistently, never seen in practice), the process aborts with a log line: returning would
+//!   hand the kernel freed memory.
 
 use crate::config::{IoChoice, config};
 use crate::error::{Error, ErrorKind, Result};
@@ -249,6 +257,50 @@ struct Ring {
 }
 
 const CANCEL_TAG: u64 = 1 << 63;
+/// The tag of a transfer entry (RT-4); poll entries use their small index.
+const XFER_TAG: u64 = 1 << 62;
+/// How long an abandoned transfer may fail to be reaped before the process aborts (RT-4).
+const REAP_LIMIT: Duration = Duration::from_secs(5);
+
+fn transient(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ETIME | libc::EINTR | libc::EBUSY | libc::EAGAIN)
+    )
+}
+
+/// Cancels the in-flight entry tagged `tag` and waits for its completion (RT-4). Never returns
+/// while the entry may still be in flight.
+fn reap_abandoned(ring: &mut io_uring::IoUring, tag: u64) {
+    use io_uring::{opcode, types};
+    let cancel = opcode::AsyncCancel::new(tag).build().user_data(CANCEL_TAG);
+    let ts = types::Timespec::from(SLICE);
+    let args = types::SubmitArgs::new().timespec(&ts);
+    let start = Instant::now();
+    let mut queued = false;
+    loop {
+        if !queued {
+            // SAFETY: AsyncCancel references no user memory.
+            queued = unsafe { ring.submission().push(&cancel) }.is_ok();
+        }
+        let r = ring.submitter().submit_with_args(1, &args);
+        if ring.completion().any(|cqe| cqe.user_data() == tag) {
+            return;
+        }
+        if let Err(e) = r
+            && !transient(&e)
+        {
+            if start.elapsed() >= REAP_LIMIT {
+                tracing::error!(
+                    "io_uring refuses to reap a cancelled transfer ({e}) for {REAP_LIMIT:?}; \
+                     aborting rather than release a buffer the kernel may still write (RT-4)"
+                );
+                std::process::abort();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
 
 impl Ring {
     fn get(&mut self) -> Result<&mut io_uring::IoUring> {
@@ -353,9 +405,9 @@ impl Ring {
                 .flags(libc::MSG_WAITALL)
                 .build()
         }
-        .user_data(7);
+        .user_data(XFER_TAG);
         // SAFETY: ptr..ptr+len32 is valid for the whole operation: we reap its completion (below,
-        // cancelling when the slice expires) before returning (RT-2).
+        // cancelling when the slice expires, or on an error path) before returning (RT-2, RT-4).
         unsafe { ring.submission().push(&sqe) }
             .map_err(|_| std::io::Error::from_raw_os_error(libc::EBUSY))?;
         let ts = types::Timespec::from(slice);
@@ -364,16 +416,16 @@ impl Ring {
         loop {
             match ring.submitter().submit_with_args(1, &args) {
                 Ok(_) => {}
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::ETIME | libc::EINTR | libc::EBUSY)
-                    ) => {}
-                Err(e) => return Err(e),
+                Err(e) if transient(&e) => {}
+                Err(e) => {
+                    // The entry may be in flight: cancel and reap it first (RT-4).
+                    reap_abandoned(ring, XFER_TAG);
+                    return Err(e);
+                }
             }
             let mut result = None;
             for cqe in ring.completion() {
-                if cqe.user_data() == 7 {
+                if cqe.user_data() == XFER_TAG {
                     result = Some(cqe.result());
                 }
             }
@@ -387,10 +439,11 @@ impl Ring {
                 };
             }
             if !cancelled {
-                let c = opcode::AsyncCancel::new(7).build().user_data(CANCEL_TAG);
-                // SAFETY: AsyncCancel references no user memory.
-                let _ = unsafe { ring.submission().push(&c) };
-                cancelled = true;
+                let c = opcode::AsyncCancel::new(XFER_TAG)
+                    .build()
+                    .user_data(CANCEL_TAG);
+                // SAFETY: AsyncCancel references no user memory. A full queue: retried next turn.
+                cancelled = unsafe { ring.submission().push(&c) }.is_ok();
             }
         }
     }
@@ -772,6 +825,93 @@ impl Runtime {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn socket_pair() -> [RawFd; 2] {
+        let mut fds = [0; 2];
+        // SAFETY: creating a socket pair into a valid array.
+        let rc = unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, fds.as_mut_ptr()) };
+        assert_eq!(rc, 0);
+        fds
+    }
+
+    /// RT-2/RT-4: a large receive that fails (deadline, then the peer's death) leaves no ring
+    /// entry behind: the bytes the peer sends afterwards are neither written into the released
+    /// buffer (whose memory is reused at once) nor consumed from the socket.
+    #[test]
+    fn rt_4_no_transfer_outlives_its_buffer() {
+        const N: usize = 1 << 20; // above the 64 KiB where receives go through the ring
+        // (Through io_uring where it can run, as here; through epoll elsewhere: both must hold.)
+        let [a, b] = socket_pair();
+        // 1. A receive that times out with nothing sent (cancel on the deadline path).
+        let mut buf = vec![0u8; N];
+        let e = recv_exact(
+            a,
+            &mut buf,
+            Deadline::after(Duration::from_millis(300)),
+            Duration::ZERO,
+            "t",
+        )
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+        drop(buf);
+        let reused = vec![0xAAu8; N]; // most likely the same memory
+        let sent: Vec<u8> = (0..256 << 10).map(|i| (i % 251) as u8).collect();
+        let writer = {
+            let sent = sent.clone();
+            std::thread::spawn(move || {
+                send_all(b, &[&sent], Deadline::after(Duration::from_secs(10)), "t").unwrap()
+            })
+        };
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            reused.iter().all(|x| *x == 0xAA),
+            "a cancelled receive wrote freed memory"
+        );
+        let mut got = vec![0u8; sent.len()];
+        assert!(
+            recv_exact(
+                a,
+                &mut got,
+                Deadline::after(Duration::from_secs(10)),
+                Duration::ZERO,
+                "t"
+            )
+            .unwrap()
+        );
+        assert!(
+            got == sent,
+            "bytes after a cancelled receive were lost or reordered"
+        );
+        writer.join().unwrap();
+        // 2. The peer dies in the middle of a receive (the entry completes short, then EOF).
+        let part = vec![7u8; 100 << 10];
+        let writer = std::thread::spawn(move || {
+            send_all(b, &[&part], Deadline::after(Duration::from_secs(10)), "t").unwrap();
+            // SAFETY: we own b; closing it is the peer's death.
+            unsafe { libc::close(b) };
+        });
+        let mut buf = vec![0u8; N];
+        let e = recv_exact(
+            a,
+            &mut buf,
+            Deadline::after(Duration::from_secs(10)),
+            Duration::ZERO,
+            "t",
+        )
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::PeerLost, "{e}");
+        assert!(
+            buf[..100 << 10].iter().all(|x| *x == 7),
+            "the bytes that did arrive"
+        );
+        drop(buf);
+        let reused = vec![0x55u8; N];
+        writer.join().unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(reused.iter().all(|x| *x == 0x55));
+        // SAFETY: we own a.
+        unsafe { libc::close(a) };
+    }
 
     #[test]
     fn rt_1_waits_end_at_their_deadline() {

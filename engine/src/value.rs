@@ -9,7 +9,11 @@
 //!   buffer by the sender ([`Tensor::contiguous_bytes`]); received tensors are always contiguous.
 //! - VALUE-2: a tensor's byte length is `numel * itemsize`, checked for overflow wherever it is
 //!   computed from untrusted numbers.
-//! - VALUE-3: nothing that walks a value recurses on its depth: dropping ([`Value`]'s `Drop`) and
+//! - VALUE-3: [`Tensor`] is opaque: safe code builds one only through constructors that check the
+//!   buffer holds exactly `numel * itemsize` bytes; a tensor over foreign memory comes only from the
+//!   `unsafe` [`Tensor::from_raw`], whose caller vouches for the memory. Safe methods that copy
+//!   elements check their slice lengths, so safe code cannot read or write out of bounds.
+//! - VALUE-4: nothing that walks a value recurses on its depth: dropping ([`Value`]'s `Drop`) and
 //!   comparing ([`Value::same`]) use explicit stacks, like the wire's encoder and decoder, so a
 //!   value nested as deep as the configuration allows cannot overflow a thread's stack.
 
@@ -132,46 +136,82 @@ impl std::fmt::Debug for Storage {
 }
 
 /// A dense n-dimensional array view.
+///
+/// Opaque (VALUE-3): the fields are private, so safe code can only build a tensor through a checked
+/// constructor ([`Tensor::new`], [`Tensor::from_bytes`], [`Tensor::from_slice`]: the buffer must
+/// hold exactly `numel * itemsize` bytes) or through [`Tensor::from_raw`], an `unsafe fn` whose
+/// caller vouches for the memory. Every safe method that reads or writes the elements relies on
+/// that, so no safe sequence of calls can read or write outside the tensor's memory.
 #[derive(Debug)]
 pub struct Tensor {
-    pub dtype: DType,
-    pub shape: Vec<usize>,
+    dtype: DType,
+    shape: Vec<usize>,
     /// Strides in elements; `None` means contiguous C order.
-    pub strides: Option<Vec<isize>>,
-    pub device: Device,
-    pub storage: Storage,
+    strides: Option<Vec<isize>>,
+    device: Device,
+    storage: Storage,
+}
+
+fn size_mismatch(dtype: DType, shape: &[usize], got: usize, want: u64) -> Error {
+    Error::new(
+        ErrorKind::Mismatch,
+        "tensor",
+        format!(
+            "{got} bytes given for a {} tensor of shape {shape:?} ({want} bytes): pass a buffer of \
+             exactly numel * itemsize bytes",
+            dtype.name()
+        ),
+    )
 }
 
 impl Tensor {
-    /// A contiguous CPU tensor that owns `data` (length must be `numel * itemsize`).
-    pub fn from_bytes(dtype: DType, shape: Vec<usize>, data: Vec<u8>) -> Result<Tensor> {
+    /// A contiguous CPU tensor that owns `data`; an error unless `data` holds exactly
+    /// `numel * itemsize` bytes (VALUE-2, VALUE-3). Owned memory is host memory, so the tensor is
+    /// always a CPU tensor (a CUDA segment received as bytes is one too).
+    pub fn new(dtype: DType, shape: Vec<usize>, data: Buf) -> Result<Tensor> {
         let want = byte_len(dtype, &shape)?;
         if want != data.len() as u64 {
-            return Err(Error::new(
-                ErrorKind::Mismatch,
-                "tensor",
-                format!(
-                    "{} bytes given for a {} tensor of shape {shape:?} ({want} bytes)",
-                    data.len(),
-                    dtype.name()
-                ),
-            ));
+            return Err(size_mismatch(dtype, &shape, data.len(), want));
         }
         Ok(Tensor {
             dtype,
             shape,
             strides: None,
             device: Device::Cpu,
-            storage: Storage::Owned(Buf::from_vec(data)),
+            storage: Storage::Owned(data),
         })
     }
 
-    /// A tensor over memory owned elsewhere.
+    /// A contiguous CPU tensor that owns `data` (length must be `numel * itemsize`).
+    pub fn from_bytes(dtype: DType, shape: Vec<usize>, data: Vec<u8>) -> Result<Tensor> {
+        Tensor::new(dtype, shape, Buf::from_vec(data))
+    }
+
+    /// A contiguous CPU tensor holding a copy of `data` (length must be `numel * itemsize`).
+    pub fn from_slice(dtype: DType, shape: Vec<usize>, data: &[u8]) -> Result<Tensor> {
+        let want = byte_len(dtype, &shape)?;
+        if want != data.len() as u64 {
+            return Err(size_mismatch(dtype, &shape, data.len(), want));
+        }
+        let mut b = Buf::with_len(data.len())?;
+        b.copy_from_slice(data);
+        Tensor::new(dtype, shape, b)
+    }
+
+    /// A tensor over memory owned elsewhere (a torch tensor, a numpy array, a shared arena, a
+    /// device allocation).
     ///
     /// # Safety
-    /// `ptr` must be valid for reads (and, if used with `recv_into`, writes) of every element
-    /// addressed by `shape`/`strides` for as long as `keep` is alive, and `len` must be the span
-    /// in bytes from `ptr` covering those elements.
+    /// For as long as `keep` (and so the returned tensor) is alive:
+    /// - `ptr` must be valid for reads of every element addressed by `shape`/`strides`
+    ///   (`ptr + itemsize * sum(index[d] * strides[d])` for every index, C-order strides when
+    ///   `strides` is `None`), and for writes too if the tensor is ever received into
+    ///   (`recv_into`, [`Tensor::scatter_from`]);
+    /// - `len` must be the span in bytes from `ptr` covering those elements;
+    /// - `device` must say where the memory is (host memory for [`Device::Cpu`], memory of that
+    ///   CUDA device otherwise);
+    /// - nothing else may write that memory while the engine reads it, nor read or write it while
+    ///   the engine writes it.
     pub unsafe fn from_raw(
         dtype: DType,
         shape: Vec<usize>,
@@ -188,6 +228,28 @@ impl Tensor {
             device,
             storage: Storage::Foreign { ptr, len, keep },
         }
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// Strides in elements; `None` means contiguous C order.
+    pub fn strides(&self) -> Option<&[isize]> {
+        self.strides.as_deref()
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// The memory the tensor points into.
+    pub fn storage(&self) -> &Storage {
+        &self.storage
     }
 
     pub fn numel(&self) -> usize {
@@ -281,8 +343,20 @@ impl Tensor {
         Ok(out)
     }
 
-    /// Writes contiguous `src` into this (possibly strided) tensor.
-    pub fn scatter_from(&mut self, src: &[u8]) {
+    /// Writes contiguous `src` into this (possibly strided) tensor; an error unless `src` holds
+    /// exactly the tensor's `numel * itemsize` bytes (VALUE-3).
+    pub fn scatter_from(&mut self, src: &[u8]) -> Result<()> {
+        if self.is_cuda() {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                "tensor",
+                "scatter into a CUDA tensor (receive into a contiguous one and copy)",
+            ));
+        }
+        let want = byte_len(self.dtype, &self.shape)?;
+        if want != src.len() as u64 {
+            return Err(size_mismatch(self.dtype, &self.shape, src.len(), want));
+        }
         let item = self.dtype.itemsize();
         let strides = self
             .strides
@@ -301,6 +375,7 @@ impl Tensor {
             };
             i += 1;
         });
+        Ok(())
     }
 }
 
@@ -406,7 +481,7 @@ impl Value {
             None
         }
     }
-    /// The tensor of a tensor value (a value is dropped without recursion, VALUE-3, so its
+    /// The tensor of a tensor value (a value is dropped without recursion, VALUE-4, so its
     /// variants cannot be moved out of by a `match`: use this, or `std::mem::take` on `&mut`).
     pub fn into_tensor(self) -> std::result::Result<Tensor, Value> {
         if !matches!(self, Value::Tensor(_)) {
@@ -454,7 +529,7 @@ impl Value {
             Value::Out(_) => "out tensor",
         }
     }
-    /// Structural equality (tensors compare dtype, shape and bytes), without recursion (VALUE-3).
+    /// Structural equality (tensors compare dtype, shape and bytes), without recursion (VALUE-4).
     pub fn same(&self, other: &Value) -> bool {
         let mut stack: Vec<(&Value, &Value)> = vec![(self, other)];
         while let Some((a, b)) = stack.pop() {
@@ -525,7 +600,7 @@ impl Value {
     }
 }
 
-/// Drops nested containers with an explicit stack (VALUE-3): the compiler's drop glue recurses
+/// Drops nested containers with an explicit stack (VALUE-4): the compiler's drop glue recurses
 /// once per level, which overflows a thread's stack for a value nested some ten thousand deep.
 impl Drop for Value {
     fn drop(&mut self) {
@@ -585,12 +660,12 @@ mod tests {
                 keep,
             )
         };
-        dst.scatter_from(&g);
+        dst.scatter_from(&g).unwrap();
         assert_eq!(dst_store, base.bytes().unwrap());
     }
 
     #[test]
-    fn value_3_deep_values_drop_and_compare_without_recursion() {
+    fn value_4_deep_values_drop_and_compare_without_recursion() {
         // On a 64 KiB stack, recursion over 200000 levels would overflow at once.
         std::thread::Builder::new()
             .stack_size(64 << 10)
@@ -613,6 +688,55 @@ mod tests {
             .unwrap()
             .join()
             .unwrap();
+    }
+
+    #[test]
+    fn value_3_checked_constructors_refuse_a_buffer_of_the_wrong_size() {
+        // One byte short, one byte over, and an empty buffer for a non-empty shape: all refused,
+        // so no safe tensor can claim more elements than its memory holds.
+        for (shape, len) in [
+            (vec![2, 2], 15),
+            (vec![2, 2], 17),
+            (vec![3], 0),
+            (vec![], 3),
+        ] {
+            let e = Tensor::from_bytes(DType::F32, shape.clone(), vec![0u8; len]).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Mismatch, "{shape:?} {len}: {e}");
+            assert!(e.to_string().contains("numel * itemsize"), "{e}");
+            let e = Tensor::from_slice(DType::F32, shape.clone(), &vec![0u8; len]).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Mismatch, "{e}");
+            let e = Tensor::new(DType::F32, shape, Buf::from_vec(vec![0u8; len])).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Mismatch, "{e}");
+        }
+        // A shape whose byte length overflows is refused, not wrapped to a small length.
+        let e = Tensor::from_bytes(DType::F64, vec![usize::MAX, 2], vec![0u8; 0]).unwrap_err();
+        assert!(e.to_string().contains("overflows"), "{e}");
+        // The exact size is accepted, and the accessors report what was given.
+        let t = Tensor::from_slice(DType::I16, vec![3, 1], &[1, 0, 2, 0, 3, 0]).unwrap();
+        assert_eq!(
+            (t.dtype(), t.shape(), t.device()),
+            (DType::I16, &[3, 1][..], Device::Cpu)
+        );
+        assert!(t.strides().is_none() && matches!(t.storage(), Storage::Owned(_)));
+        assert_eq!(t.bytes().unwrap(), &[1, 0, 2, 0, 3, 0]);
+        let empty = Tensor::from_bytes(DType::C128, vec![4, 0], Vec::new()).unwrap();
+        assert_eq!((empty.nbytes(), empty.bytes().unwrap().len()), (0, 0));
+    }
+
+    #[test]
+    fn value_3_scatter_refuses_a_source_of_the_wrong_length() {
+        let mut t = Tensor::from_bytes(DType::I32, vec![2, 2], vec![0u8; 16]).unwrap();
+        for len in [0, 15, 17, 64] {
+            let e = t.scatter_from(&vec![9u8; len]).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Mismatch, "{len}: {e}");
+        }
+        assert_eq!(
+            t.bytes().unwrap(),
+            &[0u8; 16],
+            "a refused scatter writes nothing"
+        );
+        t.scatter_from(&[7u8; 16]).unwrap();
+        assert_eq!(t.bytes().unwrap(), &[7u8; 16]);
     }
 
     #[test]

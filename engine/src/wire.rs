@@ -490,20 +490,9 @@ pub fn build_value(d: &ArchivedDescriptor, segs: &[SegInfo], filled: Vec<Filled>
                     }
                     (Filled::Buf(b), SegKind::Bytes) => Value::Bytes(b),
                     (Filled::Buf(b), SegKind::Pickle) => Value::Pickle(b),
-                    (
-                        Filled::Buf(b),
-                        SegKind::Tensor {
-                            dtype,
-                            shape,
-                            device,
-                        },
-                    ) => Value::Tensor(Tensor {
-                        dtype: *dtype,
-                        shape: shape.clone(),
-                        strides: None,
-                        device: *device,
-                        storage: crate::value::Storage::Owned(b),
-                    }),
+                    (Filled::Buf(b), SegKind::Tensor { dtype, shape, .. }) => {
+                        Value::Tensor(Tensor::new(*dtype, shape.clone(), b)?)
+                    }
                 }
             }
         };
@@ -761,7 +750,7 @@ pub fn encode<'a>(v: &'a Value, limits: &Limits) -> Result<Encoded<'a>> {
                 Node::Dict(items.len() as u32)
             }
             Value::Tensor(t) => {
-                add_seg(match (t.device, t.bytes()) {
+                add_seg(match (t.device(), t.bytes()) {
                     (Device::Cuda(dev), _) => {
                         if !t.is_contiguous() {
                             return Err(Error::new(
@@ -779,15 +768,15 @@ pub fn encode<'a>(v: &'a Value, limits: &Limits) -> Result<Encoded<'a>> {
                     (_, Some(b)) => OutSeg::Borrowed(b),
                     (_, None) => OutSeg::Owned(t.contiguous_bytes()?),
                 });
-                let (device, device_index) = match t.device {
+                let (device, device_index) = match t.device() {
                     Device::Cpu => (0, 0),
                     Device::Cuda(i) => (1, i),
                 };
                 Node::Tensor(TensorNode {
-                    dtype: t.dtype as u8,
+                    dtype: t.dtype() as u8,
                     device,
                     device_index,
-                    shape: t.shape.iter().map(|x| *x as u64).collect(),
+                    shape: t.shape().iter().map(|x| *x as u64).collect(),
                     seg,
                 })
             }

@@ -260,7 +260,7 @@ fn read_dev(dev: i32, ptr: u64, len: usize) -> Vec<u8> {
 }
 
 fn read_back(t: &Tensor) -> Vec<u8> {
-    match t.device {
+    match t.device() {
         Device::Cuda(d) => read_dev(d, t.data_ptr() as u64, t.nbytes()),
         Device::Cpu => t.bytes().unwrap().to_vec(),
     }
@@ -368,7 +368,11 @@ fn cuda_tensors_between_threads() {
                 panic!("not a list")
             };
             let rt = items[1].as_tensor().unwrap();
-            assert_eq!((rt.device, rt.nbytes()), (Device::Cuda(dev), n), "size {n}");
+            assert_eq!(
+                (rt.device(), rt.nbytes()),
+                (Device::Cuda(dev), n),
+                "size {n}"
+            );
             assert!(read_back(rt) == data, "contents of {n} bytes");
             let ipc = by_ipc(n) && n > 0;
             assert_eq!(count("ipc_exports") - exports, ipc as i32, "size {n}");
@@ -412,7 +416,7 @@ fn into_cuda_and_cpu_out_between_threads() {
                 });
                 sent.unwrap();
                 assert!(matches!(got.unwrap(), Value::Out(0)));
-                assert!(read_back(out) == data, "{n} bytes into {:?}", out.device);
+                assert!(read_back(out) == data, "{n} bytes into {:?}", out.device());
             }
             let all = read_dev(0, dst.ptr, guard.len());
             assert!(
@@ -484,7 +488,7 @@ fn cuda_tensors_across_processes() {
             let ctx = ctx.map_or(0, primary_ctx);
             let got = keeping_context(ctx, "recv", || conn.recv(t(30.0))).unwrap();
             let x = got.as_tensor().unwrap();
-            assert_eq!((x.device, x.nbytes()), (Device::Cuda(dev), len));
+            assert_eq!((x.device(), x.nbytes()), (Device::Cuda(dev), len));
             assert!(
                 read_back(x) == bases[dev as usize][off..off + len],
                 "view of {len} bytes at offset {off} on device {dev}"
@@ -507,7 +511,7 @@ fn cuda_tensors_across_processes() {
                 conn.recv_into(std::slice::from_mut(out), t(30.0))
             });
             assert!(matches!(v.unwrap(), Value::Out(0)));
-            assert!(read_back(out) == want, "into {:?}", out.device);
+            assert!(read_back(out) == want, "into {:?}", out.device());
             clean("recv_into");
         }
         let all = read_dev(0, dst.ptr, guard.len());
@@ -586,7 +590,7 @@ fn sender() {
     g.release_event(ev);
     let back = keeping_context(primary_ctx(1), "recv", || c.recv(t(30.0))).unwrap();
     let x = back.as_tensor().unwrap();
-    assert_eq!(x.device, Device::Cuda(0));
+    assert_eq!(x.device(), Device::Cuda(0));
     assert!(read_back(x) == pattern(2 << 20, 42));
     drop(back);
     clean("the sender");

@@ -52,7 +52,7 @@ fn dev_tensor(dev: i32, dtype: DType, shape: Vec<usize>, bytes: &[u8], offset: u
 
 fn read_back(t: &Tensor) -> Vec<u8> {
     let mut v = vec![0u8; t.nbytes()];
-    match t.device {
+    match t.device() {
         Device::Cuda(d) => unsafe {
             // SAFETY: the tensor's bytes, into a buffer of the same size.
             cuda::copy_sync(
@@ -105,11 +105,11 @@ fn cuda_tensors_arrive_as_cuda_tensors_on_the_same_device() {
                 panic!("{got:?}")
             };
             let rt = items[1].as_tensor().unwrap();
-            assert_eq!(rt.device, Device::Cuda(dev), "size {n}");
-            assert_eq!(rt.shape, vec![n / 4]);
+            assert_eq!(rt.device(), Device::Cuda(dev), "size {n}");
+            assert_eq!(rt.shape(), vec![n / 4]);
             assert!(read_back(rt) == data, "contents of {n} bytes");
             let e = items[2].as_tensor().unwrap();
-            assert_eq!((e.device, e.nbytes()), (Device::Cuda(dev), 0));
+            assert_eq!((e.device(), e.nbytes()), (Device::Cuda(dev), 0));
         });
     }
 }
@@ -178,14 +178,14 @@ fn dev_at(ptr: usize, dev: i32, len: usize) -> Tensor {
 
 /// The same device memory, as a second tensor value (tensors are not Clone).
 fn dev_clone(x: &Tensor) -> Tensor {
-    let Device::Cuda(d) = x.device else {
+    let Device::Cuda(d) = x.device() else {
         unreachable!()
     };
     // SAFETY: the original outlives every use in the tests.
     unsafe {
         Tensor::from_raw(
-            x.dtype,
-            x.shape.clone(),
+            x.dtype(),
+            x.shape().to_vec(),
             None,
             Device::Cuda(d),
             x.data_ptr() as *mut u8,
@@ -259,8 +259,20 @@ fn non_contiguous_cuda_tensors_are_refused_before_anything_is_sent() {
     cuda::use_simulator();
     let (_s, c) = pair();
     let data = pattern(64, 0);
-    let mut x = dev_tensor(0, DType::F32, vec![4, 4], &data, 0);
-    x.strides = Some(vec![1, 4]);
+    let base = dev_tensor(0, DType::F32, vec![4, 4], &data, 0);
+    let ptr = base.data_ptr() as *mut u8;
+    // SAFETY: the transposed view addresses the same 16 elements of `base`, which `keep` holds.
+    let x = unsafe {
+        Tensor::from_raw(
+            DType::F32,
+            vec![4, 4],
+            Some(vec![1, 4]),
+            Device::Cuda(0),
+            ptr,
+            64,
+            Arc::new(base),
+        )
+    };
     let e = c.send_timeout(&Value::Tensor(x), t(5.0)).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
     c.send_timeout(&Value::Int(1), t(5.0)).unwrap();
@@ -314,7 +326,7 @@ fn cuda_views_across_processes() {
         let Value::List(items) = &got else { panic!() };
         let off = items[0].as_int().unwrap() as usize;
         let x = items[1].as_tensor().unwrap();
-        assert_eq!(x.device, Device::Cuda(0));
+        assert_eq!(x.device(), Device::Cuda(0));
         assert!(
             read_back(x) == base[off..off + x.nbytes()],
             "view at offset {off}"

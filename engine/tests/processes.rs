@@ -189,7 +189,7 @@ fn serve(env: &[(&str, Option<&str>)]) -> (Peer, u16) {
 
 fn assert_pattern(v: &Value, n: usize) {
     let t = v.as_tensor().expect("a tensor");
-    assert_eq!((t.dtype, t.shape.as_slice()), (DType::U8, &[n][..]));
+    assert_eq!((t.dtype(), t.shape()), (DType::U8, &[n][..]));
     let got = t.bytes().expect("contiguous");
     let want = pattern(n);
     if got != &want[..] {

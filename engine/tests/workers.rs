@@ -426,7 +426,10 @@ fn seed_workqueue_two_worker_processes_load_files() {
     let back = q.read(t(10_000)).unwrap();
     let bt = back.as_tensor().unwrap();
     assert!(
-        matches!(bt.storage, parallel_engine::value::Storage::Foreign { .. }),
+        matches!(
+            bt.storage(),
+            parallel_engine::value::Storage::Foreign { .. }
+        ),
         "a view, not a copy"
     );
     assert_eq!(bt.bytes().unwrap(), tensor(&big).bytes().unwrap());

@@ -408,17 +408,17 @@ unsafe extern "C" fn capsule_destructor(capsule: *mut ffi::PyObject) {
 
 /// Wraps an engine tensor into a new "dltensor" capsule (DL-2).
 pub fn export(py: Python<'_>, tensor: Tensor) -> PyResult<PyObject> {
-    let shape: Vec<i64> = tensor.shape.iter().map(|d| *d as i64).collect();
-    let dtype = dtype_to(tensor.dtype);
+    let shape: Vec<i64> = tensor.shape().iter().map(|d| *d as i64).collect();
+    let dtype = dtype_to(tensor.dtype());
     let strides = (!tensor.is_contiguous())
         .then(|| {
             tensor
-                .strides
+                .strides()
                 .as_ref()
                 .map(|s| s.iter().map(|x| *x as i64).collect())
         })
         .flatten();
-    let device = tensor.device;
+    let device = tensor.device();
     let mut ctx = Box::new(Ctx {
         tensor,
         shape,

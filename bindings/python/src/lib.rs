@@ -93,7 +93,7 @@ pub struct Received {
 impl Received {
     pub fn new(t: Tensor) -> Received {
         Received {
-            device: t.device,
+            device: t.device(),
             tensor: Mutex::new(Some(t)),
         }
     }

@@ -187,8 +187,8 @@ impl Flat {
                 self.writebacks.push((obj.clone().unbind(), tmp));
             }
             let k = Kind::Tensor {
-                dtype: t.dtype,
-                shape: t.shape.clone(),
+                dtype: t.dtype(),
+                shape: t.shape().to_vec(),
                 cuda: t.is_cuda(),
             };
             self.tensors.push(t);

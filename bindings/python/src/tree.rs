@@ -286,10 +286,10 @@ impl Leaves {
         for (i, t) in self.tensors.iter().enumerate() {
             match g
                 .iter_mut()
-                .find(|(d, dev, _)| *d == t.dtype && *dev == t.device)
+                .find(|(d, dev, _)| *d == t.dtype() && *dev == t.device())
             {
                 Some((_, _, v)) => v.push(i),
-                None => g.push((t.dtype, t.device, vec![i])),
+                None => g.push((t.dtype(), t.device(), vec![i])),
             }
         }
         g
@@ -336,7 +336,7 @@ impl Leaves {
             for i in &idx {
                 let t = &mut self.tensors[*i];
                 let n = t.nbytes();
-                t.scatter_from(&fused[off..off + n]);
+                t.scatter_from(&fused[off..off + n])?;
                 off += n;
             }
         }
@@ -735,8 +735,8 @@ impl Tree_ {
             None => tensor.clone(),
         };
         let t = dlpack::import(&host)?;
-        let mut packed = vec![t.dtype as u8, t.shape.len() as u8];
-        for d in &t.shape {
+        let mut packed = vec![t.dtype() as u8, t.shape().len() as u8];
+        for d in t.shape() {
             packed.extend_from_slice(&(*d as u64).to_le_bytes());
         }
         packed.extend_from_slice(&t.contiguous_bytes().py()?);

@@ -71,15 +71,15 @@ impl Tree {
             ));
         }
         let len = t.nbytes();
-        match t.device {
+        match t.device() {
             Device::Cuda(dev) => {
                 let ptr = t.data_mut_ptr() as u64;
                 // SAFETY: `t` is a contiguous CUDA tensor of `len` bytes, exclusively borrowed
                 // (nothing else uses it during the call) and kept alive by its storage.
-                unsafe { self.all_reduce_cuda(t.dtype, dev, ptr, len, op, user) }
+                unsafe { self.all_reduce_cuda(t.dtype(), dev, ptr, len, op, user) }
             }
             Device::Cpu => {
-                let dtype = t.dtype;
+                let dtype = t.dtype();
                 let bytes: &mut [u8] = if len == 0 {
                     &mut []
                 } else {
@@ -371,9 +371,9 @@ impl Tree {
 
     fn send_data(&self, to: usize, t: &Tensor, deadline: Deadline) -> Result<()> {
         let v = Value::Tensor(alias(
-            t.dtype,
+            t.dtype(),
             t.numel(),
-            t.device,
+            t.device(),
             t.data_ptr() as *mut u8,
             t.nbytes(),
         ));

@@ -163,11 +163,11 @@ fn big(c: &Client, n: usize) -> Result<(), Fail> {
     let t = v
         .as_tensor()
         .ok_or_else(|| Fail::Check(format!("expected a tensor back, got a {}", v.type_name())))?;
-    if t.dtype != DType::U8 || t.shape != [n] {
+    if t.dtype() != DType::U8 || t.shape() != [n] {
         return Err(Fail::Check(format!(
             "echo is {} {:?}, sent uint8 [{n}]",
-            t.dtype.name(),
-            t.shape
+            t.dtype().name(),
+            t.shape()
         )));
     }
     let got = t

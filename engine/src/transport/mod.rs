@@ -984,13 +984,9 @@ impl RecvGuard<'_> {
                     self.fill(&mut b, via_cma, deadline)?;
                     Ok(match (&s.kind, dev_seg) {
                         // A CUDA tensor arriving where there is no CUDA: a CPU tensor.
-                        (SegKind::Tensor { dtype, shape, .. }, Some(_)) => Filled::Tensor(Tensor {
-                            dtype: *dtype,
-                            shape: shape.clone(),
-                            strides: None,
-                            device: Device::Cpu,
-                            storage: crate::value::Storage::Owned(b),
-                        }),
+                        (SegKind::Tensor { dtype, shape, .. }, Some(_)) => {
+                            Filled::Tensor(Tensor::new(*dtype, shape.clone(), b)?)
+                        }
                         _ => Filled::Buf(b),
                     })
                 })
@@ -1037,14 +1033,14 @@ impl RecvGuard<'_> {
                 return Ok(());
             }
             let g = cuda::require("recv")?;
-            let dev = match (t.device, src_dev) {
+            let dev = match (t.device(), src_dev) {
                 (Device::Cuda(i), _) => i,
                 (Device::Cpu, Some(i)) if (i as usize) < g.device_count() => i,
                 (Device::Cpu, _) => 0,
             };
             let src = g.ipc_import(dev, &rec)?;
             let mut copy = || -> Result<()> {
-                match t.device {
+                match t.device() {
                     Device::Cuda(_) => {
                         // SAFETY: the exporter keeps its memory until our ack; `t` is
                         // contiguous (match_outs) and holds `len` bytes.
@@ -1074,7 +1070,7 @@ impl RecvGuard<'_> {
                         unsafe { g.copy(dev, cuda::Mem::Host(host), cuda::Mem::Dev(src), len)? };
                         g.sync(dev, deadline)?;
                         if let Some(b) = &tmp {
-                            t.scatter_from(b);
+                            t.scatter_from(b)?;
                         }
                         Ok(())
                     }
@@ -1088,7 +1084,7 @@ impl RecvGuard<'_> {
             g.ipc_done(&rec);
             return r;
         }
-        if let Device::Cuda(dev) = t.device {
+        if let Device::Cuda(dev) = t.device() {
             let dst = t.data_mut_ptr() as u64;
             if via_cma {
                 let mut tmp = Buf::with_len(len)?;
@@ -1110,8 +1106,7 @@ impl RecvGuard<'_> {
         } else {
             let mut tmp = Buf::with_len(len)?;
             self.fill(&mut tmp, via_cma, deadline)?;
-            t.scatter_from(&tmp);
-            Ok(())
+            t.scatter_from(&tmp)
         }
     }
 
@@ -1337,13 +1332,13 @@ pub fn into_outs(mut v: Value, out: &mut [Tensor], paths: Option<&[Vec<Key>]>) -
         ))
     } else {
         got.iter().zip(out.iter()).enumerate().find_map(|(i, (g, o))| {
-            (g.dtype != o.dtype || g.shape != o.shape || o.is_cuda() || g.bytes().is_none()).then(|| {
+            (g.dtype() != o.dtype() || g.shape() != o.shape() || o.is_cuda() || g.bytes().is_none()).then(|| {
                 format!(
                     "tensor {i} of the message is {} {:?} but out[{i}] is {} {:?}{} (the message was discarded; the connection is still usable)",
-                    g.dtype.name(),
-                    g.shape,
-                    o.dtype.name(),
-                    o.shape,
+                    g.dtype().name(),
+                    g.shape(),
+                    o.dtype().name(),
+                    o.shape(),
                     if o.is_cuda() { " on CUDA (this message was read ahead by recv_any into host memory)" } else { "" }
                 )
             })
@@ -1356,7 +1351,7 @@ pub fn into_outs(mut v: Value, out: &mut [Tensor], paths: Option<&[Vec<Key>]>) -
         let src = g.bytes().expect("checked above");
         match out_contiguous_slice(o) {
             Some(d) => d.copy_from_slice(src),
-            None => o.scatter_from(src),
+            None => o.scatter_from(src)?,
         }
     }
     Ok(v)
@@ -1399,14 +1394,14 @@ fn match_outs(
     }
     for (i, ((dtype, shape), j)) in incoming.iter().zip(order).enumerate() {
         let t = &out[*j];
-        if **dtype != t.dtype || **shape != t.shape {
+        if **dtype != t.dtype() || **shape != t.shape() {
             return Some(format!(
                 "tensor {i} of the message is {} {:?} but {} is {} {:?} (the message was discarded; the connection is still usable)",
                 dtype.name(),
                 shape,
                 name(*j),
-                t.dtype.name(),
-                t.shape
+                t.dtype().name(),
+                t.shape()
             ));
         }
     }

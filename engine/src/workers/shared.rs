@@ -52,7 +52,7 @@ use super::event::{Event, EventWords};
 use crate::error::{Error, ErrorKind, Result, protocol};
 use crate::runtime::Deadline;
 use crate::transport::sys;
-use crate::value::{Key, Storage, Tensor, Value};
+use crate::value::{Key, Tensor, Value};
 use crate::wire::{self, FrameKind, Header as WireHeader, Limits, SegKind};
 use rkyv::util::AlignedVec;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -822,16 +822,18 @@ impl Segment {
         let off = self.alloc(bytes.max(1), deadline)?;
         let lease = self.lease(off);
         let keep: Arc<dyn std::any::Any + Send + Sync> = lease;
-        Ok(Tensor {
-            dtype,
-            shape,
-            strides: None,
-            device: crate::Device::Cpu,
-            storage: Storage::Foreign {
-                ptr: self.payload(off),
-                len: bytes as usize,
+        // SAFETY: `off` is a fresh arena allocation of at least `bytes` bytes, host memory mapped
+        // for as long as the lease (`keep`) lives; the tensor is contiguous over exactly `bytes`.
+        Ok(unsafe {
+            Tensor::from_raw(
+                dtype,
+                shape,
+                None,
+                crate::Device::Cpu,
+                self.payload(off),
+                bytes as usize,
                 keep,
-            },
+            )
         })
     }
 
@@ -1127,21 +1129,21 @@ impl Segment {
                 )
             };
             match &s.kind {
-                SegKind::Tensor {
-                    dtype,
-                    shape,
-                    device,
-                } => {
-                    tensors.push(Some(Tensor {
-                        dtype: *dtype,
-                        shape: shape.clone(),
-                        strides: None,
-                        device: *device,
-                        storage: Storage::Foreign {
-                            ptr: src,
-                            len: s.len as usize,
+                SegKind::Tensor { dtype, shape, .. } => {
+                    // SAFETY: [src, src + s.len) lies inside the referenced block (checked above),
+                    // kept mapped by the lease in `keep`; s.len is the segment's checked
+                    // numel * itemsize (check_descriptor), so the contiguous view stays inside it.
+                    tensors.push(Some(unsafe {
+                        Tensor::from_raw(
+                            *dtype,
+                            shape.clone(),
+                            None,
+                            // The arena is host memory, whatever device the writer named.
+                            crate::Device::Cpu,
+                            src,
+                            s.len as usize,
                             keep,
-                        },
+                        )
                     }));
                     filled.push(wire::Filled::Out(tensors.len() - 1));
                 }
@@ -1426,7 +1428,10 @@ mod tests {
         let got = seg.try_pop(QUESTIONS, dl(5)).unwrap().unwrap();
         let Value::List(items) = &got else { panic!() };
         let tt = items[1].as_tensor().unwrap();
-        assert!(matches!(tt.storage, Storage::Foreign { .. }));
+        assert!(matches!(
+            tt.storage(),
+            crate::value::Storage::Foreign { .. }
+        ));
         assert_eq!(tt.bytes().unwrap(), &(0..16u8).collect::<Vec<_>>()[..]);
         let arena = seg.base as usize + seg.arena_off as usize;
         assert!(

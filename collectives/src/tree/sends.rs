@@ -1,0 +1,190 @@
+//! Scoped asynchronous sends: a send started from borrowed memory never outlives the borrow.
+//!
+//! The ring sends a chunk of the caller's buffer on the tree's sender thread while this thread
+//! receives the next one; the send reads the buffer after `send` returned. If this thread then
+//! returned early (`?` on a failed receive), the caller could free or reuse the buffer while the
+//! sender thread still reads it.
+//!
+//! Invariants:
+//! - SEND-1: every asynchronous send of borrowed bytes goes through a [`SendScope`]. The scope's
+//!   lifetime `'a` is the borrow of the bytes (`send` takes `&'a [u8]`), so the borrow checker
+//!   refuses to free, move or write the memory while the scope lives; and the scope's `Drop` does
+//!   not return until every send it started has finished reading, on every path (`?`, panic).
+//! - SEND-2: dropping a scope with sends still pending (an error path) first gives them a short
+//!   grace to finish, then closes the links they use so they fail promptly, then waits for each to
+//!   complete: the error is reported within about a second, not at the operation's deadline.
+
+use super::Tree;
+use parallel_engine::endpoint::Conn;
+use parallel_engine::runtime::{Completion, Deadline};
+use parallel_engine::{Error, Result};
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long a dropped scope lets pending sends finish before closing their links (SEND-2).
+const GRACE: Duration = Duration::from_millis(500);
+
+/// Sends in flight from memory borrowed for `'a` (SEND-1).
+pub(super) struct SendScope<'a> {
+    tree: &'a Tree,
+    deadline: Deadline,
+    pending: Vec<(Arc<Conn>, Completion<()>)>,
+    _bytes: PhantomData<&'a [u8]>,
+}
+
+impl<'a> SendScope<'a> {
+    pub(super) fn new(tree: &'a Tree, deadline: Deadline) -> SendScope<'a> {
+        SendScope {
+            tree,
+            deadline,
+            pending: Vec::new(),
+            _bytes: PhantomData,
+        }
+    }
+
+    /// Starts sending `bytes` (as a u8 tensor) to `conn` on the tree's sender thread; `bytes` stay
+    /// borrowed until the scope is waited for or dropped.
+    pub(super) fn send(&mut self, conn: &Arc<Conn>, bytes: &'a [u8]) {
+        // SAFETY: `bytes` is borrowed for 'a, which outlives this scope, and the scope does not
+        // end (wait_all or Drop) before this send completed (SEND-1): the memory stays valid
+        // and, being shared-borrowed, unmodified for as long as the sender thread reads it.
+        let v = unsafe { super::view(bytes) };
+        let c = self.tree.send_async(conn, v, self.deadline);
+        self.pending.push((conn.clone(), c));
+    }
+
+    /// Waits for every pending send; the first error, after all have completed (so the scope is
+    /// empty whatever the outcome).
+    pub(super) fn wait_all(&mut self, op: &'static str) -> Result<()> {
+        let mut first: Option<Error> = None;
+        for (conn, c) in std::mem::take(&mut self.pending) {
+            if let Err(e) = c.wait(self.deadline, op) {
+                if !c.done() {
+                    // Timed out: the send may still read the bytes. Interrupt it and wait for it.
+                    conn.close();
+                    wait_done(&c);
+                }
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+}
+
+/// Waits until `c` completed. Only called after the send's link was closed, which wakes a blocked
+/// send (LINK-4), so this returns promptly; it logs if it does not rather than return while the
+/// send may still read borrowed memory.
+fn wait_done(c: &Completion<()>) {
+    let mut waited = 0u32;
+    while !c.done() {
+        let _ = c.wait(Deadline::after(Duration::from_secs(1)), "send");
+        waited += 1;
+        if waited % 10 == 0 && !c.done() {
+            tracing::error!(
+                seconds = waited,
+                "a send from borrowed memory has not finished after its link was closed; still \
+                 waiting (SEND-1)"
+            );
+        }
+    }
+}
+
+impl Drop for SendScope<'_> {
+    fn drop(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        // An error path (SEND-2): give healthy sends a moment, then interrupt the rest.
+        let grace = Deadline::after(GRACE);
+        for (conn, c) in &self.pending {
+            if c.wait(grace, "send").is_err() && !c.done() {
+                conn.close();
+            }
+        }
+        for (_, c) in &self.pending {
+            wait_done(c);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rendezvous::TreeOptions;
+    use std::time::Instant;
+
+    /// SEND-1/SEND-2: a scope dropped on an error path, with large sends still blocked on a
+    /// neighbour that does not read, returns only once every send completed (so the caller may
+    /// then free the bytes), and promptly (it interrupts them), not at the 20 s deadline.
+    #[test]
+    fn send_2_dropped_scope_waits_for_every_pending_send() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let opts = move |r: usize| TreeOptions {
+            rank: Some(r),
+            world_size: Some(2),
+            root: Some(format!("127.0.0.1:{port}")),
+            timeout: Some(Duration::from_secs(20)),
+            ..Default::default()
+        };
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let stalled = std::thread::spawn(move || {
+            let t = Tree::new(opts(1)).unwrap();
+            // Reads nothing until told to stop, then leaves.
+            let _ = stop_rx.recv_timeout(Duration::from_secs(30));
+            drop(t);
+        });
+        let t = Tree::new(opts(0)).unwrap();
+        let conn = t.link(1).unwrap().clone();
+        let bytes = vec![0x5au8; 16 << 20];
+        let started = Instant::now();
+        let handles: Vec<Completion<()>> = {
+            let mut scope = SendScope::new(&t, Deadline::after(Duration::from_secs(20)));
+            for i in 0..4 {
+                scope.send(&conn, &bytes[i * (4 << 20)..(i + 1) * (4 << 20)]);
+            }
+            let handles = scope.pending.iter().map(|(_, c)| c.clone()).collect();
+            assert!(
+                scope.pending.iter().any(|(_, c)| !c.done()),
+                "64 MiB to a peer that reads nothing cannot all be sent at once"
+            );
+            handles
+            // The scope drops here, as on an early `?`.
+        };
+        let took = started.elapsed();
+        assert!(
+            handles.iter().all(Completion::done),
+            "the scope ended with a send still reading the bytes"
+        );
+        assert!(
+            took < Duration::from_secs(10),
+            "the scope took {took:?} to end"
+        );
+        drop(bytes); // now sound: no send reads them
+        stop_tx.send(()).unwrap();
+        stalled.join().unwrap();
+    }
+
+    #[test]
+    fn send_1_ring_segments_split_without_overlap() {
+        let mut buf: Vec<u8> = (0..10).collect();
+        let (s, r) = crate::tree::disjoint(&mut buf, 6..9, 2..5).unwrap();
+        assert_eq!(s, &[6, 7, 8]);
+        r.fill(0);
+        let (s, r) = crate::tree::disjoint(&mut buf, 0..2, 2..2).unwrap();
+        assert_eq!((s, r.len()), (&[0u8, 1][..], 0));
+        assert_eq!(buf, [0, 1, 0, 0, 0, 5, 6, 7, 8, 9]);
+        assert!(
+            crate::tree::disjoint(&mut buf, 0..3, 2..5).is_err(),
+            "overlap"
+        );
+        assert!(
+            crate::tree::disjoint(&mut buf, 0..3, 8..11).is_err(),
+            "out of bounds"
+        );
+    }
+}
