@@ -478,3 +478,12 @@ def digest(values: list[Any]) -> str:
 
 def same_float(a: float, b: float) -> bool:
     return (math.isnan(a) and math.isnan(b)) or (a == b and math.copysign(1, a) == math.copysign(1, b))
+
+
+def leaves_of(spec: tuple[Any, ...]) -> list[tuple[str, tuple[Any, ...]]]:
+    """Like `leaves`, for the endpoint specs (whose scalar leaves are 1-tuples)."""
+    if spec[0] == "dict":
+        return [x for k, s in spec[1] for x in leaves_of(s)]
+    if spec[0] in ("list", "tuple"):
+        return [x for s in spec[1] for x in leaves_of(s)]
+    return [("", spec)]
