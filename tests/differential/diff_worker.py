@@ -59,7 +59,8 @@ def tree_program(seed: int, ncases: int, world: int, flags: dict[str, bool]) -> 
                 cid += 1
             if len(step) > 1:  # an asynchronous group: all but maybe the last are async
                 for c in step[:-1] if rng.random() < 0.5 else step:
-                    if c["kind"] in ("all_reduce", "broadcast", "barrier") and not C.has_leaf(c["spec"], "n"):
+                    if c["kind"] in ("all_reduce", "broadcast", "barrier") and not C.has_leaf(c["spec"], "n") \
+                            and not c["expect_error"]:
                         c["async"] = True
             steps.append(step)
         epochs.append({"steps": steps, "until": until, "ends": ends, "uop": uop})
