@@ -143,7 +143,13 @@ def _u_max(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.maximum(a, b)  # inputs are >= 0 for this one, so zero is its identity
 
 
-CALLABLES = {"u_add": _u_add, "u_add_ret": _u_add_ret, "u_add_none": _u_add_none, "u_xor": _u_xor, "u_max": _u_max}
+CALLABLES = {
+    "u_add": _u_add,
+    "u_add_ret": _u_add_ret,
+    "u_add_none": _u_add_none,
+    "u_xor": _u_xor,
+    "u_max": _u_max,
+}
 # what a callable computes, as a built-in op (for the reference)
 CALLABLE_AS = {"u_add": "sum", "u_add_ret": "sum", "u_add_none": "sum", "u_xor": "bxor", "u_max": "max"}
 
@@ -204,7 +210,7 @@ def gen_struct(
                 k = rng.randint(-3, 50)
             if k not in keys:
                 keys.append(k)
-        return ("dict", list(zip(keys, kids)))
+        return ("dict", list(zip(keys, kids, strict=True)))
     return (kind, kids)
 
 
@@ -368,12 +374,14 @@ def get_path(value: Any, spec: tuple[Any, ...]) -> list[Any]:
         if not isinstance(value, dict):
             raise AssertionError(f"expected a dict, got {type(value).__name__}")
         if set(value) != {k for k, _ in spec[1]}:
-            raise AssertionError(f"dict keys {sorted(map(repr, value))} != {sorted(repr(k) for k, _ in spec[1])}")
+            raise AssertionError(
+                f"dict keys {sorted(map(repr, value))} != {sorted(repr(k) for k, _ in spec[1])}"
+            )
         return [x for k, s in spec[1] for x in get_path(value[k], s)]
     want = list if spec[0] == "list" else tuple
     if type(value) is not want or len(value) != len(spec[1]):
         raise AssertionError(f"expected a {want.__name__} of {len(spec[1])}, got {type(value).__name__}")
-    return [x for v, s in zip(value, spec[1]) for x in get_path(v, s)]
+    return [x for v, s in zip(value, spec[1], strict=True) for x in get_path(v, s)]
 
 
 # --- reference reductions -------------------------------------------------------------------------
@@ -385,8 +393,15 @@ def reduce_ref(op: str, dtype: str, xs: list[np.ndarray]) -> np.ndarray:
     with np.errstate(over="ignore", invalid="ignore"):
         for x in xs[1:]:
             if kind == "bool":
-                f = {"sum": np.logical_or, "max": np.logical_or, "bor": np.logical_or, "prod": np.logical_and,
-                     "min": np.logical_and, "band": np.logical_and, "bxor": np.logical_xor}[op]
+                f = {
+                    "sum": np.logical_or,
+                    "max": np.logical_or,
+                    "bor": np.logical_or,
+                    "prod": np.logical_and,
+                    "min": np.logical_and,
+                    "band": np.logical_and,
+                    "bxor": np.logical_xor,
+                }[op]
                 acc = f(acc, x)
             elif op in ("sum", "avg"):
                 acc = np.add(acc, x, dtype=acc.dtype)
@@ -411,8 +426,13 @@ def reduce_plain(op: str, xs: list[Any]) -> Any:
     op = CALLABLE_AS.get(op, op)
     acc = xs[0]
     for x in xs[1:]:
-        acc = {"sum": lambda a, b: a + b, "avg": lambda a, b: a + b, "prod": lambda a, b: a * b,
-               "min": min, "max": max}[op](acc, x)
+        acc = {
+            "sum": lambda a, b: a + b,
+            "avg": lambda a, b: a + b,
+            "prod": lambda a, b: a * b,
+            "min": min,
+            "max": max,
+        }[op](acc, x)
     if op == "avg":
         acc = acc / len(xs)
     return acc
@@ -455,10 +475,15 @@ def check_tensor(
 def _diff(g: np.ndarray, w: np.ndarray) -> str:
     gf, wf = g.reshape(-1), np.asarray(w).reshape(-1)
     with np.errstate(invalid="ignore"):
-        bad = np.nonzero(~((gf == wf.astype(gf.dtype)) | (np.isnan(gf) & np.isnan(wf))))[0] \
-            if gf.dtype.kind in "fc" else np.nonzero(gf != wf.astype(gf.dtype))[0]
+        bad = (
+            np.nonzero(~((gf == wf.astype(gf.dtype)) | (np.isnan(gf) & np.isnan(wf))))[0]
+            if gf.dtype.kind in "fc"
+            else np.nonzero(gf != wf.astype(gf.dtype))[0]
+        )
     i = int(bad[0]) if len(bad) else 0
-    return f"{len(bad)} of {gf.size} elements differ; first at flat index {i}: got {gf[i]!r}, expected {wf[i]!r}"
+    return (
+        f"{len(bad)} of {gf.size} elements differ; first at flat index {i}: got {gf[i]!r}, expected {wf[i]!r}"
+    )
 
 
 def digest(values: list[Any]) -> str:

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -59,8 +58,11 @@ def tree_program(seed: int, ncases: int, world: int, flags: dict[str, bool]) -> 
                 cid += 1
             if len(step) > 1:  # an asynchronous group: all but maybe the last are async
                 for c in step[:-1] if rng.random() < 0.5 else step:
-                    if c["kind"] in ("all_reduce", "broadcast", "barrier") and not C.has_leaf(c["spec"], "n") \
-                            and not c["expect_error"]:
+                    if (
+                        c["kind"] in ("all_reduce", "broadcast", "barrier")
+                        and not C.has_leaf(c["spec"], "n")
+                        and not c["expect_error"]
+                    ):
                         c["async"] = True
             steps.append(step)
         epochs.append({"steps": steps, "until": until, "ends": ends, "uop": uop})
@@ -100,10 +102,18 @@ def gen_call(
             call["root"] = rng.choice(done)
             call["expect_error"] = "root"
     plain: list[str] = []
-    if flags["PLAIN_NUMBERS"] and kind in ("all_reduce", "reduce", "broadcast") and call["op"] not in C.CALLABLES:
-        plain = {None: ["int", "float"], "avg": ["float"], "band": ["int"], "bor": ["int"], "bxor": ["int"]}.get(
-            call["op"], ["int", "float"]
-        )
+    if (
+        flags["PLAIN_NUMBERS"]
+        and kind in ("all_reduce", "reduce", "broadcast")
+        and call["op"] not in C.CALLABLES
+    ):
+        plain = {
+            None: ["int", "float"],
+            "avg": ["float"],
+            "band": ["int"],
+            "bor": ["int"],
+            "bxor": ["int"],
+        }.get(call["op"], ["int", "float"])
     big = kind in ("all_reduce", "reduce", "broadcast") and rng.random() < 0.05
     if kind == "all_gather":
         dt = rng.choice(dtypes)
@@ -122,14 +132,20 @@ def gen_call(
         else:
             call["spec"] = C.gen_struct(rng, dtypes, plain, big=big)
         no_tensor = not any(s[0] == "t" for _, s in C.leaves(call["spec"]))
-        if (call["expect_error"] == "avg" and no_tensor) or (not C.leaves(call["spec"]) and not flags["EMPTY_VALUE_COLLECTIVE"]):
+        if (call["expect_error"] == "avg" and no_tensor) or (
+            not C.leaves(call["spec"]) and not flags["EMPTY_VALUE_COLLECTIVE"]
+        ):
             call["spec"] = ("t", rng.choice(dtypes), (3,), "contig")
     call.setdefault("spec", ("list", []))
     return call
 
 
 def describe(call: dict[str, Any]) -> str:
-    extra = {k: call[k] for k in ("op", "root", "mode", "dtype", "shapes", "expect_error", "async", "done_op") if call.get(k)}
+    extra = {
+        k: call[k]
+        for k in ("op", "root", "mode", "dtype", "shapes", "expect_error", "async", "done_op")
+        if call.get(k)
+    }
     spec = repr(call["spec"])
     return f"case {call['id']} {call['kind']} {extra} ranks {call['part']} spec {spec[:300]}"
 
@@ -185,7 +201,9 @@ class Rank:
 
     def value(self, call: dict[str, Any], rank: int | None = None) -> Any:
         r = self.me if rank is None else rank
-        return C.build_value(call["spec"], self.seed, call["id"], r, call["mode"], call["op"] or "", self.order(call["id"]))
+        return C.build_value(
+            call["spec"], self.seed, call["id"], r, call["mode"], call["op"] or "", self.order(call["id"])
+        )
 
     def inputs(self, call: dict[str, Any], rank: int) -> list[Any]:
         return C.leaf_inputs(call["spec"], self.seed, call["id"], rank, call["mode"], call["op"] or "")
@@ -196,7 +214,9 @@ class Rank:
         t, kind = self.tree, call["kind"]
         op = C.op_arg(call["op"]) if call["op"] else None
         if kind == "all_gather":
-            a = C.leaf_array(self.seed, call["id"], self.me, 0, call["dtype"], call["shapes"][self.me], call["mode"], "")
+            a = C.leaf_array(
+                self.seed, call["id"], self.me, 0, call["dtype"], call["shapes"][self.me], call["mode"], ""
+            )
             x = C.to_tensor(a, call["dtype"], call["layouts"][self.me])
             return x, t.all_gather(x)
         if kind == "barrier":
@@ -205,7 +225,9 @@ class Rank:
         if kind == "all_reduce":
             return value, (t.all_reduce_async(value, op) if call["async"] else t.all_reduce(value, op))
         if kind == "broadcast":
-            return value, (t.broadcast_async(value, call["root"]) if call["async"] else t.broadcast(value, call["root"]))
+            return value, (
+                t.broadcast_async(value, call["root"]) if call["async"] else t.broadcast(value, call["root"])
+            )
         if kind == "reduce":
             return value, t.reduce(value, op, call["root"])
         if kind == "reduce_scatter":
@@ -261,7 +283,11 @@ class Rank:
                 want = C.reduce_plain(call["op"], xs)
                 g = got[i]
                 ok = type(g) is type(want) and (
-                    g == want if isinstance(want, int) else (C.same_float(g, want) or (call["op"] == "avg" and abs(g - want) <= 1e-12 * abs(want)))
+                    g == want
+                    if isinstance(want, int)
+                    else (
+                        C.same_float(g, want) or (call["op"] == "avg" and abs(g - want) <= 1e-12 * abs(want))
+                    )
                 )
                 if not ok:
                     self.fail(call, f"{kind} leaf {path}: got {g!r}, expected {want!r}")
@@ -280,10 +306,14 @@ class Rank:
             if s[0] == "t" and C.digest([held[i]]) != C.digest([got[i]]):
                 self.fail(call, f"leaf {path}: the caller's tensor does not hold the returned result")
 
-    def compare_exact(self, call: dict[str, Any], got: list[Any], want: list[Any], specs: list[Any], what: str) -> None:
+    def compare_exact(
+        self, call: dict[str, Any], got: list[Any], want: list[Any], specs: list[Any], what: str
+    ) -> None:
         for i, (path, s) in enumerate(specs):
             if s[0] == "n":
-                if type(got[i]) is not type(want[i]) or not (got[i] == want[i] or C.same_float(got[i], want[i])):
+                if type(got[i]) is not type(want[i]) or not (
+                    got[i] == want[i] or C.same_float(got[i], want[i])
+                ):
                     self.fail(call, f"{what} leaf {path}: got {got[i]!r}, expected {want[i]!r}")
                 continue
             err = C.check_tensor(got[i], want[i], s[1], s[2], "max", "exact", [want[i]])
@@ -301,7 +331,9 @@ class Rank:
             self.fail(call, f"all_gather returned entries of ranks {sorted(by_rank)}, expected {part}")
             return
         for r in part:
-            want = C.leaf_array(self.seed, call["id"], r, 0, call["dtype"], call["shapes"][r], call["mode"], "")
+            want = C.leaf_array(
+                self.seed, call["id"], r, 0, call["dtype"], call["shapes"][r], call["mode"], ""
+            )
             err = C.check_tensor(by_rank[r], want, call["dtype"], call["shapes"][r], "max", "exact", [want])
             if err:
                 self.fail(call, f"all_gather entry of rank {r}: {err}")
@@ -358,12 +390,19 @@ class Rank:
             uop = C.CALLABLES[e["uop"]] if self.flags["DONE_OP_ONLY_FOR_USER_CALLS"] else None
             served = self.tree.done(op=uop, timeout=60)
             later = [c for calls in e["steps"][mine:] for c in calls]
-            if self.flags["SERVED_COUNTS_CALLS"] and not any(c["expect_error"] for c in later) and served != len(later):
-                self.failures.append({
-                    "case": later[0]["id"] if later else -1, "rank": self.me,
-                    "what": f"done() after {mine} of {len(e['steps'])} steps of an epoch",
-                    "msg": f"done() returned {served}, expected {len(later)} collectives served",
-                })
+            if (
+                self.flags["SERVED_COUNTS_CALLS"]
+                and not any(c["expect_error"] for c in later)
+                and served != len(later)
+            ):
+                self.failures.append(
+                    {
+                        "case": later[0]["id"] if later else -1,
+                        "rank": self.me,
+                        "what": f"done() after {mine} of {len(e['steps'])} steps of an epoch",
+                        "msg": f"done() returned {served}, expected {len(later)} collectives served",
+                    }
+                )
 
 
 def tree_main(seed: int, ncases: int, rank: int, world: int, root: str, out: str) -> int:

@@ -53,7 +53,7 @@ def gen_spec(rng: random.Random, tensors_only: bool, depth: int = 0) -> tuple[An
                 k = rng.choice([0, 1, -1, 2**63 - 1, -(2**63), rng.randint(-99, 99)])
             if k not in keys:
                 keys.append(k)
-        return ("dict", list(zip(keys, kids)))
+        return ("dict", list(zip(keys, kids, strict=True)))
     return (kind, kids)
 
 
@@ -103,7 +103,9 @@ def scalar(kind: str, g: random.Random) -> Any:
     if kind == "int":
         return g.choice([0, 1, -1, 2**63 - 1, -(2**63), g.randint(-(2**63), 2**63 - 1), g.randint(-9, 9)])
     if kind == "float":
-        return g.choice([0.0, -0.0, math.inf, -math.inf, math.nan, 5e-324, 1.7976931348623157e308, g.uniform(-1e6, 1e6)])
+        return g.choice(
+            [0.0, -0.0, math.inf, -math.inf, math.nan, 5e-324, 1.7976931348623157e308, g.uniform(-1e6, 1e6)]
+        )
     if kind == "str":
         return "".join(g.choice("aZ09 \n\t\0é€😀ß") for _ in range(g.choice([0, 1, 7, 300])))
     return bytes(g.getrandbits(8) for _ in range(g.choice([0, 1, 33, 5000])))
@@ -164,7 +166,7 @@ def same(got: Any, want: Any, path: str = "") -> str | None:
     if isinstance(want, (list, tuple)):
         if len(got) != len(want):
             return f"{path}: length {len(got)} != {len(want)}"
-        for i, (a, b) in enumerate(zip(got, want)):
+        for i, (a, b) in enumerate(zip(got, want, strict=True)):
             e = same(a, b, f"{path}[{i}]")
             if e:
                 return e
@@ -184,7 +186,7 @@ def out_identity(got: Any, out: Any, path: str = "") -> str | None:
             if e:
                 return e
         return None
-    for i, (a, b) in enumerate(zip(got, out)):
+    for i, (a, b) in enumerate(zip(got, out, strict=False)):
         e = out_identity(a, b, f"{path}[{i}]")
         if e:
             return e
@@ -225,7 +227,11 @@ def echo_main(seed: int, n: int, out_path: str) -> int:
         for m in program(seed, n, flags):
             want = build(m["spec"], seed, m["id"])
             rng = random.Random(C.hash_seed(seed, m["id"], "srv-layout"))
-            out = empty_like_out(m["spec"], order_seed(seed, m, "server", flags), False, rng) if m["out_server"] else None
+            out = (
+                empty_like_out(m["spec"], order_seed(seed, m, "server", flags), False, rng)
+                if m["out_server"]
+                else None
+            )
             got = receive(conn, m, out)
             for e in check_received(m, got, want, out, "server"):
                 report["failures"].append({"case": m["id"], "msg": e, "spec": repr(m["spec"])[:300]})
@@ -261,11 +267,18 @@ def client_loop(seed: int, n: int, port: int) -> tuple[list[str], int]:
                 if m["out_client"]
                 else None
             )
-            where = f"case {m['id']} (out_client={m['out_client']}, out_server={m['out_server']}, async={m['async']}) spec {repr(m['spec'])[:300]}"
+            where = (
+                f"case {m['id']} (out_client={m['out_client']}, out_server={m['out_server']}, "
+                f"async={m['async']}) spec {repr(m['spec'])[:300]}"
+            )
             try:
                 got = receive(client, m, out)
             except Exception as e:  # noqa: BLE001
-                if m["mismatch"] and isinstance(e, parallel.ParallelError) and not isinstance(e, (parallel.ProtocolError, parallel.Closed)):
+                if (
+                    m["mismatch"]
+                    and isinstance(e, parallel.ParallelError)
+                    and not isinstance(e, (parallel.ProtocolError, parallel.Closed))
+                ):
                     continue  # the message is consumed; the next case checks the link still works
                 problems.append(f"{where}: recv raised {type(e).__name__}: {e}")
                 break

@@ -57,7 +57,9 @@ def run_tree(seed: int, world: int, ncases: int, timeout: float) -> list[dict[st
         reports = []
         for r, path in enumerate(outs):
             if not os.path.exists(path):
-                raise AssertionError(f"rank {r} wrote no report (seed {seed}, {world} ranks):\n{logs[r][-3000:]}")
+                raise AssertionError(
+                    f"rank {r} wrote no report (seed {seed}, {world} ranks):\n{logs[r][-3000:]}"
+                )
             reports.append(json.loads(Path(path).read_text()))
         return reports
 
@@ -73,7 +75,8 @@ def wait_all(procs: list[subprocess.Popen[str]], timeout: float, what: str) -> l
                 q.kill()
             rest = [q.communicate()[0] for q in procs]
             raise AssertionError(
-                f"HANG: process {i} of {what} did not finish in {timeout:.0f}s\n" + "\n".join(x[-2000:] for x in rest)
+                f"HANG: process {i} of {what} did not finish in {timeout:.0f}s\n"
+                + "\n".join(x[-2000:] for x in rest)
             ) from None
         logs.append(out)
     return logs

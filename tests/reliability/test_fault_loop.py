@@ -109,7 +109,10 @@ def record_client_stream(port: int) -> bytes:
     env = dict(os.environ, PARALLEL_SHM="0")
     p = subprocess.run(
         [sys.executable, "-c", RECORDED_CLIENT, str(lst.getsockname()[1])],
-        env=env, capture_output=True, text=True, timeout=120,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     th.join(10)
     lst.close()
@@ -127,7 +130,9 @@ class Hostile:
         self.proc: subprocess.Popen[str] | None = None
 
     def prefix(self) -> bytes:
-        cut = self.rng.choice([self.rng.randint(0, 64), self.rng.randint(0, 4096), self.rng.randint(0, len(self.stream))])
+        cut = self.rng.choice(
+            [self.rng.randint(0, 64), self.rng.randint(0, 4096), self.rng.randint(0, len(self.stream))]
+        )
         return self.stream[:cut]
 
     def connect(self) -> socket.socket:
@@ -147,7 +152,10 @@ class Hostile:
             env = dict(os.environ, PARALLEL_SHM=self.rng.choice(["0", "1"]))
             self.proc = subprocess.Popen(
                 [sys.executable, "-c", KILLED_CLIENT, str(self.port)],
-                env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
             )
             assert self.proc.stdout is not None
             self.proc.stdout.readline()
@@ -248,7 +256,9 @@ def test_random_faults_cause_no_hang_no_crash_no_corrupt_delivery(pytestconfig: 
         f"victim {report}, slowest ack {stats['max_ack_s']:.2f}s"
     )
     print(summary)
-    assert crashed is None, f"the victim died (round, action, exit status) {crashed}: {err[-2000:]}\n{summary}"
+    assert crashed is None, (
+        f"the victim died (round, action, exit status) {crashed}: {err[-2000:]}\n{summary}"
+    )
     assert not stats["hangs"], f"good messages not acknowledged within {ACK_TIMEOUT}s: {summary}"
     assert not stats["corrupt"] and not report.get("corrupt"), summary
     assert victim.returncode == 0 and report, f"victim exit {victim.returncode}: {err[-2000:]}\n{summary}"
