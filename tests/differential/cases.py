@@ -31,32 +31,32 @@ import torch
 # --- Behaviours not yet on main (issue 10). The lead switches each on once its branch is merged. ---
 FLAGS: dict[str, bool] = {
     # 1. dict leaves matched by key: each rank builds its dicts in its own (shuffled) key order.
-    "DICT_KEY_ORDER": False,
+    "DICT_KEY_ORDER": True,
     # 1. plain int/float leaves are reduced (broadcast) and returned in the returned value.
-    "PLAIN_NUMBERS": False,
+    "PLAIN_NUMBERS": True,
     # 3. avg on integer/bool tensors raises on every rank instead of truncating.
-    "AVG_INT_RAISES": False,
+    "AVG_INT_RAISES": True,
     # 4. done() ends a rank's part of an epoch; when all are done the next epoch starts with all ranks.
-    "EPOCHS": False,
+    "EPOCHS": True,
     # 4. all_gather / reduce_scatter while some ranks are done (see gathered_by_rank below).
-    "UNEVEN_GATHER": False,
+    "UNEVEN_GATHER": True,
     # 4. broadcast / reduce whose root is done is an error on every calling rank.
-    "ROOT_DONE_ERRORS": False,
+    "ROOT_DONE_ERRORS": True,
     # 5. recv(out=) into a dict fills by key: the out dict is built in a shuffled key order.
-    "RECV_OUT_BY_KEY": False,
+    "RECV_OUT_BY_KEY": True,
     # 5. a recv(out=) whose out does not match is an error, the message is consumed, the link works.
-    "OUT_MISMATCH_CONSUMED": False,
+    "OUT_MISMATCH_CONSUMED": True,
     # A value without leaves (an empty list) still runs the collective: contributors is set, and
     # done ranks count it as served. Main returns at once without communicating.
-    "EMPTY_VALUE_COLLECTIVE": False,
+    "EMPTY_VALUE_COLLECTIVE": True,
     # done() returns the number of collectives served as the user called them. Main counts one per
     # dtype group of a nested value (and per internal pass), so a nested all_reduce counts 2-3 times.
-    "SERVED_COUNTS_CALLS": False,
+    "SERVED_COUNTS_CALLS": True,
     # done(op=f): a done rank applies f only to collectives called with a Python function; built-in
     # ops keep their own reduction. On main it applies f to every collective it serves (a `min`
     # all_reduce comes out as f's result: silently wrong), so without this flag epochs with done
     # ranks use only built-in ops while ranks are done, and done() gets no op.
-    "DONE_OP_ONLY_FOR_USER_CALLS": False,
+    "DONE_OP_ONLY_FOR_USER_CALLS": True,
 }
 
 

@@ -43,7 +43,7 @@ ACK_TIMEOUT = 20.0
 # Issue 11 #3 (head-of-line blocking: a connection stalled mid-frame blocks recv_any for every
 # other client) is being fixed on another branch; on main 2 of 4 stall rounds leave a good message
 # unanswered for 20 s. Switch this on once that fix is merged (or run with TP_FAULT_STALL=1).
-STALL_FIXED = False
+STALL_FIXED = True
 ACTIONS = ["kill", "stall", "truncate", "garbage", "flood"]
 if not (STALL_FIXED or os.environ.get("TP_FAULT_STALL") == "1"):
     ACTIONS.remove("stall")
