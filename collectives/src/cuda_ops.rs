@@ -1076,7 +1076,7 @@ int main() {
         }
         assert_eq!(
             cases.iter().filter(|c| !c.src.is_empty()).count(),
-            96,
+            87, // avg is refused on the 9 integer and bool dtypes (as torch does)
             "every (op, dtype) pair Op::check accepts"
         );
         let Some(out) = run_harness("all", &prelude(), &funs, &cases) else {
@@ -1153,7 +1153,7 @@ int main() {
         }
         let user = Op::User(std::sync::Arc::new(|_: &mut [u8], _: &[u8], _, _| Ok(())));
         assert!(kernel_source(&user, DType::F32).is_none());
-        assert_eq!(names.len(), 96 + 15);
+        assert_eq!(names.len(), 87 + 15);
         let mut unique = names.clone();
         unique.sort();
         unique.dedup();
@@ -1217,7 +1217,7 @@ int main() {
             sources.extend(ops().iter().filter_map(|op| kernel_source(op, dtype)));
             sources.extend(divide_source(dtype));
         }
-        assert_eq!(sources.len(), 96 + 15);
+        assert_eq!(sources.len(), 87 + 15);
         for (name, src) in sources {
             let opts = vec!["--gpu-architecture=compute_90".to_string()];
             let ptx = nvrtc::compile(&src, &name, opts)
