@@ -45,7 +45,12 @@ def unnest(v, depth):
     assert torch.equal(v["leaf"], torch.arange(4.0)) and v["n"] == depth, v
     return True
 
-s = parallel.server("127.0.0.1", 0)
+try:
+    s = parallel.server("127.0.0.1", 0)
+except parallel.ConfigError as e:
+    # A depth setting out of range fails closed at the first use (issue 11, behaviour 1).
+    print(f"setting refused: {e}", flush=True)
+    sys.exit(0)
 c = parallel.client("127.0.0.1", s.port, timeout=10)
 s.wait_for(1, timeout=10)
 conn = s.connections()[0]
@@ -97,7 +102,8 @@ def test_value_nested_100000_deep_is_refused_without_a_crash():
 
 
 @pytest.mark.parametrize("setting", ["100000", "18446744073709551615"])
-def test_depth_setting_beyond_the_maximum_never_crashes(setting):
-    # Either the setting is refused (ConfigError) or the value is (Unsupported): never a crash.
+def test_depth_setting_beyond_the_maximum_is_a_config_error_not_a_crash(setting):
+    # The setting is refused at the first use, naming the variable, its value and the range.
     out = run(100000, setting)
-    assert "refused after" in out or "round trip of depth 100000 ok" in out, out
+    assert "setting refused" in out, out
+    assert f"PARALLEL_MAX_VALUE_DEPTH='{setting}'" in out and "1 to 10000" in out, out

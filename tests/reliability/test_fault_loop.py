@@ -168,6 +168,7 @@ class Hostile:
             time.sleep(self.rng.uniform(0.0, 0.3))
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(30)
+            self.proc.stdout.close()
         elif k in ("stall", "truncate", "garbage"):
             s = self.connect()
             self.send(s, self.prefix())
@@ -254,7 +255,11 @@ def test_random_faults_cause_no_hang_no_crash_no_corrupt_delivery(pytestconfig: 
         finally:
             if victim.poll() is None:
                 victim.kill()
+                victim.wait()
         err = victim.stderr.read() if victim.stderr else ""
+        for f in (victim.stdout, victim.stderr):
+            if f:
+                f.close()
         report = json.loads(Path(report_path).read_text()) if os.path.exists(report_path) else {}
     summary = (
         f"seed {seed}: {rounds} rounds in {elapsed:.1f}s, actions {dict(stats['actions'])}, "
