@@ -44,6 +44,9 @@ impl std::fmt::Debug for Op {
     }
 }
 
+/// The name of [`Op::User`] in control frames (never a built-in op's name).
+pub const USER_NAME: &str = "user";
+
 impl Op {
     pub fn parse(s: &str) -> Result<Op> {
         Ok(match s {
@@ -77,7 +80,7 @@ impl Op {
             Op::Band => "band",
             Op::Bor => "bor",
             Op::Bxor => "bxor",
-            Op::User(_) => "user",
+            Op::User(_) => USER_NAME,
         }
     }
 
@@ -269,6 +272,11 @@ pub fn reduce_into(op: &Op, dtype: DType, dst: &mut [u8], src: &[u8]) -> Result<
     }
     op.check(dtype)?;
     if let Op::User(f) = op {
+        // Nothing to combine: a user function never sees an empty chunk (nor the placeholder
+        // dtype of a value without tensors).
+        if dst.is_empty() {
+            return Ok(());
+        }
         return f(dst, src, dtype, dst.len() / dtype.itemsize());
     }
     match dtype {

@@ -21,7 +21,10 @@
 //!   element) until all ranks have finished; then the epoch ends and every rank takes part again,
 //!   on the same tree. Each collective reports how many ranks contributed; all_gather returns the
 //!   contributing ranks' pieces with their ranks; a broadcast or reduce whose root is done is the
-//!   same error on every rank (decided at rank 0 from the done ranks each subtree reports).
+//!   same error on every rank (decided at rank 0 from the done ranks each subtree reports). A
+//!   finished rank reduces with the collective's own built-in op, and with the function given
+//!   to `done` only when the others called a user function; `done` returns how many user calls
+//!   it served (the passes after the first of one call are marked in their meta).
 //! - TREE-6: a user reduce function that fails on any rank fails the collective on every rank, with
 //!   no buffer changed and the tree still usable: the failure travels up with the control pass (or,
 //!   after a ring, in a status round over the tree links), and rank 0's verdict carries it down.
@@ -41,7 +44,7 @@ use parallel_engine::value::{DType, Device, Tensor, Value};
 use parallel_engine::{Error, ErrorKind, Result, Server};
 use std::any::Any;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -98,9 +101,23 @@ struct Meta {
     /// Hash of the structure of the nested value the data come from (0: none), set by the
     /// bindings through [`Tree::with_structure`] (TREE-7).
     sig: u64,
+    /// Not the first control pass of the user's call (another dtype group of one nested value,
+    /// inside [`Tree::with_structure`]): a finished rank counts only first passes (TREE-4).
+    cont: bool,
 }
 
 impl Meta {
+    /// The op that reduces this collective's data on a rank holding `given`: the collective's
+    /// own built-in op, or `given` when the ranks called it with a user function. A finished rank
+    /// gives the function passed to `done`, which must never replace a built-in op (TREE-4).
+    fn reducing_op(&self, given: Option<&Op>) -> Option<Op> {
+        match Op::parse(&self.op) {
+            Ok(builtin) => Some(builtin),
+            Err(_) if self.op == ops::USER_NAME => given.cloned(),
+            Err(_) => None,
+        }
+    }
+
     fn describe(&self) -> String {
         match self.dtype {
             Some(d) => format!(
@@ -155,7 +172,16 @@ pub struct Tree {
     gpu_scratch: Mutex<Option<parallel_engine::cuda::DeviceAlloc>>,
     /// The structure hash the collectives carry while [`Tree::with_structure`] runs (TREE-7).
     structure: AtomicU64,
+    /// Where this rank is in one user call (TREE-4): [`NO_CALL`], [`CALL_STARTED`] (inside
+    /// [`Tree::with_structure`], no control pass yet) or [`CALL_PASSED`].
+    call: AtomicU8,
+    /// The last control pass this rank served while done was a first pass of a call (TREE-4).
+    served_call: AtomicBool,
 }
+
+const NO_CALL: u8 = 0;
+const CALL_STARTED: u8 = 1;
+const CALL_PASSED: u8 = 2;
 
 /// The start of a mismatch verdict that says only the values' structures differ (TREE-7): every
 /// rank then called the same collective and may gather the structures to name the difference.
@@ -310,6 +336,8 @@ impl Tree {
             failed: Mutex::new(None),
             gpu_scratch: Mutex::new(None),
             structure: AtomicU64::new(0),
+            call: AtomicU8::new(NO_CALL),
+            served_call: AtomicBool::new(false),
         })
     }
 
@@ -429,13 +457,31 @@ impl Tree {
         Ok(v)
     }
 
-    /// Runs `f` with every collective it calls carrying `sig`, the hash of the structure of the
-    /// nested value they come from (TREE-7); 0 for none.
+    /// Runs `f` as one user call: every collective it calls carries `sig`, the hash of the
+    /// structure of the nested value they come from (TREE-7; 0 for none), and a finished rank
+    /// serving them counts them as one collective in what `done` returns (TREE-4), however many
+    /// dtype groups (control passes) the value takes.
     pub fn with_structure<T>(&self, sig: u64, f: impl FnOnce() -> T) -> T {
         self.structure.store(sig, Ordering::SeqCst);
+        self.call.store(CALL_STARTED, Ordering::SeqCst);
         let r = f();
+        self.call.store(NO_CALL, Ordering::SeqCst);
         self.structure.store(0, Ordering::SeqCst);
         r
+    }
+
+    /// Whether this rank's next control pass continues a user call that already made one
+    /// (TREE-4). Outside [`Tree::with_structure`] every collective is a call of its own.
+    fn continues_call(&self) -> bool {
+        match self.call.compare_exchange(
+            CALL_STARTED,
+            CALL_PASSED,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        ) {
+            Ok(_) => false,
+            Err(now) => now == CALL_PASSED,
+        }
     }
 
     fn next_seq(&self) -> u64 {
@@ -491,6 +537,7 @@ impl Tree {
         let mut culprit: Option<String> = None;
         let mut reference: Option<Meta> = meta.map(|m| Meta {
             sig: self.structure.load(Ordering::SeqCst),
+            cont: self.continues_call(),
             ..m.clone()
         });
         let mut partials: Vec<Vec<u8>> = Vec::new();
@@ -589,12 +636,13 @@ impl Tree {
                 }
             }
         }
-        // A finished rank that knows the op (built-in, or given to done()) reduces what it holds.
+        // A finished rank that knows the op (the collective's built-in op, or the user function
+        // given to done() when the others called one) reduces what it holds.
         if partials.len() > 1
             && local_fail.is_none()
             && let Some(m) = reference.as_ref()
             && m.dtype.is_some()
-            && let Some(op) = op.cloned().or_else(|| Op::parse(&m.op).ok())
+            && let Some(op) = m.reducing_op(op)
         {
             let (first, rest) = partials.split_at_mut(1);
             for r in rest.iter() {
@@ -720,6 +768,10 @@ impl Tree {
         }
         self.contributors
             .store(verdict.contributors as u64, Ordering::SeqCst);
+        if idle {
+            let first = verdict.meta.as_ref().is_some_and(|m| !m.cont);
+            self.served_call.store(first, Ordering::SeqCst);
+        }
         let what = meta.map_or("done", |m| m.kind.name());
         if let Some(c) = &verdict.culprit {
             self.agreed.store(true, Ordering::SeqCst);
@@ -833,6 +885,7 @@ impl Tree {
             root: 0,
             gpu: false,
             sig: 0,
+            cont: false,
         };
         if let Op::User(_) = op {
             return self.run(|| self.user_all_reduce(&meta, dtype, buf, op));
@@ -1081,6 +1134,7 @@ impl Tree {
             root,
             gpu: false,
             sig: 0,
+            cont: false,
         };
         self.run(|| {
             self.pass(Some(&meta), None, Some(buf), true, self.rank == root)
@@ -1100,6 +1154,7 @@ impl Tree {
             root,
             gpu: false,
             sig: 0,
+            cont: false,
         };
         let mut work = buf.to_vec();
         self.run(|| {
@@ -1125,6 +1180,7 @@ impl Tree {
             root: 0,
             gpu: false,
             sig: 0,
+            cont: false,
         };
         self.run(|| {
             // Each rank's piece travels up tagged with its rank; the root sends them all down.
@@ -1162,6 +1218,7 @@ impl Tree {
             root: 0,
             gpu: false,
             sig: 0,
+            cont: false,
         };
         self.run(|| {
             self.pass(Some(&meta), None, None, false, false)
@@ -1185,7 +1242,15 @@ impl Tree {
     }
 
     fn serve(&self, op: Option<&Op>, wait: Duration) -> Result<usize> {
+        // One per user call: the other passes of a call (dtype groups of one nested value) are
+        // marked in their meta; internal passes (status rounds, a second pass) are taken by
+        // serve_data.
         let mut served = 0;
+        let count = |served: &mut usize| {
+            if self.served_call.swap(false, Ordering::SeqCst) {
+                *served += 1;
+            }
+        };
         loop {
             self.check_usable()?;
             self.agreed.store(false, Ordering::SeqCst);
@@ -1203,7 +1268,7 @@ impl Tree {
                 // The others' call failed on every rank (a mismatch, their reduce function, a
                 // done root): they raise, this rank serves on.
                 Err(_) if self.agreed.swap(false, Ordering::SeqCst) => {
-                    served += 1;
+                    count(&mut served);
                     continue;
                 }
                 Err(e) => return Err(self.abort(&e)),
@@ -1211,7 +1276,7 @@ impl Tree {
             if v.contributors == 0 {
                 return Ok(served);
             }
-            served += 1;
+            count(&mut served);
             if let Err(e) = self.serve_data(&v, op) {
                 if self.agreed.swap(false, Ordering::SeqCst) {
                     continue;
@@ -1502,6 +1567,7 @@ fn meta_value(m: &Meta) -> Value {
         Value::Int(m.root as i64),
         Value::Bool(m.gpu),
         Value::Int(m.sig as i64),
+        Value::Bool(m.cont),
     ])
 }
 
@@ -1530,6 +1596,7 @@ fn parse_meta(v: &Value) -> Result<Meta> {
         root: (*root).max(0) as usize,
         gpu: matches!(t.get(5), Some(Value::Bool(true))),
         sig: t.get(6).and_then(Value::as_int).unwrap_or(0) as u64,
+        cont: matches!(t.get(7), Some(Value::Bool(true))),
     })
 }
 

@@ -493,3 +493,39 @@ fn served(steps: &[usize; 3], r: usize) -> usize {
     let last = *steps.iter().max().unwrap();
     (steps[r]..last).map(|_| 4 + 3 + 2).sum()
 }
+
+#[test]
+fn tree_4_a_done_rank_keeps_builtin_ops_and_counts_grouped_calls_once() {
+    // Rank 0 (the root, combining its children's data) is done with a user sum; the others call
+    // built-in ops (never to be replaced by the sum), and one call of two dtype groups.
+    let res = world(3, |t| {
+        if t.rank() == 0 {
+            let add = Op::User(Arc::new(|d: &mut [u8], s: &[u8], dt, _n| {
+                ops::reduce_into(&Op::Sum, dt, d, s)
+            }));
+            return Ok(vec![t.done(Some(&add), None)? as f64]);
+        }
+        let bits: i16 = if t.rank() == 1 { 0b011 } else { 0b110 };
+        let mut b: Vec<u8> = [bits; 5].iter().flat_map(|v| v.to_le_bytes()).collect();
+        t.all_reduce(DType::I16, &mut b, &Op::Bor)?;
+        let or = i16::from_le_bytes([b[0], b[1]]) as f64;
+        let mut m = encode(DType::F32, &[t.rank() as f64 * 10.0; 4]);
+        t.all_reduce(DType::F32, &mut m, &Op::Max)?;
+        let mut f = encode(DType::F32, &[1.0; 3]);
+        let mut i = encode(DType::I64, &[2.0; 3]);
+        t.with_structure(7, || -> parallel_engine::Result<()> {
+            t.all_reduce(DType::F32, &mut f, &Op::Sum)?;
+            t.all_reduce(DType::I64, &mut i, &Op::Sum)?;
+            Ok(())
+        })?;
+        assert_eq!(f, encode(DType::F32, &[2.0; 3]));
+        assert_eq!(i, encode(DType::I64, &[4.0; 3]));
+        t.done(None, None)?;
+        Ok(vec![or, f32s(&m)[0] as f64])
+    });
+    let res: Vec<Vec<f64>> = res.into_iter().map(|r| r.unwrap()).collect();
+    assert_eq!(res[0], vec![3.0], "done() counts the two-group call once");
+    for r in &res[1..] {
+        assert_eq!(r, &vec![7.0, 20.0], "bor and max while rank 0 is done");
+    }
+}

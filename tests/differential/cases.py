@@ -432,6 +432,10 @@ def reduce_plain(op: str, xs: list[Any]) -> Any:
             "prod": lambda a, b: a * b,
             "min": min,
             "max": max,
+            # int numbers are reduced as int64 (docs/collectives.md), so the bitwise ops apply
+            "band": lambda a, b: a & b,
+            "bor": lambda a, b: a | b,
+            "bxor": lambda a, b: a ^ b,
         }[op](acc, x)
     if op == "avg":
         acc = acc / len(xs)

@@ -767,7 +767,9 @@ impl Tree_ {
     }
     /// Uneven endings: this rank has no more data for this epoch. It keeps serving the others'
     /// collectives (contributing nothing) until every rank called done(); then the next epoch
-    /// starts with every rank. Returns how many collectives it served. `timeout` bounds each wait
+    /// starts with every rank. Returns how many collectives it served, one per call the others
+    /// made (whatever the number of dtypes in a nested value). `op`: the function the others
+    /// call all_reduce with, if any; it never replaces a built-in op. `timeout` bounds each wait
     /// for the others' next collective.
     #[pyo3(signature = (op=None, timeout=None))]
     fn done(

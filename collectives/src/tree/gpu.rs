@@ -156,6 +156,7 @@ impl Tree {
             root,
             gpu: true,
             sig: 0,
+            cont: false,
         };
         self.run(|| {
             let v = self.pass(Some(&meta), Some(op), None, false, true)?;
@@ -226,7 +227,7 @@ impl Tree {
                 "a CUDA all-reduce without dtype",
             )
         })?;
-        let op = match op.cloned().or_else(|| Op::parse(&m.op).ok()) {
+        let op = match m.reducing_op(op) {
             Some(op) => op,
             None if self.plan.children[self.rank].is_empty() => Op::Sum,
             None => {
@@ -287,6 +288,7 @@ impl Tree {
             root,
             gpu: true,
             sig: 0,
+            cont: false,
         };
         self.run(|| {
             self.pass(Some(&meta), None, None, false, self.rank == root)?;
