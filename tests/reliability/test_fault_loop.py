@@ -104,11 +104,11 @@ def record_client_stream(port: int) -> bytes:
 
     def serve() -> None:
         c, _ = lst.accept()
-        up = socket.create_connection(("127.0.0.1", port))
-        t = threading.Thread(target=pump, args=(up, c, False), daemon=True)
-        t.start()
-        pump(c, up, True)
-        t.join(5)
+        with c, socket.create_connection(("127.0.0.1", port)) as up:
+            t = threading.Thread(target=pump, args=(up, c, False), daemon=True)
+            t.start()
+            pump(c, up, True)
+            t.join(5)
 
     th = threading.Thread(target=serve, daemon=True)
     th.start()

@@ -328,7 +328,8 @@ def test_stalled_large_announcements_do_not_commit_memory() -> None:
         time.sleep(1.0)
         after = vm_rss_kib(srv.pid)
         # Every announcement is being received at once (one read-ahead each), none committed.
-        threads = int(open(f"/proc/{srv.pid}/status").read().split("Threads:")[1].split()[0])
+        with open(f"/proc/{srv.pid}/status") as f:
+            threads = int(f.read().split("Threads:")[1].split()[0])
         assert threads >= n, f"only {threads} threads: the announcements are not all being read"
         grown_mib = (after - before) / 1024
         # n * 64 MiB were announced; committing them would be n * 64 MiB of RSS.
