@@ -248,6 +248,15 @@ fn tagged(k: Kind, tag: i64, bytes: &[u8]) -> Value {
     Value::List(vec![Value::Int(tag), Value::Tensor(k.u8s(bytes))])
 }
 
+/// Sends `v` from `from` (on a thread of its own: a CUDA IPC send waits for the receiver) while
+/// `to` receives it into `out`.
+fn exchange(from: &Link, to: &Link, v: Value, out: &mut [Tensor]) -> Result<Value, Error> {
+    std::thread::scope(|s| {
+        s.spawn(move || from.send(&v, dl(LONG)).unwrap());
+        to.recv(out, dl(LONG))
+    })
+}
+
 /// An error within `PROMPT`, of one of `kinds`.
 fn assert_fails_promptly(r: Result<Value, Error>, started: Instant, kinds: &[ErrorKind]) {
     let took = started.elapsed();
@@ -358,24 +367,23 @@ mod cases {
 
     pub fn zero_length(k: Kind) {
         let p = k.pair();
-        let values = [
-            Value::bytes(Vec::new()),
-            Value::str(""),
-            Value::List(Vec::new()),
-            Value::Dict(Vec::new()),
-            Value::Tensor(k.tensor(DType::F32, vec![0], &[])),
-            Value::Tensor(k.tensor(DType::I64, vec![3, 0, 2], &[])),
-            Value::List(vec![
+        let make = |i: usize| match i {
+            0 => Value::bytes(Vec::new()),
+            1 => Value::str(""),
+            2 => Value::List(Vec::new()),
+            3 => Value::Dict(Vec::new()),
+            4 => Value::Tensor(k.tensor(DType::F32, vec![0], &[])),
+            5 => Value::Tensor(k.tensor(DType::I64, vec![3, 0, 2], &[])),
+            _ => Value::List(vec![
                 Value::Tensor(k.u8s(&[])),
                 Value::bytes(vec![1u8]),
                 Value::Tensor(k.u8s(&[7])),
                 Value::bytes(Vec::new()),
             ]),
-        ];
-        for v in &values {
-            p.a.send(v, dl(LONG)).unwrap();
-            let got = p.b.recv(&mut [], dl(LONG)).unwrap();
-            assert_same(v, &got);
+        };
+        for i in 0..7 {
+            let got = exchange(&p.a, &p.b, make(i), &mut []).unwrap();
+            assert_same(&make(i), &got);
         }
     }
 
@@ -687,12 +695,7 @@ mod cases {
                 (Key::Str("big".into()), Value::Tensor(k.u8s(&big))),
             ])
         };
-        let recv_out = |out: &mut [Tensor]| {
-            std::thread::scope(|s| {
-                s.spawn(|| p.a.send(&msg(), dl(LONG)).unwrap());
-                p.b.recv(out, dl(LONG))
-            })
-        };
+        let recv_out = |out: &mut [Tensor]| exchange(&p.a, &p.b, msg(), out);
         // Matching: the tensors land in `out`, in order.
         let mut out = [
             k.zeros(DType::F32, vec![4, 5]),
@@ -729,13 +732,9 @@ mod cases {
                 out.iter().all(|t| read(t).iter().all(|&x| x == 0)),
                 "case {i}"
             );
-            p.a.send(&tagged(k, i as i64, &seeded(1000, 9)), dl(LONG))
-                .unwrap();
-            assert_tagged(
-                &p.b.recv(&mut [], dl(LONG)).unwrap(),
-                i as i64,
-                &seeded(1000, 9),
-            );
+            let v = tagged(k, i as i64, &seeded(1000, 9));
+            let got = exchange(&p.a, &p.b, v, &mut []).unwrap();
+            assert_tagged(&got, i as i64, &seeded(1000, 9));
         }
     }
 }
