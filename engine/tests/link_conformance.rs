@@ -50,7 +50,8 @@ const PROMPT: Duration = Duration::from_secs(5);
 const LONG: Duration = Duration::from_secs(60);
 /// Huge messages hold hundreds of MiB at both ends: one at a time in this process.
 static BIG: Mutex<()> = Mutex::new(());
-/// Pairs are made one at a time, so a test can tell which shared segment is its own.
+/// Pairs are made (and links dropped) one at a time, so a test can tell which shared segment
+/// is its own.
 static MAKING: Mutex<()> = Mutex::new(());
 
 fn dl(d: Duration) -> Deadline {
@@ -95,6 +96,15 @@ struct Pair {
     b: Link,
     /// The shared segment of a shm pair, as /proc/self/fd/N (for the tampering cases).
     memfd: Option<String>,
+    /// Taken when the pair is dropped, released after both links closed their descriptors.
+    dropping: Option<std::sync::MutexGuard<'static, ()>>,
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        // No descriptor closes while another test tells its new segment from the others.
+        self.dropping = Some(lock(&MAKING));
+    }
 }
 
 impl Kind {
@@ -134,7 +144,12 @@ impl Kind {
                 "{end:?}"
             );
         }
-        Pair { a, b, memfd }
+        Pair {
+            a,
+            b,
+            memfd,
+            dropping: None,
+        }
     }
 
     /// A tensor of this kind's device holding `bytes`.
@@ -442,10 +457,10 @@ mod cases {
         }
         let n = sizes.len();
         std::thread::scope(|s| {
-            let sizes = &sizes;
+            let (sizes, a) = (&sizes, &p.a);
             s.spawn(move || {
                 for (i, &sz) in sizes.iter().enumerate() {
-                    p.a.send(&tagged(k, i as i64, &seeded(sz, i as u64)), dl(LONG))
+                    a.send(&tagged(k, i as i64, &seeded(sz, i as u64)), dl(LONG))
                         .unwrap();
                 }
             });
@@ -642,6 +657,8 @@ mod cases {
             matches!(e.kind(), ErrorKind::PeerLost | ErrorKind::Closed),
             "{e}"
         );
+        let _dropping = lock(&MAKING);
+        drop(b);
     }
 
     pub fn concurrent_senders(k: Kind) {
@@ -1074,6 +1091,16 @@ impl Segment {
             .expect("a ring with unread bytes")
     }
 
+    /// Reads `out.len()` bytes at `off` bytes into the unread data of ring `r`.
+    fn read_unread(&self, r: usize, off: usize, out: &mut [u8]) {
+        let tail = self.word(r, 128).load(Ordering::SeqCst) as usize;
+        for (i, b) in out.iter_mut().enumerate() {
+            let pos = (tail + off + i) % self.cap;
+            // SAFETY: inside ring r's data area.
+            *b = unsafe { *self.base.add(r * (4096 + self.cap) + 4096 + pos) };
+        }
+    }
+
     /// Writes `bytes` at `off` bytes into the unread data of ring `r`.
     fn write_unread(&self, r: usize, off: usize, bytes: &[u8]) {
         let tail = self.word(r, 128).load(Ordering::SeqCst) as usize;
@@ -1142,6 +1169,37 @@ mod shm_faults {
         let e = p.a.send(&small(), dl(PROMPT)).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Protocol, "{e}");
         assert!(e.to_string().contains("corrupted"), "{e}");
+    }
+
+    /// Every bit flip in a frame header standing in the ring: an error, or (the sequence
+    /// number, which the receiver does not act on, and path flags the message has no segment
+    /// for) the message exactly as sent. The sender
+    /// closes after sending, so a header that announces more bytes fails at once.
+    #[test]
+    fn shm_2_a_flipped_header_byte_in_the_ring_is_an_error_never_a_wrong_message() {
+        let (v, _, _) = probe_message();
+        for at in 0..HEADER_LEN {
+            for mask in [0x01u8, 0x80] {
+                let Some((p, seg)) = shm_pair() else { return };
+                p.a.send(&v, dl(LONG)).unwrap();
+                let r = seg.busy_ring();
+                let mut b = [0u8; 1];
+                seg.read_unread(r, at, &mut b);
+                seg.write_unread(r, at, &[b[0] ^ mask]);
+                p.a.close();
+                let t0 = Instant::now();
+                match p.b.recv(&mut [], dl(LONG)) {
+                    Ok(got) => {
+                        // The flags (byte 7) may announce cross-memory or CUDA IPC segments
+                        // the message does not have: harmless, as long as it is the message.
+                        assert!(at >= 24 || at == 7, "flip {mask:#x} at {at} went unnoticed");
+                        assert!(v.same(&got), "flip at {at}: a wrong message {got:?}");
+                    }
+                    Err(e) => assert!(t0.elapsed() < PROMPT, "at {at}: {e}"),
+                }
+                assert!(p.b.recv(&mut [], dl(PROMPT)).is_err(), "at {at}");
+            }
+        }
     }
 
     #[test]

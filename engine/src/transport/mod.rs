@@ -7,8 +7,12 @@
 //! Invariants:
 //! - LINK-1: a failure at a message boundary (timeout before the first byte, mismatch of a
 //!   caller's `out` tensors) leaves the link usable; the payload of a refused message is drained.
-//! - LINK-2: a failure inside a frame (a timeout or interrupt half way, malformed bytes) poisons
-//!   the link and shuts it down, so the peer gets a prompt error instead of a desynchronized stream.
+//! - LINK-2: a failure inside a frame (a timeout or interrupt half way, malformed bytes, the
+//!   stream ending anywhere after the first byte, even between two segments) poisons the link
+//!   and shuts it down, so the peer gets a prompt error instead of a desynchronized stream, and
+//!   no partial message is ever returned as whole. A send that fails part way returns only when
+//!   the peer can no longer read its buffers (SHM-7). engine/tests/link_conformance.rs checks
+//!   LINK-1..3 for every link kind.
 //! - LINK-3: a peer that disappears turns every pending and later call into `PeerLost` naming the
 //!   peer; an orderly close (a Close frame) into `Closed`.
 //! - LINK-4: closing from another thread wakes blocked calls (the socket is shut down), which then
