@@ -609,12 +609,7 @@ mod cases {
             return;
         }
         let (listener, addr) = handshake::listen("127.0.0.1", 0).unwrap();
-        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", test_name, "--nocapture", "--test-threads=1"])
-            .env("LINK_CONFORMANCE_CHILD", addr.port().to_string())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
+        /// Killed and reaped when dropped, so a failing test leaves no process behind.
         struct Reap(std::process::Child);
         impl Drop for Reap {
             fn drop(&mut self) {
@@ -622,7 +617,15 @@ mod cases {
                 let _ = self.0.wait();
             }
         }
-        let pid = child.id();
+        let mut child = Reap(
+            std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", test_name, "--nocapture", "--test-threads=1"])
+                .env("LINK_CONFORMANCE_CHILD", addr.port().to_string())
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let pid = child.0.id();
         let b = {
             // The accepted end maps a ring segment: not while another test looks for its own.
             let _making = lock(&MAKING);
@@ -635,13 +638,15 @@ mod cases {
                 Instant::now() < until,
                 "the child sent nothing within {LONG:?}"
             );
+            if let Some(st) = child.0.try_wait().unwrap() {
+                panic!("the child exited ({st}) before sending");
+            }
             std::thread::sleep(Duration::from_millis(2));
         }
         // Dead and reaped before the receive starts: the frame's sender is gone for certain (a
         // receive racing the kill may legitimately copy a frame that was whole in its memory).
-        child.kill().unwrap();
-        child.wait().unwrap();
-        let _reap = Reap(child);
+        child.0.kill().unwrap();
+        child.0.wait().unwrap();
         let t0 = Instant::now();
         let r = b.recv(&mut [], dl(LONG));
         let e = r.as_ref().err().map(|e| e.to_string()).unwrap_or_default();
