@@ -195,6 +195,14 @@ fn connect_once(addr: &SocketAddr, deadline: Deadline) -> Result<OwnedFd> {
 /// Client side: connects (retrying until the deadline), says hello, authenticates, and upgrades
 /// to shared memory when possible.
 pub fn connect(host: &str, port: u16, timeout: Duration) -> Result<Link> {
+    connect_with(host, port, timeout, true)
+}
+
+/// [`connect`], with this connection kept on TCP when `allow_shm` is false. `true` can only
+/// allow what the configuration allows: `PARALLEL_SHM=0` (here or on the server) keeps every
+/// link on TCP. The link conformance suite (engine/tests/link_conformance.rs) makes a pair of
+/// each kind in one process with it.
+pub fn connect_with(host: &str, port: u16, timeout: Duration, allow_shm: bool) -> Result<Link> {
     let deadline = Deadline::after(timeout);
     let target = format!("{host}:{port}");
     let mut tried: Vec<String> = Vec::new();
@@ -209,7 +217,7 @@ pub fn connect(host: &str, port: u16, timeout: Duration) -> Result<Link> {
                     }
                     let attempt = Deadline::after(deadline.remaining().min(Duration::from_secs(5)));
                     match connect_once(&a, attempt)
-                        .and_then(|fd| client_handshake(fd, &a, deadline))
+                        .and_then(|fd| client_handshake(fd, &a, deadline, allow_shm))
                     {
                         Ok(link) => return Ok(link),
                         // Refusals by a live server (auth, version) are final: retrying cannot help.
@@ -257,8 +265,14 @@ pub fn connect(host: &str, port: u16, timeout: Duration) -> Result<Link> {
     }
 }
 
-fn client_handshake(fd: OwnedFd, addr: &SocketAddr, deadline: Deadline) -> Result<Link> {
+fn client_handshake(
+    fd: OwnedFd,
+    addr: &SocketAddr,
+    deadline: Deadline,
+    allow_shm: bool,
+) -> Result<Link> {
     let cfg = config();
+    let shm_wanted = cfg.shm && allow_shm;
     let raw = fd.as_raw_fd();
     let nonce_c = sys::random_bytes::<32>()?;
     send_hs(
@@ -267,7 +281,7 @@ fn client_handshake(fd: OwnedFd, addr: &SocketAddr, deadline: Deadline) -> Resul
         &dict(vec![
             ("host", Value::str(host_identity())),
             ("nonce", Value::bytes(nonce_c.to_vec())),
-            ("shm", Value::Bool(cfg.shm)),
+            ("shm", Value::Bool(shm_wanted)),
         ]),
         deadline,
     )?;
@@ -309,7 +323,7 @@ fn client_handshake(fd: OwnedFd, addr: &SocketAddr, deadline: Deadline) -> Resul
     }
     recv_hs(raw, deadline, FrameKind::Ready)?;
     let shm_name = match w.get("shm_name") {
-        Some(Value::Str(s)) if cfg.shm => Some(s.clone()),
+        Some(Value::Str(s)) if shm_wanted => Some(s.clone()),
         _ => None,
     };
     let ipc_mine = crate::cuda::ipc_offered();

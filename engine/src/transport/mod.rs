@@ -7,8 +7,12 @@
 //! Invariants:
 //! - LINK-1: a failure at a message boundary (timeout before the first byte, mismatch of a
 //!   caller's `out` tensors) leaves the link usable; the payload of a refused message is drained.
-//! - LINK-2: a failure inside a frame (a timeout or interrupt half way, malformed bytes) poisons
-//!   the link and shuts it down, so the peer gets a prompt error instead of a desynchronized stream.
+//! - LINK-2: a failure inside a frame (a timeout or interrupt half way, malformed bytes, the
+//!   stream ending anywhere after the first byte, even between two segments) poisons the link
+//!   and shuts it down, so the peer gets a prompt error instead of a desynchronized stream, and
+//!   no partial message is ever returned as whole. A send that fails part way returns only when
+//!   the peer can no longer read its buffers (SHM-7). engine/tests/link_conformance.rs checks
+//!   LINK-1..3 for every link kind.
 //! - LINK-3: a peer that disappears turns every pending and later call into `PeerLost` naming the
 //!   peer; an orderly close (a Close frame) into `Closed`.
 //! - LINK-4: closing from another thread wakes blocked calls (the socket is shut down), which then
@@ -264,6 +268,19 @@ impl Link {
         }
     }
 
+    /// Reads exactly buf.len() bytes inside a frame: the end of the stream here, even between
+    /// two segments, is `PeerLost` (LINK-2), never a short or zero-filled segment.
+    fn read_in_frame(&self, buf: &mut [u8], deadline: Deadline, what: &str) -> Result<()> {
+        if self.read_bytes(buf, deadline, what, Duration::ZERO)? || buf.is_empty() {
+            return Ok(());
+        }
+        Err(Error::new(
+            ErrorKind::PeerLost,
+            "recv",
+            format!("the connection ended inside a message (while reading {what})"),
+        ))
+    }
+
     // ---- send ---------------------------------------------------------------------------------
 
     /// Sends a user message.
@@ -485,13 +502,35 @@ impl Link {
                 _ => parts.push(Part::Host(g.bytes())),
             }
         }
-        let acked = cma.is_some() || ipc.is_some();
+        // Frames whose memory the receiver reads in place are numbered before the first byte
+        // leaves, so that a failure part way can cancel them (SHM-7).
+        let gated = match (cma.is_some() || ipc.is_some(), self.shm.as_ref()) {
+            (true, Some(s)) => Some((s, s.note_cma_sent())),
+            _ => None,
+        };
         let r = self
             .write_parts(&parts, deadline)
-            .and_then(|_| match (acked, self.shm.as_ref()) {
-                (true, Some(s)) => s.wait_cma_ack(s.note_cma_sent(), deadline),
-                _ => Ok(()),
+            .and_then(|_| match gated {
+                Some((s, n)) => s.wait_cma_ack(n, deadline),
+                None => Ok(()),
             });
+        if let Err(e) = &r {
+            // We cannot know how much of the frame left: the stream is no longer framed (LINK-2).
+            st.poisoned = Some(format!("a send failed part way ({e})"));
+        }
+        drop(st);
+        if let Err(e) = &r {
+            self.shutdown();
+            // The caller may free or reuse its buffers once we return: cancel the frame, or
+            // wait for a receiver already reading them (SHM-7).
+            if let Some((s, n)) = gated
+                && !s.abandon_cma(n, config().frame_timeout)
+            {
+                tracing::error!(
+                    "{self:?}: a send failed ({e}) while the receiver was still reading the message from this process's memory after PARALLEL_FRAME_TIMEOUT; its buffers may still be read"
+                );
+            }
+        }
         if let Some(recs) = ipc
             && let Some(g) = cuda::cuda()
         {
@@ -500,10 +539,6 @@ impl Link {
             }
         }
         if let Err(e) = r {
-            // We cannot know how much of the frame left: the stream is no longer framed (LINK-2).
-            st.poisoned = Some(format!("a send failed part way ({e})"));
-            drop(st);
-            self.shutdown();
             return Err(self.err(e));
         }
         self.counters.bytes_sent.fetch_add(
@@ -833,20 +868,7 @@ impl RecvGuard<'_> {
             let at = desc.len();
             // Doubling from DESC_CHUNK: at most twice what arrived is committed.
             desc.resize((at + at.max(DESC_CHUNK)).min(h.desc_len as usize), 0);
-            link.read_bytes(
-                &mut desc[at..],
-                deadline,
-                "a message descriptor",
-                Duration::ZERO,
-            )?
-            .then_some(())
-            .ok_or_else(|| {
-                Error::new(
-                    ErrorKind::PeerLost,
-                    "recv",
-                    "connection closed inside a message",
-                )
-            })?;
+            link.read_in_frame(&mut desc[at..], deadline, "a message descriptor")?;
         }
         let d = wire::access_descriptor(&desc)?;
         let segs = wire::check_descriptor(d, &h, &link.limits)?;
@@ -902,112 +924,121 @@ impl RecvGuard<'_> {
                     match_outs(&segs, out, &order, &name)
                 })
         };
-        let mut filled = Vec::with_capacity(segs.len());
-        let mut out_i = 0usize;
-        let mut failure: Option<Error> = None;
-        for s in &segs {
-            let len = s.len as usize;
-            let dev_seg = match &s.kind {
-                SegKind::Tensor {
-                    device: Device::Cuda(i),
-                    ..
-                } => Some(*i),
-                _ => None,
-            };
-            let via_cma = cma
-                && dev_seg.is_none()
-                && link.shm.as_ref().is_some_and(|x| s.len >= x.cma_threshold);
-            let via_ipc = ipc && dev_seg.is_some();
-            let to_out =
-                mismatch.is_none() && !out.is_empty() && matches!(s.kind, SegKind::Tensor { .. });
-            if mismatch.is_some() || failure.is_some() {
-                if via_ipc {
-                    self.read_ipc_record(len, deadline)?;
-                } else {
-                    self.skip(len, via_cma, deadline)?;
-                }
-                received(len);
-                continue;
-            }
-            // Where the bytes land: the caller's tensor, a new CUDA tensor (for a CUDA segment,
-            // when this process has CUDA), or a new host buffer.
-            let r = if to_out {
-                let j = order[out_i];
-                out_i += 1;
-                self.fill_tensor(&mut out[j], len, via_cma, via_ipc, dev_seg, deadline)
-                    .map(|_| Filled::Out(j))
-            } else if let (Some(i), SegKind::Tensor { dtype, shape, .. }) = (dev_seg, &s.kind)
-                && let Some(g) = cuda::cuda()
-            {
-                let dev = if (i as usize) < g.device_count() {
-                    i
-                } else {
-                    0
+        // SHM-7: the sender's memory is read only after this receive claimed the frame; a frame
+        // its sender gave up on is refused, whatever its buffers hold now.
+        let gate = if cma || ipc { link.shm.as_ref() } else { None };
+        if let Some(g) = gate
+            && let Err(e) = g.claim_cma()
+        {
+            g.ack_cma();
+            return Err(e);
+        }
+        let r = (|| {
+            let mut filled = Vec::with_capacity(segs.len());
+            let mut out_i = 0usize;
+            let mut failure: Option<Error> = None;
+            for s in &segs {
+                let len = s.len as usize;
+                let dev_seg = match &s.kind {
+                    SegKind::Tensor {
+                        device: Device::Cuda(i),
+                        ..
+                    } => Some(*i),
+                    _ => None,
                 };
-                let a = match cuda::DeviceAlloc::new(dev, len) {
-                    Ok(a) => a,
-                    Err(e) => {
-                        // Nothing of the segment was consumed yet: drop it, keep the framing.
-                        if via_ipc {
-                            self.read_ipc_record(len, deadline)?;
-                        } else {
-                            self.skip(len, via_cma, deadline)?;
-                        }
-                        received(len);
-                        failure = Some(e);
-                        continue;
+                let via_cma = cma
+                    && dev_seg.is_none()
+                    && link.shm.as_ref().is_some_and(|x| s.len >= x.cma_threshold);
+                let via_ipc = ipc && dev_seg.is_some();
+                let to_out = mismatch.is_none()
+                    && !out.is_empty()
+                    && matches!(s.kind, SegKind::Tensor { .. });
+                if mismatch.is_some() || failure.is_some() {
+                    if via_ipc {
+                        self.read_ipc_record(len, deadline)?;
+                    } else {
+                        self.skip(len, via_cma, deadline)?;
                     }
-                };
-                {
-                    let a = std::sync::Arc::new(a);
-                    // SAFETY: a fresh device allocation of exactly `len` bytes, kept by `keep`.
-                    let mut t = unsafe {
-                        Tensor::from_raw(
-                            *dtype,
-                            shape.clone(),
-                            None,
-                            Device::Cuda(dev),
-                            a.ptr as *mut u8,
-                            len,
-                            a.clone(),
-                        )
-                    };
-                    self.fill_tensor(&mut t, len, via_cma, via_ipc, dev_seg, deadline)
-                        .map(|_| Filled::Tensor(t))
-                }
-            } else if via_ipc {
-                // A CUDA IPC record for a process without CUDA cannot happen (HS-3).
-                Err(protocol("recv", "CUDA IPC record on a link without CUDA"))
-            } else {
-                // Sized by the peer's declaration: memory is committed as the bytes arrive (BUF-4).
-                Buf::for_incoming(len).and_then(|mut b| {
-                    self.fill(&mut b, via_cma, deadline)?;
-                    Ok(match (&s.kind, dev_seg) {
-                        // A CUDA tensor arriving where there is no CUDA: a CPU tensor.
-                        (SegKind::Tensor { dtype, shape, .. }, Some(_)) => {
-                            Filled::Tensor(Tensor::new(*dtype, shape.clone(), b)?)
-                        }
-                        _ => Filled::Buf(b),
-                    })
-                })
-            };
-            match r {
-                Ok(f) => {
                     received(len);
-                    filled.push(f);
+                    continue;
                 }
-                // The segment may be half consumed: the stream is no longer framed (LINK-2).
-                Err(e) => {
-                    if cma || ipc {
-                        link.shm.as_ref().expect("checked").ack_cma();
+                // Where the bytes land: the caller's tensor, a new CUDA tensor (for a CUDA segment,
+                // when this process has CUDA), or a new host buffer.
+                let r = if to_out {
+                    let j = order[out_i];
+                    out_i += 1;
+                    self.fill_tensor(&mut out[j], len, via_cma, via_ipc, dev_seg, deadline)
+                        .map(|_| Filled::Out(j))
+                } else if let (Some(i), SegKind::Tensor { dtype, shape, .. }) = (dev_seg, &s.kind)
+                    && let Some(g) = cuda::cuda()
+                {
+                    let dev = if (i as usize) < g.device_count() {
+                        i
+                    } else {
+                        0
+                    };
+                    let a = match cuda::DeviceAlloc::new(dev, len) {
+                        Ok(a) => a,
+                        Err(e) => {
+                            // Nothing of the segment was consumed yet: drop it, keep the framing.
+                            if via_ipc {
+                                self.read_ipc_record(len, deadline)?;
+                            } else {
+                                self.skip(len, via_cma, deadline)?;
+                            }
+                            received(len);
+                            failure = Some(e);
+                            continue;
+                        }
+                    };
+                    {
+                        let a = std::sync::Arc::new(a);
+                        // SAFETY: a fresh device allocation of exactly `len` bytes, kept by `keep`.
+                        let mut t = unsafe {
+                            Tensor::from_raw(
+                                *dtype,
+                                shape.clone(),
+                                None,
+                                Device::Cuda(dev),
+                                a.ptr as *mut u8,
+                                len,
+                                a.clone(),
+                            )
+                        };
+                        self.fill_tensor(&mut t, len, via_cma, via_ipc, dev_seg, deadline)
+                            .map(|_| Filled::Tensor(t))
                     }
-                    return Err(e);
+                } else if via_ipc {
+                    // A CUDA IPC record for a process without CUDA cannot happen (HS-3).
+                    Err(protocol("recv", "CUDA IPC record on a link without CUDA"))
+                } else {
+                    // Sized by the peer's declaration: memory is committed as the bytes arrive (BUF-4).
+                    Buf::for_incoming(len).and_then(|mut b| {
+                        self.fill(&mut b, via_cma, deadline)?;
+                        Ok(match (&s.kind, dev_seg) {
+                            // A CUDA tensor arriving where there is no CUDA: a CPU tensor.
+                            (SegKind::Tensor { dtype, shape, .. }, Some(_)) => {
+                                Filled::Tensor(Tensor::new(*dtype, shape.clone(), b)?)
+                            }
+                            _ => Filled::Buf(b),
+                        })
+                    })
+                };
+                match r {
+                    Ok(f) => {
+                        received(len);
+                        filled.push(f);
+                    }
+                    // The segment may be half consumed: the stream is no longer framed (LINK-2).
+                    Err(e) => return Err(e),
                 }
             }
+            Ok((filled, failure))
+        })();
+        if let Some(g) = gate {
+            g.ack_cma();
         }
-        if cma || ipc {
-            link.shm.as_ref().expect("checked").ack_cma();
-        }
+        let (filled, failure) = r?;
         if let Some(e) = failure {
             return Err(e);
         }
@@ -1038,7 +1069,18 @@ impl RecvGuard<'_> {
                 (Device::Cpu, Some(i)) if (i as usize) < g.device_count() => i,
                 (Device::Cpu, _) => 0,
             };
-            let src = g.ipc_import(dev, &rec)?;
+            let link = self.link;
+            let src = g.ipc_import(dev, &rec).map_err(|e| {
+                // LINK-3: a sender that died with the frame in flight, not a resource problem.
+                match link.shm.as_ref() {
+                    Some(s) if s.peer_process_gone() || link.peer_hung_up() => Error::new(
+                        ErrorKind::PeerLost,
+                        "recv",
+                        format!("the sending process went away in the middle of a message ({e})"),
+                    ),
+                    _ => e,
+                }
+            })?;
             let mut copy = || -> Result<()> {
                 match t.device() {
                     Device::Cuda(_) => {
@@ -1134,16 +1176,7 @@ impl RecvGuard<'_> {
                 let n = chunk.min(len - k * chunk);
                 // SAFETY: staging buffer k % nb holds `chunk` >= n bytes and no copy reads it.
                 let b = unsafe { std::slice::from_raw_parts_mut(bufs[k % nb].0, n) };
-                self.link
-                    .read_bytes(b, deadline, "a CUDA tensor", Duration::ZERO)?
-                    .then_some(())
-                    .ok_or_else(|| {
-                        Error::new(
-                            ErrorKind::PeerLost,
-                            "recv",
-                            "connection closed inside a message",
-                        )
-                    })?;
+                self.link.read_in_frame(b, deadline, "a CUDA tensor")?;
                 // SAFETY: `dst` holds `len` bytes (the caller's contiguous CUDA tensor or our
                 // allocation); the staging buffer stays untouched until the copy's event.
                 unsafe {
@@ -1174,7 +1207,7 @@ impl RecvGuard<'_> {
     fn read_ipc_record(&mut self, len: usize, deadline: Deadline) -> Result<cuda::IpcRecord> {
         let mut b = [0u8; cuda::IPC_RECORD_LEN];
         self.link
-            .read_bytes(&mut b, deadline, "a CUDA IPC record", Duration::ZERO)?;
+            .read_in_frame(&mut b, deadline, "a CUDA IPC record")?;
         let rec = cuda::IpcRecord::decode(&b);
         if rec.len != len as u64 {
             return Err(protocol(
@@ -1192,9 +1225,7 @@ impl RecvGuard<'_> {
     fn fill(&mut self, dst: &mut [u8], via_cma: bool, deadline: Deadline) -> Result<()> {
         let link = self.link;
         if !via_cma {
-            return link
-                .read_bytes(dst, deadline, "a message payload", Duration::ZERO)
-                .map(|_| ());
+            return link.read_in_frame(dst, deadline, "a message payload");
         }
         let (addr, len) = self.read_record(deadline)?;
         if len != dst.len() as u64 {
@@ -1224,7 +1255,7 @@ impl RecvGuard<'_> {
     fn read_record(&mut self, deadline: Deadline) -> Result<(u64, u64)> {
         let mut r = [0u8; 16];
         self.link
-            .read_bytes(&mut r, deadline, "a cross-memory record", Duration::ZERO)?;
+            .read_in_frame(&mut r, deadline, "a cross-memory record")?;
         Ok((
             u64::from_le_bytes(r[..8].try_into().expect("8")),
             u64::from_le_bytes(r[8..].try_into().expect("8")),
@@ -1244,13 +1275,7 @@ impl RecvGuard<'_> {
             let n = left.min(scratch.len());
             r = self
                 .link
-                .read_bytes(
-                    &mut scratch[..n],
-                    deadline,
-                    "a refused payload",
-                    Duration::ZERO,
-                )
-                .map(|_| ());
+                .read_in_frame(&mut scratch[..n], deadline, "a refused payload");
             left -= n;
         }
         self.state.scratch = scratch;

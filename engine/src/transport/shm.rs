@@ -24,6 +24,13 @@
 //!   (`sys::check_sealed`, SEAL-1/2). Nothing the peer does to the file or to the bytes in it
 //!   can fault our accesses; garbage in the control words is SHM-2's protocol error, on this
 //!   link only.
+//! - SHM-7 (a send that gave up is never delivered): a frame whose segments the receiver reads
+//!   from the sender's memory (cross-memory attach, CUDA IPC) passes a gate word in the ring's
+//!   control block. The receiver claims frame n (`2n + 1`) before it reads the sender's memory;
+//!   a sender whose send failed after writing part or all of frame n cancels it (`2n`) unless it
+//!   was claimed, and then waits for the receiver's acknowledgement before returning, so the
+//!   caller can reuse its buffers at once. One compare-and-swap decides, so a cancelled frame is
+//!   never read and a claimed one is never freed under the reader.
 
 use super::sys;
 use crate::error::{Error, ErrorKind, Result, protocol};
@@ -46,7 +53,8 @@ struct Ctrl {
     _p1: [u8; 56],
     tail: AtomicU64,     // bytes ever read (reader-owned)
     cma_done: AtomicU64, // cross-memory messages the reader finished (reader-owned)
-    _p2: [u8; 48],
+    cma_gate: AtomicU64, // SHM-7: 2n + 1 the reader claimed frame n, 2n the writer cancelled it
+    _p2: [u8; 40],
     writer_parked: AtomicU32,
 }
 
@@ -158,6 +166,8 @@ pub(crate) struct ShmEnd {
     head: AtomicU64, // our writer position (mirror)
     tail: AtomicU64, // our reader position (mirror)
     cma_sent: AtomicU64,
+    /// Cross-memory frames this end received and acknowledged (SHM-7's n, reader side).
+    cma_recv: AtomicU64,
 }
 
 impl ShmEnd {
@@ -181,6 +191,7 @@ impl ShmEnd {
             head: AtomicU64::new(0),
             tail: AtomicU64::new(0),
             cma_sent: AtomicU64::new(0),
+            cma_recv: AtomicU64::new(0),
         }
     }
 
@@ -195,6 +206,7 @@ impl ShmEnd {
             c.head.store(0, Ordering::SeqCst);
             c.tail.store(0, Ordering::SeqCst);
             c.cma_done.store(0, Ordering::SeqCst);
+            c.cma_gate.store(0, Ordering::SeqCst);
             c.reader_parked.store(0, Ordering::SeqCst);
             c.writer_parked.store(0, Ordering::SeqCst);
             c.closed.store(0, Ordering::SeqCst);
@@ -421,8 +433,70 @@ impl ShmEnd {
         )
     }
 
+    /// Receiver: claims the next cross-memory frame before reading the sender's memory
+    /// (SHM-7); an error when its sender gave up on it.
+    pub fn claim_cma(&self) -> Result<()> {
+        let n = self.cma_recv.load(Ordering::Relaxed) + 1;
+        let gate = &self.map.ctrl(self.rx()).cma_gate;
+        let mut g = gate.load(Ordering::SeqCst);
+        loop {
+            if g == 2 * n {
+                return Err(Error::new(
+                    ErrorKind::PeerLost,
+                    "recv",
+                    "the sender gave up on this message before it was read (its send failed or timed out); nothing of it was delivered",
+                ));
+            }
+            if g > 2 * n {
+                return Err(protocol(
+                    "recv",
+                    format!("shared ring gate corrupted ({g} for cross-memory frame {n})"),
+                ));
+            }
+            match gate.compare_exchange(g, 2 * n + 1, Ordering::SeqCst, Ordering::SeqCst) {
+                Ok(_) => return Ok(()),
+                Err(now) => g = now,
+            }
+        }
+    }
+
+    /// Sender, after its send of cross-memory frame `n` failed: cancels the frame, or, when the
+    /// receiver already claimed it, waits (up to `grace`, or until the peer process is gone) for
+    /// the receiver to finish reading (SHM-7). True when the sender's memory is free to reuse.
+    /// Polls: the link is already shut down, so its liveness socket cannot be waited on.
+    pub fn abandon_cma(&self, n: u64, grace: Duration) -> bool {
+        let c = self.map.ctrl(self.tx);
+        let mut g = c.cma_gate.load(Ordering::SeqCst);
+        while g != 2 * n + 1 {
+            match c
+                .cma_gate
+                .compare_exchange(g, 2 * n, Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(_) => return true,
+                Err(now) => g = now,
+            }
+        }
+        let until = Instant::now() + grace;
+        while c.cma_done.load(Ordering::SeqCst) < n {
+            if Instant::now() >= until || self.peer_process_gone() {
+                return self.peer_process_gone();
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        true
+    }
+
+    /// True when the peer process no longer exists (kill(pid, 0) fails with ESRCH).
+    pub fn peer_process_gone(&self) -> bool {
+        // SAFETY: signal 0 only checks that the process exists; nothing is sent.
+        self.peer_pid > 0 && unsafe { libc::kill(self.peer_pid, 0) } != 0 && {
+            std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+        }
+    }
+
     /// Receiver: acknowledges one cross-memory message.
     pub fn ack_cma(&self) {
+        self.cma_recv.fetch_add(1, Ordering::Relaxed);
         let rx = self.rx();
         let c = self.map.ctrl(rx);
         c.cma_done.fetch_add(1, Ordering::SeqCst);
