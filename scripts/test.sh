@@ -53,7 +53,8 @@ for io in $backends; do
     PARALLEL_IO=$io PARALLEL_SHM=$shm cargo run -q -p parallel-engine --example hello
     # CUDA tensors of every size by (simulated) CUDA IPC, not only those above the threshold.
     if ! PARALLEL_IO=$io PARALLEL_SHM=$shm PARALLEL_CUDA_IPC_THRESHOLD=0 cargo test \
-      -p parallel-engine --test cuda_sim --test cuda_driver -p parallel-collectives --test tree_cuda \
+      -p parallel-engine --test cuda_sim --test cuda_driver --test link_conformance \
+      -p parallel-collectives --test tree_cuda \
       >"$log" 2>&1; then
       tail -n 80 "$log"
       echo "CUDA tests with PARALLEL_CUDA_IPC_THRESHOLD=0 failed under PARALLEL_IO=$io PARALLEL_SHM=$shm"
