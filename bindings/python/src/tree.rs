@@ -566,7 +566,7 @@ impl Tree_ {
             world_size,
             root,
             timeout: secs(timeout)?,
-            host: None,
+            ..Default::default()
         };
         let tree = crate::wait(py, move || Tree::new(opts))?;
         Ok(Tree_ {
