@@ -35,6 +35,7 @@ def main() -> None:
     result["tree_rank"] = (tree.rank, tree.world_size)
     result["sum"] = summed(tree, rank)
     result["plan"] = tree.plan()
+    result["stats"] = tree.stats()
     result["second_tree_before_dist"] = summed(parallel.tree(timeout=60), rank)
     if "--no-dist" not in sys.argv:
         # torch's env:// after ours: it must find the launcher's store as it left it.
