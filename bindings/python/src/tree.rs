@@ -551,8 +551,8 @@ impl Work {
 }
 
 /// A `torch.distributed.Store` (TCPStore, FileStore, HashStore, PrefixStore, or anything with
-/// `set(key, bytes)`, `wait([key], timedelta)` and `get(key)`) as the rendezvous's store. Each
-/// call takes the GIL; a wait runs in slices of at most a second so Ctrl-C is seen.
+/// `set(key, bytes)`, `check([key])` and `get(key)`) as the rendezvous's store. Each call takes
+/// the GIL only for one store call; waits sleep without it.
 struct PyStore {
     obj: Py<PyAny>,
     /// The host of the TCPStore underneath (through PrefixStores), if any.
@@ -620,35 +620,26 @@ impl parallel_collectives::Store for PyStore {
         })
     }
 
+    /// Polls `check([key])` (cheap, and quiet: a TCPStore logs a warning for every `wait` that
+    /// times out), backing off to 50 ms, then `get`s it; Ctrl-C is seen between polls.
     fn get(&self, key: &str, timeout: Duration) -> parallel_engine::Result<Vec<u8>> {
         let deadline = std::time::Instant::now() + timeout;
+        let mut pause = Duration::from_millis(1);
         loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            let slice = left
-                .min(Duration::from_secs(1))
-                .max(Duration::from_millis(1));
             let got = Python::with_gil(|py| -> parallel_engine::Result<Option<Vec<u8>>> {
-                let td = py
-                    .import("datetime")
-                    .and_then(|m| m.getattr("timedelta"))
-                    .and_then(|t| t.call1((0, slice.as_secs_f64())))
-                    .map_err(|e| PyStore::error(py, "wait", key, e))?;
-                match self.obj.call_method1(py, "wait", (vec![key], td)) {
-                    Ok(_) => {}
-                    Err(e) => {
-                        let err = PyStore::error(py, "wait", key, e);
-                        return match err.kind() {
-                            ErrorKind::Timeout => Ok(None),
-                            _ => Err(err),
-                        };
-                    }
-                }
-                let v = self
+                let there = self
                     .obj
+                    .call_method1(py, "check", (vec![key],))
+                    .and_then(|v| v.extract::<bool>(py))
+                    .map_err(|e| PyStore::error(py, "check", key, e))?;
+                if !there {
+                    return Ok(None);
+                }
+                self.obj
                     .call_method1(py, "get", (key,))
                     .and_then(|v| v.extract::<Vec<u8>>(py))
-                    .map_err(|e| PyStore::error(py, "get", key, e))?;
-                Ok(Some(v))
+                    .map(Some)
+                    .map_err(|e| PyStore::error(py, "get", key, e))
             })?;
             if let Some(v) = got {
                 return Ok(v);
@@ -660,13 +651,16 @@ impl parallel_collectives::Store for PyStore {
                     format!("interrupted while waiting for the key {key:?}"),
                 ));
             }
-            if std::time::Instant::now() >= deadline {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
                 return Err(Error::new(
                     ErrorKind::Timeout,
                     "store",
                     format!("the key {key:?} was not set within {timeout:?}"),
                 ));
             }
+            std::thread::sleep(pause.min(left));
+            pause = (pause * 2).min(Duration::from_millis(50));
         }
     }
 
