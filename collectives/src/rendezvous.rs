@@ -531,9 +531,12 @@ fn join_by_store(
     let key = format!("{prefix}{ROOT_KEY}");
     let rank = r.rank.expect("resolve requires a rank with a store");
     if rank == 0 {
-        // An OS-assigned port on every interface: never a port a launcher owns (RDV-3).
-        let server = Server::bind("0.0.0.0", 0)?;
-        let addrs = candidate_addrs(&r.root_host)?;
+        // An OS-assigned port, never a port a launcher owns (RDV-3): on PARALLEL_IFNAME's
+        // address when set, else on every interface, as the members may reach us by any.
+        let (server, addrs) = match ifname_addr()? {
+            Some(a) => (Server::bind(&a, 0)?, vec![a]),
+            None => (Server::bind("0.0.0.0", 0)?, candidate_addrs(&r.root_host)?),
+        };
         publish_root(store, &key, server.port(), &addrs)?;
         tracing::info!(
             "tree rank 0: rendezvous on port {} via the store key {key:?}, reachable at {addrs:?}",

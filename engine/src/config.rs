@@ -263,13 +263,13 @@ pub const TABLE: &[Var] = &[
         name: "PARALLEL_ROOT",
         kind: VarKind::Text,
         default: "",
-        doc: "host:port where rank 0 listens for the rendezvous (else MASTER_ADDR:MASTER_PORT, or the first host of SLURM_NODELIST with MASTER_PORT, default port 29500).",
+        doc: "host:port where rank 0 listens for the rendezvous (else MASTER_ADDR:MASTER_PORT outside torchrun, or the first host of SLURM_JOB_NODELIST with MASTER_PORT, default port 29500). Not used by a tree that meets through a store (under torchrun from Python, or given one).",
     },
     Var {
         name: "PARALLEL_IFNAME",
         kind: VarKind::Text,
         default: "",
-        doc: "Network interface whose IPv4 address a rank listens on for its tree links. Empty: the interface that routes to the root.",
+        doc: "Network interface whose IPv4 address a rank listens on for its tree links (and rank 0 for a rendezvous through a store). Empty: the interface that routes to the root (rank 0 through a store: every interface, its addresses published best first).",
     },
     Var {
         name: "PARALLEL_WORKQUEUE_CAPACITY",

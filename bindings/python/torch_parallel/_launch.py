@@ -139,6 +139,11 @@ def make_tree(
         space = store
     elif root is None and under_torchrun() and "PARALLEL_ROOT" not in os.environ:
         store, space = launcher_store(timeout)
+        if space == "default":  # torch.distributed is initialised: its numbering
+            import torch.distributed as dist
+
+            rank = dist.get_rank() if rank is None else rank
+            world_size = dist.get_world_size() if world_size is None else world_size
         rank = _env_int("RANK") if rank is None else rank
         world_size = _env_int("WORLD_SIZE") if world_size is None else world_size
     else:
