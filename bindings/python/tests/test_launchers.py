@@ -138,6 +138,25 @@ def test_trees_over_one_hashstore_between_threads_use_separate_keys() -> None:
     assert store.check(["torch_parallel/tree/0/root", "torch_parallel/tree/1/root"])
 
 
+def test_trees_over_a_filestore_with_one_store_object_per_rank(tmp_path: Path) -> None:
+    path = str(tmp_path / "store")
+    sums: dict[int, float] = {}
+    errors: list[BaseException] = []
+
+    def rank(r: int) -> None:
+        try:  # each rank opens the file as a process would
+            t = parallel.tree(store=dist.FileStore(path, -1), rank=r, world_size=2, timeout=30)
+            x = torch.full((3,), float(r + 1))
+            t.all_reduce(x)
+            sums[r] = float(x[0])
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+
+    run_threads(rank, 2)
+    assert not errors, errors
+    assert sums == {0: 3.0, 1: 3.0}
+
+
 def test_tree_over_a_store_needs_rank_and_world_size() -> None:
     with pytest.raises(ValueError, match="rank= and world_size="):
         parallel.tree(store=dist.HashStore(), world_size=2)

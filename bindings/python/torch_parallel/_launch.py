@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from datetime import timedelta
 from typing import Any
 
 from . import _native
 
 _lock = threading.Lock()
-# Trees made so far per key space (a store object kept alive, so its id is never reused).
-_counts: dict[tuple[object, int], tuple[Any, int]] = {}
+# Trees made so far, per rank, per key space: a store object (held weakly, so a store the user
+# drops is freed with its connections), or a name ("launcher", "default", "group:<name>").
+_by_store: weakref.WeakKeyDictionary[Any, dict[int, int]] = weakref.WeakKeyDictionary()
+_by_name: dict[tuple[str, int], int] = {}
 # The launcher's store, one client per process, made on first use.
 _launcher_store: Any = None
 
@@ -51,10 +54,15 @@ def _env_int(name: str) -> int:
     return int(value)
 
 
-def _next_prefix(space: object, store: Any, rank: int) -> str:
+def _next_prefix(space: object, rank: int) -> str:
     with _lock:
-        _, n = _counts.get((space, rank), (store, 0))
-        _counts[(space, rank)] = (store, n + 1)
+        if isinstance(space, str):
+            n = _by_name.get((space, rank), 0)
+            _by_name[(space, rank)] = n + 1
+        else:
+            counts = _by_store.setdefault(space, {})
+            n = counts.get(rank, 0)
+            counts[rank] = n + 1
     return f"torch_parallel/tree/{n}/"
 
 
@@ -150,5 +158,5 @@ def make_tree(
         return _native.Tree(rank, world_size, root, timeout)
     if rank is None or world_size is None:
         raise ValueError("a tree over a store needs rank= and world_size= (the store does not assign ranks)")
-    prefix = _next_prefix(space, store, rank)
+    prefix = _next_prefix(space, rank)
     return _native.Tree(rank, world_size, None, timeout, store, prefix)
