@@ -30,13 +30,13 @@ _launcher_store: Any = None
 
 
 def _default_timeout() -> float:
-    from ._errors import ConfigError
-
-    text = dict(_native.config()).get("PARALLEL_TIMEOUT", "600")
-    try:
-        return float(text)
-    except ValueError as e:  # the engine accepts units the table documents
-        raise ConfigError(f"PARALLEL_TIMEOUT={text!r}: expected seconds") from e
+    """PARALLEL_TIMEOUT in seconds (the engine has validated it: a number with an optional
+    unit ms, s, min or h)."""
+    text = dict(_native.config()).get("PARALLEL_TIMEOUT", "600").strip().lower()
+    for unit, scale in (("ms", 1e-3), ("min", 60.0), ("h", 3600.0), ("s", 1.0)):
+        if text.endswith(unit):
+            return float(text[: -len(unit)]) * scale
+    return float(text)
 
 
 def under_torchrun() -> bool:
