@@ -576,15 +576,28 @@ fn connect_any(
         .iter()
         .filter(|a| same_host || !a.starts_with("127."))
         .collect();
-    let mut last = None;
+    if usable.is_empty() {
+        return Err(Error::new(
+            ErrorKind::Config,
+            "tree",
+            format!(
+                "rank {rank}: rank 0 is on another host and published only loopback addresses \
+                 {addrs:?}: give rank 0's host a routable interface, or set PARALLEL_IFNAME on \
+                 rank 0"
+            ),
+        )
+        .with_peer("rank 0"));
+    }
+    let mut last: Option<Error> = None;
     loop {
         for a in &usable {
             let per_try = deadline
                 .saturating_duration_since(Instant::now())
                 .min(Duration::from_secs(2));
             if per_try.is_zero() {
-                let e: Error = last
-                    .unwrap_or_else(|| Error::new(ErrorKind::Timeout, "tree", "no address to try"));
+                let e = last.unwrap_or_else(|| {
+                    Error::new(ErrorKind::Timeout, "tree", "the deadline passed")
+                });
                 return Err(Error::new(
                     e.kind(),
                     "tree",
@@ -601,18 +614,10 @@ fn connect_any(
                 Err(e) => last = Some(e),
             }
         }
-        if usable.is_empty() {
-            last = Some(Error::new(
-                ErrorKind::Config,
-                "tree",
-                format!(
-                    "rank 0 is on another host and published only loopback addresses {addrs:?}"
-                ),
-            ));
-            std::thread::sleep(
-                Duration::from_millis(50).min(deadline.saturating_duration_since(Instant::now())),
-            );
-        }
+        // A round that failed fast (a wrong server refusing the handshake) does not spin.
+        std::thread::sleep(
+            Duration::from_millis(50).min(deadline.saturating_duration_since(Instant::now())),
+        );
     }
 }
 
@@ -1056,6 +1061,22 @@ mod tests {
                 "{msg}"
             );
         }
+    }
+
+    #[test]
+    fn store_1_loopback_of_another_host_is_never_tried() {
+        let t0 = Instant::now();
+        let e = connect_any(
+            1,
+            1,
+            false,
+            &["127.0.0.1".into()],
+            Instant::now() + Duration::from_secs(30),
+        )
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Config, "{e}");
+        assert!(e.to_string().contains("only loopback"), "{e}");
+        assert!(t0.elapsed() < Duration::from_secs(5));
     }
 
     #[test]
