@@ -205,3 +205,30 @@ def test_members_waiting_for_a_root_that_never_comes_name_rank_0(tmp_path: Path)
         parallel.tree(store=store, rank=1, world_size=2, timeout=1.5)
     assert "rank 0" in str(info.value) and "never arrived" in str(info.value), info.value
     assert time.monotonic() - t0 < 1.5 + 1.5
+
+
+def test_a_missing_rank_under_slurm_is_named_with_its_host_from_the_hostlist(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for k, v in {
+        "SLURM_PROCID": "0",
+        "SLURM_JOB_NODELIST": "gpu-a[01-02],login",
+        "SLURM_TASKS_PER_NODE": "1(x2),1",
+    }.items():
+        monkeypatch.setenv(k, v)
+    for k in ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_USE_AGENT_STORE"):
+        monkeypatch.delenv(k, raising=False)
+    store = dist.HashStore()
+    errors: dict[int, BaseException] = {}
+
+    def rank(r: int) -> None:
+        try:
+            parallel.tree(store=store, rank=r, world_size=3, timeout=2)
+        except BaseException as e:  # noqa: BLE001 - checked by the main thread
+            errors[r] = e
+
+    run_threads(rank, 2)  # ranks 0 and 1; rank 2 (on "login") never comes
+    assert sorted(errors) == [0, 1], errors
+    for e in errors.values():
+        assert isinstance(e, parallel.Timeout), e
+        assert "rank 2 (host login) never arrived" in str(e), e
