@@ -11,5 +11,5 @@ pub mod tree;
 pub use ops::Op;
 pub use parallel_engine as engine;
 pub use plan::{Algo, Plan, Probe};
-pub use rendezvous::TreeOptions;
+pub use rendezvous::{MemStore, Store, TreeOptions};
 pub use tree::Tree;

@@ -1,22 +1,38 @@
-//! Rendezvous: from an address or launcher variables to a rank, a plan and open links.
+//! Rendezvous: from an address, a store or launcher variables to a rank, a plan and open links.
 //!
-//! 1. Resolve (rank, world size, root address) from arguments, else from launcher variables:
+//! 1. Resolve (rank, world size, how to meet) from arguments, else from launcher variables:
 //!    ours (PARALLEL_RANK, PARALLEL_WORLD_SIZE, PARALLEL_ROOT), torchrun (RANK, WORLD_SIZE,
-//!    MASTER_ADDR, MASTER_PORT), SLURM (SLURM_PROCID, SLURM_NTASKS, first host of
-//!    SLURM_NODELIST), Open MPI (OMPI_COMM_WORLD_RANK/SIZE), PMI/PMIx (PMI_RANK/SIZE, PMIX_RANK).
-//!    Every one is listed in the engine's configuration (engine/src/config.rs, LAUNCHER) and read
-//!    through it, checked against its row.
-//! 2. Rank 0 (or, when ranks are not given, whoever binds the root address first) listens on the
-//!    root address; every other rank connects to it, retrying until the deadline, so ranks may
-//!    start in any order, minutes apart.
+//!    MASTER_ADDR, MASTER_PORT), SLURM (SLURM_PROCID, SLURM_NTASKS, the first host of
+//!    SLURM_JOB_NODELIST in full hostlist syntax, see [`hostlist`]), Open MPI
+//!    (OMPI_COMM_WORLD_RANK/SIZE), PMI/PMIx (PMI_RANK/SIZE, PMIX_RANK). Every one is listed in
+//!    the engine's configuration (engine/src/config.rs, LAUNCHER) and read through it, checked
+//!    against its row.
+//! 2. With a [`Store`] (torchrun's TCPStore from Python, a file, memory), rank and world size are
+//!    required: rank 0 listens on an OS-assigned port and publishes its addresses under
+//!    `<prefix>root`; the others read them from the store and connect (see [`store`]). Without
+//!    one, rank 0 (or, when ranks are not given, whoever binds the root address first) listens
+//!    on the root address; every other rank connects to it, retrying until the deadline, so
+//!    ranks may start in any order, minutes apart.
 //! 3. Each rank listens on an OS-assigned port on the interface that routes to the root (or
 //!    PARALLEL_IFNAME's address) and sends the root its probe. The root assigns missing ranks in
 //!    arrival order, builds the plan and sends it to everyone.
 //! 4. Each rank opens the links the plan names: the higher rank of a pair connects to the lower
 //!    one's server and introduces itself; links to rank 0 reuse the rendezvous connection.
 //!
-//! Invariant RDV-1: every step runs under the one deadline given (default PARALLEL_TIMEOUT), and
-//! a failure names the rank or address that did not answer.
+//! Invariants:
+//! - RDV-1: every step runs under the one deadline given (default PARALLEL_TIMEOUT), and a
+//!   failure names the rank or address that did not answer.
+//! - RDV-2: a rank that never arrives fails every other rank within the deadline, naming the
+//!   missing ranks (and their hosts where the launcher says): the root stops waiting a margin
+//!   before the deadline and tells the members that did arrive; members waiting for a root that
+//!   never came name rank 0.
+//! - RDV-3: under torchrun (TORCHELASTIC_RUN_ID set), MASTER_ADDR:MASTER_PORT is the launcher's
+//!   TCPStore: a tree never binds it. Without a store it is a `Config` error saying what to do.
+
+pub mod hostlist;
+pub mod store;
+
+pub use store::{MemStore, Store};
 
 use crate::plan::{Plan, Probe, dict};
 use parallel_engine::endpoint::Conn;
@@ -37,6 +53,11 @@ pub struct TreeOptions {
     /// Overrides the host identity this rank reports (ranks are grouped into hosts by it). For
     /// tests that simulate several hosts in one process; links keep their real kind.
     pub host: Option<String>,
+    /// Meet through this store instead of a root address (rank and world size then required).
+    pub store: Option<Arc<dyn Store>>,
+    /// Prefix of this tree's keys in the store: unique per tree over one store (for example
+    /// `torch_parallel/tree/3/`), the same on every rank.
+    pub store_prefix: String,
 }
 
 /// A launcher variable, read through the engine's configuration, which lists every variable
@@ -56,19 +77,6 @@ fn first_uint(names: &[&'static str]) -> Result<Option<(&'static str, usize)>> {
     Ok(None)
 }
 
-/// The first host of a SLURM node list such as `node[01-04,07],gpu5`.
-pub fn first_slurm_host(list: &str) -> Option<String> {
-    let first = list.split(',').next()?.trim();
-    match first.split_once('[') {
-        None => Some(first.to_string()).filter(|s| !s.is_empty()),
-        Some((prefix, rest)) => {
-            let inner = rest.split([',', ']']).next()?;
-            let start = inner.split('-').next()?;
-            Some(format!("{prefix}{start}"))
-        }
-    }
-}
-
 /// Resolved identity of this rank before the rendezvous.
 #[derive(Debug, Clone)]
 pub struct Resolved {
@@ -78,6 +86,9 @@ pub struct Resolved {
     pub root_port: u16,
     pub source: &'static str,
     pub host: Option<String>,
+    /// The store to meet through, and this tree's key prefix; `root_host` is then only a hint
+    /// (the host of the store or MASTER_ADDR, possibly empty) and `root_port` is 0.
+    pub store: Option<(Arc<dyn Store>, String)>,
 }
 
 /// Step 1: arguments, then launcher variables.
@@ -116,31 +127,114 @@ pub fn resolve(opts: &TreeOptions) -> Result<Resolved> {
             }
         },
     };
-    let root = match &opts.root {
-        Some(r) => r.clone(),
-        None => match (
-            env("PARALLEL_ROOT")?,
-            env("MASTER_ADDR")?,
-            env("SLURM_NODELIST")?.and_then(|l| first_slurm_host(&l)),
-        ) {
-            (Some(r), _, _) => r,
-            (None, Some(a), _) => format!(
-                "{a}:{}",
-                parallel_engine::config::launcher_uint("MASTER_PORT")?.unwrap_or(29500)
-            ),
-            (None, None, Some(h)) => format!(
-                "{h}:{}",
-                parallel_engine::config::launcher_uint("MASTER_PORT")?.unwrap_or(29500)
-            ),
-            _ => {
-                return Err(Error::new(
-                    ErrorKind::Config,
-                    "tree",
-                    "root address unknown: pass root=\"host:port\", or set PARALLEL_ROOT (or MASTER_ADDR and MASTER_PORT)",
-                ));
-            }
-        },
-    };
+    check_world_rank(world, rank)?;
+    if let Some(store) = &opts.store {
+        let Some(rank) = rank else {
+            return Err(Error::new(
+                ErrorKind::Config,
+                "tree",
+                "a tree over a store needs this process's rank: pass rank=... (or set PARALLEL_RANK)",
+            ));
+        };
+        let hint = match (store.host(), &opts.root) {
+            (Some(h), _) => Some(h),
+            (None, Some(r)) => Some(split_host_port(r)?.0),
+            (None, None) => env("MASTER_ADDR")?,
+        };
+        return Ok(Resolved {
+            rank: Some(rank),
+            world,
+            root_host: hint.unwrap_or_default(),
+            root_port: 0,
+            source: rank_src,
+            host: opts.host.clone(),
+            store: Some((store.clone(), opts.store_prefix.clone())),
+        });
+    }
+    let root = root_address(opts)?;
+    let (host, port) = split_host_port(&root)?;
+    Ok(Resolved {
+        rank,
+        world,
+        root_host: host,
+        root_port: port,
+        source: rank_src,
+        host: opts.host.clone(),
+        store: None,
+    })
+}
+
+fn check_world_rank(world: usize, rank: Option<usize>) -> Result<()> {
+    if world == 0 {
+        return Err(Error::new(
+            ErrorKind::Config,
+            "tree",
+            "world size must be at least 1",
+        ));
+    }
+    if let Some(r) = rank
+        && r >= world
+    {
+        return Err(Error::new(
+            ErrorKind::Config,
+            "tree",
+            format!("rank {r} is not below the world size {world}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether this process runs under torchrun (its agent sets these in every worker).
+fn under_torchrun() -> Result<bool> {
+    Ok(env("TORCHELASTIC_RUN_ID")?.is_some() || env("TORCHELASTIC_USE_AGENT_STORE")?.is_some())
+}
+
+/// SLURM's host list variable and its value, the newer name first.
+fn slurm_nodelist() -> Result<Option<(&'static str, String)>> {
+    for var in ["SLURM_JOB_NODELIST", "SLURM_NODELIST"] {
+        if let Some(v) = env(var)? {
+            return Ok(Some((var, v)));
+        }
+    }
+    Ok(None)
+}
+
+/// The root address without a store: argument, PARALLEL_ROOT, MASTER_ADDR:MASTER_PORT, the
+/// first SLURM host with MASTER_PORT; never torchrun's MASTER_PORT (RDV-3).
+fn root_address(opts: &TreeOptions) -> Result<String> {
+    if let Some(r) = &opts.root {
+        return Ok(r.clone());
+    }
+    if let Some(r) = env("PARALLEL_ROOT")? {
+        return Ok(r);
+    }
+    if under_torchrun()? {
+        return Err(Error::new(
+            ErrorKind::Config,
+            "tree",
+            "under torchrun (TORCHELASTIC_RUN_ID is set), MASTER_ADDR:MASTER_PORT is the launcher's own \
+             TCPStore, not a free port for the tree's root: create the tree from Python \
+             (torch_parallel.tree() meets through the launcher's store), pass a store \
+             (TreeOptions.store), or set PARALLEL_ROOT to a free host:port on rank 0's host",
+        ));
+    }
+    let port = parallel_engine::config::launcher_uint("MASTER_PORT")?.unwrap_or(29500);
+    if let Some(a) = env("MASTER_ADDR")? {
+        return Ok(format!("{a}:{port}"));
+    }
+    if let Some((var, list)) = slurm_nodelist()? {
+        let hosts = hostlist::expand_hostlist(var, &list)?;
+        return Ok(format!("{}:{port}", hosts[0]));
+    }
+    Err(Error::new(
+        ErrorKind::Config,
+        "tree",
+        "root address unknown: pass root=\"host:port\", or set PARALLEL_ROOT (or MASTER_ADDR and MASTER_PORT)",
+    ))
+}
+
+/// "host:port" (IPv6 hosts in brackets) split and checked.
+fn split_host_port(root: &str) -> Result<(String, u16)> {
     let (host, port) = root.rsplit_once(':').ok_or_else(|| {
         Error::new(
             ErrorKind::Config,
@@ -159,37 +253,60 @@ pub fn resolve(opts: &TreeOptions) -> Result<Resolved> {
         .trim_start_matches('[')
         .trim_end_matches(']')
         .to_string();
-    if world == 0 {
-        return Err(Error::new(
-            ErrorKind::Config,
-            "tree",
-            "world size must be at least 1",
-        ));
-    }
-    if let Some(r) = rank
-        && r >= world
-    {
-        return Err(Error::new(
-            ErrorKind::Config,
-            "tree",
-            format!("rank {r} is not below the world size {world}"),
-        ));
-    }
-    Ok(Resolved {
-        rank,
-        world,
-        root_host: host,
-        root_port: port,
-        source: rank_src,
-        host: opts.host.clone(),
-    })
+    Ok((host, port))
 }
 
-/// The address of the interface named by PARALLEL_IFNAME, if set.
-fn ifname_addr() -> Result<Option<String>> {
-    let Some(name) = env("PARALLEL_IFNAME")? else {
-        return Ok(None);
-    };
+/// Where the launcher says rank `k` runs, for error messages: SLURM's node list and tasks per
+/// node (ranks in blocks) when the ranks are SLURM's, torchrun's node index, or MASTER_ADDR for
+/// rank 0 outside torchrun. Unreadable variables just leave the host out.
+fn launcher_host_of(k: usize) -> Option<String> {
+    let torchrun = under_torchrun().ok()?;
+    if torchrun {
+        let per_node = parallel_engine::config::launcher_uint("LOCAL_WORLD_SIZE").ok()??;
+        let node = k / per_node.max(1) as usize;
+        let mine = parallel_engine::config::launcher_uint("GROUP_RANK").ok()?;
+        return Some(if mine == Some(node as u64) {
+            format!("torchrun node {node}, this one")
+        } else {
+            format!("torchrun node {node}")
+        });
+    }
+    if env("SLURM_PROCID").ok()?.is_some()
+        && let (Some((var, list)), Some(tasks)) =
+            (slurm_nodelist().ok()?, env("SLURM_TASKS_PER_NODE").ok()?)
+    {
+        let hosts = hostlist::expand_hostlist(var, &list).ok()?;
+        let tasks = hostlist::expand_tasks_per_node("SLURM_TASKS_PER_NODE", &tasks).ok()?;
+        return hostlist::rank_hosts(&hosts, &tasks)?
+            .get(k)
+            .map(|h| format!("host {h}"));
+    }
+    (k == 0)
+        .then(|| env("MASTER_ADDR").ok().flatten())
+        .flatten()
+        .map(|h| format!("host {h}"))
+}
+
+/// "rank 2 (host n3), rank 5" for error messages.
+fn describe_ranks(ranks: &[usize]) -> String {
+    let shown: Vec<String> = ranks
+        .iter()
+        .take(16)
+        .map(|&k| match launcher_host_of(k) {
+            Some(h) => format!("rank {k} ({h})"),
+            None => format!("rank {k}"),
+        })
+        .collect();
+    let more = ranks.len().saturating_sub(shown.len());
+    let mut s = shown.join(", ");
+    if more > 0 {
+        s.push_str(&format!(" and {more} more"));
+    }
+    s
+}
+
+/// The IPv4 addresses of the interfaces that are up, with their names, in the kernel's order.
+fn ipv4_interfaces() -> Result<Vec<(String, std::net::Ipv4Addr)>> {
     let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs allocates a list we free below.
     if unsafe { libc::getifaddrs(&mut ifap) } != 0 {
@@ -199,7 +316,7 @@ fn ifname_addr() -> Result<Option<String>> {
             std::io::Error::last_os_error(),
         ));
     }
-    let mut found = None;
+    let mut found = Vec::new();
     let mut p = ifap;
     while !p.is_null() {
         // SAFETY: walking the list returned by getifaddrs.
@@ -212,23 +329,109 @@ fn ifname_addr() -> Result<Option<String>> {
             // SAFETY: a non-NULL ifa_addr points at a sockaddr of its family.
             i32::from(unsafe { (*ifa.ifa_addr).sa_family })
         };
-        if n == name && family == libc::AF_INET {
+        if family == libc::AF_INET && ifa.ifa_flags & libc::IFF_UP as u32 != 0 {
             // SAFETY: family checked above.
             let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-            found = Some(std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)).to_string());
-            break;
+            let ip = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+            found.push((n.into_owned(), ip));
         }
         p = ifa.ifa_next;
     }
     // SAFETY: freeing the list we got.
     unsafe { libc::freeifaddrs(ifap) };
-    found.map(Some).ok_or_else(|| {
+    Ok(found)
+}
+
+/// The address of the interface named by PARALLEL_IFNAME, if set.
+fn ifname_addr() -> Result<Option<String>> {
+    let Some(name) = env("PARALLEL_IFNAME")? else {
+        return Ok(None);
+    };
+    ipv4_interfaces()?
+        .into_iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, ip)| Some(ip.to_string()))
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::Config,
+                "tree",
+                format!("PARALLEL_IFNAME={name:?} has no IPv4 address here"),
+            )
+        })
+}
+
+/// The local address the kernel would use to reach `host` (no packet is sent).
+fn route_to(host: &str) -> Option<std::net::IpAddr> {
+    use std::net::ToSocketAddrs;
+    let to = (host, 9).to_socket_addrs().ok()?.find(|a| a.is_ipv4())?;
+    let s = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    s.connect(to).ok()?;
+    let ip = s.local_addr().ok()?.ip();
+    (!ip.is_unspecified()).then_some(ip)
+}
+
+/// Every address rank 0 may be reached at, best first: PARALLEL_IFNAME's, the one routing to
+/// `hint` (the store's host, MASTER_ADDR), the other interfaces', loopback last (tried only by
+/// members on the same host). In a network namespace there may be no default route, so a
+/// single guess is not enough.
+fn candidate_addrs(hint: &str) -> Result<Vec<String>> {
+    let mut out: Vec<String> = ifname_addr()?.into_iter().collect();
+    if !hint.is_empty()
+        && let Some(ip) = route_to(hint)
+    {
+        out.push(ip.to_string());
+    }
+    let all = ipv4_interfaces()?;
+    out.extend(
+        all.iter()
+            .filter(|(_, ip)| !ip.is_loopback())
+            .map(|(_, ip)| ip.to_string()),
+    );
+    out.push("127.0.0.1".into());
+    let mut seen = std::collections::HashSet::new();
+    out.retain(|a| seen.insert(a.clone()));
+    Ok(out)
+}
+
+/// The store value rank 0 publishes (STORE-1): a version line, the port, the host identity and
+/// one address per line.
+const ROOT_KEY: &str = "root";
+const ROOT_FORMAT: &str = "parallel-rendezvous 1";
+
+fn publish_root(store: &dyn Store, key: &str, port: u16, addrs: &[String]) -> Result<()> {
+    let mut v = format!(
+        "{ROOT_FORMAT}\n{port}\n{}\n",
+        parallel_engine::topology::host_identity()
+    );
+    v.push_str(&addrs.join("\n"));
+    store.set(key, v.as_bytes())
+}
+
+/// Rank 0's port, whether it shares our host, and its addresses, from the store's value.
+fn parse_root(key: &str, v: &[u8]) -> Result<(u16, bool, Vec<String>)> {
+    let text = String::from_utf8_lossy(v);
+    let mut lines = text.lines();
+    let bad = || {
         Error::new(
-            ErrorKind::Config,
+            ErrorKind::Protocol,
             "tree",
-            format!("PARALLEL_IFNAME={name:?} has no IPv4 address here"),
+            format!(
+                "the store's {key:?} holds {:?}, not rank 0's address (another program's key, or a \
+                 different version of torch_parallel on rank 0)",
+                text.chars().take(80).collect::<String>()
+            ),
         )
-    })
+    };
+    if lines.next() != Some(ROOT_FORMAT) {
+        return Err(bad());
+    }
+    let port: u16 = lines.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
+    let same_host = lines.next().ok_or_else(bad)? == parallel_engine::topology::host_identity();
+    let addrs: Vec<String> = lines.map(str::to_string).collect();
+    if addrs.is_empty() {
+        return Err(bad());
+    }
+    Ok((port, same_host, addrs))
 }
 
 fn probe_of(rank: usize, addr: String, port: u16, host: Option<&str>) -> Probe {
@@ -277,13 +480,16 @@ impl std::fmt::Debug for Joined {
     }
 }
 
-/// Steps 2-4 (RDV-1).
+/// Steps 2-4 (RDV-1, RDV-2).
 pub fn join(r: &Resolved, timeout: Duration) -> Result<Joined> {
     let deadline = Instant::now() + timeout;
+    if let Some((store, prefix)) = &r.store {
+        return join_by_store(r, store.as_ref(), prefix, timeout, deadline);
+    }
     let want_root = r.rank == Some(0) || (r.rank.is_none() && r.world >= 1);
     if want_root {
         match Server::bind(&r.root_host, r.root_port) {
-            Ok(s) => return join_as_root(r, s, deadline),
+            Ok(s) => return join_as_root(r, s, timeout, deadline),
             Err(e) if r.rank == Some(0) => {
                 return Err(Error::new(
                     ErrorKind::Config,
@@ -297,33 +503,213 @@ pub fn join(r: &Resolved, timeout: Duration) -> Result<Joined> {
             Err(_) => {} // someone else is the root: join as a client
         }
     }
-    join_as_member(r, deadline)
+    let root = Client::connect(&r.root_host, r.root_port, left(deadline)).map_err(|e| {
+        Error::new(
+            e.kind(),
+            "tree",
+            format!(
+                "rank {} could not reach rank 0 ({}) at the root address {}:{} within {timeout:?}: \
+                 rank 0 never arrived, or the address is wrong: {e}",
+                r.rank.map_or("?".into(), |k| k.to_string()),
+                launcher_host_of(0).unwrap_or_else(|| "host unknown".into()),
+                r.root_host,
+                r.root_port
+            ),
+        )
+    })?;
+    join_as_member(r, root, deadline)
 }
 
-fn join_as_root(r: &Resolved, server: Server, deadline: Instant) -> Result<Joined> {
-    let n = r.world;
-    tracing::info!("tree rank 0: rendezvous on {} for {n} ranks", server.addr());
-    let mut probes: Vec<Option<Probe>> = vec![None; n];
-    probes[0] = Some(probe_of(
-        0,
-        r.root_host.clone(),
-        server.port(),
-        r.host.as_deref(),
-    ));
-    let mut pending: Vec<(Arc<Conn>, Probe, bool)> = Vec::new(); // (conn, probe, rank was given)
-    let mut waiting_rank: Vec<(Arc<Conn>, Probe)> = Vec::new();
-    while pending.len() + waiting_rank.len() < n - 1 {
-        let (v, conn) = server.recv_any(None, left(deadline)).map_err(|e| {
+/// Step 2 through a store: rank 0 publishes its addresses, the others read and connect.
+fn join_by_store(
+    r: &Resolved,
+    store: &dyn Store,
+    prefix: &str,
+    timeout: Duration,
+    deadline: Instant,
+) -> Result<Joined> {
+    let key = format!("{prefix}{ROOT_KEY}");
+    let rank = r.rank.expect("resolve requires a rank with a store");
+    if rank == 0 {
+        // An OS-assigned port, never a port a launcher owns (RDV-3): on PARALLEL_IFNAME's
+        // address when set, else on every interface, as the members may reach us by any.
+        let (server, addrs) = match ifname_addr()? {
+            Some(a) => (Server::bind(&a, 0)?, vec![a]),
+            None => (Server::bind("0.0.0.0", 0)?, candidate_addrs(&r.root_host)?),
+        };
+        publish_root(store, &key, server.port(), &addrs)?;
+        tracing::info!(
+            "tree rank 0: rendezvous on port {} via the store key {key:?}, reachable at {addrs:?}",
+            server.port()
+        );
+        return join_as_root(r, server, timeout, deadline);
+    }
+    let value = store
+        .get(&key, deadline.saturating_duration_since(Instant::now()))
+        .map_err(|e| {
             Error::new(
                 e.kind(),
                 "tree",
                 format!(
-                    "rank 0 waited for {} more rank(s) to join ({} of {n} arrived): {e}",
-                    n - 1 - pending.len() - waiting_rank.len(),
-                    pending.len() + waiting_rank.len() + 1
+                    "rank {rank} waited {timeout:?} for rank 0 ({}) to publish its address under \
+                     {key:?} in the store: rank 0 never arrived (every rank must create the tree \
+                     within the timeout, PARALLEL_TIMEOUT): {e}",
+                    launcher_host_of(0).unwrap_or_else(|| "host unknown".into())
                 ),
             )
+            .with_peer("rank 0")
         })?;
+    let (port, same_host, addrs) = parse_root(&key, &value)?;
+    let root = connect_any(rank, port, same_host, &addrs, deadline)?;
+    join_as_member(r, root, deadline)
+}
+
+/// Tries rank 0's addresses in order, round after round, until one answers or the deadline.
+fn connect_any(
+    rank: usize,
+    port: u16,
+    same_host: bool,
+    addrs: &[String],
+    deadline: Instant,
+) -> Result<Client> {
+    let usable: Vec<&String> = addrs
+        .iter()
+        .filter(|a| same_host || !a.starts_with("127."))
+        .collect();
+    if usable.is_empty() {
+        return Err(Error::new(
+            ErrorKind::Config,
+            "tree",
+            format!(
+                "rank {rank}: rank 0 is on another host and published only loopback addresses \
+                 {addrs:?}: give rank 0's host a routable interface, or set PARALLEL_IFNAME on \
+                 rank 0"
+            ),
+        )
+        .with_peer("rank 0"));
+    }
+    let mut last: Option<Error> = None;
+    loop {
+        for a in &usable {
+            let per_try = deadline
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_secs(2));
+            if per_try.is_zero() {
+                let e = last.unwrap_or_else(|| {
+                    Error::new(ErrorKind::Timeout, "tree", "the deadline passed")
+                });
+                return Err(Error::new(
+                    e.kind(),
+                    "tree",
+                    format!(
+                        "rank {rank} could not connect to rank 0 on port {port} at any of its \
+                         addresses {usable:?} (set PARALLEL_IFNAME on rank 0 to the interface the \
+                         others reach it by): {e}"
+                    ),
+                )
+                .with_peer("rank 0"));
+            }
+            match Client::connect(a, port, Some(per_try)) {
+                Ok(c) => return Ok(c),
+                Err(e) => last = Some(e),
+            }
+        }
+        // A round that failed fast (a wrong server refusing the handshake) does not spin.
+        std::thread::sleep(
+            Duration::from_millis(50).min(deadline.saturating_duration_since(Instant::now())),
+        );
+    }
+}
+
+/// How long before the deadline the root stops waiting for arrivals, so that the members that
+/// did arrive hear which ranks are missing before their own deadline passes (RDV-2).
+fn arrival_margin(timeout: Duration) -> Duration {
+    (timeout / 5).min(Duration::from_secs(3))
+}
+
+/// The ranks that never arrived, told to those that did (RDV-2).
+fn missing_error(
+    n: usize,
+    probes: &[Option<Probe>],
+    unassigned: usize,
+    arrived: &[&Arc<Conn>],
+    timeout: Duration,
+    cause: Error,
+) -> Error {
+    let missing: Vec<usize> = (1..n).filter(|&k| probes[k].is_none()).collect();
+    let count = missing.len() - unassigned;
+    let who = if unassigned == 0 {
+        describe_ranks(&missing)
+    } else {
+        format!("{count} of {}", describe_ranks(&missing))
+    };
+    let msg = format!(
+        "rank 0 waited {timeout:?} for the tree's {n} ranks: {who} never arrived ({} of {n} \
+         arrived; every rank must create the tree within the timeout, PARALLEL_TIMEOUT)",
+        n - count
+    );
+    for conn in arrived {
+        let _ = conn.send(
+            &dict(vec![
+                ("error", Value::str(&msg)),
+                ("kind", Value::str("timeout")),
+            ]),
+            Some(Duration::from_millis(500)),
+        );
+    }
+    Error::new(ErrorKind::Timeout, "tree", msg).with_cause(cause)
+}
+
+fn join_as_root(
+    r: &Resolved,
+    server: Server,
+    timeout: Duration,
+    deadline: Instant,
+) -> Result<Joined> {
+    let n = r.world;
+    tracing::info!("tree rank 0: rendezvous on {} for {n} ranks", server.addr());
+    let arrivals_until = deadline
+        .checked_sub(arrival_margin(timeout))
+        .unwrap_or(deadline);
+    let my_addr = if r.store.is_some() {
+        candidate_addrs(&r.root_host)?.remove(0)
+    } else {
+        r.root_host.clone()
+    };
+    let mut probes: Vec<Option<Probe>> = vec![None; n];
+    probes[0] = Some(probe_of(0, my_addr, server.port(), r.host.as_deref()));
+    let mut pending: Vec<(Arc<Conn>, Probe, bool)> = Vec::new(); // (conn, probe, rank was given)
+    let mut waiting_rank: Vec<(Arc<Conn>, Probe)> = Vec::new();
+    while pending.len() + waiting_rank.len() < n - 1 {
+        let (v, conn) = match server.recv_any(None, left(arrivals_until)) {
+            Ok(got) => got,
+            Err(e) if e.kind() == ErrorKind::Timeout => {
+                let arrived: Vec<&Arc<Conn>> = pending
+                    .iter()
+                    .map(|p| &p.0)
+                    .chain(waiting_rank.iter().map(|w| &w.0))
+                    .collect();
+                return Err(missing_error(
+                    n,
+                    &probes,
+                    waiting_rank.len(),
+                    &arrived,
+                    timeout,
+                    e,
+                ));
+            }
+            Err(e) => {
+                return Err(Error::new(
+                    e.kind(),
+                    "tree",
+                    format!(
+                        "rank 0 waited for {} more rank(s) to join ({} of {n} arrived): {e}",
+                        n - 1 - pending.len() - waiting_rank.len(),
+                        pending.len() + waiting_rank.len() + 1
+                    ),
+                ));
+            }
+        };
         let world = v.get("world").and_then(Value::as_int).unwrap_or(-1);
         let probe = v
             .get("probe")
@@ -411,17 +797,7 @@ fn join_as_root(r: &Resolved, server: Server, deadline: Instant) -> Result<Joine
     finish_links(0, &plan, &server, links, deadline)
 }
 
-fn join_as_member(r: &Resolved, deadline: Instant) -> Result<Joined> {
-    let root = Client::connect(&r.root_host, r.root_port, left(deadline)).map_err(|e| {
-        Error::new(
-            e.kind(),
-            "tree",
-            format!(
-                "could not reach the root {}:{}: {e}",
-                r.root_host, r.root_port
-            ),
-        )
-    })?;
+fn join_as_member(r: &Resolved, root: Client, deadline: Instant) -> Result<Joined> {
     let my_addr = match ifname_addr()? {
         Some(a) => a,
         None => root
@@ -452,15 +828,26 @@ fn join_as_member(r: &Resolved, deadline: Instant) -> Result<Joined> {
         Error::new(
             e.kind(),
             "tree",
-            format!("waiting for the plan from the root: {e}"),
+            format!(
+                "rank {} waited for the plan from rank 0: {e} (when a rank never arrives, rank 0 \
+                 names it shortly before the deadline; see rank 0's error)",
+                r.rank.map_or("?".into(), |k| k.to_string())
+            ),
         )
+        .with_peer("rank 0")
     })?;
     if let Some(msg) = reply.get("error").and_then(Value::as_str) {
-        return Err(Error::new(
-            ErrorKind::Mismatch,
-            "tree",
-            format!("the root refused this rank: {msg}"),
-        ));
+        return Err(
+            if reply.get("kind").and_then(Value::as_str) == Some("timeout") {
+                Error::new(ErrorKind::Timeout, "tree", format!("rank 0 reports: {msg}"))
+            } else {
+                Error::new(
+                    ErrorKind::Mismatch,
+                    "tree",
+                    format!("the root refused this rank: {msg}"),
+                )
+            },
+        );
     }
     let rank = reply
         .get("rank")
@@ -568,23 +955,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn slurm_nodelist_first_host() {
-        assert_eq!(
-            first_slurm_host("node[01-04,07],gpu5").as_deref(),
-            Some("node01")
-        );
-        assert_eq!(first_slurm_host("gpu5,gpu6").as_deref(), Some("gpu5"));
-        assert_eq!(first_slurm_host("a[3]").as_deref(), Some("a3"));
-    }
-
-    #[test]
     fn rdv_resolve_from_arguments() {
         let r = resolve(&TreeOptions {
             rank: Some(1),
             world_size: Some(3),
             root: Some("[::1]:1234".into()),
-            timeout: None,
-            host: None,
+            ..Default::default()
         })
         .unwrap();
         assert_eq!(
@@ -595,10 +971,118 @@ mod tests {
             rank: Some(3),
             world_size: Some(3),
             root: Some("h:1".into()),
-            timeout: None,
-            host: None,
+            ..Default::default()
         })
         .unwrap_err();
         assert!(e.to_string().contains("rank 3"), "{e}");
+    }
+
+    fn store_opts(store: &Arc<MemStore>, rank: usize, world: usize, secs: f64) -> TreeOptions {
+        TreeOptions {
+            rank: Some(rank),
+            world_size: Some(world),
+            timeout: Some(Duration::from_secs_f64(secs)),
+            store: Some(store.clone() as Arc<dyn Store>),
+            store_prefix: "test/tree/0/".into(),
+            ..Default::default()
+        }
+    }
+
+    fn join_threads(
+        store: &Arc<MemStore>,
+        ranks: &[usize],
+        world: usize,
+        secs: f64,
+    ) -> Vec<Result<Joined>> {
+        let hs: Vec<_> = ranks
+            .iter()
+            .map(|&k| {
+                let o = store_opts(store, k, world, secs);
+                std::thread::spawn(move || join(&resolve(&o)?, o.timeout.unwrap()))
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().expect("rank thread"))
+            .collect()
+    }
+
+    #[test]
+    fn store_1_ranks_meet_through_a_store_and_agree_on_one_plan() {
+        let store = Arc::new(MemStore::new());
+        let joined = join_threads(&store, &[2, 0, 1], 3, 20.0);
+        let joined: Vec<Joined> = joined.into_iter().map(Result::unwrap).collect();
+        let mut ranks: Vec<usize> = joined.iter().map(|j| j.rank).collect();
+        ranks.sort_unstable();
+        assert_eq!(ranks, [0, 1, 2]);
+        assert!(joined.iter().all(|j| j.plan == joined[0].plan));
+        let published = store.get("test/tree/0/root", Duration::ZERO).unwrap();
+        let (port, same_host, addrs) = parse_root("k", &published).unwrap();
+        assert!(port != 0 && same_host && addrs.last().unwrap() == "127.0.0.1");
+    }
+
+    #[test]
+    fn store_1_a_store_needs_a_rank() {
+        let store = Arc::new(MemStore::new());
+        let mut o = store_opts(&store, 0, 2, 1.0);
+        o.rank = None;
+        let e = resolve(&o).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Config);
+        assert!(e.to_string().contains("rank"), "{e}");
+    }
+
+    #[test]
+    fn rdv_2_a_rank_that_never_arrives_fails_the_others_within_the_timeout_naming_it() {
+        let store = Arc::new(MemStore::new());
+        let t0 = Instant::now();
+        let results = join_threads(&store, &[0, 1], 3, 3.0);
+        let took = t0.elapsed();
+        for r in results {
+            let e = r.unwrap_err();
+            let msg = e.to_string();
+            assert_eq!(e.kind(), ErrorKind::Timeout, "{msg}");
+            assert!(
+                msg.contains("rank 2") && msg.contains("never arrived"),
+                "{msg}"
+            );
+        }
+        assert!(took < Duration::from_secs(5), "took {took:?}");
+    }
+
+    #[test]
+    fn rdv_2_members_waiting_for_a_root_that_never_publishes_name_rank_0() {
+        let store = Arc::new(MemStore::new());
+        let results = join_threads(&store, &[1, 2], 3, 1.0);
+        for r in results {
+            let e = r.unwrap_err();
+            let msg = e.to_string();
+            assert_eq!(e.kind(), ErrorKind::Timeout, "{msg}");
+            assert!(
+                msg.contains("rank 0") && msg.contains("never arrived"),
+                "{msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn store_1_loopback_of_another_host_is_never_tried() {
+        let t0 = Instant::now();
+        let e = connect_any(
+            1,
+            1,
+            false,
+            &["127.0.0.1".into()],
+            Instant::now() + Duration::from_secs(30),
+        )
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Config, "{e}");
+        assert!(e.to_string().contains("only loopback"), "{e}");
+        assert!(t0.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn store_1_a_foreign_value_under_the_key_is_a_protocol_error() {
+        let e = parse_root("p/root", b"127.0.0.1:29500").unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Protocol);
+        assert!(e.to_string().contains("p/root"), "{e}");
     }
 }

@@ -263,13 +263,13 @@ pub const TABLE: &[Var] = &[
         name: "PARALLEL_ROOT",
         kind: VarKind::Text,
         default: "",
-        doc: "host:port where rank 0 listens for the rendezvous (else MASTER_ADDR:MASTER_PORT, or the first host of SLURM_NODELIST with MASTER_PORT, default port 29500).",
+        doc: "host:port where rank 0 listens for the rendezvous (else MASTER_ADDR:MASTER_PORT outside torchrun, or the first host of SLURM_JOB_NODELIST with MASTER_PORT, default port 29500). Not used by a tree that meets through a store (under torchrun from Python, or given one).",
     },
     Var {
         name: "PARALLEL_IFNAME",
         kind: VarKind::Text,
         default: "",
-        doc: "Network interface whose IPv4 address a rank listens on for its tree links. Empty: the interface that routes to the root.",
+        doc: "Network interface whose IPv4 address a rank listens on for its tree links (and rank 0 for a rendezvous through a store). Empty: the interface that routes to the root (rank 0 through a store: every interface, its addresses published best first).",
     },
     Var {
         name: "PARALLEL_WORKQUEUE_CAPACITY",
@@ -372,7 +372,37 @@ pub const LAUNCHER: &[Var] = &[
         name: "MASTER_PORT",
         kind: VarKind::Int { min: 1, max: 65535 },
         default: "29500",
-        doc: "torchrun: the root's port, with MASTER_ADDR or SLURM_NODELIST.",
+        doc: "torchrun: the root's port, with MASTER_ADDR or SLURM_NODELIST. Under torchrun (TORCHELASTIC_RUN_ID set) it is the launcher's TCPStore: a tree never binds it, but meets through that store (Python) or fails with a Config error (Rust without a store).",
+    },
+    Var {
+        name: "TORCHELASTIC_RUN_ID",
+        kind: VarKind::Text,
+        default: "",
+        doc: "torchrun: set in every worker; marks MASTER_ADDR:MASTER_PORT as the launcher's store, not a free port.",
+    },
+    Var {
+        name: "TORCHELASTIC_USE_AGENT_STORE",
+        kind: VarKind::Bool,
+        default: "",
+        doc: "torchrun: `True` when the agent hosts the TCPStore at MASTER_ADDR:MASTER_PORT (every worker is a client of it; torch_parallel.tree() then uses it as a client).",
+    },
+    Var {
+        name: "LOCAL_WORLD_SIZE",
+        kind: VarKind::Int {
+            min: 1,
+            max: MAX_RANKS,
+        },
+        default: "",
+        doc: "torchrun: processes per node; with GROUP_RANK it names the node of a rank that never arrives.",
+    },
+    Var {
+        name: "GROUP_RANK",
+        kind: VarKind::Int {
+            min: 0,
+            max: MAX_RANKS,
+        },
+        default: "",
+        doc: "torchrun: this node's index among the nodes (see LOCAL_WORLD_SIZE).",
     },
     Var {
         name: "SLURM_PROCID",
@@ -393,10 +423,22 @@ pub const LAUNCHER: &[Var] = &[
         doc: "SLURM: the number of ranks (after PARALLEL_WORLD_SIZE, WORLD_SIZE).",
     },
     Var {
+        name: "SLURM_JOB_NODELIST",
+        kind: VarKind::Text,
+        default: "",
+        doc: "SLURM: the job's hosts in hostlist syntax (`node[01-04,07],gpu-a[1-2]`); its first host is the root (after PARALLEL_ROOT, MASTER_ADDR), with MASTER_PORT; with SLURM_TASKS_PER_NODE it names the host of a rank that never arrives.",
+    },
+    Var {
         name: "SLURM_NODELIST",
         kind: VarKind::Text,
         default: "",
-        doc: "SLURM: its first host is the root (after PARALLEL_ROOT, MASTER_ADDR), with MASTER_PORT.",
+        doc: "SLURM: the older name of SLURM_JOB_NODELIST (read when that is unset).",
+    },
+    Var {
+        name: "SLURM_TASKS_PER_NODE",
+        kind: VarKind::Text,
+        default: "",
+        doc: "SLURM: tasks on each host of the node list (`2(x3),1`); ranks are mapped to hosts in blocks (SLURM's default distribution), for error messages only.",
     },
     Var {
         name: "OMPI_COMM_WORLD_RANK",

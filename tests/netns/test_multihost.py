@@ -128,6 +128,56 @@ def test_four_shaped_hosts_one_rank_each_4mib():
         assert all(s["link"] == "tcp" for s in res["stats"]), res["stats"]
 
 
+LAUNCHER_WORKER = str(HERE.parents[1] / "bindings" / "python" / "tests" / "launcher_worker.py")
+
+
+def test_torchrun_c10d_two_hosts_two_ranks_each_meets_through_the_launchers_store(tmp_path):
+    """The real torchrun on each namespaced host, c10d rendezvous at host 0: trees made from the
+    launcher's environment meet through torchrun's store (never its port), shm inside a host,
+    tcp across, and all-reduce right."""
+    endpoint = f"{netns.Network.addr(0)}:{PORT}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for var in ("PARALLEL_ROOT", "PARALLEL_RANK", "PARALLEL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    with network(2) as net:
+        procs = [
+            net.run_in(
+                h,
+                [
+                    sys.executable, "-m", "torch.distributed.run",
+                    "--nnodes=2", "--nproc-per-node=2", "--max-restarts=0",
+                    "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=netns",
+                    f"--local-addr={net.addr(h)}",
+                    # torch guesses whether it hosts the endpoint from the machine's hostname,
+                    # which resolves outside the namespaces: say so, and bound every wait.
+                    f"--rdzv-conf=is_host={int(h == 0)},read_timeout=60,join_timeout=60",
+                    LAUNCHER_WORKER, str(tmp_path), "--no-dist",
+                ],
+                env,
+                stdout=netns.subprocess.PIPE,
+                stderr=netns.subprocess.PIPE,
+                text=True,
+            )
+            for h in range(2)
+        ]  # fmt: skip
+        results = netns.wait_all(procs, timeout=2 * DEADLINE)
+    for h, (rc, out, err) in enumerate(results):
+        assert rc == 0, f"torchrun on host {h}: rc={rc}\n{out[-3000:]}\n{err[-5000:]}"
+    inside = "shm" if shm_enabled() else "tcp"
+    for r in range(4):
+        res = json.loads((tmp_path / f"rank{r}.json").read_text())
+        assert res["tree_rank"] == [r, 4] and res["sum"] == 10.0, res
+        assert res["second_tree_before_dist"] == 10.0, res
+        hosts, edges, _ = parse_plan(res["plan"])
+        assert hosts == [[0, 1], [2, 3]], res["plan"]  # torchrun numbers each node's ranks together
+        host_of = {k: i for i, rs in enumerate(hosts) for k in rs}
+        for parent, child, kind in edges:
+            assert kind == (inside if host_of[parent] == host_of[child] else "tcp"), res["plan"]
+        assert any(host_of[p] != host_of[c] for p, c, _ in edges), res["plan"]
+        for s in res["stats"]:
+            assert s["link"] == (inside if host_of[s["peer_rank"]] == host_of[r] else "tcp"), s
+
+
 def test_network_is_torn_down_and_leftovers_are_removed():
     try:
         net = netns.Network(1)

@@ -550,23 +550,148 @@ impl Work {
     }
 }
 
+/// A `torch.distributed.Store` (TCPStore, FileStore, HashStore, PrefixStore, or anything with
+/// `set(key, bytes)`, `check([key])` and `get(key)`) as the rendezvous's store. Each call takes
+/// the GIL only for one store call; waits sleep without it.
+struct PyStore {
+    obj: Py<PyAny>,
+    /// The host of the TCPStore underneath (through PrefixStores), if any.
+    host: Option<String>,
+}
+
+impl std::fmt::Debug for PyStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PyStore(host {:?})", self.host)
+    }
+}
+
+impl PyStore {
+    fn new(obj: &Bound<'_, PyAny>) -> PyStore {
+        let mut host = None;
+        let mut cur = obj.clone();
+        for _ in 0..8 {
+            if let Ok(h) = cur.getattr("host").and_then(|h| h.extract::<String>()) {
+                host = Some(h);
+                break;
+            }
+            match cur.getattr("underlying_store") {
+                Ok(inner) if !inner.is_none() => cur = inner,
+                _ => break,
+            }
+        }
+        PyStore {
+            obj: obj.clone().unbind(),
+            host,
+        }
+    }
+
+    /// The engine's error for an exception a store method raised.
+    fn error(py: Python<'_>, what: &str, key: &str, e: PyErr) -> Error {
+        let name = e
+            .get_type(py)
+            .name()
+            .map(|n| n.to_string())
+            .unwrap_or_default();
+        let text = e.to_string();
+        let kind = if name.contains("Network") {
+            ErrorKind::PeerLost
+        } else if text.to_ascii_lowercase().contains("timeout")
+            || text.to_ascii_lowercase().contains("timed out")
+        {
+            ErrorKind::Timeout
+        } else {
+            ErrorKind::Resource
+        };
+        Error::new(
+            kind,
+            "store",
+            format!("the store's {what}({key:?}) raised {name}: {text}"),
+        )
+    }
+}
+
+impl parallel_collectives::Store for PyStore {
+    fn set(&self, key: &str, value: &[u8]) -> parallel_engine::Result<()> {
+        Python::with_gil(|py| {
+            self.obj
+                .call_method1(py, "set", (key, pyo3::types::PyBytes::new(py, value)))
+                .map(drop)
+                .map_err(|e| PyStore::error(py, "set", key, e))
+        })
+    }
+
+    /// Polls `check([key])` (cheap, and quiet: a TCPStore logs a warning for every `wait` that
+    /// times out), backing off to 50 ms, then `get`s it; Ctrl-C is seen between polls.
+    fn get(&self, key: &str, timeout: Duration) -> parallel_engine::Result<Vec<u8>> {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut pause = Duration::from_millis(1);
+        loop {
+            let got = Python::with_gil(|py| -> parallel_engine::Result<Option<Vec<u8>>> {
+                let there = self
+                    .obj
+                    .call_method1(py, "check", (vec![key],))
+                    .and_then(|v| v.extract::<bool>(py))
+                    .map_err(|e| PyStore::error(py, "check", key, e))?;
+                if !there {
+                    return Ok(None);
+                }
+                self.obj
+                    .call_method1(py, "get", (key,))
+                    .and_then(|v| v.extract::<Vec<u8>>(py))
+                    .map(Some)
+                    .map_err(|e| PyStore::error(py, "get", key, e))
+            })?;
+            if let Some(v) = got {
+                return Ok(v);
+            }
+            if crate::interrupt_pending() {
+                return Err(Error::new(
+                    ErrorKind::Cancelled,
+                    "store",
+                    format!("interrupted while waiting for the key {key:?}"),
+                ));
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(Error::new(
+                    ErrorKind::Timeout,
+                    "store",
+                    format!("the key {key:?} was not set within {timeout:?}"),
+                ));
+            }
+            std::thread::sleep(pause.min(left));
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
+    }
+
+    fn host(&self) -> Option<String> {
+        self.host.clone()
+    }
+}
+
 #[pymethods]
 impl Tree_ {
     #[new]
-    #[pyo3(signature = (rank=None, world_size=None, root=None, timeout=None))]
+    #[pyo3(signature = (rank=None, world_size=None, root=None, timeout=None, store=None, store_prefix=None))]
     fn new(
         py: Python<'_>,
         rank: Option<usize>,
         world_size: Option<usize>,
         root: Option<String>,
         timeout: Option<f64>,
+        store: Option<&Bound<'_, PyAny>>,
+        store_prefix: Option<String>,
     ) -> PyResult<Tree_> {
+        let store =
+            store.map(|s| Arc::new(PyStore::new(s)) as Arc<dyn parallel_collectives::Store>);
         let opts = TreeOptions {
             rank,
             world_size,
             root,
             timeout: secs(timeout)?,
-            host: None,
+            store,
+            store_prefix: store_prefix.unwrap_or_default(),
+            ..Default::default()
         };
         let tree = crate::wait(py, move || Tree::new(opts))?;
         Ok(Tree_ {

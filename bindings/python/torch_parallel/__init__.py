@@ -162,22 +162,36 @@ def tree(
     rank: int | None = None,
     world_size: int | None = None,
     root: str | None = None,
-    *,
     timeout: float | None = None,
+    *,
+    store: Any = None,
+    group: Any = None,
 ) -> Tree:
     """Joins an allreduce tree of processes.
 
-    With no arguments, rank, world size and root address come from the launcher: ours
-    (PARALLEL_RANK, PARALLEL_WORLD_SIZE, PARALLEL_ROOT), torchrun (RANK, WORLD_SIZE, MASTER_ADDR,
-    MASTER_PORT), SLURM (SLURM_PROCID, SLURM_NTASKS, SLURM_NODELIST) or Open MPI / PMI. Without a
-    rank, the root assigns ranks in arrival order. Ranks may start in any order within ``timeout``
-    (default PARALLEL_TIMEOUT). ``print(tree)`` shows the plan: hosts, tree, ring, link kinds.
+    With no arguments, rank, world size and how to meet come from the launcher: under torchrun,
+    its store (``MASTER_ADDR:MASTER_PORT`` is torchrun's TCPStore: the tree is its client and
+    never binds that port; once ``torch.distributed`` is initialised, its default store); else
+    ours (PARALLEL_RANK, PARALLEL_WORLD_SIZE, PARALLEL_ROOT), SLURM (SLURM_PROCID, SLURM_NTASKS,
+    the first host of SLURM_JOB_NODELIST) or Open MPI / PMI. Without a rank, the root assigns
+    ranks in arrival order.
+
+    ``store``: any ``torch.distributed.Store`` (TCPStore, FileStore, HashStore, PrefixStore);
+    ``rank`` and ``world_size`` are then required. ``group``: a torch ProcessGroup; rank and size
+    come from it, the store is torch's default store under a prefix of that group. Several trees
+    over one store never collide, as long as every rank creates them in the same order.
+
+    Ranks may start in any order within ``timeout`` (default PARALLEL_TIMEOUT); a rank that
+    never arrives fails the others within it, naming the missing ranks. ``print(tree)`` shows
+    the plan: hosts, tree, ring, link kinds.
 
     The seed's example runs as written::
 
         tree.all_reduce(grads, lambda a, b: a.add_(b))
     """
-    return Tree(rank, world_size, root, timeout)
+    from ._launch import make_tree
+
+    return make_tree(rank, world_size, root, timeout, store, group)
 
 
 def config() -> dict[str, str]:

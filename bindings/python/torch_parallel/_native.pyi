@@ -129,6 +129,8 @@ class Tree:
         world_size: int | None = None,
         root: str | None = None,
         timeout: float | None = None,
+        store: Any = None,
+        store_prefix: str | None = None,
     ) -> Tree: ...
     @property
     def rank(self) -> int: ...

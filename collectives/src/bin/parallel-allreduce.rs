@@ -40,7 +40,7 @@ fn run() -> Result<(), String> {
         world_size: Some(world),
         root: Some(args[3].clone()),
         timeout: Some(Duration::from_secs(60)),
-        host: None,
+        ..Default::default()
     };
     let tree = Tree::new(opts).map_err(|e| e.to_string())?;
     let me = tree.rank();

@@ -38,6 +38,7 @@ pub fn world_on<T: Send + 'static>(
                     root: Some(format!("127.0.0.1:{port}")),
                     timeout: Some(Duration::from_secs(20)),
                     host,
+                    ..Default::default()
                 })?;
                 f(t)
             })
