@@ -16,7 +16,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-import torch_parallel  # noqa: F401 - registers "parallel"
+from torch_parallel.distributed import recv_any_source
 
 CHECKS = 0
 
@@ -49,9 +49,7 @@ def main() -> None:
     if init == "env":
         dist.init_process_group("parallel", timeout=timeout)
     else:
-        dist.init_process_group(
-            "parallel", init_method=init, rank=rank, world_size=n, timeout=timeout
-        )
+        dist.init_process_group("parallel", init_method=init, rank=rank, world_size=n, timeout=timeout)
     assert dist.get_backend() == "parallel"
     gloo = dist.new_group(backend="gloo")
     ours = dist.group.WORLD
@@ -77,12 +75,12 @@ def main() -> None:
             if dtype == torch.uint8:
                 lo = 0
             x = ints(17, dtype=dtype, lo=lo, hi=hi)
-            a, b = both(lambda t, g: dist.all_reduce(t[0], op=op, group=g), x)
+            a, b = both(lambda t, g, op=op: dist.all_reduce(t[0], op=op, group=g), x)
             check(f"all_reduce {op} {dtype}", a, b)
     for dtype in int_dtypes + [torch.bool]:
         for op in [dist.ReduceOp.BAND, dist.ReduceOp.BOR, dist.ReduceOp.BXOR]:
             x = ints(33, dtype=dtype, lo=0, hi=2 if dtype == torch.bool else 100)
-            a, b = both(lambda t, g: dist.all_reduce(t[0], op=op, group=g), x)
+            a, b = both(lambda t, g, op=op: dist.all_reduce(t[0], op=op, group=g), x)
             check(f"all_reduce {op} {dtype}", a, b)
     # AVG and PREMUL_SUM: gloo has neither; compare with gloo's SUM divided / premultiplied.
     x = ints(64, dtype=torch.float64)
@@ -114,9 +112,7 @@ def main() -> None:
         dist.all_reduce(t, group=gloo)
     check("all_reduce async_op", a, b)
     check("get_future value", [f.wait()[0] for f in futs], b)
-    chained = dist.all_reduce(xs[0].clone(), async_op=True).get_future().then(
-        lambda f: f.value()[0] * 2
-    )
+    chained = dist.all_reduce(xs[0].clone(), async_op=True).get_future().then(lambda f: f.value()[0] * 2)
     check("get_future then", chained.wait(), b[0] * 2)
     # all_reduce_coalesced
     xs = [ints(5, dtype=torch.float32), ints(7, dtype=torch.float32)]
@@ -126,12 +122,12 @@ def main() -> None:
     # broadcast, reduce (from every root)
     for root in range(n):
         x = ints(4, 5, dtype=torch.float32)
-        a, b = both(lambda t, g: dist.broadcast(t[0], src=root, group=g), x)
+        a, b = both(lambda t, g, root=root: dist.broadcast(t[0], src=root, group=g), x)
         check(f"broadcast root {root}", a, b)
         w = dist.broadcast(x.clone(), src=root, async_op=True)
         w.wait()
         x = ints(9, dtype=torch.int64)
-        a, b = both(lambda t, g: dist.reduce(t[0], dst=root, group=g), x)
+        a, b = both(lambda t, g, root=root: dist.reduce(t[0], dst=root, group=g), x)
         if rank == root:
             check(f"reduce root {root}", a, b)
 
@@ -238,9 +234,17 @@ def main() -> None:
             src = int(buf[0])
             assert torch.equal(buf, torch.full((4,), src)), buf
             got.add(src)
-        check("recv from any source: every sender once", sorted(got), list(range(1, n)))
+        check("irecv from any source: every sender once", sorted(got), list(range(1, n)))
+        got = set()
+        for _ in range(n - 1):
+            buf = torch.empty(4, dtype=torch.int64)
+            src = recv_any_source(buf, tag=8)
+            check("recv_any_source returns the sender", buf, torch.full((4,), src))
+            got.add(src)
+        check("recv_any_source: every sender once", sorted(got), list(range(1, n)))
     else:
         dist.send(torch.full((4,), rank, dtype=torch.int64), 0, tag=7)
+        dist.send(torch.full((4,), rank, dtype=torch.int64), 0, tag=8)
 
     # object collectives
     obj = {"rank": rank, "payload": list(range(rank + 2))}

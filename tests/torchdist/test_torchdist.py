@@ -42,9 +42,7 @@ def torchrun(nproc: int, script: str, *args: str) -> str:
         sys.executable, "-m", "torch.distributed.run", "--standalone",
         "--nproc-per-node", str(nproc), str(HERE / script), *args,
     ]  # fmt: skip
-    p = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, env=child_env()
-    )
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, env=child_env())
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-6000:]
     return out
@@ -81,7 +79,10 @@ def run_fault(mode: str, n: int) -> list[str]:
         procs.append(
             subprocess.Popen(
                 [sys.executable, str(HERE / "fault_worker.py"), mode],
-                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
             )  # fmt: skip
         )
     outs = []

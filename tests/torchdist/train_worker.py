@@ -85,7 +85,7 @@ def main() -> None:
     ours = train_ddp(None, data)
     ref = train_ddp(gloo, data)
     same("DDP 20 steps", ours, ref)
-    assert not all(torch.equal(p, q) for p, q in zip(ours, model().parameters())), "no training"
+    assert not all(torch.equal(p, q) for p, q in zip(ours, model().parameters(), strict=True)), "no training"
 
     same("DDP fp16 comm hook", train_ddp(None, data[:5], hook=True), train_ddp(gloo, data[:5], hook=True))
 

@@ -32,7 +32,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -43,9 +43,10 @@ from ._errors import ParallelError
 from ._native import Client, Connection, Server, Tree
 from ._native import Work as _NativeWork
 
-__all__ = ["ParallelBackend", "register"]
+__all__ = ["ParallelBackend", "recv_any_source", "register"]
 
 BACKEND_NAME = "parallel"
+_T = TypeVar("_T")
 
 _OPS: dict[Any, str] = {
     ReduceOp.SUM: "sum",
@@ -67,9 +68,7 @@ def register() -> bool:
         return False
     if hasattr(dist.Backend, BACKEND_NAME.upper()):
         return True
-    dist.Backend.register_backend(
-        BACKEND_NAME, _create_backend, extended_api=True, devices=["cpu", "cuda"]
-    )
+    dist.Backend.register_backend(BACKEND_NAME, _create_backend, extended_api=True, devices=["cpu", "cuda"])
     return True
 
 
@@ -126,7 +125,7 @@ def _tree_from_store(store: Any, rank: int, size: int, timeout: float) -> Tree:
 # --- Work ------------------------------------------------------------------------------------
 
 
-class _Work(dist.Work):  # type: ignore[misc]
+class _Work(dist.Work):
     """A c10d Work completed by the backend: ``wait`` raises the operation's error (DIST-2),
     ``get_future`` gives a ``torch.futures.Future`` completed at the same moment (DDP's comm
     hooks chain on it)."""
@@ -138,6 +137,7 @@ class _Work(dist.Work):  # type: ignore[misc]
         self._event = threading.Event()
         self._exc: BaseException | None = None
         self._future: torch.futures.Future[Any] = torch.futures.Future()
+        self._source: int | None = None
 
     def _finish(self, result: Any, exc: BaseException | None = None) -> None:
         self._exc = exc
@@ -171,6 +171,12 @@ class _Work(dist.Work):  # type: ignore[misc]
 
     def get_future(self) -> torch.futures.Future[Any]:
         return self._future
+
+    def source_rank(self) -> int:
+        """The group rank a receive got its message from (after ``wait``)."""
+        if self._source is None:
+            raise RuntimeError(f"parallel backend: {self._op} has no source rank (yet)")
+        return self._source
 
 
 def _backend_error(op: str, exc: BaseException) -> BaseException:
@@ -347,9 +353,7 @@ class _P2P:
             if self._read_after_header(conn, s, str(value), tag, out):
                 return s
 
-    def _read_after_header(
-        self, conn: Connection, src: int, got: str, tag: str, out: torch.Tensor
-    ) -> bool:
+    def _read_after_header(self, conn: Connection, src: int, got: str, tag: str, out: torch.Tensor) -> bool:
         t = conn.recv(self.timeout)
         if got == tag:
             out.copy_(t.view(out.shape))
@@ -376,15 +380,13 @@ def _op_name(op: Any, what: str) -> tuple[str, Any]:
     return name, None
 
 
-def _one(tensors: Sequence[torch.Tensor], what: str) -> torch.Tensor:
+def _one(tensors: Sequence[_T], what: str) -> _T:
     if len(tensors) != 1:
-        raise ValueError(
-            f"parallel backend: {what} takes one tensor per process, got {len(tensors)}"
-        )
+        raise ValueError(f"parallel backend: {what} takes one tensor per process, got {len(tensors)}")
     return tensors[0]
 
 
-class ParallelBackend(_C10dBackend):  # type: ignore[misc]
+class ParallelBackend(_C10dBackend):
     """One process group's backend: a Tree for the collectives, a point-to-point endpoint for
     send/recv, and one completion thread (DIST-1..3)."""
 
@@ -554,9 +556,7 @@ class ParallelBackend(_C10dBackend):  # type: ignore[misc]
     def _gather_all(self, t: torch.Tensor) -> list[torch.Tensor]:
         return list(self._tree.all_gather(t if t.is_contiguous() else t.contiguous()))
 
-    def allgather(
-        self, outputs: list[list[torch.Tensor]], inputs: list[torch.Tensor], opts: Any
-    ) -> _Work:
+    def allgather(self, outputs: list[list[torch.Tensor]], inputs: list[torch.Tensor], opts: Any) -> _Work:
         def run() -> list[list[torch.Tensor]]:
             for out, t in zip(outputs, inputs, strict=True):
                 for o, g in zip(out, self._gather_all(t), strict=True):
@@ -600,9 +600,7 @@ class ParallelBackend(_C10dBackend):  # type: ignore[misc]
 
         return self._inline("allgather_into_tensor_coalesced", run)
 
-    def gather(
-        self, outputs: list[list[torch.Tensor]], inputs: list[torch.Tensor], opts: Any
-    ) -> _Work:
+    def gather(self, outputs: list[list[torch.Tensor]], inputs: list[torch.Tensor], opts: Any) -> _Work:
         t = _one(inputs, "gather")
         root = opts.rootRank
 
@@ -617,24 +615,18 @@ class ParallelBackend(_C10dBackend):  # type: ignore[misc]
 
     # -- scatter family -------------------------------------------------------------------
 
-    def scatter(
-        self, outputs: list[torch.Tensor], inputs: list[list[torch.Tensor]], opts: Any
-    ) -> _Work:
+    def scatter(self, outputs: list[torch.Tensor], inputs: list[list[torch.Tensor]], opts: Any) -> _Work:
         out = _one(outputs, "scatter")
         root = opts.rootRank
         tag = self._tag()
         if self._rank == root:
             pieces = _one(inputs, "scatter")
-            sends = [
-                self._p2p.send(p, r, tag) for r, p in enumerate(pieces) if r != self._rank
-            ]
+            sends = [self._p2p.send(p, r, tag) for r, p in enumerate(pieces) if r != self._rank]
             out.copy_(pieces[self._rank])
             return self._later_all("scatter", sends, outputs)
         return self._later_all("scatter", [self._p2p.recv(out, root, tag)], outputs)
 
-    def _later_all(
-        self, op: str, futures: list[concurrent.futures.Future[Any]], result: Any
-    ) -> _Work:
+    def _later_all(self, op: str, futures: list[concurrent.futures.Future[Any]], result: Any) -> _Work:
         def wait_all() -> None:
             for f in futures:
                 f.result(timeout=self._timeout)
@@ -671,9 +663,7 @@ class ParallelBackend(_C10dBackend):  # type: ignore[misc]
 
         return self._inline("reduce_scatter", run)
 
-    def _reduce_scatter_into(
-        self, output: torch.Tensor, input: torch.Tensor, op: Any, what: str
-    ) -> None:
+    def _reduce_scatter_into(self, output: torch.Tensor, input: torch.Tensor, op: Any, what: str) -> None:
         if input.numel() != output.numel() * self._size:
             raise ValueError(
                 f"parallel backend: {what}: input has {input.numel()} elements, expected "
@@ -687,9 +677,7 @@ class ParallelBackend(_C10dBackend):  # type: ignore[misc]
         mine = self._reduce_scatter_rows(rows, op, what)
         output.copy_(mine.view(output.shape))
 
-    def reduce_scatter_single(
-        self, output: torch.Tensor, input: torch.Tensor, opts: Any
-    ) -> _Work:
+    def reduce_scatter_single(self, output: torch.Tensor, input: torch.Tensor, opts: Any) -> _Work:
         def run() -> list[torch.Tensor]:
             self._reduce_scatter_into(output, input, opts.reduceOp, "reduce_scatter_tensor")
             return [output]
@@ -708,25 +696,19 @@ class ParallelBackend(_C10dBackend):  # type: ignore[misc]
 
     # -- all-to-all -----------------------------------------------------------------------
 
-    def _exchange(
-        self, outs: list[torch.Tensor], ins: list[torch.Tensor], what: str, result: Any
-    ) -> _Work:
+    def _exchange(self, outs: list[torch.Tensor], ins: list[torch.Tensor], what: str, result: Any) -> _Work:
         if len(outs) != self._size or len(ins) != self._size:
             raise ValueError(
                 f"parallel backend: {what}: expected {self._size} input and output pieces, "
                 f"got {len(ins)} and {len(outs)}"
             )
         tag = self._tag()
-        futures = [
-            self._p2p.send(p, r, tag) for r, p in enumerate(ins) if r != self._rank
-        ]
+        futures = [self._p2p.send(p, r, tag) for r, p in enumerate(ins) if r != self._rank]
         futures += [self._p2p.recv(o, r, tag) for r, o in enumerate(outs) if r != self._rank]
         outs[self._rank].copy_(ins[self._rank])
         return self._later_all(what, futures, result)
 
-    def alltoall(
-        self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: Any
-    ) -> _Work:
+    def alltoall(self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: Any) -> _Work:
         return self._exchange(outputs, inputs, "alltoall", outputs)
 
     def all_to_all_single(
@@ -782,11 +764,38 @@ class ParallelBackend(_C10dBackend):  # type: ignore[misc]
 
     def recv_anysource(self, tensors: list[torch.Tensor], tag: int) -> _Work:
         t = _one(tensors, "recv")
-        return self._later("recv", self._p2p.recv(t, None, f"u{tag}"), lambda: tensors)
+        pending = self._p2p.recv(t, None, f"u{tag}")
+        work: _Work
+
+        def after() -> list[torch.Tensor]:
+            work._source = pending.result()
+            return tensors
+
+        work = self._later("recv", pending, after)
+        return work
 
     def shutdown(self) -> None:
         self._completer.close()
         self._p2p.close()
+
+
+def recv_any_source(tensor: torch.Tensor, group: dist.ProcessGroup | None = None, tag: int = 0) -> int:
+    """Receives ``tensor`` from whichever rank of ``group`` sends first; returns its global rank.
+
+    ``dist.recv(tensor)`` without ``src`` receives too, but torch 2.15 cannot ask a backend
+    written in Python for the source rank (its Work wrapper does not forward
+    ``_source_rank``), so it raises after the message has arrived; use this instead."""
+    pg = group if group is not None else dist.group.WORLD
+    assert pg is not None, "the default process group is not initialized"
+    backend = pg._get_backend(tensor.device)
+    if not isinstance(backend, ParallelBackend):
+        raise TypeError(
+            f"recv_any_source: the group's backend for {tensor.device} is "
+            f"{type(backend).__name__}, not the {BACKEND_NAME!r} backend"
+        )
+    work = backend.recv_anysource([tensor], tag)
+    work.wait()
+    return int(dist.get_global_rank(pg, work.source_rank()))
 
 
 def _settle(future: concurrent.futures.Future[Any], run: Callable[[], Any]) -> None:
