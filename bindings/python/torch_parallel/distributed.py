@@ -125,58 +125,130 @@ def _tree_from_store(store: Any, rank: int, size: int, timeout: float) -> Tree:
 # --- Work ------------------------------------------------------------------------------------
 
 
-class _Work(dist.Work):
-    """A c10d Work completed by the backend: ``wait`` raises the operation's error (DIST-2),
-    ``get_future`` gives a ``torch.futures.Future`` completed at the same moment (DDP's comm
-    hooks chain on it)."""
+_Pending = _NativeWork | concurrent.futures.Future[Any]
 
-    def __init__(self, op: str, timeout: float) -> None:
+
+class _Work(dist.Work):
+    """A c10d Work over a pending operation: ``wait`` raises the operation's error (DIST-2),
+    ``get_future`` gives a ``torch.futures.Future`` completed at the same moment (DDP's comm
+    hooks chain on it).
+
+    Whoever gets there first completes it (waits for the pending operation, runs ``after``,
+    e.g. a copy back into a non-contiguous tensor, and sets the result): the caller's ``wait``
+    inline (no thread hand-off on the blocking path), or, once ``get_future`` was asked for,
+    the backend's completion thread (so the future completes without anyone waiting)."""
+
+    def __init__(
+        self,
+        op: str,
+        timeout: float,
+        pending: _Pending | None = None,
+        after: Callable[[], Any] | None = None,
+        completer: _Completer | None = None,
+    ) -> None:
         super().__init__()
         self._op = op
         self._timeout = timeout
+        self._pending = pending
+        self._after = after
+        self._completer = completer
+        self._claim = threading.Lock()
         self._event = threading.Event()
         self._exc: BaseException | None = None
-        self._future: torch.futures.Future[Any] = torch.futures.Future()
+        self._future: torch.futures.Future[Any] | None = None  # made when asked for
+        self._result: Any = None
         self._source: int | None = None
 
     def _finish(self, result: Any, exc: BaseException | None = None) -> None:
-        self._exc = exc
-        self._event.set()
-        if exc is None:
-            self._future.set_result(result)
-        else:
-            self._future.set_exception(exc)
+        with _FUTURES:
+            self._exc = exc
+            self._result = result
+            self._pending = self._after = None
+            self._event.set()
+            future = self._future
+        if future is not None:
+            _settle_future(future, result, exc)
+
+    def _complete(self, seconds: float) -> bool:
+        """Completes the Work if no other thread is doing so; False if one is."""
+        if not self._claim.acquire(blocking=False):
+            return False
+        try:
+            if self._event.is_set() or self._pending is None:
+                return True
+            pending, after = self._pending, self._after
+            try:
+                if isinstance(pending, concurrent.futures.Future):
+                    pending.result(timeout=seconds)
+                else:
+                    pending.wait(seconds)
+                result = after() if after is not None else None
+            except concurrent.futures.TimeoutError:
+                self._finish(None, self._timeout_error(seconds))
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiter
+                self._finish(None, _backend_error(self._op, exc))
+            else:
+                self._finish(result)
+            return True
+        finally:
+            self._claim.release()
+
+    def _timeout_error(self, seconds: float) -> BaseException:
+        return dist.DistBackendError(
+            f"parallel backend: {self._op} did not complete within {seconds:g} s "
+            "(the process group's timeout; a rank may not have called it, or be stalled)"
+        )
 
     def wait(self, timeout: datetime.timedelta | None = None) -> bool:
         seconds = self._timeout
         if timeout is not None and timeout.total_seconds() > 0:
             seconds = timeout.total_seconds()
+        if not self._event.is_set():
+            self._complete(seconds)
         if not self._event.wait(seconds):
-            raise dist.DistBackendError(
-                f"parallel backend: {self._op} did not complete within {seconds:g} s "
-                "(the process group's timeout; a rank may not have called it, or be stalled)"
-            )
+            raise self._timeout_error(seconds)
         if self._exc is not None:
             raise self._exc
         return True
 
     def is_completed(self) -> bool:
+        pending = self._pending
+        if not self._event.is_set() and pending is not None and pending.done():
+            self._complete(self._timeout)
         return self._event.is_set()
 
     def is_success(self) -> bool:
-        return self._event.is_set() and self._exc is None
+        return self.is_completed() and self._exc is None
 
     def exception(self) -> BaseException | None:
         return self._exc
 
     def get_future(self) -> torch.futures.Future[Any]:
-        return self._future
+        with _FUTURES:
+            future = self._future
+            if future is None:
+                future = self._future = torch.futures.Future()
+                if self._event.is_set():
+                    _settle_future(future, self._result, self._exc)
+                elif self._completer is not None:
+                    self._completer.submit(self)
+        return future
 
     def source_rank(self) -> int:
         """The group rank a receive got its message from (after ``wait``)."""
         if self._source is None:
             raise RuntimeError(f"parallel backend: {self._op} has no source rank (yet)")
         return self._source
+
+
+_FUTURES = threading.Lock()  # a Work's future is made once and completed once
+
+
+def _settle_future(future: torch.futures.Future[Any], result: Any, exc: BaseException | None) -> None:
+    if exc is None:
+        future.set_result(result)
+    else:
+        future.set_exception(exc)
 
 
 def _backend_error(op: str, exc: BaseException) -> BaseException:
@@ -191,49 +263,24 @@ def _backend_error(op: str, exc: BaseException) -> BaseException:
 
 
 class _Completer:
-    """One thread per backend that waits for the Tree's asynchronous operations in the order
-    they were issued and completes their Work objects (DIST-1)."""
+    """One thread per backend that completes, in the order they were issued, the Work objects
+    whose future was asked for (DIST-1), so the future completes without anyone waiting."""
 
     def __init__(self, timeout: float) -> None:
         self._timeout = timeout
-        self._queue: queue.SimpleQueue[
-            tuple[_NativeWork | concurrent.futures.Future[Any], Callable[[], Any], _Work] | None
-        ] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="parallel-dist-completer", daemon=True)
         self._thread.start()
 
-    def submit(
-        self,
-        pending: _NativeWork | concurrent.futures.Future[Any],
-        after: Callable[[], Any],
-        work: _Work,
-    ) -> None:
-        self._queue.put((pending, after, work))
+    def submit(self, work: _Work) -> None:
+        self._queue.put(work)
 
     def close(self) -> None:
         self._queue.put(None)
 
     def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            pending, after, work = item
-            try:
-                if isinstance(pending, concurrent.futures.Future):
-                    pending.result(timeout=self._timeout)
-                else:
-                    pending.wait(self._timeout)
-                result = after()
-            except concurrent.futures.TimeoutError:
-                work._finish(
-                    None,
-                    dist.DistBackendError(
-                        f"parallel backend: {work._op} did not complete within "
-                        f"{self._timeout:g} s (the process group's timeout)"
-                    ),
-                )
-            except BaseException as exc:  # noqa: BLE001 - handed to the waiter
-                work._finish(None, _backend_error(work._op, exc))
-            else:
-                work._finish(result)
+        while (work := self._queue.get()) is not None:
+            work._complete(self._timeout)  # False: the caller's wait is completing it
 
 
 # --- Point-to-point --------------------------------------------------------------------------
@@ -463,15 +510,8 @@ class ParallelBackend(_C10dBackend):
             raise _backend_error(op, exc) from exc
         return self._done(op, result)
 
-    def _later(
-        self,
-        op: str,
-        pending: _NativeWork | concurrent.futures.Future[Any],
-        after: Callable[[], Any],
-    ) -> _Work:
-        work = _Work(op, self._timeout)
-        self._completer.submit(pending, after, work)
-        return work
+    def _later(self, op: str, pending: _Pending, after: Callable[[], Any]) -> _Work:
+        return _Work(op, self._timeout, pending, after, self._completer)
 
     def _tag(self) -> str:
         self._seq += 1
