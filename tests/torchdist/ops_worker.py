@@ -304,6 +304,15 @@ def main() -> None:
     else:
         raise AssertionError("AVG on int32 was accepted")
 
+    try:
+        dist.all_gather([torch.empty(3, dtype=torch.float64) for _ in range(n)], torch.ones(3))
+    except ValueError as e:
+        assert "float64" in str(e) and "float32" in str(e), e
+        check("all_gather into outputs of another dtype refused", True, True)
+    else:
+        raise AssertionError("all_gather cast float32 into float64 outputs silently")
+    dist.barrier()  # the group is still usable
+
     print(f"rank {rank}: {CHECKS} checks ok", flush=True)
     dist.destroy_process_group()
 

@@ -356,7 +356,7 @@ class _P2P:
         stash = self._stash.get((src, tag))
         if not stash:
             return False
-        out.copy_(stash.pop(0).view(out.shape))
+        _fill(out, stash.pop(0), src, tag)
         return True
 
     def _read(self, conn: Connection, src: int, tag: str, out: torch.Tensor) -> bool:
@@ -367,7 +367,7 @@ class _P2P:
             return True
         t = conn.recv(self.timeout)
         if got == tag:
-            out.copy_(t.view(out.shape))
+            _fill(out, t, src, tag)
             return True
         self._stash.setdefault((src, got), []).append(t)
         return False
@@ -403,10 +403,32 @@ class _P2P:
     def _read_after_header(self, conn: Connection, src: int, got: str, tag: str, out: torch.Tensor) -> bool:
         t = conn.recv(self.timeout)
         if got == tag:
-            out.copy_(t.view(out.shape))
+            _fill(out, t, src, tag)
             return True
         self._stash.setdefault((src, got), []).append(t)
         return False
+
+
+def _put(out: torch.Tensor, got: torch.Tensor, what: str) -> None:
+    """Copies a gathered piece into the caller's output tensor; a dtype or size that differs is
+    an error (gloo's too), never a silent cast."""
+    if got.dtype != out.dtype or got.numel() != out.numel():
+        raise ValueError(
+            f"parallel backend: {what}: an output tensor is {out.dtype} x {out.numel()}, the "
+            f"input is {got.dtype} x {got.numel()}; they must match"
+        )
+    out.copy_(got.view(out.shape))
+
+
+def _fill(out: torch.Tensor, got: torch.Tensor, src: int, tag: str) -> None:
+    """Copies a received tensor into the caller's, refusing a dtype or size that differs (a
+    cast or a reshape would hide a mismatched send)."""
+    if got.dtype != out.dtype or got.numel() != out.numel():
+        raise ValueError(
+            f"parallel backend: recv: rank {src} sent {got.dtype} x {got.numel()} (tag "
+            f"{tag[1:]}), the receiving tensor is {out.dtype} x {out.numel()}"
+        )
+    out.copy_(got.view(out.shape))
 
 
 # --- The backend -----------------------------------------------------------------------------
@@ -600,7 +622,7 @@ class ParallelBackend(_C10dBackend):
         def run() -> list[list[torch.Tensor]]:
             for out, t in zip(outputs, inputs, strict=True):
                 for o, g in zip(out, self._gather_all(t), strict=True):
-                    o.copy_(g.view(o.shape))
+                    _put(o, g, "all_gather")
             return outputs
 
         return self._inline("allgather", run)
@@ -648,7 +670,7 @@ class ParallelBackend(_C10dBackend):
             pieces = self._gather_all(t)
             if self._rank == root:
                 for o, g in zip(_one(outputs, "gather"), pieces, strict=True):
-                    o.copy_(g.view(o.shape))
+                    _put(o, g, "gather")
             return outputs
 
         return self._inline("gather", run)
