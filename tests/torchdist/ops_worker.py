@@ -313,6 +313,25 @@ def main() -> None:
         raise AssertionError("all_gather cast float32 into float64 outputs silently")
     dist.barrier()  # the group is still usable
 
+    # an error surfaces from Work.wait on every rank (a dtype that differs across ranks), and
+    # the group stays usable; wait(timeout) on a healthy operation returns True
+    odd = torch.ones(4, dtype=torch.float32 if rank == 0 else torch.float64)
+    work = dist.all_reduce(odd, async_op=True)
+    try:
+        work.wait()
+    except ValueError as e:
+        assert "rank" in str(e) and "float" in str(e), e
+        check("a mismatch raises from wait on every rank", True, True)
+    else:
+        raise AssertionError("all_reduce of float32 against float64 did not raise")
+    a = torch.arange(4.0)
+    check("wait(timeout)", dist.all_reduce(a, async_op=True).wait(datetime.timedelta(seconds=30)), True)
+    check("the group is usable after a mismatch", a, torch.arange(4.0) * n)
+
+    # The last gloo operation was a while ago: gloo's own thread frees its Work objects after
+    # they complete, and one freed after the interpreter has exited aborts the process (a gloo
+    # behaviour, seen with torch 2.15; not this backend's).
+    dist.barrier()
     print(f"rank {rank}: {CHECKS} checks ok", flush=True)
     dist.destroy_process_group()
 
