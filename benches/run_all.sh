@@ -14,10 +14,11 @@ $PY benches/transport.py "${quick[@]}" --md bench-out/transport.md --json bench-
 $PY benches/allreduce.py "${quick[@]}" --md bench-out/allreduce.md --json bench-out/allreduce.json --png bench-out/allreduce.png
 $PY benches/workers.py "${quick[@]}" --md bench-out/workers.md --json bench-out/workers.json || echo "workers bench failed"
 $PY benches/netns_allreduce.py "${quick[@]}" || echo "netns bench skipped or failed (needs root and ip netns)"
+$PY benches/ddp.py "${quick[@]}" --md bench-out/ddp.md --json bench-out/ddp.json || echo "ddp bench failed"
 cp bench-out/allreduce.png docs/allreduce.png
 {
   cat benches/benchmarks-header.md
-  for f in transport allreduce netns_allreduce workers; do
+  for f in transport allreduce netns_allreduce workers ddp; do
     [ -f "bench-out/$f.md" ] && { echo; cat "bench-out/$f.md"; }
   done
 } > docs/benchmarks.md

@@ -32,3 +32,14 @@ def test_allreduce_demo_small():
 def test_cuda_example_runs_or_says_there_is_no_cuda():
     out = run(str(HERE / "cuda_tensors.py"))
     assert "no CUDA here" in out or ("rank 0: ok" in out and "rank 1: ok" in out), out
+
+
+def test_train_ddp_example_under_torchrun():
+    out = run(
+        "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        str(HERE / "train_ddp.py"), "--steps", "20",
+    )  # fmt: skip
+    assert "rank 0: 20 steps, parameters identical on all 2 ranks" in out, out
+    assert "rank 1: 20 steps, parameters identical on all 2 ranks" in out, out
+    losses = [float(line.split("loss ")[1]) for line in out.splitlines() if "loss " in line]
+    assert len(losses) == 3 and losses[-1] < losses[0], losses

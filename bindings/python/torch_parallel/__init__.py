@@ -212,3 +212,16 @@ def cuda_info() -> str:
 def io_backend() -> str:
     """The I/O backend in use: ``"io_uring"`` or ``"epoll"``."""
     return str(_native.io_backend())
+
+
+def _register_backend() -> None:
+    """Registers the torch.distributed backend "parallel" (see torch_parallel.distributed);
+    nothing happens where torch.distributed is not available."""
+    try:
+        from . import distributed
+    except ImportError:  # pragma: no cover - torch without distributed support
+        return
+    distributed.register()
+
+
+_register_backend()
