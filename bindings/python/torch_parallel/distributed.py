@@ -103,23 +103,12 @@ def _local_ip_toward(host: str) -> str:
 
 
 def _tree_from_store(store: Any, rank: int, size: int, timeout: float) -> Tree:
-    """Makes this group's Tree through the group's store.
+    """Makes this group's Tree through the group's store (a PrefixStore per group): rank 0
+    listens on an OS-assigned port and publishes its addresses under a key of its own in the
+    store, the others read them there; no port of the launcher's is ever bound."""
+    from . import tree  # the package's own tree(), defined before it imports this module
 
-    SHIM, to be replaced by ``torch_parallel.tree(store=store, rank=rank, world_size=size,
-    timeout=timeout)`` (rendezvous through the store, rank 0 on an OS-assigned port) when that
-    lands: for now rank 0 picks a free port (bind port 0, read it, close), publishes
-    ``host:port`` in the store, and every rank joins the Tree at that root address. (The port
-    could be taken by another process between the close and the Tree's bind: the rendezvous
-    then fails with a clear error; the store-based rendezvous removes that window.)"""
-    key = "torch_parallel/tree_root"
-    if rank == 0:
-        host = _root_host()
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind((host, 0))
-            port = s.getsockname()[1]
-        store.set(key, f"{host}:{port}")
-    root = bytes(store.get(key)).decode()
-    return Tree(rank, size, root, timeout)
+    return tree(store=store, rank=rank, world_size=size, timeout=timeout)
 
 
 # --- Work ------------------------------------------------------------------------------------
