@@ -12,6 +12,7 @@
 mod convert;
 mod dlpack;
 mod errors;
+mod logs;
 mod structure;
 mod tree;
 mod workers;
@@ -605,6 +606,8 @@ fn _set_tensor_factory(py: Python<'_>, f: PyObject) {
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     parallel_engine::runtime::set_interrupt_check(interrupt_pending);
+    logs::install();
+    m.add_function(wrap_pyfunction!(logs::_log_next, m)?)?;
     m.add_class::<Server>()?;
     m.add_class::<Client>()?;
     m.add_class::<Connection>()?;

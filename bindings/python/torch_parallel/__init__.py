@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import _native
+from . import _logging, _native
 from ._errors import CLASSES as _CLASSES
 from ._errors import (
     AuthError,
@@ -76,6 +76,7 @@ __all__ = [
 ]
 
 _native._register_errors(dict(_CLASSES))
+_logging.start()
 
 
 def _tensor_factory() -> Any:
