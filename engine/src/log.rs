@@ -86,7 +86,9 @@ pub(crate) fn install(filter: &str) {
         let Ok(filter) = parse_filter(filter) else {
             return; // checked by the configuration already (CONFIG-3)
         };
-        let subscriber = tracing_subscriber::registry().with(Lines { host: hostname() }.with_filter(filter));
+        let subscriber = tracing_subscriber::registry().with(Lines {
+            host: crate::topology::hostname(),
+        }.with_filter(filter));
         let _ = tracing::subscriber::set_global_default(subscriber);
     });
 }
@@ -154,17 +156,6 @@ impl Visit for Fields {
             let _ = write!(self.text, "{}={value}", field.name());
         }
     }
-}
-
-fn hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: `buf` is writable for its whole length, which is what we pass.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    if rc != 0 {
-        return "?".into();
-    }
-    let end = buf.iter().position(|c| *c == 0).unwrap_or(buf.len());
-    String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
 /// `YYYY-MM-DDTHH:MM:SS.ffffffZ` (UTC, proleptic Gregorian; days-from-civil inverse).

@@ -535,6 +535,12 @@ fn config(py: Python<'_>) -> PyResult<Py<PyDict>> {
     Ok(d.unbind())
 }
 
+/// Why the I/O backend in use was chosen.
+#[pyfunction]
+fn io_backend_reason() -> PyResult<String> {
+    parallel_engine::runtime::backend_reason().py()
+}
+
 /// The I/O backend in use ("io_uring" or "epoll").
 #[pyfunction]
 fn io_backend() -> PyResult<&'static str> {
@@ -618,6 +624,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<tree::Work>()?;
     m.add_function(wrap_pyfunction!(config, m)?)?;
     m.add_function(wrap_pyfunction!(io_backend, m)?)?;
+    m.add_function(wrap_pyfunction!(io_backend_reason, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_available, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_info, m)?)?;
     m.add_function(wrap_pyfunction!(_add_nvrtc_hint, m)?)?;
