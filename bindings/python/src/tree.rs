@@ -496,7 +496,19 @@ fn broadcast_leaves(t: &Tree, leaves: &mut Leaves, root: usize) -> parallel_engi
     leaves.each_group(|dt, b| t.broadcast(dt, b, root), Some(&mut on_device))
 }
 
-/// An allreduce tree of processes (see `torch_parallel.tree`).
+/// An allreduce tree of processes (create it with `torch_parallel.tree()`): `all_reduce`,
+/// `broadcast`, `reduce`, `all_gather`, `reduce_scatter`, `barrier`, their `*_async` forms, and
+/// `done()` for uneven endings. `op=` is a name (`"sum"`, `"max"`, ...), a
+/// `torch.distributed.ReduceOp` or a callable `f(a, b)` leaving the result in `a`. A failure on
+/// any rank raises on every rank, naming the rank (PeerLost, Mismatch, WorkerError).
+///
+/// Example (run it on every rank, e.g. under torchrun):
+/// ```python
+/// import torch, torch_parallel as parallel
+/// tree = parallel.tree()
+/// grads = tree.all_reduce(torch.ones(4), op="sum")   # world_size everywhere
+/// print(tree.plan(), tree.stats())
+/// ```
 #[pyclass(module = "torch_parallel._native", name = "Tree", frozen)]
 pub struct Tree_ {
     tree: Arc<Tree>,
@@ -642,10 +654,12 @@ impl Tree_ {
             pending: Arc::new(AtomicUsize::new(0)),
         })
     }
+    /// This process's rank, 0 .. world_size - 1 (rank 0 is the root).
     #[getter]
     fn rank(&self) -> usize {
         self.tree.rank()
     }
+    /// The number of ranks in the tree.
     #[getter]
     fn world_size(&self) -> usize {
         self.tree.world_size()

@@ -13,7 +13,9 @@ import torch_parallel as parallel
 from .conftest import finish, spawn
 
 
-def run(*args: str, env: dict[str, str] | None = None, code: str | None = None) -> subprocess.CompletedProcess[str]:
+def run(
+    *args: str, env: dict[str, str] | None = None, code: str | None = None
+) -> subprocess.CompletedProcess[str]:
     import os
 
     full = dict(os.environ)
@@ -83,7 +85,10 @@ def test_plot_draws_the_links_of_a_two_rank_tree_and_of_a_server(tmp_path: pathl
     assert r.returncode == 0, r.stdout + r.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
-    with parallel.server("127.0.0.1", 0) as server, parallel.client("127.0.0.1", server.port, timeout=10) as c:
+    with (
+        parallel.server("127.0.0.1", 0) as server,
+        parallel.client("127.0.0.1", server.port, timeout=10) as c,
+    ):
         c.send(list(range(100)))
         assert server.recv_any(timeout=10) == list(range(100))
         one = tmp_path / "server.json"
@@ -95,10 +100,15 @@ def test_plot_draws_the_links_of_a_two_rank_tree_and_of_a_server(tmp_path: pathl
         assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_plot_without_matplotlib_says_how_to_install_it_and_bad_input_is_named(tmp_path: pathlib.Path) -> None:
+def test_plot_without_matplotlib_says_how_to_install_it_and_bad_input_is_named(
+    tmp_path: pathlib.Path,
+) -> None:
     stats = tmp_path / "stats.json"
     stats.write_text('{"bytes_sent": 1, "bytes_recv": 1, "msgs_sent": 1, "msgs_recv": 1}')
-    block = "import sys; sys.modules['matplotlib'] = None; from torch_parallel.__main__ import main; sys.exit(main(sys.argv[1:]))"
+    block = (
+        "import sys; sys.modules['matplotlib'] = None; "
+        "from torch_parallel.__main__ import main; sys.exit(main(sys.argv[1:]))"
+    )
     r = run("plot", str(stats), code=block)
     assert r.returncode == 2 and "pip install 'torch_parallel[plot]'" in r.stderr, r.stderr
     stats.write_text('{"hello": 1}')

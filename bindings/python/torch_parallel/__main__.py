@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from . import __version__, _native
@@ -140,7 +141,8 @@ def _plot(args: argparse.Namespace) -> int:
         n = r.get(msgs, 0)
         return 1e6 * float(r.get(secs, 0.0)) / n if n else 0.0
 
-    panels = [
+    Get = Callable[[dict[str, Any], str], float]
+    panels: list[tuple[str, str, str, Get]] = [
         ("bytes (MiB)", "bytes_sent", "bytes_recv", lambda r, k: r.get(k, 0) / mib),
         ("bandwidth (MiB/s)", "send_bandwidth", "recv_bandwidth", lambda r, k: r.get(k, 0.0) / mib),
         (
@@ -152,7 +154,7 @@ def _plot(args: argparse.Namespace) -> int:
     ]
     fig, axes = plt.subplots(1, 3, figsize=(5 + 1.2 * len(rows), 4.5))
     width = 0.4
-    for ax, (title, sent, recv, get) in zip(axes, panels):
+    for ax, (title, sent, recv, get) in zip(axes, panels, strict=True):
         ax.bar([i - width / 2 for i in x], [get(r, sent) for r in rows], width, label="sent")
         ax.bar([i + width / 2 for i in x], [get(r, recv) for r in rows], width, label="received")
         ax.set_title(title)
