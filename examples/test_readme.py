@@ -53,3 +53,23 @@ def test_readme_quick_start_runs_as_written(name: str, tmp_path: pathlib.Path) -
     assert p.returncode == 0, p.stdout + p.stderr
     for line in EXPECT[name]:
         assert line in p.stdout, (line, p.stdout, p.stderr)
+
+
+TUTORIAL = README.parent / "docs" / "tutorial.md"
+TUTORIAL_BLOCK = re.compile(r"<!-- tutorial: (\S+) -->\n```python\n(.*?)```", re.S)
+TUTORIAL_STEPS = ["first-all-reduce", "parameter-server", "map", "workqueue-training"]
+
+
+def test_the_tutorial_has_its_runnable_steps() -> None:
+    assert [m[1] for m in TUTORIAL_BLOCK.finditer(TUTORIAL.read_text())] == TUTORIAL_STEPS
+
+
+@pytest.mark.parametrize("name", TUTORIAL_STEPS)
+def test_tutorial_step_runs_as_written(name: str, tmp_path: pathlib.Path) -> None:
+    code = {m[1]: m[2] for m in TUTORIAL_BLOCK.finditer(TUTORIAL.read_text())}[name]
+    script = tmp_path / f"{name.replace('-', '_')}.py"
+    script.write_text(code)
+    p = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=180, cwd=tmp_path
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
