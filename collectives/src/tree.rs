@@ -307,13 +307,22 @@ fn log_plan(plan: &Plan, rank: usize) {
         for p in &plan.probes {
             tracing::info!(
                 "rendezvous: rank {} joined from {} ({}:{}, pid {}, {} cores, {} NUMA node(s))",
-                p.rank, p.hostname, p.addr, p.port, p.pid, p.cores, p.numa_nodes
+                p.rank,
+                p.hostname,
+                p.addr,
+                p.port,
+                p.pid,
+                p.cores,
+                p.numa_nodes
             );
         }
     }
     let cfg = parallel_engine::config::config();
     let text = plan.describe(cfg.shm, cfg.cuda && cfg.cuda_ipc);
-    tracing::info!("plan: {}", text.trim_end().replace("\n", ";").replace("  ", " "));
+    tracing::info!(
+        "plan: {}",
+        text.trim_end().replace("\n", ";").replace("  ", " ")
+    );
 }
 
 impl Tree {

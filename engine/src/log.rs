@@ -64,7 +64,8 @@ pub fn parse_filter(text: &str) -> std::result::Result<EnvFilter, String> {
     const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
     for d in text.split(',').map(str::trim).filter(|d| !d.is_empty()) {
         let bare = !d.contains('=') && !d.contains('[');
-        if bare && !LEVELS.contains(&d.to_ascii_lowercase().as_str()) && !d.starts_with("parallel") {
+        if bare && !LEVELS.contains(&d.to_ascii_lowercase().as_str()) && !d.starts_with("parallel")
+        {
             return Err(format!(
                 "'{d}' is neither a level ({}) nor a module of Parallel (parallel_engine, parallel_collectives, ...)",
                 LEVELS.join(", ")
@@ -86,9 +87,12 @@ pub(crate) fn install(filter: &str) {
         let Ok(filter) = parse_filter(filter) else {
             return; // checked by the configuration already (CONFIG-3)
         };
-        let subscriber = tracing_subscriber::registry().with(Lines {
-            host: crate::topology::hostname(),
-        }.with_filter(filter));
+        let subscriber = tracing_subscriber::registry().with(
+            Lines {
+                host: crate::topology::hostname(),
+            }
+            .with_filter(filter),
+        );
         let _ = tracing::subscriber::set_global_default(subscriber);
     });
 }

@@ -83,10 +83,16 @@ fn torch_reduce_op(op: &Bound<'_, PyAny>) -> PyResult<Option<&'static str>> {
     let ty = op.get_type();
     let module: String = ty.getattr("__module__")?.extract().unwrap_or_default();
     let qualname: String = ty.getattr("__qualname__")?.extract().unwrap_or_default();
-    if !module.starts_with("torch") || !(qualname.ends_with("ReduceOp") || qualname.ends_with("RedOpType")) {
+    if !module.starts_with("torch")
+        || !(qualname.ends_with("ReduceOp") || qualname.ends_with("RedOpType"))
+    {
         return Ok(None);
     }
-    let inner = if qualname.ends_with("ReduceOp") { op.getattr("op")? } else { op.clone() };
+    let inner = if qualname.ends_with("ReduceOp") {
+        op.getattr("op")?
+    } else {
+        op.clone()
+    };
     let name: String = inner.getattr("name")?.extract()?;
     Ok(Some(match name.as_str() {
         "SUM" => "sum",
