@@ -83,3 +83,31 @@ def test_without_parallel_log_nothing_is_written_to_stderr() -> None:
     """
     rc, out, err = finish(spawn(code, env={"PARALLEL_LOG": ""}))
     assert rc == 0 and err == "", out + err
+
+
+LOSE = """
+import subprocess, sys
+import torch_parallel as parallel
+from torch_parallel import _logging
+
+server = parallel.server("127.0.0.1", 0)
+child = subprocess.Popen([sys.executable, "-c", (
+    "import os, sys, torch_parallel as p; c = p.client('127.0.0.1', int(sys.argv[1]), timeout=30); "
+    "c.send('hello'); c.recv(timeout=30); os._exit(0)"), str(server.port)])
+value, conn = server.recv_any_from(timeout=30)
+conn.send("bye")
+child.wait(timeout=30)
+try:
+    conn.recv(timeout=30)
+except parallel.PeerLost as e:
+    print("PeerLost:", e)
+_logging.flush()
+"""
+
+
+def test_a_lost_peer_is_logged_at_warning_with_its_address() -> None:
+    rc, out, err = finish(spawn(LOSE, env={"PARALLEL_LOG": "warn"}), timeout=120)
+    assert rc == 0, out + err
+    assert "PeerLost:" in out, out + err
+    lost = [ln for ln in err.splitlines() if "peer lost" in ln]
+    assert lost and " WARN " in lost[0] and "link=" in lost[0] and "peer=" in lost[0], err
