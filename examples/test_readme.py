@@ -73,3 +73,20 @@ def test_tutorial_step_runs_as_written(name: str, tmp_path: pathlib.Path) -> Non
         [sys.executable, str(script)], capture_output=True, text=True, timeout=180, cwd=tmp_path
     )
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+OUTSIDE = re.compile(
+    r"\.\./shared|/work/|\bshared/|DESIGN\.md|STYLE\.md|research/|performance-anchors|HELPERS\.md"
+)
+
+
+def test_no_doc_mentions_paths_outside_the_repository_or_internal_design_files() -> None:
+    docs = [README, *sorted((README.parent / "docs").glob("*.md"))]
+    found = [
+        f"{path.name}:{n}: {m.group(0)}"
+        for path in docs
+        for n, line in enumerate(path.read_text().splitlines(), start=1)
+        for m in [OUTSIDE.search(line)]
+        if m
+    ]
+    assert not found, found
