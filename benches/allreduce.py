@@ -4,7 +4,7 @@ All-reduce (sum, float32, every rank ends with the sum) with p ranks on this mac
     gloo       torch.distributed gloo, dist.all_reduce(t) in place, init_method tcp://127.0.0.1:PORT
     mpi        Open MPI via mpi4py, comm.Allreduce(src, dst, op=MPI.SUM) on numpy buffers, launched
                as `mpirun --allow-run-as-root --oversubscribe -np P python ...` (default BTLs: the
-               shared-memory one between ranks of one host), as research/peer-baselines/mpi_bench.py
+               shared-memory one between ranks of one host), as MPI's own benchmarks do
     ours_shm   tree = torch_parallel.tree(rank=r, world_size=p, root="127.0.0.1:PORT");
                tree.all_reduce(t) in place; links: shared memory (the default on one host)
     ours_tcp   the same with PARALLEL_SHM=0 in every rank (set before torch_parallel is imported)
@@ -808,7 +808,7 @@ def render(report):
         "CPU pressure = share of a launch's wall time in which some task waited for a CPU "
         "(/proc/pressure/cpu 'some', our own threads included): well above ~20 % means other work "
         "competed for the CPUs and the figures of that system are noisy. "
-        "Anchors (research/performance-anchors.md, measured on a 2-vCPU AMD EPYC VM of this kind): "
+        "Anchors (baselines measured earlier on a 2-vCPU AMD EPYC VM of this kind): "
         "gloo p=2 0.75 ms / 1.47 ms / 65.8 ms, "
         "Open MPI shm p=2 8.4 us / 0.56 ms / 69.4 ms for 4 KiB / 1 MiB / 64 MiB."
     )

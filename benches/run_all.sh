@@ -10,9 +10,16 @@ PY=.venv/bin/python
 mkdir -p bench-out
 quick=()
 [ "${1:-}" = "--quick" ] && quick=(--quick)
+start=$(date +%s)
+n=0
+step() { n=$((n + 1)); printf '\n== [%s/4, %ss] %s\n' "$n" "$(( $(date +%s) - start ))" "$*" >&2; }
+step "transport: ours against iperf3, raw sockets, pyzmq"
 $PY benches/transport.py "${quick[@]}" --md bench-out/transport.md --json bench-out/transport.json
+step "all-reduce: ours against torch.distributed gloo and Open MPI"
 $PY benches/allreduce.py "${quick[@]}" --md bench-out/allreduce.md --json bench-out/allreduce.json --png bench-out/allreduce.png
+step "workers: work queue against multiprocessing and torch.multiprocessing queues"
 $PY benches/workers.py "${quick[@]}" --md bench-out/workers.md --json bench-out/workers.json || echo "workers bench failed"
+step "all-reduce across network namespaces (simulated hosts)"
 $PY benches/netns_allreduce.py "${quick[@]}" || echo "netns bench skipped or failed (needs root and ip netns)"
 $PY benches/ddp.py "${quick[@]}" --md bench-out/ddp.md --json bench-out/ddp.json || echo "ddp bench failed"
 cp bench-out/allreduce.png docs/allreduce.png
@@ -22,4 +29,4 @@ cp bench-out/allreduce.png docs/allreduce.png
     [ -f "bench-out/$f.md" ] && { echo; cat "bench-out/$f.md"; }
   done
 } > docs/benchmarks.md
-echo "wrote docs/benchmarks.md"
+echo "wrote docs/benchmarks.md ($(( $(date +%s) - start ))s)"

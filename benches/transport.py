@@ -1104,7 +1104,7 @@ def render(report):
     L.append("")
     L.append(
         "Method: every row runs its two ends as two fresh processes; throughput rows time, on the sender, "
-        "one message plus a 1-byte ack (as research/peer-baselines/tcp_py_bench.py); ours receives with "
+        "one message plus a 1-byte ack (the ping-pong method of plain socket benchmarks); ours receives with "
         "`recv(out=preallocated)`; iperf3 reports its receiver's rate over the whole stream. "
         "Ranges are the min-max of single reps. CPU = user + system time of both processes (all threads) "
         "over the measured loop, warm-up included, per GB moved or per round trip; it shows what spinning "

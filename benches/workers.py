@@ -320,7 +320,7 @@ def main() -> None:
         "",
         "workqueue / torch.multiprocessing.Queue, medians of this run: "
         f"**{ratio_fresh:.1f}x** when each transfer produces a fresh tensor (the method of "
-        "research/performance-anchors.md, which measured torch.mp at 0.44 GB/s; this run: "
+        "our earlier baseline, which measured torch.mp at 0.44 GB/s; this run: "
         f"{tm['fresh: torch.multiprocessing.Queue (clone + put)']['median']:.2f} GB/s) and the "
         "producer writes it into the queue's arena (`q.empty` + `copy_`); "
         f"**{ratio_ready:.1f}x** when the tensor already exists in private memory (then the work "

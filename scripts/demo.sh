@@ -8,6 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/python examples/allreduce_demo.py "$@"
+echo "== [1/2] all-reduce across processes (examples/allreduce_demo.py)" >&2
+PYTHONUNBUFFERED=1 .venv/bin/python examples/allreduce_demo.py "$@"
 echo
-.venv/bin/python examples/demo.py --mib 64
+echo "== [2/2] a server and clients exchanging values (examples/demo.py)" >&2
+PYTHONUNBUFFERED=1 .venv/bin/python examples/demo.py --mib 64

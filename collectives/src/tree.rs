@@ -299,6 +299,32 @@ fn disjoint(
     }
 }
 
+/// Logs who joined from where and the plan with its link kinds (PARALLEL_LOG=info), once per
+/// rank; every later line of this process carries its rank.
+fn log_plan(plan: &Plan, rank: usize) {
+    parallel_engine::log::set_rank(rank);
+    if rank == 0 {
+        for p in &plan.probes {
+            tracing::info!(
+                "rendezvous: rank {} joined from {} ({}:{}, pid {}, {} cores, {} NUMA node(s))",
+                p.rank,
+                p.hostname,
+                p.addr,
+                p.port,
+                p.pid,
+                p.cores,
+                p.numa_nodes
+            );
+        }
+    }
+    let cfg = parallel_engine::config::config();
+    let text = plan.describe(cfg.shm, cfg.cuda && cfg.cuda_ipc);
+    tracing::info!(
+        "plan: {}",
+        text.trim_end().replace("\n", ";").replace("  ", " ")
+    );
+}
+
 impl Tree {
     /// Joins the tree (rendezvous, plan, links). See [`rendezvous`].
     pub fn new(opts: TreeOptions) -> Result<Tree> {
@@ -321,6 +347,7 @@ impl Tree {
             joined.plan.world(),
             resolved.source
         );
+        log_plan(&joined.plan, joined.rank);
         Ok(Tree {
             sender: Mutex::new(start_sender(joined.rank)?),
             rank: joined.rank,

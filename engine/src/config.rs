@@ -71,6 +71,12 @@ pub const TABLE: &[Var] = &[
         doc: "I/O backend. `auto` uses io_uring when the kernel and the container allow it (a probe ring is set up once) and falls back to epoll otherwise (ENOSYS, EPERM from seccomp). `uring` fails with a clear error when io_uring is unavailable.",
     },
     Var {
+        name: "PARALLEL_LOG",
+        kind: VarKind::Text,
+        default: "",
+        doc: "Log filter, in tracing's EnvFilter syntax: a level (`error`, `warn`, `info`, `debug`, `trace`), optionally per module (`parallel_collectives=debug,warn`). Unset: no log. Lines go to stderr with the UTC time, level, tree rank, host and module; in Python each record also goes to the `logging` logger `torch_parallel` (child loggers by module). At `info`: rendezvous (who joined, from where), the plan and its link kinds, fallbacks (io_uring to epoll, CUDA IPC to staging), peers lost. The shared secret is never logged.",
+    },
+    Var {
         name: "PARALLEL_THREADS",
         kind: VarKind::Int { min: 0, max: 1024 },
         default: "0",
@@ -522,6 +528,8 @@ pub struct Config {
     pub cuda_chunk: usize,
     pub cuda_staging: usize,
     pub nvrtc_lib: String,
+    /// PARALLEL_LOG: the log filter (empty: no log).
+    pub log: String,
     /// Every variable's effective value as text, in table order.
     pub effective: Vec<(&'static str, String)>,
 }
@@ -551,7 +559,10 @@ fn env_lookup(name: &str) -> Option<String> {
 /// public entry point calls this first (CONFIG-4); the result is computed once per process.
 pub fn try_config() -> Result<&'static Config> {
     match CONFIG.get_or_init(|| Config::from_lookup(&env_lookup)) {
-        Ok(c) => Ok(c),
+        Ok(c) => {
+            crate::log::install(&c.log); // LOG-2
+            Ok(c)
+        }
         Err(e) => Err(e.clone()),
     }
 }
@@ -888,6 +899,18 @@ fn read_secret(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Option<Vec<u8>
     }
 }
 
+/// PARALLEL_LOG, checked (CONFIG-3): a malformed filter is an error, never "no log".
+fn log_filter(text: &str) -> Result<String> {
+    crate::log::parse_filter(text).map_err(|e| {
+        bad(
+            "PARALLEL_LOG",
+            text,
+            &format!("a log filter such as info, debug or parallel_collectives=debug,warn ({e})"),
+        )
+    })?;
+    Ok(text.trim().to_string())
+}
+
 impl Config {
     /// Builds a configuration from a lookup function (the environment, or a test's map).
     pub fn from_lookup(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Config> {
@@ -985,6 +1008,7 @@ impl Config {
             cuda_chunk: v.n("PARALLEL_CUDA_CHUNK")?,
             cuda_staging: v.n("PARALLEL_CUDA_STAGING")?,
             nvrtc_lib: v.t("PARALLEL_NVRTC_LIB")?,
+            log: log_filter(&v.t("PARALLEL_LOG")?)?,
             effective,
         })
     }

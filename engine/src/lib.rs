@@ -9,6 +9,7 @@ pub mod config;
 pub mod cuda;
 pub mod endpoint;
 pub mod error;
+pub mod log;
 pub mod runtime;
 pub(crate) mod sync;
 pub mod topology;

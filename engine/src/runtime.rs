@@ -56,12 +56,27 @@ impl Backend {
 static BACKEND: OnceLock<std::result::Result<Backend, Error>> = OnceLock::new();
 
 /// The process's I/O backend (RT-3).
+static REASON: OnceLock<String> = OnceLock::new();
+
+/// Why [`backend`] chose what it chose (`python -m torch_parallel info` shows it).
+pub fn backend_reason() -> Result<String> {
+    backend()?;
+    Ok(REASON.get().cloned().unwrap_or_default())
+}
+
 pub fn backend() -> Result<Backend> {
     // CONFIG-4: Server and Client creation start here, so a malformed environment fails them.
     let io = crate::config::try_config()?.io;
     BACKEND
         .get_or_init(|| {
             let probe = io_uring::IoUring::new(8);
+            let why = match (io, &probe) {
+                (IoChoice::Epoll, _) => "PARALLEL_IO=epoll".to_string(),
+                (IoChoice::Uring, _) => "PARALLEL_IO=uring".to_string(),
+                (_, Ok(_)) => "PARALLEL_IO=auto, and io_uring can be set up here".to_string(),
+                (_, Err(e)) => format!("PARALLEL_IO=auto, and io_uring cannot be set up here ({e})"),
+            };
+            let _ = REASON.set(why);
             match (io, probe) {
                 (IoChoice::Epoll, _) => Ok(Backend::Epoll),
                 (_, Ok(_)) => Ok(Backend::Uring),

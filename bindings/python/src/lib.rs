@@ -12,6 +12,7 @@
 mod convert;
 mod dlpack;
 mod errors;
+mod logs;
 mod structure;
 mod tree;
 mod workers;
@@ -217,10 +218,17 @@ macro_rules! conn_methods {
             fn recv(&self, py: Python<'_>, timeout: Option<f64>, out: Option<&Bound<'_, PyAny>>) -> PyResult<PyObject> {
                 do_recv(py, &self.conn, timeout, out, self.pickle)
             }
+            /// Starts sending `value` and returns a Handle at once; `handle.wait(timeout)` returns None
+            /// when the value is sent and raises what `send` would (Timeout, PeerLost, Unsupported).
+            /// Tensors in `value` must not be modified until then. Example:
+            /// `h = client.send_async(torch.ones(4)); ...; h.wait(10)`
             #[pyo3(signature = (value, timeout=None))]
             fn send_async(&self, value: &Bound<'_, PyAny>, timeout: Option<f64>) -> PyResult<Handle> {
                 do_send_async(&self.conn, value, timeout, self.pickle)
             }
+            /// Starts receiving the next message and returns a Handle at once; `handle.wait(timeout)`
+            /// returns the value (or `out`, filled in place) and raises what `recv` would.
+            /// Example: `h = conn.recv_async(out=buf); ...; h.wait(10)`
             #[pyo3(signature = (timeout=None, out=None))]
             fn recv_async(&self, timeout: Option<f64>, out: Option<&Bound<'_, PyAny>>) -> PyResult<Handle> {
                 do_recv_async(&self.conn, timeout, out, self.pickle)
@@ -242,10 +250,13 @@ macro_rules! conn_methods {
             fn peer(&self) -> String {
                 self.conn.peer().to_string()
             }
+            /// True once this side closed, or the peer closed in an orderly way.
             #[getter]
             fn closed(&self) -> bool {
                 self.conn.is_closed()
             }
+            /// Closes the connection (idempotent); pending and later calls raise Closed. Also on
+            /// `with` exit. Example: `with parallel.client(host, port) as c: c.send(1)`
             fn close(&self) {
                 self.conn.close()
             }
@@ -264,7 +275,21 @@ macro_rules! conn_methods {
     };
 }
 
-/// A client connection to a server.
+/// A client connection to a server (create it with `torch_parallel.client(host, port)`).
+///
+/// `send(value)` / `recv()` exchange values (numbers, strings, bytes, nested lists, tuples and
+/// dicts, tensors); `*_async` return a Handle. Every blocking call takes `timeout` (seconds) and
+/// raises Timeout, PeerLost or Closed (ConnectionError subclasses) naming the peer.
+///
+/// Example:
+/// ```python
+/// import torch_parallel as parallel
+/// server = parallel.server("127.0.0.1", 0)
+/// client = parallel.client("127.0.0.1", server.port)
+/// client.send({"step": 1})
+/// assert server.recv_any() == {"step": 1}
+/// client.close(); server.close()
+/// ```
 #[pyclass(module = "torch_parallel._native", frozen)]
 pub struct Client {
     conn: Arc<Conn>,
@@ -291,7 +316,11 @@ conn_methods!(Client, {
     }
 });
 
-/// A server-side connection to one client.
+/// A server-side connection to one client (from `server.connections()`, `recv_any_from()` or
+/// `clients(n, f)`): `send`, `recv` and their `*_async` forms, as on a Client. `id` and `tag`
+/// are free for the application (`broadcast(value, tag=...)` and `recv_any(tag=...)` select by tag).
+///
+/// Example: `value, conn = server.recv_any_from(timeout=10); conn.send(value)`
 #[pyclass(module = "torch_parallel._native", frozen)]
 pub struct Connection {
     conn: Arc<Conn>,
@@ -325,7 +354,19 @@ conn_methods!(Connection, {
     }
 });
 
-/// A listening server.
+/// A listening server (create it with `torch_parallel.server(host, port)`); clients connect with
+/// `torch_parallel.client`. `wait_for(n)` waits for n clients, `recv_any()` takes the next message
+/// of any client, `broadcast(value)` sends to all, `clients(n, f)` runs `f(conn)` on n of them.
+/// With `PARALLEL_SECRET` set, every client is authenticated (AuthError otherwise).
+///
+/// Example:
+/// ```python
+/// import torch_parallel as parallel
+/// with parallel.server("127.0.0.1", 0) as server:
+///     with parallel.client("127.0.0.1", server.port) as client:
+///         client.send("hi")
+///         assert server.recv_any(timeout=10) == "hi"
+/// ```
 #[pyclass(module = "torch_parallel._native", frozen)]
 pub struct Server {
     server: parallel_engine::Server,
@@ -353,10 +394,12 @@ impl Server {
             pickle: allow_pickle,
         })
     }
+    /// The port the server listens on (the ephemeral port chosen when created with 0).
     #[getter]
     fn port(&self) -> u16 {
         self.server.port()
     }
+    /// The address the server listens on.
     #[getter]
     fn host(&self) -> String {
         self.server.addr().ip().to_string()
@@ -450,10 +493,13 @@ impl Server {
         d.set_item("refused", refused)?;
         Ok(d)
     }
+    /// True once `close()` was called.
     #[getter]
     fn closed(&self) -> bool {
         self.server.is_closed()
     }
+    /// Stops listening and closes every connection (idempotent); blocked calls raise Closed.
+    /// Also on `with` exit. Example: `with parallel.server() as s: ...`
     fn close(&self) {
         self.server.close()
     }
@@ -534,6 +580,12 @@ fn config(py: Python<'_>) -> PyResult<Py<PyDict>> {
     Ok(d.unbind())
 }
 
+/// Why the I/O backend in use was chosen.
+#[pyfunction]
+fn io_backend_reason() -> PyResult<String> {
+    parallel_engine::runtime::backend_reason().py()
+}
+
 /// The I/O backend in use ("io_uring" or "epoll").
 #[pyfunction]
 fn io_backend() -> PyResult<&'static str> {
@@ -605,6 +657,8 @@ fn _set_tensor_factory(py: Python<'_>, f: PyObject) {
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     parallel_engine::runtime::set_interrupt_check(interrupt_pending);
+    logs::install();
+    m.add_function(wrap_pyfunction!(logs::_log_next, m)?)?;
     m.add_class::<Server>()?;
     m.add_class::<Client>()?;
     m.add_class::<Connection>()?;
@@ -615,6 +669,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<tree::Work>()?;
     m.add_function(wrap_pyfunction!(config, m)?)?;
     m.add_function(wrap_pyfunction!(io_backend, m)?)?;
+    m.add_function(wrap_pyfunction!(io_backend_reason, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_available, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_info, m)?)?;
     m.add_function(wrap_pyfunction!(_add_nvrtc_hint, m)?)?;

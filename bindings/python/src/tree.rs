@@ -44,16 +44,89 @@ fn with_cause(py: Python<'_>, err: PyErr, raised: &Raised) -> PyErr {
     err
 }
 
+/// A built-in op by name; an unknown name is a ValueError naming what was passed.
+fn named_op(name: &str) -> PyResult<Op> {
+    Op::parse(name).map_err(|_| {
+        pyo3::exceptions::PyValueError::new_err(format!(
+            "op={name:?} is not a reduction: expected sum, prod, min, max, avg, band, bor, bxor, \
+             a torch.distributed.ReduceOp or a callable f(a, b)"
+        ))
+    })
+}
+
+/// A TypeError unless `obj` is a tensor (DLPack), saying which call and argument wanted one.
+fn require_tensor(obj: &Bound<'_, PyAny>, call: &str, torch_only: bool) -> PyResult<()> {
+    let ok = if torch_only {
+        obj.hasattr("tensor_split")? && obj.hasattr("clone")?
+    } else {
+        obj.hasattr("__dlpack__")?
+    };
+    if ok {
+        return Ok(());
+    }
+    let wanted = if torch_only {
+        "a torch.Tensor"
+    } else {
+        "a tensor (torch.Tensor, numpy.ndarray or any DLPack object)"
+    };
+    Err(pyo3::exceptions::PyTypeError::new_err(format!(
+        "{call}(tensor) expects {wanted}, not {}; for numbers or nested values use \
+         all_reduce or broadcast",
+        convert::type_name(obj)
+    )))
+}
+
+/// The op's name for a `torch.distributed.ReduceOp` (`ReduceOp.SUM`, a pybind `RedOpType`, or a
+/// `ReduceOp` object holding one in `.op`); None for anything else. PREMUL_SUM has no name here
+/// and is refused with what to use instead.
+fn torch_reduce_op(op: &Bound<'_, PyAny>) -> PyResult<Option<&'static str>> {
+    let ty = op.get_type();
+    let module: String = ty.getattr("__module__")?.extract().unwrap_or_default();
+    let qualname: String = ty.getattr("__qualname__")?.extract().unwrap_or_default();
+    if !module.starts_with("torch")
+        || !(qualname.ends_with("ReduceOp") || qualname.ends_with("RedOpType"))
+    {
+        return Ok(None);
+    }
+    let inner = if qualname.ends_with("ReduceOp") {
+        op.getattr("op")?
+    } else {
+        op.clone()
+    };
+    let name: String = inner.getattr("name")?.extract()?;
+    Ok(Some(match name.as_str() {
+        "SUM" => "sum",
+        "PRODUCT" => "prod",
+        "MIN" => "min",
+        "MAX" => "max",
+        "AVG" => "avg",
+        "BAND" => "band",
+        "BOR" => "bor",
+        "BXOR" => "bxor",
+        other => {
+            return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                "op=torch.distributed.ReduceOp.{other} is not supported: use SUM, PRODUCT, MIN, \
+                 MAX, AVG, BAND, BOR or BXOR (for PREMUL_SUM, scale the tensor first and use SUM)"
+            )));
+        }
+    }))
+}
+
 /// Builds the op: a name, or a Python callable applied to torch views of each chunk (host
 /// memory) and, for CUDA tensors, to torch CUDA tensors (the device form).
 fn make_op(op: &Bound<'_, PyAny>) -> PyResult<(Op, Option<DeviceReduce>, Raised)> {
     if let Ok(s) = op.downcast::<PyString>() {
-        return Ok((Op::parse(s.to_str()?).py()?, None, Raised::default()));
+        return Ok((named_op(s.to_str()?)?, None, Raised::default()));
+    }
+    if let Some(name) = torch_reduce_op(op)? {
+        return Ok((named_op(name)?, None, Raised::default()));
     }
     if !op.is_callable() {
-        return Err(pyo3::exceptions::PyTypeError::new_err(
-            "op must be a name (sum, prod, min, max, avg, band, bor, bxor) or a callable f(a, b)",
-        ));
+        return Err(pyo3::exceptions::PyTypeError::new_err(format!(
+            "op must be a name (sum, prod, min, max, avg, band, bor, bxor), a \
+             torch.distributed.ReduceOp or a callable f(a, b), not {}",
+            convert::type_name(op)
+        )));
     }
     let f: Arc<Py<PyAny>> = Arc::new(op.clone().unbind());
     // Calls f(a, b) on two views; copies a returned result into a.
@@ -429,7 +502,19 @@ fn broadcast_leaves(t: &Tree, leaves: &mut Leaves, root: usize) -> parallel_engi
     leaves.each_group(|dt, b| t.broadcast(dt, b, root), Some(&mut on_device))
 }
 
-/// An allreduce tree of processes (see `torch_parallel.tree`).
+/// An allreduce tree of processes (create it with `torch_parallel.tree()`): `all_reduce`,
+/// `broadcast`, `reduce`, `all_gather`, `reduce_scatter`, `barrier`, their `*_async` forms, and
+/// `done()` for uneven endings. `op=` is a name (`"sum"`, `"max"`, ...), a
+/// `torch.distributed.ReduceOp` or a callable `f(a, b)` leaving the result in `a`. A failure on
+/// any rank raises on every rank, naming the rank (PeerLost, Mismatch, WorkerError).
+///
+/// Example (run it on every rank, e.g. under torchrun):
+/// ```python
+/// import torch, torch_parallel as parallel
+/// tree = parallel.tree()
+/// grads = tree.all_reduce(torch.ones(4), op="sum")   # world_size everywhere
+/// print(tree.plan(), tree.stats())
+/// ```
 #[pyclass(module = "torch_parallel._native", name = "Tree", frozen)]
 pub struct Tree_ {
     tree: Arc<Tree>,
@@ -700,10 +785,12 @@ impl Tree_ {
             pending: Arc::new(AtomicUsize::new(0)),
         })
     }
+    /// This process's rank, 0 .. world_size - 1 (rank 0 is the root).
     #[getter]
     fn rank(&self) -> usize {
         self.tree.rank()
     }
+    /// The number of ranks in the tree.
     #[getter]
     fn world_size(&self) -> usize {
         self.tree.world_size()
@@ -840,6 +927,7 @@ impl Tree_ {
         tensor: &Bound<'py, PyAny>,
         op: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
+        require_tensor(tensor, "reduce_scatter", true)?;
         let copy = tensor.call_method0("clone")?;
         let reduced = self.all_reduce(py, copy, op)?;
         let parts = reduced.call_method1("tensor_split", (self.tree.world_size(),))?;
@@ -848,6 +936,7 @@ impl Tree_ {
     /// Every rank's tensor, in rank order (shapes may differ between ranks); None for the ranks
     /// that called done() in this epoch.
     fn all_gather(&self, py: Python<'_>, tensor: &Bound<'_, PyAny>) -> PyResult<PyObject> {
+        require_tensor(tensor, "all_gather", false)?;
         // CUDA tensors are gathered through host memory and come back on their device.
         let device = tensor
             .getattr("is_cuda")
@@ -911,7 +1000,8 @@ impl Tree_ {
     fn plan(&self) -> String {
         self.tree.describe()
     }
-    /// Traffic per link: peer rank, link kind, bytes and messages each way, bandwidth.
+    /// Traffic per link: peer rank, link kind, bytes and messages each way, seconds spent in
+    /// send and receive calls, bandwidth (bytes per second). JSON-serialisable.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let out = PyList::empty(py);
         for l in self.tree.stats() {
@@ -922,6 +1012,8 @@ impl Tree_ {
             d.set_item("bytes_recv", l.stats.bytes_recv)?;
             d.set_item("msgs_sent", l.stats.msgs_sent)?;
             d.set_item("msgs_recv", l.stats.msgs_recv)?;
+            d.set_item("send_seconds", l.stats.send_secs)?;
+            d.set_item("recv_seconds", l.stats.recv_secs)?;
             d.set_item("send_bandwidth", l.stats.send_bandwidth())?;
             d.set_item("recv_bandwidth", l.stats.recv_bandwidth())?;
             out.append(d)?;

@@ -38,7 +38,18 @@ thread_local! {
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
-/// A named owner <-> workers queue shared by threads and by processes of this host.
+/// A named owner <-> workers queue shared by threads and by processes of this host (create or
+/// open it with `torch_parallel.workqueue(name)`). The owner `write`s questions and `read`s
+/// answers; a worker `read`s questions and `write`s answers. Bounded (writers wait: back-pressure);
+/// `close()` ends it. Raises Timeout, Closed, or WorkerError when a worker died holding an item.
+///
+/// Example:
+/// ```python
+/// import torch_parallel as parallel
+/// q = parallel.workqueue("jobs")          # the owner
+/// q.write({"batch": 0})
+/// # in a worker thread or process: w = parallel.workqueue("jobs"); job = w.read(); w.write(job)
+/// ```
 #[pyclass(module = "torch_parallel._native", frozen)]
 pub struct WorkQueue {
     id: u64,
@@ -158,10 +169,12 @@ impl WorkQueue {
     fn shared(&self) -> bool {
         self.handle.is_shared()
     }
+    /// Items each direction holds before writers wait (PARALLEL_WORKQUEUE_CAPACITY).
     #[getter]
     fn capacity(&self) -> usize {
         self.handle.capacity()
     }
+    /// Whether values that are not plain data are pickled (set when the queue was created).
     #[getter]
     fn allow_pickle(&self) -> bool {
         self.allow_pickle

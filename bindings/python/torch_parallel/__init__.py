@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import _native
+from . import _logging, _native
 from ._errors import CLASSES as _CLASSES
 from ._errors import (
     AuthError,
@@ -76,6 +76,7 @@ __all__ = [
 ]
 
 _native._register_errors(dict(_CLASSES))
+_logging.start()
 
 
 def _tensor_factory() -> Any:
@@ -139,6 +140,17 @@ def server(host: str = "127.0.0.1", port: int = 0, *, allow_pickle: bool = False
     """Listens on ``host:port`` (port 0: an ephemeral port, read it from ``server.port``).
 
     Binds to loopback unless given another host. IPv4 and IPv6 addresses are accepted.
+    ``allow_pickle``: accept values that are not plain data (pickled; only between trusted peers).
+
+    Raises ``ResourceError`` (an ``OSError``) when the address cannot be bound, ``ConfigError``
+    for a malformed ``PARALLEL_*`` variable.
+
+    Example::
+
+        server = parallel.server("0.0.0.0", 29400)
+        server.wait_for(2, timeout=60)
+        for value in (server.recv_any(timeout=10) for _ in range(2)):
+            print(value)
     """
     return Server(host, port, allow_pickle)
 
@@ -154,6 +166,15 @@ def client(
 
     Between processes of one host the link is a shared-memory ring (``client.link == "shm"``);
     otherwise TCP. ``PARALLEL_SHM=0`` keeps every link on TCP.
+
+    Raises ``Timeout`` when no server answered in time, ``AuthError`` when the shared secrets
+    (``PARALLEL_SECRET``) differ, ``ConfigError`` for a malformed ``PARALLEL_*`` variable.
+
+    Example::
+
+        with parallel.client("127.0.0.1", 29400, timeout=30) as c:
+            c.send({"grad": torch.ones(4)})
+            reply = c.recv(timeout=10)
     """
     return Client(host, port, timeout, allow_pickle)
 
@@ -195,22 +216,42 @@ def tree(
 
 
 def config() -> dict[str, str]:
-    """Every effective ``PARALLEL_*`` value (raises ConfigError for a malformed one)."""
+    """Every effective ``PARALLEL_*`` value, as text, by name (the secret shows as ``<set>``).
+
+    Raises ``ConfigError`` naming the variable, its value and the accepted form when one is
+    malformed. ``python -m torch_parallel info`` prints them with their source.
+
+    Example::
+
+        assert parallel.config()["PARALLEL_IO"] in ("auto", "uring", "epoll")
+    """
     return dict(_native.config())
 
 
 def cuda_available() -> bool:
-    """Whether this process can use CUDA (an NVIDIA driver was found and ``PARALLEL_CUDA`` is on)."""
+    """Whether this process can use CUDA (an NVIDIA driver was found and ``PARALLEL_CUDA`` is on).
+
+    Example: ``device = "cuda" if parallel.cuda_available() else "cpu"``
+    """
     return bool(_native.cuda_available())
 
 
 def cuda_info() -> str:
-    """The CUDA driver and devices in use, or why there is no CUDA here."""
+    """The CUDA driver and devices in use, or why there is no CUDA here (for logs and bug reports).
+
+    Example: ``print(parallel.cuda_info())``
+    """
     return str(_native.cuda_info())
 
 
 def io_backend() -> str:
-    """The I/O backend in use: ``"io_uring"`` or ``"epoll"``."""
+    """The I/O backend in use: ``"io_uring"`` or ``"epoll"`` (``PARALLEL_IO``; ``auto`` falls back
+    to epoll where io_uring cannot be set up, and ``python -m torch_parallel info`` says why).
+
+    Raises ``ConfigError`` when ``PARALLEL_IO=uring`` and io_uring cannot be set up here.
+
+    Example: ``print(parallel.io_backend())``
+    """
     return str(_native.io_backend())
 
 

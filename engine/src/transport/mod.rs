@@ -440,9 +440,18 @@ impl Link {
                         match g.ipc_export(*dev, *ptr, *len) {
                             Ok((r, ev)) => recs.push((r, Some(ev))),
                             Err(e) => {
-                                tracing::debug!(
-                                    "CUDA IPC export failed ({e}); staging this message"
-                                );
+                                // Said once at info (PARALLEL_LOG=info), then at debug.
+                                static SAID: AtomicBool = AtomicBool::new(false);
+                                if SAID.swap(true, Ordering::Relaxed) {
+                                    tracing::debug!(
+                                        "CUDA IPC export failed ({e}); staging this message"
+                                    );
+                                } else {
+                                    tracing::info!(
+                                        peer = %self.peer,
+                                        "CUDA IPC export failed ({e}); staging through pinned host memory instead (said once)"
+                                    );
+                                }
                                 ok = false;
                                 break;
                             }
@@ -759,10 +768,12 @@ impl RecvGuard<'_> {
         deadline: Deadline,
     ) -> Result<Value> {
         let r = self.recv_message(out, paths, deadline);
-        if r.as_ref().is_err_and(|e| e.kind() == ErrorKind::PeerLost) {
+        if let Some(e) = r.as_ref().err().filter(|e| e.kind() == ErrorKind::PeerLost) {
             // LINK-3 for the other direction: a shared-memory ring (or a TCP socket whose reset
             // has not arrived yet) would otherwise accept a send to the dead peer silently.
-            self.link.peer_lost.store(true, Ordering::SeqCst);
+            if !self.link.peer_lost.swap(true, Ordering::SeqCst) {
+                tracing::warn!(peer = %self.link.peer, link = self.link.kind.name(), "peer lost: {e}");
+            }
         }
         r
     }
