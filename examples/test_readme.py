@@ -4,7 +4,6 @@ when the marker says so), and its printed output is checked."""
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 import re
 import subprocess
@@ -40,8 +39,6 @@ def test_the_readme_has_a_quick_start_for_every_primitive_and_two_setup_commands
 @pytest.mark.parametrize("name", sorted(EXPECT))
 def test_readme_quick_start_runs_as_written(name: str, tmp_path: pathlib.Path) -> None:
     nproc, code = quickstarts()[name]
-    if name == "backend" and importlib.util.find_spec("torch_parallel.distributed") is None:
-        pytest.skip("torch_parallel.distributed (the torch.distributed backend) is not in this tree yet")
     script = tmp_path / f"{name}.py"
     script.write_text(code)
     if nproc:

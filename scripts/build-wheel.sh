@@ -20,6 +20,8 @@ else
   PY=$PWD/.venv/bin/python
 fi
 root=$PWD
+# maturin finds zig as `python3 -m ziglang` on PATH: the venv's python has it.
+export PATH="$(dirname "$PY"):$PATH"
 rm -rf dist && mkdir -p dist
 cd bindings/python
 # --zig: link against glibc 2.28 (zig ships the symbol tables of every glibc), not this machine's.

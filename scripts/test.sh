@@ -17,6 +17,8 @@ cargo clippy --workspace --all-targets -q -- -D warnings
 # The libraries alone, as the wheel builds them: the real CUDA driver backend, not the simulated
 # device the tests enable (engine feature cuda-sim).
 cargo clippy -p parallel-engine -p parallel-collectives -p parallel-python --lib -q -- -D warnings
+step "wheel: build (manylinux_2_28 abi3), install into a fresh venv, smoke test"
+bash scripts/wheel-smoke.sh
 step "ruff"
 "$PY" -m ruff check .
 "$PY" -m ruff format --check .

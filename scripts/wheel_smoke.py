@@ -101,8 +101,7 @@ def with_torch() -> None:
     print(f"wheel smoke: torch {torch.__version__}")
     all_reduce("torch")
     if importlib.util.find_spec("torch_parallel.distributed") is None:
-        print("wheel smoke: torch_parallel.distributed is not in this version: backend check skipped")
-        return
+        fail("torch_parallel.distributed (the torch.distributed backend) is missing from the wheel")
     import torch.distributed as dist
 
     import torch_parallel.distributed  # noqa: F401  (registers the backend)
