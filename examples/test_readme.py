@@ -43,6 +43,9 @@ def test_readme_quick_start_runs_as_written(name: str, tmp_path: pathlib.Path) -
     script.write_text(code)
     if nproc:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+        # --tee: torchrun relays each rank's output line by line ("[default0]:..."), so the ranks'
+        # prints are not interleaved word by word on the shared pipe.
+        cmd += ["--tee", "3"]
         cmd.append(str(script))
     else:
         cmd = [sys.executable, str(script)]
