@@ -617,17 +617,20 @@ fn join_by_store(
     let value = store
         .get(&key, deadline.saturating_duration_since(Instant::now()))
         .map_err(|e| {
-            Error::new(
-                e.kind(),
-                "tree",
+            let msg = if e.kind() == ErrorKind::Timeout {
                 format!(
                     "rank {rank} waited {timeout:?} for rank 0 ({}) to publish its address under \
                      {key:?} in the store: rank 0 never arrived (every rank must create the tree \
                      within the timeout, PARALLEL_TIMEOUT): {e}",
                     launcher_host_of(0).unwrap_or_else(|| "host unknown".into())
-                ),
-            )
-            .with_peer("rank 0")
+                )
+            } else {
+                // The store itself failed (unreachable, interrupted): no rank is to blame.
+                format!(
+                    "rank {rank} could not read rank 0's address under {key:?} from the store: {e}"
+                )
+            };
+            Error::new(e.kind(), "tree", msg).with_peer("rank 0")
         })?;
     let e = parse_root(&key, &value)?;
     let root = connect_any(rank, e.port, e.same_host, &e.addrs, deadline)?;
@@ -1229,6 +1232,46 @@ mod tests {
                 "{msg}"
             );
         }
+    }
+
+    /// A store whose server is gone: every call fails at once.
+    #[derive(Debug)]
+    struct BrokenStore;
+
+    impl Store for BrokenStore {
+        fn set(&self, _: &str, _: &[u8]) -> Result<()> {
+            Err(Error::new(ErrorKind::PeerLost, "store", "connection reset"))
+        }
+        fn get(&self, _: &str, _: Duration) -> Result<Vec<u8>> {
+            Err(Error::new(ErrorKind::PeerLost, "store", "connection reset"))
+        }
+        fn delete(&self, _: &str) -> Result<()> {
+            Err(Error::new(ErrorKind::PeerLost, "store", "connection reset"))
+        }
+    }
+
+    #[test]
+    fn rdv_1_a_failing_store_is_reported_as_such_not_as_a_rank_that_never_arrived() {
+        let o = TreeOptions {
+            rank: Some(1),
+            world_size: Some(2),
+            store: Some(Arc::new(BrokenStore)),
+            store_prefix: "p/".into(),
+            ..Default::default()
+        };
+        let t0 = Instant::now();
+        let e = join(&resolve(&o).unwrap(), Duration::from_secs(30)).unwrap_err();
+        let msg = e.to_string();
+        assert_eq!(e.kind(), ErrorKind::PeerLost, "{msg}");
+        assert!(
+            msg.contains("connection reset") && msg.contains("p/root"),
+            "{msg}"
+        );
+        assert!(
+            !msg.contains("never arrived") && !msg.contains("waited"),
+            "{msg}"
+        );
+        assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
     }
 
     #[test]
