@@ -135,7 +135,59 @@ def test_trees_over_one_hashstore_between_threads_use_separate_keys() -> None:
     run_threads(rank, 3)
     assert not errors, errors
     assert sums == {(r, k): 6.0 * (k + 1) for r in range(3) for k in range(2)}
-    assert store.check(["torch_parallel/tree/0/root", "torch_parallel/tree/1/root"])
+    # Rank 0 deletes its entry once every rank arrived: the store keeps no key per tree.
+    assert not store.check(["torch_parallel/tree/0/root"])
+    assert not store.check(["torch_parallel/tree/1/root"])
+
+
+def test_a_new_store_object_per_tree_never_meets_through_an_earlier_trees_entry(
+    tmp_path: Path,
+) -> None:
+    # Each tree opens the file store again, so every tree's prefix is torch_parallel/tree/0/;
+    # rank 1 asks for the second tree's root before rank 0 publishes it.
+    path = str(tmp_path / "store")
+    sums: dict[tuple[int, int], float] = {}
+    errors: list[BaseException] = []
+
+    def rank(r: int) -> None:
+        try:
+            for k in range(2):
+                if r == 0 and k == 1:
+                    time.sleep(0.5)
+                t = parallel.tree(store=dist.FileStore(path, -1), rank=r, world_size=2, timeout=20)
+                x = torch.full((3,), float(r + 1) * (k + 1))
+                t.all_reduce(x)
+                sums[(r, k)] = float(x[0])
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+
+    run_threads(rank, 2)
+    assert not errors, errors
+    assert sums == {(r, k): 3.0 * (k + 1) for r in range(2) for k in range(2)}
+
+
+class _InterruptedStore:
+    """A store whose every call meets Ctrl-C (the handler raises inside the store's code)."""
+
+    def set(self, key: str, value: bytes) -> None:
+        raise KeyboardInterrupt
+
+    def check(self, keys: list[str]) -> bool:
+        raise KeyboardInterrupt
+
+    def get(self, key: str) -> bytes:
+        raise KeyboardInterrupt
+
+    def delete_key(self, key: str) -> bool:
+        raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_ctrl_c_inside_a_python_store_call_is_keyboard_interrupt(rank: int) -> None:
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        parallel.tree(store=_InterruptedStore(), rank=rank, world_size=2, timeout=20)
+    assert time.monotonic() - t0 < 10
 
 
 def test_trees_over_a_filestore_with_one_store_object_per_rank(tmp_path: Path) -> None:
