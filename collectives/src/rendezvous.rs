@@ -277,9 +277,7 @@ fn launcher_host_of(k: usize) -> Option<String> {
     {
         let hosts = hostlist::expand_hostlist(var, &list).ok()?;
         let tasks = hostlist::expand_tasks_per_node("SLURM_TASKS_PER_NODE", &tasks).ok()?;
-        return hostlist::rank_hosts(&hosts, &tasks)?
-            .get(k)
-            .map(|h| format!("host {h}"));
+        return hostlist::host_of_rank(&hosts, &tasks, k).map(|h| format!("host {h}"));
     }
     (k == 0)
         .then(|| env("MASTER_ADDR").ok().flatten())
