@@ -166,6 +166,46 @@ def test_a_new_store_object_per_tree_never_meets_through_an_earlier_trees_entry(
     assert sums == {(r, k): 3.0 * (k + 1) for r in range(2) for k in range(2)}
 
 
+class _DictStore:
+    """A plain Python store without ``delete_key``: rank 0's entry then just stays."""
+
+    def __init__(self) -> None:
+        self.map: dict[str, bytes] = {}
+        self.lock = threading.Lock()
+
+    def set(self, key: str, value: bytes) -> None:
+        with self.lock:
+            self.map[key] = bytes(value)
+
+    def check(self, keys: list[str]) -> bool:
+        with self.lock:
+            return all(k in self.map for k in keys)
+
+    def get(self, key: str) -> bytes:
+        with self.lock:
+            return self.map[key]
+
+
+def test_a_python_store_without_delete_key_still_meets() -> None:
+    store = _DictStore()
+    sums: dict[int, float] = {}
+    errors: list[BaseException] = []
+
+    def rank(r: int) -> None:
+        try:
+            t = parallel.tree(store=store, rank=r, world_size=2, timeout=20)
+            x = torch.full((3,), float(r + 1))
+            t.all_reduce(x)
+            sums[r] = float(x[0])
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+
+    run_threads(rank, 2)
+    assert not errors, errors
+    assert sums == {0: 3.0, 1: 3.0}
+    assert "torch_parallel/tree/0/root" in store.map
+
+
 class _InterruptedStore:
     """A store whose every call meets Ctrl-C (the handler raises inside the store's code)."""
 
