@@ -262,6 +262,14 @@ MISSING = """
     import torch_parallel as parallel
     store = dist.FileStore(sys.argv[1], -1) if sys.argv[3] == "file" else dist.TCPStore(
         "127.0.0.1", int(sys.argv[4]), is_master=False, timeout=__import__("datetime").timedelta(seconds=20))
+    # Both ranks start their 4 s together: on a loaded machine one may import torch seconds after
+    # the other, and a member whose own deadline passes before rank 0 names the missing rank
+    # rightly reports only that the plan never came.
+    store.add("started", 1)
+    for _ in range(6000):
+        if store.add("started", 0) >= 2:
+            break
+        time.sleep(0.005)
     t0 = time.monotonic()
     try:
         parallel.tree(store=store, rank=int(sys.argv[2]), world_size=3, timeout=4)
