@@ -610,7 +610,15 @@ fn join_by_store(
             server.port()
         );
         let published = Published { store, key, token };
-        return join_as_root(r, server, timeout, deadline, Some(published));
+        // Withdrawn once all arrived (inside), or here when the wait failed; not after an
+        // interrupt, whose exception must reach the caller before the store is called again.
+        return match join_as_root(r, server, timeout, deadline, Some(&published)) {
+            Err(e) if e.kind() != ErrorKind::Cancelled => {
+                published.withdraw()?;
+                Err(e)
+            }
+            joined => joined,
+        };
     }
     let value = store
         .get(&key, deadline.saturating_duration_since(Instant::now()))
@@ -736,7 +744,7 @@ fn join_as_root(
     server: Server,
     timeout: Duration,
     deadline: Instant,
-    published: Option<Published<'_>>,
+    published: Option<&Published<'_>>,
 ) -> Result<Joined> {
     let n = r.world;
     tracing::info!("tree rank 0: rendezvous on {} for {n} ranks", server.addr());
@@ -756,9 +764,6 @@ fn join_as_root(
         let (v, conn) = match server.recv_any(None, left(arrivals_until)) {
             Ok(got) => got,
             Err(e) if e.kind() == ErrorKind::Timeout => {
-                if let Some(p) = &published {
-                    p.withdraw()?;
-                }
                 let arrived: Vec<&Arc<Conn>> = pending
                     .iter()
                     .map(|p| &p.0)
@@ -785,7 +790,7 @@ fn join_as_root(
                 ));
             }
         };
-        if let Some(p) = &published
+        if let Some(p) = published
             && v.get("token").and_then(Value::as_str) != Some(p.token.as_str())
         {
             refuse_stranger(&conn, &p.key);
@@ -836,7 +841,7 @@ fn join_as_root(
             _ => waiting_rank.push((conn, probe)),
         }
     }
-    if let Some(p) = &published {
+    if let Some(p) = published {
         p.withdraw()?;
     }
     for (conn, probe) in waiting_rank {
@@ -1215,6 +1220,12 @@ mod tests {
             );
         }
         assert!(took < Duration::from_secs(5), "took {took:?}");
+        let e = store.get("test/tree/0/root", Duration::ZERO).unwrap_err();
+        assert_eq!(
+            e.kind(),
+            ErrorKind::Timeout,
+            "rank 0's key was left in the store: {e}"
+        );
     }
 
     #[test]
