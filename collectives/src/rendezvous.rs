@@ -277,9 +277,7 @@ fn launcher_host_of(k: usize) -> Option<String> {
     {
         let hosts = hostlist::expand_hostlist(var, &list).ok()?;
         let tasks = hostlist::expand_tasks_per_node("SLURM_TASKS_PER_NODE", &tasks).ok()?;
-        return hostlist::rank_hosts(&hosts, &tasks)?
-            .get(k)
-            .map(|h| format!("host {h}"));
+        return hostlist::host_of_rank(&hosts, &tasks, k).map(|h| format!("host {h}"));
     }
     (k == 0)
         .then(|| env("MASTER_ADDR").ok().flatten())
@@ -393,22 +391,80 @@ fn candidate_addrs(hint: &str) -> Result<Vec<String>> {
     Ok(out)
 }
 
-/// The store value rank 0 publishes (STORE-1): a version line, the port, the host identity and
-/// one address per line.
+/// The store value rank 0 publishes (STORE-1): a version line, the port, the host identity,
+/// this rendezvous's token and one address per line.
 const ROOT_KEY: &str = "root";
-const ROOT_FORMAT: &str = "parallel-rendezvous 1";
+const ROOT_FORMAT: &str = "parallel-rendezvous 2";
 
-fn publish_root(store: &dyn Store, key: &str, port: u16, addrs: &[String]) -> Result<()> {
+/// A fresh random token naming one rendezvous (from the OS generator).
+fn rendezvous_token() -> Result<String> {
+    let mut b = [0u8; 16];
+    // SAFETY: getrandom writes at most b.len() bytes into b, which we own.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n != b.len() as isize {
+        return Err(Error::os(
+            "tree",
+            "getrandom",
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// Rank 0's entry in the store while it waits for the members (STORE-3): the members present
+/// its token, so a member that read another tree's entry (a key an earlier run left, two trees
+/// under one prefix) is refused instead of joining the wrong tree.
+struct Published<'a> {
+    store: &'a dyn Store,
+    key: String,
+    token: String,
+}
+
+impl Published<'_> {
+    /// Deletes the entry once every member has arrived or the wait failed (STORE-3). Only an
+    /// interrupt is an error: a store that cannot delete just keeps the key.
+    fn withdraw(&self) -> Result<()> {
+        match self.store.delete(&self.key) {
+            Err(e) if e.kind() == ErrorKind::Cancelled => Err(e),
+            Err(e) => {
+                tracing::warn!(
+                    "tree rank 0: could not delete the store key {:?} after the rendezvous; it \
+                     stays in the store (a later tree under this prefix is refused by its token): {e}",
+                    self.key
+                );
+                Ok(())
+            }
+            Ok(()) => Ok(()),
+        }
+    }
+}
+
+fn publish_root(
+    store: &dyn Store,
+    key: &str,
+    port: u16,
+    token: &str,
+    addrs: &[String],
+) -> Result<()> {
     let mut v = format!(
-        "{ROOT_FORMAT}\n{port}\n{}\n",
+        "{ROOT_FORMAT}\n{port}\n{}\n{token}\n",
         parallel_engine::topology::host_identity()
     );
     v.push_str(&addrs.join("\n"));
     store.set(key, v.as_bytes())
 }
 
-/// Rank 0's port, whether it shares our host, and its addresses, from the store's value.
-fn parse_root(key: &str, v: &[u8]) -> Result<(u16, bool, Vec<String>)> {
+/// The root's entry as a member reads it.
+#[derive(Debug)]
+struct RootEntry {
+    port: u16,
+    same_host: bool,
+    token: String,
+    addrs: Vec<String>,
+}
+
+/// Rank 0's port, whether it shares our host, its token and addresses, from the store's value.
+fn parse_root(key: &str, v: &[u8]) -> Result<RootEntry> {
     let text = String::from_utf8_lossy(v);
     let mut lines = text.lines();
     let bad = || {
@@ -427,11 +483,21 @@ fn parse_root(key: &str, v: &[u8]) -> Result<(u16, bool, Vec<String>)> {
     }
     let port: u16 = lines.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
     let same_host = lines.next().ok_or_else(bad)? == parallel_engine::topology::host_identity();
+    let token = lines
+        .next()
+        .filter(|t| !t.is_empty())
+        .ok_or_else(bad)?
+        .to_string();
     let addrs: Vec<String> = lines.map(str::to_string).collect();
     if addrs.is_empty() {
         return Err(bad());
     }
-    Ok((port, same_host, addrs))
+    Ok(RootEntry {
+        port,
+        same_host,
+        token,
+        addrs,
+    })
 }
 
 fn probe_of(rank: usize, addr: String, port: u16, host: Option<&str>) -> Probe {
@@ -489,7 +555,7 @@ pub fn join(r: &Resolved, timeout: Duration) -> Result<Joined> {
     let want_root = r.rank == Some(0) || (r.rank.is_none() && r.world >= 1);
     if want_root {
         match Server::bind(&r.root_host, r.root_port) {
-            Ok(s) => return join_as_root(r, s, timeout, deadline),
+            Ok(s) => return join_as_root(r, s, timeout, deadline, None),
             Err(e) if r.rank == Some(0) => {
                 return Err(Error::new(
                     ErrorKind::Config,
@@ -517,7 +583,7 @@ pub fn join(r: &Resolved, timeout: Duration) -> Result<Joined> {
             ),
         )
     })?;
-    join_as_member(r, root, deadline)
+    join_as_member(r, root, deadline, None)
 }
 
 /// Step 2 through a store: rank 0 publishes its addresses, the others read and connect.
@@ -537,31 +603,44 @@ fn join_by_store(
             Some(a) => (Server::bind(&a, 0)?, vec![a]),
             None => (Server::bind("0.0.0.0", 0)?, candidate_addrs(&r.root_host)?),
         };
-        publish_root(store, &key, server.port(), &addrs)?;
+        let token = rendezvous_token()?;
+        publish_root(store, &key, server.port(), &token, &addrs)?;
         tracing::info!(
             "tree rank 0: rendezvous on port {} via the store key {key:?}, reachable at {addrs:?}",
             server.port()
         );
-        return join_as_root(r, server, timeout, deadline);
+        let published = Published { store, key, token };
+        // Withdrawn once all arrived (inside), or here when the wait failed; not after an
+        // interrupt, whose exception must reach the caller before the store is called again.
+        return match join_as_root(r, server, timeout, deadline, Some(&published)) {
+            Err(e) if e.kind() != ErrorKind::Cancelled => {
+                published.withdraw()?;
+                Err(e)
+            }
+            joined => joined,
+        };
     }
     let value = store
         .get(&key, deadline.saturating_duration_since(Instant::now()))
         .map_err(|e| {
-            Error::new(
-                e.kind(),
-                "tree",
+            let msg = if e.kind() == ErrorKind::Timeout {
                 format!(
                     "rank {rank} waited {timeout:?} for rank 0 ({}) to publish its address under \
                      {key:?} in the store: rank 0 never arrived (every rank must create the tree \
                      within the timeout, PARALLEL_TIMEOUT): {e}",
                     launcher_host_of(0).unwrap_or_else(|| "host unknown".into())
-                ),
-            )
-            .with_peer("rank 0")
+                )
+            } else {
+                // The store itself failed (unreachable, interrupted): no rank is to blame.
+                format!(
+                    "rank {rank} could not read rank 0's address under {key:?} from the store: {e}"
+                )
+            };
+            Error::new(e.kind(), "tree", msg).with_peer("rank 0")
         })?;
-    let (port, same_host, addrs) = parse_root(&key, &value)?;
-    let root = connect_any(rank, port, same_host, &addrs, deadline)?;
-    join_as_member(r, root, deadline)
+    let e = parse_root(&key, &value)?;
+    let root = connect_any(rank, e.port, e.same_host, &e.addrs, deadline)?;
+    join_as_member(r, root, deadline, Some(&e.token))
 }
 
 /// Tries rank 0's addresses in order, round after round, until one answers or the deadline.
@@ -665,6 +744,7 @@ fn join_as_root(
     server: Server,
     timeout: Duration,
     deadline: Instant,
+    published: Option<&Published<'_>>,
 ) -> Result<Joined> {
     let n = r.world;
     tracing::info!("tree rank 0: rendezvous on {} for {n} ranks", server.addr());
@@ -710,6 +790,12 @@ fn join_as_root(
                 ));
             }
         };
+        if let Some(p) = published
+            && v.get("token").and_then(Value::as_str) != Some(p.token.as_str())
+        {
+            refuse_stranger(&conn, &p.key);
+            continue;
+        }
         let world = v.get("world").and_then(Value::as_int).unwrap_or(-1);
         let probe = v
             .get("probe")
@@ -755,6 +841,9 @@ fn join_as_root(
             _ => waiting_rank.push((conn, probe)),
         }
     }
+    if let Some(p) = published {
+        p.withdraw()?;
+    }
     for (conn, probe) in waiting_rank {
         let k = probes
             .iter()
@@ -797,7 +886,32 @@ fn join_as_root(
     finish_links(0, &plan, &server, links, deadline)
 }
 
-fn join_as_member(r: &Resolved, root: Client, deadline: Instant) -> Result<Joined> {
+/// Refuses a member that presented another rendezvous's token (STORE-3); rank 0 goes on
+/// waiting for its own members.
+fn refuse_stranger(conn: &Arc<Conn>, key: &str) {
+    let msg = format!(
+        "{} read rank 0's address under the store key {key:?} from another tree or job (a key an \
+         earlier run left in the store, or two trees created under one prefix): use a fresh store \
+         or a distinct prefix per tree, and create the trees in the same order on every rank",
+        conn.peer()
+    );
+    tracing::warn!("tree rank 0: refused a member: {msg}");
+    let _ = conn.send(
+        &dict(vec![
+            ("error", Value::str(&msg)),
+            ("kind", Value::str("stranger")),
+        ]),
+        Some(Duration::from_secs(1)),
+    );
+    conn.close();
+}
+
+fn join_as_member(
+    r: &Resolved,
+    root: Client,
+    deadline: Instant,
+    token: Option<&str>,
+) -> Result<Joined> {
     let my_addr = match ifname_addr()? {
         Some(a) => a,
         None => root
@@ -819,11 +933,15 @@ fn join_as_member(r: &Resolved, root: Client, deadline: Instant) -> Result<Joine
         server.port(),
         r.host.as_deref(),
     );
-    root.send(&dict(vec![
+    let mut hello = vec![
         ("world", Value::Int(r.world as i64)),
         ("rank", Value::Int(r.rank.map(|x| x as i64).unwrap_or(-1))),
         ("probe", probe.to_value()),
-    ]))?;
+    ];
+    if let Some(t) = token {
+        hello.push(("token", Value::str(t)));
+    }
+    root.send(&dict(hello))?;
     let reply = root.recv(left(deadline)).map_err(|e| {
         Error::new(
             e.kind(),
@@ -1015,9 +1133,65 @@ mod tests {
         ranks.sort_unstable();
         assert_eq!(ranks, [0, 1, 2]);
         assert!(joined.iter().all(|j| j.plan == joined[0].plan));
-        let published = store.get("test/tree/0/root", Duration::ZERO).unwrap();
-        let (port, same_host, addrs) = parse_root("k", &published).unwrap();
-        assert!(port != 0 && same_host && addrs.last().unwrap() == "127.0.0.1");
+        let e = store.get("test/tree/0/root", Duration::ZERO).unwrap_err();
+        assert_eq!(
+            e.kind(),
+            ErrorKind::Timeout,
+            "rank 0's key was left in the store: {e}"
+        );
+    }
+
+    #[test]
+    fn store_1_rank_0s_entry_reads_back_as_written() {
+        let store = MemStore::new();
+        let addrs = vec!["10.1.2.3".to_string(), "127.0.0.1".to_string()];
+        publish_root(&store, "p/root", 4321, "abc", &addrs).unwrap();
+        let e = parse_root("p/root", &store.get("p/root", Duration::ZERO).unwrap()).unwrap();
+        assert_eq!((e.port, e.same_host, e.token.as_str()), (4321, true, "abc"));
+        assert_eq!(e.addrs, addrs);
+        let old = b"parallel-rendezvous 1\n4321\nh\n10.1.2.3";
+        assert_eq!(
+            parse_root("p/root", old).unwrap_err().kind(),
+            ErrorKind::Protocol
+        );
+    }
+
+    #[test]
+    fn store_3_a_member_with_a_stale_entry_naming_another_trees_port_is_refused_never_joining_it() {
+        let (a, b) = (Arc::new(MemStore::new()), Arc::new(MemStore::new()));
+        let opts = |store: &Arc<MemStore>, rank: usize, host: &str| TreeOptions {
+            host: Some(host.into()),
+            ..store_opts(store, rank, 2, 30.0)
+        };
+        let root_a = opts(&a, 0, "tree-a");
+        let root = std::thread::spawn(move || join(&resolve(&root_a)?, Duration::from_secs(30)));
+        // Tree B's store holds an entry an earlier run left, naming the port that tree A's
+        // root now listens on: B's member reaches A's root, which is still waiting.
+        let entry = a.get("test/tree/0/root", Duration::from_secs(20)).unwrap();
+        let mut lines: Vec<&str> = std::str::from_utf8(&entry).unwrap().lines().collect();
+        let earlier = rendezvous_token().unwrap();
+        assert_ne!(lines[3], earlier);
+        lines[3] = &earlier;
+        b.set("test/tree/0/root", lines.join("\n").as_bytes())
+            .unwrap();
+        let t0 = Instant::now();
+        let e = join(
+            &resolve(&opts(&b, 1, "tree-b")).unwrap(),
+            Duration::from_secs(30),
+        )
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Mismatch, "{e}");
+        assert!(e.to_string().contains("another tree"), "{e}");
+        assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
+        // Tree A's own member still joins it, and A's plan holds only A's ranks.
+        let member = join(
+            &resolve(&opts(&a, 1, "tree-a")).unwrap(),
+            Duration::from_secs(30),
+        )
+        .unwrap();
+        let root = root.join().expect("root thread").unwrap();
+        assert_eq!(member.plan, root.plan);
+        assert!(root.plan.probes.iter().all(|p| p.host_id == "tree-a"));
     }
 
     #[test]
@@ -1046,6 +1220,12 @@ mod tests {
             );
         }
         assert!(took < Duration::from_secs(5), "took {took:?}");
+        let e = store.get("test/tree/0/root", Duration::ZERO).unwrap_err();
+        assert_eq!(
+            e.kind(),
+            ErrorKind::Timeout,
+            "rank 0's key was left in the store: {e}"
+        );
     }
 
     #[test]
@@ -1061,6 +1241,46 @@ mod tests {
                 "{msg}"
             );
         }
+    }
+
+    /// A store whose server is gone: every call fails at once.
+    #[derive(Debug)]
+    struct BrokenStore;
+
+    impl Store for BrokenStore {
+        fn set(&self, _: &str, _: &[u8]) -> Result<()> {
+            Err(Error::new(ErrorKind::PeerLost, "store", "connection reset"))
+        }
+        fn get(&self, _: &str, _: Duration) -> Result<Vec<u8>> {
+            Err(Error::new(ErrorKind::PeerLost, "store", "connection reset"))
+        }
+        fn delete(&self, _: &str) -> Result<()> {
+            Err(Error::new(ErrorKind::PeerLost, "store", "connection reset"))
+        }
+    }
+
+    #[test]
+    fn rdv_1_a_failing_store_is_reported_as_such_not_as_a_rank_that_never_arrived() {
+        let o = TreeOptions {
+            rank: Some(1),
+            world_size: Some(2),
+            store: Some(Arc::new(BrokenStore)),
+            store_prefix: "p/".into(),
+            ..Default::default()
+        };
+        let t0 = Instant::now();
+        let e = join(&resolve(&o).unwrap(), Duration::from_secs(30)).unwrap_err();
+        let msg = e.to_string();
+        assert_eq!(e.kind(), ErrorKind::PeerLost, "{msg}");
+        assert!(
+            msg.contains("connection reset") && msg.contains("p/root"),
+            "{msg}"
+        );
+        assert!(
+            !msg.contains("never arrived") && !msg.contains("waited"),
+            "{msg}"
+        );
+        assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
     }
 
     #[test]

@@ -636,7 +636,7 @@ impl Work {
 }
 
 /// A `torch.distributed.Store` (TCPStore, FileStore, HashStore, PrefixStore, or anything with
-/// `set(key, bytes)`, `check([key])` and `get(key)`) as the rendezvous's store. Each call takes
+/// `set(key, bytes)`, `check([key])`, `get(key)` and `delete_key(key)`) as the rendezvous's store. Each call takes
 /// the GIL only for one store call; waits sleep without it.
 struct PyStore {
     obj: Py<PyAny>,
@@ -670,8 +670,15 @@ impl PyStore {
         }
     }
 
-    /// The engine's error for an exception a store method raised.
+    /// The engine's error for an exception a store method raised. A `KeyboardInterrupt` (or
+    /// another `BaseException` that is not an `Exception`, such as `SystemExit`) stays pending,
+    /// and the error is `Cancelled`, so the binding re-raises it as it was (PY-1).
     fn error(py: Python<'_>, what: &str, key: &str, e: PyErr) -> Error {
+        if !e.is_instance_of::<pyo3::exceptions::PyException>(py) {
+            let msg = format!("interrupted in the store's {what}({key:?})");
+            e.restore(py);
+            return Error::new(ErrorKind::Cancelled, "store", msg);
+        }
         let name = e
             .get_type(py)
             .name()
@@ -702,6 +709,15 @@ impl parallel_collectives::Store for PyStore {
                 .call_method1(py, "set", (key, pyo3::types::PyBytes::new(py, value)))
                 .map(drop)
                 .map_err(|e| PyStore::error(py, "set", key, e))
+        })
+    }
+
+    fn delete(&self, key: &str) -> parallel_engine::Result<()> {
+        Python::with_gil(|py| {
+            self.obj
+                .call_method1(py, "delete_key", (key,))
+                .map(drop)
+                .map_err(|e| PyStore::error(py, "delete_key", key, e))
         })
     }
 

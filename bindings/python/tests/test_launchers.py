@@ -135,7 +135,99 @@ def test_trees_over_one_hashstore_between_threads_use_separate_keys() -> None:
     run_threads(rank, 3)
     assert not errors, errors
     assert sums == {(r, k): 6.0 * (k + 1) for r in range(3) for k in range(2)}
-    assert store.check(["torch_parallel/tree/0/root", "torch_parallel/tree/1/root"])
+    # Rank 0 deletes its entry once every rank arrived: the store keeps no key per tree.
+    assert not store.check(["torch_parallel/tree/0/root"])
+    assert not store.check(["torch_parallel/tree/1/root"])
+
+
+def test_a_new_store_object_per_tree_never_meets_through_an_earlier_trees_entry(
+    tmp_path: Path,
+) -> None:
+    # Each tree opens the file store again, so every tree's prefix is torch_parallel/tree/0/;
+    # rank 1 asks for the second tree's root before rank 0 publishes it.
+    path = str(tmp_path / "store")
+    sums: dict[tuple[int, int], float] = {}
+    errors: list[BaseException] = []
+
+    def rank(r: int) -> None:
+        try:
+            for k in range(2):
+                if r == 0 and k == 1:
+                    time.sleep(0.5)
+                t = parallel.tree(store=dist.FileStore(path, -1), rank=r, world_size=2, timeout=20)
+                x = torch.full((3,), float(r + 1) * (k + 1))
+                t.all_reduce(x)
+                sums[(r, k)] = float(x[0])
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+
+    run_threads(rank, 2)
+    assert not errors, errors
+    assert sums == {(r, k): 3.0 * (k + 1) for r in range(2) for k in range(2)}
+
+
+class _DictStore:
+    """A plain Python store without ``delete_key``: rank 0's entry then just stays."""
+
+    def __init__(self) -> None:
+        self.map: dict[str, bytes] = {}
+        self.lock = threading.Lock()
+
+    def set(self, key: str, value: bytes) -> None:
+        with self.lock:
+            self.map[key] = bytes(value)
+
+    def check(self, keys: list[str]) -> bool:
+        with self.lock:
+            return all(k in self.map for k in keys)
+
+    def get(self, key: str) -> bytes:
+        with self.lock:
+            return self.map[key]
+
+
+def test_a_python_store_without_delete_key_still_meets() -> None:
+    store = _DictStore()
+    sums: dict[int, float] = {}
+    errors: list[BaseException] = []
+
+    def rank(r: int) -> None:
+        try:
+            t = parallel.tree(store=store, rank=r, world_size=2, timeout=20)
+            x = torch.full((3,), float(r + 1))
+            t.all_reduce(x)
+            sums[r] = float(x[0])
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+
+    run_threads(rank, 2)
+    assert not errors, errors
+    assert sums == {0: 3.0, 1: 3.0}
+    assert "torch_parallel/tree/0/root" in store.map
+
+
+class _InterruptedStore:
+    """A store whose every call meets Ctrl-C (the handler raises inside the store's code)."""
+
+    def set(self, key: str, value: bytes) -> None:
+        raise KeyboardInterrupt
+
+    def check(self, keys: list[str]) -> bool:
+        raise KeyboardInterrupt
+
+    def get(self, key: str) -> bytes:
+        raise KeyboardInterrupt
+
+    def delete_key(self, key: str) -> bool:
+        raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_ctrl_c_inside_a_python_store_call_is_keyboard_interrupt(rank: int) -> None:
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        parallel.tree(store=_InterruptedStore(), rank=rank, world_size=2, timeout=20)
+    assert time.monotonic() - t0 < 10
 
 
 def test_trees_over_a_filestore_with_one_store_object_per_rank(tmp_path: Path) -> None:
@@ -170,6 +262,14 @@ MISSING = """
     import torch_parallel as parallel
     store = dist.FileStore(sys.argv[1], -1) if sys.argv[3] == "file" else dist.TCPStore(
         "127.0.0.1", int(sys.argv[4]), is_master=False, timeout=__import__("datetime").timedelta(seconds=20))
+    # Both ranks start their 4 s together: on a loaded machine one may import torch seconds after
+    # the other, and a member whose own deadline passes before rank 0 names the missing rank
+    # rightly reports only that the plan never came.
+    store.add("started", 1)
+    for _ in range(6000):
+        if store.add("started", 0) >= 2:
+            break
+        time.sleep(0.005)
     t0 = time.monotonic()
     try:
         parallel.tree(store=store, rank=int(sys.argv[2]), world_size=3, timeout=4)

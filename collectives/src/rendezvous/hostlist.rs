@@ -151,16 +151,22 @@ pub fn expand_tasks_per_node(var: &str, spec: &str) -> Result<Vec<usize>> {
     Ok(out)
 }
 
-/// The host of each rank when ranks fill hosts in blocks, in list order (SLURM's default
-/// distribution). None when the two lists disagree on the number of hosts.
-pub fn rank_hosts(hosts: &[String], tasks: &[usize]) -> Option<Vec<String>> {
-    (hosts.len() == tasks.len()).then(|| {
-        hosts
-            .iter()
-            .zip(tasks)
-            .flat_map(|(h, &n)| std::iter::repeat_n(h.clone(), n))
-            .collect()
-    })
+/// The host of `rank` when ranks fill hosts in blocks, in list order (SLURM's default
+/// distribution), found without listing every rank (the counts are untrusted: `10000000000`
+/// must not allocate). None when the two lists disagree on the number of hosts, or past the
+/// last rank.
+pub fn host_of_rank<'a>(hosts: &'a [String], tasks: &[usize], rank: usize) -> Option<&'a str> {
+    if hosts.len() != tasks.len() {
+        return None;
+    }
+    let mut first = 0usize;
+    for (h, &n) in hosts.iter().zip(tasks) {
+        first = first.checked_add(n)?;
+        if rank < first {
+            return Some(h);
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -231,15 +237,36 @@ mod tests {
         let t = expand_tasks_per_node("SLURM_TASKS_PER_NODE", "2(x3),1").unwrap();
         assert_eq!(t, [2, 2, 2, 1]);
         let h = hosts("n[1-4]");
+        let by_rank: Vec<Option<&str>> = (0..8).map(|k| host_of_rank(&h, &t, k)).collect();
         assert_eq!(
-            rank_hosts(&h, &t).unwrap(),
-            ["n1", "n1", "n2", "n2", "n3", "n3", "n4"]
+            by_rank,
+            [
+                Some("n1"),
+                Some("n1"),
+                Some("n2"),
+                Some("n2"),
+                Some("n3"),
+                Some("n3"),
+                Some("n4"),
+                None
+            ]
         );
-        assert!(rank_hosts(&h[..3], &t).is_none());
+        assert!(host_of_rank(&h[..3], &t, 0).is_none());
         for bad in ["2(x", "2(x0)", "x", "2(3)", "", "-1", "2(x3),"] {
             let e = expand_tasks_per_node("SLURM_TASKS_PER_NODE", bad).unwrap_err();
             assert_eq!(e.kind(), ErrorKind::Config, "{bad}");
             assert!(e.to_string().contains("SLURM_TASKS_PER_NODE"), "{e}");
         }
+    }
+
+    #[test]
+    fn hostlist_1_huge_task_counts_map_ranks_without_listing_them() {
+        let t = expand_tasks_per_node("SLURM_TASKS_PER_NODE", "10000000000000(x2),1").unwrap();
+        let h = hosts("n[1-3]");
+        assert_eq!(host_of_rank(&h, &t, 5), Some("n1"));
+        assert_eq!(host_of_rank(&h, &t, 10_000_000_000_000), Some("n2"));
+        assert_eq!(host_of_rank(&h, &t, 20_000_000_000_000), Some("n3"));
+        let over = expand_tasks_per_node("T", &format!("{}(x2)", usize::MAX)).unwrap();
+        assert_eq!(host_of_rank(&h[..2], &over, usize::MAX), None);
     }
 }

@@ -6,6 +6,9 @@
 //!    probes, the plan and links travel on our own connections as without a store.
 //! 2. Keys are namespaced by the caller's prefix, so several trees over one store (and the
 //!    launcher's own keys) never collide.
+//! 3. Rank 0 deletes its key once every rank has arrived (or the wait failed): a later tree
+//!    under the same prefix (a store opened again, a file store reused) never reads an earlier
+//!    tree's address, and the store keeps no key per tree.
 //!
 //! Invariant STORE-1: `get` returns within its timeout, with a `Timeout` error naming the key
 //! when the key never appeared.
@@ -21,6 +24,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn set(&self, key: &str, value: &[u8]) -> Result<()>;
     /// The value of `key`, waiting up to `timeout` for it to be set (STORE-1).
     fn get(&self, key: &str, timeout: Duration) -> Result<Vec<u8>>;
+    /// Removes `key` (no error when it is not there).
+    fn delete(&self, key: &str) -> Result<()>;
     /// The host the store lives on, if it has one: rank 0 lists first the address of its
     /// interface that routes there (the members reach the store, so likely rank 0 as well).
     fn host(&self) -> Option<String> {
@@ -46,6 +51,12 @@ impl Store for MemStore {
         let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
         m.insert(key.to_string(), value.to_vec());
         self.changed.notify_all();
+        Ok(())
+    }
+
+    fn delete(&self, key: &str) -> Result<()> {
+        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        m.remove(key);
         Ok(())
     }
 

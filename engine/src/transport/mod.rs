@@ -536,7 +536,7 @@ impl Link {
                 && !s.abandon_cma(n, config().frame_timeout)
             {
                 tracing::error!(
-                    "{self:?}: a send failed ({e}) while the receiver was still reading the message from this process's memory after PARALLEL_FRAME_TIMEOUT; its buffers may still be read"
+                    "{self:?}: a send failed ({e}) and the shared ring's gate held a value no receiver writes (the peer corrupted it); the receiver may still read this message's buffers"
                 );
             }
         }
@@ -1046,6 +1046,12 @@ impl RecvGuard<'_> {
             }
             Ok((filled, failure))
         })();
+        // SHM-7: every read of the sender's memory is done; deliver only if the sender did not
+        // revoke the claim meanwhile (it may have reused its buffers since).
+        let r = match (r, gate) {
+            (Ok(got), Some(g)) => g.check_claim().map(|_| got),
+            (r, _) => r,
+        };
         if let Some(g) = gate {
             g.ack_cma();
         }

@@ -30,7 +30,11 @@
 //!   a sender whose send failed after writing part or all of frame n cancels it (`2n`) unless it
 //!   was claimed, and then waits for the receiver's acknowledgement before returning, so the
 //!   caller can reuse its buffers at once. One compare-and-swap decides, so a cancelled frame is
-//!   never read and a claimed one is never freed under the reader.
+//!   never read. A claimed frame is read whole before the failing send returns (so a send error
+//!   does not prove the peer got nothing); when the reader takes longer than
+//!   PARALLEL_FRAME_TIMEOUT, the sender revokes the claim (`2n + 1` to `2n`) and returns, and
+//!   the reader, which checks the gate after its last read and before it delivers, discards
+//!   the frame: a message read from reused buffers is never delivered.
 
 use super::sys;
 use crate::error::{Error, ErrorKind, Result, protocol};
@@ -462,8 +466,12 @@ impl ShmEnd {
 
     /// Sender, after its send of cross-memory frame `n` failed: cancels the frame, or, when the
     /// receiver already claimed it, waits (up to `grace`, or until the peer process is gone) for
-    /// the receiver to finish reading (SHM-7). True when the sender's memory is free to reuse.
-    /// Polls: the link is already shut down, so its liveness socket cannot be waited on.
+    /// the receiver to finish reading (SHM-7). When `grace` passes first, revokes the claim
+    /// (`2n + 1` to `2n`): the receiver checks the gate after its last read and before it
+    /// delivers ([`ShmEnd::check_claim`]), so what it reads from then on is discarded. True when
+    /// the sender's memory is free to reuse; false only when the gate holds a value no honest
+    /// receiver writes. Polls: the link is already shut down, so its liveness socket cannot be
+    /// waited on.
     pub fn abandon_cma(&self, n: u64, grace: Duration) -> bool {
         let c = self.map.ctrl(self.tx);
         let mut g = c.cma_gate.load(Ordering::SeqCst);
@@ -478,12 +486,40 @@ impl ShmEnd {
         }
         let until = Instant::now() + grace;
         while c.cma_done.load(Ordering::SeqCst) < n {
-            if Instant::now() >= until || self.peer_process_gone() {
-                return self.peer_process_gone();
+            if self.peer_process_gone() {
+                return true;
+            }
+            if Instant::now() >= until {
+                let revoked = c
+                    .cma_gate
+                    .compare_exchange(2 * n + 1, 2 * n, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok();
+                return revoked || c.cma_done.load(Ordering::SeqCst) >= n;
             }
             std::thread::sleep(Duration::from_micros(200));
         }
         true
+    }
+
+    /// Receiver, after its last read of the sender's memory for the frame it claimed and before
+    /// it delivers the message: an error when the sender revoked the claim meanwhile (SHM-7),
+    /// since the sender may have reused its buffers while they were being read.
+    pub fn check_claim(&self) -> Result<()> {
+        let n = self.cma_recv.load(Ordering::Relaxed) + 1;
+        match self.map.ctrl(self.rx()).cma_gate.load(Ordering::SeqCst) {
+            g if g == 2 * n + 1 => Ok(()),
+            g if g == 2 * n => Err(Error::new(
+                ErrorKind::PeerLost,
+                "recv",
+                "the sender gave up on this message while it was being read (its send failed and \
+                 PARALLEL_FRAME_TIMEOUT passed before the read ended); it was discarded, since \
+                 the sender may have reused its buffers",
+            )),
+            g => Err(protocol(
+                "recv",
+                format!("shared ring gate corrupted ({g} for cross-memory frame {n})"),
+            )),
+        }
     }
 
     /// True when the peer process no longer exists (kill(pid, 0) fails with ESRCH).
@@ -568,6 +604,83 @@ mod tests {
 
     fn dl() -> Deadline {
         Deadline::after(Duration::from_secs(5))
+    }
+
+    /// The two ends of one segment: `a` writes the ring that `b` reads.
+    fn two_ends() -> (ShmEnd, ShmEnd, OwnedFd) {
+        let fd = sys::memfd("t", Mapping::total_len(CAP)).unwrap();
+        let dup = fd.try_clone().unwrap();
+        let (ma, mb) = (
+            Mapping::map(fd, CAP).unwrap(),
+            Mapping::map(dup, CAP).unwrap(),
+        );
+        ShmEnd::init(&ma);
+        let bells = || Bells {
+            data: sys::eventfd().unwrap(),
+            space: sys::eventfd().unwrap(),
+        };
+        let live = sys::eventfd().unwrap();
+        let a = ShmEnd::new(
+            ma,
+            1,
+            [bells(), bells()],
+            live.as_raw_fd(),
+            0,
+            Duration::ZERO,
+        );
+        let b = ShmEnd::new(
+            mb,
+            0,
+            [bells(), bells()],
+            live.as_raw_fd(),
+            0,
+            Duration::ZERO,
+        );
+        assert_eq!(b.rx(), a.tx);
+        (a, b, live)
+    }
+
+    #[test]
+    fn shm_7_a_failed_send_cancels_an_unclaimed_frame_and_the_receiver_refuses_it() {
+        let (a, b, _live) = two_ends();
+        let n = a.note_cma_sent();
+        assert!(a.abandon_cma(n, Duration::from_secs(5)));
+        let e = b.claim_cma().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::PeerLost, "{e}");
+    }
+
+    #[test]
+    fn shm_7_a_claim_outliving_the_grace_is_revoked_and_the_read_frame_never_delivered() {
+        let (a, b, _live) = two_ends();
+        // Frame 1 goes through normally.
+        let n = a.note_cma_sent();
+        b.claim_cma().unwrap();
+        b.check_claim().unwrap();
+        b.ack_cma();
+        a.wait_cma_ack(n, dl()).unwrap();
+        // Frame 2: claimed, and the reader is still reading when the sender's grace ends.
+        let n = a.note_cma_sent();
+        b.claim_cma().unwrap();
+        let t0 = Instant::now();
+        assert!(a.abandon_cma(n, Duration::from_millis(50)));
+        assert!(t0.elapsed() >= Duration::from_millis(50));
+        let e = b.check_claim().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::PeerLost, "{e}");
+        assert!(e.message().contains("discarded"), "{e}");
+    }
+
+    #[test]
+    fn shm_7_a_claimed_frame_read_within_the_grace_is_delivered_and_frees_the_sender() {
+        let (a, b, _live) = two_ends();
+        let n = a.note_cma_sent();
+        b.claim_cma().unwrap();
+        std::thread::scope(|s| {
+            let sender = s.spawn(|| a.abandon_cma(n, Duration::from_secs(30)));
+            std::thread::sleep(Duration::from_millis(20));
+            b.check_claim().unwrap();
+            b.ack_cma();
+            assert!(sender.join().unwrap());
+        });
     }
 
     #[test]
