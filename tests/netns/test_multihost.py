@@ -134,7 +134,8 @@ LAUNCHER_WORKER = str(HERE.parents[1] / "bindings" / "python" / "tests" / "launc
 def test_torchrun_c10d_two_hosts_two_ranks_each_meets_through_the_launchers_store(tmp_path):
     """The real torchrun on each namespaced host, c10d rendezvous at host 0: trees made from the
     launcher's environment meet through torchrun's store (never its port), shm inside a host,
-    tcp across, and all-reduce right."""
+    tcp across, and all-reduce right; then init_process_group("parallel") in the same job: its
+    collectives and send/recv between every pair of ranks, across hosts and inside one."""
     endpoint = f"{netns.Network.addr(0)}:{PORT}"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for var in ("PARALLEL_ROOT", "PARALLEL_RANK", "PARALLEL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
@@ -151,7 +152,7 @@ def test_torchrun_c10d_two_hosts_two_ranks_each_meets_through_the_launchers_stor
                     # torch guesses whether it hosts the endpoint from the machine's hostname,
                     # which resolves outside the namespaces: say so, and bound every wait.
                     f"--rdzv-conf=is_host={int(h == 0)},read_timeout=60,join_timeout=60",
-                    LAUNCHER_WORKER, str(tmp_path), "--no-dist",
+                    LAUNCHER_WORKER, str(tmp_path), "--dist=parallel",
                 ],
                 env,
                 stdout=netns.subprocess.PIPE,
@@ -176,6 +177,11 @@ def test_torchrun_c10d_two_hosts_two_ranks_each_meets_through_the_launchers_stor
         assert any(host_of[p] != host_of[c] for p, c, _ in edges), res["plan"]
         for s in res["stats"]:
             assert s["link"] == (inside if host_of[s["peer_rank"]] == host_of[r] else "tcp"), s
+        assert res["dist_sum"] == 10.0 and res["tree_after_dist"] == 10.0, res
+        assert res["tree_group_world"] == 10.0, res
+        assert res["dist_checks"] == {"broadcast": True, "all_gather": True, "pairs": 6}, res
+        if r in (0, 1):
+            assert res["tree_group_sub"] == [r, 2, 3.0], res
 
 
 def test_network_is_torn_down_and_leftovers_are_removed():
