@@ -1124,6 +1124,16 @@ mod tests {
             .collect()
     }
 
+    /// Rank 0 deletes its entry once the rendezvous is over: the store keeps no key per tree.
+    fn assert_root_entry_deleted(store: &dyn Store) {
+        let e = store.get("test/tree/0/root", Duration::ZERO).unwrap_err();
+        assert_eq!(
+            e.kind(),
+            ErrorKind::Timeout,
+            "rank 0's key was left in the store: {e}"
+        );
+    }
+
     #[test]
     fn store_1_ranks_meet_through_a_store_and_agree_on_one_plan() {
         let store = Arc::new(MemStore::new());
@@ -1133,12 +1143,7 @@ mod tests {
         ranks.sort_unstable();
         assert_eq!(ranks, [0, 1, 2]);
         assert!(joined.iter().all(|j| j.plan == joined[0].plan));
-        let e = store.get("test/tree/0/root", Duration::ZERO).unwrap_err();
-        assert_eq!(
-            e.kind(),
-            ErrorKind::Timeout,
-            "rank 0's key was left in the store: {e}"
-        );
+        assert_root_entry_deleted(&*store);
     }
 
     #[test]
@@ -1220,12 +1225,7 @@ mod tests {
             );
         }
         assert!(took < Duration::from_secs(5), "took {took:?}");
-        let e = store.get("test/tree/0/root", Duration::ZERO).unwrap_err();
-        assert_eq!(
-            e.kind(),
-            ErrorKind::Timeout,
-            "rank 0's key was left in the store: {e}"
-        );
+        assert_root_entry_deleted(&*store);
     }
 
     #[test]
