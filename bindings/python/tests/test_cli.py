@@ -14,11 +14,11 @@ from .conftest import finish, spawn
 
 
 def run(
-    *args: str, env: dict[str, str] | None = None, code: str | None = None
+    *args: str, env: dict[str, str] | None = None, code: str | None = None, unset: tuple[str, ...] = ()
 ) -> subprocess.CompletedProcess[str]:
     import os
 
-    full = dict(os.environ)
+    full = {k: v for k, v in os.environ.items() if k not in unset}
     full.update(env or {})
     cmd = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", "torch_parallel", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=full)
@@ -40,10 +40,12 @@ def test_info_reports_versions_backend_topology_and_every_variable_with_its_sour
 
 
 def test_info_json_is_machine_readable_and_a_bad_variable_is_reported_not_raised() -> None:
-    r = run("info", "--json")
+    # The test command sets PARALLEL_IO for every run: unset here, it must read as the default.
+    r = run("info", "--json", unset=("PARALLEL_IO",), env={"PARALLEL_CHUNK": "2M"})
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     assert report["config"]["PARALLEL_IO"]["source"] == "default"
+    assert report["config"]["PARALLEL_CHUNK"]["source"] == "environment"
     bad = run("info", env={"PARALLEL_TIMEOUT": "soon"})
     assert bad.returncode == 1
     assert "config error" in bad.stdout and "PARALLEL_TIMEOUT='soon' is not valid" in bad.stdout, bad.stdout
