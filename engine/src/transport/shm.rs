@@ -582,24 +582,28 @@ mod tests {
 
     const CAP: usize = 64 << 10;
 
-    fn end(cap: usize) -> (ShmEnd, OwnedFd) {
-        let map = Mapping::map(sys::memfd("t", Mapping::total_len(cap)).unwrap(), cap).unwrap();
-        ShmEnd::init(&map);
+    /// One end of `map` with its own doorbells, side `side`, never spinning; `live` is a
+    /// liveness fd that never becomes readable (the "peer" stays alive).
+    fn end_of(map: Mapping, side: usize, live: &OwnedFd) -> ShmEnd {
         let bells = || Bells {
             data: sys::eventfd().unwrap(),
             space: sys::eventfd().unwrap(),
         };
-        // A liveness fd that never becomes readable (the "peer" stays alive).
-        let live = sys::eventfd().unwrap();
-        let e = ShmEnd::new(
+        ShmEnd::new(
             map,
-            1,
+            side,
             [bells(), bells()],
             live.as_raw_fd(),
             0,
             Duration::ZERO,
-        );
-        (e, live)
+        )
+    }
+
+    fn end(cap: usize) -> (ShmEnd, OwnedFd) {
+        let map = Mapping::map(sys::memfd("t", Mapping::total_len(cap)).unwrap(), cap).unwrap();
+        ShmEnd::init(&map);
+        let live = sys::eventfd().unwrap();
+        (end_of(map, 1, &live), live)
     }
 
     fn dl() -> Deadline {
@@ -615,27 +619,8 @@ mod tests {
             Mapping::map(dup, CAP).unwrap(),
         );
         ShmEnd::init(&ma);
-        let bells = || Bells {
-            data: sys::eventfd().unwrap(),
-            space: sys::eventfd().unwrap(),
-        };
         let live = sys::eventfd().unwrap();
-        let a = ShmEnd::new(
-            ma,
-            1,
-            [bells(), bells()],
-            live.as_raw_fd(),
-            0,
-            Duration::ZERO,
-        );
-        let b = ShmEnd::new(
-            mb,
-            0,
-            [bells(), bells()],
-            live.as_raw_fd(),
-            0,
-            Duration::ZERO,
-        );
+        let (a, b) = (end_of(ma, 1, &live), end_of(mb, 0, &live));
         assert_eq!(b.rx(), a.tx);
         (a, b, live)
     }
