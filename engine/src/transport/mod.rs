@@ -711,7 +711,9 @@ impl Link {
     /// Orderly close: tells the peer (best effort, briefly), then shuts the link down, waking any
     /// blocked call (LINK-4). Idempotent.
     pub fn close(&self) {
-        if self.closed_locally.load(Ordering::SeqCst) {
+        // Marked first: a peer that answers the close notice by shutting its end must not make
+        // a call blocked here report `PeerLost` for a close this side made.
+        if self.closed_locally.swap(true, Ordering::SeqCst) {
             return;
         }
         if !self.peer_closed.load(Ordering::SeqCst)
@@ -738,7 +740,6 @@ impl Link {
         if let Some(s) = &self.shm {
             s.mark_closed();
         }
-        self.closed_locally.store(true, Ordering::SeqCst);
         self.shutdown();
     }
 }
