@@ -92,6 +92,10 @@ def main() -> None:
     a = x.clone()
     dist.all_reduce(a, op=dist._make_nccl_premul_sum(0.5))
     check("all_reduce PREMUL_SUM", a, b * 0.5)
+    # PREMUL_SUM reduce: the root gets the scaled sum; the others' tensors are left as they were.
+    a = x.clone()
+    dist.reduce(a, dst=0, op=dist._make_nccl_premul_sum(0.5))
+    check("reduce PREMUL_SUM", a, b * 0.5 if rank == 0 else x)
     # Large (ring path), random floats: allclose.
     x = torch.randn(300_000, generator=gen)
     a, b = both(lambda t, g: dist.all_reduce(t[0], group=g), x)

@@ -532,10 +532,11 @@ class ParallelBackend(_C10dBackend):
 
     def _allreduce(self, tensors: list[torch.Tensor], op: Any, what: str) -> _Work:
         name, factor = _op_name(op, what)
+        # PREMUL_SUM reduces scaled copies: the caller's tensors change only with the result.
         if factor is not None:
-            for t in tensors:
-                t.mul_(factor)
-        work_on = [t if t.is_contiguous() else t.contiguous() for t in tensors]
+            work_on = [(t * factor).contiguous() for t in tensors]
+        else:
+            work_on = [t if t.is_contiguous() else t.contiguous() for t in tensors]
         value: Any = work_on[0] if len(work_on) == 1 else work_on
         try:
             pending = self._tree.all_reduce_async(value, name)
@@ -559,12 +560,14 @@ class ParallelBackend(_C10dBackend):
     def reduce(self, tensors: list[torch.Tensor], opts: Any) -> _Work:
         t = _one(tensors, "reduce")
         name, factor = _op_name(opts.reduceOp, "reduce")
-        if factor is not None:
-            t.mul_(factor)
         root = opts.rootRank
 
         def run() -> list[torch.Tensor]:
-            work_on = t if t.is_contiguous() else t.contiguous()
+            # PREMUL_SUM reduces a scaled copy: a non-root rank's tensor is left as it was.
+            if factor is not None:
+                work_on = (t * factor).contiguous()
+            else:
+                work_on = t if t.is_contiguous() else t.contiguous()
             self._tree.reduce(work_on, name, root)
             if work_on is not t and self._rank == root:
                 t.copy_(work_on)
