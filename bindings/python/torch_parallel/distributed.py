@@ -681,13 +681,27 @@ class ParallelBackend(_C10dBackend):
         return self._later_all("scatter", [self._p2p.recv(out, root, tag)], outputs)
 
     def _later_all(self, op: str, futures: list[concurrent.futures.Future[Any]], result: Any) -> _Work:
-        def wait_all() -> None:
-            for f in futures:
-                f.result(timeout=self._timeout)
-
+        """One Work over several point-to-point futures: done when all are, failed with the
+        first error (no thread of its own: the last future to finish completes it)."""
         both: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        pending = threading.Thread(target=lambda: _settle(both, wait_all), daemon=True)
-        pending.start()
+        left = [len(futures)]
+        lock = threading.Lock()
+
+        def one_done(f: concurrent.futures.Future[Any]) -> None:
+            exc = f.exception() if not f.cancelled() else RuntimeError(f"{op}: cancelled (the group closed)")
+            with lock:
+                if both.done():
+                    return
+                left[0] -= 1
+                if exc is not None:
+                    both.set_exception(exc)
+                elif left[0] == 0:
+                    both.set_result(None)
+
+        if not futures:
+            both.set_result(None)
+        for f in futures:
+            f.add_done_callback(one_done)
         return self._later(op, both, lambda: result)
 
     def _reduce_scatter_rows(self, rows: torch.Tensor, op: Any, what: str) -> torch.Tensor:
@@ -850,10 +864,3 @@ def recv_any_source(tensor: torch.Tensor, group: dist.ProcessGroup | None = None
     work = backend.recv_anysource([tensor], tag)
     work.wait()
     return int(dist.get_global_rank(pg, work.source_rank()))
-
-
-def _settle(future: concurrent.futures.Future[Any], run: Callable[[], Any]) -> None:
-    try:
-        future.set_result(run())
-    except BaseException as exc:  # noqa: BLE001 - handed to the waiter
-        future.set_exception(exc)
