@@ -13,7 +13,7 @@
 //! ring). `PARALLEL_SHM=0` is the operator's off switch for shared memory: under it the shm
 //! kinds check that it is honoured (their pairs are TCP) and run the cases over TCP.
 //!
-//! Invariants checked (defined in engine/src/transport/mod.rs and shm.rs):
+//! Invariants checked (defined in engine/src/link/mod.rs and link/shm/):
 //! - LINK-1: a timeout before the first byte, or `out` tensors that do not match, leave the link
 //!   usable; the refused payload is drained and the next message arrives intact.
 //! - LINK-2: a failure inside a frame (a send or receive that times out half way, bytes that are
@@ -34,8 +34,8 @@ mod pattern;
 
 use parallel_engine::config::config;
 use parallel_engine::cuda::{self, DeviceAlloc, Mem};
+use parallel_engine::link::{Link, handshake};
 use parallel_engine::runtime::Deadline;
-use parallel_engine::transport::{Link, handshake};
 use parallel_engine::wire::{self, FrameKind, HEADER_LEN, Limits};
 use parallel_engine::{DType, Device, Error, ErrorKind, Key, LinkKind, Tensor, Value};
 use pattern::pattern;
