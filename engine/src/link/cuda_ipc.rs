@@ -4,8 +4,9 @@
 //! host memory (CUDA-4). The sender's memory stays valid until the receiver's acknowledgement
 //! (SHM-7 gates the frame).
 
+use super::kinds::{Cost, End, Kind, Policy};
 use super::outs::out_contiguous_slice;
-use super::{Link, RecvGuard};
+use super::{Link, LinkKind, RecvGuard};
 use crate::buffer::Buf;
 use crate::config::config;
 use crate::cuda;
@@ -14,6 +15,26 @@ use crate::runtime::Deadline;
 use crate::value::{Device, Tensor};
 use crate::wire;
 use std::sync::atomic::{AtomicBool, Ordering};
+
+/// The CUDA IPC kind: viable where shared memory is, between two ends that both see a GPU, when
+/// allowed (KIND-3). Its latency (opening the peer's mapping, an event round trip) exceeds the
+/// ring's, so small messages stay on the ring, as `PARALLEL_CUDA_IPC_THRESHOLD` does per send.
+#[derive(Debug, Clone, Copy)]
+pub struct CudaIpc;
+
+impl Kind for CudaIpc {
+    fn id(&self) -> LinkKind {
+        LinkKind::CudaIpc
+    }
+    fn probe(&self, a: &End<'_>, b: &End<'_>, policy: &Policy) -> Option<Cost> {
+        let ring = super::shm::Shm.probe(a, b, policy)?;
+        (policy.cuda_ipc && a.gpus && b.gpus).then_some(Cost {
+            latency: ring.latency + std::time::Duration::from_micros(50),
+            // Device to device, no host copy: far above the ring's host-memory bandwidth.
+            bytes_per_sec: 1e11,
+        })
+    }
+}
 
 /// One record per device segment of a frame, with the event its receiver waits on.
 pub(super) type IpcExport = Vec<(cuda::IpcRecord, Option<cuda::Event>)>;

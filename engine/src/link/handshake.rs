@@ -26,7 +26,8 @@
 //!   (getrandom(2)); without one the handshake fails. No pid a peer claims is used: the pid in a
 //!   link's name is the kernel's (SO_PEERCRED on the shared-memory socket); over TCP there is none.
 
-use super::shm::{Bells, Mapping, ShmEnd};
+use super::kinds::{End, Kind, Policy};
+use super::shm::{Bells, Mapping, Shm, ShmEnd};
 use super::tcp::connect_once;
 /// Listening and accepting are TCP's (the old paths stay valid).
 pub use super::tcp::{listen, try_accept};
@@ -429,10 +430,25 @@ pub fn accept(fd: OwnedFd, addr: SocketAddr, id: u64) -> Result<Accepted> {
     if nonce_c.len() != 32 {
         return Err(protocol("handshake", "client nonce must be 32 bytes"));
     }
-    let same_host = hello.get("host").and_then(Value::as_str) == Some(host_identity());
     let wants_shm = matches!(hello.get("shm"), Some(Value::Bool(true)));
+    let their_host = hello.get("host").and_then(Value::as_str);
+    // HS-2 is the shared-memory kind's probe (KIND-2): same host identity, allowed on both ends.
+    let (mine, theirs) = (
+        End {
+            host_id: host_identity(),
+            gpus: false,
+        },
+        End {
+            host_id: their_host.unwrap_or_default(),
+            gpus: false,
+        },
+    );
+    let policy = Policy {
+        shm: cfg.shm && wants_shm && their_host.is_some(),
+        cuda_ipc: false,
+    };
     let nonce_s = sys::random_bytes::<32>()?;
-    let shm_name = match same_host && wants_shm && cfg.shm {
+    let shm_name = match Shm.probe(&mine, &theirs, &policy).is_some() {
         true => Some(format!(
             "parallel/{}/{}",
             std::process::id(),

@@ -25,15 +25,17 @@
 //! (sealed memfd rings, cross-memory attach), `cuda_ipc` (CUDA IPC and staging through pinned
 //! host memory); [`kinds`] is the registry the plan asks; [`handshake`] sets links up.
 
-mod cuda_ipc;
+pub mod cuda_ipc;
 pub mod handshake;
+pub mod kinds;
 mod outs;
 mod recv;
 mod send;
-pub(crate) mod shm;
+pub mod shm;
 pub(crate) mod sys;
 pub mod tcp;
 
+pub use kinds::{Cost, End, Kind, Policy, choose, kinds};
 pub use outs::into_outs;
 /// Randomness from the OS generator only (nonces, names): an error where there is none.
 pub use sys::{random_bytes, random_hex};
@@ -53,6 +55,9 @@ use std::time::{Duration, Instant};
 pub enum LinkKind {
     Tcp,
     Shm,
+    /// CUDA tensors by CUDA IPC over a shared-memory link (a [`Link`] of this kind reports
+    /// [`LinkKind::Shm`] with [`Link::cuda_ipc`] true: the ring carries everything else).
+    CudaIpc,
 }
 
 impl LinkKind {
@@ -60,6 +65,15 @@ impl LinkKind {
         match self {
             LinkKind::Tcp => "tcp",
             LinkKind::Shm => "shm",
+            LinkKind::CudaIpc => "cuda_ipc",
+        }
+    }
+
+    /// How a plan shows a link of this kind (`print(tree)`).
+    pub fn label(self) -> &'static str {
+        match self {
+            LinkKind::CudaIpc => "shm + cuda-ipc",
+            k => k.name(),
         }
     }
 }

@@ -36,7 +36,8 @@
 //!   the reader, which checks the gate after its last read and before it delivers, discards
 //!   the frame: a message read from reused buffers is never delivered.
 
-use super::sys;
+use super::kinds::{Cost, End, Kind, Policy};
+use super::{LinkKind, sys};
 use crate::error::{Error, ErrorKind, Result, protocol};
 use crate::runtime::{Deadline, Interest, wait_once};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -572,6 +573,23 @@ impl ShmEnd {
             std::ptr::copy_nonoverlapping(data, buf.as_mut_ptr().add(first), n - first);
         }
         Some((avail as usize, n))
+    }
+}
+
+/// The shared-memory kind: viable between two ends of one host when allowed (KIND-2).
+#[derive(Debug, Clone, Copy)]
+pub struct Shm;
+
+impl Kind for Shm {
+    fn id(&self) -> LinkKind {
+        LinkKind::Shm
+    }
+    fn probe(&self, a: &End<'_>, b: &End<'_>, policy: &Policy) -> Option<Cost> {
+        // docs/benchmarks.md: ~4 us round trip, ~5.3 GB/s.
+        (policy.shm && a.host_id == b.host_id).then_some(Cost {
+            latency: Duration::from_micros(2),
+            bytes_per_sec: 5e9,
+        })
     }
 }
 
