@@ -30,7 +30,7 @@
 use crate::config::config;
 use crate::error::{Error, ErrorKind, Result};
 use crate::link::handshake;
-use crate::link::{Link, LinkKind, Stats, sys};
+use crate::link::{Carrier, Link, LinkKind, Stats, sys};
 use crate::runtime::{self, Completion, Deadline, Interest, Runtime};
 use crate::value::{Key, Tensor, Value};
 use std::collections::VecDeque;
@@ -210,6 +210,19 @@ impl Conn {
             done.complete(r.map(|v| (v, out)))
         });
         c
+    }
+}
+
+/// A connection carries a scope's operations; it receives through its inbox (EP-5).
+impl Carrier for Conn {
+    fn send_value(&self, v: &Value, deadline: Deadline) -> Result<()> {
+        self.link.send(v, deadline)
+    }
+    fn recv_value_into(&self, out: &mut [Tensor], deadline: Deadline) -> Result<Value> {
+        self.recv_deadline(out, None, deadline)
+    }
+    fn close_now(&self) {
+        self.close()
     }
 }
 

@@ -23,13 +23,15 @@
 //! frames it carries are written in `send.rs` and read in `recv.rs`; `outs.rs` matches received
 //! tensors to a caller's `out`; each kind lives in its own module: [`tcp`] (sockets), `shm`
 //! (sealed memfd rings, cross-memory attach), `cuda_ipc` (CUDA IPC and staging through pinned
-//! host memory); [`kinds`] is the registry the plan asks; [`handshake`] sets links up.
+//! host memory); [`kinds`] is the registry the plan asks; [`handshake`] sets links up;
+//! [`scope`] runs asynchronous operations on borrowed memory that cannot outlive the borrow.
 
 pub mod cuda_ipc;
 pub mod handshake;
 pub mod kinds;
 mod outs;
 mod recv;
+pub mod scope;
 mod send;
 pub mod shm;
 pub(crate) mod sys;
@@ -37,6 +39,7 @@ pub mod tcp;
 
 pub use kinds::{Cost, End, Kind, Policy, choose, kinds};
 pub use outs::into_outs;
+pub use scope::{Carrier, Op, Scope, scope};
 /// Randomness from the OS generator only (nonces, names): an error where there is none.
 pub use sys::{random_bytes, random_hex};
 
