@@ -63,19 +63,14 @@ struct Ctrl {
     writer_parked: AtomicU32,
 }
 
-/// The shared mapping (both rings).
+/// The shared mapping (both rings), accessed only through atomics (control) and through byte
+/// copies into ranges that the SPSC protocol gives to exactly one side at a time. The mapping
+/// itself is memmap2's (it unmaps on drop); what is mapped is checked first (SHM-5/6).
 pub(crate) struct Mapping {
-    base: *mut u8,
-    len: usize,
+    map: memmap2::MmapRaw,
     pub cap: usize,
     _fd: OwnedFd,
 }
-
-// SAFETY: the mapping is shared memory accessed only through atomics (control) and through
-// byte copies into ranges that the SPSC protocol gives to exactly one side at a time.
-unsafe impl Send for Mapping {}
-// SAFETY: see above.
-unsafe impl Sync for Mapping {}
 
 impl Mapping {
     pub fn total_len(cap: usize) -> usize {
@@ -100,54 +95,30 @@ impl Mapping {
         }
         let len = Self::total_len(cap);
         sys::check_sealed(fd.as_raw_fd(), Some(len), "shm")?;
-        // SAFETY: mapping a memfd of at least len bytes, shared.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(sys::last("shm", "mmap(memfd)"));
-        }
+        // Shared, read-write, exactly `len` bytes of a file whose size is sealed at `len`: no
+        // access inside the mapping can fault (SHM-6).
+        let map = memmap2::MmapOptions::new()
+            .len(len)
+            .map_raw(&fd)
+            .map_err(|e| Error::os("shm", "mmap(memfd)", e))?;
         if cap >= 2 << 20 {
-            // SAFETY: advising our own mapping.
-            unsafe { libc::madvise(p, len, libc::MADV_HUGEPAGE) };
+            let _ = map.advise(memmap2::Advice::HugePage);
         }
         // Fault the rings in now (both ends; MADV_POPULATE_WRITE, Linux 5.14+), so the first
         // passes of a new link do not pay a page fault per 4 KiB. Failure only costs those faults.
-        // SAFETY: advising our own shared mapping.
-        unsafe {
-            libc::madvise(p, len, 23 /* MADV_POPULATE_WRITE */)
-        };
-        Ok(Mapping {
-            base: p as *mut u8,
-            len,
-            cap,
-            _fd: fd,
-        })
+        let _ = map.advise(memmap2::Advice::PopulateWrite);
+        Ok(Mapping { map, cap, _fd: fd })
     }
 
     fn ctrl(&self, ring: usize) -> &Ctrl {
         // SAFETY: ring < 2; the control block lies inside the mapping, is page aligned, and is
         // only accessed through atomics.
-        unsafe { &*(self.base.add(ring * (CTRL + self.cap)) as *const Ctrl) }
+        unsafe { &*(self.map.as_mut_ptr().add(ring * (CTRL + self.cap)) as *const Ctrl) }
     }
 
     fn data(&self, ring: usize) -> *mut u8 {
         // SAFETY: inside the mapping.
-        unsafe { self.base.add(ring * (CTRL + self.cap) + CTRL) }
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly what we mapped.
-        unsafe { libc::munmap(self.base as *mut libc::c_void, self.len) };
+        unsafe { self.map.as_mut_ptr().add(ring * (CTRL + self.cap) + CTRL) }
     }
 }
 
