@@ -25,6 +25,9 @@
 //! - HS-5: nonces, probes and shared-memory socket names come from the OS generator only
 //!   (getrandom(2)); without one the handshake fails. No pid a peer claims is used: the pid in a
 //!   link's name is the kernel's (SO_PEERCRED on the shared-memory socket); over TCP there is none.
+//!
+//! Over 600 lines on purpose: the client's and the server's halves of one protocol, read (and
+//! changed) together; sockets themselves are in `tcp.rs`.
 
 use super::kinds::{End, Kind, Policy};
 use super::shm::{Bells, Mapping, Shm, ShmEnd};
