@@ -11,11 +11,16 @@
 //!   host leaders form a binomial tree under rank 0. So only leaders cross hosts, and every rank's
 //!   children are listed in increasing rank order (the fixed reduction order, OPS-1).
 //! - PLAN-3: the ring visits each host's ranks contiguously, so it crosses hosts exactly H times.
-//! - PLAN-4: a link between ranks on one host is shared memory when the engine allows it
+//! - PLAN-4: a link between two ranks is the cheapest kind whose probe accepts them (engine
+//!   `link::kinds`): shared memory between ranks of one host when the engine allows it
 //!   (PARALLEL_SHM), TCP otherwise and across hosts.
 
+use parallel_engine::link;
 use parallel_engine::value::{Key, Value};
 use parallel_engine::{Error, ErrorKind, Result};
+
+/// The message size links are ranked for in a plan: the large tensors the collectives move.
+const LINK_BYTES: u64 = 64 << 20;
 
 /// What a rank tells the root about itself.
 #[derive(Debug, Clone, PartialEq)]
@@ -187,28 +192,26 @@ impl Plan {
         self.probes.len()
     }
 
-    /// The link kind between two ranks (PLAN-4).
+    /// The link kind between two ranks (PLAN-4): the cheapest kind whose probe accepts the two
+    /// ranks' probes (engine `link::kinds`), CUDA IPC left out (it rides the shm link).
     pub fn link_kind(&self, a: usize, b: usize, shm: bool) -> &'static str {
-        if self.host_of[a] == self.host_of[b] && shm {
-            "shm"
-        } else {
-            "tcp"
-        }
+        self.choose_link(a, b, shm, false).name()
     }
 
     /// The link kind as `print(tree)` shows it: shared-memory links between two ranks that both
     /// see GPUs also carry large CUDA tensors by CUDA IPC (`PARALLEL_CUDA_IPC`).
     pub fn link_label(&self, a: usize, b: usize, shm: bool, cuda_ipc: bool) -> &'static str {
-        match self.link_kind(a, b, shm) {
-            "shm"
-                if cuda_ipc
-                    && !self.probes[a].gpus.is_empty()
-                    && !self.probes[b].gpus.is_empty() =>
-            {
-                "shm + cuda-ipc"
-            }
-            k => k,
-        }
+        self.choose_link(a, b, shm, cuda_ipc).label()
+    }
+
+    /// Asks every link kind's probe for the pair; ranked for a large tensor (LINK_BYTES).
+    fn choose_link(&self, a: usize, b: usize, shm: bool, cuda_ipc: bool) -> link::LinkKind {
+        let end = |r: usize| link::End {
+            host_id: &self.probes[r].host_id,
+            gpus: !self.probes[r].gpus.is_empty(),
+        };
+        let policy = link::Policy { shm, cuda_ipc };
+        link::choose(&end(a), &end(b), &policy, LINK_BYTES)
     }
 
     /// Neighbours of `rank` in the ring: (left, right).
@@ -359,6 +362,21 @@ mod tests {
         let d = plan.describe(true, true);
         assert!(d.contains("GPUs 0000:3b:00.0)"), "{d}");
         assert!(d.contains("[shm + cuda-ipc]"), "{d}");
+    }
+
+    #[test]
+    fn plan_4_links_are_the_kinds_choice_shm_on_one_host_tcp_across_or_when_shm_is_off() {
+        let hosts = ["a", "a", "b"];
+        let plan =
+            Plan::build(hosts.iter().enumerate().map(|(r, h)| probe(r, h)).collect()).unwrap();
+        assert_eq!(plan.link_kind(0, 1, true), "shm", "same host, shm allowed");
+        assert_eq!(plan.link_kind(0, 2, true), "tcp", "different hosts");
+        assert_eq!(plan.link_kind(0, 1, false), "tcp", "PARALLEL_SHM=0");
+        assert_eq!(
+            plan.link_label(0, 1, false, true),
+            "tcp",
+            "no IPC without shm"
+        );
     }
 
     #[test]

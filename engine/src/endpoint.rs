@@ -29,9 +29,9 @@
 
 use crate::config::config;
 use crate::error::{Error, ErrorKind, Result};
+use crate::link::handshake;
+use crate::link::{Carrier, Link, LinkKind, Stats, sys};
 use crate::runtime::{self, Completion, Deadline, Interest, Runtime};
-use crate::transport::handshake;
-use crate::transport::{self, Link, LinkKind, Stats, sys};
 use crate::value::{Key, Tensor, Value};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -111,7 +111,7 @@ impl Conn {
         if let Some(r) = self.take_inbox() {
             return match r {
                 Ok(v) if !out.is_empty() => {
-                    transport::into_outs(v, out, paths).map_err(|e| e.with_peer(self.peer()))
+                    crate::link::into_outs(v, out, paths).map_err(|e| e.with_peer(self.peer()))
                 }
                 r => r,
             };
@@ -160,7 +160,7 @@ impl Conn {
         self.recv_deadline(out, None, Deadline::or_default(timeout))
     }
     /// Like `recv_into`, matching tensors to `out` by path (`paths[i]` is `out[i]`'s), not by
-    /// position ([`crate::transport::Link::recv_keyed`]).
+    /// position ([`crate::link::Link::recv_keyed`]).
     pub fn recv_into_keyed(
         &self,
         out: &mut [Tensor],
@@ -210,6 +210,19 @@ impl Conn {
             done.complete(r.map(|v| (v, out)))
         });
         c
+    }
+}
+
+/// A connection carries a scope's operations; it receives through its inbox (EP-5).
+impl Carrier for Conn {
+    fn send_value(&self, v: &Value, deadline: Deadline) -> Result<()> {
+        self.link.send(v, deadline)
+    }
+    fn recv_value_into(&self, out: &mut [Tensor], deadline: Deadline) -> Result<Value> {
+        self.recv_deadline(out, None, deadline)
+    }
+    fn close_now(&self) {
+        self.close()
     }
 }
 

@@ -1,6 +1,6 @@
 //! Parallel's engine: everything that moves bytes between threads, processes and hosts.
 //!
-//! Layers (STYLE.md): `wire`, `value`, `buffer` -> `runtime` -> `transport` -> `endpoint`,
+//! Layers (STYLE.md): `wire`, `value`, `buffer` -> `runtime` -> `link` -> `endpoint`,
 //! `workers` (map, pools and work queues).
 //! The engine knows nothing of Python or collectives.
 
@@ -9,16 +9,22 @@ pub mod config;
 pub mod cuda;
 pub mod endpoint;
 pub mod error;
+pub mod link;
 pub mod log;
 pub mod runtime;
 pub(crate) mod sync;
 pub mod topology;
-pub mod transport;
+/// The old path of [`link`] (the module was `transport` before link kinds had modules of their
+/// own): kept so code written against it still builds; new code names `link`.
+#[doc(hidden)]
+pub mod transport {
+    pub use crate::link::*;
+}
 pub mod value;
 pub mod wire;
 pub mod workers;
 
 pub use endpoint::{Client, Conn, Server};
 pub use error::{Error, ErrorKind, Result};
-pub use transport::{LinkKind, Stats};
+pub use link::{LinkKind, Stats};
 pub use value::{DType, Device, Key, Tensor, Value};

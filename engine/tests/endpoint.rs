@@ -295,6 +295,34 @@ fn async_send_and_recv_handles() {
 }
 
 #[test]
+fn scope_1_connections_carry_a_completion_scope_both_ways_and_the_buffers_come_back_filled() {
+    let (s, c) = pair();
+    let conn = s.connections()[0].clone();
+    let (up, down) = (vec![7u8; 1 << 20], vec![9u8; 4099]);
+    let (mut got_up, mut got_down) = (vec![0u8; up.len()], vec![0u8; down.len()]);
+    let d = parallel_engine::runtime::Deadline::after(Duration::from_secs(20));
+    parallel_engine::link::scope(d, |sc| {
+        sc.recv_into(&conn, vec![&mut got_up[..]]);
+        sc.recv_into(c.conn(), vec![&mut got_down[..]]);
+        sc.send(c.conn(), &[&up[..]]);
+        sc.send(&conn, &[&down[..]]);
+    })
+    .unwrap();
+    assert!(got_up == up && got_down == down);
+    // A message that does not fit the buffers is the scope's error; the link stays usable.
+    c.send(&Value::bytes(vec![1u8; 3])).unwrap();
+    let mut small = vec![0u8; 2];
+    let e = parallel_engine::link::scope(d, |sc| {
+        sc.recv_into(&conn, vec![&mut small[..]]);
+    })
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Mismatch, "{e}");
+    assert_eq!(small, vec![0u8; 2]);
+    c.send(&Value::Int(5)).unwrap();
+    assert_eq!(conn.recv(t(10.0)).unwrap().as_int(), Some(5));
+}
+
+#[test]
 fn stats_count_traffic() {
     let (s, c) = pair();
     c.send(&Value::bytes(vec![1u8; 10_000])).unwrap();

@@ -1,9 +1,11 @@
 //! The link conformance suite: one set of cases, written once, that every link kind must pass.
 //!
 //! A kind is a [`Kind`] value: how to make a connected pair of [`Link`]s of that kind in this
-//! process, and where its tensors live. [`conformance!`] instantiates every case for a kind, as a
-//! module of tests named `<kind>::<case>`; adding a kind (RDMA, say) means one more line at the
-//! bottom of this file, and passing. Cases that need a property only some kinds have (a TCP
+//! process, and where its tensors live; the kind a pair must be is what the registry
+//! (`link::choose`) picks for it. [`conformance!`] instantiates every case for a kind, as a
+//! module of tests named `<kind>::<case>`, and `every_registered_link_kind_runs_the_suite` fails
+//! for a kind in `link::kinds()` that the suite does not run: adding a kind (RDMA, say) means
+//! implementing `link::Kind`, one more line in `conformance!`, and passing. Cases that need a property only some kinds have (a TCP
 //! stream a proxy can cut, a shared ring a test can corrupt) are written per kind below the
 //! suite. docs/architecture.md ("Link conformance suite") says what is checked and why.
 //!
@@ -13,13 +15,15 @@
 //! ring). `PARALLEL_SHM=0` is the operator's off switch for shared memory: under it the shm
 //! kinds check that it is honoured (their pairs are TCP) and run the cases over TCP.
 //!
-//! Invariants checked (defined in engine/src/transport/mod.rs and shm.rs):
+//! Invariants checked (defined in engine/src/link/mod.rs and link/shm/):
 //! - LINK-1: a timeout before the first byte, or `out` tensors that do not match, leave the link
 //!   usable; the refused payload is drained and the next message arrives intact.
 //! - LINK-2: a failure inside a frame (a send or receive that times out half way, bytes that are
 //!   no frame, a stream cut short) is an error on that link and poisons it: never a wrong or
 //!   partial message, never a later desynchronized one.
 //! - LINK-3: a peer killed in the middle of a message is a `PeerLost` error within a bound.
+//! - SCOPE-1: a completion scope returns only after its operations ended; borrowed segments and
+//!   buffers arrive intact.
 //! - SHM-2: ring indices and frame lengths corrupted in the shared segment are an error on that
 //!   link, never an out-of-bounds access.
 //!
@@ -34,8 +38,8 @@ mod pattern;
 
 use parallel_engine::config::config;
 use parallel_engine::cuda::{self, DeviceAlloc, Mem};
+use parallel_engine::link::{self, End, Link, Policy, handshake};
 use parallel_engine::runtime::Deadline;
-use parallel_engine::transport::{Link, handshake};
 use parallel_engine::wire::{self, FrameKind, HEADER_LEN, Limits};
 use parallel_engine::{DType, Device, Error, ErrorKind, Key, LinkKind, Tensor, Value};
 use pattern::pattern;
@@ -95,8 +99,8 @@ const CUDA_IPC: Kind = Kind {
 
 /// Two connected ends: `a` connected, `b` accepted.
 struct Pair {
-    a: Link,
-    b: Link,
+    a: Arc<Link>,
+    b: Arc<Link>,
     /// The shared segment of a shm pair, as /proc/self/fd/N (for the tampering cases).
     memfd: Option<String>,
     /// Taken when the pair is dropped, released after both links closed their descriptors.
@@ -111,12 +115,26 @@ impl Drop for Pair {
 }
 
 impl Kind {
-    /// The kind of link this kind's pairs must be (SHM=0 keeps everything on TCP).
+    /// The kind the registry chooses for this kind's pairs (two ends of this host; SHM=0 keeps
+    /// everything on TCP): the suite runs each kind as the registry would pick it.
+    fn chosen(self) -> LinkKind {
+        let end = End {
+            host_id: "this host",
+            gpus: self.cuda,
+        };
+        let policy = Policy {
+            shm: self.shm && config().shm,
+            cuda_ipc: config().cuda && config().cuda_ipc,
+        };
+        link::choose(&end, &end, &policy, 64 * MIB as u64)
+    }
+
+    /// The kind of link this kind's pairs must be: the registry's choice, CUDA IPC riding a
+    /// shared-memory link.
     fn link_kind(self) -> LinkKind {
-        if self.shm && config().shm {
-            LinkKind::Shm
-        } else {
-            LinkKind::Tcp
+        match self.chosen() {
+            LinkKind::CudaIpc => LinkKind::Shm,
+            k => k,
         }
     }
 
@@ -148,8 +166,8 @@ impl Kind {
             );
         }
         Pair {
-            a,
-            b,
+            a: Arc::new(a),
+            b: Arc::new(b),
             memfd,
             dropping: None,
         }
@@ -338,8 +356,19 @@ macro_rules! conformance {
             fn link_1_recv_into_out_matching_fills_and_mismatching_keeps_the_link() {
                 cases::recv_into_out($k)
             }
+            #[test]
+            fn scope_1_borrowed_segments_are_sent_and_received_into_borrowed_buffers() {
+                cases::scope_round_trip($k)
+            }
+            #[test]
+            fn scope_1_a_scope_returns_only_after_its_pending_receive_ended_with_an_error() {
+                cases::scope_waits($k)
+            }
         }
-    )*};
+    )*
+        /// The kinds this suite runs (the registry must list no other).
+        const SUITE: &[&str] = &[$(stringify!($kind)),*];
+    };
 }
 
 conformance! {
@@ -348,8 +377,68 @@ conformance! {
     cuda_ipc = CUDA_IPC;
 }
 
+#[test]
+fn every_registered_link_kind_runs_the_suite() {
+    for k in link::kinds() {
+        assert!(
+            SUITE.contains(&k.id().name()),
+            "link kind {} is registered (link::kinds) but the conformance suite does not run it: add it to conformance! below",
+            k.id().name()
+        );
+    }
+    for k in [TCP, SHM, CUDA_IPC] {
+        if k.shm && config().shm {
+            assert_eq!(k.chosen().name(), k.name, "the registry's choice for {k:?}");
+        }
+    }
+}
+
 mod cases {
     use super::*;
+
+    pub fn scope_round_trip(k: Kind) {
+        let p = k.pair();
+        let (x, y) = (seeded(3 * MIB + 17, 1), seeded(5, 2));
+        let (mut gx, mut gy) = (vec![0u8; x.len()], vec![0u8; y.len()]);
+        let r = link::scope(dl(LONG), |s| {
+            let rx = s.recv_into(&p.b, vec![&mut gx[..], &mut gy[..]]);
+            s.send(&p.a, &[&x[..], &y[..]]);
+            rx.wait(dl(LONG))
+        });
+        let v = r.unwrap().unwrap();
+        assert!(
+            matches!(&v, Value::List(l) if matches!(l[..], [Value::Out(0), Value::Out(1)])),
+            "{v:?}"
+        );
+        assert!(
+            gx == x && gy == y,
+            "the borrowed buffers hold what was sent"
+        );
+        // The link carries on (ordering after the scope's messages).
+        let got = exchange(&p.a, &p.b, Value::Int(7), &mut []).unwrap();
+        assert_eq!(got.as_int(), Some(7));
+    }
+
+    pub fn scope_waits(k: Kind) {
+        let p = k.pair();
+        let mut buf = vec![0u8; 64];
+        let started = Instant::now();
+        // Nothing is sent: the receive ends at the scope's deadline, and the scope reports it.
+        let r = link::scope(dl(Duration::from_millis(300)), |s| {
+            s.recv_into(&p.b, vec![&mut buf[..]]);
+        });
+        let e = r.expect_err("a receive that timed out is the scope's error");
+        assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+        assert!(started.elapsed() < PROMPT, "took {:?}", started.elapsed());
+        // The buffer is ours again, untouched; the link is usable (LINK-1) or closed by the
+        // scope (SCOPE-2), never left with a receive writing into freed memory.
+        assert!(buf.iter().all(|b| *b == 0));
+        drop(buf);
+        if !p.b.is_closed() {
+            let got = exchange(&p.a, &p.b, Value::Int(8), &mut []).unwrap();
+            assert_eq!(got.as_int(), Some(8));
+        }
+    }
 
     pub fn ordering(k: Kind) {
         let p = k.pair();

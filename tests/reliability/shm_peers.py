@@ -21,7 +21,7 @@ import torch
 
 import torch_parallel as parallel
 
-CTRL = 4096  # bytes of a ring's control block (engine/src/transport/shm.rs)
+CTRL = 4096  # bytes of a ring's control block (engine/src/link/shm/mod.rs)
 TAIL = 128  # offset of the reader's index in a control block
 
 

@@ -19,8 +19,8 @@ mod workers;
 
 use errors::IntoPyResult;
 use parallel_engine::endpoint::ServerStats;
+use parallel_engine::link::Stats;
 use parallel_engine::runtime::{Completion, Deadline};
-use parallel_engine::transport::Stats;
 use parallel_engine::value::{Tensor, Value};
 use parallel_engine::{Conn, ErrorKind};
 use pyo3::prelude::*;

@@ -134,7 +134,7 @@ impl WorkQueue {
             None => format!(
                 "anonymous-{}-{id}-{}",
                 std::process::id(),
-                parallel_engine::transport::random_hex::<16>().py()?
+                parallel_engine::link::random_hex::<16>().py()?
             ),
         };
         let t = self::timeout(timeout)?;

@@ -54,8 +54,8 @@ use super::queue::{Channel, Rejected, Role, end_of_queue};
 use super::shared::{ANSWERS, EV_SPACE, QUESTIONS, Segment, alive};
 use crate::config::config;
 use crate::error::{Error, ErrorKind, Result};
+use crate::link::sys;
 use crate::runtime::{Deadline, Interest, wait_once};
-use crate::transport::sys;
 use crate::value::Value;
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -177,7 +177,7 @@ fn prefix(s: &str, n: usize) -> &str {
 }
 
 fn peer_uid(fd: RawFd) -> Option<u32> {
-    crate::transport::sys::peer_cred(fd).ok().map(|c| c.uid)
+    crate::link::sys::peer_cred(fd).ok().map(|c| c.uid)
 }
 
 fn errno(e: &Error) -> Option<i32> {
@@ -949,7 +949,7 @@ fn serve(listener: OwnedFd, stop: RawFd, inner: Weak<Inner>) {
         }
         // SAFETY: a fresh fd from accept4.
         let conn = unsafe { OwnedFd::from_raw_fd(c) };
-        let cred = crate::transport::sys::peer_cred(conn.as_raw_fd()).ok();
+        let cred = crate::link::sys::peer_cred(conn.as_raw_fd()).ok();
         if cred.map(|c| c.uid) != Some(my_uid()) {
             tracing::warn!(
                 "refused a process of another user that tried to open work queue {:?}",

@@ -50,8 +50,8 @@
 
 use super::event::{Event, EventWords};
 use crate::error::{Error, ErrorKind, Result, protocol};
+use crate::link::sys;
 use crate::runtime::Deadline;
-use crate::transport::sys;
 use crate::value::{Key, Tensor, Value};
 use crate::wire::{self, FrameKind, Header as WireHeader, Limits, SegKind};
 use rkyv::util::AlignedVec;

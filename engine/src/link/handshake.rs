@@ -25,8 +25,15 @@
 //! - HS-5: nonces, probes and shared-memory socket names come from the OS generator only
 //!   (getrandom(2)); without one the handshake fails. No pid a peer claims is used: the pid in a
 //!   link's name is the kernel's (SO_PEERCRED on the shared-memory socket); over TCP there is none.
+//!
+//! Over 600 lines on purpose: the client's and the server's halves of one protocol, read (and
+//! changed) together; sockets themselves are in `tcp.rs`.
 
-use super::shm::{Bells, Mapping, ShmEnd};
+use super::kinds::{End, Kind, Policy};
+use super::shm::{Bells, Mapping, Shm, ShmEnd};
+use super::tcp::connect_once;
+/// Listening and accepting are TCP's (the old paths stay valid).
+pub use super::tcp::{listen, try_accept};
 use super::{Link, sys};
 use crate::config::config;
 use crate::error::{Error, ErrorKind, Result, protocol};
@@ -130,67 +137,6 @@ fn proof(secret: &[u8], role: &str, nc: &[u8], ns: &[u8]) -> Mac256 {
 }
 
 type Mac256 = Hmac<Sha256>;
-
-/// Connects a TCP socket to `addr` before the deadline.
-fn connect_once(addr: &SocketAddr, deadline: Deadline) -> Result<OwnedFd> {
-    let family = if addr.is_ipv4() {
-        libc::AF_INET
-    } else {
-        libc::AF_INET6
-    };
-    let fd = sys::socket(family, libc::SOCK_STREAM)?;
-    let (ss, len) = sys::sockaddr(addr);
-    // SAFETY: valid sockaddr of `len` bytes.
-    let rc = unsafe {
-        libc::connect(
-            fd.as_raw_fd(),
-            &ss as *const _ as *const libc::sockaddr,
-            len,
-        )
-    };
-    if rc != 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EINPROGRESS) {
-            return Err(Error::os("connect", &format!("connect to {addr}"), e));
-        }
-        runtime::wait_until(
-            &[(fd.as_raw_fd(), Interest::Write)],
-            deadline,
-            "connect",
-            &format!("the connection to {addr}"),
-            || {
-                let mut p = libc::pollfd {
-                    fd: fd.as_raw_fd(),
-                    events: libc::POLLOUT,
-                    revents: 0,
-                };
-                // SAFETY: one pollfd, zero timeout.
-                Ok(unsafe { libc::poll(&mut p, 1, 0) } > 0)
-            },
-        )?;
-        let mut err: libc::c_int = 0;
-        let mut l = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: valid pointers of the stated size.
-        unsafe {
-            libc::getsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_ERROR,
-                &mut err as *mut _ as *mut libc::c_void,
-                &mut l,
-            )
-        };
-        if err != 0 {
-            return Err(Error::os(
-                "connect",
-                &format!("connect to {addr}"),
-                std::io::Error::from_raw_os_error(err),
-            ));
-        }
-    }
-    sys::tune_tcp(fd.as_raw_fd());
-    Ok(fd)
-}
 
 /// Client side: connects (retrying until the deadline), says hello, authenticates, and upgrades
 /// to shared memory when possible.
@@ -487,10 +433,25 @@ pub fn accept(fd: OwnedFd, addr: SocketAddr, id: u64) -> Result<Accepted> {
     if nonce_c.len() != 32 {
         return Err(protocol("handshake", "client nonce must be 32 bytes"));
     }
-    let same_host = hello.get("host").and_then(Value::as_str) == Some(host_identity());
     let wants_shm = matches!(hello.get("shm"), Some(Value::Bool(true)));
+    let their_host = hello.get("host").and_then(Value::as_str);
+    // HS-2 is the shared-memory kind's probe (KIND-2): same host identity, allowed on both ends.
+    let (mine, theirs) = (
+        End {
+            host_id: host_identity(),
+            gpus: false,
+        },
+        End {
+            host_id: their_host.unwrap_or_default(),
+            gpus: false,
+        },
+    );
+    let policy = Policy {
+        shm: cfg.shm && wants_shm && their_host.is_some(),
+        cuda_ipc: false,
+    };
     let nonce_s = sys::random_bytes::<32>()?;
-    let shm_name = match same_host && wants_shm && cfg.shm {
+    let shm_name = match Shm.probe(&mine, &theirs, &policy).is_some() {
         true => Some(format!(
             "parallel/{}/{}",
             std::process::id(),
@@ -672,89 +633,6 @@ fn server_shm(
     end.cma_send = fin[0] == 1;
     end.cma_threshold = cfg.shm_cma_threshold;
     Ok(end)
-}
-
-/// Binds and listens on `host:port` (port 0: an ephemeral port). IPv4 and IPv6.
-pub fn listen(host: &str, port: u16) -> Result<(OwnedFd, SocketAddr)> {
-    let addrs: Vec<SocketAddr> = (host, port)
-        .to_socket_addrs()
-        .map_err(|e| {
-            Error::new(
-                ErrorKind::Config,
-                "listen",
-                format!("cannot resolve {host:?}: {e}"),
-            )
-        })?
-        .collect();
-    let mut last = None;
-    for a in addrs {
-        let family = if a.is_ipv4() {
-            libc::AF_INET
-        } else {
-            libc::AF_INET6
-        };
-        let fd = sys::socket(family, libc::SOCK_STREAM)?;
-        sys::setsockopt_int(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, 1);
-        if a.is_ipv6() {
-            sys::setsockopt_int(fd.as_raw_fd(), libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1);
-        }
-        let (ss, len) = sys::sockaddr(&a);
-        // SAFETY: valid sockaddr.
-        if unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                &ss as *const _ as *const libc::sockaddr,
-                len,
-            )
-        } != 0
-        {
-            last = Some(sys::last("listen", &format!("bind {a}")));
-            continue;
-        }
-        // SAFETY: plain syscall.
-        if unsafe { libc::listen(fd.as_raw_fd(), 1024) } != 0 {
-            last = Some(sys::last("listen", &format!("listen on {a}")));
-            continue;
-        }
-        let bound = sys::local_addr(fd.as_raw_fd()).unwrap_or(a);
-        return Ok((fd, bound));
-    }
-    Err(last.unwrap_or_else(|| {
-        Error::new(
-            ErrorKind::Config,
-            "listen",
-            format!("{host:?} resolves to no address"),
-        )
-    }))
-}
-
-/// Accepts one pending connection, if any, without blocking.
-pub fn try_accept(listener: RawFd) -> Result<Option<(OwnedFd, SocketAddr)>> {
-    // SAFETY: zeroed storage, filled by accept4.
-    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    // SAFETY: valid pointers; the fd is owned on success.
-    let fd = unsafe {
-        libc::accept4(
-            listener,
-            &mut ss as *mut _ as *mut libc::sockaddr,
-            &mut len,
-            libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-        )
-    };
-    if fd < 0 {
-        let e = std::io::Error::last_os_error();
-        return match e.raw_os_error() {
-            Some(libc::EAGAIN | libc::EINTR | libc::ECONNABORTED) => Ok(None),
-            _ => Err(Error::os("accept", "accept4", e)),
-        };
-    }
-    // SAFETY: fresh owned fd.
-    let fd: OwnedFd = unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) };
-    let addr = sys::from_sockaddr(&ss)
-        .or_else(|| sys::peer_addr(fd.as_raw_fd()))
-        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
-    Ok(Some((fd, addr)))
 }
 
 /// Time since `t`, for logs.

@@ -1,0 +1,397 @@
+//! Reading frames: header, descriptor (memory committed as bytes arrive, BUF-4) and segments into
+//! the caller's tensors or new buffers; LINK-1 (refusals at a message boundary keep the link),
+//! LINK-2 (failures inside a frame poison it), LINK-3 (a vanished peer is `PeerLost`).
+
+use super::outs::match_outs;
+use super::{RecvGuard, sys};
+use crate::buffer::Buf;
+use crate::cuda;
+use crate::error::{Error, ErrorKind, Result, protocol};
+use crate::runtime::Deadline;
+use crate::value::{Device, Key, Tensor, Value};
+use crate::wire::{self, FLAG_CMA, FLAG_CUDA_IPC, Filled, FrameKind, HEADER_LEN, Header, SegKind};
+use rkyv::util::AlignedVec;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+/// A descriptor is received in pieces that start at this size and double, so the memory it
+/// commits follows the bytes that arrived (BUF-4).
+const DESC_CHUNK: usize = 16 << 10;
+
+impl RecvGuard<'_> {
+    fn poison(&mut self, why: String) {
+        self.state.poisoned = Some(why);
+        self.link.shutdown();
+    }
+
+    /// Receives one message (see [`Link::recv`]).
+    pub fn recv(&mut self, out: &mut [Tensor], deadline: Deadline) -> Result<Value> {
+        self.recv_keyed(out, None, deadline)
+    }
+
+    /// Receives one message (see [`Link::recv_keyed`]; `None`: `out` in order).
+    pub fn recv_keyed(
+        &mut self,
+        out: &mut [Tensor],
+        paths: Option<&[Vec<Key>]>,
+        deadline: Deadline,
+    ) -> Result<Value> {
+        let r = self.recv_message(out, paths, deadline);
+        if let Some(e) = r.as_ref().err().filter(|e| e.kind() == ErrorKind::PeerLost) {
+            // LINK-3 for the other direction: a shared-memory ring (or a TCP socket whose reset
+            // has not arrived yet) would otherwise accept a send to the dead peer silently.
+            if !self.link.peer_lost.swap(true, Ordering::SeqCst) {
+                tracing::warn!(peer = %self.link.peer, link = self.link.kind.name(), "peer lost: {e}");
+            }
+        }
+        r
+    }
+
+    fn recv_message(
+        &mut self,
+        out: &mut [Tensor],
+        paths: Option<&[Vec<Key>]>,
+        deadline: Deadline,
+    ) -> Result<Value> {
+        let link = self.link;
+        let start = Instant::now();
+        if link.closed_locally.load(Ordering::SeqCst) {
+            return Err(link.err(Error::new(
+                ErrorKind::Closed,
+                "recv",
+                "the connection was closed locally",
+            )));
+        }
+        if link.peer_closed.load(Ordering::SeqCst) {
+            return Err(link.err(Error::new(
+                ErrorKind::Closed,
+                "recv",
+                "the peer closed the connection",
+            )));
+        }
+        if let Some(p) = &self.state.poisoned {
+            return Err(link.err(Error::new(
+                ErrorKind::Closed,
+                "recv",
+                format!("the connection is unusable: {p}"),
+            )));
+        }
+        // Wait for the first byte without consuming anything, so a timeout here is clean (LINK-1).
+        if let Err(e) = link.wait_ready(deadline) {
+            return Err(link.err(e));
+        }
+        let mut hb = [0u8; HEADER_LEN];
+        match link.read_bytes(&mut hb, deadline, "a message", Duration::ZERO) {
+            Ok(true) => {}
+            Ok(false) => {
+                let e = Error::new(
+                    ErrorKind::PeerLost,
+                    "recv",
+                    "the peer went away without closing the connection (process exited or connection reset)",
+                );
+                self.state.poisoned = Some("the peer went away".into());
+                return Err(link.err(e));
+            }
+            Err(e) => {
+                if e.kind() == ErrorKind::Closed {
+                    link.peer_closed.store(true, Ordering::SeqCst);
+                }
+                self.poison(e.to_string());
+                return Err(link.err(e));
+            }
+        }
+        let r = self.recv_after_header(&hb, out, paths, deadline);
+        match &r {
+            Ok(_) => {
+                link.counters.msgs_recv.fetch_add(1, Ordering::Relaxed);
+                link.counters
+                    .recv_ns
+                    .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            }
+            Err(e) if e.kind() == ErrorKind::Mismatch => {}
+            Err(e) if e.kind() == ErrorKind::Closed && link.peer_closed.load(Ordering::SeqCst) => {}
+            Err(e) => self.poison(e.to_string()),
+        }
+        r.map_err(|e| link.err(e))
+    }
+
+    fn recv_after_header(
+        &mut self,
+        hb: &[u8; HEADER_LEN],
+        out: &mut [Tensor],
+        paths: Option<&[Vec<Key>]>,
+        deadline: Deadline,
+    ) -> Result<Value> {
+        let link = self.link;
+        let h = Header::decode(hb, &link.limits)?;
+        match h.kind {
+            FrameKind::Message | FrameKind::Abort => {}
+            FrameKind::Close => {
+                link.peer_closed.store(true, Ordering::SeqCst);
+                return Err(Error::new(
+                    ErrorKind::Closed,
+                    "recv",
+                    "the peer closed the connection",
+                ));
+            }
+            k => {
+                return Err(protocol(
+                    "recv",
+                    format!("unexpected {k:?} frame after the handshake"),
+                ));
+            }
+        }
+        // Grown as the bytes arrive (WIRE-1, BUF-4): a header that announces a large
+        // descriptor and stalls commits one chunk, not the declared size.
+        let mut desc = AlignedVec::<16>::with_capacity((h.desc_len as usize).min(DESC_CHUNK));
+        while desc.len() < h.desc_len as usize {
+            let at = desc.len();
+            // Doubling from DESC_CHUNK: at most twice what arrived is committed.
+            desc.resize((at + at.max(DESC_CHUNK)).min(h.desc_len as usize), 0);
+            link.read_in_frame(&mut desc[at..], deadline, "a message descriptor")?;
+        }
+        let d = wire::access_descriptor(&desc)?;
+        let segs = wire::check_descriptor(d, &h, &link.limits)?;
+        if h.kind == FrameKind::Abort {
+            // Whatever the receive expected, an abort is the answer (with its reason).
+            if !segs.is_empty() {
+                return Err(protocol("recv", "an Abort frame with payload segments"));
+            }
+            let v = wire::build_value(d, &segs, Vec::new())?;
+            let why = v
+                .get("reason")
+                .and_then(Value::as_str)
+                .unwrap_or("no reason given");
+            return Err(Error::new(
+                ErrorKind::PeerLost,
+                "recv",
+                format!("the peer aborted: {why}"),
+            ));
+        }
+        // bytes_recv counts what arrived, segment by segment, never what the peer declared.
+        let received = |n: usize| {
+            link.counters
+                .bytes_recv
+                .fetch_add(n as u64, Ordering::Relaxed)
+        };
+        received(HEADER_LEN + desc.len());
+        let cma = h.flags & FLAG_CMA != 0;
+        let ipc = h.flags & FLAG_CUDA_IPC != 0;
+        if (cma || ipc) && link.shm.is_none() {
+            return Err(protocol(
+                "recv",
+                "cross-memory or CUDA IPC frame on a TCP link",
+            ));
+        }
+        // Which out tensor each tensor segment lands in: in order, or by path.
+        let (order, by_path) = match paths {
+            Some(p) if !out.is_empty() => match wire::match_paths(&wire::tensor_paths(d), p) {
+                Ok(o) => (o, None),
+                Err(m) => (Vec::new(), Some(m)),
+            },
+            _ => ((0..out.len()).collect(), None),
+        };
+        let mismatch = if out.is_empty() {
+            None
+        } else {
+            by_path
+                .map(|m| format!("{m} (the message was discarded; the connection is still usable)"))
+                .or_else(|| {
+                    let name = |j: usize| match paths {
+                        Some(p) => format!("out= at {}", wire::path_str(&p[j])),
+                        None => format!("out[{j}]"),
+                    };
+                    match_outs(&segs, out, &order, &name)
+                })
+        };
+        // SHM-7: the sender's memory is read only after this receive claimed the frame; a frame
+        // its sender gave up on is refused, whatever its buffers hold now.
+        let gate = if cma || ipc { link.shm.as_ref() } else { None };
+        if let Some(g) = gate
+            && let Err(e) = g.claim_cma()
+        {
+            g.ack_cma();
+            return Err(e);
+        }
+        let r = (|| {
+            let mut filled = Vec::with_capacity(segs.len());
+            let mut out_i = 0usize;
+            let mut failure: Option<Error> = None;
+            for s in &segs {
+                let len = s.len as usize;
+                let dev_seg = match &s.kind {
+                    SegKind::Tensor {
+                        device: Device::Cuda(i),
+                        ..
+                    } => Some(*i),
+                    _ => None,
+                };
+                let via_cma = cma
+                    && dev_seg.is_none()
+                    && link.shm.as_ref().is_some_and(|x| s.len >= x.cma_threshold);
+                let via_ipc = ipc && dev_seg.is_some();
+                let to_out = mismatch.is_none()
+                    && !out.is_empty()
+                    && matches!(s.kind, SegKind::Tensor { .. });
+                if mismatch.is_some() || failure.is_some() {
+                    if via_ipc {
+                        self.read_ipc_record(len, deadline)?;
+                    } else {
+                        self.skip(len, via_cma, deadline)?;
+                    }
+                    received(len);
+                    continue;
+                }
+                // Where the bytes land: the caller's tensor, a new CUDA tensor (for a CUDA segment,
+                // when this process has CUDA), or a new host buffer.
+                let r = if to_out {
+                    let j = order[out_i];
+                    out_i += 1;
+                    self.fill_tensor(&mut out[j], len, via_cma, via_ipc, dev_seg, deadline)
+                        .map(|_| Filled::Out(j))
+                } else if let (Some(i), SegKind::Tensor { dtype, shape, .. }) = (dev_seg, &s.kind)
+                    && let Some(g) = cuda::cuda()
+                {
+                    let dev = if (i as usize) < g.device_count() {
+                        i
+                    } else {
+                        0
+                    };
+                    let a = match cuda::DeviceAlloc::new(dev, len) {
+                        Ok(a) => a,
+                        Err(e) => {
+                            // Nothing of the segment was consumed yet: drop it, keep the framing.
+                            if via_ipc {
+                                self.read_ipc_record(len, deadline)?;
+                            } else {
+                                self.skip(len, via_cma, deadline)?;
+                            }
+                            received(len);
+                            failure = Some(e);
+                            continue;
+                        }
+                    };
+                    {
+                        let a = std::sync::Arc::new(a);
+                        // SAFETY: a fresh device allocation of exactly `len` bytes, kept by `keep`.
+                        let mut t = unsafe {
+                            Tensor::from_raw(
+                                *dtype,
+                                shape.clone(),
+                                None,
+                                Device::Cuda(dev),
+                                a.ptr as *mut u8,
+                                len,
+                                a.clone(),
+                            )
+                        };
+                        self.fill_tensor(&mut t, len, via_cma, via_ipc, dev_seg, deadline)
+                            .map(|_| Filled::Tensor(t))
+                    }
+                } else if via_ipc {
+                    // A CUDA IPC record for a process without CUDA cannot happen (HS-3).
+                    Err(protocol("recv", "CUDA IPC record on a link without CUDA"))
+                } else {
+                    // Sized by the peer's declaration: memory is committed as the bytes arrive (BUF-4).
+                    Buf::for_incoming(len).and_then(|mut b| {
+                        self.fill(&mut b, via_cma, deadline)?;
+                        Ok(match (&s.kind, dev_seg) {
+                            // A CUDA tensor arriving where there is no CUDA: a CPU tensor.
+                            (SegKind::Tensor { dtype, shape, .. }, Some(_)) => {
+                                Filled::Tensor(Tensor::new(*dtype, shape.clone(), b)?)
+                            }
+                            _ => Filled::Buf(b),
+                        })
+                    })
+                };
+                match r {
+                    Ok(f) => {
+                        received(len);
+                        filled.push(f);
+                    }
+                    // The segment may be half consumed: the stream is no longer framed (LINK-2).
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok((filled, failure))
+        })();
+        // SHM-7: every read of the sender's memory is done; deliver only if the sender did not
+        // revoke the claim meanwhile (it may have reused its buffers since).
+        let r = match (r, gate) {
+            (Ok(got), Some(g)) => g.check_claim().map(|_| got),
+            (r, _) => r,
+        };
+        if let Some(g) = gate {
+            g.ack_cma();
+        }
+        let (filled, failure) = r?;
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        if let Some(m) = mismatch {
+            return Err(Error::new(ErrorKind::Mismatch, "recv", m));
+        }
+        wire::build_value(d, &segs, filled)
+    }
+
+    /// Fills `dst` with the next segment (through the stream, or by cross-memory attach).
+    pub(super) fn fill(&mut self, dst: &mut [u8], via_cma: bool, deadline: Deadline) -> Result<()> {
+        let link = self.link;
+        if !via_cma {
+            return link.read_in_frame(dst, deadline, "a message payload");
+        }
+        let (addr, len) = self.read_record(deadline)?;
+        if len != dst.len() as u64 {
+            return Err(protocol(
+                "recv",
+                format!(
+                    "cross-memory record of {len} bytes for a {}-byte segment",
+                    dst.len()
+                ),
+            ));
+        }
+        let s = link.shm.as_ref().expect("cma implies shm");
+        sys::cma_read(s.peer_pid, addr, dst).map_err(|e| {
+            if e.raw_os_error() == Some(libc::ESRCH) {
+                // The sender died inside its send (it waits for our ack): LINK-3, not Resource.
+                Error::new(
+                    ErrorKind::PeerLost,
+                    "recv",
+                    "the sending process went away in the middle of a message",
+                )
+            } else {
+                Error::os("recv", "process_vm_readv from the sender", e)
+            }
+        })
+    }
+
+    fn read_record(&mut self, deadline: Deadline) -> Result<(u64, u64)> {
+        let mut r = [0u8; 16];
+        self.link
+            .read_in_frame(&mut r, deadline, "a cross-memory record")?;
+        Ok((
+            u64::from_le_bytes(r[..8].try_into().expect("8")),
+            u64::from_le_bytes(r[8..].try_into().expect("8")),
+        ))
+    }
+
+    /// Discards the next segment (LINK-1).
+    pub(super) fn skip(&mut self, len: usize, via_cma: bool, deadline: Deadline) -> Result<()> {
+        if via_cma {
+            return self.read_record(deadline).map(|_| ());
+        }
+        let mut scratch = std::mem::take(&mut self.state.scratch);
+        scratch.resize(scratch.len().clamp(64 << 10, 1 << 20), 0);
+        let mut left = len;
+        let mut r = Ok(());
+        while left > 0 && r.is_ok() {
+            let n = left.min(scratch.len());
+            r = self
+                .link
+                .read_in_frame(&mut scratch[..n], deadline, "a refused payload");
+            left -= n;
+        }
+        self.state.scratch = scratch;
+        r
+    }
+}
