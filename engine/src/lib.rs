@@ -1,7 +1,7 @@
 //! Parallel's engine: everything that moves bytes between threads, processes and hosts.
 //!
-//! Layers (STYLE.md): `wire`, `value`, `buffer` -> `runtime` -> `transport` -> `endpoint`,
-//! `workers` (map, pools and work queues).
+//! Layers (STYLE.md): `wire`, `value`, `buffer` -> `runtime` -> `transport` -> `endpoint`.
+//! Map, pools and work queues are the crate parallel-workers, on top of this one.
 //! The engine knows nothing of Python or collectives.
 
 pub mod buffer;
@@ -11,12 +11,10 @@ pub mod endpoint;
 pub mod error;
 pub mod log;
 pub mod runtime;
-pub(crate) mod sync;
 pub mod topology;
 pub mod transport;
 pub mod value;
 pub mod wire;
-pub mod workers;
 
 pub use endpoint::{Client, Conn, Server};
 pub use error::{Error, ErrorKind, Result};

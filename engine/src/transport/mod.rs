@@ -20,7 +20,8 @@
 
 pub mod handshake;
 pub(crate) mod shm;
-pub(crate) mod sys;
+/// System calls shared with parallel-workers (memfd, eventfd, Unix sockets passing fds).
+pub mod sys;
 /// Randomness from the OS generator only (nonces, names): an error where there is none.
 pub use sys::{random_bytes, random_hex};
 

@@ -49,11 +49,11 @@
 //!   exist.
 
 use super::event::{Event, EventWords};
-use crate::error::{Error, ErrorKind, Result, protocol};
-use crate::runtime::Deadline;
-use crate::transport::sys;
-use crate::value::{Key, Tensor, Value};
-use crate::wire::{self, FrameKind, Header as WireHeader, Limits, SegKind};
+use crate::sys;
+use parallel_engine::error::{Error, ErrorKind, Result, protocol};
+use parallel_engine::runtime::Deadline;
+use parallel_engine::value::{Key, Tensor, Value};
+use parallel_engine::wire::{self, FrameKind, Header as WireHeader, Limits, SegKind};
 use rkyv::util::AlignedVec;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
@@ -814,11 +814,11 @@ impl Segment {
     /// reference (no copy), and readers in any process view the same memory.
     pub(crate) fn empty_tensor(
         self: &Arc<Self>,
-        dtype: crate::DType,
+        dtype: parallel_engine::DType,
         shape: Vec<usize>,
         deadline: Deadline,
     ) -> Result<Tensor> {
-        let bytes = crate::value::byte_len(dtype, &shape)?;
+        let bytes = parallel_engine::value::byte_len(dtype, &shape)?;
         let off = self.alloc(bytes.max(1), deadline)?;
         let lease = self.lease(off);
         let keep: Arc<dyn std::any::Any + Send + Sync> = lease;
@@ -829,7 +829,7 @@ impl Segment {
                 dtype,
                 shape,
                 None,
-                crate::Device::Cpu,
+                parallel_engine::Device::Cpu,
                 self.payload(off),
                 bytes as usize,
                 keep,
@@ -1139,7 +1139,7 @@ impl Segment {
                             shape.clone(),
                             None,
                             // The arena is host memory, whatever device the writer named.
-                            crate::Device::Cpu,
+                            parallel_engine::Device::Cpu,
                             src,
                             s.len as usize,
                             keep,
@@ -1148,7 +1148,7 @@ impl Segment {
                     filled.push(wire::Filled::Out(tensors.len() - 1));
                 }
                 _ => {
-                    let mut buf = crate::buffer::Buf::with_len(s.len as usize)?;
+                    let mut buf = parallel_engine::buffer::Buf::with_len(s.len as usize)?;
                     // SAFETY: in bounds (checked above); buf has s.len bytes.
                     unsafe { std::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), s.len as usize) };
                     filled.push(wire::Filled::Buf(buf));
@@ -1417,7 +1417,8 @@ mod tests {
     #[test]
     fn shq_4_items_round_trip_and_tensors_view_the_block() {
         let seg = Segment::create("t", 4, 16 << 20).unwrap();
-        let t = Tensor::from_bytes(crate::DType::I32, vec![2, 2], (0..16u8).collect()).unwrap();
+        let t = Tensor::from_bytes(parallel_engine::DType::I32, vec![2, 2], (0..16u8).collect())
+            .unwrap();
         let v = Value::List(vec![
             Value::str("a"),
             Value::Tensor(t),
@@ -1430,7 +1431,7 @@ mod tests {
         let tt = items[1].as_tensor().unwrap();
         assert!(matches!(
             tt.storage(),
-            crate::value::Storage::Foreign { .. }
+            parallel_engine::value::Storage::Foreign { .. }
         ));
         assert_eq!(tt.bytes().unwrap(), &(0..16u8).collect::<Vec<_>>()[..]);
         let arena = seg.base as usize + seg.arena_off as usize;
@@ -1446,7 +1447,7 @@ mod tests {
         // The tensor's block returns to the free list once the value is dropped, and is reused.
         let first = tt.data_ptr();
         drop(got);
-        let t2 = Tensor::from_bytes(crate::DType::I32, vec![2, 2], vec![1; 16]).unwrap();
+        let t2 = Tensor::from_bytes(parallel_engine::DType::I32, vec![2, 2], vec![1; 16]).unwrap();
         seg.push(
             ANSWERS,
             &[Value::List(vec![
@@ -1469,10 +1470,12 @@ mod tests {
     #[test]
     fn shq_2_back_pressure_on_a_full_arena_times_out() {
         let seg = Segment::create("full", 8, 1 << 20).unwrap();
-        let big = Tensor::from_bytes(crate::DType::U8, vec![600_000], vec![0; 600_000]).unwrap();
+        let big = Tensor::from_bytes(parallel_engine::DType::U8, vec![600_000], vec![0; 600_000])
+            .unwrap();
         seg.push(ANSWERS, &[Value::Tensor(big)], dl(5)).unwrap();
         let held = seg.try_pop(ANSWERS, dl(5)).unwrap().unwrap();
-        let big = Tensor::from_bytes(crate::DType::U8, vec![600_000], vec![0; 600_000]).unwrap();
+        let big = Tensor::from_bytes(parallel_engine::DType::U8, vec![600_000], vec![0; 600_000])
+            .unwrap();
         let e = seg
             .push(
                 ANSWERS,
@@ -1482,7 +1485,8 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
         drop(held);
-        let big = Tensor::from_bytes(crate::DType::U8, vec![600_000], vec![0; 600_000]).unwrap();
+        let big = Tensor::from_bytes(parallel_engine::DType::U8, vec![600_000], vec![0; 600_000])
+            .unwrap();
         seg.push(ANSWERS, &[Value::Tensor(big)], dl(5)).unwrap();
     }
 
@@ -1506,7 +1510,7 @@ mod tests {
     fn shq_arena_tensors_travel_by_reference_and_live_while_needed() {
         let seg = Segment::create("byref", 4, 8 << 20).unwrap();
         let mut t = seg
-            .empty_tensor(crate::DType::U8, vec![1 << 20], dl(5))
+            .empty_tensor(parallel_engine::DType::U8, vec![1 << 20], dl(5))
             .unwrap();
         let ptr = t.data_mut_ptr();
         // SAFETY: the tensor owns 1 MiB at ptr.
@@ -1528,7 +1532,7 @@ mod tests {
         drop(back);
         // Everything released: the 1 MiB block is reused by the next allocation of its class.
         let t2 = seg
-            .empty_tensor(crate::DType::U8, vec![1 << 20], dl(5))
+            .empty_tensor(parallel_engine::DType::U8, vec![1 << 20], dl(5))
             .unwrap();
         assert_eq!(t2.data_ptr(), ptr as *const u8);
     }

@@ -52,11 +52,11 @@
 
 use super::queue::{Channel, Rejected, Role, end_of_queue};
 use super::shared::{ANSWERS, EV_SPACE, QUESTIONS, Segment, alive};
-use crate::config::config;
-use crate::error::{Error, ErrorKind, Result};
-use crate::runtime::{Deadline, Interest, wait_once};
-use crate::transport::sys;
-use crate::value::Value;
+use crate::sys;
+use parallel_engine::config::config;
+use parallel_engine::error::{Error, ErrorKind, Result};
+use parallel_engine::runtime::{Deadline, Interest, wait_once};
+use parallel_engine::value::Value;
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::AtomicU64;
@@ -177,7 +177,7 @@ fn prefix(s: &str, n: usize) -> &str {
 }
 
 fn peer_uid(fd: RawFd) -> Option<u32> {
-    crate::transport::sys::peer_cred(fd).ok().map(|c| c.uid)
+    crate::sys::peer_cred(fd).ok().map(|c| c.uid)
 }
 
 fn errno(e: &Error) -> Option<i32> {
@@ -195,7 +195,7 @@ impl HostQueue {
     /// Creates the queue `name` (this handle is its owner) or opens it (a worker handle), from
     /// any process of this host (HQ-1). `timeout` bounds the hand-shake with the creator.
     pub fn open(name: &str, timeout: Option<Duration>) -> Result<HostQueue> {
-        crate::config::try_config()?; // CONFIG-4
+        parallel_engine::config::try_config()?; // CONFIG-4
         if name.is_empty() || name.contains('\0') {
             return Err(Error::new(
                 ErrorKind::Config,
@@ -386,10 +386,10 @@ impl HostQueue {
     /// holds arena space until every copy of it (yours and the readers') is dropped.
     pub fn empty_tensor(
         &self,
-        dtype: crate::DType,
+        dtype: parallel_engine::DType,
         shape: Vec<usize>,
         timeout: Option<Duration>,
-    ) -> Result<crate::Tensor> {
+    ) -> Result<parallel_engine::Tensor> {
         self.inner
             .seg
             .empty_tensor(dtype, shape, Deadline::or_default(timeout))
@@ -770,7 +770,7 @@ impl HostQueue {
     fn reap(&self, deadline: Deadline) -> Result<()> {
         let now = self.inner.born.elapsed().as_millis() as u64;
         let last = self.inner.last_reap_ms.load(Ordering::SeqCst);
-        if now.saturating_sub(last) < crate::runtime::SLICE.as_millis() as u64
+        if now.saturating_sub(last) < parallel_engine::runtime::SLICE.as_millis() as u64
             || self
                 .inner
                 .last_reap_ms
@@ -949,7 +949,7 @@ fn serve(listener: OwnedFd, stop: RawFd, inner: Weak<Inner>) {
         }
         // SAFETY: a fresh fd from accept4.
         let conn = unsafe { OwnedFd::from_raw_fd(c) };
-        let cred = crate::transport::sys::peer_cred(conn.as_raw_fd()).ok();
+        let cred = crate::sys::peer_cred(conn.as_raw_fd()).ok();
         if cred.map(|c| c.uid) != Some(my_uid()) {
             tracing::warn!(
                 "refused a process of another user that tried to open work queue {:?}",

@@ -30,10 +30,10 @@
 
 use super::event::Event;
 use super::ring::Ring;
-use crate::config::config;
-use crate::error::{Error, ErrorKind, Result};
-use crate::runtime::Deadline;
 use crate::sync::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use parallel_engine::config::config;
+use parallel_engine::error::{Error, ErrorKind, Result};
+use parallel_engine::runtime::Deadline;
 use std::any::Any;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
