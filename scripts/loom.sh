@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Model-checks the lock-free synchronisation of the engine with loom: the work queue's ring
-# (engine/src/workers/ring.rs: Vyukov sequence numbers, batch push) and its parking protocol
-# (engine/src/workers/event.rs), which take their atomics from engine/src/sync.rs (SYNC-1), so a
-# `--cfg loom` build swaps in loom's model-checked types and explores every interleaving.
+# Model-checks the lock-free synchronisation of the work queues (crate parallel-workers) with
+# loom: the work queue's ring (workers/src/ring.rs: Vyukov sequence numbers, batch push) and its
+# parking protocol (workers/src/event.rs), which take their atomics from workers/src/sync.rs
+# (SYNC-1), so a `--cfg loom` build swaps in loom's model-checked types and explores every
+# interleaving.
 #
 # Not part of CI (.ci/run): the loom cfg rebuilds every dependency (its own target directory,
 # target/loom) and exploring the models takes minutes. Run it after changing ring.rs, event.rs
@@ -12,4 +13,4 @@ cd "$(dirname "$0")/.."
 export RUSTFLAGS="--cfg loom ${RUSTFLAGS:-}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target/loom}"
 # LOOM_MAX_PREEMPTIONS bounds the search (the tests set their own where they need to).
-cargo test -p parallel-engine --release --lib loom "$@"
+cargo test -p parallel-workers --release --lib loom "$@"

@@ -5,8 +5,8 @@
 //!    MASTER_ADDR, MASTER_PORT), SLURM (SLURM_PROCID, SLURM_NTASKS, the first host of
 //!    SLURM_JOB_NODELIST in full hostlist syntax, see [`hostlist`]), Open MPI
 //!    (OMPI_COMM_WORLD_RANK/SIZE), PMI/PMIx (PMI_RANK/SIZE, PMIX_RANK). Every one is listed in
-//!    the engine's configuration (engine/src/config.rs, LAUNCHER) and read through it, checked
-//!    against its row.
+//!    the engine's configuration table (engine/src/config/table.rs) and read through its typed
+//!    handle (`var::RANK.read()`), checked against its row.
 //! 2. With a [`Store`] (torchrun's TCPStore from Python, a file, memory), rank and world size are
 //!    required: rank 0 listens on an OS-assigned port and publishes its addresses under
 //!    `<prefix>root`; the others read them from the store and connect (see [`store`]). Without
@@ -35,6 +35,7 @@ pub mod store;
 pub use store::{MemStore, Store};
 
 use crate::plan::{Plan, Probe, dict};
+use parallel_engine::config::{Key, var};
 use parallel_engine::endpoint::Conn;
 use parallel_engine::value::Value;
 use parallel_engine::{Client, Error, ErrorKind, Result, Server};
@@ -60,18 +61,12 @@ pub struct TreeOptions {
     pub store_prefix: String,
 }
 
-/// A launcher variable, read through the engine's configuration, which lists every variable
-/// (TABLE and LAUNCHER in engine/src/config.rs) and checks it against its row: a malformed value
-/// is a `Config` error naming it.
-fn env(name: &str) -> Result<Option<String>> {
-    parallel_engine::config::launcher_var(name)
-}
-
-/// The first of `names` that is set, as a whole number checked against its row.
-fn first_uint(names: &[&'static str]) -> Result<Option<(&'static str, usize)>> {
-    for n in names {
-        if let Some(v) = parallel_engine::config::launcher_uint(n)? {
-            return Ok(Some((n, v as usize)));
+/// The first of `keys` that is set, as a whole number checked against its row (each a typed
+/// handle of the engine's configuration table, engine/src/config/table.rs).
+fn first_uint(keys: &[&'static Key<Option<u64>>]) -> Result<Option<(&'static str, usize)>> {
+    for k in keys {
+        if let Some(v) = k.read()? {
+            return Ok(Some((k.var.name, v as usize)));
         }
     }
     Ok(None)
@@ -97,12 +92,12 @@ pub fn resolve(opts: &TreeOptions) -> Result<Resolved> {
     let (rank, rank_src) = match opts.rank {
         Some(r) => (Some(r), "arguments"),
         None => match first_uint(&[
-            "PARALLEL_RANK",
-            "RANK",
-            "SLURM_PROCID",
-            "OMPI_COMM_WORLD_RANK",
-            "PMI_RANK",
-            "PMIX_RANK",
+            &var::PARALLEL_RANK,
+            &var::RANK,
+            &var::SLURM_PROCID,
+            &var::OMPI_COMM_WORLD_RANK,
+            &var::PMI_RANK,
+            &var::PMIX_RANK,
         ])? {
             Some((n, v)) => (Some(v), n),
             None => (None, "root-assigned"),
@@ -111,11 +106,11 @@ pub fn resolve(opts: &TreeOptions) -> Result<Resolved> {
     let world = match opts.world_size {
         Some(w) => w,
         None => match first_uint(&[
-            "PARALLEL_WORLD_SIZE",
-            "WORLD_SIZE",
-            "SLURM_NTASKS",
-            "OMPI_COMM_WORLD_SIZE",
-            "PMI_SIZE",
+            &var::PARALLEL_WORLD_SIZE,
+            &var::WORLD_SIZE,
+            &var::SLURM_NTASKS,
+            &var::OMPI_COMM_WORLD_SIZE,
+            &var::PMI_SIZE,
         ])? {
             Some((_, v)) => v,
             None => {
@@ -139,7 +134,7 @@ pub fn resolve(opts: &TreeOptions) -> Result<Resolved> {
         let hint = match (store.host(), &opts.root) {
             (Some(h), _) => Some(h),
             (None, Some(r)) => Some(split_host_port(r)?.0),
-            (None, None) => env("MASTER_ADDR")?,
+            (None, None) => var::MASTER_ADDR.read()?,
         };
         return Ok(Resolved {
             rank: Some(rank),
@@ -186,14 +181,15 @@ fn check_world_rank(world: usize, rank: Option<usize>) -> Result<()> {
 
 /// Whether this process runs under torchrun (its agent sets these in every worker).
 fn under_torchrun() -> Result<bool> {
-    Ok(env("TORCHELASTIC_RUN_ID")?.is_some() || env("TORCHELASTIC_USE_AGENT_STORE")?.is_some())
+    Ok(var::TORCHELASTIC_RUN_ID.read()?.is_some()
+        || var::TORCHELASTIC_USE_AGENT_STORE.read()?.is_some())
 }
 
 /// SLURM's host list variable and its value, the newer name first.
 fn slurm_nodelist() -> Result<Option<(&'static str, String)>> {
-    for var in ["SLURM_JOB_NODELIST", "SLURM_NODELIST"] {
-        if let Some(v) = env(var)? {
-            return Ok(Some((var, v)));
+    for key in [&var::SLURM_JOB_NODELIST, &var::SLURM_NODELIST] {
+        if let Some(v) = key.read()? {
+            return Ok(Some((key.var.name, v)));
         }
     }
     Ok(None)
@@ -205,7 +201,7 @@ fn root_address(opts: &TreeOptions) -> Result<String> {
     if let Some(r) = &opts.root {
         return Ok(r.clone());
     }
-    if let Some(r) = env("PARALLEL_ROOT")? {
+    if let Some(r) = var::PARALLEL_ROOT.read()? {
         return Ok(r);
     }
     if under_torchrun()? {
@@ -218,8 +214,8 @@ fn root_address(opts: &TreeOptions) -> Result<String> {
              (TreeOptions.store), or set PARALLEL_ROOT to a free host:port on rank 0's host",
         ));
     }
-    let port = parallel_engine::config::launcher_uint("MASTER_PORT")?.unwrap_or(29500);
-    if let Some(a) = env("MASTER_ADDR")? {
+    let port = var::MASTER_PORT.read()?;
+    if let Some(a) = var::MASTER_ADDR.read()? {
         return Ok(format!("{a}:{port}"));
     }
     if let Some((var, list)) = slurm_nodelist()? {
@@ -262,25 +258,27 @@ fn split_host_port(root: &str) -> Result<(String, u16)> {
 fn launcher_host_of(k: usize) -> Option<String> {
     let torchrun = under_torchrun().ok()?;
     if torchrun {
-        let per_node = parallel_engine::config::launcher_uint("LOCAL_WORLD_SIZE").ok()??;
+        let per_node = var::LOCAL_WORLD_SIZE.read().ok()??;
         let node = k / per_node.max(1) as usize;
-        let mine = parallel_engine::config::launcher_uint("GROUP_RANK").ok()?;
+        let mine = var::GROUP_RANK.read().ok()?;
         return Some(if mine == Some(node as u64) {
             format!("torchrun node {node}, this one")
         } else {
             format!("torchrun node {node}")
         });
     }
-    if env("SLURM_PROCID").ok()?.is_some()
-        && let (Some((var, list)), Some(tasks)) =
-            (slurm_nodelist().ok()?, env("SLURM_TASKS_PER_NODE").ok()?)
+    if var::SLURM_PROCID.read().ok()?.is_some()
+        && let (Some((var, list)), Some(tasks)) = (
+            slurm_nodelist().ok()?,
+            var::SLURM_TASKS_PER_NODE.read().ok()?,
+        )
     {
         let hosts = hostlist::expand_hostlist(var, &list).ok()?;
         let tasks = hostlist::expand_tasks_per_node("SLURM_TASKS_PER_NODE", &tasks).ok()?;
         return hostlist::host_of_rank(&hosts, &tasks, k).map(|h| format!("host {h}"));
     }
     (k == 0)
-        .then(|| env("MASTER_ADDR").ok().flatten())
+        .then(|| var::MASTER_ADDR.read().ok().flatten())
         .flatten()
         .map(|h| format!("host {h}"))
 }
@@ -342,7 +340,7 @@ fn ipv4_interfaces() -> Result<Vec<(String, std::net::Ipv4Addr)>> {
 
 /// The address of the interface named by PARALLEL_IFNAME, if set.
 fn ifname_addr() -> Result<Option<String>> {
-    let Some(name) = env("PARALLEL_IFNAME")? else {
+    let Some(name) = var::PARALLEL_IFNAME.read()? else {
         return Ok(None);
     };
     ipv4_interfaces()?

@@ -166,6 +166,8 @@ pub(crate) fn timeout(op: &'static str, what: impl fmt::Display) -> Error {
     )
 }
 
-pub(crate) fn protocol(op: &'static str, what: impl Into<String>) -> Error {
+/// A `Protocol` error: bytes from a peer or from shared memory broke the format (public for
+/// parallel-workers, which decodes shared memory too).
+pub fn protocol(op: &'static str, what: impl Into<String>) -> Error {
     Error::new(ErrorKind::Protocol, op, what)
 }

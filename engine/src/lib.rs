@@ -1,7 +1,7 @@
 //! Parallel's engine: everything that moves bytes between threads, processes and hosts.
 //!
-//! Layers (STYLE.md): `wire`, `value`, `buffer` -> `runtime` -> `link` -> `endpoint`,
-//! `workers` (map, pools and work queues).
+//! Layers (STYLE.md): `wire`, `value`, `buffer` -> `runtime` -> `link` -> `endpoint`.
+//! Map, pools and work queues are the crate parallel-workers, on top of this one.
 //! The engine knows nothing of Python or collectives.
 
 pub mod buffer;
@@ -12,7 +12,6 @@ pub mod error;
 pub mod link;
 pub mod log;
 pub mod runtime;
-pub(crate) mod sync;
 pub mod topology;
 /// The old path of [`link`] (the module was `transport` before link kinds had modules of their
 /// own): kept so code written against it still builds; new code names `link`.
@@ -22,7 +21,6 @@ pub mod transport {
 }
 pub mod value;
 pub mod wire;
-pub mod workers;
 
 pub use endpoint::{Client, Conn, Server};
 pub use error::{Error, ErrorKind, Result};

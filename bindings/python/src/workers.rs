@@ -20,7 +20,7 @@ use crate::errors::IntoPyResult;
 use crate::{convert, timeout, wait};
 use parallel_engine::Error;
 use parallel_engine::value::{DType, Value};
-use parallel_engine::workers::HostQueue;
+use parallel_workers::HostQueue;
 use pyo3::exceptions::PyStopIteration;
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;

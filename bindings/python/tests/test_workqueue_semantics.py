@@ -4,7 +4,7 @@
 
 Invariants checked: HQ-6 (no early end while a process attaches), HQ-7 / WQ-2 (write
 back-pressure), WQA-1..3 / WQ-7 (drain settles answered or abandoned questions; a worker
-process killed holding questions is a named error), in engine/src/workers/host.rs and queue.rs.
+process killed holding questions is a named error), in workers/src/host/ and queue/.
 
 Scripts run in child processes where the test needs its own configuration (a small capacity, a
 short PARALLEL_TIMEOUT so that a regression fails instead of hanging).

@@ -34,7 +34,8 @@ mod recv;
 pub mod scope;
 mod send;
 pub mod shm;
-pub(crate) mod sys;
+/// System calls shared with parallel-workers (memfd, eventfd, Unix sockets passing fds).
+pub mod sys;
 pub mod tcp;
 
 pub use kinds::{Cost, End, Kind, Policy, choose, kinds};

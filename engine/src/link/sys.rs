@@ -1,10 +1,13 @@
 //! Small, checked wrappers over the socket, memfd, eventfd and process_vm_readv system calls.
+//! The `pub` ones are the engine API parallel-workers builds its host queues on; the rest stay
+//! inside the engine.
 
 use crate::error::{Error, ErrorKind, Result};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-pub(crate) fn last(op: &'static str, what: &str) -> Error {
+/// An `Os` error from `errno` of the call that just failed.
+pub fn last(op: &'static str, what: &str) -> Error {
     Error::os(op, what, std::io::Error::last_os_error())
 }
 
@@ -73,7 +76,8 @@ pub(crate) fn from_sockaddr(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
     }
 }
 
-pub(crate) fn socket(family: libc::c_int, ty: libc::c_int) -> Result<OwnedFd> {
+/// A non-blocking, close-on-exec socket.
+pub fn socket(family: libc::c_int, ty: libc::c_int) -> Result<OwnedFd> {
     // SAFETY: plain syscall; the fd is owned on success.
     let fd = check(
         unsafe { libc::socket(family, ty | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK, 0) },
@@ -167,7 +171,8 @@ pub fn random_hex<const N: usize>() -> Result<String> {
         .collect())
 }
 
-pub(crate) fn eventfd() -> Result<OwnedFd> {
+/// A non-blocking, close-on-exec eventfd (counter 0).
+pub fn eventfd() -> Result<OwnedFd> {
     // SAFETY: plain syscall.
     let fd = check(
         unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) },
@@ -178,7 +183,8 @@ pub(crate) fn eventfd() -> Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-pub(crate) fn eventfd_signal(fd: RawFd) {
+/// Adds one to an eventfd's counter, waking its readers.
+pub fn eventfd_signal(fd: RawFd) {
     let one: u64 = 1;
     // SAFETY: writing 8 bytes from a valid u64; EAGAIN (counter full) is harmless.
     unsafe { libc::write(fd, &one as *const u64 as *const libc::c_void, 8) };
@@ -197,7 +203,7 @@ pub(crate) const SEALS: libc::c_int = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | 
 /// Creates a memfd of `size` bytes and seals its size (SEAL-1): no process that reaches the file
 /// later (by the fd we pass, or through /proc/<pid>/fd) can shrink it under our mapping, which
 /// would turn our next access into SIGBUS.
-pub(crate) fn memfd(name: &str, size: usize) -> Result<OwnedFd> {
+pub fn memfd(name: &str, size: usize) -> Result<OwnedFd> {
     let cname = std::ffi::CString::new(name).expect("no NUL");
     // SAFETY: valid C string; anonymous memory file, nothing appears in /dev/shm.
     let fd = check(
@@ -219,7 +225,7 @@ pub(crate) fn memfd(name: &str, size: usize) -> Result<OwnedFd> {
 /// Checks a shared segment received from another process before we map it (SEAL-2): it must be
 /// a memfd on tmpfs (not hugetlbfs, whose faults can fail with SIGBUS), sealed against any change
 /// of size (`SEALS`), and exactly `want` bytes long (`None`: any size). Returns its size.
-pub(crate) fn check_sealed(fd: RawFd, want: Option<usize>, op: &'static str) -> Result<usize> {
+pub fn check_sealed(fd: RawFd, want: Option<usize>, op: &'static str) -> Result<usize> {
     const TMPFS_MAGIC: i64 = 0x0102_1994;
     let refuse = |why: String| {
         crate::error::protocol(
@@ -263,7 +269,7 @@ pub(crate) fn check_sealed(fd: RawFd, want: Option<usize>, op: &'static str) -> 
 }
 
 /// Creates a listening abstract-namespace Unix socket (no file on disk; gone when closed).
-pub(crate) fn unix_listen_abstract(name: &[u8]) -> Result<OwnedFd> {
+pub fn unix_listen_abstract(name: &[u8]) -> Result<OwnedFd> {
     let fd = socket(libc::AF_UNIX, libc::SOCK_STREAM)?;
     let (addr, len) = abstract_addr(name);
     // SAFETY: valid sockaddr_un of `len` bytes.
@@ -281,7 +287,8 @@ pub(crate) fn unix_listen_abstract(name: &[u8]) -> Result<OwnedFd> {
     Ok(fd)
 }
 
-pub(crate) fn abstract_addr(name: &[u8]) -> (libc::sockaddr_un, libc::socklen_t) {
+/// The address of an abstract-namespace Unix socket named `name`.
+pub fn abstract_addr(name: &[u8]) -> (libc::sockaddr_un, libc::socklen_t) {
     // SAFETY: zeroed sockaddr_un is valid.
     let mut a: libc::sockaddr_un = unsafe { std::mem::zeroed() };
     a.sun_family = libc::AF_UNIX as libc::sa_family_t;
@@ -296,7 +303,7 @@ pub(crate) fn abstract_addr(name: &[u8]) -> (libc::sockaddr_un, libc::socklen_t)
 }
 
 /// Sends `data` with file descriptors attached (SCM_RIGHTS) on a connected Unix socket.
-pub(crate) fn send_fds(sock: RawFd, data: &[u8], fds: &[RawFd]) -> Result<()> {
+pub fn send_fds(sock: RawFd, data: &[u8], fds: &[RawFd]) -> Result<()> {
     let space = unsafe_cmsg_space(fds.len());
     let mut cbuf = vec![0u8; space];
     let mut iov = libc::iovec {
@@ -331,7 +338,7 @@ fn unsafe_cmsg_space(n: usize) -> usize {
 }
 
 /// Receives up to `data.len()` bytes and exactly `nfds` descriptors.
-pub(crate) fn recv_fds(sock: RawFd, data: &mut [u8], nfds: usize) -> Result<(usize, Vec<OwnedFd>)> {
+pub fn recv_fds(sock: RawFd, data: &mut [u8], nfds: usize) -> Result<(usize, Vec<OwnedFd>)> {
     let space = unsafe_cmsg_space(nfds);
     let mut cbuf = vec![0u8; space];
     let mut iov = libc::iovec {
@@ -374,7 +381,7 @@ pub(crate) fn recv_fds(sock: RawFd, data: &mut [u8], nfds: usize) -> Result<(usi
 }
 
 /// The credentials (pid, uid, gid) of the process at the other end of a Unix socket.
-pub(crate) fn peer_cred(sock: RawFd) -> Result<libc::ucred> {
+pub fn peer_cred(sock: RawFd) -> Result<libc::ucred> {
     let mut cred = libc::ucred {
         pid: 0,
         uid: 0,

@@ -13,8 +13,8 @@
 //!   jobs, then its threads exit.
 
 use super::queue::Channel;
-use crate::error::{Error, ErrorKind, Result};
-use crate::runtime::{Completion, Deadline};
+use parallel_engine::error::{Error, ErrorKind, Result};
+use parallel_engine::runtime::{Completion, Deadline};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
@@ -55,7 +55,7 @@ where
     T: Send + 'static,
     F: Fn(usize) -> T + Send + Sync + 'static,
 {
-    crate::config::try_config()?; // CONFIG-4
+    parallel_engine::config::try_config()?; // CONFIG-4
     let f = Arc::new(f);
     let slots: Vec<Completion<T>> = (0..n).map(|_| Completion::default()).collect();
     let mut threads = Vec::with_capacity(n);
@@ -195,7 +195,7 @@ impl Pool {
     /// A pool of `n` threads (0: one per usable core). Jobs queue up to
     /// `PARALLEL_WORKQUEUE_CAPACITY`; `submit` waits for room beyond that.
     pub fn new(n: usize) -> Result<Pool> {
-        crate::config::try_config()?; // CONFIG-4
+        parallel_engine::config::try_config()?; // CONFIG-4
         let n = if n == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         } else {

@@ -14,12 +14,12 @@
 //!   and the futex compares the word's latest value, so the outcome "both read stale values" of
 //!   the store-buffer pattern cannot occur. Loom checks this with the futex modelled
 //!   by a mutex and condition variable (`loom_event_no_lost_wakeup`).
-//! - EVENT-2: every wait has a deadline and runs in slices ([`crate::runtime::SLICE`]) with the
+//! - EVENT-2: every wait has a deadline and runs in slices ([`parallel_engine::runtime::SLICE`]) with the
 //!   interrupt check between them (RT-1); a waiter always takes itself out of `waiters`.
 
-use crate::error::Result;
-use crate::runtime::Deadline;
 use crate::sync::{AtomicU32, Ordering};
+use parallel_engine::error::Result;
+use parallel_engine::runtime::Deadline;
 use std::time::{Duration, Instant};
 
 /// The two words of an event, in process or shared memory.

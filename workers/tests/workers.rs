@@ -1,6 +1,6 @@
 //! Workers: map, pools, and work queues between threads and between processes.
 //!
-//! Invariants checked (defined in the module docs of engine/src/workers/):
+//! Invariants checked (defined in the module docs of workers/src/):
 //! - MAP-1..3 (map.rs): results in worker order; a panicking worker is a `Worker` error naming it;
 //!   a timed-out join can be repeated.
 //! - WQ-1..5 (queue.rs): end of queue for workers and owner, back-pressure with the item given
@@ -17,8 +17,8 @@
 //!
 //! Child processes re-run this test binary's ignored `child` test with `PARALLEL_TEST_CHILD` set.
 
-use parallel_engine::workers::{Channel, HostQueue, Pool, Role, WorkQueue, map};
 use parallel_engine::{DType, ErrorKind, Tensor, Value};
+use parallel_workers::{Channel, HostQueue, Pool, Role, WorkQueue, map};
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;

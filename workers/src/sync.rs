@@ -1,8 +1,8 @@
 //! The synchronisation primitives that lock-free code uses, swappable for loom.
 //!
 //! Ordinary builds re-export `std`; `RUSTFLAGS="--cfg loom"` swaps in loom's model-checked
-//! versions, so the lock-free ring and the parking protocol of `workers` are explored over every
-//! interleaving (`RUSTFLAGS="--cfg loom" cargo test -p parallel-engine --release --lib loom`).
+//! versions, so the lock-free ring and the parking protocol of the work queues are explored over every
+//! interleaving (`RUSTFLAGS="--cfg loom" cargo test -p parallel-workers --release --lib loom`).
 //!
 //! Invariants:
 //! - SYNC-1: code that must be model-checked imports its atomics, `Arc`, `Mutex`, `Condvar` and
