@@ -89,6 +89,12 @@ pub const TABLE: &[Var] = &[
         doc: "Cores the reactor threads are pinned to, as a list like `0-3,6`. Empty: the cores of the process's affinity mask, round-robin. Pinning failures are logged, not fatal.",
     },
     Var {
+        name: "PARALLEL_PIN",
+        kind: VarKind::Bool,
+        default: "1",
+        doc: "Pin each reactor thread to one core. With PARALLEL_CPUS unset, processes of one host (torchrun's LOCAL_RANK and LOCAL_WORLD_SIZE) get disjoint cores, physical cores before SMT siblings, each preferring the NUMA node of its GPU (the LOCAL_RANK-th GPU in PCI order) when the topology shows one; a process whose affinity mask is narrower than the machine keeps that mask. 0: no pinning. A refused pin is logged, never fatal.",
+    },
+    Var {
         name: "PARALLEL_TIMEOUT",
         kind: VarKind::Seconds,
         default: "600",
@@ -402,6 +408,15 @@ pub const LAUNCHER: &[Var] = &[
         doc: "torchrun: processes per node; with GROUP_RANK it names the node of a rank that never arrives.",
     },
     Var {
+        name: "LOCAL_RANK",
+        kind: VarKind::Int {
+            min: 0,
+            max: MAX_RANKS,
+        },
+        default: "",
+        doc: "torchrun: this process's index among the processes of its node; with LOCAL_WORLD_SIZE it picks the reactors' share of the cores (PARALLEL_PIN).",
+    },
+    Var {
         name: "GROUP_RANK",
         kind: VarKind::Int {
             min: 0,
@@ -498,6 +513,7 @@ pub struct Config {
     pub io: IoChoice,
     pub threads: usize,
     pub cpus: Vec<usize>,
+    pub pin: bool,
     pub timeout: Duration,
     pub connect_timeout: Duration,
     pub handshake_timeout: Duration,
@@ -979,6 +995,7 @@ impl Config {
             io,
             threads: v.n("PARALLEL_THREADS")?,
             cpus,
+            pin: v.b("PARALLEL_PIN")?,
             timeout: v.d("PARALLEL_TIMEOUT")?,
             connect_timeout: v.d("PARALLEL_CONNECT_TIMEOUT")?,
             handshake_timeout: v.d("PARALLEL_HANDSHAKE_TIMEOUT")?,
