@@ -86,7 +86,7 @@ pub const TABLE: &[Var] = &[
         name: "PARALLEL_CPUS",
         kind: VarKind::Text,
         default: "",
-        doc: "Cores the reactor threads are pinned to, as a list like `0-3,6`. Empty: the cores of the process's affinity mask, round-robin. Pinning failures are logged, not fatal.",
+        doc: "Cores the reactor threads are pinned to, as a list like `0-3,6`. Empty: this process's share of the host's cores (see PARALLEL_PIN), round-robin. Pinning failures are logged, not fatal.",
     },
     Var {
         name: "PARALLEL_PIN",
