@@ -24,7 +24,7 @@ pub mod hwloc;
 pub mod pin;
 pub mod sysfs;
 
-pub use pin::{pin_current_thread, reactor_cpus};
+pub use pin::{Share, pin_current_thread, reactor_cpus, reactor_share};
 
 /// A stable identity of "this host" as far as shared memory is concerned (TOPO-1).
 pub fn host_identity() -> &'static str {

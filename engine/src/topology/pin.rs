@@ -135,15 +135,14 @@ pub fn plan_share(
     }
 }
 
-/// The process's affinity mask (all online CPUs if it cannot be read).
+/// The process's affinity mask (all online CPUs if it cannot be read); never empty.
 fn affinity_mask(topo: &Topology) -> Vec<usize> {
     match core_affinity::get_core_ids() {
         Some(ids) if !ids.is_empty() => ids.into_iter().map(|c| c.id).collect(),
-        _ => topo
-            .cores
-            .iter()
-            .flat_map(|c| c.cpus.iter().copied())
-            .collect(),
+        _ => {
+            let all: Vec<usize> = topo.cores.iter().flat_map(|c| c.cpus.clone()).collect();
+            if all.is_empty() { vec![0] } else { all }
+        }
     }
 }
 
@@ -159,30 +158,37 @@ fn local_rank() -> Option<(usize, usize)> {
     Some((get("LOCAL_RANK")?, get("LOCAL_WORLD_SIZE")?))
 }
 
-/// The CPUs the reactor threads run on, reactor `i` on `cpus[i % len]`; never empty. Decided once
-/// per process and logged at info. PARALLEL_CPUS when set (PIN-2), else this process's share.
-pub fn reactor_cpus() -> &'static [usize] {
-    static CPUS: OnceLock<Vec<usize>> = OnceLock::new();
-    CPUS.get_or_init(|| {
+/// The CPUs the reactor threads run on, reactor `i` on `cpus[i % len]`, and why; never empty.
+/// Decided once per process and logged at info. PARALLEL_CPUS when set (PIN-2), else this
+/// process's share ([`plan_share`]); with PARALLEL_PIN=0 the affinity mask (nothing is pinned).
+pub fn reactor_share() -> &'static Share {
+    static SHARE: OnceLock<Share> = OnceLock::new();
+    SHARE.get_or_init(|| {
         let cfg = config();
-        if !cfg.cpus.is_empty() {
-            tracing::info!("reactors on PARALLEL_CPUS={}", cpu_list(&cfg.cpus));
-            return cfg.cpus.clone();
-        }
         let topo = super::topology();
-        let allowed = affinity_mask(topo);
-        if !cfg.pin {
-            return allowed;
-        }
-        let narrowed = allowed.len() < topo.logical_cpus();
-        let share = plan_share(topo, &allowed, local_rank(), narrowed);
-        tracing::info!(
-            "reactors pinned to cpus {} ({})",
-            cpu_list(&share.cpus),
-            share.why
-        );
-        share.cpus
+        let share = if !cfg.cpus.is_empty() {
+            Share {
+                cpus: cfg.cpus.clone(),
+                why: "PARALLEL_CPUS".into(),
+            }
+        } else if !cfg.pin {
+            Share {
+                cpus: affinity_mask(topo),
+                why: "PARALLEL_PIN=0: not pinned".into(),
+            }
+        } else {
+            let allowed = affinity_mask(topo);
+            let narrowed = allowed.len() < topo.logical_cpus();
+            plan_share(topo, &allowed, local_rank(), narrowed)
+        };
+        tracing::info!("reactor cpus {} ({})", cpu_list(&share.cpus), share.why);
+        share
     })
+}
+
+/// [`reactor_share`]'s CPUs.
+pub fn reactor_cpus() -> &'static [usize] {
+    &reactor_share().cpus
 }
 
 /// Pins the calling thread to `cpu` unless PARALLEL_PIN=0. Returns whether it is pinned; a refusal
