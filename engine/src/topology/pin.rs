@@ -60,6 +60,7 @@ fn preferred_node(topo: &Topology, j: usize) -> Option<usize> {
         return gpus[j % gpus.len()].numa;
     }
     let mut nic_nodes: Vec<usize> = topo.nics().filter_map(|n| n.numa).collect();
+    nic_nodes.sort_unstable();
     nic_nodes.dedup();
     match (j, &nic_nodes[..]) {
         (0, [one]) => Some(*one),

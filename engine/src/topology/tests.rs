@@ -236,6 +236,25 @@ fn local_ranks_get_disjoint_physical_cores_near_their_gpu() {
 }
 
 #[test]
+fn without_gpus_the_host_leader_gets_the_cores_near_the_nic() {
+    let s = two_node_machine("leader");
+    for gpu in ["0000:3b:00.0", "0000:86:00.0"] {
+        std::fs::remove_file(s.0.join(format!("bus/pci/devices/{gpu}"))).unwrap();
+    }
+    s.file("devices/pci0000:00/0000:5e:00.0/numa_node", "1");
+    s.file("devices/pci0000:00/0000:5e:00.0/local_cpulist", "2-3,6-7");
+    let t = s.probe();
+    assert_eq!(t.gpus().count(), 0);
+    let all: Vec<usize> = (0..8).collect();
+    let leader = plan_share(&t, &all, Some((0, 2)), false);
+    assert_eq!(leader.cpus, vec![2, 3, 6, 7], "{}", leader.why);
+    assert_eq!(
+        plan_share(&t, &all, Some((1, 2)), false).cpus,
+        vec![0, 1, 4, 5]
+    );
+}
+
+#[test]
 fn more_local_ranks_than_cores_share_cores_instead_of_failing() {
     let t = two_node_machine("crowd").probe();
     let all: Vec<usize> = (0..8).collect();
