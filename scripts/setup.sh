@@ -10,10 +10,14 @@ VENV=${PARALLEL_VENV:-.venv}
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
-# Debian packages: iperf3 (bench peer), iproute2 (namespaced tests). Only when missing.
+# Debian packages: iperf3 (bench peer), iproute2 (namespaced tests), libhwloc-dev with
+# libudev-dev and pkg-config (the engine's `hwloc` feature; hwlocality-sys links libudev too).
+# Only when missing.
 need_apt=()
 command -v iperf3 >/dev/null 2>&1 || need_apt+=(iperf3)
 command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
+{ pkg-config --exists hwloc && pkg-config --exists libudev; } >/dev/null 2>&1 \
+  || need_apt+=(pkg-config libhwloc-dev libudev-dev)
 if [ ${#need_apt[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1; then
   log "apt-get install ${need_apt[*]}"
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}") >/dev/null 2>&1 \

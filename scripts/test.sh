@@ -17,6 +17,12 @@ cargo clippy --workspace --all-targets -q -- -D warnings
 # The libraries alone, as the wheel builds them: the real CUDA driver backend, not the simulated
 # device the tests enable (engine feature cuda-sim).
 cargo clippy -p parallel-engine -p parallel-collectives -p parallel-python --lib -q -- -D warnings
+# The hwloc topology probe (engine feature `hwloc`, off in the wheel) when libhwloc is here.
+if pkg-config --exists hwloc libudev 2>/dev/null; then
+  step "engine with --features hwloc: clippy, unit tests (hwloc vs sysfs)"
+  cargo clippy -p parallel-engine --all-targets --features hwloc -q -- -D warnings
+  cargo test -q -p parallel-engine --features hwloc --lib
+fi
 step "wheel: build (manylinux_2_28 abi3), install into a fresh venv, smoke test"
 bash scripts/wheel-smoke.sh
 step "ruff"

@@ -737,20 +737,6 @@ fn allowed_cpus() -> Vec<usize> {
         .collect()
 }
 
-fn pin_to(cpu: usize) {
-    // SAFETY: plain data manipulated with the libc helpers.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: cpu < CPU_SETSIZE is checked by the caller's list (parse limits it).
-    unsafe { libc::CPU_SET(cpu % libc::CPU_SETSIZE as usize, &mut set) };
-    // SAFETY: valid pointer and size; pins the calling thread.
-    if unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) } != 0 {
-        tracing::info!(
-            "could not pin a reactor to core {cpu}: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-}
-
 /// Blocks SIGINT and SIGTERM in the calling (engine-owned) thread, so they reach user threads.
 pub fn block_signals() {
     // SAFETY: building a signal set and masking it for this thread only.
@@ -781,12 +767,15 @@ impl Runtime {
             let queues = (0..n)
                 .map(|i| {
                     let (tx, rx) = mpsc::channel::<Task>();
-                    let cpu = cpus[i % cpus.len().max(1)];
+                    // Topology (PIN-1..4): this process's share of the host's cores; the count of
+                    // reactors above is unchanged.
+                    let pins = crate::topology::reactor_cpus();
+                    let cpu = pins[i % pins.len()];
                     let spawned = std::thread::Builder::new()
                         .name(format!("parallel-reactor-{i}"))
                         .spawn(move || {
                             block_signals();
-                            pin_to(cpu);
+                            crate::topology::pin_current_thread(cpu);
                             // Reactor threads never panic outward: a panicking task is contained.
                             while let Ok(task) = rx.recv() {
                                 if std::panic::catch_unwind(std::panic::AssertUnwindSafe(task))

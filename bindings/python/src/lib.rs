@@ -607,6 +607,56 @@ fn cuda_info() -> String {
     }
 }
 
+/// This host's topology (engine/src/topology): the probe and why, cores, NUMA nodes, caches, GPUs
+/// and NICs with their locality, the reactors' CPUs, and `lines` (key, text) for people.
+#[pyfunction]
+fn topology(py: Python<'_>) -> PyResult<Py<PyDict>> {
+    use parallel_engine::topology::{Device, cpu_list};
+    parallel_engine::config::try_config().py()?;
+    let t = parallel_engine::topology::topology();
+    let d = PyDict::new(py);
+    d.set_item("probe", t.probe.name())?;
+    d.set_item("reason", &t.reason)?;
+    d.set_item("cores", t.cores.len())?;
+    d.set_item("logical_cpus", t.logical_cpus())?;
+    let nodes = t
+        .numa_nodes
+        .iter()
+        .map(|n| {
+            let e = PyDict::new(py);
+            e.set_item("id", n.id)?;
+            e.set_item("cpus", cpu_list(&n.cpus))?;
+            e.set_item("memory_bytes", n.memory_bytes)?;
+            Ok(e)
+        })
+        .collect::<PyResult<Vec<_>>>()?;
+    d.set_item("numa_nodes", nodes)?;
+    let caches = PyDict::new(py);
+    for level in 1..=3 {
+        if let Some(b) = t.cache_bytes(level) {
+            caches.set_item(format!("L{level}"), b)?;
+        }
+    }
+    d.set_item("caches", caches)?;
+    let device = |x: &Device| -> PyResult<Bound<'_, PyDict>> {
+        let e = PyDict::new(py);
+        e.set_item("name", &x.name)?;
+        e.set_item("pci_bus_id", &x.pci_bus_id)?;
+        e.set_item("numa", x.numa)?;
+        e.set_item("cpus", cpu_list(&x.cpus))?;
+        Ok(e)
+    };
+    d.set_item("gpus", t.gpus().map(device).collect::<PyResult<Vec<_>>>()?)?;
+    d.set_item("nics", t.nics().map(device).collect::<PyResult<Vec<_>>>()?)?;
+    let share = parallel_engine::topology::reactor_share();
+    d.set_item(
+        "reactor_cpus",
+        format!("{} ({})", cpu_list(&share.cpus), share.why),
+    )?;
+    d.set_item("lines", t.describe())?;
+    Ok(d.unbind())
+}
+
 /// Device memory the engine creates (received CUDA tensors, scratch) comes from `f(device,
 /// nbytes, stream)`, which returns a tensor owning it and makes our `stream` wait until the
 /// memory is free of the allocator's earlier users (the package passes torch's caching
@@ -672,6 +722,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(io_backend_reason, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_available, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_info, m)?)?;
+    m.add_function(wrap_pyfunction!(topology, m)?)?;
     m.add_function(wrap_pyfunction!(_add_nvrtc_hint, m)?)?;
     m.add_function(wrap_pyfunction!(_set_cuda_allocator, m)?)?;
     m.add_function(wrap_pyfunction!(environment_markdown, m)?)?;

@@ -37,6 +37,46 @@ def test_info_reports_versions_backend_topology_and_every_variable_with_its_sour
     assert rows["PARALLEL_TIMEOUT"][-1] == "default"
     assert rows["PARALLEL_SECRET"][1:] == ["<set>", "environment"]
     assert "do-not-print-me" not in out + r.stderr
+    head, _, section = out.partition("\ntopology (")
+    assert section.split(":", 1)[0] in ("hwloc", "sysfs"), out
+    keys = [ln.split()[0] for ln in section.split("\n\n", 1)[0].splitlines()[1:]]
+    for key in ("numa", "caches", "gpu", "nic", "reactors"):
+        assert key in keys, (key, section)
+
+
+def cpu_set(text: str) -> set[int]:
+    """{0, 1, 2, 5} from "0-2,5 (why)"."""
+    cpus: set[int] = set()
+    for part in text.split()[0].split(","):
+        a, _, b = part.partition("-")
+        cpus.update(range(int(a), int(b or a) + 1))
+    return cpus
+
+
+def test_info_json_topology_matches_sysfs_and_splits_cores_between_local_ranks() -> None:
+    import os
+
+    def topology(**env: str) -> dict[str, object]:
+        r = run("info", "--json", env=env, unset=("LOCAL_RANK", "LOCAL_WORLD_SIZE", "PARALLEL_CPUS"))
+        assert r.returncode == 0, r.stdout + r.stderr
+        topo: dict[str, object] = json.loads(r.stdout)["topology"]
+        return topo
+
+    topo = topology()
+    assert topo["probe"] in ("hwloc", "sysfs"), topo
+    assert topo["logical_cpus"] == os.cpu_count(), topo
+    nodes = [n for n in os.listdir("/sys/devices/system/node") if n.startswith("node") and n[4:].isdigit()]
+    assert isinstance(topo["numa_nodes"], list) and len(topo["numa_nodes"]) == len(nodes), topo
+    assert isinstance(topo["nics"], list)
+    assert {n["name"] for n in topo["nics"]} <= set(os.listdir("/sys/class/net")), topo
+    assert cpu_set(str(topo["reactor_cpus"])) == os.sched_getaffinity(0), topo
+    off = topology(PARALLEL_PIN="0")
+    assert "PARALLEL_PIN=0" in str(off["reactor_cpus"]), off
+    if len(os.sched_getaffinity(0)) >= 2 and os.sched_getaffinity(0) == set(range(os.cpu_count() or 0)):
+        shares = [
+            cpu_set(str(topology(LOCAL_RANK=str(r), LOCAL_WORLD_SIZE="2")["reactor_cpus"])) for r in (0, 1)
+        ]
+        assert shares[0] and shares[1] and not shares[0] & shares[1], shares
 
 
 def test_info_json_is_machine_readable_and_a_bad_variable_is_reported_not_raised() -> None:

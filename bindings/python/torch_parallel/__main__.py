@@ -67,6 +67,16 @@ def collect() -> dict[str, Any]:
     report["host"] = platform.node()
     report["cores"] = f"{affinity} usable of {os.cpu_count()}"
     report["numa nodes"] = _numa_nodes()
+    try:
+        topo = _native.topology()
+    except Exception as e:  # a probe that fails is worth reporting, not a traceback
+        report["topology error"] = str(e)
+    else:
+        report["cores"] = (
+            f"{topo['cores']} physical, {topo['logical_cpus']} logical, {affinity} usable by this process"
+        )
+        report["numa nodes"] = max(1, len(topo["numa_nodes"]))
+        report["topology"] = topo
     report["cuda"] = _native.cuda_info()
     sources = {}
     for name, value in report["config"].items():
@@ -76,15 +86,32 @@ def collect() -> dict[str, Any]:
     return report
 
 
+def _print_topology(topo: dict[str, Any]) -> None:
+    """The topology section: the probe's lines (NUMA, caches, GPUs and NICs with their locality)."""
+    print(f"\ntopology ({topo['probe']}: {topo['reason']}):")
+    rows = [(k, v) for k, v in topo["lines"] if k not in ("topology probe", "cores")]
+    if not topo["gpus"]:
+        rows.append(("gpu", "none found"))
+    if not topo["nics"]:
+        rows.append(("nic", "none on PCI (virtual interfaces only)"))
+    rows.append(("reactors", f"cpus {topo['reactor_cpus']}"))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"  {key:<{width}}  {value}")
+
+
 def _info(args: argparse.Namespace) -> int:
     report = collect()
     if args.json:
         print(json.dumps(report, indent=2))
         return 0 if "config error" not in report else 1
     config = report.pop("config", {})
+    topo = report.pop("topology", None)
     width = max(len(k) for k in report)
     for key, value in report.items():
         print(f"{key:<{width}}  {value}")
+    if topo is not None:
+        _print_topology(topo)
     if config:
         print("\nconfiguration (value, source):")
         width = max(len(k) for k in config)

@@ -114,7 +114,9 @@ config_table! {
         threads: usize = PARALLEL_THREADS, Int { min: 0, max: 1024 }, "0",
             "Reactor threads for asynchronous operations and accepting connections. 0: one per usable core, at most 4.";
         cpus: Vec<usize> = PARALLEL_CPUS, CpuList, "",
-            "Cores the reactor threads are pinned to, as a list like `0-3,6`. Empty: the cores of the process's affinity mask, round-robin. Pinning failures are logged, not fatal.";
+            "Cores the reactor threads are pinned to, as a list like `0-3,6`. Empty: this process's share of the host's cores (see PARALLEL_PIN), round-robin. Pinning failures are logged, not fatal.";
+        pin: bool = PARALLEL_PIN, Bool, "1",
+            "Pin each reactor thread to one core. With PARALLEL_CPUS unset, processes of one host (torchrun's LOCAL_RANK and LOCAL_WORLD_SIZE) get disjoint cores, physical cores before SMT siblings, each preferring the NUMA node of its GPU (the LOCAL_RANK-th GPU in PCI order) when the topology shows one; a process whose affinity mask is narrower than the machine keeps that mask. 0: no pinning. A refused pin is logged, never fatal.";
         timeout: Duration = PARALLEL_TIMEOUT, Seconds, "600",
             "Deadline in seconds for every blocking call that is given no timeout (recv, send, accept, handshake). No call waits forever.";
         connect_timeout: Duration = PARALLEL_CONNECT_TIMEOUT, Seconds, "30",
@@ -199,6 +201,8 @@ config_table! {
             "torchrun: set in every worker; marks MASTER_ADDR:MASTER_PORT as the launcher's store, not a free port.";
         Option<bool> = TORCHELASTIC_USE_AGENT_STORE, Bool, "",
             "torchrun: `True` when the agent hosts the TCPStore at MASTER_ADDR:MASTER_PORT (every worker is a client of it; torch_parallel.tree() then uses it as a client).";
+        Option<u64> = LOCAL_RANK, Int { min: 0, max: MAX_RANKS }, "",
+            "torchrun: this process's index among the processes of its node; with LOCAL_WORLD_SIZE it picks the reactors' share of the cores (PARALLEL_PIN).";
         Option<u64> = LOCAL_WORLD_SIZE, Int { min: 1, max: MAX_RANKS }, "",
             "torchrun: processes per node; with GROUP_RANK it names the node of a rank that never arrives.";
         Option<u64> = GROUP_RANK, Int { min: 0, max: MAX_RANKS }, "",
