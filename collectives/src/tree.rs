@@ -37,22 +37,20 @@
 use crate::ops::{self, Op};
 use crate::plan::Plan;
 use crate::rendezvous::{self, TreeOptions};
-use parallel_engine::buffer::Buf;
 use parallel_engine::endpoint::Conn;
-use parallel_engine::runtime::{Completion, Deadline};
-use parallel_engine::value::{DType, Device, Tensor, Value};
+use parallel_engine::runtime::Deadline;
+use parallel_engine::value::{DType, Tensor, Value};
 use parallel_engine::{Error, ErrorKind, Result, Server};
-use std::any::Any;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 mod gpu;
-mod sends;
 
+pub use crate::algorithms::Tuning;
+use crate::algorithms::{self, Algorithm, Communicator, Sender, view};
 pub use gpu::DeviceReduce;
-use sends::SendScope;
 
 /// Which collective a control frame belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,19 +140,9 @@ pub struct LinkStats {
     pub stats: parallel_engine::Stats,
 }
 
-/// Tuning of the collectives, from the environment (engine config) or set by the user.
-#[derive(Debug, Clone)]
-pub struct Tuning {
-    /// Buffers of at least this many bytes take the ring (when `algo` is Auto).
-    pub ring_threshold: usize,
-    /// Pipeline chunk of the ring, in bytes.
-    pub chunk: usize,
-    pub algo: crate::plan::Algo,
-}
-
 /// An allreduce tree of processes.
 pub struct Tree {
-    sender: Mutex<std::sync::mpsc::Sender<SendJob>>,
+    sender: Sender,
     rank: usize,
     plan: Plan,
     links: HashMap<usize, Arc<Conn>>,
@@ -198,104 +186,9 @@ fn blame(culprit: &mut Option<String>, why: String) {
     }
 }
 
-/// A send for the tree's own sender thread.
-type SendJob = (Arc<Conn>, Value, Deadline, Completion<()>);
-
-/// The tree's sender thread: the ring's sends overlap its receives without borrowing the
-/// engine's shared reactors (whose threads other trees of this process may be blocking on).
-fn start_sender(rank: usize) -> Result<std::sync::mpsc::Sender<SendJob>> {
-    let (tx, rx) = std::sync::mpsc::channel::<SendJob>();
-    std::thread::Builder::new()
-        .name(format!("parallel-tree-{rank}"))
-        .spawn(move || {
-            parallel_engine::runtime::block_signals();
-            while let Ok((conn, v, deadline, done)) = rx.recv() {
-                done.complete(conn.link().send(&v, deadline));
-            }
-        })
-        .map_err(|e| {
-            Error::new(
-                ErrorKind::Resource,
-                "tree",
-                format!("cannot start the sender thread: {e}"),
-            )
-        })?;
-    Ok(tx)
-}
-
 impl std::fmt::Debug for Tree {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Tree(rank {} of {})", self.rank, self.plan.world())
-    }
-}
-
-fn keep() -> Arc<dyn Any + Send + Sync> {
-    Arc::new(())
-}
-
-/// A tensor value over `bytes` (not owning them) for sending without a copy.
-///
-/// # Safety
-/// The caller keeps `bytes` alive and unmodified until the send that uses the value completed.
-unsafe fn view(bytes: &[u8]) -> Value {
-    // SAFETY: delegated to the caller (see above).
-    Value::Tensor(unsafe {
-        Tensor::from_raw(
-            DType::U8,
-            vec![bytes.len()],
-            None,
-            Device::Cpu,
-            bytes.as_ptr() as *mut u8,
-            bytes.len(),
-            keep(),
-        )
-    })
-}
-
-/// An out-tensor over `bytes` for receiving straight into them.
-fn out_view(bytes: &mut [u8]) -> Tensor {
-    // SAFETY: the tensor is used only by the recv call the caller makes while holding `bytes`.
-    unsafe {
-        Tensor::from_raw(
-            DType::U8,
-            vec![bytes.len()],
-            None,
-            Device::Cpu,
-            bytes.as_mut_ptr(),
-            bytes.len(),
-            keep(),
-        )
-    }
-}
-
-/// The bytes of range `send` (shared) and of range `recv` (exclusive) of `buf`, which must not
-/// overlap: the ring sends one segment while it receives another.
-fn disjoint(
-    buf: &mut [u8],
-    send: std::ops::Range<usize>,
-    recv: std::ops::Range<usize>,
-) -> Result<(&[u8], &mut [u8])> {
-    let bad = || {
-        Error::new(
-            ErrorKind::Protocol,
-            "all_reduce",
-            format!(
-                "ring segments {send:?} and {recv:?} of a {}-byte buffer overlap (a bug: please report it)",
-                buf.len()
-            ),
-        )
-    };
-    if send.end.max(recv.end) > buf.len() {
-        return Err(bad());
-    }
-    if send.end <= recv.start {
-        let (lo, hi) = buf.split_at_mut(recv.start);
-        Ok((&lo[send], &mut hi[..recv.end - recv.start]))
-    } else if recv.end <= send.start {
-        let (lo, hi) = buf.split_at_mut(send.start);
-        Ok((&hi[..send.end - send.start], &mut lo[recv]))
-    } else {
-        Err(bad())
     }
 }
 
@@ -349,7 +242,7 @@ impl Tree {
         );
         log_plan(&joined.plan, joined.rank);
         Ok(Tree {
-            sender: Mutex::new(start_sender(joined.rank)?),
+            sender: Sender::start(joined.rank)?,
             rank: joined.rank,
             plan: joined.plan,
             links: joined.links,
@@ -416,25 +309,7 @@ impl Tree {
         })
     }
 
-    fn send_async(&self, conn: &Arc<Conn>, v: Value, deadline: Deadline) -> Completion<()> {
-        let c = Completion::default();
-        let job = (conn.clone(), v, deadline, c.clone());
-        if let Err(std::sync::mpsc::SendError((_, _, _, done))) = self
-            .sender
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .send(job)
-        {
-            done.complete(Err(Error::new(
-                ErrorKind::Closed,
-                "tree",
-                "the tree's sender thread is gone",
-            )));
-        }
-        c
-    }
-
-    fn deadline(&self) -> Deadline {
+    pub(crate) fn deadline(&self) -> Deadline {
         Deadline::after(self.timeout)
     }
 
@@ -960,196 +835,6 @@ impl Tree {
         Ok(contributors)
     }
 
-    /// Pipelined ring all-reduce: reduce-scatter, then all-gather (TREE-1).
-    fn ring_all_reduce(
-        &self,
-        dtype: DType,
-        buf: &mut [u8],
-        op: &Op,
-        contributors: usize,
-    ) -> Result<()> {
-        let ring = self.plan.ring.clone();
-        self.ring_over(&ring, dtype, buf, op, contributors)
-    }
-
-    /// Large all-reduce: a flat ring on one host (or one rank per host); across hosts with
-    /// several ranks each, hierarchical: reduce to each host's leader over shared memory, a ring
-    /// of the leaders across hosts, then a broadcast inside each host (TREE-5). Each host's
-    /// network link then carries 2(H-1)/H of the data instead of the flat ring's 2(p-1)/p x k/...
-    fn large_all_reduce(
-        &self,
-        dtype: DType,
-        buf: &mut [u8],
-        op: &Op,
-        contributors: usize,
-    ) -> Result<()> {
-        if !self.plan.hierarchical() {
-            return self.ring_all_reduce(dtype, buf, op, contributors);
-        }
-        let host = self.plan.host_of[self.rank];
-        let leader = self.plan.hosts[host][0];
-        let up = self.plan.parent[self.rank].filter(|p| self.plan.host_of[*p] == host);
-        let down: Vec<usize> = self.plan.children[self.rank]
-            .iter()
-            .copied()
-            .filter(|c| self.plan.host_of[*c] == host)
-            .collect();
-        let item = dtype.itemsize();
-        let chunk = (self.tuning.chunk / item).max(1) * item;
-        let deadline = self.deadline();
-        let n = buf.len();
-        let base = buf.as_mut_ptr();
-        let mut scratch = Buf::with_len(chunk.min(n.max(1)))?;
-        // 1. Reduce inside the host, chunk by chunk, up the host's tree. The sends go through a
-        // scope (SEND-1), ended before phase 2 writes buf, and on every early return.
-        let mut sends = SendScope::new(self, deadline);
-        for a in (0..n.max(1)).step_by(chunk) {
-            let b = (a + chunk).min(n);
-            // SAFETY: [a, b) lies in buf, and the chunks are disjoint; a chunk is written (reduced
-            // into) only before its send starts, and not again until the scope ended.
-            let dst = unsafe { std::slice::from_raw_parts_mut(base.add(a), b - a) };
-            for &c in &down {
-                let s = &mut scratch[..b - a];
-                self.link(c)?
-                    .recv_into(&mut [out_view(s)], Some(deadline.remaining()))
-                    .map_err(|e| {
-                        Error::new(
-                            e.kind(),
-                            "all_reduce",
-                            format!("host reduce from rank {c}: {e}"),
-                        )
-                    })?;
-                ops::reduce_into(op, dtype, dst, s)?;
-            }
-            if let Some(p) = up {
-                sends.send(self.link(p)?, dst);
-            }
-        }
-        sends.wait_all("all_reduce")?;
-        drop(sends);
-        // 2. The leaders all-reduce across hosts.
-        if self.rank == leader {
-            let ring: Vec<usize> = self.plan.hosts.iter().map(|h| h[0]).collect();
-            self.ring_over(&ring, dtype, buf, op, contributors)?;
-        } else if matches!(op, Op::Avg) {
-            // (the leaders' ring divides; the others receive the divided result)
-        }
-        // 3. Broadcast inside the host, chunk by chunk, down the host's tree.
-        let mut sends = SendScope::new(self, deadline);
-        for a in (0..n.max(1)).step_by(chunk) {
-            let b = (a + chunk).min(n);
-            // SAFETY: [a, b) lies in buf; no send of it is in flight while we receive into it.
-            let dst = unsafe { std::slice::from_raw_parts_mut(base.add(a), b - a) };
-            if let Some(p) = up {
-                self.link(p)?
-                    .recv_into(&mut [out_view(dst)], Some(deadline.remaining()))
-                    .map_err(|e| {
-                        Error::new(
-                            e.kind(),
-                            "all_reduce",
-                            format!("host broadcast from rank {p}: {e}"),
-                        )
-                    })?;
-            }
-            for &c in &down {
-                sends.send(self.link(c)?, dst);
-            }
-        }
-        sends.wait_all("all_reduce")
-    }
-
-    /// Pipelined ring all-reduce over the ranks of `ring` (in that order), which must include
-    /// this rank: reduce-scatter, then all-gather (TREE-1).
-    fn ring_over(
-        &self,
-        ring: &[usize],
-        dtype: DType,
-        buf: &mut [u8],
-        op: &Op,
-        contributors: usize,
-    ) -> Result<()> {
-        let p = ring.len();
-        if p < 2 {
-            if matches!(op, Op::Avg) {
-                ops::divide(dtype, buf, contributors);
-            }
-            return Ok(());
-        }
-        let item = dtype.itemsize();
-        let count = buf.len() / item;
-        let pos = ring.iter().position(|r| *r == self.rank).expect("in ring");
-        let (left, right) = (ring[(pos + p - 1) % p], ring[(pos + 1) % p]);
-        let (lc, rc) = (self.link(left)?.clone(), self.link(right)?.clone());
-        let seg = |s: usize| -> (usize, usize) {
-            let base = count / p;
-            let extra = count % p;
-            let start = s * base + s.min(extra);
-            let len = base + usize::from(s < extra);
-            (start * item, len * item)
-        };
-        // At least ~4 chunks per segment so the copy of one overlaps the reduction of the last, but
-        // not under 256 KiB, where per-chunk costs start to show.
-        let target = (buf.len() / p / 4).max(256 << 10).min(self.tuning.chunk);
-        let chunk = (target / item).max(1) * item;
-        let deadline = self.deadline();
-        let mut scratch = Buf::with_len(chunk.min(buf.len().max(1)))?;
-        // One step: send segment `send_s` to the right while receiving segment `recv_s` from the
-        // left, chunk by chunk; `reduce`: combine into our copy, else receive straight into it.
-        // The sends borrow the send segment through a scope (SEND-1): the borrow checker keeps
-        // it unwritten until they completed, and an early `?` waits for (or interrupts) them.
-        let mut step = |buf: &mut [u8], send_s: usize, recv_s: usize, reduce: bool| -> Result<()> {
-            let (so, sl) = seg(send_s);
-            let (ro, rl) = seg(recv_s);
-            let (send, recv) = disjoint(buf, so..so + sl, ro..ro + rl)?;
-            let chunks = sl.max(rl).div_ceil(chunk).max(1);
-            let mut sends = SendScope::new(self, deadline);
-            for k in 0..chunks {
-                let (a, b) = (k * chunk, ((k + 1) * chunk).min(sl));
-                if a < b || (k == 0 && sl == 0) {
-                    sends.send(&rc, &send[a..b.max(a)]);
-                }
-                let (a, b) = (k * chunk, ((k + 1) * chunk).min(rl));
-                if a < b || (k == 0 && rl == 0) {
-                    let n = b.saturating_sub(a);
-                    let dst = &mut recv[a..a + n];
-                    // Reduce: receive into the scratch chunk, then combine; else straight into buf.
-                    let into: &mut [u8] = if reduce { &mut scratch[..n] } else { &mut *dst };
-                    lc.recv_into(&mut [out_view(into)], Some(deadline.remaining()))
-                        .map_err(|e| {
-                            Error::new(
-                                e.kind(),
-                                "all_reduce",
-                                format!("ring step from rank {left}: {e}"),
-                            )
-                        })?;
-                    if reduce {
-                        ops::reduce_into(op, dtype, dst, &scratch[..n])?;
-                    }
-                }
-            }
-            sends.wait_all("all_reduce").map_err(|e| {
-                Error::new(
-                    e.kind(),
-                    "all_reduce",
-                    format!("ring step to rank {right}: {e}"),
-                )
-            })
-        };
-        for s in 0..p - 1 {
-            step(buf, (pos + p - s) % p, (pos + p - s - 1) % p, true)?;
-        }
-        let own = (pos + 1) % p;
-        if matches!(op, Op::Avg) {
-            let (o, l) = seg(own);
-            // Our fully reduced segment; no send is in flight (every step's scope ended).
-            ops::divide(dtype, &mut buf[o..o + l], contributors);
-        }
-        for s in 0..p - 1 {
-            step(buf, (pos + 1 + p - s) % p, (pos + p - s) % p, false)?;
-        }
-        Ok(())
-    }
-
     /// Broadcast `buf` from `root` to every rank (the original's "scatter").
     pub fn broadcast(&self, dtype: DType, buf: &mut [u8], root: usize) -> Result<()> {
         self.check_root(root)?;
@@ -1355,12 +1040,44 @@ impl Tree {
     }
 
     fn uses_ring(&self, nbytes: usize) -> bool {
-        self.world_size() > 1
-            && match self.tuning.algo {
-                crate::plan::Algo::Ring => true,
-                crate::plan::Algo::Tree => false,
-                crate::plan::Algo::Auto => nbytes >= self.tuning.ring_threshold,
+        algorithms::choose(&self.plan, &self.tuning, nbytes) != Algorithm::Tree
+    }
+
+    /// What the algorithms see of this tree, for one collective ending by `deadline`.
+    pub(crate) fn comm(&self, deadline: Deadline) -> Communicator<'_> {
+        Communicator::new(
+            self.rank,
+            &self.links,
+            &self.sender,
+            deadline,
+            self.tuning.chunk,
+        )
+    }
+
+    /// Large all-reduce: the ring, or hierarchical across hosts (TREE-5), as [`algorithms::choose`]
+    /// picks for a large buffer.
+    fn large_all_reduce(
+        &self,
+        dtype: DType,
+        buf: &mut [u8],
+        op: &Op,
+        contributors: usize,
+    ) -> Result<()> {
+        let comm = self.comm(self.deadline());
+        match algorithms::choose(&self.plan, &self.tuning, buf.len()) {
+            Algorithm::Hierarchical => algorithms::hierarchical::all_reduce(
+                &comm,
+                &self.plan,
+                dtype,
+                buf,
+                op,
+                contributors,
+            ),
+            // (the callers come here only for buffers the tree does not take)
+            Algorithm::Ring | Algorithm::Tree => {
+                algorithms::ring::all_reduce(&comm, &self.plan.ring, dtype, buf, op, contributors)
             }
+        }
     }
 
     fn check_root(&self, root: usize) -> Result<()> {
