@@ -3,6 +3,7 @@
 //! It depends only on `parallel-engine`'s endpoints and values; it knows nothing of Python.
 
 pub mod algorithms;
+pub mod control;
 pub mod cuda_ops;
 pub mod ops;
 pub mod plan;
