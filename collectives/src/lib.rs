@@ -5,6 +5,7 @@
 pub mod algorithms;
 pub mod control;
 pub mod cuda_ops;
+pub mod fuse;
 pub mod ops;
 pub mod plan;
 pub mod rendezvous;

@@ -237,4 +237,4 @@ pub(crate) fn out_view(bytes: &mut [u8]) -> Tensor {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

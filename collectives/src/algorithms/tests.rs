@@ -16,7 +16,7 @@ fn free_port() -> u16 {
 }
 
 /// Runs `f(tree)` on `n` ranks (threads), rank r reporting host `hosts[r]`; results in rank order.
-fn world<T: Send + 'static>(
+pub(crate) fn world<T: Send + 'static>(
     n: usize,
     hosts: Option<&'static [&'static str]>,
     f: impl Fn(Tree) -> T + Send + Sync + 'static,
