@@ -113,6 +113,37 @@ impl Meta {
     }
 }
 
+/// A received payload segment: the receive buffer itself (no copy on the way up).
+#[derive(Debug)]
+pub(crate) enum Seg {
+    /// A contiguous host tensor (checked at decoding: [`Tensor::bytes`] is `Some`).
+    Received(Tensor),
+    /// Bytes made by the decoding tests.
+    #[cfg(test)]
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Seg {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Seg::Received(t) => t.bytes().unwrap_or(&[]),
+            #[cfg(test)]
+            Seg::Owned(v) => v,
+        }
+    }
+}
+
+impl Seg {
+    pub fn into_vec(self) -> Vec<u8> {
+        match self {
+            #[cfg(test)]
+            Seg::Owned(v) => v,
+            Seg::Received(t) => t.bytes().map(<[u8]>::to_vec).unwrap_or_default(),
+        }
+    }
+}
+
 /// One rank's report up the tree in a control pass (its subtree's, with its own).
 #[derive(Debug, Default)]
 pub(crate) struct Up {
@@ -128,7 +159,7 @@ pub(crate) struct Up {
     pub idle: Vec<usize>,
     /// The subtree's data: its reduced buffer, or partial results a finished rank could not
     /// combine, in order.
-    pub data: Vec<Vec<u8>>,
+    pub data: Vec<Seg>,
     /// all_gather: (rank, bytes) of the subtree's contributing ranks.
     pub pieces: Vec<(usize, Vec<u8>)>,
 }
@@ -345,14 +376,15 @@ pub(crate) fn send(conn: &Conn, msg: &Outgoing<'_>, deadline: Deadline) -> Resul
 
 /// Receives the next control message from rank `from` over `conn`, validated (CTRL-1).
 pub(crate) fn recv(conn: &Conn, from: usize, world: usize, deadline: Deadline) -> Result<Control> {
-    let v = conn
+    let mut v = conn
         .recv(Some(deadline.remaining()))
         .map_err(|e| Error::new(e.kind(), "tree", format!("from rank {from}: {e}")))?;
-    let Value::List(items) = &v else {
-        return Err(bad(from, format!("a {} value", v.type_name())));
+    let name = v.type_name();
+    let Value::List(items) = &mut v else {
+        return Err(bad(from, format!("a {name} value")));
     };
     let ctrl = match items.first() {
-        Some(Value::Bytes(b)) => &b[..],
+        Some(Value::Bytes(b)) => b.to_vec(),
         _ => {
             return Err(bad(
                 from,
@@ -361,14 +393,14 @@ pub(crate) fn recv(conn: &Conn, from: usize, world: usize, deadline: Deadline) -
         }
     };
     let segs = items[1..]
-        .iter()
-        .map(|s| match s {
-            Value::Tensor(t) => t.bytes().map(<[u8]>::to_vec),
+        .iter_mut()
+        .map(|s| match std::mem::replace(s, Value::None).into_tensor() {
+            Ok(t) if t.bytes().is_some() => Some(Seg::Received(t)),
             _ => None,
         })
-        .collect::<Option<Vec<Vec<u8>>>>()
+        .collect::<Option<Vec<Seg>>>()
         .ok_or_else(|| bad(from, "a segment that is not a host byte tensor".into()))?;
-    decode(from, world, ctrl, segs)
+    decode(from, world, &ctrl, segs)
 }
 
 fn bad(from: usize, what: String) -> Error {
@@ -383,12 +415,7 @@ fn bad(from: usize, what: String) -> Error {
 }
 
 /// Decodes control bytes and their segments from rank `from` (CTRL-1, CTRL-2).
-pub(crate) fn decode(
-    from: usize,
-    world: usize,
-    ctrl: &[u8],
-    segs: Vec<Vec<u8>>,
-) -> Result<Control> {
+pub(crate) fn decode(from: usize, world: usize, ctrl: &[u8], segs: Vec<Seg>) -> Result<Control> {
     if ctrl.len() < HEADER || ctrl[..4] != MAGIC {
         return Err(bad(from, "no control header".into()));
     }
@@ -470,12 +497,7 @@ impl Check {
     }
 
     /// Splits `segs` into `n` data segments and one piece per rank of `ranks`.
-    fn split(
-        &self,
-        mut segs: Vec<Vec<u8>>,
-        n: usize,
-        ranks: &[u64],
-    ) -> Result<(Vec<Vec<u8>>, Pieces)> {
+    fn split(&self, mut segs: Vec<Seg>, n: usize, ranks: &[u64]) -> Result<(Vec<Seg>, Pieces)> {
         if segs.len() != n + ranks.len() {
             return Err(bad(
                 self.from,
@@ -490,12 +512,12 @@ impl Check {
         let pieces = ranks
             .iter()
             .zip(pieces)
-            .map(|(r, b)| Ok((self.rank(*r, "piece of rank")?, b)))
+            .map(|(r, b)| Ok((self.rank(*r, "piece of rank")?, b.into_vec())))
             .collect::<Result<Vec<_>>>()?;
         Ok((segs, pieces))
     }
 
-    fn up(&self, w: WireUp, segs: Vec<Vec<u8>>) -> Result<Up> {
+    fn up(&self, w: WireUp, segs: Vec<Seg>) -> Result<Up> {
         let (data, pieces) = self.split(segs, w.data as usize, &w.pieces)?;
         Ok(Up {
             seq: w.seq,
@@ -517,13 +539,14 @@ impl Check {
         })
     }
 
-    fn down(&self, w: WireDown, segs: Vec<Vec<u8>>) -> Result<Control> {
+    fn down(&self, w: WireDown, segs: Vec<Seg>) -> Result<Control> {
         let n = match w.data {
             WireData::None => 0,
             WireData::Result => 1,
             WireData::Parts(n) => n as usize,
         };
-        let (mut data, pieces) = self.split(segs, n, &w.pieces)?;
+        let (data, pieces) = self.split(segs, n, &w.pieces)?;
+        let mut data: Vec<Vec<u8>> = data.into_iter().map(Seg::into_vec).collect();
         let contributors = usize::try_from(w.contributors)
             .ok()
             .filter(|c| *c <= self.world)

@@ -1,8 +1,9 @@
 //! `torch_parallel.tree(...)`: the Python face of the collectives' Tree.
 //!
 //! Tensors (a tensor, or any nesting of lists/tuples/dicts of tensors) are imported by DLPack.
-//! Per dtype, a single contiguous tensor is reduced in place in its own memory; several tensors
-//! (or a strided one) are fused into one buffer, reduced in one pipeline, and copied back.
+//! This module only flattens Python values into tensors (structure.rs); the fusion per dtype
+//! (a single contiguous tensor reduced in place, several fused into one buffer and copied back)
+//! is the collectives' (`parallel_collectives::fuse`).
 //! A Python reduce function gets torch views of each chunk: `f(a, b)` must leave `a op b` in `a`
 //! (in place, like the seed's `a.add_(b)`), or return the result.
 

@@ -19,7 +19,7 @@ fn meta() -> Meta {
     }
 }
 
-fn up_bytes() -> (Vec<u8>, Vec<Vec<u8>>) {
+fn up_bytes() -> (Vec<u8>, Vec<Seg>) {
     let up = Up {
         seq: 7,
         caller: 4,
@@ -36,7 +36,15 @@ fn up_bytes() -> (Vec<u8>, Vec<Vec<u8>>) {
         pieces: &pieces,
     };
     let (ctrl, segs) = encode(&msg).unwrap();
-    (ctrl, segs.into_iter().map(<[u8]>::to_vec).collect())
+    (ctrl, owned(segs))
+}
+
+fn owned(segs: Vec<&[u8]>) -> Vec<Seg> {
+    segs.into_iter().map(|s| Seg::Owned(s.to_vec())).collect()
+}
+
+fn copy(segs: &[Seg]) -> Vec<Seg> {
+    segs.iter().map(|s| Seg::Owned(s.to_vec())).collect()
 }
 
 fn assert_protocol_naming_peer(r: Result<Control>, what: &str) {
@@ -54,7 +62,10 @@ fn ctrl_1_a_report_round_trips_with_its_segments() {
     assert_eq!((up.seq, up.caller, up.active), (7, 4, 2));
     assert_eq!(up.meta, Some(meta()));
     assert_eq!(up.idle, vec![1]);
-    assert_eq!(up.data, vec![vec![1u8, 2, 3, 4, 5, 6, 7, 8]]);
+    assert_eq!(
+        up.data.into_iter().map(Seg::into_vec).collect::<Vec<_>>(),
+        vec![vec![1u8, 2, 3, 4, 5, 6, 7, 8]]
+    );
     assert_eq!(up.pieces, vec![(2, vec![9u8, 9]), (4, vec![])]);
 }
 
@@ -72,7 +83,7 @@ fn ctrl_1_a_verdict_round_trips_and_a_failed_one_carries_no_data() {
         verdict: &v,
     };
     let (ctrl, segs) = encode(&msg).unwrap();
-    let segs = segs.into_iter().map(<[u8]>::to_vec).collect();
+    let segs = owned(segs);
     let Control::Down { seq, verdict } = decode(FROM, WORLD, &ctrl, segs).unwrap() else {
         panic!("a verdict decoded as a report");
     };
@@ -104,7 +115,7 @@ fn ctrl_1_every_truncation_is_a_protocol_error_naming_the_peer() {
     let (ctrl, segs) = up_bytes();
     for n in 0..ctrl.len() {
         assert_protocol_naming_peer(
-            decode(FROM, WORLD, &ctrl[..n], segs.clone()),
+            decode(FROM, WORLD, &ctrl[..n], copy(&segs)),
             &format!("control bytes cut to {n} of {}", ctrl.len()),
         );
     }
@@ -119,7 +130,7 @@ fn ctrl_1_garbled_bytes_never_panic_and_fail_as_protocol_errors() {
         for flip in [0x01u8, 0x80, 0xff] {
             let mut bad = ctrl.clone();
             bad[i] ^= flip;
-            if let Err(e) = decode(FROM, WORLD, &bad, segs.clone()) {
+            if let Err(e) = decode(FROM, WORLD, &bad, copy(&segs)) {
                 assert_eq!(e.kind(), ErrorKind::Protocol, "byte {i} ^ {flip:#x}: {e}");
                 assert!(e.to_string().contains("rank 3"), "{e}");
                 failed += 1;
@@ -136,7 +147,7 @@ fn ctrl_1_garbled_bytes_never_panic_and_fail_as_protocol_errors() {
             x ^= x << 17;
             x as u8
         }));
-        assert_protocol_naming_peer(decode(FROM, WORLD, &junk, segs.clone()), "random bytes");
+        assert_protocol_naming_peer(decode(FROM, WORLD, &junk, copy(&segs)), "random bytes");
     }
 }
 
@@ -163,9 +174,9 @@ fn ctrl_1_a_user_value_is_never_taken_for_control() {
 fn ctrl_1_segments_that_disagree_with_the_control_bytes_are_refused() {
     let (ctrl, mut segs) = up_bytes();
     segs.pop();
-    assert_protocol_naming_peer(decode(FROM, WORLD, &ctrl, segs.clone()), "a segment short");
-    segs.push(vec![]);
-    segs.push(vec![]);
+    assert_protocol_naming_peer(decode(FROM, WORLD, &ctrl, copy(&segs)), "a segment short");
+    segs.push(Seg::Owned(vec![]));
+    segs.push(Seg::Owned(vec![]));
     assert_protocol_naming_peer(decode(FROM, WORLD, &ctrl, segs), "a segment too many");
 }
 

@@ -225,7 +225,7 @@ impl Tree {
                     d.copy_from_slice(&b);
                     g.have_own = true;
                 }
-                _ => g.partials.push(b),
+                _ => g.partials.push(b.into_vec()),
             }
         }
     }
