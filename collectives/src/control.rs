@@ -338,12 +338,38 @@ fn encode<'a>(msg: &'a Outgoing<'a>) -> Result<(Vec<u8>, Vec<&'a [u8]>)> {
             format!("cannot encode a control message: {e}"),
         )
     })?;
+    Ok((framed(&archive), segs))
+}
+
+/// The header, then `archive`.
+fn framed(archive: &[u8]) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(HEADER + archive.len());
     bytes.extend_from_slice(&MAGIC);
     bytes.extend_from_slice(&VERSION.to_le_bytes());
     bytes.extend_from_slice(&[0, 0]);
-    bytes.extend_from_slice(&archive);
-    Ok((bytes, segs))
+    bytes.extend_from_slice(archive);
+    bytes
+}
+
+/// The archive behind a checked header (CTRL-2), aligned for rkyv; `peer` names the sender.
+fn unframed(peer: &str, ctrl: &[u8]) -> Result<AlignedVec<16>> {
+    if ctrl.len() < HEADER || ctrl[..4] != MAGIC {
+        return Err(bad_peer(peer, "no control header".into()));
+    }
+    let version = u16::from_le_bytes([ctrl[4], ctrl[5]]);
+    if version != VERSION {
+        return Err(Error::new(
+            ErrorKind::Protocol,
+            "tree",
+            format!(
+                "{peer} speaks version {version} of the collectives' control protocol, this \
+                 rank version {VERSION}: run the same Parallel version on every rank"
+            ),
+        ));
+    }
+    let mut aligned = AlignedVec::<16>::with_capacity(ctrl.len() - HEADER);
+    aligned.extend_from_slice(&ctrl[HEADER..]);
+    Ok(aligned)
 }
 
 fn keep() -> Arc<dyn std::any::Any + Send + Sync> {
@@ -404,34 +430,23 @@ pub(crate) fn recv(conn: &Conn, from: usize, world: usize, deadline: Deadline) -
 }
 
 fn bad(from: usize, what: String) -> Error {
+    bad_peer(&format!("rank {from}"), what)
+}
+
+fn bad_peer(peer: &str, what: String) -> Error {
     Error::new(
         ErrorKind::Protocol,
         "tree",
         format!(
-            "rank {from} sent a malformed control message ({what}); is every rank running the \
-             same Parallel version, and nothing else writing to the tree's links?"
+            "{peer} sent a malformed control message ({what}); is every rank running the same \
+             Parallel version, and nothing else writing to the tree's links?"
         ),
     )
 }
 
 /// Decodes control bytes and their segments from rank `from` (CTRL-1, CTRL-2).
 pub(crate) fn decode(from: usize, world: usize, ctrl: &[u8], segs: Vec<Seg>) -> Result<Control> {
-    if ctrl.len() < HEADER || ctrl[..4] != MAGIC {
-        return Err(bad(from, "no control header".into()));
-    }
-    let version = u16::from_le_bytes([ctrl[4], ctrl[5]]);
-    if version != VERSION {
-        return Err(Error::new(
-            ErrorKind::Protocol,
-            "tree",
-            format!(
-                "rank {from} speaks version {version} of the collectives' control protocol, this \
-                 rank version {VERSION}: run the same Parallel version on every rank"
-            ),
-        ));
-    }
-    let mut aligned = AlignedVec::<16>::with_capacity(ctrl.len() - HEADER);
-    aligned.extend_from_slice(&ctrl[HEADER..]);
+    let aligned = unframed(&format!("rank {from}"), ctrl)?;
     let archived = rkyv::access::<ArchivedWire, RkyvError>(&aligned)
         .map_err(|e| bad(from, format!("archive: {e}")))?;
     let wire: Wire = rkyv::deserialize::<Wire, RkyvError>(archived)
@@ -569,6 +584,8 @@ impl Check {
         })
     }
 }
+
+pub(crate) mod join;
 
 #[cfg(test)]
 mod tests;
