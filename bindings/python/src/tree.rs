@@ -6,6 +6,10 @@
 //! is the collectives' (`parallel_collectives::fuse`).
 //! A Python reduce function gets torch views of each chunk: `f(a, b)` must leave `a op b` in `a`
 //! (in place, like the seed's `a.add_(b)`), or return the result.
+//!
+//! Over 600 lines: the `Tree` class's Python methods (each collective, its `*_async` form, the
+//! store adapter for launchers) are short adapters over `parallel_collectives`; they stay
+//! together so the class reads in one place.
 
 use crate::convert;
 use crate::dlpack;
