@@ -240,3 +240,30 @@ fn ctrl_1_ranks_and_codes_out_of_range_are_refused() {
         assert_protocol_naming_peer(decode(FROM, WORLD, &ctrl, Vec::new()), what);
     }
 }
+
+/// End to end (CTRL-1, TREE-3): a user value arriving on a tree link where a control message is
+/// due fails the collective with a Protocol error naming the sender, on the receiving rank, and
+/// every other rank learns of the failure instead of hanging.
+#[test]
+fn ctrl_1_a_user_value_on_a_tree_link_fails_the_collective_naming_the_rank() {
+    let got = crate::algorithms::tests::world(2, None, |t| {
+        if t.rank() == 1 {
+            let comm = t.comm(t.deadline());
+            comm.link(0)
+                .unwrap()
+                .send(
+                    &Value::str("not protocol"),
+                    Some(std::time::Duration::from_secs(5)),
+                )
+                .unwrap();
+        }
+        t.barrier().map(|_| ())
+    });
+    let e0 = got[0].as_ref().unwrap_err();
+    assert_eq!(e0.kind(), ErrorKind::Protocol, "{e0}");
+    assert!(e0.to_string().contains("rank 1"), "{e0}");
+    assert!(
+        got[1].is_err(),
+        "rank 1 must learn that the collective failed"
+    );
+}
