@@ -2,7 +2,10 @@
 //!
 //! It depends only on `parallel-engine`'s endpoints and values; it knows nothing of Python.
 
+pub mod algorithms;
+pub mod control;
 pub mod cuda_ops;
+pub mod fuse;
 pub mod ops;
 pub mod plan;
 pub mod rendezvous;

@@ -34,10 +34,10 @@ pub mod store;
 
 pub use store::{MemStore, Store};
 
-use crate::plan::{Plan, Probe, dict};
+use crate::control::join::{self, Refusal, Rendezvous};
+use crate::plan::{Plan, Probe};
 use parallel_engine::config::{Key, var};
 use parallel_engine::endpoint::Conn;
-use parallel_engine::value::Value;
 use parallel_engine::{Client, Error, ErrorKind, Result, Server};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -725,14 +725,14 @@ fn missing_error(
          arrived; every rank must create the tree within the timeout, PARALLEL_TIMEOUT)",
         n - count
     );
+    let refusal = join::to_value(&Rendezvous::Refused {
+        why: Refusal::Timeout,
+        msg: msg.clone(),
+    });
     for conn in arrived {
-        let _ = conn.send(
-            &dict(vec![
-                ("error", Value::str(&msg)),
-                ("kind", Value::str("timeout")),
-            ]),
-            Some(Duration::from_millis(500)),
-        );
+        if let Ok(v) = &refusal {
+            let _ = conn.send(v, Some(Duration::from_millis(500)));
+        }
     }
     Error::new(ErrorKind::Timeout, "tree", msg).with_cause(cause)
 }
@@ -788,46 +788,43 @@ fn join_as_root(
                 ));
             }
         };
+        let (world, asked, probe, token) = match join::from_value(conn.peer(), &v)? {
+            Rendezvous::Join {
+                world,
+                rank,
+                probe,
+                token,
+            } => (world, rank, probe, token),
+            other => {
+                return Err(Error::new(
+                    ErrorKind::Protocol,
+                    "tree",
+                    format!("{} sent {other:?} where a join was expected", conn.peer()),
+                ));
+            }
+        };
         if let Some(p) = published
-            && v.get("token").and_then(Value::as_str) != Some(p.token.as_str())
+            && token.as_deref() != Some(p.token.as_str())
         {
             refuse_stranger(&conn, &p.key);
             continue;
         }
-        let world = v.get("world").and_then(Value::as_int).unwrap_or(-1);
-        let probe = v
-            .get("probe")
-            .ok_or_else(|| {
-                Error::new(
-                    ErrorKind::Protocol,
-                    "tree",
-                    format!("{} sent no probe", conn.peer()),
-                )
-            })
-            .and_then(Probe::from_value)?;
-        if world != n as i64 {
+        if world != n {
             let msg = format!(
                 "{} says the world size is {world}, rank 0 says {n}",
                 conn.peer()
             );
-            let _ = conn.send(
-                &dict(vec![("error", Value::str(&msg))]),
-                Some(Duration::from_secs(1)),
-            );
+            refuse(&conn, &msg);
             return Err(Error::new(ErrorKind::Mismatch, "tree", msg));
         }
-        match v.get("rank").and_then(Value::as_int) {
-            Some(k) if k >= 0 => {
-                let k = k as usize;
+        match asked {
+            Some(k) => {
                 if k == 0 || k >= n || probes[k].is_some() {
                     let msg = format!(
                         "{} asks for rank {k}, which is taken or out of range (world {n})",
                         conn.peer()
                     );
-                    let _ = conn.send(
-                        &dict(vec![("error", Value::str(&msg))]),
-                        Some(Duration::from_secs(1)),
-                    );
+                    refuse(&conn, &msg);
                     return Err(Error::new(ErrorKind::Mismatch, "tree", msg));
                 }
                 probes[k] = Some(Probe {
@@ -836,7 +833,7 @@ fn join_as_root(
                 });
                 pending.push((conn, probe, true));
             }
-            _ => waiting_rank.push((conn, probe)),
+            None => waiting_rank.push((conn, probe)),
         }
     }
     if let Some(p) = published {
@@ -868,13 +865,11 @@ fn join_as_root(
             .find(|p| p.pid == probe.pid && p.host_id == probe.host_id && p.port == probe.port)
             .map(|p| p.rank)
             .expect("probe in plan");
-        conn.send(
-            &dict(vec![
-                ("rank", Value::Int(k as i64)),
-                ("plan", plan.to_value()),
-            ]),
-            left(deadline),
-        )?;
+        let placed = Rendezvous::Placed {
+            rank: k,
+            plan: plan.clone(),
+        };
+        conn.send(&join::to_value(&placed)?, left(deadline))?;
         if edges.contains(&(0, k)) {
             links.insert(k, conn);
         } else {
@@ -894,14 +889,23 @@ fn refuse_stranger(conn: &Arc<Conn>, key: &str) {
         conn.peer()
     );
     tracing::warn!("tree rank 0: refused a member: {msg}");
-    let _ = conn.send(
-        &dict(vec![
-            ("error", Value::str(&msg)),
-            ("kind", Value::str("stranger")),
-        ]),
-        Some(Duration::from_secs(1)),
-    );
+    if let Ok(v) = join::to_value(&Rendezvous::Refused {
+        why: Refusal::Stranger,
+        msg,
+    }) {
+        let _ = conn.send(&v, Some(Duration::from_secs(1)));
+    }
     conn.close();
+}
+
+/// Tells a member why rank 0 refuses it (a mismatch).
+fn refuse(conn: &Conn, msg: &str) {
+    if let Ok(v) = join::to_value(&Rendezvous::Refused {
+        why: Refusal::Mismatch,
+        msg: msg.to_string(),
+    }) {
+        let _ = conn.send(&v, Some(Duration::from_secs(1)));
+    }
 }
 
 fn join_as_member(
@@ -931,15 +935,12 @@ fn join_as_member(
         server.port(),
         r.host.as_deref(),
     );
-    let mut hello = vec![
-        ("world", Value::Int(r.world as i64)),
-        ("rank", Value::Int(r.rank.map(|x| x as i64).unwrap_or(-1))),
-        ("probe", probe.to_value()),
-    ];
-    if let Some(t) = token {
-        hello.push(("token", Value::str(t)));
-    }
-    root.send(&dict(hello))?;
+    root.send(&join::to_value(&Rendezvous::Join {
+        world: r.world,
+        rank: r.rank,
+        probe,
+        token: token.map(str::to_string),
+    })?)?;
     let reply = root.recv(left(deadline)).map_err(|e| {
         Error::new(
             e.kind(),
@@ -952,29 +953,33 @@ fn join_as_member(
         )
         .with_peer("rank 0")
     })?;
-    if let Some(msg) = reply.get("error").and_then(Value::as_str) {
-        return Err(
-            if reply.get("kind").and_then(Value::as_str) == Some("timeout") {
-                Error::new(ErrorKind::Timeout, "tree", format!("rank 0 reports: {msg}"))
-            } else {
-                Error::new(
-                    ErrorKind::Mismatch,
-                    "tree",
-                    format!("the root refused this rank: {msg}"),
-                )
-            },
-        );
-    }
-    let rank = reply
-        .get("rank")
-        .and_then(Value::as_int)
-        .ok_or_else(|| Error::new(ErrorKind::Protocol, "tree", "plan without a rank"))?
-        as usize;
-    let plan = Plan::from_value(
-        reply
-            .get("plan")
-            .ok_or_else(|| Error::new(ErrorKind::Protocol, "tree", "reply without a plan"))?,
-    )?;
+    let (rank, plan) = match join::from_value("rank 0", &reply)? {
+        Rendezvous::Placed { rank, plan } => (rank, plan),
+        Rendezvous::Refused {
+            why: Refusal::Timeout,
+            msg,
+        } => {
+            return Err(Error::new(
+                ErrorKind::Timeout,
+                "tree",
+                format!("rank 0 reports: {msg}"),
+            ));
+        }
+        Rendezvous::Refused { msg, .. } => {
+            return Err(Error::new(
+                ErrorKind::Mismatch,
+                "tree",
+                format!("the root refused this rank: {msg}"),
+            ));
+        }
+        other => {
+            return Err(Error::new(
+                ErrorKind::Protocol,
+                "tree",
+                format!("rank 0 sent {other:?} where the plan was expected"),
+            ));
+        }
+    };
     let mut links = HashMap::new();
     if plan.edges().contains(&(0, rank)) {
         links.insert(0, root.conn().clone());
@@ -1011,7 +1016,7 @@ fn finish_links(
                     ),
                 )
             })?;
-            c.send(&dict(vec![("link_from", Value::Int(rank as i64))]))?;
+            c.send(&join::to_value(&Rendezvous::LinkFrom { rank })?)?;
             links.insert(*a, c.conn().clone());
         }
     }
@@ -1040,10 +1045,10 @@ fn finish_links(
                     format!("rank {rank}: link set-up from {}: {e}", conn.peer()),
                 )
             })?;
-            match v.get("link_from").and_then(Value::as_int) {
-                Some(k) if missing.contains(&(k as usize)) => {
-                    missing.retain(|x| *x != k as usize);
-                    links.insert(k as usize, conn);
+            match join::from_value(conn.peer(), &v) {
+                Ok(Rendezvous::LinkFrom { rank: k }) if missing.contains(&k) => {
+                    missing.retain(|x| *x != k);
+                    links.insert(k, conn);
                 }
                 _ => {
                     return Err(Error::new(

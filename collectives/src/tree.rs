@@ -1,11 +1,15 @@
-//! The Tree a user holds: the rendezvous result, its links and plan, and the collectives.
+//! The Tree a user holds: the rendezvous result (links and plan), the epochs of uneven endings,
+//! the stats, and the collectives.
 //!
-//! Every collective starts with a **control pass** up the tree: each rank sends its parent a
-//! small frame with the collective's sequence number, kind, op, dtype, element count, root and
-//! whether it still contributes (uneven endings), plus, for small buffers, the data already
-//! reduced over its subtree. The root checks that every rank called the same collective, counts
-//! contributors, and sends the verdict (and, for small buffers, the result) back down. Large
-//! all-reduces then run a pipelined ring (reduce-scatter, then all-gather) over the ring links.
+//! Every collective starts with a **control pass** up the tree ([`pass`], typed messages of
+//! [`crate::control`]): each rank sends its parent the collective's sequence number, kind, op,
+//! dtype, element count, root and whether it still contributes (uneven endings), plus, for small
+//! buffers, the data already reduced over its subtree. The root checks that every rank called the
+//! same collective, counts contributors, and sends the verdict (and, for small buffers, the
+//! result) back down. Large all-reduces then run the algorithm [`crate::algorithms::choose`]
+//! picks (the pipelined ring, or hierarchical across hosts); CUDA tensors take the whole-tensor
+//! tree algorithm with a device reduce kernel ([`gpu`]). Many tensors of one call are fused per
+//! dtype and device by [`crate::fuse`]. Finished ranks serve the others ([`epochs`]).
 //!
 //! Invariants:
 //! - TREE-1: every rank ends a collective with bitwise the same result: each element is reduced in
@@ -37,102 +41,26 @@
 use crate::ops::{self, Op};
 use crate::plan::Plan;
 use crate::rendezvous::{self, TreeOptions};
-use parallel_engine::buffer::Buf;
 use parallel_engine::endpoint::Conn;
-use parallel_engine::runtime::{Completion, Deadline};
-use parallel_engine::value::{DType, Device, Tensor, Value};
+use parallel_engine::runtime::Deadline;
+use parallel_engine::value::DType;
 use parallel_engine::{Error, ErrorKind, Result, Server};
-use std::any::Any;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+mod epochs;
 mod gpu;
-mod sends;
+mod pass;
 
+pub use crate::control::Kind;
+use crate::control::Meta;
+use pass::Pass;
+
+pub use crate::algorithms::Tuning;
+use crate::algorithms::{self, Algorithm, Communicator, Sender};
 pub use gpu::DeviceReduce;
-use sends::SendScope;
-
-/// Which collective a control frame belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    AllReduce,
-    Broadcast,
-    Reduce,
-    AllGather,
-    Barrier,
-}
-
-impl Kind {
-    fn from_code(c: i64) -> Option<Kind> {
-        [
-            Kind::AllReduce,
-            Kind::Broadcast,
-            Kind::Reduce,
-            Kind::AllGather,
-            Kind::Barrier,
-        ]
-        .into_iter()
-        .find(|k| *k as i64 == c)
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            Kind::AllReduce => "all_reduce",
-            Kind::Broadcast => "broadcast",
-            Kind::Reduce => "reduce",
-            Kind::AllGather => "all_gather",
-            Kind::Barrier => "barrier",
-        }
-    }
-}
-
-/// What one rank announces for a collective.
-#[derive(Debug, Clone, PartialEq)]
-struct Meta {
-    kind: Kind,
-    op: String,
-    dtype: Option<DType>,
-    count: usize,
-    root: usize,
-    /// The data are CUDA tensors (the GPU path: tree up and down, reductions on the device).
-    gpu: bool,
-    /// Hash of the structure of the nested value the data come from (0: none), set by the
-    /// bindings through [`Tree::with_structure`] (TREE-7).
-    sig: u64,
-    /// Not the first control pass of the user's call (another dtype group of one nested value,
-    /// inside [`Tree::with_structure`]): a finished rank counts only first passes (TREE-4).
-    cont: bool,
-}
-
-impl Meta {
-    /// The op that reduces this collective's data on a rank holding `given`: the collective's
-    /// own built-in op, or `given` when the ranks called it with a user function. A finished rank
-    /// gives the function passed to `done`, which must never replace a built-in op (TREE-4).
-    fn reducing_op(&self, given: Option<&Op>) -> Option<Op> {
-        match Op::parse(&self.op) {
-            Ok(builtin) => Some(builtin),
-            Err(_) if self.op == ops::USER_NAME => given.cloned(),
-            Err(_) => None,
-        }
-    }
-
-    fn describe(&self) -> String {
-        match self.dtype {
-            Some(d) => format!(
-                "{}(op {}, {} x {}{}, root {})",
-                self.kind.name(),
-                self.op,
-                self.count,
-                d.name(),
-                if self.gpu { " on CUDA" } else { "" },
-                self.root
-            ),
-            None => format!("{}(root {})", self.kind.name(), self.root),
-        }
-    }
-}
 
 /// Per-link traffic of the tree.
 #[derive(Debug, Clone, Default)]
@@ -142,19 +70,9 @@ pub struct LinkStats {
     pub stats: parallel_engine::Stats,
 }
 
-/// Tuning of the collectives, from the environment (engine config) or set by the user.
-#[derive(Debug, Clone)]
-pub struct Tuning {
-    /// Buffers of at least this many bytes take the ring (when `algo` is Auto).
-    pub ring_threshold: usize,
-    /// Pipeline chunk of the ring, in bytes.
-    pub chunk: usize,
-    pub algo: crate::plan::Algo,
-}
-
 /// An allreduce tree of processes.
 pub struct Tree {
-    sender: Mutex<std::sync::mpsc::Sender<SendJob>>,
+    sender: Sender,
     rank: usize,
     plan: Plan,
     links: HashMap<usize, Arc<Conn>>,
@@ -187,115 +105,9 @@ const CALL_PASSED: u8 = 2;
 /// rank then called the same collective and may gather the structures to name the difference.
 pub const STRUCTURE_DIFFERS: &str = "passed a value of another structure than";
 
-/// Records why a collective fails: the first reason wins, except that a reason naming only a
-/// difference of structure gives way to any other (TREE-7).
-fn blame(culprit: &mut Option<String>, why: String) {
-    let weak = |c: &str| c.contains(STRUCTURE_DIFFERS);
-    match culprit {
-        None => *culprit = Some(why),
-        Some(c) if weak(c) && !weak(&why) => *culprit = Some(why),
-        _ => {}
-    }
-}
-
-/// A send for the tree's own sender thread.
-type SendJob = (Arc<Conn>, Value, Deadline, Completion<()>);
-
-/// The tree's sender thread: the ring's sends overlap its receives without borrowing the
-/// engine's shared reactors (whose threads other trees of this process may be blocking on).
-fn start_sender(rank: usize) -> Result<std::sync::mpsc::Sender<SendJob>> {
-    let (tx, rx) = std::sync::mpsc::channel::<SendJob>();
-    std::thread::Builder::new()
-        .name(format!("parallel-tree-{rank}"))
-        .spawn(move || {
-            parallel_engine::runtime::block_signals();
-            while let Ok((conn, v, deadline, done)) = rx.recv() {
-                done.complete(conn.link().send(&v, deadline));
-            }
-        })
-        .map_err(|e| {
-            Error::new(
-                ErrorKind::Resource,
-                "tree",
-                format!("cannot start the sender thread: {e}"),
-            )
-        })?;
-    Ok(tx)
-}
-
 impl std::fmt::Debug for Tree {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Tree(rank {} of {})", self.rank, self.plan.world())
-    }
-}
-
-fn keep() -> Arc<dyn Any + Send + Sync> {
-    Arc::new(())
-}
-
-/// A tensor value over `bytes` (not owning them) for sending without a copy.
-///
-/// # Safety
-/// The caller keeps `bytes` alive and unmodified until the send that uses the value completed.
-unsafe fn view(bytes: &[u8]) -> Value {
-    // SAFETY: delegated to the caller (see above).
-    Value::Tensor(unsafe {
-        Tensor::from_raw(
-            DType::U8,
-            vec![bytes.len()],
-            None,
-            Device::Cpu,
-            bytes.as_ptr() as *mut u8,
-            bytes.len(),
-            keep(),
-        )
-    })
-}
-
-/// An out-tensor over `bytes` for receiving straight into them.
-fn out_view(bytes: &mut [u8]) -> Tensor {
-    // SAFETY: the tensor is used only by the recv call the caller makes while holding `bytes`.
-    unsafe {
-        Tensor::from_raw(
-            DType::U8,
-            vec![bytes.len()],
-            None,
-            Device::Cpu,
-            bytes.as_mut_ptr(),
-            bytes.len(),
-            keep(),
-        )
-    }
-}
-
-/// The bytes of range `send` (shared) and of range `recv` (exclusive) of `buf`, which must not
-/// overlap: the ring sends one segment while it receives another.
-fn disjoint(
-    buf: &mut [u8],
-    send: std::ops::Range<usize>,
-    recv: std::ops::Range<usize>,
-) -> Result<(&[u8], &mut [u8])> {
-    let bad = || {
-        Error::new(
-            ErrorKind::Protocol,
-            "all_reduce",
-            format!(
-                "ring segments {send:?} and {recv:?} of a {}-byte buffer overlap (a bug: please report it)",
-                buf.len()
-            ),
-        )
-    };
-    if send.end.max(recv.end) > buf.len() {
-        return Err(bad());
-    }
-    if send.end <= recv.start {
-        let (lo, hi) = buf.split_at_mut(recv.start);
-        Ok((&lo[send], &mut hi[..recv.end - recv.start]))
-    } else if recv.end <= send.start {
-        let (lo, hi) = buf.split_at_mut(send.start);
-        Ok((&hi[..send.end - send.start], &mut lo[recv]))
-    } else {
-        Err(bad())
     }
 }
 
@@ -349,7 +161,7 @@ impl Tree {
         );
         log_plan(&joined.plan, joined.rank);
         Ok(Tree {
-            sender: Mutex::new(start_sender(joined.rank)?),
+            sender: Sender::start(joined.rank)?,
             rank: joined.rank,
             plan: joined.plan,
             links: joined.links,
@@ -416,25 +228,7 @@ impl Tree {
         })
     }
 
-    fn send_async(&self, conn: &Arc<Conn>, v: Value, deadline: Deadline) -> Completion<()> {
-        let c = Completion::default();
-        let job = (conn.clone(), v, deadline, c.clone());
-        if let Err(std::sync::mpsc::SendError((_, _, _, done))) = self
-            .sender
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .send(job)
-        {
-            done.complete(Err(Error::new(
-                ErrorKind::Closed,
-                "tree",
-                "the tree's sender thread is gone",
-            )));
-        }
-        c
-    }
-
-    fn deadline(&self) -> Deadline {
+    pub(crate) fn deadline(&self) -> Deadline {
         Deadline::after(self.timeout)
     }
 
@@ -469,21 +263,6 @@ impl Tree {
         }
     }
 
-    fn recv_ctrl(&self, from: usize, deadline: Deadline, out: &mut [Tensor]) -> Result<Value> {
-        let c = self.link(from)?;
-        let v = c
-            .recv_into(out, Some(deadline.remaining()))
-            .map_err(|e| Error::new(e.kind(), "tree", format!("from rank {from}: {e}")))?;
-        if let Some(m) = v.get("abort").and_then(Value::as_str) {
-            return Err(Error::new(
-                ErrorKind::PeerLost,
-                "tree",
-                format!("rank {from} aborted the collective: {m}"),
-            ));
-        }
-        Ok(v)
-    }
-
     /// Runs `f` as one user call: every collective it calls carries `sig`, the hash of the
     /// structure of the nested value they come from (TREE-7; 0 for none), and a finished rank
     /// serving them counts them as one collective in what `done` returns (TREE-4), however many
@@ -511,354 +290,6 @@ impl Tree {
         }
     }
 
-    fn next_seq(&self) -> u64 {
-        let mut s = self.seq.lock().unwrap_or_else(|p| p.into_inner());
-        *s += 1;
-        *s
-    }
-
-    /// The control pass, and the data path of small buffers (TREE-1, TREE-2, TREE-4).
-    ///
-    /// `meta`: what this rank calls, or None for a finished rank serving the others. `data`: this
-    /// rank's buffer when `carry_data` (reduced going up, overwritten with the result coming
-    /// down); `contributes`: whether `data` holds a contribution (false for finished ranks and,
-    /// in a broadcast, for every rank but the root). Partial results travel up as a list of
-    /// tensors; the first rank that knows the op reduces them, in order.
-    fn pass(
-        &self,
-        meta: Option<&Meta>,
-        op: Option<&Op>,
-        data: Option<&mut [u8]>,
-        carry_data: bool,
-        contributes: bool,
-    ) -> Result<Verdict> {
-        self.pass_with(Pass {
-            meta,
-            op,
-            data,
-            carry_data,
-            contributes,
-            piece: None,
-            failure: None,
-            deadline: self.deadline(),
-        })
-    }
-
-    /// [`Tree::pass`] with all its parts: an all-gather piece, a failure to report (TREE-6), a
-    /// deadline. Errors every rank agreed on (a mismatch, a reduce function that raised, a root
-    /// that is done) come back only after the verdict went down, so the tree stays in step.
-    fn pass_with(&self, p: Pass<'_>) -> Result<Verdict> {
-        let Pass {
-            meta,
-            op,
-            mut data,
-            carry_data,
-            contributes,
-            piece,
-            failure,
-            deadline,
-        } = p;
-        let seq = self.next_seq();
-        let idle = meta.is_none();
-        let mut n_active = usize::from(!idle);
-        let mut culprit: Option<String> = None;
-        let mut reference: Option<Meta> = meta.map(|m| Meta {
-            sig: self.structure.load(Ordering::SeqCst),
-            cont: self.continues_call(),
-            ..m.clone()
-        });
-        let mut partials: Vec<Vec<u8>> = Vec::new();
-        let mut have_own = carry_data && contributes && data.is_some();
-        let mut idle_ranks: Vec<usize> = if idle { vec![self.rank] } else { vec![] };
-        let mut pieces: Vec<(usize, Vec<u8>)> = piece.map(|b| (self.rank, b)).into_iter().collect();
-        // This rank's own reduce function failed (TREE-6): reduce nothing more, report it.
-        let mut local_fail = failure;
-        let mut error: Option<(ErrorKind, String)> = None;
-        for &child in &self.plan.children[self.rank] {
-            let v = self.recv_ctrl(child, deadline, &mut [])?;
-            if field(&v, "seq").and_then(Value::as_int) != Some(seq as i64) {
-                blame(
-                    &mut culprit,
-                    format!(
-                        "rank {child} is at collective #{}, rank {} at #{seq}",
-                        field(&v, "seq").and_then(Value::as_int).unwrap_or(-1),
-                        self.rank
-                    ),
-                );
-            }
-            n_active += field(&v, "active")
-                .and_then(Value::as_int)
-                .unwrap_or(0)
-                .max(0) as usize;
-            if let Some(c) = field(&v, "culprit").and_then(Value::as_str) {
-                blame(&mut culprit, c.to_string());
-            }
-            if error.is_none() {
-                error = field(&v, "error").and_then(parse_error);
-            }
-            idle_ranks.extend(int_list(field(&v, "idle")));
-            absorb_pieces(field(&v, "pieces"), &mut pieces);
-            if let Some(theirs) = field(&v, "meta").map(parse_meta).transpose()? {
-                match &reference {
-                    None => reference = Some(theirs),
-                    Some(mine) if !same_call(mine, &theirs) => {
-                        let who = field(&v, "caller")
-                            .and_then(Value::as_int)
-                            .unwrap_or(child as i64);
-                        let why = if mine.kind == theirs.kind
-                            && mine.sig != 0
-                            && theirs.sig != 0
-                            && mine.sig != theirs.sig
-                        {
-                            format!("rank {who} {STRUCTURE_DIFFERS} rank {}", self.rank)
-                        } else {
-                            format!(
-                                "rank {who} called {} but rank {} called {}",
-                                theirs.describe(),
-                                self.rank,
-                                mine.describe()
-                            )
-                        };
-                        blame(&mut culprit, why);
-                    }
-                    _ => {}
-                }
-            }
-            // Once the collective is known to fail, its data are not looked at (TREE-2).
-            if culprit.is_none()
-                && let Some(Value::List(parts)) = field(&v, "data")
-            {
-                for t in parts {
-                    let Some(b) = t.as_tensor().and_then(Tensor::bytes) else {
-                        continue;
-                    };
-                    let want = reference
-                        .as_ref()
-                        .and_then(|m| m.dtype.map(|d| m.count * d.itemsize()));
-                    if want.is_some_and(|w| w != b.len()) {
-                        blame(
-                            &mut culprit,
-                            format!(
-                                "rank {child}'s subtree sent {} bytes for {}",
-                                b.len(),
-                                reference.as_ref().map(Meta::describe).unwrap_or_default()
-                            ),
-                        );
-                        continue;
-                    }
-                    match (&mut data, have_own, op, reference.as_ref()) {
-                        (Some(d), true, Some(op), Some(m)) if carry_data => {
-                            if local_fail.is_none()
-                                && let Err(e) = combine(op, m, d, b)
-                            {
-                                local_fail = Some(e);
-                            }
-                        }
-                        (Some(d), false, _, _) if carry_data && !idle => {
-                            d.copy_from_slice(b);
-                            have_own = true;
-                        }
-                        _ => partials.push(b.to_vec()),
-                    }
-                }
-            }
-        }
-        // A finished rank that knows the op (the collective's built-in op, or the user function
-        // given to done() when the others called one) reduces what it holds.
-        if partials.len() > 1
-            && local_fail.is_none()
-            && let Some(m) = reference.as_ref()
-            && m.dtype.is_some()
-            && let Some(op) = m.reducing_op(op)
-        {
-            let (first, rest) = partials.split_at_mut(1);
-            for r in rest.iter() {
-                if let Err(e) = combine(&op, m, &mut first[0], r) {
-                    local_fail = Some(e);
-                    break;
-                }
-            }
-            partials.truncate(1);
-        }
-        if error.is_none()
-            && let Some(e) = &local_fail
-        {
-            error = Some((
-                ErrorKind::Worker,
-                format!(
-                    "the reduce function raised on rank {} ({})",
-                    self.rank,
-                    e.message()
-                ),
-            ));
-        }
-        let verdict = match self.plan.parent[self.rank] {
-            Some(parent) => {
-                let mut items = vec![
-                    ("seq", Value::Int(seq as i64)),
-                    ("caller", Value::Int(self.rank as i64)),
-                    ("active", Value::Int(n_active as i64)),
-                ];
-                if let Some(m) = &reference {
-                    items.push(("meta", meta_value(m)));
-                }
-                if let Some(c) = &culprit {
-                    items.push(("culprit", Value::str(c)));
-                }
-                if let Some(e) = &error {
-                    items.push(("error", error_value(e)));
-                }
-                if !idle_ranks.is_empty() {
-                    items.push(("idle", int_list_value(&idle_ranks)));
-                }
-                let mut parts: Vec<Value> = Vec::new();
-                if culprit.is_none() && error.is_none() {
-                    if have_own && let Some(d) = data.as_deref() {
-                        // SAFETY: `data` outlives the synchronous send below.
-                        parts.push(unsafe { view(d) });
-                    }
-                    for p in &partials {
-                        // SAFETY: `partials` outlives the synchronous send below.
-                        parts.push(unsafe { view(p) });
-                    }
-                    if !pieces.is_empty() {
-                        items.push(("pieces", pieces_value(&pieces)));
-                    }
-                }
-                items.push(("data", Value::List(parts)));
-                self.link(parent)?
-                    .send(&frame(&UP, items), Some(deadline.remaining()))?;
-                let v = self.recv_ctrl(parent, deadline, &mut [])?;
-                if field(&v, "seq").and_then(Value::as_int) != Some(seq as i64) && culprit.is_none()
-                {
-                    culprit = Some(format!(
-                        "rank {parent} answered collective #{} to #{seq}",
-                        field(&v, "seq").and_then(Value::as_int).unwrap_or(-1)
-                    ));
-                }
-                Verdict::from_value(&v, culprit)?
-            }
-            None => {
-                // A structure verdict needs every rank in the collective (TREE-7): with some
-                // ranks done, it stays a plain mismatch.
-                if n_active < self.world_size()
-                    && let Some(c) = culprit.as_mut()
-                {
-                    *c = c.replace(
-                        STRUCTURE_DIFFERS,
-                        "passed a value of a different structure than",
-                    );
-                }
-                // The root of the tree decides. A broadcast or reduce whose root is done has no
-                // source (or no destination): the same error on every rank (TREE-4).
-                if culprit.is_none()
-                    && error.is_none()
-                    && let Some(m) = &reference
-                    && matches!(m.kind, Kind::Broadcast | Kind::Reduce)
-                    && idle_ranks.contains(&m.root)
-                {
-                    error = Some((
-                        ErrorKind::Config,
-                        format!(
-                            "its root, rank {}, called done() for this epoch; a {} needs its root \
-                             to take part: use a root that still has data (ranks done: {:?})",
-                            m.root,
-                            m.kind.name(),
-                            sorted(&idle_ranks)
-                        ),
-                    ));
-                }
-                // A finished root without the user function sends the partial results down;
-                // the contributing ranks reduce them, in the same order, then settle.
-                let (result, parts) = if have_own {
-                    (data.as_deref().map(<[u8]>::to_vec), Vec::new())
-                } else if partials.len() > 1 {
-                    (None, partials)
-                } else {
-                    (partials.into_iter().next(), Vec::new())
-                };
-                pieces.sort_by_key(|(r, _)| *r);
-                Verdict {
-                    contributors: n_active,
-                    meta: reference,
-                    culprit,
-                    error,
-                    data: result,
-                    parts,
-                    pieces,
-                }
-            }
-        };
-        for &child in &self.plan.children[self.rank] {
-            self.link(child)?
-                .send(&verdict.to_value(seq), Some(deadline.remaining()))?;
-        }
-        self.contributors
-            .store(verdict.contributors as u64, Ordering::SeqCst);
-        if idle {
-            let first = verdict.meta.as_ref().is_some_and(|m| !m.cont);
-            self.served_call.store(first, Ordering::SeqCst);
-        }
-        let what = meta.map_or("done", |m| m.kind.name());
-        if let Some(c) = &verdict.culprit {
-            self.agreed.store(true, Ordering::SeqCst);
-            return Err(Error::new(
-                ErrorKind::Mismatch,
-                what,
-                format!("collective mismatch: {c}"),
-            ));
-        }
-        if let Some((kind, msg)) = &verdict.error {
-            self.agreed.store(true, Ordering::SeqCst);
-            return Err(match local_fail {
-                // This rank's own function raised: its error is the cause (TREE-6).
-                Some(e) => Error::new(
-                    ErrorKind::Worker,
-                    what,
-                    format!(
-                        "aborted on every rank: the reduce function raised on rank {} ({}); \
-                         the buffer was left as it was and the tree stays usable",
-                        self.rank,
-                        e.message()
-                    ),
-                )
-                .with_cause(e),
-                None => Error::new(
-                    *kind,
-                    what,
-                    match kind {
-                        ErrorKind::Worker => format!(
-                            "aborted on every rank: {msg}; the buffer was left as it was and \
-                             the tree stays usable"
-                        ),
-                        _ => format!("refused on every rank: {msg}"),
-                    },
-                ),
-            });
-        }
-        if carry_data
-            && let (Some(d), Some(r)) = (data.as_deref_mut(), verdict.data.as_ref())
-            && d.len() == r.len()
-        {
-            d.copy_from_slice(r);
-        }
-        if carry_data
-            && let (Some(d), Some(m), Some(op), [first, rest @ ..]) =
-                (data, meta, op, &verdict.parts[..])
-        {
-            d.copy_from_slice(first);
-            let mut failed = None;
-            for p in rest {
-                if let Err(e) = combine(op, m, d, p) {
-                    failed = Some(e);
-                    break;
-                }
-            }
-            self.settle(Some(m), failed)?;
-        }
-        Ok(verdict)
-    }
-
     /// Runs one collective; an error the ranks did not all agree on aborts the tree (TREE-3).
     fn run<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
         self.check_usable()?;
@@ -871,22 +302,6 @@ impl Tree {
             }
             Err(e) => Err(self.abort(&e)),
         }
-    }
-
-    /// The status round after a pipeline that ran a user reduce function (TREE-6): every rank
-    /// reports whether its function failed, so all raise together, or none does.
-    fn settle(&self, meta: Option<&Meta>, failure: Option<Error>) -> Result<()> {
-        self.pass_with(Pass {
-            meta,
-            op: None,
-            data: None,
-            carry_data: false,
-            contributes: false,
-            piece: None,
-            failure,
-            deadline: self.deadline(),
-        })
-        .map(|_| ())
     }
 
     fn active(&self) -> bool {
@@ -958,196 +373,6 @@ impl Tree {
         };
         buf.copy_from_slice(&work);
         Ok(contributors)
-    }
-
-    /// Pipelined ring all-reduce: reduce-scatter, then all-gather (TREE-1).
-    fn ring_all_reduce(
-        &self,
-        dtype: DType,
-        buf: &mut [u8],
-        op: &Op,
-        contributors: usize,
-    ) -> Result<()> {
-        let ring = self.plan.ring.clone();
-        self.ring_over(&ring, dtype, buf, op, contributors)
-    }
-
-    /// Large all-reduce: a flat ring on one host (or one rank per host); across hosts with
-    /// several ranks each, hierarchical: reduce to each host's leader over shared memory, a ring
-    /// of the leaders across hosts, then a broadcast inside each host (TREE-5). Each host's
-    /// network link then carries 2(H-1)/H of the data instead of the flat ring's 2(p-1)/p x k/...
-    fn large_all_reduce(
-        &self,
-        dtype: DType,
-        buf: &mut [u8],
-        op: &Op,
-        contributors: usize,
-    ) -> Result<()> {
-        if !self.plan.hierarchical() {
-            return self.ring_all_reduce(dtype, buf, op, contributors);
-        }
-        let host = self.plan.host_of[self.rank];
-        let leader = self.plan.hosts[host][0];
-        let up = self.plan.parent[self.rank].filter(|p| self.plan.host_of[*p] == host);
-        let down: Vec<usize> = self.plan.children[self.rank]
-            .iter()
-            .copied()
-            .filter(|c| self.plan.host_of[*c] == host)
-            .collect();
-        let item = dtype.itemsize();
-        let chunk = (self.tuning.chunk / item).max(1) * item;
-        let deadline = self.deadline();
-        let n = buf.len();
-        let base = buf.as_mut_ptr();
-        let mut scratch = Buf::with_len(chunk.min(n.max(1)))?;
-        // 1. Reduce inside the host, chunk by chunk, up the host's tree. The sends go through a
-        // scope (SEND-1), ended before phase 2 writes buf, and on every early return.
-        let mut sends = SendScope::new(self, deadline);
-        for a in (0..n.max(1)).step_by(chunk) {
-            let b = (a + chunk).min(n);
-            // SAFETY: [a, b) lies in buf, and the chunks are disjoint; a chunk is written (reduced
-            // into) only before its send starts, and not again until the scope ended.
-            let dst = unsafe { std::slice::from_raw_parts_mut(base.add(a), b - a) };
-            for &c in &down {
-                let s = &mut scratch[..b - a];
-                self.link(c)?
-                    .recv_into(&mut [out_view(s)], Some(deadline.remaining()))
-                    .map_err(|e| {
-                        Error::new(
-                            e.kind(),
-                            "all_reduce",
-                            format!("host reduce from rank {c}: {e}"),
-                        )
-                    })?;
-                ops::reduce_into(op, dtype, dst, s)?;
-            }
-            if let Some(p) = up {
-                sends.send(self.link(p)?, dst);
-            }
-        }
-        sends.wait_all("all_reduce")?;
-        drop(sends);
-        // 2. The leaders all-reduce across hosts.
-        if self.rank == leader {
-            let ring: Vec<usize> = self.plan.hosts.iter().map(|h| h[0]).collect();
-            self.ring_over(&ring, dtype, buf, op, contributors)?;
-        } else if matches!(op, Op::Avg) {
-            // (the leaders' ring divides; the others receive the divided result)
-        }
-        // 3. Broadcast inside the host, chunk by chunk, down the host's tree.
-        let mut sends = SendScope::new(self, deadline);
-        for a in (0..n.max(1)).step_by(chunk) {
-            let b = (a + chunk).min(n);
-            // SAFETY: [a, b) lies in buf; no send of it is in flight while we receive into it.
-            let dst = unsafe { std::slice::from_raw_parts_mut(base.add(a), b - a) };
-            if let Some(p) = up {
-                self.link(p)?
-                    .recv_into(&mut [out_view(dst)], Some(deadline.remaining()))
-                    .map_err(|e| {
-                        Error::new(
-                            e.kind(),
-                            "all_reduce",
-                            format!("host broadcast from rank {p}: {e}"),
-                        )
-                    })?;
-            }
-            for &c in &down {
-                sends.send(self.link(c)?, dst);
-            }
-        }
-        sends.wait_all("all_reduce")
-    }
-
-    /// Pipelined ring all-reduce over the ranks of `ring` (in that order), which must include
-    /// this rank: reduce-scatter, then all-gather (TREE-1).
-    fn ring_over(
-        &self,
-        ring: &[usize],
-        dtype: DType,
-        buf: &mut [u8],
-        op: &Op,
-        contributors: usize,
-    ) -> Result<()> {
-        let p = ring.len();
-        if p < 2 {
-            if matches!(op, Op::Avg) {
-                ops::divide(dtype, buf, contributors);
-            }
-            return Ok(());
-        }
-        let item = dtype.itemsize();
-        let count = buf.len() / item;
-        let pos = ring.iter().position(|r| *r == self.rank).expect("in ring");
-        let (left, right) = (ring[(pos + p - 1) % p], ring[(pos + 1) % p]);
-        let (lc, rc) = (self.link(left)?.clone(), self.link(right)?.clone());
-        let seg = |s: usize| -> (usize, usize) {
-            let base = count / p;
-            let extra = count % p;
-            let start = s * base + s.min(extra);
-            let len = base + usize::from(s < extra);
-            (start * item, len * item)
-        };
-        // At least ~4 chunks per segment so the copy of one overlaps the reduction of the last, but
-        // not under 256 KiB, where per-chunk costs start to show.
-        let target = (buf.len() / p / 4).max(256 << 10).min(self.tuning.chunk);
-        let chunk = (target / item).max(1) * item;
-        let deadline = self.deadline();
-        let mut scratch = Buf::with_len(chunk.min(buf.len().max(1)))?;
-        // One step: send segment `send_s` to the right while receiving segment `recv_s` from the
-        // left, chunk by chunk; `reduce`: combine into our copy, else receive straight into it.
-        // The sends borrow the send segment through a scope (SEND-1): the borrow checker keeps
-        // it unwritten until they completed, and an early `?` waits for (or interrupts) them.
-        let mut step = |buf: &mut [u8], send_s: usize, recv_s: usize, reduce: bool| -> Result<()> {
-            let (so, sl) = seg(send_s);
-            let (ro, rl) = seg(recv_s);
-            let (send, recv) = disjoint(buf, so..so + sl, ro..ro + rl)?;
-            let chunks = sl.max(rl).div_ceil(chunk).max(1);
-            let mut sends = SendScope::new(self, deadline);
-            for k in 0..chunks {
-                let (a, b) = (k * chunk, ((k + 1) * chunk).min(sl));
-                if a < b || (k == 0 && sl == 0) {
-                    sends.send(&rc, &send[a..b.max(a)]);
-                }
-                let (a, b) = (k * chunk, ((k + 1) * chunk).min(rl));
-                if a < b || (k == 0 && rl == 0) {
-                    let n = b.saturating_sub(a);
-                    let dst = &mut recv[a..a + n];
-                    // Reduce: receive into the scratch chunk, then combine; else straight into buf.
-                    let into: &mut [u8] = if reduce { &mut scratch[..n] } else { &mut *dst };
-                    lc.recv_into(&mut [out_view(into)], Some(deadline.remaining()))
-                        .map_err(|e| {
-                            Error::new(
-                                e.kind(),
-                                "all_reduce",
-                                format!("ring step from rank {left}: {e}"),
-                            )
-                        })?;
-                    if reduce {
-                        ops::reduce_into(op, dtype, dst, &scratch[..n])?;
-                    }
-                }
-            }
-            sends.wait_all("all_reduce").map_err(|e| {
-                Error::new(
-                    e.kind(),
-                    "all_reduce",
-                    format!("ring step to rank {right}: {e}"),
-                )
-            })
-        };
-        for s in 0..p - 1 {
-            step(buf, (pos + p - s) % p, (pos + p - s - 1) % p, true)?;
-        }
-        let own = (pos + 1) % p;
-        if matches!(op, Op::Avg) {
-            let (o, l) = seg(own);
-            // Our fully reduced segment; no send is in flight (every step's scope ended).
-            ops::divide(dtype, &mut buf[o..o + l], contributors);
-        }
-        for s in 0..p - 1 {
-            step(buf, (pos + 1 + p - s) % p, (pos + p - s) % p, false)?;
-        }
-        Ok(())
     }
 
     /// Broadcast `buf` from `root` to every rank (the original's "scatter").
@@ -1253,114 +478,45 @@ impl Tree {
         })
     }
 
-    /// Uneven endings (TREE-4): this rank has no more data for this epoch. It keeps answering the
-    /// other ranks' collectives without contributing (the op's identity element) until every rank
-    /// called `done`; then the epoch ends, this rank takes part again from the next collective
-    /// on, and `done` returns how many collectives it served. `op` is needed only for a user
-    /// reduce function (a finished rank holding two ranks' data must combine them). `timeout`
-    /// bounds each wait for the others' next collective (default: the tree's timeout).
-    pub fn done(&self, op: Option<&Op>, timeout: Option<Duration>) -> Result<usize> {
-        self.check_usable()?;
-        *self.done.lock().unwrap_or_else(|p| p.into_inner()) = true;
-        let r = self.serve(op, timeout.unwrap_or(self.timeout));
-        // Whether the epoch ended or the tree failed, this rank is no longer serving.
-        *self.done.lock().unwrap_or_else(|p| p.into_inner()) = false;
-        r
-    }
-
-    fn serve(&self, op: Option<&Op>, wait: Duration) -> Result<usize> {
-        // One per user call: the other passes of a call (dtype groups of one nested value) are
-        // marked in their meta; internal passes (status rounds, a second pass) are taken by
-        // serve_data.
-        let mut served = 0;
-        let count = |served: &mut usize| {
-            if self.served_call.swap(false, Ordering::SeqCst) {
-                *served += 1;
-            }
-        };
-        loop {
-            self.check_usable()?;
-            self.agreed.store(false, Ordering::SeqCst);
-            let v = match self.pass_with(Pass {
-                meta: None,
-                op,
-                data: None,
-                carry_data: false,
-                contributes: false,
-                piece: None,
-                failure: None,
-                deadline: Deadline::after(wait),
-            }) {
-                Ok(v) => v,
-                // The others' call failed on every rank (a mismatch, their reduce function, a
-                // done root): they raise, this rank serves on.
-                Err(_) if self.agreed.swap(false, Ordering::SeqCst) => {
-                    count(&mut served);
-                    continue;
-                }
-                Err(e) => return Err(self.abort(&e)),
-            };
-            if v.contributors == 0 {
-                return Ok(served);
-            }
-            count(&mut served);
-            if let Err(e) = self.serve_data(&v, op) {
-                if self.agreed.swap(false, Ordering::SeqCst) {
-                    continue;
-                }
-                return Err(self.abort(&e));
-            }
-        }
-    }
-
-    /// A finished rank's part in the data phase of the others' collective, if it has one.
-    fn serve_data(&self, v: &Verdict, op: Option<&Op>) -> Result<()> {
-        let Some(m) = &v.meta else { return Ok(()) };
-        // The contributing ranks reduce partial results this (root) rank could not combine.
-        if !v.parts.is_empty() {
-            return self.settle(None, None);
-        }
-        // Join the device path of a CUDA all-reduce (identity data) or broadcast (relaying),
-        // in host memory.
-        if m.gpu {
-            return match m.kind {
-                Kind::AllReduce | Kind::Reduce => self.serve_gpu_all_reduce(m, op),
-                Kind::Broadcast => self.serve_gpu_broadcast(m),
-                _ => Ok(()),
-            };
-        }
-        // Join the ring part of a large all-reduce without contributing.
-        if m.kind == Kind::AllReduce
-            && let Some(dt) = m.dtype
-            && self.uses_ring(m.count * dt.itemsize())
-        {
-            let mut buf = vec![0u8; m.count * dt.itemsize()];
-            match Op::parse(&m.op) {
-                // A built-in op: its identity element is a contribution that changes nothing.
-                Ok(builtin) => {
-                    ops::identity(&builtin, dt, &mut buf);
-                    self.large_all_reduce(dt, &mut buf, &builtin, v.contributors)?;
-                }
-                // A user function: the others send the data through the tree instead (no
-                // identity element for this rank to contribute in a ring).
-                Err(_) => {
-                    let again = self.pass(None, op, None, false, false)?;
-                    if !again.parts.is_empty() {
-                        self.settle(None, None)?;
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
     fn uses_ring(&self, nbytes: usize) -> bool {
-        self.world_size() > 1
-            && match self.tuning.algo {
-                crate::plan::Algo::Ring => true,
-                crate::plan::Algo::Tree => false,
-                crate::plan::Algo::Auto => nbytes >= self.tuning.ring_threshold,
+        algorithms::choose(&self.plan, &self.tuning, nbytes) != Algorithm::Tree
+    }
+
+    /// What the algorithms see of this tree, for one collective ending by `deadline`.
+    pub(crate) fn comm(&self, deadline: Deadline) -> Communicator<'_> {
+        Communicator::new(
+            self.rank,
+            &self.links,
+            &self.sender,
+            deadline,
+            self.tuning.chunk,
+        )
+    }
+
+    /// Large all-reduce: the ring, or hierarchical across hosts (TREE-5), as [`algorithms::choose`]
+    /// picks for a large buffer.
+    fn large_all_reduce(
+        &self,
+        dtype: DType,
+        buf: &mut [u8],
+        op: &Op,
+        contributors: usize,
+    ) -> Result<()> {
+        let comm = self.comm(self.deadline());
+        match algorithms::choose(&self.plan, &self.tuning, buf.len()) {
+            Algorithm::Hierarchical => algorithms::hierarchical::all_reduce(
+                &comm,
+                &self.plan,
+                dtype,
+                buf,
+                op,
+                contributors,
+            ),
+            // (the callers come here only for buffers the tree does not take)
+            Algorithm::Ring | Algorithm::Tree => {
+                algorithms::ring::all_reduce(&comm, &self.plan.ring, dtype, buf, op, contributors)
             }
+        }
     }
 
     fn check_root(&self, root: usize) -> Result<()> {
@@ -1404,270 +560,4 @@ fn guard(op: &Op) -> (Op, Failed) {
         Ok(())
     }));
     (guarded, failed)
-}
-
-/// Takes the (rank, bytes) pieces an all-gather frame carries.
-fn absorb_pieces(v: Option<&Value>, pieces: &mut Vec<(usize, Vec<u8>)>) {
-    let Some(Value::List(items)) = v else {
-        return;
-    };
-    for it in items {
-        if let Value::Tuple(t) = it
-            && let [Value::Int(r), Value::Tensor(b)] = &t[..]
-            && *r >= 0
-            && let Some(bytes) = b.bytes()
-        {
-            pieces.push((*r as usize, bytes.to_vec()));
-        }
-    }
-}
-
-/// The pieces of an all-gather as a frame field (views: `pieces` outlives the sends).
-fn pieces_value(pieces: &[(usize, Vec<u8>)]) -> Value {
-    Value::List(
-        pieces
-            .iter()
-            .map(|(r, b)| {
-                // SAFETY: the caller keeps `pieces` alive and unchanged until its sends completed.
-                Value::Tuple(vec![Value::Int(*r as i64), unsafe { view(b) }])
-            })
-            .collect(),
-    )
-}
-
-fn error_value((kind, msg): &(ErrorKind, String)) -> Value {
-    let code = match kind {
-        ErrorKind::Config => 1,
-        _ => 0,
-    };
-    Value::Tuple(vec![Value::Int(code), Value::str(msg)])
-}
-
-fn parse_error(v: &Value) -> Option<(ErrorKind, String)> {
-    let Value::Tuple(t) = v else { return None };
-    let [Value::Int(code), Value::Str(msg)] = &t[..] else {
-        return None;
-    };
-    let kind = if *code == 1 {
-        ErrorKind::Config
-    } else {
-        ErrorKind::Worker
-    };
-    Some((kind, msg.clone()))
-}
-
-fn int_list_value(v: &[usize]) -> Value {
-    Value::List(v.iter().map(|r| Value::Int(*r as i64)).collect())
-}
-
-fn int_list(v: Option<&Value>) -> Vec<usize> {
-    match v {
-        Some(Value::List(items)) => items
-            .iter()
-            .filter_map(Value::as_int)
-            .filter(|r| *r >= 0)
-            .map(|r| r as usize)
-            .collect(),
-        _ => Vec::new(),
-    }
-}
-
-fn sorted(v: &[usize]) -> Vec<usize> {
-    let mut v = v.to_vec();
-    v.sort_unstable();
-    v
-}
-
-/// The outcome of a control pass, as every rank learns it.
-#[derive(Debug)]
-struct Verdict {
-    contributors: usize,
-    meta: Option<Meta>,
-    culprit: Option<String>,
-    /// An error every rank raises: a reduce function that failed (Worker), a done root (Config).
-    error: Option<(ErrorKind, String)>,
-    data: Option<Vec<u8>>,
-    /// Partial results a finished root could not combine (it lacks the user function): every
-    /// contributing rank reduces them in this order, then the ranks settle (TREE-6).
-    parts: Vec<Vec<u8>>,
-    /// all_gather: (rank, bytes) of every contributing rank, in rank order.
-    pieces: Vec<(usize, Vec<u8>)>,
-}
-
-/// One rank's part in a control pass (see [`Tree::pass_with`]).
-struct Pass<'a> {
-    meta: Option<&'a Meta>,
-    op: Option<&'a Op>,
-    data: Option<&'a mut [u8]>,
-    carry_data: bool,
-    contributes: bool,
-    /// all_gather: this rank's piece.
-    piece: Option<Vec<u8>>,
-    /// This rank's reduce function failed earlier in the collective (in the ring).
-    failure: Option<Error>,
-    deadline: Deadline,
-}
-
-impl Verdict {
-    fn to_value(&self, seq: u64) -> Value {
-        let mut items = vec![
-            ("seq", Value::Int(seq as i64)),
-            ("contributors", Value::Int(self.contributors as i64)),
-        ];
-        if let Some(m) = &self.meta {
-            items.push(("meta", meta_value(m)));
-        }
-        if let Some(c) = &self.culprit {
-            items.push(("culprit", Value::str(c)));
-        }
-        if let Some(e) = &self.error {
-            items.push(("error", error_value(e)));
-        }
-        if self.culprit.is_none() && self.error.is_none() {
-            if let Some(d) = &self.data {
-                // SAFETY: `self.data` outlives the synchronous sends of this value.
-                items.push(("data", unsafe { view(d) }));
-            } else if !self.parts.is_empty() {
-                // SAFETY: as above, for `self.parts`.
-                let parts = self.parts.iter().map(|p| unsafe { view(p) }).collect();
-                items.push(("data", Value::List(parts)));
-            }
-            if !self.pieces.is_empty() {
-                items.push(("pieces", pieces_value(&self.pieces)));
-            }
-        }
-        frame(&DOWN, items)
-    }
-
-    fn from_value(v: &Value, culprit: Option<String>) -> Result<Verdict> {
-        Ok(Verdict {
-            contributors: field(v, "contributors")
-                .and_then(Value::as_int)
-                .unwrap_or(0)
-                .max(0) as usize,
-            meta: field(v, "meta").map(parse_meta).transpose()?,
-            culprit: culprit.or_else(|| {
-                field(v, "culprit")
-                    .and_then(Value::as_str)
-                    .map(str::to_string)
-            }),
-            error: field(v, "error").and_then(parse_error),
-            data: field(v, "data")
-                .and_then(Value::as_tensor)
-                .and_then(Tensor::bytes)
-                .map(<[u8]>::to_vec),
-            parts: match field(v, "data") {
-                Some(Value::List(l)) => l
-                    .iter()
-                    .filter_map(|t| t.as_tensor().and_then(Tensor::bytes))
-                    .map(<[u8]>::to_vec)
-                    .collect(),
-                _ => Vec::new(),
-            },
-            pieces: {
-                let mut p = Vec::new();
-                absorb_pieces(field(v, "pieces"), &mut p);
-                p
-            },
-        })
-    }
-}
-
-/// `dst = dst op src` for a reducing collective; a broadcast's "combine" takes the source.
-fn combine(op: &Op, m: &Meta, dst: &mut [u8], src: &[u8]) -> Result<()> {
-    match (m.kind, m.dtype) {
-        (Kind::Broadcast, _) => {
-            dst.copy_from_slice(src);
-            Ok(())
-        }
-        (_, Some(dt)) => ops::reduce_into(op, dt, dst, src),
-        _ => Ok(()),
-    }
-}
-
-fn meta_value(m: &Meta) -> Value {
-    Value::Tuple(vec![
-        Value::Int(m.kind as i64),
-        Value::str(&m.op),
-        m.dtype.map_or(Value::None, |d| Value::Int(d as u8 as i64)),
-        Value::Int(m.count as i64),
-        Value::Int(m.root as i64),
-        Value::Bool(m.gpu),
-        Value::Int(m.sig as i64),
-        Value::Bool(m.cont),
-    ])
-}
-
-fn parse_meta(v: &Value) -> Result<Meta> {
-    let bad = || Error::new(ErrorKind::Protocol, "tree", "malformed control frame");
-    let Value::Tuple(t) = v else {
-        return Err(bad());
-    };
-    let [
-        Value::Int(kind),
-        Value::Str(op),
-        dtype,
-        Value::Int(count),
-        Value::Int(root),
-        _,
-        ..,
-    ] = &t[..]
-    else {
-        return Err(bad());
-    };
-    Ok(Meta {
-        kind: Kind::from_code(*kind).ok_or_else(bad)?,
-        op: op.clone(),
-        dtype: dtype.as_int().and_then(|c| DType::from_code(c as u8)),
-        count: (*count).max(0) as usize,
-        root: (*root).max(0) as usize,
-        gpu: matches!(t.get(5), Some(Value::Bool(true))),
-        sig: t.get(6).and_then(Value::as_int).unwrap_or(0) as u64,
-        cont: matches!(t.get(7), Some(Value::Bool(true))),
-    })
-}
-
-/// Field names of the two control frames, in their positional order. Control frames are tuples
-/// (no key strings to archive and allocate on the hot path); absent fields are None.
-const UP: [&str; 9] = [
-    "seq", "caller", "active", "meta", "culprit", "data", "idle", "error", "pieces",
-];
-const DOWN: [&str; 7] = [
-    "seq",
-    "contributors",
-    "meta",
-    "culprit",
-    "data",
-    "error",
-    "pieces",
-];
-
-/// Builds a control frame from named items (any order; missing ones become None).
-fn frame(names: &[&str], mut items: Vec<(&str, Value)>) -> Value {
-    Value::Tuple(
-        names
-            .iter()
-            .map(|n| match items.iter().position(|(k, _)| k == n) {
-                Some(i) => items.swap_remove(i).1,
-                None => Value::None,
-            })
-            .collect(),
-    )
-}
-
-/// A named field of a control frame (tuple) or of a dict frame; None when absent.
-fn field<'a>(v: &'a Value, name: &str) -> Option<&'a Value> {
-    let got = match v {
-        Value::Tuple(t) => {
-            let names: &[&str] = if t.len() == UP.len() { &UP } else { &DOWN };
-            names.iter().position(|n| *n == name).and_then(|i| t.get(i))
-        }
-        _ => v.get(name),
-    };
-    got.filter(|x| !matches!(x, Value::None))
-}
-
-/// Two ranks called the same collective (TREE-2).
-fn same_call(a: &Meta, b: &Meta) -> bool {
-    a == b
 }

@@ -1,19 +1,24 @@
 //! `torch_parallel.tree(...)`: the Python face of the collectives' Tree.
 //!
 //! Tensors (a tensor, or any nesting of lists/tuples/dicts of tensors) are imported by DLPack.
-//! Per dtype, a single contiguous tensor is reduced in place in its own memory; several tensors
-//! (or a strided one) are fused into one buffer, reduced in one pipeline, and copied back.
+//! This module only flattens Python values into tensors (structure.rs); the fusion per dtype
+//! (a single contiguous tensor reduced in place, several fused into one buffer and copied back)
+//! is the collectives' (`parallel_collectives::fuse`).
 //! A Python reduce function gets torch views of each chunk: `f(a, b)` must leave `a op b` in `a`
 //! (in place, like the seed's `a.add_(b)`), or return the result.
+//!
+//! Over 600 lines: the `Tree` class's Python methods (each collective, its `*_async` form, the
+//! store adapter for launchers) are short adapters over `parallel_collectives`; they stay
+//! together so the class reads in one place.
 
 use crate::convert;
 use crate::dlpack;
 use crate::errors::IntoPyResult;
 use crate::structure::{self, Flat};
+use parallel_collectives::fuse::Leaves;
 use parallel_collectives::ops::{Op, UserReduce};
 use parallel_collectives::tree::{DeviceReduce, STRUCTURE_DIFFERS};
 use parallel_collectives::{Tree, TreeOptions};
-use parallel_engine::cuda::{self, DeviceAlloc, Mem};
 use parallel_engine::runtime::{Completion, Deadline};
 use parallel_engine::value::{DType, Device, Tensor};
 use parallel_engine::{Error, ErrorKind};
@@ -239,14 +244,6 @@ fn check_result(py: Python<'_>, a: &Bound<'_, PyAny>, r: &Bound<'_, PyAny>) -> P
     )))
 }
 
-/// The tensors of a value, grouped for the collectives.
-struct Leaves {
-    tensors: Vec<Tensor>,
-    /// The dtype of the empty collective a value without leaves still takes part in (its
-    /// structure is checked all the same, TREE-7).
-    empty: DType,
-}
-
 /// A value prepared for a collective (STRUCT-1..4): flattened in canonical order, checked
 /// against the op, with its structure's signature and hash.
 struct Prepared {
@@ -274,10 +271,7 @@ impl Prepared {
             .into_iter()
             .find(|d| op.is_none_or(|o| o.check(*d).is_ok()))
             .unwrap_or(DType::U8);
-        let leaves = Leaves {
-            tensors: flat.leaf_tensors(),
-            empty,
-        };
+        let leaves = Leaves::new(flat.leaf_tensors(), empty);
         Ok(Prepared {
             flat,
             leaves,
@@ -310,7 +304,7 @@ impl Prepared {
         if !self.flat.has_numbers() {
             return Ok(value);
         }
-        self.flat.numbers_from(&leaves.tensors);
+        self.flat.numbers_from(leaves.tensors());
         Ok(self.flat.rebuild(&value)?.into_bound(py))
     }
 }
@@ -343,163 +337,6 @@ fn structured(
         }
         r => r,
     }
-}
-
-impl Leaves {
-    fn none() -> Leaves {
-        Leaves {
-            tensors: Vec::new(),
-            empty: DType::F32,
-        }
-    }
-
-    /// (dtype, device) groups in first-appearance order, each a list of leaf indices.
-    fn groups(&self) -> Vec<(DType, Device, Vec<usize>)> {
-        let mut g: Vec<(DType, Device, Vec<usize>)> = Vec::new();
-        for (i, t) in self.tensors.iter().enumerate() {
-            match g
-                .iter_mut()
-                .find(|(d, dev, _)| *d == t.dtype() && *dev == t.device())
-            {
-                Some((_, _, v)) => v.push(i),
-                None => g.push((t.dtype(), t.device(), vec![i])),
-            }
-        }
-        g
-    }
-
-    /// Runs `f` on one contiguous byte buffer per dtype group of CPU tensors: the tensor's own
-    /// memory when the group is one contiguous tensor, else a fused copy that is written back
-    /// afterwards. Groups of CUDA tensors go to `fdev` (device memory, fused on the device when
-    /// there are several), or, without it, are staged through host memory for `f`.
-    fn each_group(
-        &mut self,
-        mut f: impl FnMut(DType, &mut [u8]) -> parallel_engine::Result<()>,
-        mut fdev: Option<&mut dyn FnMut(DType, i32, u64, usize) -> parallel_engine::Result<()>>,
-    ) -> parallel_engine::Result<()> {
-        let groups = self.groups();
-        if groups.is_empty() {
-            return f(self.empty, &mut []);
-        }
-        for (dtype, device, idx) in groups {
-            if let Device::Cuda(dev) = device {
-                self.cuda_group(dtype, dev, &idx, &mut f, &mut fdev)?;
-                continue;
-            }
-            if idx.len() == 1 && self.tensors[idx[0]].is_contiguous() {
-                let t = &mut self.tensors[idx[0]];
-                let n = t.nbytes();
-                let bytes = if n == 0 {
-                    &mut [][..]
-                } else {
-                    // SAFETY: a contiguous tensor's n bytes from its data pointer are its
-                    // elements, kept alive by the DLPack capsule the tensor holds.
-                    unsafe { std::slice::from_raw_parts_mut(t.data_mut_ptr(), n) }
-                };
-                f(dtype, bytes)?;
-                continue;
-            }
-            let mut fused: Vec<u8> =
-                Vec::with_capacity(idx.iter().map(|i| self.tensors[*i].nbytes()).sum());
-            for i in &idx {
-                fused.extend_from_slice(&self.tensors[*i].contiguous_bytes()?);
-            }
-            f(dtype, &mut fused)?;
-            let mut off = 0;
-            for i in &idx {
-                let t = &mut self.tensors[*i];
-                let n = t.nbytes();
-                t.scatter_from(&fused[off..off + n])?;
-                off += n;
-            }
-        }
-        Ok(())
-    }
-
-    /// One group of (contiguous) CUDA tensors on device `dev`.
-    fn cuda_group(
-        &mut self,
-        dtype: DType,
-        dev: i32,
-        idx: &[usize],
-        f: &mut impl FnMut(DType, &mut [u8]) -> parallel_engine::Result<()>,
-        fdev: &mut Option<&mut dyn FnMut(DType, i32, u64, usize) -> parallel_engine::Result<()>>,
-    ) -> parallel_engine::Result<()> {
-        let g = cuda::require("collective")?;
-        let deadline = Deadline::or_default(None);
-        let total: usize = idx.iter().map(|i| self.tensors[*i].nbytes()).sum();
-        let ptrs: Vec<(u64, usize)> = idx
-            .iter()
-            .map(|i| {
-                let t = &mut self.tensors[*i];
-                (t.data_mut_ptr() as u64, t.nbytes())
-            })
-            .collect();
-        // Copies between the tensors and one buffer (device or host), in order, then a sync.
-        let gather_scatter = |buf: Mem, back: bool| -> parallel_engine::Result<()> {
-            let mut off = 0u64;
-            for (p, n) in &ptrs {
-                let at = match buf {
-                    Mem::Dev(b) => Mem::Dev(b + off),
-                    Mem::Host(h) => Mem::Host(h.wrapping_add(off as usize)),
-                };
-                let (dst, src) = if back {
-                    (Mem::Dev(*p), at)
-                } else {
-                    (at, Mem::Dev(*p))
-                };
-                // SAFETY: each tensor holds n bytes (contiguous, import_out) and the buffer
-                // `total` bytes; the tensors stay alive (their capsules) until the sync below.
-                unsafe { g.copy(dev, dst, src, *n)? };
-                off += *n as u64;
-            }
-            g.sync(dev, deadline)
-        };
-        match fdev {
-            Some(fd) if ptrs.len() == 1 => fd(dtype, dev, ptrs[0].0, ptrs[0].1),
-            Some(fd) => {
-                let fused = DeviceAlloc::new(dev, total)?;
-                gather_scatter(Mem::Dev(fused.ptr), false)?;
-                fd(dtype, dev, fused.ptr, total)?;
-                gather_scatter(Mem::Dev(fused.ptr), true)
-            }
-            None => {
-                let mut host = vec![0u8; total];
-                gather_scatter(Mem::Host(host.as_mut_ptr()), false)?;
-                f(dtype, &mut host)?;
-                gather_scatter(Mem::Host(host.as_mut_ptr()), true)
-            }
-        }
-    }
-}
-
-/// All-reduce of every group of leaves: CPU groups through the host path, CUDA groups through
-/// the Tree's GPU path (reductions on the device).
-fn all_reduce_leaves(
-    t: &Tree,
-    leaves: &mut Leaves,
-    op: &Op,
-    user: Option<&DeviceReduce>,
-) -> parallel_engine::Result<()> {
-    let mut on_device = |dt: DType, dev: i32, ptr: u64, len: usize| {
-        // SAFETY: `ptr` is a contiguous CUDA tensor (or our fused buffer) of `len` bytes on
-        // `dev`, kept alive by its capsule and used by nothing else during the call.
-        unsafe { t.all_reduce_cuda(dt, dev, ptr, len, op, user) }.map(|_| ())
-    };
-    leaves.each_group(
-        |dt, b| t.all_reduce(dt, b, op).map(|_| ()),
-        Some(&mut on_device),
-    )
-}
-
-/// Broadcast of every group of leaves: CPU groups through the host path, CUDA groups through the
-/// Tree's GPU path (CUDA IPC inside a host).
-fn broadcast_leaves(t: &Tree, leaves: &mut Leaves, root: usize) -> parallel_engine::Result<()> {
-    let mut on_device = |dt: DType, dev: i32, ptr: u64, len: usize| {
-        // SAFETY: as in all_reduce_leaves.
-        unsafe { t.broadcast_cuda(dt, dev, ptr, len, root) }
-    };
-    leaves.each_group(|dt, b| t.broadcast(dt, b, root), Some(&mut on_device))
 }
 
 /// An allreduce tree of processes (create it with `torch_parallel.tree()`): `all_reduce`,
@@ -836,7 +673,7 @@ impl Tree_ {
         let leaves = self
             .run(py, move |t| {
                 structured(t, "all_reduce", hash, &sig, || {
-                    all_reduce_leaves(t, &mut leaves, &op, user.as_ref())
+                    t.all_reduce_many(&mut leaves, &op, user.as_ref())
                 })?;
                 Ok(leaves)
             })
@@ -857,7 +694,7 @@ impl Tree_ {
         let (hash, sig) = (p.hash, std::mem::take(&mut p.sig));
         let mut w = self.work(value, p.flat.writebacks, move |t| {
             structured(t, "all_reduce", hash, &sig, || {
-                all_reduce_leaves(t, &mut leaves, &op, user.as_ref())
+                t.all_reduce_many(&mut leaves, &op, user.as_ref())
             })
         })?;
         w.raised = raised;
@@ -872,7 +709,7 @@ impl Tree_ {
         let (hash, sig) = (p.hash, std::mem::take(&mut p.sig));
         self.work(value, p.flat.writebacks, move |t| {
             structured(t, "broadcast", hash, &sig, || {
-                broadcast_leaves(t, &mut leaves, root)
+                t.broadcast_many(&mut leaves, root)
             })
         })
     }
@@ -896,7 +733,7 @@ impl Tree_ {
         let (hash, sig) = (p.hash, std::mem::take(&mut p.sig));
         let leaves = self.run(py, move |t| {
             structured(t, "broadcast", hash, &sig, || {
-                broadcast_leaves(t, &mut leaves, root)
+                t.broadcast_many(&mut leaves, root)
             })?;
             Ok(leaves)
         })?;
@@ -918,16 +755,8 @@ impl Tree_ {
         let (hash, sig) = (p.hash, std::mem::take(&mut p.sig));
         let leaves = self
             .run(py, move |t| {
-                let mut on_device = |dt: DType, dev: i32, ptr: u64, len: usize| {
-                    // SAFETY: as in all_reduce_leaves.
-                    unsafe { t.reduce_cuda(dt, dev, ptr, len, &op, user.as_ref(), root) }
-                        .map(|_| ())
-                };
                 structured(t, "reduce", hash, &sig, || {
-                    leaves.each_group(
-                        |dt, b| t.reduce(dt, b, &op, root).map(|_| ()),
-                        Some(&mut on_device),
-                    )
+                    t.reduce_many(&mut leaves, &op, user.as_ref(), root)
                 })?;
                 Ok(leaves)
             })

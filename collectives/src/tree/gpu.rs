@@ -16,11 +16,11 @@
 //!   by the caller (DLPack's stream argument in the bindings).
 
 use super::{Kind, Meta, Tree};
+use crate::algorithms;
 use crate::cuda_ops;
 use crate::ops::{self, Op};
 use parallel_engine::cuda::{self, DeviceAlloc, Mem};
-use parallel_engine::runtime::Deadline;
-use parallel_engine::value::{DType, Device, Tensor, Value};
+use parallel_engine::value::{DType, Device, Tensor};
 use parallel_engine::{Error, ErrorKind, Result};
 use std::sync::Arc;
 
@@ -176,24 +176,34 @@ impl Tree {
                 }
                 let mine = alias(dtype, count, Device::Cuda(dev), work as *mut u8, len);
                 let mut tmp = alias(dtype, count, Device::Cuda(dev), scratch.ptr as *mut u8, len);
-                self.up_and_down(mine, &mut tmp, deadline, |_, _| match (op, user) {
-                    // A failing user function is recorded, not returned: the data keeps moving
-                    // and the status round below fails every rank together (TREE-6).
-                    (Op::User(_), Some(f)) => {
-                        g.sync(dev, deadline)?;
-                        if failed.is_none()
-                            && let Err(e) = f(work, scratch.ptr, dtype, count, dev)
-                        {
-                            failed = Some(e);
+                let comm = self.comm(deadline);
+                let (parent, children) =
+                    (self.plan.parent[self.rank], &self.plan.children[self.rank]);
+                algorithms::tree::all_reduce(
+                    &comm,
+                    parent,
+                    children,
+                    mine,
+                    &mut tmp,
+                    |_, _| match (op, user) {
+                        // A failing user function is recorded, not returned: the data keeps moving
+                        // and the status round below fails every rank together (TREE-6).
+                        (Op::User(_), Some(f)) => {
+                            g.sync(dev, deadline)?;
+                            if failed.is_none()
+                                && let Err(e) = f(work, scratch.ptr, dtype, count, dev)
+                            {
+                                failed = Some(e);
+                            }
+                            Ok(())
                         }
-                        Ok(())
-                    }
-                    // SAFETY: our working tensor and scratch, `count` elements each on `dev`,
-                    // both untouched until the stream is synchronized below.
-                    _ => unsafe {
-                        cuda_ops::reduce_device(op, dtype, work, scratch.ptr, count, dev)
+                        // SAFETY: our working tensor and scratch, `count` elements each on `dev`,
+                        // both untouched until the stream is synchronized below.
+                        _ => unsafe {
+                            cuda_ops::reduce_device(op, dtype, work, scratch.ptr, count, dev)
+                        },
                     },
-                })?;
+                )?;
                 if matches!(op, Op::Avg) {
                     // SAFETY: as above.
                     unsafe { cuda_ops::divide_device(dtype, work, count, v.contributors, dev)? };
@@ -246,7 +256,9 @@ impl Tree {
         let mut scratch = alias(dtype, m.count, Device::Cpu, tmp.as_mut_ptr(), len);
         let (bp, tp) = (buf.as_mut_ptr(), tmp.as_ptr());
         let (guarded, failed) = super::guard(&op);
-        self.up_and_down(mine, &mut scratch, self.deadline(), |_, _| {
+        let comm = self.comm(self.deadline());
+        let (parent, children) = (self.plan.parent[self.rank], &self.plan.children[self.rank]);
+        algorithms::tree::all_reduce(&comm, parent, children, mine, &mut scratch, |_, _| {
             // SAFETY: both buffers hold `len` bytes and live until the end of this function.
             let (d, s) = unsafe {
                 (
@@ -294,8 +306,8 @@ impl Tree {
             self.pass(Some(&meta), None, None, false, self.rank == root)?;
             let deadline = self.deadline();
             let mine = alias(dtype, count, Device::Cuda(dev), ptr as *mut u8, len);
-            let r = self
-                .relay(mine, root, deadline)
+            let comm = self.comm(deadline);
+            let r = algorithms::tree::broadcast(&comm, &self.plan, root, mine)
                 .and_then(|_| g.sync(dev, deadline));
             if r.is_err() {
                 g.drain(dev);
@@ -316,83 +328,7 @@ impl Tree {
         let len = m.count * dtype.itemsize();
         let mut buf = vec![0u8; len];
         let mine = alias(dtype, m.count, Device::Cpu, buf.as_mut_ptr(), len);
-        self.relay(mine, m.root, self.deadline())
-    }
-
-    /// Moves `root`'s data to every rank: up the path from `root` to rank 0 (the ranks on it hold
-    /// the data after this phase), then down from each rank to its children off that path.
-    fn relay(&self, mut mine: Tensor, root: usize, deadline: Deadline) -> Result<()> {
-        // The ranks whose subtree holds `root`: root, its parent, ..., rank 0.
-        let mut on_path = vec![false; self.world_size()];
-        let mut r = Some(root);
-        while let Some(x) = r {
-            on_path[x] = true;
-            r = self.plan.parent[x];
-        }
-        let children = self.plan.children[self.rank].clone();
-        if on_path[self.rank] {
-            if self.rank != root
-                && let Some(&c) = children.iter().find(|c| on_path[**c])
-            {
-                self.recv_data(c, &mut mine, deadline)?;
-            }
-            if let Some(parent) = self.plan.parent[self.rank] {
-                self.send_data(parent, &mine, deadline)?;
-            }
-        } else if let Some(parent) = self.plan.parent[self.rank] {
-            self.recv_data(parent, &mut mine, deadline)?;
-        }
-        for &c in children.iter().filter(|c| !on_path[**c]) {
-            self.send_data(c, &mine, deadline)?;
-        }
-        Ok(())
-    }
-
-    /// Reduce up the tree (children in rank order, GPU-1), then the root's result down.
-    fn up_and_down(
-        &self,
-        mut mine: Tensor,
-        scratch: &mut Tensor,
-        deadline: Deadline,
-        mut reduce: impl FnMut(&mut Tensor, &Tensor) -> Result<()>,
-    ) -> Result<()> {
-        let children = self.plan.children[self.rank].clone();
-        for &child in &children {
-            self.recv_data(child, scratch, deadline)?;
-            reduce(&mut mine, scratch)?;
-        }
-        if let Some(parent) = self.plan.parent[self.rank] {
-            self.send_data(parent, &mine, deadline)?;
-            self.recv_data(parent, &mut mine, deadline)?;
-        }
-        for &child in &children {
-            self.send_data(child, &mine, deadline)?;
-        }
-        Ok(())
-    }
-
-    fn send_data(&self, to: usize, t: &Tensor, deadline: Deadline) -> Result<()> {
-        let v = Value::Tensor(alias(
-            t.dtype(),
-            t.numel(),
-            t.device(),
-            t.data_ptr() as *mut u8,
-            t.nbytes(),
-        ));
-        self.link(to)?
-            .send(&v, Some(deadline.remaining()))
-            .map_err(|e| Error::new(e.kind(), "tree", format!("to rank {to}: {e}")))
-    }
-
-    fn recv_data(&self, from: usize, into: &mut Tensor, deadline: Deadline) -> Result<()> {
-        match self.recv_ctrl(from, deadline, std::slice::from_mut(into))? {
-            Value::Out(0) => Ok(()),
-            other => Err(Error::new(
-                ErrorKind::Protocol,
-                "tree",
-                format!("rank {from} sent {other:?} where CUDA all-reduce data was expected"),
-            )),
-        }
+        algorithms::tree::broadcast(&self.comm(self.deadline()), &self.plan, m.root, mine)
     }
 
     /// A device buffer of at least `len` bytes on `dev` (the tree keeps the last one).

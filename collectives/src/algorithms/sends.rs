@@ -1,6 +1,6 @@
 //! Scoped asynchronous sends: a send started from borrowed memory never outlives the borrow.
 //!
-//! The ring sends a chunk of the caller's buffer on the tree's sender thread while this thread
+//! The ring sends a chunk of the caller's buffer on the [`Sender`]'s thread while this thread
 //! receives the next one; the send reads the buffer after `send` returned. If this thread then
 //! returned early (`?` on a failed receive), the caller could free or reuse the buffer while the
 //! sender thread still reads it.
@@ -14,30 +14,76 @@
 //!   grace to finish, then closes the links they use so they fail promptly, then waits for each to
 //!   complete: the error is reported within about a second, not at the operation's deadline.
 
-use super::Tree;
+use super::Communicator;
 use parallel_engine::endpoint::Conn;
 use parallel_engine::runtime::{Completion, Deadline};
-use parallel_engine::{Error, Result};
+use parallel_engine::value::Value;
+use parallel_engine::{Error, ErrorKind, Result};
 use std::marker::PhantomData;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+/// A send for the sender thread.
+type SendJob = (Arc<Conn>, Value, Deadline, Completion<()>);
+
+/// The tree's sender thread: the ring's sends overlap its receives without borrowing the
+/// engine's shared reactors (whose threads other trees of this process may be blocking on).
+pub(crate) struct Sender(Mutex<std::sync::mpsc::Sender<SendJob>>);
+
+impl Sender {
+    pub(crate) fn start(rank: usize) -> Result<Sender> {
+        let (tx, rx) = std::sync::mpsc::channel::<SendJob>();
+        std::thread::Builder::new()
+            .name(format!("parallel-tree-{rank}"))
+            .spawn(move || {
+                parallel_engine::runtime::block_signals();
+                while let Ok((conn, v, deadline, done)) = rx.recv() {
+                    done.complete(conn.link().send(&v, deadline));
+                }
+            })
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::Resource,
+                    "tree",
+                    format!("cannot start the sender thread: {e}"),
+                )
+            })?;
+        Ok(Sender(Mutex::new(tx)))
+    }
+
+    /// Sends `v` to `conn` on the sender thread; the completion reports the outcome.
+    fn send_async(&self, conn: &Arc<Conn>, v: Value, deadline: Deadline) -> Completion<()> {
+        let c = Completion::default();
+        let job = (conn.clone(), v, deadline, c.clone());
+        if let Err(std::sync::mpsc::SendError((_, _, _, done))) =
+            self.0.lock().unwrap_or_else(|p| p.into_inner()).send(job)
+        {
+            done.complete(Err(Error::new(
+                ErrorKind::Closed,
+                "tree",
+                "the tree's sender thread is gone",
+            )));
+        }
+        c
+    }
+}
 
 /// How long a dropped scope lets pending sends finish before closing their links (SEND-2).
 const GRACE: Duration = Duration::from_millis(500);
 
 /// Sends in flight from memory borrowed for `'a` (SEND-1).
-pub(super) struct SendScope<'a> {
-    tree: &'a Tree,
+pub(crate) struct SendScope<'a> {
+    sender: &'a Sender,
     deadline: Deadline,
     pending: Vec<(Arc<Conn>, Completion<()>)>,
     _bytes: PhantomData<&'a [u8]>,
 }
 
 impl<'a> SendScope<'a> {
-    pub(super) fn new(tree: &'a Tree, deadline: Deadline) -> SendScope<'a> {
+    pub(crate) fn new(comm: &'a Communicator<'_>) -> SendScope<'a> {
         SendScope {
-            tree,
-            deadline,
+            sender: comm.sender(),
+            deadline: comm.deadline(),
             pending: Vec::new(),
             _bytes: PhantomData,
         }
@@ -45,18 +91,18 @@ impl<'a> SendScope<'a> {
 
     /// Starts sending `bytes` (as a u8 tensor) to `conn` on the tree's sender thread; `bytes` stay
     /// borrowed until the scope is waited for or dropped.
-    pub(super) fn send(&mut self, conn: &Arc<Conn>, bytes: &'a [u8]) {
+    pub(crate) fn send(&mut self, conn: &Arc<Conn>, bytes: &'a [u8]) {
         // SAFETY: `bytes` is borrowed for 'a, which outlives this scope, and the scope does not
         // end (wait_all or Drop) before this send completed (SEND-1): the memory stays valid
         // and, being shared-borrowed, unmodified for as long as the sender thread reads it.
         let v = unsafe { super::view(bytes) };
-        let c = self.tree.send_async(conn, v, self.deadline);
+        let c = self.sender.send_async(conn, v, self.deadline);
         self.pending.push((conn.clone(), c));
     }
 
     /// Waits for every pending send; the first error, after all have completed (so the scope is
     /// empty whatever the outcome).
-    pub(super) fn wait_all(&mut self, op: &'static str) -> Result<()> {
+    pub(crate) fn wait_all(&mut self, op: &'static str) -> Result<()> {
         let mut first: Option<Error> = None;
         for (conn, c) in std::mem::take(&mut self.pending) {
             if let Err(e) = c.wait(self.deadline, op) {
@@ -111,6 +157,7 @@ impl Drop for SendScope<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Tree;
     use crate::rendezvous::TreeOptions;
     use std::time::Instant;
 
@@ -139,11 +186,12 @@ mod tests {
             drop(t);
         });
         let t = Tree::new(opts(0)).unwrap();
-        let conn = t.link(1).unwrap().clone();
+        let comm = t.comm(Deadline::after(Duration::from_secs(20)));
+        let conn = comm.link(1).unwrap().clone();
         let bytes = vec![0x5au8; 16 << 20];
         let started = Instant::now();
         let handles: Vec<Completion<()>> = {
-            let mut scope = SendScope::new(&t, Deadline::after(Duration::from_secs(20)));
+            let mut scope = SendScope::new(&comm);
             for i in 0..4 {
                 scope.send(&conn, &bytes[i * (4 << 20)..(i + 1) * (4 << 20)]);
             }
@@ -172,18 +220,18 @@ mod tests {
     #[test]
     fn send_1_ring_segments_split_without_overlap() {
         let mut buf: Vec<u8> = (0..10).collect();
-        let (s, r) = crate::tree::disjoint(&mut buf, 6..9, 2..5).unwrap();
+        let (s, r) = crate::algorithms::ring::disjoint(&mut buf, 6..9, 2..5).unwrap();
         assert_eq!(s, &[6, 7, 8]);
         r.fill(0);
-        let (s, r) = crate::tree::disjoint(&mut buf, 0..2, 2..2).unwrap();
+        let (s, r) = crate::algorithms::ring::disjoint(&mut buf, 0..2, 2..2).unwrap();
         assert_eq!((s, r.len()), (&[0u8, 1][..], 0));
         assert_eq!(buf, [0, 1, 0, 0, 0, 5, 6, 7, 8, 9]);
         assert!(
-            crate::tree::disjoint(&mut buf, 0..3, 2..5).is_err(),
+            crate::algorithms::ring::disjoint(&mut buf, 0..3, 2..5).is_err(),
             "overlap"
         );
         assert!(
-            crate::tree::disjoint(&mut buf, 0..3, 8..11).is_err(),
+            crate::algorithms::ring::disjoint(&mut buf, 0..3, 8..11).is_err(),
             "out of bounds"
         );
     }

@@ -1,0 +1,240 @@
+//! The collective algorithms, as free functions over a [`Communicator`] (Gloo's habit): each
+//! sees links to its peers, a deadline, a pipeline chunk and a reduce kernel, never a socket, a
+//! CUDA handle or the Tree's protocol state. The [`Tree`](crate::Tree) runs its control pass
+//! (which checks that every rank called the same collective, and counts contributors), then
+//! asks [`choose`] which algorithm moves the data and calls it.
+//!
+//! - [`ring::all_reduce`]: pipelined ring, reduce-scatter then all-gather (large buffers).
+//! - [`hierarchical::all_reduce`]: reduce inside each host, a ring of host leaders, broadcast
+//!   inside each host (large buffers across hosts with several ranks each).
+//! - [`tree::all_reduce`]: whole tensors up the tree (reduced in rank order) and the root's
+//!   result down; host or device memory, the reduce kernel is the caller's (CPU or CUDA).
+//! - [`tree::broadcast`]: from any root, up its path to rank 0, then down to every other rank.
+//!
+//! Small CPU all-reduces, reduces, broadcasts, all-gathers and barriers ride the Tree's control
+//! pass itself (the data travel with the control frames up and down the tree), so they have no
+//! function of their own here.
+//!
+//! Invariants:
+//! - ALGO-1: every element is reduced in exactly one place, in a fixed order, then copied, so
+//!   every rank ends bitwise identical (TREE-1).
+//! - ALGO-2: an algorithm reads or writes the caller's buffer only while it holds its borrow;
+//!   asynchronous sends of borrowed bytes go through a [`SendScope`] (SEND-1).
+//! - ALGO-3: every receive and send is bounded by the communicator's deadline, and an error
+//!   names the peer and the step.
+
+pub mod hierarchical;
+pub mod ring;
+pub(crate) mod sends;
+pub mod tree;
+
+use crate::plan::{Algo, Plan};
+use parallel_engine::endpoint::Conn;
+use parallel_engine::runtime::Deadline;
+use parallel_engine::value::{Tensor, Value};
+use parallel_engine::{Error, ErrorKind, Result};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+pub(crate) use sends::{SendScope, Sender};
+
+/// Tuning of the collectives, from the environment (engine config) or set by the user.
+#[derive(Debug, Clone)]
+pub struct Tuning {
+    /// Buffers of at least this many bytes take the ring (when `algo` is Auto).
+    pub ring_threshold: usize,
+    /// Pipeline chunk of the ring, in bytes.
+    pub chunk: usize,
+    pub algo: Algo,
+}
+
+/// Which algorithm moves a CPU all-reduce's data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Algorithm {
+    /// With the control pass, up and down the tree (small buffers, or forced).
+    Tree,
+    /// The pipelined ring over every rank.
+    Ring,
+    /// Host-local reduce, a ring of host leaders, host-local broadcast (TREE-5).
+    Hierarchical,
+}
+
+/// The one place that picks an all-reduce algorithm, by size and topology: the tree below the
+/// ring threshold (or when forced), else the ring, hierarchical when the plan spans several hosts
+/// with several ranks on some.
+pub fn choose(plan: &Plan, tuning: &Tuning, nbytes: usize) -> Algorithm {
+    let ring = plan.world() > 1
+        && match tuning.algo {
+            Algo::Ring => true,
+            Algo::Tree => false,
+            Algo::Auto => nbytes >= tuning.ring_threshold,
+        };
+    match ring {
+        false => Algorithm::Tree,
+        true if plan.hierarchical() => Algorithm::Hierarchical,
+        true => Algorithm::Ring,
+    }
+}
+
+/// What an algorithm sees of the tree: this rank, its links, the sender that overlaps sends
+/// with receives, a deadline and the pipeline chunk.
+pub struct Communicator<'a> {
+    rank: usize,
+    links: &'a HashMap<usize, Arc<Conn>>,
+    sender: &'a Sender,
+    deadline: Deadline,
+    chunk: usize,
+}
+
+impl std::fmt::Debug for Communicator<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut peers: Vec<_> = self.links.keys().collect();
+        peers.sort();
+        write!(f, "Communicator(rank {}, peers {peers:?})", self.rank)
+    }
+}
+
+impl<'a> Communicator<'a> {
+    pub(crate) fn new(
+        rank: usize,
+        links: &'a HashMap<usize, Arc<Conn>>,
+        sender: &'a Sender,
+        deadline: Deadline,
+        chunk: usize,
+    ) -> Communicator<'a> {
+        Communicator {
+            rank,
+            links,
+            sender,
+            deadline,
+            chunk,
+        }
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// Every operation of this communicator ends by this deadline (ALGO-3).
+    pub fn deadline(&self) -> Deadline {
+        self.deadline
+    }
+
+    /// The pipeline chunk, in bytes.
+    pub fn chunk(&self) -> usize {
+        self.chunk
+    }
+
+    pub(crate) fn sender(&self) -> &Sender {
+        self.sender
+    }
+
+    /// The link to rank `r`: an error (not a panic) if the plan gave this rank none.
+    pub fn link(&self, r: usize) -> Result<&'a Arc<Conn>> {
+        self.links.get(&r).ok_or_else(|| {
+            Error::new(
+                ErrorKind::Protocol,
+                "tree",
+                format!("rank {} has no link to rank {r}", self.rank),
+            )
+        })
+    }
+
+    /// Receives rank `from`'s next message straight into `bytes` (a whole message of exactly
+    /// that many bytes); `what` names the step in the error.
+    pub fn recv_bytes(&self, from: usize, bytes: &mut [u8], what: &str) -> Result<()> {
+        self.link(from)?
+            .recv_into(&mut [out_view(bytes)], Some(self.deadline.remaining()))
+            .map(|_| ())
+            .map_err(|e| {
+                Error::new(
+                    e.kind(),
+                    "all_reduce",
+                    format!("{what} from rank {from}: {e}"),
+                )
+            })
+    }
+
+    /// Sends a whole tensor (host or device memory) to rank `to`, synchronously.
+    pub fn send_tensor(&self, to: usize, t: &Tensor) -> Result<()> {
+        let v = Value::Tensor(alias(t));
+        self.link(to)?
+            .send(&v, Some(self.deadline.remaining()))
+            .map_err(|e| Error::new(e.kind(), "tree", format!("to rank {to}: {e}")))
+    }
+
+    /// Receives a whole tensor from rank `from` into `into` (host or device memory).
+    pub fn recv_tensor(&self, from: usize, into: &mut Tensor) -> Result<()> {
+        let v = self
+            .link(from)?
+            .recv_into(std::slice::from_mut(into), Some(self.deadline.remaining()))
+            .map_err(|e| Error::new(e.kind(), "tree", format!("from rank {from}: {e}")))?;
+        match v {
+            Value::Out(0) => Ok(()),
+            other => Err(Error::new(
+                ErrorKind::Protocol,
+                "tree",
+                format!("rank {from} sent {other:?} where tensor data was expected"),
+            )),
+        }
+    }
+}
+
+fn keep() -> Arc<dyn std::any::Any + Send + Sync> {
+    Arc::new(())
+}
+
+/// A header over `t`'s memory for one synchronous send while `t` is borrowed.
+fn alias(t: &Tensor) -> Tensor {
+    // SAFETY: the alias is used only by the synchronous send of the caller, which borrows `t`
+    // (and so its memory) for the whole send.
+    unsafe {
+        Tensor::from_raw(
+            t.dtype(),
+            vec![t.numel()],
+            None,
+            t.device(),
+            t.data_ptr() as *mut u8,
+            t.nbytes(),
+            keep(),
+        )
+    }
+}
+
+/// A tensor value over `bytes` (not owning them) for sending without a copy.
+///
+/// # Safety
+/// The caller keeps `bytes` alive and unmodified until the send that uses the value completed.
+pub(crate) unsafe fn view(bytes: &[u8]) -> Value {
+    // SAFETY: delegated to the caller (see above).
+    Value::Tensor(unsafe {
+        Tensor::from_raw(
+            parallel_engine::value::DType::U8,
+            vec![bytes.len()],
+            None,
+            parallel_engine::value::Device::Cpu,
+            bytes.as_ptr() as *mut u8,
+            bytes.len(),
+            keep(),
+        )
+    })
+}
+
+/// An out-tensor over `bytes` for receiving straight into them.
+pub(crate) fn out_view(bytes: &mut [u8]) -> Tensor {
+    // SAFETY: the tensor is used only by the recv call the caller makes while holding `bytes`.
+    unsafe {
+        Tensor::from_raw(
+            parallel_engine::value::DType::U8,
+            vec![bytes.len()],
+            None,
+            parallel_engine::value::Device::Cpu,
+            bytes.as_mut_ptr(),
+            bytes.len(),
+            keep(),
+        )
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests;

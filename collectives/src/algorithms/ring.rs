@@ -1,0 +1,142 @@
+//! Pipelined ring all-reduce: reduce-scatter, then all-gather, chunk by chunk (moved from the
+//! Tree unchanged: same segments, same chunks, same order on the wire).
+//!
+//! The buffer is cut into `p` segments (the first `count % p` one element longer). In step `s`
+//! of the reduce-scatter, the rank at ring position `pos` sends segment `(pos - s) mod p` to its
+//! right neighbour while it receives segment `(pos - s - 1) mod p` from its left one and reduces
+//! it into its own copy; after `p - 1` steps it holds segment `(pos + 1) mod p` fully reduced,
+//! and the all-gather passes the reduced segments around the ring the same way.
+//!
+//! Invariants:
+//! - RING-1: each segment is reduced along the ring in ring order, starting at the rank after
+//!   its owner, exactly once; the all-gather only copies (ALGO-1).
+//! - RING-2: a step sends one segment while it receives another; the two never overlap (checked,
+//!   [`disjoint`]), and the sent one is not written before its sends completed (SEND-1).
+
+use super::{Communicator, SendScope};
+use crate::ops::{self, Op};
+use parallel_engine::buffer::Buf;
+use parallel_engine::value::DType;
+use parallel_engine::{Error, ErrorKind, Result};
+
+/// All-reduce of `buf` (elements of `dtype`) with `op` over the ranks of `ring` (in that order),
+/// which must include this rank. `contributors` divides the result of [`Op::Avg`].
+pub fn all_reduce(
+    comm: &Communicator<'_>,
+    ring: &[usize],
+    dtype: DType,
+    buf: &mut [u8],
+    op: &Op,
+    contributors: usize,
+) -> Result<()> {
+    let p = ring.len();
+    if p < 2 {
+        if matches!(op, Op::Avg) {
+            ops::divide(dtype, buf, contributors);
+        }
+        return Ok(());
+    }
+    let item = dtype.itemsize();
+    let count = buf.len() / item;
+    let pos = ring.iter().position(|r| *r == comm.rank()).ok_or_else(|| {
+        Error::new(
+            ErrorKind::Protocol,
+            "all_reduce",
+            format!("rank {} is not in the ring {ring:?}", comm.rank()),
+        )
+    })?;
+    let (left, right) = (ring[(pos + p - 1) % p], ring[(pos + 1) % p]);
+    let rc = comm.link(right)?;
+    comm.link(left)?;
+    let seg = |s: usize| -> (usize, usize) {
+        let base = count / p;
+        let extra = count % p;
+        let start = s * base + s.min(extra);
+        let len = base + usize::from(s < extra);
+        (start * item, len * item)
+    };
+    // At least ~4 chunks per segment so the copy of one overlaps the reduction of the last, but
+    // not under 256 KiB, where per-chunk costs start to show.
+    let target = (buf.len() / p / 4).max(256 << 10).min(comm.chunk());
+    let chunk = (target / item).max(1) * item;
+    let mut scratch = Buf::with_len(chunk.min(buf.len().max(1)))?;
+    // One step: send segment `send_s` to the right while receiving segment `recv_s` from the
+    // left, chunk by chunk; `reduce`: combine into our copy, else receive straight into it.
+    // The sends borrow the send segment through a scope (SEND-1): the borrow checker keeps
+    // it unwritten until they completed, and an early `?` waits for (or interrupts) them.
+    let mut step = |buf: &mut [u8], send_s: usize, recv_s: usize, reduce: bool| -> Result<()> {
+        let (so, sl) = seg(send_s);
+        let (ro, rl) = seg(recv_s);
+        let (send, recv) = disjoint(buf, so..so + sl, ro..ro + rl)?;
+        let chunks = sl.max(rl).div_ceil(chunk).max(1);
+        let mut sends = SendScope::new(comm);
+        for k in 0..chunks {
+            let (a, b) = (k * chunk, ((k + 1) * chunk).min(sl));
+            if a < b || (k == 0 && sl == 0) {
+                sends.send(rc, &send[a..b.max(a)]);
+            }
+            let (a, b) = (k * chunk, ((k + 1) * chunk).min(rl));
+            if a < b || (k == 0 && rl == 0) {
+                let n = b.saturating_sub(a);
+                let dst = &mut recv[a..a + n];
+                // Reduce: receive into the scratch chunk, then combine; else straight into buf.
+                let into: &mut [u8] = if reduce { &mut scratch[..n] } else { &mut *dst };
+                comm.recv_bytes(left, into, "ring step")?;
+                if reduce {
+                    ops::reduce_into(op, dtype, dst, &scratch[..n])?;
+                }
+            }
+        }
+        sends.wait_all("all_reduce").map_err(|e| {
+            Error::new(
+                e.kind(),
+                "all_reduce",
+                format!("ring step to rank {right}: {e}"),
+            )
+        })
+    };
+    for s in 0..p - 1 {
+        step(buf, (pos + p - s) % p, (pos + p - s - 1) % p, true)?;
+    }
+    let own = (pos + 1) % p;
+    if matches!(op, Op::Avg) {
+        let (o, l) = seg(own);
+        // Our fully reduced segment; no send is in flight (every step's scope ended).
+        ops::divide(dtype, &mut buf[o..o + l], contributors);
+    }
+    for s in 0..p - 1 {
+        step(buf, (pos + 1 + p - s) % p, (pos + p - s) % p, false)?;
+    }
+    Ok(())
+}
+
+/// The bytes of range `send` (shared) and of range `recv` (exclusive) of `buf`, which must not
+/// overlap: the ring sends one segment while it receives another (RING-2).
+pub(crate) fn disjoint(
+    buf: &mut [u8],
+    send: std::ops::Range<usize>,
+    recv: std::ops::Range<usize>,
+) -> Result<(&[u8], &mut [u8])> {
+    let bad = || {
+        Error::new(
+            ErrorKind::Protocol,
+            "all_reduce",
+            format!(
+                "ring segments {send:?} and {recv:?} of a {}-byte buffer overlap (a bug: please report it)",
+                buf.len()
+            ),
+        )
+    };
+    if send.end.max(recv.end) > buf.len() {
+        return Err(bad());
+    }
+    if send.end <= recv.start {
+        let (lo, hi) = buf.split_at_mut(recv.start);
+        Ok((&lo[send], &mut hi[..recv.end - recv.start]))
+    } else if recv.end <= send.start {
+        let (lo, hi) = buf.split_at_mut(send.start);
+        Ok((&hi[..send.end - send.start], &mut lo[recv]))
+    } else {
+        Err(bad())
+    }
+}
