@@ -185,7 +185,7 @@ pub const TABLE: &[Var] = &[
             max: 1_000_000,
         },
         default: "50",
-        doc: "Microseconds a receiver polls before it parks in the kernel. Lower saves CPU on oversubscribed machines; higher lowers latency.",
+        doc: "Longest spin, in microseconds, of a waiting thread before it sleeps in the kernel. A waiter spins only while a core is free for it (runnable threads no more than cores) and spins less after spins that did not pay, so a loaded machine does not pay for it; 0 never spins.",
     },
     Var {
         name: "PARALLEL_SECRET",
