@@ -39,7 +39,7 @@ mod tests;
 
 pub(crate) use io::{recv_exact, send_all};
 pub use reactor::{Completion, Lane, Runtime, block_signals};
-pub use spin::{LOAD_PERIOD, SLOTS, Spin, SpinStats, refresh_load, relax, spin_stats};
+pub use spin::{LOAD_PERIOD, SLOTS, Spin, SpinStats, refresh_load, relax, spin_stats, spin_until};
 
 use crate::config::{IoChoice, config};
 use crate::error::{Error, ErrorKind, Result};

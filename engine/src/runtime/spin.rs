@@ -286,6 +286,21 @@ impl Drop for Spin {
     }
 }
 
+/// Spins under the policy (at most `cap`) until `ready()` returns true; returns whether it did.
+/// On false the caller goes to its kernel wait. This is the one-line form of [`Spin`] for a
+/// loop of the shape `while now < spin_until { if ready() { return } relax() }`.
+pub fn spin_until(cap: Duration, mut ready: impl FnMut() -> bool) -> bool {
+    let mut spin = Spin::start(cap);
+    loop {
+        if ready() {
+            return true;
+        }
+        if !spin.step() {
+            return false;
+        }
+    }
+}
+
 /// One step of a caller's own busy-wait loop (bounded by the caller, by `PARALLEL_SPIN_US` at
 /// most). The first step (`*step == 0`) asks the policy: when it allows a spin the thread
 /// counts as a spinner for `cap` and the steps pause the CPU (yielding every 32nd); when it
@@ -422,6 +437,18 @@ pub(crate) mod tests {
         })
         .join()
         .unwrap();
+    }
+
+    #[test]
+    fn spin_1_spin_until_reports_readiness_and_gives_up() {
+        assert!(spin_until(Duration::ZERO, || true), "ready at once");
+        assert!(!spin_until(Duration::ZERO, || false), "cap 0 never spins");
+        let t = Instant::now();
+        assert!(!spin_until(Duration::from_millis(1), || false));
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the spin is bounded by its cap"
+        );
     }
 
     #[test]
