@@ -29,6 +29,7 @@ Usage:
   .venv/bin/python benches/allreduce.py                      # full run (1-2 minutes)
   .venv/bin/python benches/allreduce.py --quick              # smoke run, < 90 s
   .venv/bin/python benches/allreduce.py --only ours_shm,gloo --world 3
+  .venv/bin/python benches/allreduce.py --load 1             # under load: see benches/_load.py
 Peers and the plot need `bash scripts/bench-setup.sh` (Open MPI, mpi4py, matplotlib); a missing
 peer is reported as skipped. Writes --json (default bench-out/allreduce.json), --md (default
 bench-out/allreduce.md) and --png (default bench-out/allreduce.png).
@@ -47,6 +48,7 @@ import sys
 import tempfile
 import time
 
+import _load
 from _common import HOST, cmd, cpu_seconds, free_port, pct, read_text, run_probe, tail
 from _common import machine_info as base_machine_info
 
@@ -283,7 +285,10 @@ def child_main(system, rank_arg, cfg):
     with open(os.path.join(d, f"pid-{rank}"), "w") as f:
         f.write(str(os.getpid()))
     fn = {"gloo": child_gloo, "mpi": child_mpi, "ours_shm": child_ours, "ours_tcp": child_ours}[system]
+    stop_load, t_load = _load.start_load(cfg.get("load", 0), cfg.get("load_kind")), time.monotonic()
     res = fn(rank, world, cfg)
+    if cfg.get("load"):
+        res["load_ops_per_s"] = stop_load() / (time.monotonic() - t_load)
     res["world"] = world
     res["rank"] = rank
     tmp = os.path.join(d, f".rank-{rank}.json")
@@ -945,6 +950,12 @@ def main():
     ap.add_argument(
         "--timeout", type=float, default=None, help="deadline per launch, s (default: from sizes)"
     )
+    ap.add_argument(
+        "--load",
+        type=int,
+        default=0,
+        help="under-load mode: N busy compute threads per rank (benches/_load.py)",
+    )
     ap.add_argument("--json", default="bench-out/allreduce.json")
     ap.add_argument("--md", default="bench-out/allreduce.md")
     ap.add_argument("--png", default="bench-out/allreduce.png")
@@ -958,6 +969,9 @@ def main():
         return
 
     a.reps = a.reps or (1 if a.quick else 3)
+    if a.load > 0:
+        load_main(a)
+        return
     if a.world < 2 or a.reps < 1:
         raise SystemExit("--world must be >= 2 and --reps >= 1")
     sizes = [s.strip() for s in a.sizes.split(",") if s.strip()] or list(SIZES)
@@ -1053,6 +1067,83 @@ def main():
             with open(path, "w") as f:
                 f.write(text + ("\n" if not text.endswith("\n") else ""))
     print(f"\nwrote {', '.join(p for p in (a.json, a.md, report['png']) if p)} ({report['elapsed_s']:.0f} s)")
+
+
+def load_main(a):
+    """--load N: the headline sizes under N busy compute threads per rank, p50/p99 per launch."""
+    sizes = [s for s in HEADLINE if not a.sizes or s in a.sizes.split(",")]
+    iters = {k: v for k, v in (_load.ITERS_QUICK if a.quick else _load.ITERS).items() if k in sizes}
+    systems = parse_only(a.only) if a.only else ["ours_shm", "gloo", "mpi"]
+    kind = _load.load_kind()
+    cfg = {"sizes": sizes, "iters": iters, "t_op": 60.0, "load": a.load, "load_kind": kind}
+    over = max(1.0, a.world * (1 + a.load) / (os.cpu_count() or 2))
+    work = sum((iters[s] + warmup(SIZES[s], iters[s]) + 1) * max(0.02, SIZES[s] / 50e6) for s in sizes)
+    deadline = a.timeout or (60 + work * over)
+    started, t_start = time.strftime("%Y-%m-%d %H:%M:%S %z"), time.monotonic()
+    loadavg_start = read_text("/proc/loadavg").split()[:3]
+    probe = probe_ours() if any(s in OURS for s in systems) else {"error": "not selected"}
+    runs = {s: [] for s in systems}
+    unavailable = {s: availability(s, probe) for s in systems}
+    tmpdir = tempfile.mkdtemp(prefix="parallel-allreduce-load-")
+    try:
+        for rep in range(a.reps):
+            for s in systems:
+                if unavailable[s]:
+                    if rep == 0:
+                        print(f"{s}: skipped ({unavailable[s]})", flush=True)
+                        runs[s].append({"status": "skipped", "note": unavailable[s]})
+                    continue
+                print(
+                    f"[launch {rep + 1}/{a.reps}] {s} (p={a.world}, load {a.load}) ...", end=" ", flush=True
+                )
+                res, err, command, psi = launch(s, a.world, cfg, tmpdir, f"{s}-{rep}", deadline)
+                if err:
+                    runs[s].append({"status": "error", "note": err, "command": command})
+                    print(f"error: {err}", flush=True)
+                    continue
+                run = {"status": "ok", "ranks": res, "command": command, "cpu_pressure": psi}
+                run["load_ops_per_s"] = sum(r.get("load_ops_per_s", 0) for r in res.values())
+                runs[s].append(run)
+                brief = [_load.per_launch(run, k) for k in sizes]
+                print(
+                    ", ".join(
+                        f"{k} p50 {fmt_t(b['p50_s'])} p99 {fmt_t(b['p99_s'])}"
+                        for k, b in zip(sizes, brief, strict=True)
+                        if b
+                    ),
+                    flush=True,
+                )
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    rows = {s: _load.summarize(runs[s], sizes) for s in systems}
+    ours = next((s for s in systems if s in OURS), None)
+    peers = [s for s in systems if s in PEERS]
+    report = {
+        "started": started,
+        "elapsed_s": time.monotonic() - t_start,
+        "command": " ".join([sys.executable, *sys.argv]),
+        "args": vars(a),
+        "load_kind": kind,
+        "loadavg_start": loadavg_start,
+        "loadavg_end": read_text("/proc/loadavg").split()[:3],
+        "torch_parallel": probe,
+        "sizes": sizes,
+        "order": systems,
+        "ours": ours,
+        "peers": peers,
+        "systems": rows,
+        "ratios": _load.ratios(rows, ours, peers, sizes) if ours else {},
+    }
+    _load.print_console(report)
+    base = {"json": a.json, "md": a.md}
+    for key, text in (("json", json.dumps(report, indent=1, default=str)), ("md", _load.render(report))):
+        path = base[key]
+        if path:
+            path = path.replace("allreduce.", "allreduce-load.") if "allreduce." in path else path
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with open(path, "w") as f:
+                f.write(text)
+            print(f"wrote {path}")
 
 
 if __name__ == "__main__":

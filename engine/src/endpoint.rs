@@ -525,8 +525,7 @@ impl Server {
         timeout: Option<Duration>,
     ) -> Result<(Value, Arc<Conn>)> {
         let deadline = Deadline::or_default(timeout);
-        let spin_until = Instant::now() + config().spin;
-        let mut spins = 0u32;
+        let mut spin: Option<runtime::Spin> = None;
         let mut fds: Vec<(RawFd, Interest)> = Vec::new();
         loop {
             if self.inner.closed.load(Ordering::SeqCst) {
@@ -585,8 +584,10 @@ impl Server {
                     }
                 }
             }
-            if Instant::now() < spin_until {
-                crate::runtime::relax(&mut spins);
+            if spin
+                .get_or_insert_with(|| runtime::Spin::start(config().spin))
+                .step()
+            {
                 continue;
             }
             fds.clear();

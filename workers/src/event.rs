@@ -20,7 +20,7 @@
 use crate::sync::{AtomicU32, Ordering};
 use parallel_engine::error::Result;
 use parallel_engine::runtime::Deadline;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The two words of an event, in process or shared memory.
 #[repr(C)]
@@ -130,13 +130,11 @@ impl Event {
         if ready()? {
             return Ok(());
         }
-        if !spin.is_zero() {
-            let until = Instant::now() + spin;
-            while Instant::now() < until {
-                std::hint::spin_loop();
-                if ready()? {
-                    return Ok(());
-                }
+        // The runtime's wait policy decides whether to spin at all (SPIN-1..4).
+        let mut spinning = parallel_engine::runtime::Spin::start(spin);
+        while spinning.step() {
+            if ready()? {
+                return Ok(());
             }
         }
         let w = self.w();

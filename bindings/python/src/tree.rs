@@ -19,13 +19,12 @@ use parallel_collectives::fuse::Leaves;
 use parallel_collectives::ops::{Op, UserReduce};
 use parallel_collectives::tree::{DeviceReduce, STRUCTURE_DIFFERS};
 use parallel_collectives::{Tree, TreeOptions};
-use parallel_engine::runtime::{Completion, Deadline};
+use parallel_engine::runtime::{Completion, Deadline, Lane};
 use parallel_engine::value::{DType, Device, Tensor};
 use parallel_engine::{Error, ErrorKind};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 fn secs(t: Option<f64>) -> PyResult<Option<Duration>> {
@@ -355,50 +354,19 @@ fn structured(
 #[pyclass(module = "torch_parallel._native", name = "Tree", frozen)]
 pub struct Tree_ {
     tree: Arc<Tree>,
-    /// Asynchronous collectives run in submission order on one worker thread; a blocking call
-    /// made while some are pending queues behind them (every rank must see the same order).
-    queue: Mutex<Option<mpsc::Sender<Job>>>,
-    pending: Arc<AtomicUsize>,
+    /// Asynchronous collectives run in submission order on the engine's executor (a lane); a
+    /// blocking call runs inline on the caller when none is pending, and queues behind them
+    /// otherwise (every rank must see the same order).
+    lane: Lane,
 }
-
-type Job = Box<dyn FnOnce(&Tree) + Send>;
 
 impl Tree_ {
     fn submit(
         &self,
         f: impl FnOnce(&Tree) -> parallel_engine::Result<()> + Send + 'static,
     ) -> PyResult<Completion<()>> {
-        let c = Completion::default();
-        let done = c.clone();
-        let pending = self.pending.clone();
-        pending.fetch_add(1, Ordering::SeqCst);
-        let job: Job = Box::new(move |t: &Tree| {
-            done.complete(f(t));
-            pending.fetch_sub(1, Ordering::SeqCst);
-        });
-        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        if q.is_none() {
-            let (tx, rx) = mpsc::channel::<Job>();
-            let tree = self.tree.clone();
-            std::thread::Builder::new()
-                .name("parallel-tree-async".into())
-                .spawn(move || {
-                    parallel_engine::runtime::block_signals();
-                    while let Ok(job) = rx.recv() {
-                        job(&tree);
-                    }
-                })
-                .map_err(|e| {
-                    pyo3::exceptions::PyRuntimeError::new_err(format!(
-                        "cannot start the collectives thread: {e}"
-                    ))
-                })?;
-            *q = Some(tx);
-        }
-        if let Err(mpsc::SendError(job)) = q.as_ref().expect("set above").send(job) {
-            job(&self.tree);
-        }
-        Ok(c)
+        let t = self.tree.clone();
+        Ok(self.lane.submit(move || f(&t)))
     }
 
     fn run<T: Send + 'static>(
@@ -406,26 +374,14 @@ impl Tree_ {
         py: Python<'_>,
         f: impl FnOnce(&Tree) -> parallel_engine::Result<T> + Send + 'static,
     ) -> PyResult<T> {
-        if self.pending.load(Ordering::SeqCst) == 0 {
-            let t = self.tree.clone();
-            return crate::wait(py, move || f(&t));
-        }
-        let slot: Arc<Mutex<Option<T>>> = Arc::new(Mutex::new(None));
-        let out = slot.clone();
-        let c = self.submit(move |t| {
-            let v = f(t)?;
-            *out.lock().unwrap_or_else(|p| p.into_inner()) = Some(v);
-            Ok(())
-        })?;
-        crate::wait(py, move || {
-            c.wait(
+        let t = self.tree.clone();
+        let lane = self.lane.clone();
+        crate::wait(py, move || match lane.try_inline(move || f(&t)) {
+            Ok(r) => r,
+            Err(f) => lane.submit(f).wait(
                 Deadline::after(Duration::from_secs(100 * 365 * 86400)),
                 "tree",
-            )
-        })?;
-        let v = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
-        v.ok_or_else(|| {
-            pyo3::exceptions::PyRuntimeError::new_err("collective finished without a result")
+            ),
         })
     }
 
@@ -634,8 +590,7 @@ impl Tree_ {
         let tree = crate::wait(py, move || Tree::new(opts))?;
         Ok(Tree_ {
             tree: Arc::new(tree),
-            queue: Mutex::new(None),
-            pending: Arc::new(AtomicUsize::new(0)),
+            lane: Lane::new(),
         })
     }
     /// This process's rank, 0 .. world_size - 1 (rank 0 is the root).

@@ -142,7 +142,7 @@ config_table! {
         shm_cma_threshold: u64 = PARALLEL_SHM_CMA_THRESHOLD, Bytes { min: 4 * KIB, max: 1 << 40 }, "1M",
             "Segments at least this large take the single-copy path on shared-memory links. Below it, two copies through the ring pipelined over both cores are faster (measured: 1 MiB all-reduces 0.25 ms against 0.35 ms with 256K).";
         spin: Duration = PARALLEL_SPIN_US, Micros { min: 0, max: 1_000_000 }, "50",
-            "Microseconds a receiver polls before it parks in the kernel. Lower saves CPU on oversubscribed machines; higher lowers latency.";
+            "Longest spin, in microseconds, of a waiting thread before it sleeps in the kernel. A waiter spins only while a core is free for it (runnable threads no more than cores) and spins less after spins that did not pay, so a loaded machine does not pay for it; 0 never spins.";
         secret_env: Option<Secret> = PARALLEL_SECRET, Secret, "",
             "Shared secret. When set (here or through PARALLEL_SECRET_FILE), every connection is authenticated by HMAC-SHA256 challenge-response in both directions; the secret never crosses the wire.";
         secret_file: Option<String> = PARALLEL_SECRET_FILE, SecretFile, "",

@@ -52,7 +52,7 @@ use crate::wire::{FLAG_CMA, FLAG_CUDA_IPC, FrameKind, HEADER_LEN, Header, Limits
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The kind of a link.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -399,13 +399,9 @@ impl Link {
 
     /// Waits (spin, then park) until [`Link::ready`] or the deadline; consumes nothing.
     pub fn wait_ready(&self, deadline: Deadline) -> Result<()> {
-        let spin_until = Instant::now() + self.spin;
-        let mut spins = 0u32;
-        while Instant::now() < spin_until {
-            if self.ready() {
-                return Ok(());
-            }
-            crate::runtime::relax(&mut spins);
+        // Spins only while a core is free (runtime::spin), then parks.
+        if crate::runtime::spin_until(self.spin, || self.ready()) {
+            return Ok(());
         }
         let mut fds = Vec::with_capacity(2);
         loop {

@@ -243,13 +243,9 @@ impl ShmEnd {
         spin: Duration,
         mut ready: impl FnMut() -> bool,
     ) -> Result<()> {
-        let spin_until = Instant::now() + spin;
-        let mut spins = 0u32;
-        while Instant::now() < spin_until {
-            if ready() {
-                return Ok(());
-            }
-            crate::runtime::relax(&mut spins);
+        // Spins only while a core is free (runtime::spin), then parks on the doorbell.
+        if crate::runtime::spin_until(spin, &mut ready) {
+            return Ok(());
         }
         loop {
             parked.store(1, Ordering::SeqCst);

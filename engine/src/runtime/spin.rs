@@ -1,0 +1,467 @@
+//! The wait policy: whether a waiting thread may spin before it sleeps in the kernel, and for how
+//! long. It is the one policy for every wait in the engine: [`Spin`] (a bounded spin with
+//! feedback) and [`relax`] (one step of a caller's own spin loop) both ask it.
+//!
+//! Spinning saves the wake-up (a futex or eventfd wake, 5-20 µs) only while the spinner has a
+//! core to itself. When our threads, or the application's, outnumber the cores, a spinner takes
+//! the core the awaited thread needs, and the hand-off waits for the scheduler tick (4 ms at
+//! HZ=250). So a waiter spins only while a core is free, and otherwise goes straight to its
+//! kernel wait (eventfd doorbell, epoll or io_uring poll).
+//!
+//! Invariants:
+//! - SPIN-1: a spin lasts at most its cap (`PARALLEL_SPIN_US`); then the waiter sleeps in the
+//!   kernel until woken or until its deadline slice ends. A cap of zero never spins.
+//! - SPIN-2: no spin starts while the machine's runnable threads (the `running` field of
+//!   `/proc/loadavg`, counting the sampler itself) exceed its online cores, nor while this
+//!   process's other spinners would leave fewer than two of the cores it may run on
+//!   (`sched_getaffinity`) free: one for the spinner, one for the thread it waits for.
+//! - SPIN-3: a [`Spin`] that ran out its budget without its condition turning true makes the
+//!   thread skip its next 1, 3, 7, ..., 63 spins (a kernel wait each time); a spin that paid
+//!   resets the skip. A wait that cannot be won by spinning stops costing a core.
+//! - SPIN-4: the idle fast path makes no system call: the load sample is refreshed at most once
+//!   per [`LOAD_PERIOD`] per process, by one `pread` of a descriptor opened once, and the
+//!   spinner count is a scan of [`SLOTS`] atomics.
+
+use std::cell::Cell;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// How old a load sample may be before the next spin decision refreshes it (SPIN-4).
+pub const LOAD_PERIOD: Duration = Duration::from_millis(2);
+/// Threads of this process that can be counted as spinners at once; a thread beyond them
+/// never spins (the conservative answer).
+pub const SLOTS: usize = 64;
+/// The longest skip after spins that did not pay (SPIN-3): 2^6 - 1 kernel waits.
+const MAX_MISSES: u32 = 6;
+
+/// What the machine offers, read once.
+struct Machine {
+    online: usize,
+    ours: usize,
+    loadavg: Option<File>,
+    epoch: Instant,
+}
+
+fn machine() -> &'static Machine {
+    static M: OnceLock<Machine> = OnceLock::new();
+    M.get_or_init(|| {
+        // SAFETY: sysconf has no memory effects.
+        let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize;
+        Machine {
+            online,
+            ours: super::reactor::allowed_cpus().len().max(1),
+            loadavg: File::open("/proc/loadavg").ok(),
+            epoch: Instant::now(),
+        }
+    })
+}
+
+/// Nanoseconds since the policy's epoch (offset so that 0 means "never").
+fn now_ns(m: &Machine) -> u64 {
+    m.epoch.elapsed().as_nanos() as u64 + LOAD_PERIOD.as_nanos() as u64 + 1
+}
+
+static SAMPLED_AT: AtomicU64 = AtomicU64::new(0);
+static RUNNING: AtomicUsize = AtomicUsize::new(0);
+
+/// Parses the `running/total` field of `/proc/loadavg`.
+fn parse_running(text: &[u8]) -> Option<usize> {
+    let s = std::str::from_utf8(text).ok()?;
+    let field = s.split_ascii_whitespace().nth(3)?;
+    field.split('/').next()?.parse().ok()
+}
+
+/// The machine's runnable threads, sampled at most every [`LOAD_PERIOD`]; `None` where
+/// `/proc/loadavg` cannot be read (then only the spinner count limits spinning).
+fn running(m: &Machine, now: u64) -> Option<usize> {
+    let f = m.loadavg.as_ref()?;
+    let at = SAMPLED_AT.load(Ordering::Relaxed);
+    let stale = now.saturating_sub(at) >= LOAD_PERIOD.as_nanos() as u64;
+    if stale
+        && SAMPLED_AT
+            .compare_exchange(at, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        let mut buf = [0u8; 128];
+        if let Some(r) = f
+            .read_at(&mut buf, 0)
+            .ok()
+            .and_then(|n| parse_running(&buf[..n]))
+        {
+            RUNNING.store(r, Ordering::Relaxed);
+        }
+    }
+    match RUNNING.load(Ordering::Relaxed) {
+        0 => None, // never sampled successfully
+        r => Some(r),
+    }
+}
+
+/// Forces a fresh load sample on the next decision (tests, and callers that just changed the
+/// load themselves).
+pub fn refresh_load() {
+    SAMPLED_AT.store(0, Ordering::Relaxed);
+}
+
+#[repr(align(64))]
+struct Slot {
+    owner: AtomicBool,
+    /// Until when (in [`now_ns`] units) the owning thread counts as spinning; 0 when not.
+    until: AtomicU64,
+}
+
+static SPINNING: [Slot; SLOTS] = [const {
+    Slot {
+        owner: AtomicBool::new(false),
+        until: AtomicU64::new(0),
+    }
+}; SLOTS];
+
+/// This thread's slot (released when the thread ends) and its miss streak (SPIN-3).
+struct ThreadState {
+    slot: Option<usize>,
+    misses: Cell<u32>,
+    skip: Cell<u32>,
+}
+
+impl Drop for ThreadState {
+    fn drop(&mut self) {
+        if let Some(i) = self.slot {
+            SPINNING[i].until.store(0, Ordering::Relaxed);
+            SPINNING[i].owner.store(false, Ordering::Release);
+        }
+    }
+}
+
+thread_local! {
+    static ME: ThreadState = ThreadState {
+        slot: SPINNING.iter().position(|s| {
+            s.owner
+                .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+        }),
+        misses: Cell::new(0),
+        skip: Cell::new(0),
+    };
+}
+
+/// Other threads of this process spinning now.
+fn other_spinners(mine: usize, now: u64) -> usize {
+    SPINNING
+        .iter()
+        .enumerate()
+        .filter(|(i, s)| *i != mine && s.until.load(Ordering::Relaxed) > now)
+        .count()
+}
+
+/// The policy itself (SPIN-1, SPIN-2), a pure function of what was observed.
+pub(crate) fn may_spin(
+    cap: Duration,
+    running: Option<usize>,
+    online: usize,
+    other_spinners: usize,
+    ours: usize,
+) -> bool {
+    !cap.is_zero() && other_spinners + 2 <= ours && running.is_none_or(|r| r <= online)
+}
+
+/// Decides for the calling thread and, when it may spin, counts it as a spinner until
+/// `now + cap`. Returns the slot it holds.
+fn claim(cap: Duration) -> Option<usize> {
+    if cap.is_zero() {
+        return None;
+    }
+    let m = machine();
+    let now = now_ns(m);
+    let slot = ME.try_with(|me| me.slot).ok().flatten()?;
+    let others = other_spinners(slot, now);
+    if !may_spin(cap, running(m, now), m.online, others, m.ours) {
+        return None;
+    }
+    let until = now.saturating_add(cap.as_nanos().min(u64::MAX as u128) as u64);
+    SPINNING[slot].until.store(until, Ordering::Relaxed);
+    Some(slot)
+}
+
+fn release(slot: usize) {
+    SPINNING[slot].until.store(0, Ordering::Relaxed);
+}
+
+static STARTED: AtomicU64 = AtomicU64::new(0);
+static PAID: AtomicU64 = AtomicU64::new(0);
+static DECLINED: AtomicU64 = AtomicU64::new(0);
+
+/// How this process's [`Spin`]s went: started, paid (the condition came while spinning), and
+/// declined (the policy sent the waiter straight to the kernel).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SpinStats {
+    pub started: u64,
+    pub paid: u64,
+    pub declined: u64,
+}
+
+pub fn spin_stats() -> SpinStats {
+    SpinStats {
+        started: STARTED.load(Ordering::Relaxed),
+        paid: PAID.load(Ordering::Relaxed),
+        declined: DECLINED.load(Ordering::Relaxed),
+    }
+}
+
+/// A bounded spin under the policy. Use it as
+/// `let mut spin = Spin::start(cap); while !ready() { if !spin.step() { kernel_wait() } }`:
+/// `step` relaxes the CPU and says whether to keep spinning; dropping the `Spin` while it is
+/// still spinning records that it paid (SPIN-3).
+#[derive(Debug)]
+pub struct Spin {
+    slot: Option<usize>,
+    until: Instant,
+    steps: u32,
+}
+
+impl Spin {
+    /// Starts a spin of at most `cap`, or a spin that is already over when the policy says the
+    /// waiter must sleep in the kernel instead.
+    pub fn start(cap: Duration) -> Spin {
+        let skipped = ME
+            .try_with(|me| {
+                let s = me.skip.get();
+                me.skip.set(s.saturating_sub(1));
+                s > 0
+            })
+            .unwrap_or(true);
+        let slot = if skipped { None } else { claim(cap) };
+        if slot.is_some() {
+            STARTED.fetch_add(1, Ordering::Relaxed);
+        } else if !cap.is_zero() {
+            DECLINED.fetch_add(1, Ordering::Relaxed);
+        }
+        Spin {
+            slot,
+            until: Instant::now() + if slot.is_some() { cap } else { Duration::ZERO },
+            steps: 0,
+        }
+    }
+
+    /// Whether this spin is still running.
+    pub fn spinning(&self) -> bool {
+        self.slot.is_some()
+    }
+
+    /// One step: relaxes the CPU and returns true while the spin may go on; false once the
+    /// budget is spent (recorded as a spin that did not pay) or the spin was declined.
+    pub fn step(&mut self) -> bool {
+        let Some(slot) = self.slot else {
+            return false;
+        };
+        self.steps = self.steps.wrapping_add(1);
+        if self.steps % 64 == 0 && Instant::now() >= self.until {
+            release(slot);
+            self.slot = None;
+            let _ = ME.try_with(|me| {
+                let m = (me.misses.get() + 1).min(MAX_MISSES);
+                me.misses.set(m);
+                me.skip.set((1 << m) - 1);
+            });
+            return false;
+        }
+        std::hint::spin_loop();
+        true
+    }
+}
+
+impl Drop for Spin {
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot {
+            release(slot);
+            PAID.fetch_add(1, Ordering::Relaxed);
+            let _ = ME.try_with(|me| {
+                me.misses.set(0);
+                me.skip.set(0);
+            });
+        }
+    }
+}
+
+/// Spins under the policy (at most `cap`) until `ready()` returns true; returns whether it did.
+/// On false the caller goes to its kernel wait. This is the one-line form of [`Spin`] for a
+/// loop of the shape `while now < spin_until { if ready() { return } relax() }`.
+pub fn spin_until(cap: Duration, mut ready: impl FnMut() -> bool) -> bool {
+    let mut spin = Spin::start(cap);
+    loop {
+        if ready() {
+            return true;
+        }
+        if !spin.step() {
+            return false;
+        }
+    }
+}
+
+/// One step of a caller's own busy-wait loop (bounded by the caller, by `PARALLEL_SPIN_US` at
+/// most). The first step (`*step == 0`) asks the policy: when it allows a spin the thread
+/// counts as a spinner for `cap` and the steps pause the CPU (yielding every 32nd); when it
+/// does not, every step yields the core to the threads that need it. Prefer [`Spin`], which
+/// ends the spin at once when the policy declines and learns from spins that did not pay.
+#[inline]
+pub fn relax(step: &mut u32) {
+    const DECLINED_BIT: u32 = 1 << 31;
+    if *step == 0 {
+        let cap = crate::config::config().spin;
+        *step = if claim(cap).is_some() {
+            1
+        } else {
+            DECLINED_BIT | 1
+        };
+    }
+    *step = (*step & DECLINED_BIT) | (step.wrapping_add(1) & !DECLINED_BIT);
+    if *step & DECLINED_BIT != 0 || *step % 32 == 0 {
+        std::thread::yield_now();
+    } else {
+        std::hint::spin_loop();
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+
+    /// Busy threads that keep every online core and one more runnable until dropped.
+    pub(crate) struct Saturate {
+        stop: Arc<AtomicBool>,
+        threads: Vec<std::thread::JoinHandle<()>>,
+    }
+
+    impl Saturate {
+        pub(crate) fn new() -> Saturate {
+            let stop = Arc::new(AtomicBool::new(false));
+            let threads = (0..machine().online + 1)
+                .map(|_| {
+                    let stop = stop.clone();
+                    std::thread::spawn(move || {
+                        while !stop.load(Ordering::Relaxed) {
+                            std::hint::spin_loop();
+                        }
+                    })
+                })
+                .collect();
+            // Let the busy threads get scheduled before anyone samples the load.
+            std::thread::sleep(Duration::from_millis(50));
+            refresh_load();
+            Saturate { stop, threads }
+        }
+    }
+
+    impl Drop for Saturate {
+        fn drop(&mut self) {
+            self.stop.store(true, Ordering::Relaxed);
+            for t in self.threads.drain(..) {
+                let _ = t.join();
+            }
+        }
+    }
+
+    #[test]
+    fn spin_2_policy_spins_only_while_a_core_is_free() {
+        let cap = Duration::from_micros(50);
+        assert!(may_spin(cap, Some(2), 2, 0, 2), "two runnable on two cores");
+        assert!(
+            may_spin(cap, None, 2, 0, 2),
+            "load unknown, no other spinner"
+        );
+        assert!(!may_spin(cap, Some(3), 2, 0, 2), "more runnable than cores");
+        assert!(
+            !may_spin(cap, Some(1), 2, 1, 2),
+            "another spinner holds the spare core"
+        );
+        assert!(may_spin(cap, Some(1), 8, 2, 8), "cores to spare");
+        assert!(
+            !may_spin(cap, Some(1), 1, 0, 1),
+            "one core: the awaited thread needs it"
+        );
+        assert!(
+            !may_spin(Duration::ZERO, Some(1), 8, 0, 8),
+            "PARALLEL_SPIN_US=0"
+        );
+    }
+
+    #[test]
+    fn spin_2_saturated_cores_decline_spinning() {
+        let busy = Saturate::new();
+        let s = Spin::start(Duration::from_secs(1));
+        assert!(
+            !s.spinning(),
+            "spin allowed with {} runnable threads on {} cores",
+            RUNNING.load(Ordering::Relaxed),
+            machine().online
+        );
+        drop(s);
+        let mut step = 0u32;
+        relax(&mut step);
+        assert!(step & (1 << 31) != 0, "relax spun on saturated cores");
+        drop(busy);
+    }
+
+    #[test]
+    fn spin_3_spins_that_did_not_pay_are_skipped_then_paid_ones_reset() {
+        std::thread::spawn(|| {
+            ME.with(|me| {
+                me.misses.set(2);
+                me.skip.set(3);
+            });
+            for left in (0..3).rev() {
+                let s = Spin::start(Duration::from_secs(1));
+                assert!(!s.spinning(), "spun while skipping");
+                assert_eq!(ME.with(|me| me.skip.get()), left);
+            }
+            // A spin that runs out its budget doubles the skip.
+            let mut s = Spin {
+                slot: ME.with(|me| me.slot),
+                until: Instant::now(),
+                steps: 0,
+            };
+            while s.step() {}
+            assert_eq!(ME.with(|me| (me.misses.get(), me.skip.get())), (3, 7));
+            // One that ends while spinning (its condition came) resets it.
+            drop(Spin {
+                slot: ME.with(|me| me.slot),
+                until: Instant::now() + Duration::from_secs(1),
+                steps: 0,
+            });
+            assert_eq!(ME.with(|me| (me.misses.get(), me.skip.get())), (0, 0));
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn spin_1_spin_until_reports_readiness_and_gives_up() {
+        assert!(spin_until(Duration::ZERO, || true), "ready at once");
+        assert!(!spin_until(Duration::ZERO, || false), "cap 0 never spins");
+        let t = Instant::now();
+        assert!(!spin_until(Duration::from_millis(1), || false));
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the spin is bounded by its cap"
+        );
+    }
+
+    #[test]
+    fn spin_4_load_is_parsed_from_proc_loadavg() {
+        assert_eq!(parse_running(b"0.50 0.40 0.30 3/250 12345\n"), Some(3));
+        assert_eq!(parse_running(b"garbage"), None);
+        refresh_load();
+        let m = machine();
+        if m.loadavg.is_some() {
+            assert!(
+                running(m, now_ns(m)).is_some_and(|r| r >= 1),
+                "the sampler runs"
+            );
+        }
+    }
+}
