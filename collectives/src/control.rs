@@ -18,6 +18,7 @@
 //! - CTRL-2: a peer speaking another protocol version is told apart from a garbled frame: the
 //!   error names both versions and says to run the same Parallel version on every rank.
 
+use crate::algorithms::Algorithm;
 use crate::ops::{self, Op};
 use parallel_engine::endpoint::Conn;
 use parallel_engine::runtime::Deadline;
@@ -29,7 +30,7 @@ use rkyv::{Archive, Deserialize, Serialize};
 use std::sync::Arc;
 
 /// The version of the control protocol this build speaks (CTRL-2).
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 const MAGIC: [u8; 4] = *b"PCTL";
 const HEADER: usize = 8;
 
@@ -83,6 +84,11 @@ pub(crate) struct Meta {
     /// Not the first control pass of the user's call (another dtype group of one nested value):
     /// a finished rank counts only first passes (TREE-4).
     pub cont: bool,
+    /// How the data move after this pass (an all-reduce's algorithm as the caller chose it from
+    /// its size and its PARALLEL_ALGO / PARALLEL_RING_THRESHOLD; `Tree` for every other kind).
+    /// Part of the comparison: ranks that would choose differently fail with a Mismatch instead
+    /// of one taking the other's partial data for the result; a finished rank follows it.
+    pub algo: Algorithm,
 }
 
 impl Meta {
@@ -100,13 +106,22 @@ impl Meta {
     pub fn describe(&self) -> String {
         match self.dtype {
             Some(d) => format!(
-                "{}(op {}, {} x {}{}, root {})",
+                "{}(op {}, {} x {}{}, root {}{})",
                 self.kind.name(),
                 self.op,
                 self.count,
                 d.name(),
                 if self.gpu { " on CUDA" } else { "" },
-                self.root
+                self.root,
+                match self.algo {
+                    Algorithm::Tree => "",
+                    Algorithm::Ring => {
+                        ", by the ring (check PARALLEL_ALGO and PARALLEL_RING_THRESHOLD on every rank)"
+                    }
+                    Algorithm::Hierarchical => {
+                        ", hierarchical (check PARALLEL_ALGO and PARALLEL_RING_THRESHOLD on every rank)"
+                    }
+                }
             ),
             None => format!("{}(root {})", self.kind.name(), self.root),
         }
@@ -199,6 +214,8 @@ struct WireMeta {
     gpu: bool,
     sig: u64,
     cont: bool,
+    /// 0 tree, 1 ring, 2 hierarchical.
+    algo: u8,
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -259,6 +276,7 @@ fn wire_meta(m: &Meta) -> WireMeta {
         gpu: m.gpu,
         sig: m.sig,
         cont: m.cont,
+        algo: m.algo.code(),
     }
 }
 
@@ -489,6 +507,8 @@ impl Check {
             }
         };
         let count = usize::try_from(m.count).map_err(|_| bad(self.from, "count".into()))?;
+        let algo = Algorithm::from_code(m.algo)
+            .ok_or_else(|| bad(self.from, format!("algorithm code {}", m.algo)))?;
         Ok(Some(Meta {
             kind,
             op: m.op,
@@ -498,6 +518,7 @@ impl Check {
             gpu: m.gpu,
             sig: m.sig,
             cont: m.cont,
+            algo,
         }))
     }
 

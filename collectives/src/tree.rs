@@ -161,7 +161,7 @@ impl Tree {
         );
         log_plan(&joined.plan, joined.rank);
         Ok(Tree {
-            sender: Sender::start(joined.rank)?,
+            sender: Sender::new(),
             rank: joined.rank,
             plan: joined.plan,
             links: joined.links,
@@ -328,14 +328,15 @@ impl Tree {
             gpu: false,
             sig: 0,
             cont: false,
+            algo: self.algorithm(buf.len()),
         };
         if let Op::User(_) = op {
             return self.run(|| self.user_all_reduce(&meta, dtype, buf, op));
         }
         self.run(|| {
-            if self.uses_ring(buf.len()) {
+            if meta.algo != Algorithm::Tree {
                 let v = self.pass(Some(&meta), Some(op), None, false, true)?;
-                self.large_all_reduce(dtype, buf, op, v.contributors)?;
+                self.large_all_reduce(meta.algo, dtype, buf, op, v.contributors)?;
                 Ok(v.contributors)
             } else {
                 let v = self.pass(Some(&meta), Some(op), Some(&mut *buf), true, true)?;
@@ -352,7 +353,7 @@ impl Tree {
     /// rank raise together, naming the rank whose function failed.
     fn user_all_reduce(&self, meta: &Meta, dtype: DType, buf: &mut [u8], op: &Op) -> Result<usize> {
         let mut work = buf.to_vec();
-        let ring = match self.uses_ring(buf.len()) {
+        let ring = match meta.algo != Algorithm::Tree {
             true => Some(
                 self.pass(Some(meta), Some(op), None, false, true)?
                     .contributors,
@@ -361,7 +362,7 @@ impl Tree {
         };
         let contributors = if ring == Some(self.world_size()) {
             let (guarded, failed) = guard(op);
-            self.large_all_reduce(dtype, &mut work, &guarded, self.world_size())?;
+            self.large_all_reduce(meta.algo, dtype, &mut work, &guarded, self.world_size())?;
             self.settle(Some(meta), take(&failed))?;
             self.world_size()
         } else {
@@ -387,6 +388,7 @@ impl Tree {
             gpu: false,
             sig: 0,
             cont: false,
+            algo: Algorithm::Tree,
         };
         self.run(|| {
             self.pass(Some(&meta), None, Some(buf), true, self.rank == root)
@@ -407,6 +409,7 @@ impl Tree {
             gpu: false,
             sig: 0,
             cont: false,
+            algo: Algorithm::Tree,
         };
         let mut work = buf.to_vec();
         self.run(|| {
@@ -433,6 +436,7 @@ impl Tree {
             gpu: false,
             sig: 0,
             cont: false,
+            algo: Algorithm::Tree,
         };
         self.run(|| {
             // Each rank's piece travels up tagged with its rank; the root sends them all down.
@@ -471,6 +475,7 @@ impl Tree {
             gpu: false,
             sig: 0,
             cont: false,
+            algo: Algorithm::Tree,
         };
         self.run(|| {
             self.pass(Some(&meta), None, None, false, false)
@@ -478,8 +483,10 @@ impl Tree {
         })
     }
 
-    fn uses_ring(&self, nbytes: usize) -> bool {
-        algorithms::choose(&self.plan, &self.tuning, nbytes) != Algorithm::Tree
+    /// The all-reduce algorithm this rank chooses for `nbytes` (sent in the collective's meta,
+    /// which every rank must agree on).
+    fn algorithm(&self, nbytes: usize) -> Algorithm {
+        algorithms::choose(&self.plan, &self.tuning, nbytes)
     }
 
     /// What the algorithms see of this tree, for one collective ending by `deadline`.
@@ -497,13 +504,14 @@ impl Tree {
     /// picks for a large buffer.
     fn large_all_reduce(
         &self,
+        algo: Algorithm,
         dtype: DType,
         buf: &mut [u8],
         op: &Op,
         contributors: usize,
     ) -> Result<()> {
         let comm = self.comm(self.deadline());
-        match algorithms::choose(&self.plan, &self.tuning, buf.len()) {
+        match algo {
             Algorithm::Hierarchical => algorithms::hierarchical::all_reduce(
                 &comm,
                 &self.plan,

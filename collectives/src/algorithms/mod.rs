@@ -59,6 +59,24 @@ pub enum Algorithm {
     Hierarchical,
 }
 
+impl Algorithm {
+    /// The algorithm's code in control messages.
+    pub(crate) fn code(self) -> u8 {
+        match self {
+            Algorithm::Tree => 0,
+            Algorithm::Ring => 1,
+            Algorithm::Hierarchical => 2,
+        }
+    }
+
+    /// The algorithm of a code in a control message; `None` for an unknown one.
+    pub(crate) fn from_code(c: u8) -> Option<Algorithm> {
+        [Algorithm::Tree, Algorithm::Ring, Algorithm::Hierarchical]
+            .into_iter()
+            .find(|a| a.code() == c)
+    }
+}
+
 /// The one place that picks an all-reduce algorithm, by size and topology: the tree below the
 /// ring threshold (or when forced), else the ring, hierarchical when the plan spans several hosts
 /// with several ranks on some.
@@ -143,8 +161,11 @@ impl<'a> Communicator<'a> {
     /// Receives rank `from`'s next message straight into `bytes` (a whole message of exactly
     /// that many bytes); `what` names the step in the error.
     pub fn recv_bytes(&self, from: usize, bytes: &mut [u8], what: &str) -> Result<()> {
+        // SAFETY: the view is used only by this synchronous receive, during which `bytes` stays
+        // exclusively borrowed; nothing keeps the view after it returns.
+        let into = unsafe { out_view(bytes) };
         self.link(from)?
-            .recv_into(&mut [out_view(bytes)], Some(self.deadline.remaining()))
+            .recv_into(&mut [into], Some(self.deadline.remaining()))
             .map(|_| ())
             .map_err(|e| {
                 Error::new(
@@ -221,8 +242,12 @@ pub(crate) unsafe fn view(bytes: &[u8]) -> Value {
 }
 
 /// An out-tensor over `bytes` for receiving straight into them.
-pub(crate) fn out_view(bytes: &mut [u8]) -> Tensor {
-    // SAFETY: the tensor is used only by the recv call the caller makes while holding `bytes`.
+///
+/// # Safety
+/// The tensor does not borrow `bytes`: the caller uses it only while `bytes` stays exclusively
+/// borrowed (a synchronous receive), never for an asynchronous one that may outlive the borrow.
+pub(crate) unsafe fn out_view(bytes: &mut [u8]) -> Tensor {
+    // SAFETY: delegated to the caller (see above).
     unsafe {
         Tensor::from_raw(
             parallel_engine::value::DType::U8,

@@ -16,6 +16,7 @@ fn meta() -> Meta {
         gpu: false,
         sig: 0xfeed,
         cont: true,
+        algo: Algorithm::Ring,
     }
 }
 
@@ -225,6 +226,11 @@ fn ctrl_1_ranks_and_codes_out_of_range_are_refused() {
             w.meta.as_mut().unwrap().dtype = Some(250);
             w
         }),
+        ("an unknown algorithm", {
+            let mut w = base.clone();
+            w.meta.as_mut().unwrap().algo = 9;
+            w
+        }),
         ("a root beyond the world", {
             let mut w = base.clone();
             w.meta.as_mut().unwrap().root = u64::MAX;
@@ -266,4 +272,26 @@ fn ctrl_1_a_user_value_on_a_tree_link_fails_the_collective_naming_the_rank() {
         got[1].is_err(),
         "rank 1 must learn that the collective failed"
     );
+}
+
+/// CTRL-3: ranks whose settings (PARALLEL_ALGO, PARALLEL_RING_THRESHOLD) would move the same
+/// all-reduce by different algorithms all fail with a Mismatch naming the algorithm, instead of
+/// the tree rank taking the ring rank's unreduced data for the result.
+#[test]
+fn ctrl_3_ranks_choosing_different_algorithms_fail_with_a_mismatch_on_every_rank() {
+    let got = crate::algorithms::tests::world(2, None, |mut t| {
+        t.tuning_mut().algo = if t.rank() == 1 {
+            crate::plan::Algo::Ring
+        } else {
+            crate::plan::Algo::Tree
+        };
+        let mut buf = vec![1u8; 4096 * 4];
+        t.all_reduce(DType::F32, &mut buf, &Op::parse("sum").unwrap())
+            .map(|_| ())
+    });
+    for (r, g) in got.iter().enumerate() {
+        let e = g.as_ref().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Mismatch, "rank {r}: {e}");
+        assert!(e.to_string().contains("by the ring"), "rank {r}: {e}");
+    }
 }

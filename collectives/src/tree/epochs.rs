@@ -90,14 +90,14 @@ impl Tree {
         // Join the ring part of a large all-reduce without contributing.
         if m.kind == Kind::AllReduce
             && let Some(dt) = m.dtype
-            && self.uses_ring(m.count * dt.itemsize())
+            && m.algo != crate::algorithms::Algorithm::Tree
         {
             let mut buf = vec![0u8; m.count * dt.itemsize()];
             match Op::parse(&m.op) {
                 // A built-in op: its identity element is a contribution that changes nothing.
                 Ok(builtin) => {
                     ops::identity(&builtin, dt, &mut buf);
-                    self.large_all_reduce(dt, &mut buf, &builtin, v.contributors)?;
+                    self.large_all_reduce(m.algo, dt, &mut buf, &builtin, v.contributors)?;
                 }
                 // A user function: the others send the data through the tree instead (no
                 // identity element for this rank to contribute in a ring).

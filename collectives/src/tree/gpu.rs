@@ -157,6 +157,7 @@ impl Tree {
             gpu: true,
             sig: 0,
             cont: false,
+            algo: crate::algorithms::Algorithm::Tree,
         };
         self.run(|| {
             let v = self.pass(Some(&meta), Some(op), None, false, true)?;
@@ -301,6 +302,7 @@ impl Tree {
             gpu: true,
             sig: 0,
             cont: false,
+            algo: crate::algorithms::Algorithm::Tree,
         };
         self.run(|| {
             self.pass(Some(&meta), None, None, false, self.rank == root)?;

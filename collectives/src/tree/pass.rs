@@ -447,10 +447,21 @@ impl Tree {
             carry_data,
             ..
         } = p;
-        if carry_data
-            && let (Some(d), Some(r)) = (data.as_deref_mut(), verdict.data.as_ref())
-            && d.len() == r.len()
-        {
+        if carry_data && let (Some(d), Some(r)) = (data.as_deref_mut(), verdict.data.as_ref()) {
+            // A result of another size is never a result for this buffer: an error, not a
+            // silently unchanged buffer.
+            if d.len() != r.len() {
+                return Err(Error::new(
+                    ErrorKind::Protocol,
+                    what,
+                    format!(
+                        "a {}-byte result arrived for a {}-byte buffer (ranks disagree on the \
+                         collective: a bug, please report it)",
+                        r.len(),
+                        d.len()
+                    ),
+                ));
+            }
             d.copy_from_slice(r);
         }
         if carry_data
