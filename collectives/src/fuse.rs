@@ -16,10 +16,10 @@
 use crate::Tree;
 use crate::ops::Op;
 use crate::tree::DeviceReduce;
-use parallel_engine::Result;
 use parallel_engine::cuda::{self, DeviceAlloc, Mem};
 use parallel_engine::runtime::Deadline;
 use parallel_engine::value::{DType, Device, Tensor};
+use parallel_engine::{Error, ErrorKind, Result};
 
 /// A collective on one group of CUDA memory: `(dtype, device, pointer, bytes)`.
 pub type OnDevice<'a> = &'a mut dyn FnMut(DType, i32, u64, usize) -> Result<()>;
@@ -124,6 +124,18 @@ impl Leaves {
         f: &mut impl FnMut(DType, &mut [u8]) -> Result<()>,
         fdev: &mut Option<OnDevice<'_>>,
     ) -> Result<()> {
+        // The copies below take `nbytes` from each tensor's data pointer: only a contiguous
+        // tensor's bytes are its elements (a view's are not, and may run past its storage).
+        if let Some(i) = idx.iter().find(|i| !self.tensors[**i].is_contiguous()) {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                "collective",
+                format!(
+                    "CUDA tensor {i} of the call is not contiguous: pass a contiguous copy and \
+                     copy the result back"
+                ),
+            ));
+        }
         let g = cuda::require("collective")?;
         let deadline = Deadline::or_default(None);
         let total: usize = idx.iter().map(|i| self.tensors[*i].nbytes()).sum();

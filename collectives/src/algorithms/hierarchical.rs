@@ -44,23 +44,23 @@ pub fn all_reduce(
     let mut scratch = Buf::with_len(chunk.min(n.max(1)))?;
     // 1. Reduce inside the host, chunk by chunk, up the host's tree. The sends go through a
     // scope (SEND-1), ended before phase 2 writes buf, and on every early return.
-    let mut sends = SendScope::new(comm);
-    for a in (0..n.max(1)).step_by(chunk) {
-        let b = (a + chunk).min(n);
-        // SAFETY: [a, b) lies in buf, and the chunks are disjoint; a chunk is written (reduced
-        // into) only before its send starts, and not again until the scope ended (HIER-2).
-        let dst = unsafe { std::slice::from_raw_parts_mut(base.add(a), b - a) };
-        for &c in &down {
-            let s = &mut scratch[..b - a];
-            comm.recv_bytes(c, s, "host reduce")?;
-            ops::reduce_into(op, dtype, dst, s)?;
+    SendScope::run(comm, |sends| {
+        for a in (0..n.max(1)).step_by(chunk) {
+            let b = (a + chunk).min(n);
+            // SAFETY: [a, b) lies in buf, and the chunks are disjoint; a chunk is written (reduced
+            // into) only before its send starts, and not again until the scope ended (HIER-2).
+            let dst = unsafe { std::slice::from_raw_parts_mut(base.add(a), b - a) };
+            for &c in &down {
+                let s = &mut scratch[..b - a];
+                comm.recv_bytes(c, s, "host reduce")?;
+                ops::reduce_into(op, dtype, dst, s)?;
+            }
+            if let Some(p) = up {
+                sends.send(comm.link(p)?, dst);
+            }
         }
-        if let Some(p) = up {
-            sends.send(comm.link(p)?, dst);
-        }
-    }
-    sends.wait_all("all_reduce")?;
-    drop(sends);
+        sends.wait_all("all_reduce")
+    })?;
     // 2. The leaders all-reduce across hosts (the leaders' ring divides an average; the others
     // receive the divided result).
     if me == leader {
@@ -68,17 +68,18 @@ pub fn all_reduce(
         ring::all_reduce(comm, &leaders, dtype, buf, op, contributors)?;
     }
     // 3. Broadcast inside the host, chunk by chunk, down the host's tree.
-    let mut sends = SendScope::new(comm);
-    for a in (0..n.max(1)).step_by(chunk) {
-        let b = (a + chunk).min(n);
-        // SAFETY: [a, b) lies in buf; no send of it is in flight while we receive into it.
-        let dst = unsafe { std::slice::from_raw_parts_mut(base.add(a), b - a) };
-        if let Some(p) = up {
-            comm.recv_bytes(p, dst, "host broadcast")?;
+    SendScope::run(comm, |sends| {
+        for a in (0..n.max(1)).step_by(chunk) {
+            let b = (a + chunk).min(n);
+            // SAFETY: [a, b) lies in buf; no send of it is in flight while we receive into it.
+            let dst = unsafe { std::slice::from_raw_parts_mut(base.add(a), b - a) };
+            if let Some(p) = up {
+                comm.recv_bytes(p, dst, "host broadcast")?;
+            }
+            for &c in &down {
+                sends.send(comm.link(c)?, dst);
+            }
         }
-        for &c in &down {
-            sends.send(comm.link(c)?, dst);
-        }
-    }
-    sends.wait_all("all_reduce")
+        sends.wait_all("all_reduce")
+    })
 }

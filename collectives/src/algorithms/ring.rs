@@ -69,25 +69,27 @@ pub fn all_reduce(
         let (ro, rl) = seg(recv_s);
         let (send, recv) = disjoint(buf, so..so + sl, ro..ro + rl)?;
         let chunks = sl.max(rl).div_ceil(chunk).max(1);
-        let mut sends = SendScope::new(comm);
-        for k in 0..chunks {
-            let (a, b) = (k * chunk, ((k + 1) * chunk).min(sl));
-            if a < b || (k == 0 && sl == 0) {
-                sends.send(rc, &send[a..b.max(a)]);
-            }
-            let (a, b) = (k * chunk, ((k + 1) * chunk).min(rl));
-            if a < b || (k == 0 && rl == 0) {
-                let n = b.saturating_sub(a);
-                let dst = &mut recv[a..a + n];
-                // Reduce: receive into the scratch chunk, then combine; else straight into buf.
-                let into: &mut [u8] = if reduce { &mut scratch[..n] } else { &mut *dst };
-                comm.recv_bytes(left, into, "ring step")?;
-                if reduce {
-                    ops::reduce_into(op, dtype, dst, &scratch[..n])?;
+        SendScope::run(comm, |sends| {
+            for k in 0..chunks {
+                let (a, b) = (k * chunk, ((k + 1) * chunk).min(sl));
+                if a < b || (k == 0 && sl == 0) {
+                    sends.send(rc, &send[a..b.max(a)]);
+                }
+                let (a, b) = (k * chunk, ((k + 1) * chunk).min(rl));
+                if a < b || (k == 0 && rl == 0) {
+                    let n = b.saturating_sub(a);
+                    let dst = &mut recv[a..a + n];
+                    // Reduce: receive into the scratch chunk, then combine; else straight into buf.
+                    let into: &mut [u8] = if reduce { &mut scratch[..n] } else { &mut *dst };
+                    comm.recv_bytes(left, into, "ring step")?;
+                    if reduce {
+                        ops::reduce_into(op, dtype, dst, &scratch[..n])?;
+                    }
                 }
             }
-        }
-        sends.wait_all("all_reduce").map_err(|e| {
+            sends.wait_all("all_reduce")
+        })
+        .map_err(|e| {
             Error::new(
                 e.kind(),
                 "all_reduce",

@@ -1,70 +1,44 @@
 //! Scoped asynchronous sends: a send started from borrowed memory never outlives the borrow.
 //!
-//! The ring sends a chunk of the caller's buffer on the [`Sender`]'s thread while this thread
+//! The ring sends a chunk of the caller's buffer on the [`Sender`]'s lane while this thread
 //! receives the next one; the send reads the buffer after `send` returned. If this thread then
 //! returned early (`?` on a failed receive), the caller could free or reuse the buffer while the
-//! sender thread still reads it.
+//! sender lane still reads it.
 //!
 //! Invariants:
-//! - SEND-1: every asynchronous send of borrowed bytes goes through a [`SendScope`]. The scope's
-//!   lifetime `'a` is the borrow of the bytes (`send` takes `&'a [u8]`), so the borrow checker
-//!   refuses to free, move or write the memory while the scope lives; and the scope's `Drop` does
-//!   not return until every send it started has finished reading, on every path (`?`, panic).
+//! - SEND-1: every asynchronous send of borrowed bytes goes through a [`SendScope`], made only by
+//!   [`SendScope::run`] (as `std::thread::scope`). The scope's lifetime `'a` is the borrow of the
+//!   bytes (`send` takes `&'a [u8]`), so the borrow checker refuses to free, move or write the
+//!   memory while the scope lives; and `run` does not return until every send it started has
+//!   finished reading, on every path (`?`, panic). The scope never leaves `run`'s frame, so safe
+//!   code cannot `mem::forget` it to skip that wait.
 //! - SEND-2: dropping a scope with sends still pending (an error path) first gives them a short
 //!   grace to finish, then closes the links they use so they fail promptly, then waits for each to
 //!   complete: the error is reported within about a second, not at the operation's deadline.
 
 use super::Communicator;
 use parallel_engine::endpoint::Conn;
-use parallel_engine::runtime::{Completion, Deadline};
+use parallel_engine::runtime::{Completion, Deadline, Lane};
 use parallel_engine::value::Value;
-use parallel_engine::{Error, ErrorKind, Result};
+use parallel_engine::{Error, Result};
 use std::marker::PhantomData;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-/// A send for the sender thread.
-type SendJob = (Arc<Conn>, Value, Deadline, Completion<()>);
-
-/// The tree's sender thread: the ring's sends overlap its receives without borrowing the
-/// engine's shared reactors (whose threads other trees of this process may be blocking on).
-pub(crate) struct Sender(Mutex<std::sync::mpsc::Sender<SendJob>>);
+/// The tree's sends: a lane of the engine's executor (`runtime::Lane`), so the ring's sends
+/// overlap its receives in submission order without a thread of the tree's own, and without
+/// borrowing the engine's reactors (whose I/O other trees of this process may be waiting on).
+pub(crate) struct Sender(Lane);
 
 impl Sender {
-    pub(crate) fn start(rank: usize) -> Result<Sender> {
-        let (tx, rx) = std::sync::mpsc::channel::<SendJob>();
-        std::thread::Builder::new()
-            .name(format!("parallel-tree-{rank}"))
-            .spawn(move || {
-                parallel_engine::runtime::block_signals();
-                while let Ok((conn, v, deadline, done)) = rx.recv() {
-                    done.complete(conn.link().send(&v, deadline));
-                }
-            })
-            .map_err(|e| {
-                Error::new(
-                    ErrorKind::Resource,
-                    "tree",
-                    format!("cannot start the sender thread: {e}"),
-                )
-            })?;
-        Ok(Sender(Mutex::new(tx)))
+    pub(crate) fn new() -> Sender {
+        Sender(Lane::new())
     }
 
-    /// Sends `v` to `conn` on the sender thread; the completion reports the outcome.
+    /// Sends `v` to `conn` on the lane; the completion reports the outcome.
     fn send_async(&self, conn: &Arc<Conn>, v: Value, deadline: Deadline) -> Completion<()> {
-        let c = Completion::default();
-        let job = (conn.clone(), v, deadline, c.clone());
-        if let Err(std::sync::mpsc::SendError((_, _, _, done))) =
-            self.0.lock().unwrap_or_else(|p| p.into_inner()).send(job)
-        {
-            done.complete(Err(Error::new(
-                ErrorKind::Closed,
-                "tree",
-                "the tree's sender thread is gone",
-            )));
-        }
-        c
+        let conn = conn.clone();
+        self.0.submit(move || conn.link().send(&v, deadline))
     }
 }
 
@@ -80,21 +54,27 @@ pub(crate) struct SendScope<'a> {
 }
 
 impl<'a> SendScope<'a> {
-    pub(crate) fn new(comm: &'a Communicator<'_>) -> SendScope<'a> {
-        SendScope {
+    /// Runs `f` with a new scope and returns its result only after every send `f` started has
+    /// completed (SEND-1), on every path: return, `?`, panic. The scope lives in this frame and `f`
+    /// gets only a reference, so no caller can forget (`mem::forget`) or leak it to skip the wait
+    /// while a send still reads the borrowed bytes.
+    pub(crate) fn run<R>(comm: &'a Communicator<'_>, f: impl FnOnce(&mut SendScope<'a>) -> R) -> R {
+        let mut scope = SendScope {
             sender: comm.sender(),
             deadline: comm.deadline(),
             pending: Vec::new(),
             _bytes: PhantomData,
-        }
+        };
+        f(&mut scope)
+        // `scope` drops here (or while unwinding): Drop waits for what is still pending.
     }
 
-    /// Starts sending `bytes` (as a u8 tensor) to `conn` on the tree's sender thread; `bytes` stay
+    /// Starts sending `bytes` (as a u8 tensor) to `conn` on the tree's sender lane; `bytes` stay
     /// borrowed until the scope is waited for or dropped.
     pub(crate) fn send(&mut self, conn: &Arc<Conn>, bytes: &'a [u8]) {
         // SAFETY: `bytes` is borrowed for 'a, which outlives this scope, and the scope does not
         // end (wait_all or Drop) before this send completed (SEND-1): the memory stays valid
-        // and, being shared-borrowed, unmodified for as long as the sender thread reads it.
+        // and, being shared-borrowed, unmodified for as long as the lane's send reads it.
         let v = unsafe { super::view(bytes) };
         let c = self.sender.send_async(conn, v, self.deadline);
         self.pending.push((conn.clone(), c));
@@ -190,8 +170,7 @@ mod tests {
         let conn = comm.link(1).unwrap().clone();
         let bytes = vec![0x5au8; 16 << 20];
         let started = Instant::now();
-        let handles: Vec<Completion<()>> = {
-            let mut scope = SendScope::new(&comm);
+        let handles: Vec<Completion<()>> = SendScope::run(&comm, |scope| {
             for i in 0..4 {
                 scope.send(&conn, &bytes[i * (4 << 20)..(i + 1) * (4 << 20)]);
             }
@@ -201,8 +180,8 @@ mod tests {
                 "64 MiB to a peer that reads nothing cannot all be sent at once"
             );
             handles
-            // The scope drops here, as on an early `?`.
-        };
+            // The scope ends here with sends pending, as on an early `?`.
+        });
         let took = started.elapsed();
         assert!(
             handles.iter().all(Completion::done),
