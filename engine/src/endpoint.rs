@@ -213,6 +213,8 @@ impl Conn {
     }
 }
 
+impl crate::link::scope::sealed::Sealed for Conn {}
+
 /// A connection carries a scope's operations; it receives through its inbox (EP-5).
 impl Carrier for Conn {
     fn send_value(&self, v: &Value, deadline: Deadline) -> Result<()> {

@@ -22,6 +22,7 @@
 //!   no frame, a stream cut short) is an error on that link and poisons it: never a wrong or
 //!   partial message, never a later desynchronized one.
 //! - LINK-3: a peer killed in the middle of a message is a `PeerLost` error within a bound.
+//! - SCOPE-4: a scope's operations of one direction on one link keep their starting order.
 //! - SCOPE-1: a completion scope returns only after its operations ended; borrowed segments and
 //!   buffers arrive intact.
 //! - SHM-2: ring indices and frame lengths corrupted in the shared segment are an error on that
@@ -364,6 +365,10 @@ macro_rules! conformance {
             fn scope_1_a_scope_returns_only_after_its_pending_receive_ended_with_an_error() {
                 cases::scope_waits($k)
             }
+            #[test]
+            fn scope_4_sends_and_receives_of_one_link_keep_the_order_they_were_started_in() {
+                cases::scope_order($k)
+            }
         }
     )*
         /// The kinds this suite runs (the registry must list no other).
@@ -417,6 +422,25 @@ mod cases {
         // The link carries on (ordering after the scope's messages).
         let got = exchange(&p.a, &p.b, Value::Int(7), &mut []).unwrap();
         assert_eq!(got.as_int(), Some(7));
+    }
+
+    pub fn scope_order(k: Kind) {
+        let p = k.pair();
+        // Same-sized messages: a reordering would swap them silently (SCOPE-4).
+        let sent: Vec<Vec<u8>> = (0..8u64).map(|i| seeded(64 * 1024, 10 + i)).collect();
+        let mut got: Vec<Vec<u8>> = (0..8).map(|_| vec![0u8; 64 * 1024]).collect();
+        link::scope(dl(LONG), |s| {
+            for g in got.iter_mut() {
+                s.recv_into(&p.b, vec![&mut g[..]]);
+            }
+            for x in &sent {
+                s.send(&p.a, &[&x[..]]);
+            }
+        })
+        .unwrap();
+        for (i, (g, x)) in got.iter().zip(&sent).enumerate() {
+            assert!(g == x, "receive {i} of the scope holds another message");
+        }
     }
 
     pub fn scope_waits(k: Kind) {

@@ -19,6 +19,8 @@
 //!   memory may still be in use until then (it logs once a second while it lasts).
 //! - SCOPE-3: the first error of an operation the closure did not wait for is the scope's error;
 //!   an operation's error does not stop the others.
+//! - SCOPE-4: operations of one direction on one carrier run in the order they were started (two
+//!   sends on a link are never reordered, nor two receives, whose buffers would be swapped).
 //!
 //! Threads: each operation runs on a short-lived thread, not on a reactor: a send and a receive
 //! of one scope must progress together, and a reactor runs its tasks one after the other (a
@@ -33,8 +35,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// Something a scope can run operations on: a link, or a connection that owns one.
-pub trait Carrier: Send + Sync + 'static {
+/// Keeps [`Carrier`] to this crate's types: a scope hands a carrier tensors over borrowed memory,
+/// which an implementation outside the crate could keep past the scope (unsound).
+pub(crate) mod sealed {
+    pub trait Sealed {}
+}
+
+/// Something a scope can run operations on: a link, or a connection that owns one (sealed: only
+/// [`Link`] and [`crate::endpoint::Conn`]).
+pub trait Carrier: sealed::Sealed + Send + Sync + 'static {
     /// Sends one message.
     fn send_value(&self, v: &Value, deadline: Deadline) -> Result<()>;
     /// Receives one message, its tensors into `out` in order (LINK-1 when they do not match).
@@ -42,6 +51,8 @@ pub trait Carrier: Send + Sync + 'static {
     /// Closes the carrier, waking a blocked call (LINK-4).
     fn close_now(&self);
 }
+
+impl sealed::Sealed for Link {}
 
 impl Carrier for Link {
     fn send_value(&self, v: &Value, deadline: Deadline) -> Result<()> {
@@ -63,10 +74,20 @@ struct Pending {
     observed: Arc<AtomicBool>,
 }
 
+/// The direction of an operation on a carrier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dir {
+    Send,
+    Recv,
+}
+
 /// Operations borrowing memory for `'env`, started inside [`scope`].
 pub struct Scope<'scope, 'env: 'scope> {
     deadline: Deadline,
     pending: Mutex<Vec<Pending>>,
+    /// The last operation started per carrier and direction: the next one starts after it, so
+    /// two sends (or two receives) on one link happen in the order they were started (SCOPE-4).
+    last: Mutex<Vec<(usize, Dir, Completion<()>)>>,
     // Invariant in both lifetimes, as std::thread::Scope: 'env cannot shrink to let a borrow end
     // early, 'scope cannot grow to let an Op escape.
     _scope: PhantomData<&'scope mut &'scope ()>,
@@ -156,6 +177,7 @@ pub fn scope<'env, T>(
     let s = Scope {
         deadline,
         pending: Mutex::new(Vec::new()),
+        last: Mutex::new(Vec::new()),
         _scope: PhantomData,
         _env: PhantomData,
     };
@@ -219,7 +241,9 @@ impl<'scope, 'env> Scope<'scope, 'env> {
                 .collect(),
         );
         let to = to.clone();
-        self.start(to.clone(), move |deadline| to.send_value(&v, deadline))
+        self.start(to.clone(), Dir::Send, move |deadline| {
+            to.send_value(&v, deadline)
+        })
     }
 
     /// Receives one message from `from`, its tensors into `bufs` in order (each must
@@ -238,7 +262,7 @@ impl<'scope, 'env> Scope<'scope, 'env> {
             .map(|b| unsafe { borrowed(b.as_mut_ptr(), b.len()) })
             .collect();
         let from = from.clone();
-        self.start(from.clone(), move |deadline| {
+        self.start(from.clone(), Dir::Recv, move |deadline| {
             from.recv_value_into(&mut out, deadline)
         })
     }
@@ -246,11 +270,26 @@ impl<'scope, 'env> Scope<'scope, 'env> {
     fn start<T: Send + 'static>(
         &'scope self,
         carrier: Arc<dyn Carrier>,
+        dir: Dir,
         op: impl FnOnce(Deadline) -> Result<T> + Send + 'static,
     ) -> Op<'scope, T> {
         let result = Completion::<T>::default();
         let done = Completion::<()>::default();
         let observed = Arc::new(AtomicBool::new(false));
+        // SCOPE-4: after the previous operation of this carrier and direction, whose `ended`
+        // this one alone waits for (a completion's result is taken by one wait).
+        let ended = Completion::<()>::default();
+        let key = Arc::as_ptr(&carrier) as *const () as usize;
+        let before = {
+            let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+            match last.iter_mut().find(|(k, d, _)| *k == key && *d == dir) {
+                Some(slot) => Some(std::mem::replace(&mut slot.2, ended.clone())),
+                None => {
+                    last.push((key, dir, ended.clone()));
+                    None
+                }
+            }
+        };
         self.pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -260,8 +299,17 @@ impl<'scope, 'env> Scope<'scope, 'env> {
                 observed: observed.clone(),
             });
         let (r, deadline) = (result.clone(), self.deadline);
+        // Ends this operation's turn on its carrier however the task ends, also when it is
+        // dropped unrun (SCOPE-4).
+        let turn = Finally(ended);
         let task = move || {
+            let _turn = turn;
             let (guard_r, guard_d) = (Finally(r.clone()), Finally(done.clone()));
+            if let Some(b) = before {
+                // Its outcome is its own; this one only starts after it ended (wait_done is
+                // bounded by the scope: at its deadline the carrier is closed, which ends it).
+                let _ = b.wait(deadline, "scope");
+            }
             let out = op(deadline);
             let status = match &out {
                 Ok(_) => Ok(()),
