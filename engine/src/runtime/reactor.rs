@@ -116,10 +116,23 @@ impl std::fmt::Debug for Runtime {
 static RUNTIME: OnceLock<Runtime> = OnceLock::new();
 
 pub(crate) fn allowed_cpus() -> Vec<usize> {
+    cpus_of(0)
+}
+
+/// The CPUs the process's main thread may run on (the process's mask, whichever thread asks:
+/// a pinned reactor's own mask is one CPU).
+pub(crate) fn process_cpus() -> Vec<usize> {
+    // SAFETY: plain syscall.
+    cpus_of(unsafe { libc::getpid() })
+}
+
+/// The affinity mask of thread `tid` (0: the calling thread); `[0]` if it cannot be read.
+fn cpus_of(tid: libc::pid_t) -> Vec<usize> {
     // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     // SAFETY: valid pointer and size.
-    if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } != 0
+    if unsafe { libc::sched_getaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &mut set) }
+        != 0
     {
         return vec![0];
     }
@@ -161,13 +174,15 @@ impl Runtime {
                     let (tx, rx) = mpsc::channel::<Task>();
                     // Topology (PIN-1..4): this process's share of the host's cores; the count of
                     // reactors above is unchanged.
-                    let pins = crate::topology::reactor_cpus();
-                    let cpu = pins[i % pins.len()];
+                    let share = crate::topology::reactor_share();
+                    let (cpu, pin) = (share.cpus[i % share.cpus.len()], share.pin);
                     let spawned = std::thread::Builder::new()
                         .name(format!("parallel-reactor-{i}"))
                         .spawn(move || {
                             block_signals();
-                            crate::topology::pin_current_thread(cpu);
+                            if pin {
+                                crate::topology::pin_current_thread(cpu);
+                            }
                             // Reactor threads never panic outward: a panicking task is contained.
                             while let Ok(task) = rx.recv() {
                                 if std::panic::catch_unwind(std::panic::AssertUnwindSafe(task))
@@ -254,8 +269,23 @@ impl Pool {
                 worker(&state)
             });
         if let Err(e) = spawned {
-            // The job stays queued: a worker that finishes its own takes it.
-            tracing::error!("cannot start a lane worker ({e}); its job waits for a busy one");
+            let mut g = self.state.0.lock().unwrap_or_else(|e| e.into_inner());
+            g.started -= 1;
+            if g.started > 0 {
+                // A busy worker takes the job when it finishes its own.
+                tracing::error!("cannot start a lane worker ({e}); its job waits for a busy one");
+                return;
+            }
+            // No worker at all would ever take it: run it here rather than leave it (and every
+            // job queued behind it on its lane) waiting forever.
+            tracing::error!("cannot start a lane worker ({e}); running its job on the caller");
+            let job = g.jobs.pop_back();
+            drop(g);
+            if let Some(job) = job
+                && std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err()
+            {
+                tracing::error!("a lane job panicked; the caller keeps running");
+            }
         }
     }
 }

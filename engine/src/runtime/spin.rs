@@ -52,7 +52,8 @@ fn machine() -> &'static Machine {
         let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize;
         Machine {
             online,
-            ours: super::reactor::allowed_cpus().len().max(1),
+            // The process's mask, not the asking thread's (a pinned reactor's is one CPU).
+            ours: super::reactor::process_cpus().len().max(1),
             loadavg: File::open("/proc/loadavg").ok(),
             epoch: Instant::now(),
         }

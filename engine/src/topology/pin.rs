@@ -12,6 +12,9 @@
 //!   (on `cpus[i % len]`) gets a core of its own while there are cores.
 //! - PIN-4: pinning never fails the program: PARALLEL_PIN=0 skips it and a refused pin is an
 //!   info line ([`pin_current_thread`]). `core_affinity` does the system call.
+//! - PIN-5: a narrowed mask with several local ranks may be the same for all of them (a
+//!   container's cpuset): the reactors float within it rather than reactor `i` of every rank
+//!   being pinned to the same CPU.
 
 use super::{Topology, cpu_list};
 use crate::config::{config, var};
@@ -23,6 +26,10 @@ pub struct Share {
     /// Physical cores first, then SMT siblings (PIN-3); never empty.
     pub cpus: Vec<usize>,
     pub why: String,
+    /// Whether each reactor is pinned to one of `cpus`; false: the reactors float within the
+    /// process's mask (PARALLEL_PIN=0, or a launcher's mask that local ranks may share, where
+    /// pinning reactor i of every rank to the mask's i-th CPU would stack them, PIN-5).
+    pub pin: bool,
 }
 
 /// The cores of `topo` restricted to `allowed`, ordered by NUMA node then first CPU.
@@ -85,17 +92,31 @@ pub fn plan_share(
             allowed.to_vec()
         };
         let why = "the affinity mask, as given (the topology shows none of its cores)".into();
-        return Share { cpus, why };
+        return Share {
+            cpus,
+            why,
+            pin: true,
+        };
     }
-    let whole = |why: String| Share {
+    let whole = |why: String, pin: bool| Share {
         cpus: interleave(&cores.iter().map(|c| c.1.clone()).collect::<Vec<_>>()),
         why,
+        pin,
     };
     let Some((rank, world)) = local.filter(|&(r, w)| w > 1 && r < w) else {
-        return whole("all usable cores (one process on this host, or local rank unknown)".into());
+        return whole(
+            "all usable cores (one process on this host, or local rank unknown)".into(),
+            true,
+        );
     };
     if narrowed {
-        return whole("the affinity mask the launcher set".into());
+        // The mask may be the same for every local rank (a container's cpuset): pinning reactor i
+        // of each rank to its i-th CPU would stack them; the scheduler spreads them instead.
+        return whole(
+            "the affinity mask the launcher set, shared with other local ranks: reactors not pinned within it"
+                .into(),
+            false,
+        );
     }
     if cores.len() < world {
         let c = &cores[rank % cores.len()];
@@ -105,6 +126,7 @@ pub fn plan_share(
                 "one core shared with other local ranks ({} cores for {world} local ranks)",
                 cores.len()
             ),
+            pin: true,
         };
     }
     let per = cores.len() / world;
@@ -133,6 +155,7 @@ pub fn plan_share(
     Share {
         cpus: interleave(&mine),
         why: format!("local rank {rank} of {world}: {per} core(s) of its own{near}"),
+        pin: true,
     }
 }
 
@@ -171,11 +194,13 @@ pub fn reactor_share() -> &'static Share {
             Share {
                 cpus: cfg.cpus.clone(),
                 why: "PARALLEL_CPUS".into(),
+                pin: true,
             }
         } else if !cfg.pin {
             Share {
                 cpus: affinity_mask(topo),
                 why: "PARALLEL_PIN=0: not pinned".into(),
+                pin: false,
             }
         } else {
             let allowed = affinity_mask(topo);

@@ -268,7 +268,12 @@ fn a_launcher_narrowed_mask_or_a_single_process_is_not_split() {
     let t = two_node_machine("narrow").probe();
     let s = plan_share(&t, &[1, 5], Some((0, 2)), true);
     assert_eq!(s.cpus, vec![1, 5]);
+    assert!(
+        !s.pin,
+        "local ranks that may share the mask float within it (PIN-5)"
+    );
     let alone = plan_share(&t, &(0..8).collect::<Vec<_>>(), None, false);
+    assert!(alone.pin);
     assert_eq!(
         alone.cpus,
         vec![0, 1, 2, 3, 4, 5, 6, 7],
