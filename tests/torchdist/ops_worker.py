@@ -332,9 +332,13 @@ def main() -> None:
     check("wait(timeout)", dist.all_reduce(a, async_op=True).wait(datetime.timedelta(seconds=30)), True)
     check("the group is usable after a mismatch", a, torch.arange(4.0) * n)
 
-    # The last gloo operation was a while ago: gloo's own thread frees its Work objects after
-    # they complete, and one freed after the interpreter has exited aborts the process (a gloo
-    # behaviour, seen with torch 2.15; not this backend's).
+    # gloo's own thread frees its Work objects after they complete, and one freed after the
+    # interpreter has exited aborts the process ("terminate called without an active
+    # exception": a gloo behaviour, seen with torch 2.15; not this backend's). Destroying the
+    # gloo group first ends that thread while the interpreter is alive; a barrier alone left a
+    # window in slow (debug) builds.
+    dist.barrier(group=gloo)
+    dist.destroy_process_group(gloo)
     dist.barrier()
     print(f"rank {rank}: {CHECKS} checks ok", flush=True)
     dist.destroy_process_group()

@@ -98,7 +98,11 @@ def main() -> None:
     gloo_mesh = DeviceMesh.from_group(gloo, "cpu")
     same("FSDP2 fully_shard", train_fsdp(mesh, data[:4]), train_fsdp(gloo_mesh, data[:4]))
 
-    dist.barrier()  # on "parallel": gloo's thread has freed its last Work before we exit
+    # gloo's thread frees its Work objects after they complete; one freed after the interpreter
+    # exited aborts the process (a gloo behaviour): end the gloo group while the interpreter lives.
+    dist.barrier(group=gloo)
+    dist.destroy_process_group(gloo)
+    dist.barrier()
     print(f"rank {rank}: training ok", flush=True)
     dist.destroy_process_group()
 
