@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every benchmark (each measures the peers in the same run) and writes docs/benchmarks.md
-# from their Markdown sections. Not part of the test command: it takes about 5 minutes and wants
+# from their Markdown sections. Not part of the test command: it takes about 10 minutes and wants
 # a quiet machine. Usage: bash benches/run_all.sh [--quick]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,11 +12,13 @@ quick=()
 [ "${1:-}" = "--quick" ] && quick=(--quick)
 start=$(date +%s)
 n=0
-step() { n=$((n + 1)); printf '\n== [%s/4, %ss] %s\n' "$n" "$(( $(date +%s) - start ))" "$*" >&2; }
+step() { n=$((n + 1)); printf '\n== [%s/5, %ss] %s\n' "$n" "$(( $(date +%s) - start ))" "$*" >&2; }
 step "transport: ours against iperf3, raw sockets, pyzmq"
 $PY benches/transport.py "${quick[@]}" --md bench-out/transport.md --json bench-out/transport.json
 step "all-reduce: ours against torch.distributed gloo and Open MPI"
 $PY benches/allreduce.py "${quick[@]}" --md bench-out/allreduce.md --json bench-out/allreduce.json --png bench-out/allreduce.png
+step "all-reduce under load (one busy matmul thread per rank): ours against gloo and Open MPI"
+$PY benches/allreduce.py "${quick[@]}" --load 1 --md bench-out/allreduce.md --json bench-out/allreduce.json || echo "under-load bench failed"
 step "workers: work queue against multiprocessing and torch.multiprocessing queues"
 $PY benches/workers.py "${quick[@]}" --md bench-out/workers.md --json bench-out/workers.json || echo "workers bench failed"
 step "all-reduce across network namespaces (simulated hosts)"
@@ -25,7 +27,7 @@ $PY benches/ddp.py "${quick[@]}" --md bench-out/ddp.md --json bench-out/ddp.json
 cp bench-out/allreduce.png docs/allreduce.png
 {
   cat benches/benchmarks-header.md
-  for f in transport allreduce netns_allreduce workers ddp; do
+  for f in transport allreduce allreduce-load netns_allreduce workers ddp; do
     [ -f "bench-out/$f.md" ] && { echo; cat "bench-out/$f.md"; }
   done
 } > docs/benchmarks.md

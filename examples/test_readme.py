@@ -76,7 +76,7 @@ def test_tutorial_step_runs_as_written(name: str, tmp_path: pathlib.Path) -> Non
 
 
 OUTSIDE = re.compile(
-    r"\.\./shared|/work/|\bshared/|DESIGN\.md|STYLE\.md|research/|performance-anchors|HELPERS\.md"
+    r"\.\./shared|/work/|(?<![\w/])shared/|DESIGN\.md|STYLE\.md|research/|performance-anchors|HELPERS\.md"
 )
 
 

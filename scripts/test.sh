@@ -20,8 +20,8 @@ cargo clippy -p parallel-engine -p parallel-collectives -p parallel-python --lib
 # The hwloc topology probe (engine feature `hwloc`, off in the wheel) when libhwloc is here.
 if pkg-config --exists hwloc libudev 2>/dev/null; then
   step "engine with --features hwloc: clippy, unit tests (hwloc vs sysfs)"
-  cargo clippy -p parallel-engine --all-targets --features hwloc -q -- -D warnings
-  cargo test -q -p parallel-engine --features hwloc --lib
+  cargo clippy -p parallel-engine --lib --features hwloc -q -- -D warnings
+  cargo test -q -p parallel-engine --features hwloc --lib topology
 fi
 step "wheel: build (manylinux_2_28 abi3), install into a fresh venv, smoke test"
 bash scripts/wheel-smoke.sh
@@ -51,13 +51,26 @@ trap 'rm -f "$log"' EXIT
 first=1
 for io in $backends; do
   for shm in 1 0; do
-    step "cargo test, PARALLEL_IO=$io PARALLEL_SHM=$shm"
-    if ! PARALLEL_IO=$io PARALLEL_SHM=$shm cargo test --workspace >"$log" 2>&1; then
-      tail -n 80 "$log"
-      echo "cargo test failed under PARALLEL_IO=$io PARALLEL_SHM=$shm"
-      exit 1
+    # The whole workspace once; under the other combinations every engine and workers suite
+    # (the links, endpoints, queues) and the collectives' own unit and process tests, without
+    # the Tree's end-to-end suite (a minute each, and link-independent above the link layer).
+    if [ "$first" = 1 ] || [ "${TP_TEST_ALL_COMBOS:-0}" = 1 ]; then
+      step "cargo test (workspace), PARALLEL_IO=$io PARALLEL_SHM=$shm"
+      rust_runs=("--workspace")
+    else
+      step "cargo test (links), PARALLEL_IO=$io PARALLEL_SHM=$shm"
+      rust_runs=("-p parallel-engine -p parallel-workers"
+        "-p parallel-collectives --lib --test processes --test tree_cuda")
     fi
-    grep -E '^test result' "$log"
+    for run in "${rust_runs[@]}"; do
+      # shellcheck disable=SC2086 # $run is a list of cargo arguments
+      if ! PARALLEL_IO=$io PARALLEL_SHM=$shm cargo test $run >"$log" 2>&1; then
+        tail -n 80 "$log"
+        echo "cargo test $run failed under PARALLEL_IO=$io PARALLEL_SHM=$shm"
+        exit 1
+      fi
+      grep -E '^test result' "$log"
+    done
     PARALLEL_IO=$io PARALLEL_SHM=$shm cargo run -q -p parallel-engine --example hello
     # CUDA tensors of every size by (simulated) CUDA IPC, not only those above the threshold.
     if ! PARALLEL_IO=$io PARALLEL_SHM=$shm PARALLEL_CUDA_IPC_THRESHOLD=0 cargo test \
