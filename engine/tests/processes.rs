@@ -5,10 +5,10 @@
 //! PARALLEL_SHM choice; this file runs under every combination (scripts/test.sh, .ci/run).
 //!
 //! Invariants checked (defined in the module docs named):
-//! - EP-2, LINK-3 (endpoint.rs, link/mod.rs): a peer killed with SIGKILL, or aborting in the
+//! - EP-2, LINK-3 (endpoint/, link/mod.rs): a peer killed with SIGKILL, or aborting in the
 //!   middle of a message, is reported promptly (< 2 s) as `PeerLost` naming its pid, once, and the
 //!   server goes on serving other clients.
-//! - HS-1, WIRE-1 (handshake.rs, wire.rs): garbage, oversized declarations, truncated frames and a
+//! - HS-1, WIRE-1 (handshake.rs, wire/): garbage, oversized declarations, truncated frames and a
 //!   wrong version, before or after the handshake, cost the server a refused connection and no
 //!   memory; a real client connects afterwards.
 //! - HS auth: a peer with another PARALLEL_SECRET (or none) is refused with an authentication error

@@ -1,4 +1,4 @@
-//! Fuzzes the wire decoder, the one choke point for bytes from a peer (engine/src/wire.rs).
+//! Fuzzes the wire decoder, the one choke point for bytes from a peer (engine/src/wire/).
 //!
 //! Checks, for any input:
 //! - WIRE-2: `decode_frame` returns a value or an error; it never panics, hangs or recurses.

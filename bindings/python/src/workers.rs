@@ -314,7 +314,9 @@ impl WorkQueue {
         convert::to_py(py, Value::Tensor(tensor), &[], false)
     }
 
-    /// Test hook: kills this process (SIGKILL) while it holds the queue's lock.
+    /// Test hook: kills this process (SIGKILL) while it holds the queue's lock. Only in builds
+    /// with the feature `test-hooks` (scripts/setup.sh's development build; never the wheel).
+    #[cfg(feature = "test-hooks")]
     fn _die_holding_lock(&self) {
         self.handle.die_holding_lock()
     }

@@ -3,6 +3,9 @@
 //! Every call makes the device's primary context current on the calling thread for its duration
 //! and restores the thread's previous context afterwards ([`Entered`]): torch's notion of the
 //! current device (taken from the current context) is left as the caller had it.
+//!
+//! Over 600 lines on purpose: most of it is the one `impl Gpu for Driver` block (a trait impl
+//! cannot be split across files), each method a short `unsafe` driver call with its SAFETY note.
 
 use super::{DevPtr, Event, Gpu, IpcRecord, Kernel, Mem};
 use crate::config::config;

@@ -473,7 +473,8 @@ impl HostQueue {
     }
 
     /// Test hook for SHQ-2: kills this process with SIGKILL while it holds the queue's lock.
-    #[doc(hidden)]
+    /// Only with the feature `test-hooks` (tests; never in wheels).
+    #[cfg(feature = "test-hooks")]
     pub fn die_holding_lock(&self) -> ! {
         self.inner.seg.die_holding_lock()
     }

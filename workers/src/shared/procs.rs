@@ -79,7 +79,8 @@ impl Segment {
     }
 
     /// Test hook for SHQ-2: takes the lock and kills this process with SIGKILL while holding it.
-    #[doc(hidden)]
+    /// Only with the feature `test-hooks` (tests; never in wheels).
+    #[cfg(feature = "test-hooks")]
     pub(crate) fn die_holding_lock(&self) -> ! {
         let g = self.lock(Deadline::after(Duration::from_secs(30)));
         std::mem::forget(g);

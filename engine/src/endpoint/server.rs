@@ -1,289 +1,36 @@
-//! Server and Client: the user-facing endpoints (the seed's Client-Server).
-//!
-//! A [`Server`] listens; an acceptor thread accepts connections and hands each handshake to a
-//! reactor, so a slow or hostile client never blocks the others. Connections get increasing ids
-//! in the order they complete their handshake. A [`Client`] connects with retry until its
-//! deadline.
-//!
-//! Invariants:
-//! - EP-1: `recv_any` is fair: it scans connections round-robin from a rotating start, so a busy
-//!   client cannot starve the others.
-//! - EP-2: a connection whose peer closed in order leaves the server silently; one whose peer
-//!   died is reported once (a `PeerLost` error naming it from `recv_any`) and then removed.
-//! - EP-3: `close()` from any thread wakes every blocked call on the endpoint, which fails with
-//!   `Closed`.
-//! - EP-4: asynchronous operations of one connection run on one reactor, in submission order.
-//! - EP-5: no head-of-line blocking: `recv_any` reads a message inline only when all of it is
-//!   already queued; a message still arriving is read by a short-lived thread of its own, under
-//!   the connection's receive lock, within `PARALLEL_FRAME_TIMEOUT` (else the connection is
-//!   dropped with a warning), and lands in the connection's inbox, which every receive on the
-//!   connection empties first (so order is kept).
-//! - EP-6: a departed client is retired within about 0.2 s whatever the application calls: the
-//!   acceptor thread checks for peers that hung up and, when nothing but an orderly close is left
-//!   to read, closes the connection and drops it from the server (its fds and rings are freed
-//!   once the application holds no `Conn`). A death found this way is reported by the next
-//!   `recv_any` (EP-2), from a bounded list.
-//! - EP-7: handshakes never lock clients out: at most `MAX_HANDSHAKES` run at once, and a new
-//!   connection beyond that evicts the oldest unfinished one (idle sockets age first), so a
-//!   client that completes its hello promptly always gets in.
+//! A listening server and its connections: fair `recv_any` with read-ahead (EP-1, EP-5),
+//! broadcast, close from any thread (EP-3), and retiring departed clients (EP-2, EP-6).
 
+use super::Conn;
+use super::accept::accept_loop;
 use crate::config::config;
 use crate::error::{Error, ErrorKind, Result};
 use crate::link::handshake;
-use crate::link::{Carrier, Link, LinkKind, Stats, sys};
-use crate::runtime::{self, Completion, Deadline, Interest, Runtime};
-use crate::value::{Key, Tensor, Value};
+use crate::link::{Stats, sys};
+use crate::runtime::{self, Deadline, Interest};
+use crate::value::Value;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-static CONN_KEYS: AtomicUsize = AtomicUsize::new(0);
-/// The most handshakes in progress at once in this process (EP-7).
-const MAX_HANDSHAKES: usize = 256;
 /// Deaths found by the acceptor and not yet reported by `recv_any`, at most (EP-6).
 const MAX_LOST: usize = 64;
-/// How often the acceptor looks for departed clients (EP-6).
-const REAP_EVERY: Duration = Duration::from_millis(200);
 
-/// A handshake in progress: a second descriptor of its socket, to shut it down on eviction.
-struct Pending {
-    ticket: u64,
-    since: Instant,
+pub(super) struct ServerInner {
+    pub(super) listener: OwnedFd,
     addr: SocketAddr,
-    sock: Option<OwnedFd>,
-}
-
-/// Handshakes in progress in this process, oldest first (EP-7).
-static PENDING: Mutex<Vec<Pending>> = Mutex::new(Vec::new());
-static TICKETS: AtomicU64 = AtomicU64::new(0);
-
-/// One connection: a link plus the server-side id and tag (also used as the client's core).
-#[derive(Debug)]
-pub struct Conn {
-    link: Link,
-    id: AtomicI64,
-    tag: Mutex<Option<String>>,
-    key: usize,
-    reported: AtomicBool,
-    created: Instant,
-    /// Messages (or the error that ended the link) read ahead for `recv_any` (EP-5).
-    inbox: Mutex<VecDeque<Result<Value>>>,
-    /// A read-ahead thread holds the receive lock (EP-5).
-    reading: AtomicBool,
-}
-
-impl Conn {
-    fn new(link: Link, id: i64) -> Conn {
-        Conn {
-            link,
-            id: AtomicI64::new(id),
-            tag: Mutex::new(None),
-            key: CONN_KEYS.fetch_add(1, Ordering::Relaxed),
-            reported: AtomicBool::new(false),
-            created: Instant::now(),
-            inbox: Mutex::new(VecDeque::new()),
-            reading: AtomicBool::new(false),
-        }
-    }
-    fn take_inbox(&self) -> Option<Result<Value>> {
-        self.inbox
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pop_front()
-    }
-    fn inbox_empty(&self) -> bool {
-        self.inbox
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_empty()
-    }
-    /// Receives the next message: first what a read-ahead left in the inbox (EP-5).
-    fn recv_deadline(
-        &self,
-        out: &mut [Tensor],
-        paths: Option<&[Vec<Key>]>,
-        deadline: Deadline,
-    ) -> Result<Value> {
-        let mut g = self.link.lock_recv();
-        if let Some(r) = self.take_inbox() {
-            return match r {
-                Ok(v) if !out.is_empty() => {
-                    crate::link::into_outs(v, out, paths).map_err(|e| e.with_peer(self.peer()))
-                }
-                r => r,
-            };
-        }
-        g.recv_keyed(out, paths, deadline)
-    }
-    pub fn id(&self) -> i64 {
-        self.id.load(Ordering::Relaxed)
-    }
-    pub fn set_id(&self, id: i64) {
-        self.id.store(id, Ordering::Relaxed)
-    }
-    pub fn tag(&self) -> Option<String> {
-        self.tag.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-    pub fn set_tag(&self, tag: Option<String>) {
-        *self.tag.lock().unwrap_or_else(|e| e.into_inner()) = tag;
-    }
-    pub fn peer(&self) -> &str {
-        self.link.peer()
-    }
-    pub fn link_kind(&self) -> LinkKind {
-        self.link.kind()
-    }
-    pub fn link(&self) -> &Link {
-        &self.link
-    }
-    pub fn stats(&self) -> Stats {
-        self.link.stats()
-    }
-    /// Seconds since the connection was set up.
-    pub fn age(&self) -> Duration {
-        self.created.elapsed()
-    }
-    pub fn is_closed(&self) -> bool {
-        self.link.is_closed()
-    }
-    pub fn send(&self, v: &Value, timeout: Option<Duration>) -> Result<()> {
-        self.link.send(v, Deadline::or_default(timeout))
-    }
-    pub fn recv(&self, timeout: Option<Duration>) -> Result<Value> {
-        self.recv_deadline(&mut [], None, Deadline::or_default(timeout))
-    }
-    /// Receives into the caller's tensors (in order), checking dtype and shape.
-    pub fn recv_into(&self, out: &mut [Tensor], timeout: Option<Duration>) -> Result<Value> {
-        self.recv_deadline(out, None, Deadline::or_default(timeout))
-    }
-    /// Like `recv_into`, matching tensors to `out` by path (`paths[i]` is `out[i]`'s), not by
-    /// position ([`crate::link::Link::recv_keyed`]).
-    pub fn recv_into_keyed(
-        &self,
-        out: &mut [Tensor],
-        paths: &[Vec<Key>],
-        timeout: Option<Duration>,
-    ) -> Result<Value> {
-        self.recv_deadline(out, Some(paths), Deadline::or_default(timeout))
-    }
-    pub fn close(&self) {
-        self.link.close()
-    }
-    /// Sends an abort notice (see [`Link::send_abort`]).
-    pub fn send_abort(&self, reason: &str, timeout: Option<Duration>) -> Result<()> {
-        self.link.send_abort(reason, Deadline::or_default(timeout))
-    }
-
-    /// Sends on this connection's reactor (EP-4); the value is moved into the task.
-    pub fn send_async(self: &Arc<Self>, v: Value, timeout: Option<Duration>) -> Completion<()> {
-        let c = Completion::default();
-        let (me, done) = (self.clone(), c.clone());
-        let deadline = Deadline::or_default(timeout);
-        Runtime::get().spawn_on(self.key, move || done.complete(me.link.send(&v, deadline)));
-        c
-    }
-
-    /// Receives on this connection's reactor; `out` tensors are moved in and handed back.
-    pub fn recv_async(
-        self: &Arc<Self>,
-        out: Vec<Tensor>,
-        timeout: Option<Duration>,
-    ) -> Completion<(Value, Vec<Tensor>)> {
-        self.recv_async_keyed(out, None, timeout)
-    }
-
-    /// [`Conn::recv_async`], matching tensors to `out` by path when `paths` are given.
-    pub fn recv_async_keyed(
-        self: &Arc<Self>,
-        mut out: Vec<Tensor>,
-        paths: Option<Vec<Vec<Key>>>,
-        timeout: Option<Duration>,
-    ) -> Completion<(Value, Vec<Tensor>)> {
-        let c = Completion::default();
-        let (me, done) = (self.clone(), c.clone());
-        let deadline = Deadline::or_default(timeout);
-        Runtime::get().spawn_on(self.key, move || {
-            let r = me.recv_deadline(&mut out, paths.as_deref(), deadline);
-            done.complete(r.map(|v| (v, out)))
-        });
-        c
-    }
-}
-
-impl crate::link::scope::sealed::Sealed for Conn {}
-
-/// A connection carries a scope's operations; it receives through its inbox (EP-5).
-impl Carrier for Conn {
-    fn send_value(&self, v: &Value, deadline: Deadline) -> Result<()> {
-        self.link.send(v, deadline)
-    }
-    fn recv_value_into(&self, out: &mut [Tensor], deadline: Deadline) -> Result<Value> {
-        self.recv_deadline(out, None, deadline)
-    }
-    fn close_now(&self) {
-        self.close()
-    }
-}
-
-/// A client: one connection to a server.
-#[derive(Debug, Clone)]
-pub struct Client {
-    conn: Arc<Conn>,
-}
-
-impl Client {
-    /// Connects to `host:port`, retrying until `timeout` (default `PARALLEL_CONNECT_TIMEOUT`).
-    pub fn connect(host: &str, port: u16, timeout: Option<Duration>) -> Result<Client> {
-        runtime::backend()?;
-        let link = handshake::connect(host, port, timeout.unwrap_or(config().connect_timeout))?;
-        Ok(Client {
-            conn: Arc::new(Conn::new(link, 0)),
-        })
-    }
-    pub fn conn(&self) -> &Arc<Conn> {
-        &self.conn
-    }
-    pub fn send(&self, v: &Value) -> Result<()> {
-        self.conn.send(v, None)
-    }
-    pub fn send_timeout(&self, v: &Value, timeout: Option<Duration>) -> Result<()> {
-        self.conn.send(v, timeout)
-    }
-    pub fn recv(&self, timeout: Option<Duration>) -> Result<Value> {
-        self.conn.recv(timeout)
-    }
-    pub fn recv_into(&self, out: &mut [Tensor], timeout: Option<Duration>) -> Result<Value> {
-        self.conn.recv_into(out, timeout)
-    }
-    pub fn link_kind(&self) -> LinkKind {
-        self.conn.link_kind()
-    }
-    pub fn peer(&self) -> &str {
-        self.conn.peer()
-    }
-    pub fn stats(&self) -> Stats {
-        self.conn.stats()
-    }
-    pub fn close(&self) {
-        self.conn.close()
-    }
-}
-
-struct ServerInner {
-    listener: OwnedFd,
-    addr: SocketAddr,
-    conns: Mutex<Vec<Arc<Conn>>>,
-    changed: Condvar,
-    next_id: AtomicI64,
+    pub(super) conns: Mutex<Vec<Arc<Conn>>>,
+    pub(super) changed: Condvar,
+    pub(super) next_id: AtomicI64,
     rr: AtomicUsize,
-    closed: AtomicBool,
-    wake: OwnedFd,
+    pub(super) closed: AtomicBool,
+    pub(super) wake: OwnedFd,
     departed: Mutex<Stats>,
-    accepted: AtomicU64,
-    refused: AtomicU64,
+    pub(super) accepted: AtomicU64,
+    pub(super) refused: AtomicU64,
     /// Deaths found by the acceptor, for `recv_any` to report (EP-6).
     lost: Mutex<VecDeque<Error>>,
 }
@@ -690,7 +437,7 @@ impl ServerInner {
 
     /// Retires every connection whose client departed and left nothing to read but an orderly
     /// close (EP-6). A connection with unread messages stays until they are read.
-    fn reap(&self) {
+    pub(super) fn reap(&self) {
         let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner()).clone();
         for c in &conns {
             if c.reading.load(Ordering::SeqCst) || !c.inbox_empty() {
@@ -744,35 +491,6 @@ fn stalled(conn: &Conn, e: Error, limit: Duration) -> Error {
     .with_peer(conn.peer())
 }
 
-/// Registers a handshake about to start, evicting the oldest unfinished one when `MAX_HANDSHAKES`
-/// are in progress (EP-7). Returns the ticket that `handshake_done` takes.
-fn handshake_begin(sock: RawFd, addr: SocketAddr) -> (u64, Option<(SocketAddr, Duration)>) {
-    let ticket = TICKETS.fetch_add(1, Ordering::Relaxed);
-    let mut p = PENDING.lock().unwrap_or_else(|e| e.into_inner());
-    let mut evicted = None;
-    if p.len() >= MAX_HANDSHAKES {
-        let old = p.remove(0);
-        if let Some(s) = &old.sock {
-            sys::shutdown(s.as_raw_fd());
-        }
-        evicted = Some((old.addr, old.since.elapsed()));
-    }
-    p.push(Pending {
-        ticket,
-        since: Instant::now(),
-        addr,
-        sock: sys::dup(sock),
-    });
-    (ticket, evicted)
-}
-
-fn handshake_done(ticket: u64) {
-    let mut p = PENDING.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(i) = p.iter().position(|x| x.ticket == ticket) {
-        p.remove(i);
-    }
-}
-
 impl Drop for ServerInner {
     fn drop(&mut self) {
         self.closed.store(true, Ordering::SeqCst);
@@ -784,86 +502,6 @@ impl Drop for ServerInner {
             .iter()
         {
             c.close();
-        }
-    }
-}
-
-fn accept_loop(weak: std::sync::Weak<ServerInner>) {
-    runtime::block_signals();
-    let mut last_reap = Instant::now();
-    loop {
-        let Some(inner) = weak.upgrade() else { return };
-        if inner.closed.load(Ordering::SeqCst) {
-            return;
-        }
-        if last_reap.elapsed() >= REAP_EVERY {
-            inner.reap();
-            last_reap = Instant::now();
-        }
-        let lfd = inner.listener.as_raw_fd();
-        match handshake::try_accept(lfd) {
-            Ok(Some((fd, addr))) => {
-                // Each handshake gets its own short-lived thread (HS-1): a silent client then
-                // costs one parked thread for PARALLEL_HANDSHAKE_TIMEOUT and delays nobody else.
-                // The number in flight is bounded; beyond it the oldest is evicted (EP-7).
-                let (ticket, evicted) = handshake_begin(fd.as_raw_fd(), addr);
-                if let Some((old, age)) = evicted {
-                    tracing::warn!(
-                        "{MAX_HANDSHAKES} handshakes in progress: dropped the oldest (from {old}, {:.1}s old) to admit {addr}",
-                        age.as_secs_f64()
-                    );
-                }
-                let w = weak.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("parallel-handshake".into())
-                    .spawn(move || {
-                        struct Done(u64);
-                        impl Drop for Done {
-                            fn drop(&mut self) {
-                                handshake_done(self.0);
-                            }
-                        }
-                        let _done = Done(ticket);
-                        runtime::block_signals();
-                        let id_hint = 0;
-                        match handshake::accept(fd, addr, id_hint) {
-                            Ok(acc) => {
-                                let Some(inner) = w.upgrade() else { return };
-                                if inner.closed.load(Ordering::SeqCst) {
-                                    acc.link.close();
-                                    return;
-                                }
-                                let mut g = inner.conns.lock().unwrap_or_else(|e| e.into_inner());
-                                let id = inner.next_id.fetch_add(1, Ordering::SeqCst);
-                                g.push(Arc::new(Conn::new(acc.link, id)));
-                                inner.accepted.fetch_add(1, Ordering::Relaxed);
-                                drop(g);
-                                inner.changed.notify_all();
-                                sys::eventfd_signal(inner.wake.as_raw_fd());
-                            }
-                            Err(e) => {
-                                if let Some(inner) = w.upgrade() {
-                                    inner.refused.fetch_add(1, Ordering::Relaxed);
-                                }
-                                tracing::warn!("connection from {addr} refused: {e}");
-                            }
-                        }
-                    });
-                if let Err(e) = spawned {
-                    handshake_done(ticket);
-                    tracing::error!("cannot start a handshake thread: {e}");
-                }
-            }
-            Ok(None) => {
-                drop(inner);
-                // Sliced wait so a dropped server ends this thread promptly.
-                let _ = runtime::wait_once(&[(lfd, Interest::Read)], Duration::from_millis(200));
-            }
-            Err(e) => {
-                tracing::error!("accept failed: {e}; retrying");
-                drop(inner);
-                std::thread::sleep(Duration::from_millis(50));
-            }
         }
     }
 }
