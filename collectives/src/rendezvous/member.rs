@@ -138,6 +138,22 @@ pub(super) fn join_as_member(
             ));
         }
     };
+    // The placement must be the one this rank asked for: rank 0 checks the world size and the
+    // rank when it places a member, and this side checks the answer (a plan for another world
+    // would link this rank into the wrong tree).
+    if plan.world() != r.world || rank >= r.world || r.rank.is_some_and(|k| k != rank) {
+        return Err(Error::new(
+            ErrorKind::Protocol,
+            "tree",
+            format!(
+                "rank 0 placed this process as rank {rank} of {}, but it joined as rank {} of {}",
+                plan.world(),
+                r.rank.map_or("(any)".into(), |k| k.to_string()),
+                r.world
+            ),
+        )
+        .with_peer("rank 0"));
+    }
     let mut links = HashMap::new();
     if plan.edges().contains(&(0, rank)) {
         links.insert(0, root.conn().clone());
