@@ -24,6 +24,7 @@ Invariants:
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import datetime
 import os
@@ -31,6 +32,7 @@ import queue
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -260,6 +262,7 @@ class _Completer:
         self._queue: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="parallel-dist-completer", daemon=True)
         self._thread.start()
+        _COMPLETERS.add(self)
 
     def submit(self, work: _Work) -> None:
         self._queue.put(work)
@@ -267,9 +270,31 @@ class _Completer:
     def close(self) -> None:
         self._queue.put(None)
 
+    def join(self, seconds: float) -> None:
+        self._thread.join(seconds)
+
     def _run(self) -> None:
         while (work := self._queue.get()) is not None:
             work._complete(self._timeout)  # False: the caller's wait is completing it
+
+
+_COMPLETERS: weakref.WeakSet[_Completer] = weakref.WeakSet()
+# How long exit waits for a completion thread still finishing a Work (one whose peer is gone
+# may take up to the group's timeout: exit does not wait for that).
+_EXIT_JOIN_S = 10.0
+
+
+@atexit.register
+def _end_completers_at_exit() -> None:
+    """Ends every completion thread while the interpreter is whole (atexit runs before daemon
+    threads are stopped). A daemon thread still finishing a Work when finalization starts is
+    stopped while it frees the Work's tensors, which torch turns into an abort ("terminate
+    called without an active exception") of a process whose work had all succeeded."""
+    completers = list(_COMPLETERS)
+    for c in completers:
+        c.close()
+    for c in completers:
+        c.join(_EXIT_JOIN_S)
 
 
 # --- Point-to-point --------------------------------------------------------------------------
