@@ -203,3 +203,18 @@ print(conn.recv(timeout=30))
     assert rc == 0, out + err
     assert out.startswith("refused:") and "PARALLEL_CUDA" in out, out + err
     assert out.rstrip().endswith("still fine"), out + err
+
+
+def test_torch_distributed_on_cuda_tensors_matches_gloo_under_torchrun():
+    """The real launcher, 2 ranks on the one GPU, backend "parallel": every collective on CUDA
+    tensors against a CPU reference, DDP bit-identical to gloo's, FSDP2 close to DDP
+    (dist_cuda_worker.py)."""
+    script = str(pathlib.Path(__file__).with_name("dist_cuda_worker.py"))
+    env = {k: v for k, v in os.environ.items() if k not in KNOBS and k != "TORCHELASTIC_RUN_ID"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", script]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=DEADLINE, env=env)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-8000:]
+    for r in range(2):
+        m = re.search(rf"rank {r}: cuda dist ok \((\d+) checks\)", out)
+        assert m and int(m.group(1)) > 50, out[-8000:]
