@@ -426,3 +426,34 @@ fn ep_5_read_ahead_message_reaches_a_direct_recv_in_order() {
     assert_eq!(conn.recv(t(10.0)).unwrap().as_int(), Some(2));
     h.join().unwrap();
 }
+
+/// AHEAD-2/3: back-to-back small messages reach the socket together, so the first receive may
+/// read the next ones ahead into the link's buffer; each must still come out whole, in order,
+/// and `recv_any` must find a message already read ahead (the socket itself is empty then)
+/// instead of waiting for its timeout.
+#[test]
+fn ahead_3_messages_read_ahead_are_found_by_recv_and_recv_any_in_order() {
+    let (s, c) = pair();
+    for round in 0..50i64 {
+        for k in 0..4 {
+            c.send(&Value::Int(round * 4 + k)).unwrap();
+        }
+        let (v, conn) = s.recv_any(None, t(10.0)).unwrap();
+        assert_eq!(v.as_int(), Some(round * 4), "round {round}: first message");
+        assert_eq!(conn.recv(t(10.0)).unwrap().as_int(), Some(round * 4 + 1));
+        let started = Instant::now();
+        let (v, _) = s.recv_any(None, t(10.0)).unwrap();
+        assert_eq!(
+            v.as_int(),
+            Some(round * 4 + 2),
+            "round {round}: third message"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "recv_any waited for a message already received ahead"
+        );
+        assert_eq!(conn.recv(t(10.0)).unwrap().as_int(), Some(round * 4 + 3));
+    }
+    c.close();
+    s.close();
+}
