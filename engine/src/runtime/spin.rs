@@ -298,6 +298,10 @@ impl Drop for Spin {
 /// On false the caller goes to its kernel wait. This is the one-line form of [`Spin`] for a
 /// loop of the shape `while now < spin_until { if ready() { return } relax() }`.
 pub fn spin_until(cap: Duration, mut ready: impl FnMut() -> bool) -> bool {
+    // Already ready: no spin decision to pay for (nor to count).
+    if ready() {
+        return true;
+    }
     let mut spin = Spin::start(cap);
     loop {
         if ready() {
