@@ -417,8 +417,14 @@ impl Link {
 
     /// Waits (spin, then park) until [`Link::ready`] or the deadline; consumes nothing.
     pub fn wait_ready(&self, deadline: Deadline) -> Result<()> {
-        // Spins only while a core is free (runtime::spin), then parks.
-        if crate::runtime::spin_until(self.spin, || self.ready()) {
+        // Spins only while a core is free (runtime::spin), then parks. A shared-memory spin
+        // watches the ring alone (no system call per step); the liveness socket is checked
+        // before parking, so a dead peer is found at most one spin later.
+        let spun = match &self.shm {
+            Some(s) => crate::runtime::spin_until(self.spin, || s.has_data()),
+            None => crate::runtime::spin_until(self.spin, || self.ready()),
+        };
+        if spun {
             return Ok(());
         }
         let mut fds = Vec::with_capacity(2);
