@@ -426,3 +426,77 @@ fn ep_5_read_ahead_message_reaches_a_direct_recv_in_order() {
     assert_eq!(conn.recv(t(10.0)).unwrap().as_int(), Some(2));
     h.join().unwrap();
 }
+
+/// AHEAD-2/3: back-to-back small messages reach the socket together, so the first receive may
+/// read the next ones ahead into the link's buffer; each must still come out whole, in order,
+/// and `recv_any` must find a message already read ahead (the socket itself is empty then)
+/// instead of waiting for its timeout.
+#[test]
+fn ahead_3_messages_read_ahead_are_found_by_recv_and_recv_any_in_order() {
+    let (s, c) = pair();
+    for round in 0..50i64 {
+        for k in 0..4 {
+            c.send(&Value::Int(round * 4 + k)).unwrap();
+        }
+        let (v, conn) = s.recv_any(None, t(10.0)).unwrap();
+        assert_eq!(v.as_int(), Some(round * 4), "round {round}: first message");
+        assert_eq!(conn.recv(t(10.0)).unwrap().as_int(), Some(round * 4 + 1));
+        let started = Instant::now();
+        let (v, _) = s.recv_any(None, t(10.0)).unwrap();
+        assert_eq!(
+            v.as_int(),
+            Some(round * 4 + 2),
+            "round {round}: third message"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "recv_any waited for a message already received ahead"
+        );
+        assert_eq!(conn.recv(t(10.0)).unwrap().as_int(), Some(round * 4 + 3));
+    }
+    c.close();
+    s.close();
+}
+
+/// AHEAD-2: frames of every size around the read-ahead buffer's (16 KiB), sent back to back so
+/// that a read ahead holds the start of the next frame, arrive whole and in order: bytes taken
+/// ahead come first, and a large remainder goes straight to its destination.
+#[test]
+fn ahead_2_mixed_sizes_back_to_back_arrive_whole_and_in_order() {
+    let (s, c) = pair();
+    let sizes = [
+        0usize,
+        1,
+        8,
+        16 << 10,
+        (16 << 10) - 1,
+        (16 << 10) + 1,
+        3,
+        1 << 20,
+        7,
+        40_000,
+        5,
+    ];
+    let payload = |n: usize, k: usize| -> Vec<u8> { (0..n).map(|i| (i * 7 + k) as u8).collect() };
+    let c2 = c.clone();
+    let h = std::thread::spawn(move || {
+        for (k, n) in sizes.iter().enumerate() {
+            c2.send(&Value::bytes(payload(*n, k))).unwrap();
+        }
+    });
+    let (first, conn) = s.recv_any(None, t(30.0)).unwrap();
+    let mut got = vec![first];
+    for _ in 1..sizes.len() {
+        got.push(conn.recv(t(30.0)).unwrap());
+    }
+    h.join().unwrap();
+    for (k, (v, n)) in got.iter().zip(sizes).enumerate() {
+        match v {
+            Value::Bytes(b) => assert!(
+                b[..] == payload(n, k)[..],
+                "message {k} ({n} bytes) differs"
+            ),
+            other => panic!("message {k}: expected bytes, got {}", other.type_name()),
+        }
+    }
+}

@@ -7,7 +7,7 @@ use parallel_engine::link::Stats;
 use parallel_engine::runtime::{Completion, Deadline};
 use parallel_engine::value::{Tensor, Value};
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyTuple};
 use std::sync::Arc;
 
 pub(crate) fn stats_dict<'py>(py: Python<'py>, s: &Stats) -> PyResult<Bound<'py, PyDict>> {
@@ -31,7 +31,11 @@ fn do_send(
     t: Option<f64>,
     pickle: bool,
 ) -> PyResult<()> {
-    let v = convert::to_value(value, pickle, 0)?;
+    // bytes, the most common small message, skip the general conversion's type tests.
+    let v = match value.downcast_exact::<PyBytes>() {
+        Ok(b) => Value::bytes(b.as_bytes()),
+        Err(_) => convert::to_value(value, pickle, 0)?,
+    };
     let t = timeout(t)?;
     let c = conn.clone();
     wait(py, move || c.send(&v, t))

@@ -26,6 +26,7 @@
 //! host memory); [`kinds`] is the registry the plan asks; [`handshake`] sets links up;
 //! [`scope`] runs asynchronous operations on borrowed memory that cannot outlive the borrow.
 
+mod ahead;
 pub mod cuda_ipc;
 pub mod handshake;
 pub mod kinds;
@@ -162,6 +163,8 @@ pub struct Link {
     peer: String,
     send: Mutex<SendState>,
     recv: Mutex<RecvState>,
+    /// TCP bytes read ahead of the frame being received (ahead.rs: AHEAD-1..4).
+    ahead: Mutex<ahead::Ahead>,
     closed_locally: AtomicBool,
     peer_closed: AtomicBool,
     /// A receive found the peer gone (LINK-3): later sends fail instead of writing into the void.
@@ -210,6 +213,7 @@ impl Link {
                 poisoned: None,
                 scratch: Vec::new(),
             }),
+            ahead: Mutex::new(ahead::Ahead::default()),
             closed_locally: AtomicBool::new(false),
             peer_closed: AtomicBool::new(false),
             peer_lost: AtomicBool::new(false),
@@ -280,7 +284,7 @@ impl Link {
     ) -> Result<bool> {
         match &self.shm {
             Some(s) => s.read_exact(buf, deadline, what).map(|_| true),
-            None => runtime::recv_exact(self.sock.as_raw_fd(), buf, deadline, spin, what),
+            None => self.read_tcp(buf, deadline, what, spin),
         }
     }
 
@@ -336,7 +340,7 @@ impl Link {
     pub fn ready(&self) -> bool {
         match &self.shm {
             Some(s) => s.has_data() || sys::readable_now(self.sock.as_raw_fd()),
-            None => sys::readable_now(self.sock.as_raw_fd()),
+            None => self.ahead_has_news() || sys::readable_now(self.sock.as_raw_fd()),
         }
     }
 
@@ -347,12 +351,26 @@ impl Link {
         let mut hb = [0u8; HEADER_LEN];
         let (queued, n) = match &self.shm {
             Some(s) => s.peek(&mut hb)?,
-            None => sys::peek(self.sock.as_raw_fd(), &mut hb)?,
+            None => self.peek_tcp(&mut hb)?,
         };
         let h = (n == HEADER_LEN)
             .then(|| Header::decode(&hb, &self.limits).ok())
             .flatten();
         Some((queued, n, h))
+    }
+
+    /// [`sys::peek`] through the read-ahead buffer (AHEAD-2): its bytes come first.
+    fn peek_tcp(&self, hb: &mut [u8; HEADER_LEN]) -> Option<(usize, usize)> {
+        let fd = self.sock.as_raw_fd();
+        let (k, buffered, err) = self.ahead_peek(hb);
+        if err {
+            return None; // the next receive fails at once (AHEAD-4)
+        }
+        if k == HEADER_LEN {
+            return Some((buffered + sys::queued(fd).unwrap_or(0), k));
+        }
+        let (queued, n) = sys::peek(fd, &mut hb[k..])?;
+        Some((buffered + queued, k + n))
     }
 
     /// True when a receive would complete without waiting for the peer: the whole next frame
@@ -399,8 +417,14 @@ impl Link {
 
     /// Waits (spin, then park) until [`Link::ready`] or the deadline; consumes nothing.
     pub fn wait_ready(&self, deadline: Deadline) -> Result<()> {
-        // Spins only while a core is free (runtime::spin), then parks.
-        if crate::runtime::spin_until(self.spin, || self.ready()) {
+        // Spins only while a core is free (runtime::spin), then parks. A shared-memory spin
+        // watches the ring alone (no system call per step); the liveness socket is checked
+        // before parking, so a dead peer is found at most one spin later.
+        let spun = match &self.shm {
+            Some(s) => crate::runtime::spin_until(self.spin, || s.has_data()),
+            None => crate::runtime::spin_until(self.spin, || self.ready()),
+        };
+        if spun {
             return Ok(());
         }
         let mut fds = Vec::with_capacity(2);

@@ -77,7 +77,11 @@ impl RecvGuard<'_> {
             )));
         }
         // Wait for the first byte without consuming anything, so a timeout here is clean (LINK-1).
-        if let Err(e) = link.wait_ready(deadline) {
+        let waited = match link.shm {
+            Some(_) => link.wait_ready(deadline),
+            None => link.fill_wait(deadline),
+        };
+        if let Err(e) = waited {
             return Err(link.err(e));
         }
         let mut hb = [0u8; HEADER_LEN];

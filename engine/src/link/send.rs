@@ -101,10 +101,11 @@ impl Link {
             seq: st.seq,
         };
         let hb = h.encode();
-        // Records standing in for cross-memory segments: (address, length).
+        // Records standing in for cross-memory segments: (address, length); none without.
         let records: Vec<[u8; 16]> = enc
             .segs
             .iter()
+            .take(if cma.is_some() { usize::MAX } else { 0 })
             .map(|g| {
                 let b = g.bytes();
                 let mut r = [0u8; 16];
@@ -119,7 +120,7 @@ impl Link {
         parts.push(Part::Host(&hb));
         parts.push(Part::Host(&enc.desc));
         let mut ipc_i = 0usize;
-        for (g, r) in enc.segs.iter().zip(&records) {
+        for (i, g) in enc.segs.iter().enumerate() {
             match (g, cma) {
                 (wire::OutSeg::Device { ptr, len, dev }, _) => {
                     if ipc.is_some() {
@@ -129,7 +130,9 @@ impl Link {
                         parts.push(Part::Device(*ptr, *len, *dev));
                     }
                 }
-                (_, Some(s)) if g.len() as u64 >= s.cma_threshold => parts.push(Part::Host(r)),
+                (_, Some(s)) if g.len() as u64 >= s.cma_threshold => {
+                    parts.push(Part::Host(&records[i]))
+                }
                 _ => parts.push(Part::Host(g.bytes())),
             }
         }

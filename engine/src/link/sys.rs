@@ -436,11 +436,7 @@ pub(crate) fn cma_read(pid: i32, addr: u64, dst: &mut [u8]) -> std::io::Result<(
 /// Bytes waiting in a socket's receive queue, and the first `buf.len()` of them copied into
 /// `buf` without consuming anything: (queued, copied). `None` at end of stream or on an error.
 pub(crate) fn peek(fd: RawFd, buf: &mut [u8]) -> Option<(usize, usize)> {
-    let mut queued: libc::c_int = 0;
-    // SAFETY: FIONREAD writes one c_int.
-    if unsafe { libc::ioctl(fd, libc::FIONREAD, &mut queued) } != 0 {
-        return None;
-    }
+    let queued = queued(fd)?;
     // SAFETY: writing at most buf.len() bytes into our own buffer.
     let n = unsafe {
         libc::recv(
@@ -458,7 +454,17 @@ pub(crate) fn peek(fd: RawFd, buf: &mut [u8]) -> Option<(usize, usize)> {
     if n == 0 {
         return None;
     }
-    Some((queued.max(0) as usize, n as usize))
+    Some((queued, n as usize))
+}
+
+/// Bytes waiting in a socket's receive queue (FIONREAD); `None` on an error.
+pub(crate) fn queued(fd: RawFd) -> Option<usize> {
+    let mut queued: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int.
+    if unsafe { libc::ioctl(fd, libc::FIONREAD, &mut queued) } != 0 {
+        return None;
+    }
+    Some(queued.max(0) as usize)
 }
 
 /// True when the peer shut its side down (or the connection broke): nothing more will arrive

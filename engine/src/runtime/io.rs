@@ -122,23 +122,29 @@ pub(crate) fn send_all(fd: RawFd, bufs: &[&[u8]], deadline: Deadline, what: &str
             off = 0;
             continue;
         }
-        let mut iov: Vec<libc::iovec> = Vec::with_capacity(8);
+        // On the stack: a small message costs no allocation here.
+        let mut iov = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; 64];
+        let mut k = 0usize;
         let mut budget = chunk;
         for (j, b) in bufs[idx..].iter().enumerate().take(64) {
             let start = if j == 0 { off } else { 0 };
             let n = (b.len() - start).min(budget);
             if n > 0 {
-                iov.push(libc::iovec {
+                iov[k] = libc::iovec {
                     iov_base: b[start..].as_ptr() as *mut libc::c_void,
                     iov_len: n,
-                });
+                };
+                k += 1;
             }
             budget -= n;
             if budget == 0 {
                 break;
             }
         }
-        let moved = match try_sendv(fd, &iov).map_err(|e| Error::os("send", what, e))? {
+        let moved = match try_sendv(fd, &iov[..k]).map_err(|e| Error::os("send", what, e))? {
             Attempt::Moved(n) => n,
             Attempt::Eof | Attempt::WouldBlock => {
                 let slice = deadline.slice("send", what)?;

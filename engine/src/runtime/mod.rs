@@ -37,7 +37,7 @@ mod spin;
 #[cfg(test)]
 mod tests;
 
-pub(crate) use io::{recv_exact, send_all};
+pub(crate) use io::{Attempt, recv_exact, send_all, try_recv};
 pub use reactor::{Completion, Lane, Runtime, block_signals};
 pub use spin::{LOAD_PERIOD, SLOTS, Spin, SpinStats, refresh_load, relax, spin_stats, spin_until};
 

@@ -20,7 +20,7 @@
 //!   resets the skip. A wait that cannot be won by spinning stops costing a core.
 //! - SPIN-4: the idle fast path makes no system call: the load sample is refreshed at most once
 //!   per [`LOAD_PERIOD`] per process, by one `pread` of a descriptor opened once, and the
-//!   spinner count is a scan of [`SLOTS`] atomics.
+//!   spinner count is a scan of the atomics of the slots taken so far (at most [`SLOTS`]).
 
 use std::cell::Cell;
 use std::fs::File;
@@ -137,12 +137,18 @@ impl Drop for ThreadState {
     }
 }
 
+/// One past the highest slot ever taken: the spinner count scans only the slots below it
+/// (a process has a handful of waiting threads, not [`SLOTS`]).
+static SLOTS_USED: AtomicUsize = AtomicUsize::new(0);
+
 thread_local! {
     static ME: ThreadState = ThreadState {
         slot: SPINNING.iter().position(|s| {
             s.owner
                 .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
                 .is_ok()
+        }).inspect(|i| {
+            SLOTS_USED.fetch_max(i + 1, Ordering::Relaxed);
         }),
         misses: Cell::new(0),
         skip: Cell::new(0),
@@ -151,7 +157,8 @@ thread_local! {
 
 /// Other threads of this process spinning now.
 fn other_spinners(mine: usize, now: u64) -> usize {
-    SPINNING
+    let used = SLOTS_USED.load(Ordering::Relaxed).min(SLOTS);
+    SPINNING[..used]
         .iter()
         .enumerate()
         .filter(|(i, s)| *i != mine && s.until.load(Ordering::Relaxed) > now)
@@ -291,6 +298,10 @@ impl Drop for Spin {
 /// On false the caller goes to its kernel wait. This is the one-line form of [`Spin`] for a
 /// loop of the shape `while now < spin_until { if ready() { return } relax() }`.
 pub fn spin_until(cap: Duration, mut ready: impl FnMut() -> bool) -> bool {
+    // Already ready: no spin decision to pay for (nor to count).
+    if ready() {
+        return true;
+    }
     let mut spin = Spin::start(cap);
     loop {
         if ready() {

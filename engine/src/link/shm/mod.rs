@@ -285,6 +285,17 @@ impl ShmEnd {
         let data = self.map.data(self.tx);
         let step = (cap / 4).max(4096);
         let mut head = self.head.load(Ordering::Relaxed);
+        // Bytes are published (the shared head stored, a parked reader rung) once per call, or
+        // every `step` bytes, or before a wait for space: a reader spinning on a small frame
+        // then sees it whole at once, not header, descriptor and payload one by one.
+        let mut published = head;
+        let publish = |head: u64| {
+            c.head.store(head, Ordering::SeqCst);
+            self.head.store(head, Ordering::Relaxed);
+            if c.reader_parked.load(Ordering::SeqCst) != 0 {
+                sys::eventfd_signal(self.bells[self.tx].data.as_raw_fd());
+            }
+        };
         for b in bufs {
             let mut off = 0usize;
             while off < b.len() {
@@ -299,6 +310,10 @@ impl ShmEnd {
                     ));
                 }
                 if used == cap {
+                    if published != head {
+                        publish(head);
+                        published = head;
+                    }
                     let bell = self.bells[self.tx].space.as_raw_fd();
                     self.wait(
                         deadline,
@@ -322,12 +337,14 @@ impl ShmEnd {
                 }
                 head += n as u64;
                 off += n;
-                c.head.store(head, Ordering::SeqCst);
-                self.head.store(head, Ordering::Relaxed);
-                if c.reader_parked.load(Ordering::SeqCst) != 0 {
-                    sys::eventfd_signal(self.bells[self.tx].data.as_raw_fd());
+                if head - published >= step {
+                    publish(head);
+                    published = head;
                 }
             }
+        }
+        if published != head {
+            publish(head);
         }
         Ok(())
     }
