@@ -70,11 +70,15 @@ pub fn all_reduce(
         let (send, recv) = disjoint(buf, so..so + sl, ro..ro + rl)?;
         let chunks = sl.max(rl).div_ceil(chunk).max(1);
         SendScope::run(comm, |sends| {
+            // The whole send segment is ready at the start of the step: queue all its chunks
+            // at once, so the lane sends them back to back instead of waking once per chunk.
             for k in 0..chunks {
                 let (a, b) = (k * chunk, ((k + 1) * chunk).min(sl));
                 if a < b || (k == 0 && sl == 0) {
                     sends.send(rc, &send[a..b.max(a)]);
                 }
+            }
+            for k in 0..chunks {
                 let (a, b) = (k * chunk, ((k + 1) * chunk).min(rl));
                 if a < b || (k == 0 && rl == 0) {
                     let n = b.saturating_sub(a);
