@@ -12,6 +12,11 @@
 //!   its owner, exactly once; the all-gather only copies (ALGO-1).
 //! - RING-2: a step sends one segment while it receives another; the two never overlap (checked,
 //!   [`disjoint`]), and the sent one is not written before its sends completed (SEND-1).
+//! - RING-3: the last reduce-scatter step and the first all-gather step run as one turn: each
+//!   chunk of this rank's own segment is sent on as soon as it is final (reduced, divided for
+//!   an average), while still in cache; the frames on every link, and their order, are those
+//!   of the two steps run one after the other. For 2 ranks the bytes the turn sends first are
+//!   the bytes it receives last: their sends complete before the first of those is written.
 
 use super::{Communicator, SendScope};
 use crate::ops::{self, Op};
@@ -64,17 +69,26 @@ pub fn all_reduce(
     // left, chunk by chunk; `reduce`: combine into our copy, else receive straight into it.
     // The sends borrow the send segment through a scope (SEND-1): the borrow checker keeps
     // it unwritten until they completed, and an early `?` waits for (or interrupts) them.
-    let mut step = |buf: &mut [u8], send_s: usize, recv_s: usize, reduce: bool| -> Result<()> {
+    let step = |buf: &mut [u8],
+                scratch: &mut [u8],
+                send_s: usize,
+                recv_s: usize,
+                reduce: bool|
+     -> Result<()> {
         let (so, sl) = seg(send_s);
         let (ro, rl) = seg(recv_s);
         let (send, recv) = disjoint(buf, so..so + sl, ro..ro + rl)?;
         let chunks = sl.max(rl).div_ceil(chunk).max(1);
         SendScope::run(comm, |sends| {
+            // The whole send segment is ready at the start of the step: queue all its chunks
+            // at once, so the lane sends them back to back instead of waking once per chunk.
             for k in 0..chunks {
                 let (a, b) = (k * chunk, ((k + 1) * chunk).min(sl));
                 if a < b || (k == 0 && sl == 0) {
                     sends.send(rc, &send[a..b.max(a)]);
                 }
+            }
+            for k in 0..chunks {
                 let (a, b) = (k * chunk, ((k + 1) * chunk).min(rl));
                 if a < b || (k == 0 && rl == 0) {
                     let n = b.saturating_sub(a);
@@ -97,19 +111,136 @@ pub fn all_reduce(
             )
         })
     };
-    for s in 0..p - 1 {
-        step(buf, (pos + p - s) % p, (pos + p - s - 1) % p, true)?;
+    for s in 0..p - 2 {
+        step(
+            buf,
+            &mut scratch,
+            (pos + p - s) % p,
+            (pos + p - s - 1) % p,
+            true,
+        )?;
     }
-    let own = (pos + 1) % p;
-    if matches!(op, Op::Avg) {
-        let (o, l) = seg(own);
-        // Our fully reduced segment; no send is in flight (every step's scope ended).
-        ops::divide(dtype, &mut buf[o..o + l], contributors);
-    }
-    for s in 0..p - 1 {
-        step(buf, (pos + 1 + p - s) % p, (pos + p - s) % p, false)?;
+    // The last reduce-scatter step and the first all-gather step as one (RING-3).
+    let segs: Vec<(usize, usize)> = (0..p).map(seg).collect();
+    let avg = matches!(op, Op::Avg).then_some(contributors);
+    let turn = Turn {
+        comm,
+        left,
+        rc,
+        chunk,
+        dtype,
+        op,
+        avg,
+    };
+    turn.run(buf, &segs, (pos + 2) % p, (pos + 1) % p, pos, &mut scratch)
+        .map_err(|e| {
+            Error::new(
+                e.kind(),
+                "all_reduce",
+                format!("ring step to rank {right}: {e}"),
+            )
+        })?;
+    for s in 1..p - 1 {
+        step(
+            buf,
+            &mut scratch,
+            (pos + 1 + p - s) % p,
+            (pos + p - s) % p,
+            false,
+        )?;
     }
     Ok(())
+}
+
+/// The byte ranges, relative to a segment of `len` bytes, of the messages that carry it:
+/// `chunk` bytes each, the last one shorter, and one empty message for an empty segment (so
+/// both ends of a link agree on the number of messages from the segment's length alone).
+fn pieces(len: usize, chunk: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..len.div_ceil(chunk).max(1)).map(move |k| (k * chunk, ((k + 1) * chunk).min(len)))
+}
+
+/// The turn from reduce-scatter to all-gather (RING-3): this rank receives the last
+/// contributions to its own segment chunk by chunk, and sends each chunk on to the right as
+/// soon as it is final (divided for an average), while its bytes are still in cache, instead
+/// of after the whole step; then it receives the left neighbour's final segment.
+struct Turn<'c, 'a> {
+    comm: &'c Communicator<'a>,
+    left: usize,
+    rc: &'c std::sync::Arc<parallel_engine::endpoint::Conn>,
+    chunk: usize,
+    dtype: DType,
+    op: &'c Op,
+    avg: Option<usize>,
+}
+
+impl Turn<'_, '_> {
+    /// `send`: the segment the last reduce-scatter step sends; `own`: the one it completes
+    /// here; `gather`: the one the first all-gather step receives (for 2 ranks, `send`).
+    fn run(
+        &self,
+        buf: &mut [u8],
+        segs: &[(usize, usize)],
+        send: usize,
+        own: usize,
+        gather: usize,
+        scratch: &mut [u8],
+    ) -> Result<()> {
+        let (oo, ol) = segs[own];
+        let (so, sl) = segs[send];
+        let (go, gl) = segs[gather];
+        if send == own || gather == own {
+            return Err(Error::new(
+                ErrorKind::Protocol,
+                "all_reduce",
+                format!(
+                    "ring turn with segments {send}, {own}, {gather} (a bug: please report it)"
+                ),
+            ));
+        }
+        // The own segment, and what lies before and after it (every other segment lies
+        // wholly in one of the two: segments do not overlap).
+        let (lo, hi) = buf.split_at_mut(oo);
+        let (own_bytes, hi) = hi.split_at_mut(ol);
+        let skip = oo + ol;
+        SendScope::run(self.comm, |gathered| {
+            // Our own segment's chunks are sent (all-gather) from the outer scope as they
+            // become final; the reduce-scatter sends of `send` end with the inner scope,
+            // before `gather` (for 2 ranks, the same bytes) is written.
+            let mut rest: &mut [u8] = own_bytes;
+            let s: &[u8] = if so < oo {
+                &lo[so..so + sl]
+            } else {
+                &hi[so - skip..so - skip + sl]
+            };
+            SendScope::run(self.comm, |sends| {
+                for (a, b) in pieces(sl, self.chunk) {
+                    sends.send(self.rc, &s[a..b]);
+                }
+                for (a, b) in pieces(ol, self.chunk) {
+                    let n = b - a;
+                    let into = &mut scratch[..n];
+                    self.comm.recv_bytes(self.left, into, "ring step")?;
+                    let (head, tail) = std::mem::take(&mut rest).split_at_mut(n);
+                    ops::reduce_into(self.op, self.dtype, head, &scratch[..n])?;
+                    if let Some(c) = self.avg {
+                        ops::divide(self.dtype, head, c);
+                    }
+                    gathered.send(self.rc, head);
+                    rest = tail;
+                }
+                sends.wait_all("all_reduce")
+            })?;
+            let g: &mut [u8] = if go < oo {
+                &mut lo[go..go + gl]
+            } else {
+                &mut hi[go - skip..go - skip + gl]
+            };
+            for (a, b) in pieces(gl, self.chunk) {
+                self.comm.recv_bytes(self.left, &mut g[a..b], "ring step")?;
+            }
+            gathered.wait_all("all_reduce")
+        })
+    }
 }
 
 /// The bytes of range `send` (shared) and of range `recv` (exclusive) of `buf`, which must not

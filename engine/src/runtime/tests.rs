@@ -308,3 +308,106 @@ fn exec_2_lanes_do_not_wait_for_each_other() {
         .wait(Deadline::after(Duration::from_secs(10)), "t")
         .unwrap();
 }
+
+/// A connected TCP pair over loopback (non-blocking ends, as links use them); the streams keep
+/// the descriptors open.
+fn tcp_pair() -> (std::net::TcpStream, std::net::TcpStream) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let a = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (b, _) = l.accept().unwrap();
+    a.set_nonblocking(true).unwrap();
+    b.set_nonblocking(true).unwrap();
+    (a, b)
+}
+
+fn rcvlowat(fd: RawFd) -> libc::c_int {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: valid pointers to an int and its length.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            &mut v as *mut libc::c_int as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0);
+    v
+}
+
+/// IO-1: a large TCP receive whose bytes arrive in pieces, each below the mark it sets, gets
+/// every byte in order (the mark follows the bytes still expected, so no wait outlasts them),
+/// and leaves the mark at 1: a small message after it is readable at once.
+#[test]
+fn io_1_large_tcp_receive_from_small_pieces_is_whole_and_resets_the_mark() {
+    use std::os::fd::AsRawFd;
+    let (a, b) = tcp_pair();
+    let (ra, rb) = (a.as_raw_fd(), b.as_raw_fd());
+    let sent: Vec<u8> = (0..(1 << 20) + 4321).map(|i| (i % 253) as u8).collect();
+    let writer = {
+        let sent = sent.clone();
+        std::thread::spawn(move || {
+            let d = Deadline::after(Duration::from_secs(20));
+            for piece in sent.chunks(96 << 10) {
+                send_all(rb, &[piece], d, "t").unwrap();
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            send_all(rb, &[b"tail!"], d, "t").unwrap();
+            b
+        })
+    };
+    let mut got = vec![0u8; sent.len()];
+    let d = Deadline::after(Duration::from_secs(20));
+    assert!(recv_exact(ra, &mut got, d, Duration::ZERO, "t").unwrap());
+    assert!(got == sent, "a batched receive lost or reordered bytes");
+    assert_eq!(rcvlowat(ra), 1, "the mark outlived its receive");
+    // Five bytes: readable at once with the mark back at 1 (never with a mark of megabytes).
+    wait_once(&[(ra, Interest::Read)], Duration::from_secs(5)).unwrap();
+    let mut tail = [0u8; 5];
+    assert!(recv_exact(ra, &mut tail, d, Duration::ZERO, "t").unwrap());
+    assert_eq!(&tail, b"tail!");
+    drop(writer.join().unwrap());
+}
+
+/// IO-1, LINK-2 below it: a peer that stops part way and closes while a large receive waits
+/// with its mark set ends the receive at once with `PeerLost`, never at the deadline and never
+/// with a short buffer taken as whole.
+#[test]
+fn io_1_peer_closing_under_the_mark_is_peer_lost_at_once() {
+    use std::os::fd::AsRawFd;
+    let (a, b) = tcp_pair();
+    let ra = a.as_raw_fd();
+    let writer = std::thread::spawn(move || {
+        let part = vec![9u8; 300 << 10];
+        send_all(
+            b.as_raw_fd(),
+            &[&part],
+            Deadline::after(Duration::from_secs(20)),
+            "t",
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        drop(b); // the peer's death, with 3/4 of the buffer never sent
+    });
+    let mut buf = vec![0u8; 1 << 20];
+    let t = Instant::now();
+    let e = recv_exact(
+        ra,
+        &mut buf,
+        Deadline::after(Duration::from_secs(30)),
+        Duration::ZERO,
+        "t",
+    )
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::PeerLost, "{e}");
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "the end of the stream was noticed only after {:?}",
+        t.elapsed()
+    );
+    assert_eq!(rcvlowat(ra), 1, "the mark outlived its failed receive");
+    writer.join().unwrap();
+}
