@@ -147,6 +147,7 @@ impl Tree {
         let tuning = Tuning {
             ring_threshold: cfg.ring_threshold as usize,
             chunk: cfg.collective_chunk as usize,
+            device_chunk: algorithms::DEVICE_CHUNK,
             algo: match cfg.algo.as_str() {
                 "tree" => crate::plan::Algo::Tree,
                 "ring" => crate::plan::Algo::Ring,

@@ -45,10 +45,18 @@ pub struct Tuning {
     pub ring_threshold: usize,
     /// Pipeline chunk of the ring, in bytes.
     pub chunk: usize,
+    /// Largest chunk of the ring over device memory, in bytes ([`DEVICE_CHUNK`] by default):
+    /// device segments up to this size move whole (see `docs/cuda.md`).
+    pub device_chunk: usize,
     pub algo: Algo,
 }
 
-/// Which algorithm moves a CPU all-reduce's data.
+/// The default [`Tuning::device_chunk`]: each device chunk by CUDA IPC costs a mapping and an
+/// event round trip (tenths of a millisecond), so the ring moves device segments whole up to
+/// this size, which bounds its device scratch.
+pub const DEVICE_CHUNK: usize = 64 << 20;
+
+/// Which algorithm moves an all-reduce's data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Algorithm {
     /// With the control pass, up and down the tree (small buffers, or forced).

@@ -1,5 +1,10 @@
-//! Pipelined ring all-reduce: reduce-scatter, then all-gather, chunk by chunk (moved from the
-//! Tree unchanged: same segments, same chunks, same order on the wire).
+//! Pipelined ring all-reduce: reduce-scatter, then all-gather, chunk by chunk, for host or
+//! device memory alike. The algorithm (segments, chunks, order on the wire) is one function,
+//! [`all_reduce_in`]; what differs between a CPU and a CUDA buffer is the [`Memory`] it runs
+//! on: where the bytes live, the kernel that combines a received chunk into them (the SIMD CPU
+//! kernels, or the NVRTC device kernels), and how a chunk moves (the links carry host bytes as
+//! they are, and device memory by CUDA IPC inside a host or staged through pinned host memory).
+//! [`Host`] is host memory; the Tree's GPU path brings device memory (`tree/gpu_ring.rs`).
 //!
 //! The buffer is cut into `p` segments (the first `count % p` one element longer). In step `s`
 //! of the reduce-scatter, the rank at ring position `pos` sends segment `(pos - s) mod p` to its
@@ -10,14 +15,176 @@
 //! Invariants:
 //! - RING-1: each segment is reduced along the ring in ring order, starting at the rank after
 //!   its owner, exactly once; the all-gather only copies (ALGO-1).
-//! - RING-2: a step sends one segment while it receives another; the two never overlap (checked,
-//!   [`disjoint`]), and the sent one is not written before its sends completed (SEND-1).
+//! - RING-2: a step sends one segment while it receives another; the two never overlap and both
+//!   lie in the buffer (checked, [`disjoint`]), and the sent one is not written before its sends
+//!   completed (SEND-1: each step's sends live in a scope that ends with the step).
 
 use super::{Communicator, SendScope};
 use crate::ops::{self, Op};
 use parallel_engine::buffer::Buf;
+use parallel_engine::endpoint::Conn;
 use parallel_engine::value::DType;
 use parallel_engine::{Error, ErrorKind, Result};
+use std::marker::PhantomData;
+use std::ops::Range;
+use std::sync::Arc;
+
+/// The buffer a ring all-reduce works on: where it lives, the reduce kernel that combines a
+/// received chunk into it, and how its chunks move over the links (the copy engine).
+pub(crate) trait Memory {
+    /// Bytes in the buffer (whole elements of [`Memory::dtype`]).
+    fn len(&self) -> usize;
+    fn dtype(&self) -> DType;
+    /// The pipeline chunk, in bytes, for a buffer cut into `p` segments, given the
+    /// communicator's chunk (the ring rounds it to whole elements).
+    fn chunk(&self, p: usize, comm_chunk: usize) -> usize;
+    /// Makes room for receiving chunks of up to `chunk` bytes before reducing them.
+    fn prepare(&mut self, chunk: usize) -> Result<()>;
+    /// Starts sending bytes `r` of the buffer to `to` in `sends`.
+    ///
+    /// # Safety
+    /// `r` lies in the buffer, and the caller writes none of it until `sends` ended (RING-2).
+    unsafe fn send(&self, sends: &mut SendScope<'_>, to: &Arc<Conn>, r: Range<usize>)
+    -> Result<()>;
+    /// Receives rank `from`'s next message, exactly `r.len()` bytes, into bytes `r` of the
+    /// buffer: combined into them with the reduce kernel when `reduce`, else replacing them.
+    ///
+    /// # Safety
+    /// `r` lies in the buffer and overlaps no range being sent (RING-2).
+    unsafe fn recv(
+        &mut self,
+        comm: &Communicator<'_>,
+        from: usize,
+        r: Range<usize>,
+        reduce: bool,
+    ) -> Result<()>;
+    /// The op's last touch of the fully reduced bytes `r` (avg's division by `contributors`).
+    fn finish(&mut self, r: Range<usize>, contributors: usize) -> Result<()>;
+}
+
+/// Host memory with the CPU reduce kernels ([`ops::reduce_into`]); the links send chunks from
+/// it and receive into it without a copy of ours.
+pub(crate) struct Host<'a> {
+    ptr: *mut u8,
+    len: usize,
+    dtype: DType,
+    op: &'a Op,
+    scratch: Option<Buf>,
+    _buf: PhantomData<&'a mut [u8]>,
+}
+
+impl<'a> Host<'a> {
+    /// The ring's view of `buf` (elements of `dtype`), reduced with `op`; `buf` stays
+    /// exclusively borrowed for as long as the view lives.
+    pub(crate) fn new(buf: &'a mut [u8], dtype: DType, op: &'a Op) -> Host<'a> {
+        Host {
+            ptr: buf.as_mut_ptr(),
+            len: buf.len(),
+            dtype,
+            op,
+            scratch: None,
+            _buf: PhantomData,
+        }
+    }
+
+    /// Bytes `r` of the buffer, mutably.
+    ///
+    /// # Safety
+    /// `r` lies in the buffer, and nothing else reads or writes it while the slice lives.
+    unsafe fn bytes_mut(&mut self, r: Range<usize>) -> &mut [u8] {
+        debug_assert!(r.start <= r.end && r.end <= self.len);
+        // SAFETY: the caller's contract; `ptr` is valid for `len` bytes for 'a (the borrow).
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(r.start), r.len()) }
+    }
+}
+
+impl Memory for Host<'_> {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    fn chunk(&self, p: usize, comm_chunk: usize) -> usize {
+        // At least ~4 chunks per segment so the copy of one overlaps the reduction of the last,
+        // but not under 256 KiB, where per-chunk costs start to show.
+        (self.len / p / 4).max(256 << 10).min(comm_chunk)
+    }
+
+    fn prepare(&mut self, chunk: usize) -> Result<()> {
+        self.scratch = Some(Buf::with_len(chunk.max(1))?);
+        Ok(())
+    }
+
+    unsafe fn send(
+        &self,
+        sends: &mut SendScope<'_>,
+        to: &Arc<Conn>,
+        r: Range<usize>,
+    ) -> Result<()> {
+        debug_assert!(r.start <= r.end && r.end <= self.len);
+        // SAFETY: `r` lies in the buffer (the caller's contract), borrowed for 'a.
+        let bytes = unsafe { std::slice::from_raw_parts(self.ptr.add(r.start), r.len()) };
+        // SAFETY: the caller writes none of `r` until the scope ended, and the buffer outlives
+        // the scope (the ring's call borrows it).
+        let v = unsafe { super::view(bytes) };
+        // SAFETY: as above.
+        unsafe { sends.send_value(to, v) };
+        Ok(())
+    }
+
+    unsafe fn recv(
+        &mut self,
+        comm: &Communicator<'_>,
+        from: usize,
+        r: Range<usize>,
+        reduce: bool,
+    ) -> Result<()> {
+        let n = r.len();
+        let (op, dtype) = (self.op, self.dtype);
+        let mut scratch = self.scratch.take();
+        let res = (|| {
+            // SAFETY: the caller's contract: `r` lies in the buffer and no send reads it.
+            let dst = unsafe { self.bytes_mut(r) };
+            match scratch.as_mut() {
+                // Reduce: receive into the scratch chunk, then combine; else straight into buf.
+                Some(s) if reduce => {
+                    let room = s.len();
+                    let s = s.get_mut(..n).ok_or_else(|| too_long(n, room))?;
+                    comm.recv_bytes(from, s, "ring step")?;
+                    ops::reduce_into(op, dtype, dst, s)
+                }
+                None if reduce => Err(too_long(n, 0)),
+                _ => comm.recv_bytes(from, dst, "ring step"),
+            }
+        })();
+        self.scratch = scratch;
+        res
+    }
+
+    fn finish(&mut self, r: Range<usize>, contributors: usize) -> Result<()> {
+        if matches!(self.op, Op::Avg) {
+            if r.end > self.len || r.start > r.end {
+                return Err(too_long(r.end, self.len));
+            }
+            // SAFETY: `r` lies in the buffer (checked), and no send is in flight (the ring
+            // calls this between steps, whose scopes have ended).
+            ops::divide(self.dtype, unsafe { self.bytes_mut(r) }, contributors);
+        }
+        Ok(())
+    }
+}
+
+/// A chunk longer than the room the ring prepared for it (a bug).
+pub(crate) fn too_long(n: usize, room: usize) -> Error {
+    Error::new(
+        ErrorKind::Protocol,
+        "all_reduce",
+        format!("a {n}-byte ring chunk exceeds its {room}-byte buffer (a bug: please report it)"),
+    )
+}
 
 /// All-reduce of `buf` (elements of `dtype`) with `op` over the ranks of `ring` (in that order),
 /// which must include this rank. `contributors` divides the result of [`Op::Avg`].
@@ -29,15 +196,25 @@ pub fn all_reduce(
     op: &Op,
     contributors: usize,
 ) -> Result<()> {
+    all_reduce_in(comm, ring, &mut Host::new(buf, dtype, op), contributors)
+}
+
+/// All-reduce of `mem` (host or device memory, with its reduce kernel and copy engine) over
+/// the ranks of `ring` (in that order), which must include this rank. `contributors` divides
+/// the result of [`Op::Avg`].
+pub(crate) fn all_reduce_in<M: Memory>(
+    comm: &Communicator<'_>,
+    ring: &[usize],
+    mem: &mut M,
+    contributors: usize,
+) -> Result<()> {
     let p = ring.len();
+    let len = mem.len();
     if p < 2 {
-        if matches!(op, Op::Avg) {
-            ops::divide(dtype, buf, contributors);
-        }
-        return Ok(());
+        return mem.finish(0..len, contributors);
     }
-    let item = dtype.itemsize();
-    let count = buf.len() / item;
+    let item = mem.dtype().itemsize();
+    let count = len / item;
     let pos = ring.iter().position(|r| *r == comm.rank()).ok_or_else(|| {
         Error::new(
             ErrorKind::Protocol,
@@ -55,36 +232,32 @@ pub fn all_reduce(
         let len = base + usize::from(s < extra);
         (start * item, len * item)
     };
-    // At least ~4 chunks per segment so the copy of one overlaps the reduction of the last, but
-    // not under 256 KiB, where per-chunk costs start to show.
-    let target = (buf.len() / p / 4).max(256 << 10).min(comm.chunk());
-    let chunk = (target / item).max(1) * item;
-    let mut scratch = Buf::with_len(chunk.min(buf.len().max(1)))?;
+    let chunk = (mem.chunk(p, comm.chunk()) / item).max(1) * item;
+    mem.prepare(chunk.min(len.max(1)))?;
     // One step: send segment `send_s` to the right while receiving segment `recv_s` from the
     // left, chunk by chunk; `reduce`: combine into our copy, else receive straight into it.
-    // The sends borrow the send segment through a scope (SEND-1): the borrow checker keeps
-    // it unwritten until they completed, and an early `?` waits for (or interrupts) them.
-    let mut step = |buf: &mut [u8], send_s: usize, recv_s: usize, reduce: bool| -> Result<()> {
+    // The sends live in a scope (SEND-1) that ends with the step, on every path, before any
+    // later step writes the segment they read.
+    let step = |mem: &mut M, send_s: usize, recv_s: usize, reduce: bool| -> Result<()> {
         let (so, sl) = seg(send_s);
         let (ro, rl) = seg(recv_s);
-        let (send, recv) = disjoint(buf, so..so + sl, ro..ro + rl)?;
+        disjoint(len, &(so..so + sl), &(ro..ro + rl))?;
         let chunks = sl.max(rl).div_ceil(chunk).max(1);
         SendScope::run(comm, |sends| {
             for k in 0..chunks {
                 let (a, b) = (k * chunk, ((k + 1) * chunk).min(sl));
                 if a < b || (k == 0 && sl == 0) {
-                    sends.send(rc, &send[a..b.max(a)]);
+                    // SAFETY: [so + a, so + b) lies in the send segment, inside the buffer and
+                    // disjoint from the receive segment (checked above); nothing writes it
+                    // before this scope ended (RING-2).
+                    unsafe { mem.send(sends, rc, so + a..so + b.max(a))? };
                 }
                 let (a, b) = (k * chunk, ((k + 1) * chunk).min(rl));
                 if a < b || (k == 0 && rl == 0) {
                     let n = b.saturating_sub(a);
-                    let dst = &mut recv[a..a + n];
-                    // Reduce: receive into the scratch chunk, then combine; else straight into buf.
-                    let into: &mut [u8] = if reduce { &mut scratch[..n] } else { &mut *dst };
-                    comm.recv_bytes(left, into, "ring step")?;
-                    if reduce {
-                        ops::reduce_into(op, dtype, dst, &scratch[..n])?;
-                    }
+                    // SAFETY: [ro + a, ro + a + n) lies in the receive segment (as above),
+                    // which no send of this step reads.
+                    unsafe { mem.recv(comm, left, ro + a..ro + a + n, reduce)? };
                 }
             }
             sends.wait_all("all_reduce")
@@ -98,47 +271,30 @@ pub fn all_reduce(
         })
     };
     for s in 0..p - 1 {
-        step(buf, (pos + p - s) % p, (pos + p - s - 1) % p, true)?;
+        step(mem, (pos + p - s) % p, (pos + p - s - 1) % p, true)?;
     }
-    let own = (pos + 1) % p;
-    if matches!(op, Op::Avg) {
-        let (o, l) = seg(own);
-        // Our fully reduced segment; no send is in flight (every step's scope ended).
-        ops::divide(dtype, &mut buf[o..o + l], contributors);
-    }
+    // Our fully reduced segment; no send is in flight (every step's scope ended).
+    let (o, l) = seg((pos + 1) % p);
+    mem.finish(o..o + l, contributors)?;
     for s in 0..p - 1 {
-        step(buf, (pos + 1 + p - s) % p, (pos + p - s) % p, false)?;
+        step(mem, (pos + 1 + p - s) % p, (pos + p - s) % p, false)?;
     }
     Ok(())
 }
 
-/// The bytes of range `send` (shared) and of range `recv` (exclusive) of `buf`, which must not
-/// overlap: the ring sends one segment while it receives another (RING-2).
-pub(crate) fn disjoint(
-    buf: &mut [u8],
-    send: std::ops::Range<usize>,
-    recv: std::ops::Range<usize>,
-) -> Result<(&[u8], &mut [u8])> {
-    let bad = || {
-        Error::new(
-            ErrorKind::Protocol,
-            "all_reduce",
-            format!(
-                "ring segments {send:?} and {recv:?} of a {}-byte buffer overlap (a bug: please report it)",
-                buf.len()
-            ),
-        )
-    };
-    if send.end.max(recv.end) > buf.len() {
-        return Err(bad());
+/// Checks that ranges `send` and `recv` lie in a buffer of `len` bytes and do not overlap
+/// (RING-2).
+pub(crate) fn disjoint(len: usize, send: &Range<usize>, recv: &Range<usize>) -> Result<()> {
+    let inside = |r: &Range<usize>| r.start <= r.end && r.end <= len;
+    let apart = send.end <= recv.start || recv.end <= send.start;
+    if inside(send) && inside(recv) && apart {
+        return Ok(());
     }
-    if send.end <= recv.start {
-        let (lo, hi) = buf.split_at_mut(recv.start);
-        Ok((&lo[send], &mut hi[..recv.end - recv.start]))
-    } else if recv.end <= send.start {
-        let (lo, hi) = buf.split_at_mut(send.start);
-        Ok((&hi[..send.end - send.start], &mut lo[recv]))
-    } else {
-        Err(bad())
-    }
+    Err(Error::new(
+        ErrorKind::Protocol,
+        "all_reduce",
+        format!(
+            "ring segments {send:?} and {recv:?} of a {len}-byte buffer overlap (a bug: please report it)"
+        ),
+    ))
 }
