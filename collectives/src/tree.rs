@@ -95,6 +95,8 @@ pub struct Tree {
     call: AtomicU8,
     /// The last control pass this rank served while done was a first pass of a call (TREE-4).
     served_call: AtomicBool,
+    /// The code of the algorithm that moved this rank's last all-reduce's data.
+    last_algo: AtomicU8,
 }
 
 const NO_CALL: u8 = 0;
@@ -178,6 +180,7 @@ impl Tree {
             structure: AtomicU64::new(0),
             call: AtomicU8::new(NO_CALL),
             served_call: AtomicBool::new(false),
+            last_algo: AtomicU8::new(Algorithm::Tree.code()),
         })
     }
 
@@ -197,6 +200,16 @@ impl Tree {
     pub fn contributors(&self) -> usize {
         self.contributors.load(Ordering::SeqCst) as usize
     }
+    /// The algorithm that moved the data of this rank's last all-reduce (host or CUDA memory;
+    /// [`Algorithm::Tree`] before the first).
+    pub fn last_all_reduce_algorithm(&self) -> Algorithm {
+        Algorithm::from_code(self.last_algo.load(Ordering::SeqCst)).unwrap_or(Algorithm::Tree)
+    }
+
+    fn ran(&self, algo: Algorithm) {
+        self.last_algo.store(algo.code(), Ordering::SeqCst);
+    }
+
     /// The plan as text, with this process's link kinds.
     pub fn describe(&self) -> String {
         let cfg = parallel_engine::config::config();
@@ -338,12 +351,14 @@ impl Tree {
             if meta.algo != Algorithm::Tree {
                 let v = self.pass(Some(&meta), Some(op), None, false, true)?;
                 self.large_all_reduce(meta.algo, dtype, buf, op, v.contributors)?;
+                self.ran(meta.algo);
                 Ok(v.contributors)
             } else {
                 let v = self.pass(Some(&meta), Some(op), Some(&mut *buf), true, true)?;
                 if matches!(op, Op::Avg) {
                     ops::divide(dtype, buf, v.contributors);
                 }
+                self.ran(Algorithm::Tree);
                 Ok(v.contributors)
             }
         })
@@ -365,8 +380,10 @@ impl Tree {
             let (guarded, failed) = guard(op);
             self.large_all_reduce(meta.algo, dtype, &mut work, &guarded, self.world_size())?;
             self.settle(Some(meta), take(&failed))?;
+            self.ran(meta.algo);
             self.world_size()
         } else {
+            self.ran(Algorithm::Tree);
             // Small, or some ranks are done: in a ring a done rank would have to contribute the
             // function's identity element, which a user function does not have, so the data
             // goes through the tree (a second pass when the first found ranks done).

@@ -7,6 +7,7 @@ mod common;
 
 use common::world_on;
 use parallel_collectives::Tree;
+use parallel_collectives::algorithms::Algorithm;
 use parallel_collectives::ops::{self, Op};
 use parallel_collectives::tree::DeviceReduce;
 use parallel_engine::cuda::{self, DeviceAlloc, Mem};
@@ -300,5 +301,277 @@ fn the_safe_tensor_front_reduces_cpu_and_cuda_tensors() {
     }) {
         let (cpu, dev) = got.unwrap();
         assert!(cpu == want && dev == want);
+    }
+}
+
+// ---- The ring over device memory -------------------------------------------------------------
+
+/// All-reduces of at least this many bytes take the ring in the tests below.
+const RING_AT: usize = 1024;
+
+/// A small deterministic generator (xorshift64*) for sizes; the seed is printed on failure.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33) as usize % n.max(1)
+    }
+}
+
+fn clock_seed() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    (t.as_nanos() as u64) | 1
+}
+
+/// Rank r's element i: a small integer in -1..=3, so that sums and products over four ranks are
+/// exact in every floating dtype (|x| <= 81 < 2^8, bf16's precision) and order-independent.
+fn small(seed: u64, r: usize, i: usize) -> i64 {
+    ((seed as usize % 97 + r * 7 + i * 3) % 5) as i64 - 1
+}
+
+/// The bytes of `v` as one element of `dtype` (integers wrap, as a cast does; complex: `v` real
+/// and `v2` imaginary).
+fn encode(dtype: DType, v: f64, v2: f64) -> Vec<u8> {
+    let i = v as i128 as u128;
+    match dtype {
+        DType::Bool => vec![u8::from(v != 0.0)],
+        DType::U8 | DType::I8 => (i as u8).to_le_bytes().to_vec(),
+        DType::U16 | DType::I16 => (i as u16).to_le_bytes().to_vec(),
+        DType::U32 | DType::I32 => (i as u32).to_le_bytes().to_vec(),
+        DType::U64 | DType::I64 => (i as u64).to_le_bytes().to_vec(),
+        DType::F16 => half::f16::from_f64(v).to_le_bytes().to_vec(),
+        DType::BF16 => half::bf16::from_f64(v).to_le_bytes().to_vec(),
+        DType::F32 => (v as f32).to_le_bytes().to_vec(),
+        DType::F64 => v.to_le_bytes().to_vec(),
+        DType::C64 => [(v as f32).to_le_bytes(), (v2 as f32).to_le_bytes()].concat(),
+        DType::C128 => [v.to_le_bytes(), v2.to_le_bytes()].concat(),
+    }
+}
+
+/// Rank r's input: `small` values (Bool: whether positive; complex: imaginary part 2v - 1).
+fn ring_input(dtype: DType, seed: u64, r: usize, count: usize) -> Vec<u8> {
+    (0..count)
+        .flat_map(|i| {
+            let v = small(seed, r, i) as f64;
+            let v = if dtype == DType::Bool {
+                f64::from(v > 0.0)
+            } else {
+                v
+            };
+            encode(dtype, v, 2.0 * v - 1.0)
+        })
+        .collect()
+}
+
+/// The expected result, computed element by element from the inputs' values without the
+/// crate's kernels: integers in 128 bits, then wrapped to the dtype's width (which is what
+/// wrapping sums and products give in any order); floats exactly in f64; Bool as logic.
+/// Avg: the exact sum in the dtype, divided by `ops::divide` (the division the device kernel
+/// is pinned to bit for bit in collectives/src/cuda_ops).
+fn independent(op: &Op, dtype: DType, seed: u64, n: usize, count: usize) -> Vec<u8> {
+    let bits = 8 * dtype.itemsize() as u32;
+    let unsigned = matches!(
+        dtype,
+        DType::U8 | DType::U16 | DType::U32 | DType::U64 | DType::Bool
+    );
+    let float = matches!(
+        dtype,
+        DType::F16 | DType::BF16 | DType::F32 | DType::F64 | DType::C64 | DType::C128
+    );
+    // An integer value as the dtype holds it (unsigned: wrapped to [0, 2^bits)).
+    let held = |v: i64| -> i128 {
+        if unsigned && v < 0 {
+            (1i128 << bits) + v as i128
+        } else {
+            v as i128
+        }
+    };
+    let mut out = Vec::new();
+    for i in 0..count {
+        let vs: Vec<i64> = (0..n)
+            .map(|r| match dtype {
+                DType::Bool => i64::from(small(seed, r, i) > 0),
+                _ => small(seed, r, i),
+            })
+            .collect();
+        let (re, im) = if float {
+            let f: Vec<f64> = vs.iter().map(|v| *v as f64).collect();
+            let g: Vec<f64> = f.iter().map(|v| 2.0 * v - 1.0).collect();
+            match op {
+                Op::Sum | Op::Avg => (f.iter().sum(), g.iter().sum()),
+                Op::Prod => (f.iter().product(), 0.0),
+                Op::Min => (f.iter().copied().fold(f64::INFINITY, f64::min), 0.0),
+                Op::Max => (f.iter().copied().fold(f64::NEG_INFINITY, f64::max), 0.0),
+                _ => unreachable!("checked"),
+            }
+        } else if dtype == DType::Bool {
+            let any = vs.iter().any(|v| *v != 0);
+            let all = vs.iter().all(|v| *v != 0);
+            let odd = vs.iter().filter(|v| **v != 0).count() % 2 == 1;
+            let b = match op {
+                Op::Sum | Op::Max | Op::Bor => any,
+                Op::Prod | Op::Min | Op::Band => all,
+                Op::Bxor => odd,
+                _ => unreachable!("checked"),
+            };
+            (f64::from(b), 0.0)
+        } else {
+            let xs: Vec<i128> = vs.iter().map(|v| held(*v)).collect();
+            let x = match op {
+                Op::Sum => xs.iter().fold(0i128, |a, b| a.wrapping_add(*b)),
+                Op::Prod => xs.iter().fold(1i128, |a, b| a.wrapping_mul(*b)),
+                Op::Min => *xs.iter().min().unwrap(),
+                Op::Max => *xs.iter().max().unwrap(),
+                Op::Band => xs.iter().fold(-1i128, |a, b| a & b),
+                Op::Bor => xs.iter().fold(0i128, |a, b| a | b),
+                Op::Bxor => xs.iter().fold(0i128, |a, b| a ^ b),
+                _ => unreachable!("checked"),
+            };
+            // Truncate to the dtype's width (the low bits are exact under wrapping).
+            let low = (x as u128) & (u128::MAX >> (128 - bits));
+            out.extend_from_slice(&low.to_le_bytes()[..dtype.itemsize()]);
+            continue;
+        };
+        out.extend(encode(dtype, re, im));
+    }
+    if matches!(op, Op::Avg) {
+        ops::divide(dtype, &mut out, n);
+    }
+    out
+}
+
+/// Every built-in op with every dtype it applies to (what the device kernels support).
+fn builtin_cases() -> Vec<(Op, DType)> {
+    let ops = [
+        Op::Sum,
+        Op::Prod,
+        Op::Min,
+        Op::Max,
+        Op::Avg,
+        Op::Band,
+        Op::Bor,
+        Op::Bxor,
+    ];
+    let mut v = Vec::new();
+    for op in ops {
+        for dt in DType::ALL {
+            if op.check(dt).is_ok() {
+                v.push((op.clone(), dt));
+            }
+        }
+    }
+    v
+}
+
+/// The ring's settings for these tests: a small threshold and a small device chunk.
+fn ring_tuning(t: &mut Tree, device_chunk: usize) {
+    t.tuning_mut().ring_threshold = RING_AT;
+    t.tuning_mut().device_chunk = device_chunk;
+}
+
+#[test]
+fn gpu_ring_every_op_and_dtype_on_2_3_4_ranks_equals_an_independent_cpu_computation() {
+    cuda::use_simulator();
+    let seed = clock_seed();
+    let cases = builtin_cases();
+    assert!(cases.len() > 60, "{} cases", cases.len());
+    for n in [2usize, 3, 4] {
+        let mut rng = Rng(seed ^ n as u64);
+        // Sizes: random, from the threshold up, not multiples of the world or the chunk in
+        // general; some below the threshold (the tree), one of exactly the threshold.
+        let sizes: Vec<usize> = cases
+            .iter()
+            .enumerate()
+            .map(|(k, (_, dt))| {
+                let item = dt.itemsize();
+                match k % 9 {
+                    0 => 1 + rng.below(RING_AT / item - 1),
+                    1 => RING_AT / item,
+                    _ => RING_AT / item + rng.below(6000),
+                }
+            })
+            .collect();
+        // Odd device chunks (not multiples of the element size: the ring rounds them).
+        let device_chunk = 100 + rng.below(3000);
+        let (cases2, sizes2) = (cases.clone(), sizes.clone());
+        let res = world_on(n, None, move |mut t| {
+            ring_tuning(&mut t, device_chunk);
+            let r = t.rank();
+            let dev = (r % 2) as i32;
+            let mut out = Vec::new();
+            for ((op, dt), &count) in cases2.iter().zip(&sizes2) {
+                let mine = ring_input(*dt, seed, r, count);
+                let (_a, p) = upload(dev, &mine, 64)?;
+                // SAFETY: our allocation, used by nothing else during the call.
+                let c = unsafe { t.all_reduce_cuda(*dt, dev, p, mine.len(), op, None)? };
+                assert_eq!(c, n);
+                let got = download(dev, p, mine.len())?;
+                out.push((got, t.last_all_reduce_algorithm()));
+            }
+            Ok(out)
+        });
+        let res: Vec<_> = res
+            .into_iter()
+            .enumerate()
+            .map(|(r, x)| x.unwrap_or_else(|e| panic!("seed {seed} n={n} rank {r}: {e}")))
+            .collect();
+        for (k, ((op, dt), &count)) in cases.iter().zip(&sizes).enumerate() {
+            let want = independent(op, *dt, seed, n, count);
+            let algo = if count * dt.itemsize() >= RING_AT {
+                Algorithm::Ring
+            } else {
+                Algorithm::Tree
+            };
+            for (r, got) in res.iter().enumerate() {
+                let what = format!(
+                    "seed {seed} n={n} {op:?} {} x {count} (device chunk {device_chunk}) rank {r}",
+                    dt.name()
+                );
+                assert_eq!(got[k].1, algo, "{what}: algorithm");
+                assert!(got[k].0 == want, "{what}: differs from the CPU computation");
+                assert!(got[k].0 == res[0][k].0, "{what}: differs from rank 0");
+            }
+        }
+    }
+}
+
+#[test]
+fn gpu_ring_by_ipc_inside_a_host_and_staged_across_hosts() {
+    cuda::use_simulator();
+    // Segments of over 1 MiB (PARALLEL_CUDA_IPC_THRESHOLD) move by (simulated) CUDA IPC inside
+    // a host; across simulated hosts they are staged (several staging chunks each). Four ranks
+    // on two hosts would take the hierarchical algorithm with host memory: device memory takes
+    // the flat ring.
+    for (n, hosts, count) in [
+        (2usize, None, (3 << 19) + 5),
+        (3, None, (1 << 20) + 1),
+        (
+            4,
+            Some(vec!["host-a", "host-a", "host-b", "host-b"]),
+            (3 << 20) + 3,
+        ),
+    ] {
+        let want = independent(&Op::Sum, DType::F32, 5, n, count);
+        let res = world_on(n, hosts.clone(), move |t| {
+            let r = t.rank();
+            let mine = ring_input(DType::F32, 5, r, count);
+            let (_a, p) = upload((r % 2) as i32, &mine, 256)?;
+            // SAFETY: our allocation, used by nothing else during the call.
+            unsafe {
+                t.all_reduce_cuda(DType::F32, (r % 2) as i32, p, mine.len(), &Op::Sum, None)?
+            };
+            let got = download((r % 2) as i32, p, mine.len())?;
+            Ok((got, t.last_all_reduce_algorithm()))
+        });
+        for (r, x) in res.into_iter().enumerate() {
+            let (got, algo) = x.unwrap_or_else(|e| panic!("n={n} rank {r}: {e}"));
+            assert_eq!(algo, Algorithm::Ring, "n={n} rank {r}");
+            assert!(got == want, "n={n} rank {r}");
+        }
     }
 }

@@ -77,6 +77,15 @@ impl Algorithm {
         }
     }
 
+    /// The algorithm's name: "tree", "ring" or "hierarchical".
+    pub fn name(self) -> &'static str {
+        match self {
+            Algorithm::Tree => "tree",
+            Algorithm::Ring => "ring",
+            Algorithm::Hierarchical => "hierarchical",
+        }
+    }
+
     /// The algorithm of a code in a control message; `None` for an unknown one.
     pub(crate) fn from_code(c: u8) -> Option<Algorithm> {
         [Algorithm::Tree, Algorithm::Ring, Algorithm::Hierarchical]

@@ -215,6 +215,9 @@ mod tests {
         assert!(disjoint(10, &(0..2), &(2..2)).is_ok(), "an empty segment");
         assert!(disjoint(10, &(0..3), &(2..5)).is_err(), "overlap");
         let e = disjoint(10, &(0..3), &(8..11)).unwrap_err();
-        assert!(e.to_string().contains("10-byte buffer"), "out of bounds: {e}");
+        assert!(
+            e.to_string().contains("10-byte buffer"),
+            "out of bounds: {e}"
+        );
     }
 }

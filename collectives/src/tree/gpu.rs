@@ -167,7 +167,9 @@ impl Tree {
             let v = self.pass(Some(&meta), Some(op), None, false, true)?;
             if self.gpu_ring(&meta, v.contributors) {
                 // SAFETY: the caller's contract.
-                return unsafe { self.ring_on_device(&meta, dev, ptr, len, op, user, v.contributors) };
+                return unsafe {
+                    self.ring_on_device(&meta, dev, ptr, len, op, user, v.contributors)
+                };
             }
             let deadline = self.deadline();
             let mut scratch = self.scratch(dev, len)?;
@@ -231,6 +233,9 @@ impl Tree {
             r?;
             if matches!(op, Op::User(_)) {
                 self.settle(Some(&meta), failed)?;
+            }
+            if kind == Kind::AllReduce {
+                self.ran(algorithms::Algorithm::Tree);
             }
             Ok(v.contributors)
         })

@@ -159,9 +159,7 @@ impl Memory for DeviceRing<'_> {
             // SAFETY: `at` and the scratch hold `n` bytes each on `dev` (checked), distinct
             // buffers, and nothing else touches them before our stream is synchronized (the
             // next receive and send of them are queued on the same stream, GRING-2).
-            _ => unsafe {
-                cuda_ops::reduce_device(self.op, self.dtype, at, src, count, self.dev)
-            },
+            _ => unsafe { cuda_ops::reduce_device(self.op, self.dtype, at, src, count, self.dev) },
         }
     }
 
@@ -262,6 +260,7 @@ impl Tree {
             }
             r?;
         }
+        self.ran(Algorithm::Ring);
         Ok(contributors)
     }
 
