@@ -575,3 +575,210 @@ fn gpu_ring_by_ipc_inside_a_host_and_staged_across_hosts() {
         }
     }
 }
+
+/// A device form of a user function for the simulated device (device memory is host memory
+/// there): `Op::Max`, failing on rank `fail` (if any) from its first call on.
+fn device_max(fail: Option<usize>, rank: usize) -> DeviceReduce {
+    Arc::new(move |dst, src, dtype, n, _dev| {
+        if fail == Some(rank) {
+            return Err(parallel_engine::Error::new(
+                ErrorKind::Worker,
+                "reduce",
+                format!("the user function raised on rank {rank}"),
+            ));
+        }
+        let len = n * dtype.itemsize();
+        // SAFETY: the ring passes two distinct device buffers of n elements.
+        let (d, s) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(dst as *mut u8, len),
+                std::slice::from_raw_parts(src as *const u8, len),
+            )
+        };
+        ops::reduce_into(&Op::Max, dtype, d, s)
+    })
+}
+
+#[test]
+fn gpu_ring_user_function_reduces_and_a_failing_one_changes_no_tensor_on_any_rank() {
+    cuda::use_simulator();
+    let count = 3001; // 12 KB of f32: the ring, in several device chunks
+    for n in [2usize, 3] {
+        let want = independent(&Op::Max, DType::F32, 11, n, count);
+        for fail in [None, Some(n - 1)] {
+            let res = world_on(n, None, move |mut t| {
+                ring_tuning(&mut t, 4000);
+                let r = t.rank();
+                let host: ops::UserReduce =
+                    Arc::new(|d, s, dt, _| ops::reduce_into(&Op::Max, dt, d, s));
+                let mine = ring_input(DType::F32, 11, r, count);
+                let (_a, p) = upload(0, &mine, 128)?;
+                let user = device_max(fail, r);
+                // SAFETY: our allocation, used by nothing else during the call.
+                let got = unsafe {
+                    t.all_reduce_cuda(DType::F32, 0, p, mine.len(), &Op::User(host), Some(&user))
+                };
+                let after = download(0, p, mine.len())?;
+                // The tree stays usable after a failed user function (TREE-6).
+                let mut x = vec![1u8; 8];
+                t.all_reduce(DType::I32, &mut x, &Op::Sum)?;
+                Ok((got.map(|_| ()), after, mine, t.last_all_reduce_algorithm()))
+            });
+            for (r, x) in res.into_iter().enumerate() {
+                let (got, after, mine, _) = x.unwrap_or_else(|e| panic!("n={n} rank {r}: {e}"));
+                match fail {
+                    None => {
+                        got.unwrap_or_else(|e| panic!("n={n} rank {r}: {e}"));
+                        assert!(after == want, "n={n} rank {r}: result");
+                    }
+                    Some(bad) => {
+                        let e = got.expect_err("a failing user function fails every rank");
+                        assert!(
+                            e.to_string().contains(&format!("rank {bad}")),
+                            "n={n} rank {r}: {e}"
+                        );
+                        assert!(after == mine, "n={n} rank {r}: the tensor changed");
+                    }
+                }
+            }
+        }
+    }
+    // The device ring ran (not the tree) for a user function with every rank contributing.
+    let res = world_on(2, None, move |mut t| {
+        ring_tuning(&mut t, 4000);
+        let host: ops::UserReduce = Arc::new(|d, s, dt, _| ops::reduce_into(&Op::Max, dt, d, s));
+        let mine = ring_input(DType::F32, 11, t.rank(), count);
+        let (_a, p) = upload(0, &mine, 0)?;
+        let user = device_max(None, t.rank());
+        // SAFETY: as above.
+        unsafe { t.all_reduce_cuda(DType::F32, 0, p, mine.len(), &Op::User(host), Some(&user))? };
+        Ok(t.last_all_reduce_algorithm())
+    });
+    for x in res {
+        assert_eq!(x.unwrap(), Algorithm::Ring);
+    }
+}
+
+#[test]
+fn gpu_ring_with_a_finished_rank_serving_in_host_memory() {
+    cuda::use_simulator();
+    // Rank 1 called done(): it takes part in the ring with the identity in host memory, and
+    // the links move its chunks to and from the others' device memory.
+    for op in [Op::Sum, Op::Avg, Op::Min] {
+        let count = 5003;
+        let op2 = op.clone();
+        let res = world_on(3, None, move |mut t| {
+            ring_tuning(&mut t, 3000);
+            if t.rank() == 1 {
+                t.done(None, None)?;
+                return Ok(None);
+            }
+            let mine = ring_input(DType::F64, 3, t.rank(), count);
+            let (_a, p) = upload(0, &mine, 0)?;
+            // SAFETY: as above.
+            let c = unsafe { t.all_reduce_cuda(DType::F64, 0, p, mine.len(), &op2, None)? };
+            let got = download(0, p, mine.len())?;
+            let algo = t.last_all_reduce_algorithm();
+            t.done(None, None)?;
+            Ok(Some((c, got, algo)))
+        });
+        // The reference over ranks 0 and 2: their inputs are those of ranks 0 and 1 of a
+        // world with seed shifted by 14 (7 per rank), so compute it directly instead.
+        let mut want = ring_input(DType::F64, 3, 0, count);
+        let other = ring_input(DType::F64, 3, 2, count);
+        let (a, b): (Vec<f64>, Vec<f64>) = (
+            want.chunks(8)
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+            other
+                .chunks(8)
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+        );
+        want = a
+            .iter()
+            .zip(&b)
+            .flat_map(|(x, y)| {
+                match op {
+                    Op::Sum => x + y,
+                    Op::Avg => (x + y) / 2.0,
+                    _ => x.min(*y),
+                }
+                .to_le_bytes()
+            })
+            .collect();
+        let all = format!("{res:?}");
+        for (r, x) in res.into_iter().enumerate() {
+            let x = x.unwrap_or_else(|e| panic!("{op:?} rank {r}: {e}; all: {all}"));
+            if r == 1 {
+                continue;
+            }
+            let (c, got, algo) = x.unwrap();
+            assert_eq!((c, algo), (2, Algorithm::Ring), "{op:?} rank {r}");
+            assert!(got == want, "{op:?} rank {r}");
+        }
+    }
+}
+
+#[test]
+fn gpu_ring_peer_lost_mid_ring_is_an_error_naming_it_on_every_rank_within_the_deadline() {
+    cuda::use_simulator();
+    // Rank 2 dies in the middle of the ring (its reduce function panics after it reduced its
+    // first chunk, and its tree is dropped: its links close). The others must fail promptly
+    // (the trees' deadline is 20 s), the ones next to it in the ring naming it.
+    let started = std::time::Instant::now();
+    let count = 40_000;
+    let res = world_on(4, None, move |mut t| {
+        ring_tuning(&mut t, 8000);
+        let r = t.rank();
+        let host: ops::UserReduce = Arc::new(|d, s, dt, _| ops::reduce_into(&Op::Sum, dt, d, s));
+        let calls = std::sync::atomic::AtomicUsize::new(0);
+        let user: DeviceReduce = Arc::new(move |dst, src, dtype, n, _dev| {
+            if r == 2 && calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+                panic!("rank 2 dies in the middle of the ring");
+            }
+            let len = n * dtype.itemsize();
+            // SAFETY: as in device_max.
+            let (d, s) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut(dst as *mut u8, len),
+                    std::slice::from_raw_parts(src as *const u8, len),
+                )
+            };
+            ops::reduce_into(&Op::Sum, dtype, d, s)
+        });
+        let mine = ring_input(DType::I32, 1, r, count);
+        let (_a, p) = upload(0, &mine, 0)?;
+        let ring = t.plan().ring.clone();
+        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            // SAFETY: our allocation, used by nothing else during the call.
+            unsafe { t.all_reduce_cuda(DType::I32, 0, p, mine.len(), &Op::User(host), Some(&user)) }
+        }));
+        drop(t);
+        match res {
+            Ok(r) => Ok((r.map(|_| ()).err(), ring, started.elapsed())),
+            Err(_) => Ok((None, ring, started.elapsed())),
+        }
+    });
+    let ring = res[0].as_ref().unwrap().1.clone();
+    let pos = ring.iter().position(|r| *r == 2).unwrap();
+    let neighbours = [ring[(pos + 3) % 4], ring[(pos + 1) % 4]];
+    for (r, x) in res.into_iter().enumerate() {
+        let (err, _, took) = x.unwrap();
+        if r == 2 {
+            continue;
+        }
+        let e = err.unwrap_or_else(|| panic!("rank {r} succeeded without rank 2"));
+        assert!(
+            took < std::time::Duration::from_secs(15),
+            "rank {r} took {took:?}: {e}"
+        );
+        assert!(
+            matches!(e.kind(), ErrorKind::Closed | ErrorKind::PeerLost),
+            "rank {r}: {e}"
+        );
+        if neighbours.contains(&r) {
+            assert!(e.to_string().contains("rank 2"), "rank {r}: {e}");
+        }
+    }
+}

@@ -35,9 +35,6 @@ pub(crate) trait Memory {
     /// Bytes in the buffer (whole elements of [`Memory::dtype`]).
     fn len(&self) -> usize;
     fn dtype(&self) -> DType;
-    /// The pipeline chunk, in bytes, for a buffer cut into `p` segments, given the
-    /// communicator's chunk (the ring rounds it to whole elements).
-    fn chunk(&self, p: usize, comm_chunk: usize) -> usize;
     /// Makes room for receiving chunks of up to `chunk` bytes before reducing them.
     fn prepare(&mut self, chunk: usize) -> Result<()>;
     /// Starts sending bytes `r` of the buffer to `to` in `sends`.
@@ -105,12 +102,6 @@ impl Memory for Host<'_> {
 
     fn dtype(&self) -> DType {
         self.dtype
-    }
-
-    fn chunk(&self, p: usize, comm_chunk: usize) -> usize {
-        // At least ~4 chunks per segment so the copy of one overlaps the reduction of the last,
-        // but not under 256 KiB, where per-chunk costs start to show.
-        (self.len / p / 4).max(256 << 10).min(comm_chunk)
     }
 
     fn prepare(&mut self, chunk: usize) -> Result<()> {
@@ -186,6 +177,30 @@ pub(crate) fn too_long(n: usize, room: usize) -> Error {
     )
 }
 
+/// How the ring cuts its segments into chunks (each chunk is one message, so every rank of a
+/// ring must cut alike: a rank serving a device ring from host memory cuts like device memory).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Chunking {
+    /// Host memory: at least ~4 chunks per segment so the copy of one overlaps the reduction of
+    /// the last, but not under 256 KiB, where per-chunk costs start to show, nor over the
+    /// communicator's chunk.
+    Host,
+    /// Device memory: whole segments, up to this many bytes (each chunk by CUDA IPC costs a
+    /// mapping and an event round trip, and staged transfers are pipelined inside the links).
+    Device(usize),
+}
+
+impl Chunking {
+    /// The chunk in bytes for `len` bytes of `item`-byte elements cut into `p` segments.
+    fn bytes(self, len: usize, item: usize, p: usize, comm_chunk: usize) -> usize {
+        let target = match self {
+            Chunking::Host => (len / p / 4).max(256 << 10).min(comm_chunk),
+            Chunking::Device(most) => len.div_ceil(p).min(most),
+        };
+        (target / item).max(1) * item
+    }
+}
+
 /// All-reduce of `buf` (elements of `dtype`) with `op` over the ranks of `ring` (in that order),
 /// which must include this rank. `contributors` divides the result of [`Op::Avg`].
 pub fn all_reduce(
@@ -196,16 +211,18 @@ pub fn all_reduce(
     op: &Op,
     contributors: usize,
 ) -> Result<()> {
-    all_reduce_in(comm, ring, &mut Host::new(buf, dtype, op), contributors)
+    let mut mem = Host::new(buf, dtype, op);
+    all_reduce_in(comm, ring, &mut mem, Chunking::Host, contributors)
 }
 
 /// All-reduce of `mem` (host or device memory, with its reduce kernel and copy engine) over
-/// the ranks of `ring` (in that order), which must include this rank. `contributors` divides
-/// the result of [`Op::Avg`].
+/// the ranks of `ring` (in that order), which must include this rank, cut into chunks as
+/// `chunking` says (alike on every rank). `contributors` divides the result of [`Op::Avg`].
 pub(crate) fn all_reduce_in<M: Memory>(
     comm: &Communicator<'_>,
     ring: &[usize],
     mem: &mut M,
+    chunking: Chunking,
     contributors: usize,
 ) -> Result<()> {
     let p = ring.len();
@@ -232,7 +249,7 @@ pub(crate) fn all_reduce_in<M: Memory>(
         let len = base + usize::from(s < extra);
         (start * item, len * item)
     };
-    let chunk = (mem.chunk(p, comm.chunk()) / item).max(1) * item;
+    let chunk = chunking.bytes(len, item, p, comm.chunk());
     mem.prepare(chunk.min(len.max(1)))?;
     // One step: send segment `send_s` to the right while receiving segment `recv_s` from the
     // left, chunk by chunk; `reduce`: combine into our copy, else receive straight into it.

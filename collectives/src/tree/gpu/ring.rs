@@ -22,7 +22,7 @@
 //!   the call returns, so no copy or kernel of ours still writes memory the caller reuses.
 
 use super::{DeviceReduce, Kind, Meta, Tree, alias};
-use crate::algorithms::ring::{self, Memory, too_long};
+use crate::algorithms::ring::{self, Chunking, Host, Memory, too_long};
 use crate::algorithms::{Algorithm, Communicator, SendScope};
 use crate::cuda_ops;
 use crate::ops::{self, Op};
@@ -45,8 +45,6 @@ struct DeviceRing<'a> {
     dtype: DType,
     op: &'a Op,
     user: Option<&'a DeviceReduce>,
-    /// Largest chunk ([`crate::Tuning::device_chunk`]).
-    most: usize,
     scratch: DeviceAlloc,
     failed: Option<Error>,
     deadline: Deadline,
@@ -88,12 +86,6 @@ impl Memory for DeviceRing<'_> {
 
     fn dtype(&self) -> DType {
         self.dtype
-    }
-
-    fn chunk(&self, p: usize, _comm_chunk: usize) -> usize {
-        // Whole segments up to `most`: each chunk by CUDA IPC costs a mapping and an event
-        // round trip, and staged transfers are pipelined inside the links already.
-        self.len.div_ceil(p).min(self.most).max(1)
     }
 
     fn prepare(&mut self, chunk: usize) -> Result<()> {
@@ -231,7 +223,6 @@ impl Tree {
             dtype,
             op,
             user,
-            most: self.tuning.device_chunk,
             scratch: self.scratch(dev, 0)?,
             failed: None,
             deadline,
@@ -242,7 +233,8 @@ impl Tree {
                 unsafe { g.copy(dev, Mem::Dev(c.ptr), Mem::Dev(ptr), len)? };
             }
             let comm = self.comm(deadline);
-            ring::all_reduce_in(&comm, &self.plan.ring, &mut mem, contributors)?;
+            let chunking = Chunking::Device(self.tuning.device_chunk);
+            ring::all_reduce_in(&comm, &self.plan.ring, &mut mem, chunking, contributors)?;
             g.sync(dev, deadline)
         })();
         if r.is_err() {
@@ -278,6 +270,9 @@ impl Tree {
         let mut buf = vec![0u8; m.count * dtype.itemsize()];
         ops::identity(&op, dtype, &mut buf);
         let comm = self.comm(self.deadline());
-        ring::all_reduce(&comm, &self.plan.ring, dtype, &mut buf, &op, contributors)
+        let mut mem = Host::new(&mut buf, dtype, &op);
+        // Cut like the others' device memory: each chunk is one message.
+        let chunking = Chunking::Device(self.tuning.device_chunk);
+        ring::all_reduce_in(&comm, &self.plan.ring, &mut mem, chunking, contributors)
     }
 }
