@@ -7,9 +7,10 @@
 //! buffers, the data already reduced over its subtree. The root checks that every rank called the
 //! same collective, counts contributors, and sends the verdict (and, for small buffers, the
 //! result) back down. Large all-reduces then run the algorithm [`crate::algorithms::choose`]
-//! picks (the pipelined ring, or hierarchical across hosts); CUDA tensors take the whole-tensor
-//! tree algorithm with a device reduce kernel ([`gpu`]). Many tensors of one call are fused per
-//! dtype and device by [`crate::fuse`]. Finished ranks serve the others ([`epochs`]).
+//! picks (the pipelined ring, or hierarchical across hosts); CUDA tensors take the same ring over
+//! device memory when large, else the whole-tensor tree algorithm, with a device reduce kernel
+//! ([`gpu`]). Many tensors of one call are fused per dtype and device by [`crate::fuse`].
+//! Finished ranks serve the others ([`epochs`]).
 //!
 //! Invariants:
 //! - TREE-1: every rank ends a collective with bitwise the same result: each element is reduced in

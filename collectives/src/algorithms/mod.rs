@@ -4,7 +4,8 @@
 //! (which checks that every rank called the same collective, and counts contributors), then
 //! asks [`choose`] which algorithm moves the data and calls it.
 //!
-//! - [`ring::all_reduce`]: pipelined ring, reduce-scatter then all-gather (large buffers).
+//! - [`ring::all_reduce`]: pipelined ring, reduce-scatter then all-gather (large buffers); host
+//!   or device memory, the memory brings its reduce kernel and copy engine (`ring::Memory`).
 //! - [`hierarchical::all_reduce`]: reduce inside each host, a ring of host leaders, broadcast
 //!   inside each host (large buffers across hosts with several ranks each).
 //! - [`tree::all_reduce`]: whole tensors up the tree (reduced in rank order) and the root's

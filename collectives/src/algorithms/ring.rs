@@ -1,10 +1,10 @@
 //! Pipelined ring all-reduce: reduce-scatter, then all-gather, chunk by chunk, for host or
 //! device memory alike. The algorithm (segments, chunks, order on the wire) is one function,
-//! [`all_reduce_in`]; what differs between a CPU and a CUDA buffer is the [`Memory`] it runs
+//! `all_reduce_in`; what differs between a CPU and a CUDA buffer is the `Memory` it runs
 //! on: where the bytes live, the kernel that combines a received chunk into them (the SIMD CPU
 //! kernels, or the NVRTC device kernels), and how a chunk moves (the links carry host bytes as
 //! they are, and device memory by CUDA IPC inside a host or staged through pinned host memory).
-//! [`Host`] is host memory; the Tree's GPU path brings device memory (`tree/gpu_ring.rs`).
+//! `Host` is host memory; the Tree's GPU path brings device memory (`tree/gpu_ring.rs`).
 //!
 //! The buffer is cut into `p` segments (the first `count % p` one element longer). In step `s`
 //! of the reduce-scatter, the rank at ring position `pos` sends segment `(pos - s) mod p` to its
@@ -16,7 +16,7 @@
 //! - RING-1: each segment is reduced along the ring in ring order, starting at the rank after
 //!   its owner, exactly once; the all-gather only copies (ALGO-1).
 //! - RING-2: a step sends one segment while it receives another; the two never overlap and both
-//!   lie in the buffer (checked, [`disjoint`]), and the sent one is not written before its sends
+//!   lie in the buffer (checked, `disjoint`), and the sent one is not written before its sends
 //!   completed (SEND-1: each step's sends live in a scope that ends with the step).
 
 use super::{Communicator, SendScope};
