@@ -600,12 +600,19 @@ fn device_max(fail: Option<usize>, rank: usize) -> DeviceReduce {
 }
 
 #[test]
-fn gpu_ring_user_function_reduces_and_a_failing_one_changes_no_tensor_on_any_rank() {
+fn gpu_user_function_reduces_and_a_failing_one_changes_no_tensor_on_any_rank() {
     cuda::use_simulator();
-    let count = 3001; // 12 KB of f32: the ring, in several device chunks
-    for n in [2usize, 3] {
+    // 12 KB of f32: the ring, in several device chunks; 400 bytes: the tree.
+    for (n, count) in [(2usize, 3001), (3, 3001), (3, 100)] {
+        let algo = if count * 4 >= RING_AT {
+            Algorithm::Ring
+        } else {
+            Algorithm::Tree
+        };
         let want = independent(&Op::Max, DType::F32, 11, n, count);
-        for fail in [None, Some(n - 1)] {
+        // In the tree only ranks with children reduce (rank 0 does); in the ring every rank.
+        let bad = if algo == Algorithm::Tree { 0 } else { n - 1 };
+        for fail in [None, Some(bad)] {
             let res = world_on(n, None, move |mut t| {
                 ring_tuning(&mut t, 4000);
                 let r = t.rank();
@@ -619,17 +626,19 @@ fn gpu_ring_user_function_reduces_and_a_failing_one_changes_no_tensor_on_any_ran
                     t.all_reduce_cuda(DType::F32, 0, p, mine.len(), &Op::User(host), Some(&user))
                 };
                 let after = download(0, p, mine.len())?;
+                let ran = t.last_all_reduce_algorithm();
                 // The tree stays usable after a failed user function (TREE-6).
                 let mut x = vec![1u8; 8];
                 t.all_reduce(DType::I32, &mut x, &Op::Sum)?;
-                Ok((got.map(|_| ()), after, mine, t.last_all_reduce_algorithm()))
+                Ok((got.map(|_| ()), after, mine, ran))
             });
             for (r, x) in res.into_iter().enumerate() {
-                let (got, after, mine, _) = x.unwrap_or_else(|e| panic!("n={n} rank {r}: {e}"));
+                let (got, after, mine, ran) = x.unwrap_or_else(|e| panic!("n={n} rank {r}: {e}"));
                 match fail {
                     None => {
                         got.unwrap_or_else(|e| panic!("n={n} rank {r}: {e}"));
                         assert!(after == want, "n={n} rank {r}: result");
+                        assert_eq!(ran, algo, "n={n} x{count} rank {r}");
                     }
                     Some(bad) => {
                         let e = got.expect_err("a failing user function fails every rank");
@@ -643,19 +652,29 @@ fn gpu_ring_user_function_reduces_and_a_failing_one_changes_no_tensor_on_any_ran
             }
         }
     }
-    // The device ring ran (not the tree) for a user function with every rank contributing.
-    let res = world_on(2, None, move |mut t| {
-        ring_tuning(&mut t, 4000);
-        let host: ops::UserReduce = Arc::new(|d, s, dt, _| ops::reduce_into(&Op::Max, dt, d, s));
-        let mine = ring_input(DType::F32, 11, t.rank(), count);
-        let (_a, p) = upload(0, &mine, 0)?;
-        let user = device_max(None, t.rank());
-        // SAFETY: as above.
-        unsafe { t.all_reduce_cuda(DType::F32, 0, p, mine.len(), &Op::User(host), Some(&user))? };
-        Ok(t.last_all_reduce_algorithm())
-    });
-    for x in res {
-        assert_eq!(x.unwrap(), Algorithm::Ring);
+}
+
+#[test]
+fn gpu_ring_forced_on_empty_and_tiny_buffers() {
+    cuda::use_simulator();
+    // PARALLEL_ALGO=ring: the ring also for 0 elements and fewer elements than ranks.
+    for n in [2usize, 3] {
+        for count in [0usize, 1, 2, 4] {
+            let want = independent(&Op::Sum, DType::I64, 2, n, count);
+            let res = world_on(n, None, move |mut t| {
+                t.tuning_mut().algo = parallel_collectives::plan::Algo::Ring;
+                let mine = ring_input(DType::I64, 2, t.rank(), count);
+                let (_a, p) = upload(0, &mine, 8)?;
+                // SAFETY: our allocation, used by nothing else during the call.
+                unsafe { t.all_reduce_cuda(DType::I64, 0, p, mine.len(), &Op::Sum, None)? };
+                Ok((download(0, p, mine.len())?, t.last_all_reduce_algorithm()))
+            });
+            for (r, x) in res.into_iter().enumerate() {
+                let (got, algo) = x.unwrap_or_else(|e| panic!("n={n} x{count} rank {r}: {e}"));
+                assert_eq!(algo, Algorithm::Ring, "n={n} x{count} rank {r}");
+                assert!(got == want, "n={n} x{count} rank {r}");
+            }
+        }
     }
 }
 

@@ -173,9 +173,10 @@ impl Tree {
             }
             let deadline = self.deadline();
             let mut scratch = self.scratch(dev, len)?;
-            // Reduce works on a copy: only the root's tensor changes.
-            let copy = match kind {
-                Kind::Reduce => Some(DeviceAlloc::new(dev, len)?),
+            // Reduce works on a copy (only the root's tensor changes), and so does a user
+            // function (one that fails on any rank changes no tensor, TREE-6).
+            let copy = match (kind, op) {
+                (Kind::Reduce, _) | (_, Op::User(_)) => Some(DeviceAlloc::new(dev, len)?),
                 _ => None,
             };
             let work = copy.as_ref().map_or(ptr, |c| c.ptr);
@@ -219,10 +220,6 @@ impl Tree {
                     // SAFETY: as above.
                     unsafe { cuda_ops::divide_device(dtype, work, count, v.contributors, dev)? };
                 }
-                if copy.is_some() && self.rank == root {
-                    // SAFETY: as above.
-                    unsafe { g.copy(dev, Mem::Dev(ptr), Mem::Dev(work), len)? };
-                }
                 g.sync(dev, deadline)
             })();
             if r.is_err() {
@@ -233,6 +230,15 @@ impl Tree {
             r?;
             if matches!(op, Op::User(_)) {
                 self.settle(Some(&meta), failed)?;
+            }
+            if copy.is_some() && (kind == Kind::AllReduce || self.rank == root) {
+                // SAFETY: the caller's tensor and our copy, `len` bytes each; synchronized here.
+                let r = unsafe { g.copy(dev, Mem::Dev(ptr), Mem::Dev(work), len) }
+                    .and_then(|_| g.sync(dev, deadline));
+                if r.is_err() {
+                    g.drain(dev);
+                }
+                r?;
             }
             if kind == Kind::AllReduce {
                 self.ran(algorithms::Algorithm::Tree);
