@@ -667,7 +667,29 @@ fn gpu_ring_forced_on_empty_and_tiny_buffers() {
                 let (_a, p) = upload(0, &mine, 8)?;
                 // SAFETY: our allocation, used by nothing else during the call.
                 unsafe { t.all_reduce_cuda(DType::I64, 0, p, mine.len(), &Op::Sum, None)? };
-                Ok((download(0, p, mine.len())?, t.last_all_reduce_algorithm()))
+                let sum = download(0, p, mine.len())?;
+                // A user function (which refuses empty chunks: it never gets one) agrees.
+                let (_b, q) = upload(0, &mine, 0)?;
+                let host: ops::UserReduce =
+                    Arc::new(|d, s, dt, _| ops::reduce_into(&Op::Sum, dt, d, s));
+                let user: DeviceReduce = Arc::new(|dst, src, dtype, n, _| {
+                    assert!(n > 0, "a user function got an empty chunk");
+                    let len = n * dtype.itemsize();
+                    // SAFETY: as in device_max.
+                    let (d, s) = unsafe {
+                        (
+                            std::slice::from_raw_parts_mut(dst as *mut u8, len),
+                            std::slice::from_raw_parts(src as *const u8, len),
+                        )
+                    };
+                    ops::reduce_into(&Op::Sum, dtype, d, s)
+                });
+                // SAFETY: as above.
+                unsafe {
+                    t.all_reduce_cuda(DType::I64, 0, q, mine.len(), &Op::User(host), Some(&user))?
+                };
+                assert!(download(0, q, mine.len())? == sum, "user function");
+                Ok((sum, t.last_all_reduce_algorithm()))
             });
             for (r, x) in res.into_iter().enumerate() {
                 let (got, algo) = x.unwrap_or_else(|e| panic!("n={n} x{count} rank {r}: {e}"));

@@ -131,6 +131,10 @@ impl Memory for DeviceRing<'_> {
         let src = self.scratch.ptr;
         comm.recv_tensor(from, &mut self.bytes(src, n))?;
         let count = n / self.dtype.itemsize();
+        if count == 0 {
+            // Nothing to combine (a user function never sees an empty chunk, as on the host).
+            return Ok(());
+        }
         match (self.op, self.user) {
             // A failing user function is recorded, not returned: the data keep moving and the
             // status round fails every rank together (TREE-6).
