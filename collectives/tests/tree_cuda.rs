@@ -823,3 +823,125 @@ fn gpu_ring_peer_lost_mid_ring_is_an_error_naming_it_on_every_rank_within_the_de
         }
     }
 }
+
+/// The child of `gpu_ring_rank_killed_mid_ring_fails_every_other_rank_naming_it`: "rank,world,
+/// root"; runs ring all-reduces of CUDA memory until one fails, printing a line after each, and
+/// the error last ("ERR <kind>: <message>").
+fn ring_child(spec: &str) {
+    use std::io::Write;
+    let say = |line: String| {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+    };
+    let f: Vec<&str> = spec.split(',').collect();
+    let (rank, world) = (f[0].parse().unwrap(), f[1].parse().unwrap());
+    let mut t = Tree::new(parallel_collectives::TreeOptions {
+        rank: Some(rank),
+        world_size: Some(world),
+        root: Some(f[2].to_string()),
+        timeout: Some(std::time::Duration::from_secs(60)),
+        ..Default::default()
+    })
+    .unwrap();
+    ring_tuning(&mut t, 64 << 10);
+    let mine = ring_input(DType::F32, 3, rank, 1 << 20);
+    let (_a, p) = upload(0, &mine, 0).unwrap();
+    for k in 0..100_000 {
+        // SAFETY: our allocation, used by nothing else during the call.
+        let r = unsafe { t.all_reduce_cuda(DType::F32, 0, p, mine.len(), &Op::Max, None) };
+        match r {
+            Ok(_) => say(format!("iter {k} {:?}", t.last_all_reduce_algorithm())),
+            Err(e) => {
+                say(format!("ERR {:?}: {e}", e.kind()));
+                return;
+            }
+        }
+    }
+    say("no failure".into());
+}
+
+#[test]
+fn gpu_ring_rank_killed_mid_ring_fails_every_other_rank_naming_it() {
+    use std::io::BufRead;
+    use std::time::{Duration, Instant};
+    cuda::use_simulator();
+    #[allow(clippy::disallowed_methods)] // the child's role comes from its environment
+    if let Ok(spec) = std::env::var("PARALLEL_TEST_RING_CHILD") {
+        ring_child(&spec);
+        return;
+    }
+    // Three processes run 4 MiB CUDA all-reduces (the ring, 64 KiB device chunks) in a loop;
+    // rank 1 is killed (SIGKILL) once it has done a few. The others must fail promptly (their
+    // trees' timeout is 60 s), each naming rank 1 (both are its neighbours in a ring of three).
+    let root = format!("127.0.0.1:{}", common::free_port());
+    let (tx, rx) = std::sync::mpsc::channel::<(usize, String)>();
+    let mut kids: Vec<_> = (0..3)
+        .map(|r| {
+            let mut c = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "gpu_ring_rank_killed_mid_ring_fails_every_other_rank_naming_it",
+                    "--nocapture",
+                ])
+                .env("PARALLEL_TEST_RING_CHILD", format!("{r},3,{root}"))
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let out = c.stdout.take().unwrap();
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in std::io::BufReader::new(out).lines().map_while(|l| l.ok()) {
+                    let _ = tx.send((r, line));
+                }
+            });
+            c
+        })
+        .collect();
+    drop(tx);
+    let end = Instant::now() + Duration::from_secs(120);
+    let mut done = [0usize; 3];
+    let mut last: [Option<String>; 3] = Default::default();
+    let mut killed: Option<Instant> = None;
+    while let Ok((r, line)) = rx.recv_timeout(end.saturating_duration_since(Instant::now())) {
+        if line.starts_with("iter") {
+            assert!(line.ends_with("Ring"), "rank {r}: {line}");
+            done[r] += 1;
+        }
+        if line.starts_with("ERR") || line.starts_with("no failure") {
+            last[r] = Some(line);
+        }
+        if killed.is_none() && done[1] >= 3 {
+            kids[1].kill().unwrap();
+            killed = Some(Instant::now());
+        }
+        if last[0].is_some() && last[2].is_some() {
+            break;
+        }
+    }
+    let killed =
+        killed.unwrap_or_else(|| panic!("rank 1 never did 3 all-reduces: {done:?} {last:?}"));
+    let took = killed.elapsed();
+    for k in &mut kids {
+        let _ = k.kill();
+        let _ = k.wait();
+    }
+    for r in [0, 2] {
+        let line = last[r]
+            .as_ref()
+            .unwrap_or_else(|| panic!("rank {r} did not fail after rank 1 was killed"));
+        assert!(line.starts_with("ERR"), "rank {r}: {line}");
+        assert!(
+            line.contains("PeerLost") || line.contains("Closed"),
+            "rank {r}: {line}"
+        );
+        assert!(
+            line.contains("rank 1"),
+            "rank {r} does not name rank 1: {line}"
+        );
+    }
+    assert!(
+        took < Duration::from_secs(30),
+        "the others took {took:?} to fail"
+    );
+}

@@ -283,7 +283,7 @@ pub(crate) fn all_reduce_in<M: Memory>(
             Error::new(
                 e.kind(),
                 "all_reduce",
-                format!("ring step to rank {right}: {e}"),
+                format!("ring step (to rank {right}, from rank {left}): {e}"),
             )
         })
     };
