@@ -47,7 +47,8 @@ pub struct Tuning {
     /// Pipeline chunk of the ring, in bytes.
     pub chunk: usize,
     /// Largest chunk of the ring over device memory, in bytes ([`DEVICE_CHUNK`] by default):
-    /// device segments up to this size move whole (see `docs/cuda.md`).
+    /// device segments up to this size move whole (see `docs/cuda.md`). Each chunk is one
+    /// message, so it must be the same on every rank (a difference is a Mismatch error).
     pub device_chunk: usize,
     pub algo: Algo,
 }
