@@ -7,9 +7,10 @@
 //! buffers, the data already reduced over its subtree. The root checks that every rank called the
 //! same collective, counts contributors, and sends the verdict (and, for small buffers, the
 //! result) back down. Large all-reduces then run the algorithm [`crate::algorithms::choose`]
-//! picks (the pipelined ring, or hierarchical across hosts); CUDA tensors take the whole-tensor
-//! tree algorithm with a device reduce kernel ([`gpu`]). Many tensors of one call are fused per
-//! dtype and device by [`crate::fuse`]. Finished ranks serve the others ([`epochs`]).
+//! picks (the pipelined ring, or hierarchical across hosts); CUDA tensors take the same ring over
+//! device memory when large, else the whole-tensor tree algorithm, with a device reduce kernel
+//! ([`gpu`]). Many tensors of one call are fused per dtype and device by [`crate::fuse`].
+//! Finished ranks serve the others ([`epochs`]).
 //!
 //! Invariants:
 //! - TREE-1: every rank ends a collective with bitwise the same result: each element is reduced in
@@ -95,6 +96,8 @@ pub struct Tree {
     call: AtomicU8,
     /// The last control pass this rank served while done was a first pass of a call (TREE-4).
     served_call: AtomicBool,
+    /// The code of the algorithm that moved this rank's last all-reduce's data.
+    last_algo: AtomicU8,
 }
 
 const NO_CALL: u8 = 0;
@@ -147,6 +150,7 @@ impl Tree {
         let tuning = Tuning {
             ring_threshold: cfg.ring_threshold as usize,
             chunk: cfg.collective_chunk as usize,
+            device_chunk: algorithms::DEVICE_CHUNK,
             algo: match cfg.algo.as_str() {
                 "tree" => crate::plan::Algo::Tree,
                 "ring" => crate::plan::Algo::Ring,
@@ -177,6 +181,7 @@ impl Tree {
             structure: AtomicU64::new(0),
             call: AtomicU8::new(NO_CALL),
             served_call: AtomicBool::new(false),
+            last_algo: AtomicU8::new(Algorithm::Tree.code()),
         })
     }
 
@@ -196,6 +201,16 @@ impl Tree {
     pub fn contributors(&self) -> usize {
         self.contributors.load(Ordering::SeqCst) as usize
     }
+    /// The algorithm that moved the data of this rank's last all-reduce (host or CUDA memory;
+    /// [`Algorithm::Tree`] before the first).
+    pub fn last_all_reduce_algorithm(&self) -> Algorithm {
+        Algorithm::from_code(self.last_algo.load(Ordering::SeqCst)).unwrap_or(Algorithm::Tree)
+    }
+
+    fn ran(&self, algo: Algorithm) {
+        self.last_algo.store(algo.code(), Ordering::SeqCst);
+    }
+
     /// The plan as text, with this process's link kinds.
     pub fn describe(&self) -> String {
         let cfg = parallel_engine::config::config();
@@ -337,12 +352,14 @@ impl Tree {
             if meta.algo != Algorithm::Tree {
                 let v = self.pass(Some(&meta), Some(op), None, false, true)?;
                 self.large_all_reduce(meta.algo, dtype, buf, op, v.contributors)?;
+                self.ran(meta.algo);
                 Ok(v.contributors)
             } else {
                 let v = self.pass(Some(&meta), Some(op), Some(&mut *buf), true, true)?;
                 if matches!(op, Op::Avg) {
                     ops::divide(dtype, buf, v.contributors);
                 }
+                self.ran(Algorithm::Tree);
                 Ok(v.contributors)
             }
         })
@@ -364,8 +381,10 @@ impl Tree {
             let (guarded, failed) = guard(op);
             self.large_all_reduce(meta.algo, dtype, &mut work, &guarded, self.world_size())?;
             self.settle(Some(meta), take(&failed))?;
+            self.ran(meta.algo);
             self.world_size()
         } else {
+            self.ran(Algorithm::Tree);
             // Small, or some ranks are done: in a ring a done rank would have to contribute the
             // function's identity element, which a user function does not have, so the data
             // goes through the tree (a second pass when the first found ranks done).

@@ -319,6 +319,18 @@ def reference(op: str, numel: int, world: int, seed: int, dtype: torch.dtype) ->
     return red.to(dtype)
 
 
+RING_AT = 256 << 10  # PARALLEL_RING_THRESHOLD's default (the GPU tests leave it alone)
+
+
+def expect_algorithm(tree: parallel.Tree, nbytes: int, what: str) -> str:
+    """The algorithm that moved the last all-reduce: the ring from the threshold on (CUDA tensors
+    as CPU ones), the tree below it; returns its name for the log."""
+    want = "ring" if nbytes >= RING_AT and tree.world_size > 1 else "tree"
+    got = tree.last_algorithm
+    assert got == want, f"{what}: the data moved by the {got}, expected the {want}"
+    return got
+
+
 def reduce_checked(tree: parallel.Tree, op: str, dtype: torch.dtype, numel: int, seed: int) -> None:
     r, n = tree.rank, tree.world_size
     t = contribution(op, numel, r, n, seed).to(dtype).to(DEV)
@@ -334,6 +346,7 @@ def reduce_checked(tree: parallel.Tree, op: str, dtype: torch.dtype, numel: int,
     assert t.device == DEV and t.data_ptr() == ptr, f"{what}: not in place"
     same(t, reference(op, numel, n, seed, dtype), what)
     assert all(s == "cuda/cuda" for s in seen), f"{what}: the callable got {set(seen)}"
+    expect_algorithm(tree, numel * t.element_size(), what)
 
 
 def tree_battery(tree: parallel.Tree) -> None:
@@ -354,7 +367,8 @@ def tree_battery(tree: parallel.Tree) -> None:
     big = contribution("sum", 16 << 20, r, n, 5).float().to(DEV)
     tree.all_reduce(big, "sum")
     same(big, reference("sum", 16 << 20, n, 5, torch.float32), "all_reduce 64 MiB")
-    print("all_reduce 64 MiB ok", flush=True)
+    algo = expect_algorithm(tree, 64 << 20, "all_reduce 64 MiB")
+    print(f"all_reduce 64 MiB ok (by the {algo})", flush=True)
 
     # A nested container of CUDA tensors, views among them; the memory around views is untouched.
     holder = torch.full((10000,), 1000.0, device=DEV)
@@ -388,7 +402,8 @@ def tree_battery(tree: parallel.Tree) -> None:
         t.copy_(final)
         tree.all_reduce(t, "sum")
     same(t, reference("sum", 1 << 20, n, 12, torch.float32), "all_reduce under a busy side stream")
-    print("all_reduce stream order ok", flush=True)
+    algo = expect_algorithm(tree, 4 << 20, "all_reduce under a busy side stream")
+    print(f"all_reduce stream order ok (by the {algo})", flush=True)
 
     # Broadcast from every root, several dtypes, a container, 64 MiB.
     for k in range(n):
@@ -410,6 +425,46 @@ def tree_battery(tree: parallel.Tree) -> None:
     tree.broadcast(bb, root=0)
     same(bb, want_big, "broadcast 64 MiB")
     print("broadcast ok", flush=True)
+    tree.barrier()
+
+
+def tree_ring(tree: parallel.Tree) -> None:
+    """Large CUDA all-reduces by the ring (over whatever link the environment gives: CUDA IPC of
+    chunks, or staged through pinned host memory): odd sizes that divide neither by the world nor
+    by any chunk, several ops and dtypes, a callable, and a callable that raises on one rank, which
+    must fail every rank and leave every tensor as it was."""
+    r, n = tree.rank, tree.world_size
+    seed = 100
+    for op, dtype, numel in (
+        ("sum", torch.float32, (16 << 20) + 7),  # 64 MiB + 28 bytes
+        ("max", torch.int32, 3_000_017),
+        ("avg", torch.bfloat16, 1_000_003),
+        ("prod", torch.float16, 777_777),
+        ("min", torch.float64, 65_537),
+        ("callable", torch.float32, 5_000_011),
+    ):
+        seed += 1
+        reduce_checked(tree, op, dtype, numel, seed)
+        print(f"ring {op} {dtype} x{numel} ok (by the {tree.last_algorithm})", flush=True)
+
+    # A callable raising on the last rank: every rank raises, no tensor changes, the tree goes on.
+    t = contribution("sum", 1_000_003, r, n, 200).float().to(DEV)
+    before = t.clone()
+
+    def add_or_raise(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if r == n - 1:
+            raise ValueError(f"raised on purpose on rank {r}")
+        return a.add_(b)
+
+    try:
+        tree.all_reduce(t, add_or_raise)
+    except Exception as e:  # the raising rank may see its own exception type
+        print(f"ring callable raised as expected: {type(e).__name__}: {str(e)[:200]}", flush=True)
+    else:
+        raise AssertionError("a callable that raised on one rank did not fail this rank")
+    assert torch.equal(t, before), "a failed all-reduce changed the tensor"
+    reduce_checked(tree, "sum", torch.float32, 300_007, 201)
+    print("ring failing callable ok", flush=True)
     tree.barrier()
 
 
@@ -442,7 +497,7 @@ def main() -> int:
         rank, world, root = int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
         tree = parallel.tree(rank=rank, world_size=world, root=root, timeout=60)
         print(f"rank {tree.rank}; {info()}", flush=True)
-        {"battery": tree_battery, "mixed": tree_mixed}[scenario](tree)
+        {"battery": tree_battery, "mixed": tree_mixed, "ring": tree_ring}[scenario](tree)
     else:
         raise SystemExit(f"unknown role {role!r}")
     print("ok", flush=True)

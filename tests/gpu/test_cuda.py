@@ -166,6 +166,15 @@ def test_all_reduce_and_broadcast_of_cuda_tensors(n):
     assert_ok(tree(n, "battery"))
 
 
+@pytest.mark.parametrize("mode", ["ipc", "tcp"])
+def test_large_cuda_all_reduces_take_the_ring(mode):
+    """Three ranks; CUDA all-reduces above the ring threshold (64 MiB among them, sizes that divide
+    neither by the world nor by a chunk) take the ring with the device kernels, by CUDA IPC of
+    chunks or staged over TCP, and equal the CPU reduction; a callable that raises on one rank
+    fails every rank and leaves every tensor unchanged."""
+    assert_ok(tree(3, "ring", MODES[mode]))
+
+
 @pytest.mark.parametrize("n", [2, 3])
 def test_cpu_and_cuda_tensors_mixed_across_ranks_work_or_fail_promptly_everywhere(n):
     """Rank 0 passes a CPU tensor, the others CUDA ones: right on every rank, or a torch_parallel

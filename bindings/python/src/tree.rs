@@ -170,6 +170,12 @@ impl Tree_ {
     fn contributors(&self) -> usize {
         self.tree.contributors()
     }
+    /// The algorithm that moved the data of this rank's last all-reduce, CPU or CUDA tensors:
+    /// "tree", "ring" or "hierarchical" ("tree" before the first).
+    #[getter]
+    fn last_algorithm(&self) -> &'static str {
+        self.tree.last_all_reduce_algorithm().name()
+    }
     /// All-reduce in place; returns `value`. `op`: a name or a callable `f(a, b)`.
     ///
     /// `value`: a tensor, a number, or lists/tuples/dicts of them, nested; leaves are matched

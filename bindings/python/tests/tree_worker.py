@@ -21,10 +21,12 @@ def battery(tree: parallel.Tree) -> None:
     assert torch.equal(grads[1]["w"], torch.ones(3, 3) * (n * (n - 1) / 2))
     assert torch.equal(grads[1]["b"], torch.arange(5.0) * n)
     assert tree.contributors == n
+    assert tree.last_algorithm == "tree", tree.last_algorithm  # small: with the control pass
     # Built-in ops, several dtypes, a large (ring) buffer and a strided view.
     big = torch.full((1 << 20,), float(r))
     tree.all_reduce(big, "max")
     assert torch.all(big == n - 1)
+    assert tree.last_algorithm == "ring", tree.last_algorithm  # 4 MiB: over the ring threshold
     x = torch.tensor([r + 1, 2 * r], dtype=torch.int64)
     tree.all_reduce(x, "prod" if n <= 5 else "sum")
     h = torch.full((7,), 1.0, dtype=torch.bfloat16)

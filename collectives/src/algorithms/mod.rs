@@ -4,7 +4,8 @@
 //! (which checks that every rank called the same collective, and counts contributors), then
 //! asks [`choose`] which algorithm moves the data and calls it.
 //!
-//! - [`ring::all_reduce`]: pipelined ring, reduce-scatter then all-gather (large buffers).
+//! - [`ring::all_reduce`]: pipelined ring, reduce-scatter then all-gather (large buffers); host
+//!   or device memory, the memory brings its reduce kernel and copy engine (`ring::Memory`).
 //! - [`hierarchical::all_reduce`]: reduce inside each host, a ring of host leaders, broadcast
 //!   inside each host (large buffers across hosts with several ranks each).
 //! - [`tree::all_reduce`]: whole tensors up the tree (reduced in rank order) and the root's
@@ -45,10 +46,19 @@ pub struct Tuning {
     pub ring_threshold: usize,
     /// Pipeline chunk of the ring, in bytes.
     pub chunk: usize,
+    /// Largest chunk of the ring over device memory, in bytes ([`DEVICE_CHUNK`] by default):
+    /// device segments up to this size move whole (see `docs/cuda.md`). Each chunk is one
+    /// message, so it must be the same on every rank (a difference is a Mismatch error).
+    pub device_chunk: usize,
     pub algo: Algo,
 }
 
-/// Which algorithm moves a CPU all-reduce's data.
+/// The default [`Tuning::device_chunk`]: each device chunk by CUDA IPC costs a mapping and an
+/// event round trip (tenths of a millisecond), so the ring moves device segments whole up to
+/// this size, which bounds its device scratch.
+pub const DEVICE_CHUNK: usize = 64 << 20;
+
+/// Which algorithm moves an all-reduce's data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Algorithm {
     /// With the control pass, up and down the tree (small buffers, or forced).
@@ -66,6 +76,15 @@ impl Algorithm {
             Algorithm::Tree => 0,
             Algorithm::Ring => 1,
             Algorithm::Hierarchical => 2,
+        }
+    }
+
+    /// The algorithm's name: "tree", "ring" or "hierarchical".
+    pub fn name(self) -> &'static str {
+        match self {
+            Algorithm::Tree => "tree",
+            Algorithm::Ring => "ring",
+            Algorithm::Hierarchical => "hierarchical",
         }
     }
 

@@ -289,6 +289,7 @@ fn algo_choose_picks_by_size_and_topology() {
     let auto = Tuning {
         ring_threshold: 1000,
         chunk: 1 << 20,
+        device_chunk: 1 << 20,
         algo: Algo::Auto,
     };
     assert_eq!(choose(&one_host, &auto, 999), Algorithm::Tree);

@@ -82,7 +82,7 @@ impl Tree {
         // in host memory.
         if m.gpu {
             return match m.kind {
-                Kind::AllReduce | Kind::Reduce => self.serve_gpu_all_reduce(m, op),
+                Kind::AllReduce | Kind::Reduce => self.serve_gpu_all_reduce(m, op, v.contributors),
                 Kind::Broadcast => self.serve_gpu_broadcast(m),
                 _ => Ok(()),
             };

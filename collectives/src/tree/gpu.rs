@@ -1,7 +1,9 @@
 //! The Tree's GPU path: all-reduce of CUDA tensors with reductions on the device.
 //!
 //! After the usual control pass (which checks that every rank called the same collective on the
-//! same kind of memory, TREE-2), the data go up the tree and come back down as whole CUDA tensors
+//! same kind of memory, TREE-2), a large all-reduce runs the pipelined ring with device memory
+//! ([`ring`]: the same ring as host memory, chosen on the same terms). Otherwise (small
+//! all-reduces, reduce, broadcast) the data go up the tree and come back down as whole CUDA tensors
 //! over the tree's links: between processes of one host by CUDA IPC (the parent copies the
 //! child's tensor device to device, then reduces it into its own with an NVRTC-compiled kernel),
 //! across hosts staged through pinned host memory (the links' pipeline). Ranks that called
@@ -23,6 +25,8 @@ use parallel_engine::cuda::{self, DeviceAlloc, Mem};
 use parallel_engine::value::{DType, Device, Tensor};
 use parallel_engine::{Error, ErrorKind, Result};
 use std::sync::Arc;
+
+mod ring;
 
 /// A user reduce function on device memory: `f(dst, src, dtype, elements, device)` must leave
 /// `dst = dst op src` and be complete on the device when it returns.
@@ -157,15 +161,22 @@ impl Tree {
             gpu: true,
             sig: 0,
             cont: false,
-            algo: crate::algorithms::Algorithm::Tree,
+            algo: self.gpu_algorithm(kind, len),
         };
         self.run(|| {
             let v = self.pass(Some(&meta), Some(op), None, false, true)?;
+            if self.gpu_ring(&meta, v.contributors) {
+                // SAFETY: the caller's contract.
+                return unsafe {
+                    self.ring_on_device(&meta, dev, ptr, len, op, user, v.contributors)
+                };
+            }
             let deadline = self.deadline();
             let mut scratch = self.scratch(dev, len)?;
-            // Reduce works on a copy: only the root's tensor changes.
-            let copy = match kind {
-                Kind::Reduce => Some(DeviceAlloc::new(dev, len)?),
+            // Reduce works on a copy (only the root's tensor changes), and so does a user
+            // function (one that fails on any rank changes no tensor, TREE-6).
+            let copy = match (kind, op) {
+                (Kind::Reduce, _) | (_, Op::User(_)) => Some(DeviceAlloc::new(dev, len)?),
                 _ => None,
             };
             let work = copy.as_ref().map_or(ptr, |c| c.ptr);
@@ -209,10 +220,6 @@ impl Tree {
                     // SAFETY: as above.
                     unsafe { cuda_ops::divide_device(dtype, work, count, v.contributors, dev)? };
                 }
-                if copy.is_some() && self.rank == root {
-                    // SAFETY: as above.
-                    unsafe { g.copy(dev, Mem::Dev(ptr), Mem::Dev(work), len)? };
-                }
                 g.sync(dev, deadline)
             })();
             if r.is_err() {
@@ -224,13 +231,33 @@ impl Tree {
             if matches!(op, Op::User(_)) {
                 self.settle(Some(&meta), failed)?;
             }
+            if copy.is_some() && (kind == Kind::AllReduce || self.rank == root) {
+                // SAFETY: the caller's tensor and our copy, `len` bytes each; synchronized here.
+                let r = unsafe { g.copy(dev, Mem::Dev(ptr), Mem::Dev(work), len) }
+                    .and_then(|_| g.sync(dev, deadline));
+                if r.is_err() {
+                    g.drain(dev);
+                }
+                r?;
+            }
+            if kind == Kind::AllReduce {
+                self.ran(algorithms::Algorithm::Tree);
+            }
             Ok(v.contributors)
         })
     }
 
     /// A finished rank's part in a CUDA all-reduce: the op's identity, in host memory (links
     /// stage between host and device as needed).
-    pub(super) fn serve_gpu_all_reduce(&self, m: &Meta, op: Option<&Op>) -> Result<()> {
+    pub(super) fn serve_gpu_all_reduce(
+        &self,
+        m: &Meta,
+        op: Option<&Op>,
+        contributors: usize,
+    ) -> Result<()> {
+        if self.gpu_ring(m, contributors) {
+            return self.serve_gpu_ring(m, contributors);
+        }
         let dtype = m.dtype.ok_or_else(|| {
             Error::new(
                 ErrorKind::Protocol,
