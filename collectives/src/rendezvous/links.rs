@@ -92,3 +92,96 @@ pub(super) fn finish_links(
         links,
     })
 }
+
+/// The links of a full mesh (Gloo's `connectFullMesh`), made on the first all-to-all: every pair
+/// of ranks without a link opens one the way step 4 does (the higher rank connects to the lower
+/// one's server with the same handshake and authentication, so shm on one host and TCP across
+/// hosts, and introduces itself with `LinkFrom`). `have` are the links this rank already holds;
+/// the returned map holds those and the new ones, one per other rank. Only connections accepted
+/// after the rendezvous (ids above `after_id`) are taken for new links. Every rank calls this in
+/// the same collective, after the control pass agreed on it.
+pub(crate) fn full_mesh(
+    rank: usize,
+    plan: &Plan,
+    server: &Server,
+    have: &HashMap<usize, Arc<Conn>>,
+    after_id: i64,
+    deadline: Instant,
+) -> Result<HashMap<usize, Arc<Conn>>> {
+    let mut links = have.clone();
+    for a in (0..rank).filter(|a| !have.contains_key(a)) {
+        let p = &plan.probes[a];
+        let c = Client::connect(&p.addr, p.port, left(deadline)).map_err(|e| {
+            Error::new(
+                e.kind(),
+                "all_to_all",
+                format!(
+                    "rank {rank} could not open its all-to-all link to rank {a} at {}:{}: {e}",
+                    p.addr, p.port
+                ),
+            )
+            .with_peer(format!("rank {a}"))
+        })?;
+        c.conn().send(
+            &join::to_value(&Rendezvous::LinkFrom { rank })?,
+            left(deadline),
+        )?;
+        links.insert(a, c.conn().clone());
+    }
+    let mut missing: Vec<usize> = (rank + 1..plan.world())
+        .filter(|b| !have.contains_key(b))
+        .collect();
+    let mut claimed: Vec<i64> = Vec::new();
+    while !missing.is_empty() {
+        let fresh: Vec<Arc<Conn>> = server
+            .connections()
+            .into_iter()
+            .filter(|c| c.id() > after_id && !claimed.contains(&c.id()))
+            .collect();
+        if fresh.is_empty() {
+            if Instant::now() >= deadline {
+                return Err(Error::new(
+                    ErrorKind::Timeout,
+                    "all_to_all",
+                    format!(
+                        "rank {rank} waited for ranks {missing:?} to open their all-to-all links \
+                         (a rank died or was slower than the timeout, PARALLEL_TIMEOUT)"
+                    ),
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            continue;
+        }
+        for conn in fresh {
+            claimed.push(conn.id());
+            let v = conn.recv(left(deadline)).map_err(|e| {
+                Error::new(
+                    e.kind(),
+                    "all_to_all",
+                    format!(
+                        "rank {rank}: all-to-all link set-up from {}: {e}",
+                        conn.peer()
+                    ),
+                )
+            })?;
+            match join::from_value(conn.peer(), &v) {
+                Ok(Rendezvous::LinkFrom { rank: k }) if missing.contains(&k) => {
+                    missing.retain(|x| *x != k);
+                    links.insert(k, conn);
+                }
+                _ => {
+                    return Err(Error::new(
+                        ErrorKind::Protocol,
+                        "all_to_all",
+                        format!(
+                            "rank {rank}: unexpected connection from {} while opening the \
+                             all-to-all links (waiting for ranks {missing:?})",
+                            conn.peer()
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(links)
+}
