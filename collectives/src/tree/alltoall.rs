@@ -19,9 +19,10 @@ use super::pass::Pass;
 use crate::algorithms::{self, Algorithm, Communicator};
 use crate::control::{Kind, Meta};
 use crate::rendezvous;
+use parallel_engine::buffer::Buf;
 use parallel_engine::endpoint::Conn;
 use parallel_engine::runtime::Deadline;
-use parallel_engine::value::DType;
+use parallel_engine::value::{DType, Tensor};
 use parallel_engine::{Error, ErrorKind, Result};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -94,6 +95,96 @@ impl Tree {
         })
     }
 
+    /// [`Tree::all_to_all`] over tensors (all of one dtype, in host memory): `sends[d]` goes to
+    /// rank `d`, rank `s`'s piece lands in `recvs[s]` (written in place; a non-contiguous output
+    /// is received into a staging buffer and scattered into it). Returns the ranks that took
+    /// part; the outputs for the others are left as they were (TA2A-2).
+    pub fn all_to_all_tensors(&self, sends: &[Tensor], recvs: &mut [Tensor]) -> Result<Vec<usize>> {
+        let dtype = sends.first().map_or(DType::U8, Tensor::dtype);
+        let all = sends.iter().chain(recvs.iter());
+        if let Some((i, t)) = all
+            .enumerate()
+            .find(|(_, t)| t.dtype() != dtype || t.is_cuda())
+        {
+            let (what, r) = match i < sends.len() {
+                true => ("piece for", i),
+                false => ("output for the piece of", i - sends.len()),
+            };
+            let why = match t.is_cuda() {
+                true => "is in CUDA memory: all_to_all moves host tensors (copy it to the host \
+                         first; the Python binding does)"
+                    .to_string(),
+                false => format!(
+                    "has dtype {}, the first piece {}: one all_to_all moves one dtype",
+                    t.dtype().name(),
+                    dtype.name()
+                ),
+            };
+            return Err(Error::new(
+                ErrorKind::Config,
+                "all_to_all",
+                format!("rank {}'s {what} rank {r} {why}", self.rank),
+            ));
+        }
+        let gathered: Vec<Option<Buf>> = sends
+            .iter()
+            .map(|t| match t.bytes() {
+                Some(_) => Ok(None),
+                None => t.contiguous_bytes().map(Some),
+            })
+            .collect::<Result<_>>()?;
+        let send_refs: Vec<&[u8]> = sends
+            .iter()
+            .zip(&gathered)
+            .map(|(t, g)| g.as_deref().or(t.bytes()).unwrap_or(&[]))
+            .collect();
+        let mut staging: Vec<Option<Vec<u8>>> = recvs
+            .iter()
+            .map(|t| (!t.is_contiguous()).then(|| vec![0u8; t.nbytes()]))
+            .collect();
+        let direct: Vec<(usize, usize)> = recvs
+            .iter()
+            .zip(&staging)
+            .filter(|(t, s)| s.is_none() && t.nbytes() > 0)
+            .map(|(t, _)| (t.data_ptr() as usize, t.nbytes()))
+            .collect();
+        let read: Vec<(usize, usize)> = send_refs
+            .iter()
+            .map(|b| (b.as_ptr() as usize, b.len()))
+            .collect();
+        if let Some(why) = overlap(&direct, &read) {
+            return Err(Error::new(
+                ErrorKind::Config,
+                "all_to_all",
+                format!(
+                    "rank {}: {why}: give each output memory of its own",
+                    self.rank
+                ),
+            ));
+        }
+        let mut recv_refs: Vec<&mut [u8]> = recvs
+            .iter_mut()
+            .zip(staging.iter_mut())
+            .map(|(t, s)| match s {
+                Some(s) => &mut s[..],
+                None if t.nbytes() == 0 => &mut [][..],
+                // SAFETY: a contiguous host tensor's nbytes from its data pointer are its
+                // elements, kept alive by its storage while `recvs` is borrowed for this call;
+                // these ranges were checked disjoint from each other and from every send's
+                // bytes (`overlap`), so no two slices of this call alias.
+                None => unsafe { std::slice::from_raw_parts_mut(t.data_mut_ptr(), t.nbytes()) },
+            })
+            .collect();
+        let took = self.all_to_all(dtype, &send_refs, &mut recv_refs)?;
+        drop(recv_refs);
+        for &r in &took {
+            if let Some(s) = &staging[r] {
+                recvs[r].scatter_from(s)?;
+            }
+        }
+        Ok(took)
+    }
+
     /// This rank's piece sizes for the pass (TA2A-1): bytes sent to each rank, then bytes
     /// expected from each, as u64 little endian; bad local input is a `Config` error here.
     fn size_table(&self, dtype: DType, sends: &[&[u8]], recvs: &[&mut [u8]]) -> Result<Vec<u8>> {
@@ -157,6 +248,20 @@ impl Tree {
         let _ = self.mesh.set(mesh);
         Ok(self.mesh.get().unwrap_or(&self.links))
     }
+}
+
+/// Whether two of the `write` ranges (address, length) overlap, or one overlaps a `read` range:
+/// the reason, else `None`.
+fn overlap(write: &[(usize, usize)], read: &[(usize, usize)]) -> Option<String> {
+    let mut w: Vec<(usize, usize)> = write.to_vec();
+    w.sort_unstable();
+    if w.windows(2).any(|p| p[0].0 + p[0].1 > p[1].0) {
+        return Some("two outputs share memory".into());
+    }
+    let hits = |(a, n): (usize, usize)| w.iter().any(|&(b, m)| n > 0 && a < b + m && b < a + n);
+    read.iter()
+        .any(|r| hits(*r))
+        .then(|| "an output shares memory with a piece to send".into())
 }
 
 /// Rank 0's check of an all-to-all's size tables (TA2A-1): `None` when every pair of taking ranks
