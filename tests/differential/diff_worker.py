@@ -245,7 +245,8 @@ class Rank:
 
     def piece(self, call: dict[str, Any], s: int, d: int) -> np.ndarray:
         """The NumPy reference of the piece rank s sends rank d in an all_to_all."""
-        return C.leaf_array(self.seed, call["id"], s, d, call["dtype"], call["shapes"][s][d], call["mode"], "")
+        shape = call["shapes"][s][d]
+        return C.leaf_array(self.seed, call["id"], s, d, call["dtype"], shape, call["mode"], "")
 
     def submit_all_to_all(self, call: dict[str, Any]) -> tuple[Any, Any]:
         me, dt = self.me, call["dtype"]
