@@ -6,6 +6,7 @@ Usage: tree_worker.py SCENARIO [RANK WORLD ROOT]; without RANK.. the launcher va
 from __future__ import annotations
 
 import sys
+import time
 
 import torch
 
@@ -97,6 +98,22 @@ def victim(tree: parallel.Tree) -> None:
     raise AssertionError("the collective succeeded without rank 1")
 
 
+def a2a_victim(tree: parallel.Tree) -> None:
+    """All-to-alls of 8 MiB pieces in a loop until one fails (rank 1 is killed meanwhile)."""
+    n, me = tree.world_size, tree.rank
+    ins = [torch.full((2 << 20,), float(me * n + d)) for d in range(n)]
+    outs = [torch.empty(2 << 20) for _ in range(n)]
+    tree.all_to_all(ins, outs)
+    assert all(torch.all(outs[s] == float(s * n + me)) for s in range(n))
+    print("ready", flush=True)
+    while True:
+        try:
+            tree.all_to_all(ins, outs)
+        except parallel.ParallelError as e:
+            print(f"failed at {time.monotonic():.3f}: {e}", flush=True)
+            return
+
+
 def main() -> int:
     scenario = sys.argv[1]
     if len(sys.argv) > 2:
@@ -104,7 +121,9 @@ def main() -> int:
         tree = parallel.tree(rank, int(sys.argv[3]), sys.argv[4], timeout=60)
     else:
         tree = parallel.tree(timeout=60)
-    {"battery": battery, "uneven": uneven, "mismatch": mismatch, "victim": victim}[scenario](tree)
+    scenarios = {"battery": battery, "uneven": uneven, "mismatch": mismatch, "victim": victim}
+    scenarios["a2a_victim"] = a2a_victim
+    scenarios[scenario](tree)
     print(f"rank {tree.rank} ok")
     return 0
 
