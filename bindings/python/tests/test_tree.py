@@ -83,6 +83,11 @@ def test_mismatch_is_reported_on_every_rank_naming_the_culprit():
         assert rc == 0 and "named rank 1" in out, out + err
 
 
+def test_all_to_all_size_disagreement_is_a_mismatch_on_every_rank_and_bad_input_a_value_error():
+    for rc, out, err in finish(launch(3, "a2a_edges")):
+        assert rc == 0 and "a2a edges ok" in out, out + err
+
+
 def test_a_killed_rank_makes_the_others_fail_promptly():
     procs = launch(3, "victim")
     assert procs[1].stdout is not None

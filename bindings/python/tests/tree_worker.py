@@ -114,6 +114,41 @@ def a2a_victim(tree: parallel.Tree) -> None:
             return
 
 
+def a2a_edges(tree: parallel.Tree) -> None:
+    """all_to_all's refusals: a size disagreement is a Mismatch on every rank with no output
+    changed, bad local input is a ValueError, and the tree stays usable."""
+    n, me = tree.world_size, tree.rank
+    ins = [torch.full((d + 1,), me * 10 + d, dtype=torch.int32) for d in range(n)]
+    # Rank 1's output for rank 2's piece is one element short.
+    outs = [torch.full((me + 1 - (me == 1 and s == 2),), -1, dtype=torch.int32) for s in range(n)]
+    try:
+        tree.all_to_all(ins, outs)
+        raise AssertionError("no mismatch error")
+    except parallel.Mismatch as e:
+        assert "rank 2 sends 8 bytes to rank 1, whose output for it has 4 bytes" in str(e), e
+    assert all(torch.all(o == -1) for o in outs), outs
+    for bad, what in (
+        (lambda: tree.all_to_all(ins[:-1]), "tensors for a world"),
+        (lambda: tree.all_to_all([t.double() if i == 0 else t for i, t in enumerate(ins)]), "dtype"),
+        (lambda: tree.all_to_all(ins, [outs[0]] * n), "share memory"),
+    ):
+        try:
+            bad()
+            raise AssertionError(f"no error for {what}")
+        except ValueError as e:
+            assert what in str(e), e
+    # Still usable; non-contiguous outputs are filled in place.
+    base = torch.full((me + 1, 2), -1, dtype=torch.int32)
+    outs = [torch.full((me + 1,), -1, dtype=torch.int32) for _ in range(n)]
+    outs[0] = base[:, 1]
+    got = tree.all_to_all(ins, outs)
+    assert all(g is o for g, o in zip(got, outs, strict=True)), got
+    for s in range(n):
+        assert torch.all(outs[s] == s * 10 + me), (s, outs[s])
+    assert torch.all(base[:, 0] == -1), base
+    print("a2a edges ok", flush=True)
+
+
 def main() -> int:
     scenario = sys.argv[1]
     if len(sys.argv) > 2:
@@ -123,6 +158,7 @@ def main() -> int:
         tree = parallel.tree(timeout=60)
     scenarios = {"battery": battery, "uneven": uneven, "mismatch": mismatch, "victim": victim}
     scenarios["a2a_victim"] = a2a_victim
+    scenarios["a2a_edges"] = a2a_edges
     scenarios[scenario](tree)
     print(f"rank {tree.rank} ok")
     return 0
