@@ -354,6 +354,16 @@ impl Tree_ {
     ) -> PyResult<Bound<'py, PyList>> {
         alltoall::all_to_all(self, py, tensors, outputs)
     }
+    /// Like all_to_all into `outputs`, without waiting: returns a handle whose wait(timeout)
+    /// returns the list of outputs.
+    fn all_to_all_async<'py>(
+        &self,
+        py: Python<'py>,
+        tensors: Vec<Bound<'py, PyAny>>,
+        outputs: Vec<Bound<'py, PyAny>>,
+    ) -> PyResult<Work> {
+        alltoall::all_to_all_async(self, py, tensors, outputs)
+    }
     /// Blocks until every rank reached the barrier.
     fn barrier(&self, py: Python<'_>) -> PyResult<()> {
         self.run(py, |t| t.barrier().map(|_| ()))

@@ -146,6 +146,14 @@ def a2a_edges(tree: parallel.Tree) -> None:
     for s in range(n):
         assert torch.all(outs[s] == s * 10 + me), (s, outs[s])
     assert torch.all(base[:, 0] == -1), base
+    # The asynchronous form, queued behind an asynchronous all-reduce (one order on every rank).
+    outs = [torch.full((me + 1,), -1, dtype=torch.int32) for _ in range(n)]
+    first = tree.all_reduce_async(torch.ones(3))
+    work = tree.all_to_all_async(ins, outs)
+    got = work.wait(30)
+    assert torch.all(first.wait(30) == n)
+    assert isinstance(got, list) and all(g is o for g, o in zip(got, outs, strict=True)), got
+    assert all(torch.all(outs[s] == s * 10 + me) for s in range(n)), outs
     print("a2a edges ok", flush=True)
 
 

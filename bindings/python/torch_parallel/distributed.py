@@ -789,22 +789,23 @@ class ParallelBackend(_C10dBackend):
 
     # -- all-to-all -----------------------------------------------------------------------
 
-    def _all_to_all(self, outs: list[torch.Tensor], ins: list[torch.Tensor], what: str) -> None:
-        """The Tree's pairwise all-to-all, into ``outs`` (each exactly its sender's size: a
-        mismatch on every rank otherwise; non-contiguous outputs are filled in place)."""
+    def _all_to_all(self, outs: list[torch.Tensor], ins: list[torch.Tensor], what: str, result: Any) -> _Work:
+        """The Tree's pairwise all-to-all into ``outs``, on the Tree's queue (each output exactly
+        its sender's size: a mismatch on every rank otherwise; non-contiguous outputs are filled
+        in place)."""
         if len(outs) != self._size or len(ins) != self._size:
             raise ValueError(
                 f"parallel backend: {what}: expected {self._size} input and output pieces, "
                 f"got {len(ins)} and {len(outs)}"
             )
-        self._tree.all_to_all(ins, outs)
+        try:
+            pending = self._tree.all_to_all_async(ins, outs)
+        except BaseException as exc:
+            raise _backend_error(what, exc) from exc
+        return self._later(what, pending, lambda: result)
 
     def alltoall(self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: Any) -> _Work:
-        def run() -> list[torch.Tensor]:
-            self._all_to_all(outputs, inputs, "alltoall")
-            return outputs
-
-        return self._inline("alltoall", run)
+        return self._all_to_all(outputs, inputs, "alltoall", outputs)
 
     def all_to_all_single(
         self,
@@ -829,12 +830,9 @@ class ParallelBackend(_C10dBackend):
                 )
             return list(torch.split(t, sizes))
 
-        def run() -> list[torch.Tensor]:
-            outs = split(output, list(output_splits))
-            self._all_to_all(outs, split(input, list(input_splits)), "all_to_all_single")
-            return [output]
-
-        return self._inline("all_to_all_single", run)
+        outs = split(output, list(output_splits))
+        ins = split(input, list(input_splits))
+        return self._all_to_all(outs, ins, "all_to_all_single", [output])
 
     # -- point-to-point -------------------------------------------------------------------
 

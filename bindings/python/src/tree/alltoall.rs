@@ -4,8 +4,8 @@
 //! `outputs`, the shapes travel first (two small all-to-alls: the number of dimensions, then the
 //! dimensions), so each rank allocates what it receives.
 
-use super::Tree_;
 use super::ops::require_tensor;
+use super::{Tree_, Work};
 use crate::{convert, dlpack};
 use parallel_engine::value::{DType, Tensor, Value};
 use parallel_engine::{Error, ErrorKind};
@@ -34,13 +34,47 @@ pub(super) fn all_to_all<'py>(
     tensors: Vec<Bound<'py, PyAny>>,
     outputs: Option<Vec<Bound<'py, PyAny>>>,
 ) -> PyResult<Bound<'py, PyList>> {
+    let (ins, device) = host_inputs(tree, &tensors)?;
+    match outputs {
+        Some(outs) => into_outputs(tree, py, ins, outs),
+        None => new_outputs(tree, py, ins, device),
+    }
+}
+
+/// `Tree.all_to_all_async(tensors, outputs)`: the same into given outputs, without waiting; the
+/// handle's `wait` returns the list of outputs (CUDA ones filled from their host stand-ins).
+pub(super) fn all_to_all_async<'py>(
+    tree: &Tree_,
+    py: Python<'py>,
+    tensors: Vec<Bound<'py, PyAny>>,
+    outputs: Vec<Bound<'py, PyAny>>,
+) -> PyResult<Work> {
+    let (ins, _) = host_inputs(tree, &tensors)?;
+    let (mut recv, staged) = host_outputs(&outputs, ins.len())?;
+    let writebacks = outputs
+        .iter()
+        .zip(&staged)
+        .filter_map(|(o, h)| h.as_ref().map(|h| (o.clone().unbind(), h.clone().unbind())))
+        .collect();
+    let value = PyList::new(py, &outputs)?.into_any();
+    tree.work(value, writebacks, move |t| {
+        t.all_to_all_tensors(&ins, &mut recv).map(|_| ())
+    })
+}
+
+/// The pieces to send as host tensors (CUDA ones copied to the host), and the device of the
+/// first CUDA one.
+fn host_inputs<'py>(
+    tree: &Tree_,
+    tensors: &[Bound<'py, PyAny>],
+) -> PyResult<(Vec<Tensor>, Option<Bound<'py, PyAny>>)> {
     let n = tree.tree.world_size();
     if tensors.len() != n {
         return Err(count_error("tensors", tensors.len(), n));
     }
     let mut device: Option<Bound<'py, PyAny>> = None;
     let mut ins = Vec::with_capacity(n);
-    for t in &tensors {
+    for t in tensors {
         require_tensor(t, "all_to_all", false)?;
         let host = match is_cuda(t)? {
             true => {
@@ -53,10 +87,30 @@ pub(super) fn all_to_all<'py>(
         };
         ins.push(dlpack::import(&host)?);
     }
-    match outputs {
-        Some(outs) => into_outputs(tree, py, ins, outs),
-        None => new_outputs(tree, py, ins, device),
+    Ok((ins, device))
+}
+
+/// The outputs as host tensors to receive into, each CUDA one through a host stand-in (returned
+/// alongside, to copy back).
+fn host_outputs<'py>(
+    outs: &[Bound<'py, PyAny>],
+    n: usize,
+) -> PyResult<(Vec<Tensor>, Vec<Option<Bound<'py, PyAny>>>)> {
+    if outs.len() != n {
+        return Err(count_error("outputs", outs.len(), n));
     }
+    let mut staged = Vec::with_capacity(n);
+    let mut recv = Vec::with_capacity(n);
+    for o in outs {
+        require_tensor(o, "all_to_all", false)?;
+        let host = match is_cuda(o)? {
+            true => Some(o.call_method0("cpu")?.call_method0("contiguous")?),
+            false => None,
+        };
+        recv.push(dlpack::import_out(host.as_ref().unwrap_or(o))?.0);
+        staged.push(host);
+    }
+    Ok((recv, staged))
 }
 
 /// Receives into the caller's tensors (staged through the host for CUDA ones).
@@ -67,20 +121,7 @@ fn into_outputs<'py>(
     outs: Vec<Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyList>> {
     let n = ins.len();
-    if outs.len() != n {
-        return Err(count_error("outputs", outs.len(), n));
-    }
-    let mut staged = Vec::with_capacity(n);
-    let mut recv = Vec::with_capacity(n);
-    for o in &outs {
-        require_tensor(o, "all_to_all", false)?;
-        let host = match is_cuda(o)? {
-            true => Some(o.call_method0("cpu")?.call_method0("contiguous")?),
-            false => None,
-        };
-        recv.push(dlpack::import_out(host.as_ref().unwrap_or(o))?.0);
-        staged.push(host);
-    }
+    let (mut recv, staged) = host_outputs(&outs, n)?;
     let took = tree.run(py, move |t| t.all_to_all_tensors(&ins, &mut recv))?;
     let result = PyList::new(py, (0..n).map(|_| py.None()))?;
     for r in took {
