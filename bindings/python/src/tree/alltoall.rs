@@ -90,12 +90,12 @@ fn host_inputs<'py>(
     Ok((ins, device))
 }
 
+/// The host stand-ins of CUDA outputs, by rank (None: received in place).
+type Staged<'py> = Vec<Option<Bound<'py, PyAny>>>;
+
 /// The outputs as host tensors to receive into, each CUDA one through a host stand-in (returned
 /// alongside, to copy back).
-fn host_outputs<'py>(
-    outs: &[Bound<'py, PyAny>],
-    n: usize,
-) -> PyResult<(Vec<Tensor>, Vec<Option<Bound<'py, PyAny>>>)> {
+fn host_outputs<'py>(outs: &[Bound<'py, PyAny>], n: usize) -> PyResult<(Vec<Tensor>, Staged<'py>)> {
     if outs.len() != n {
         return Err(count_error("outputs", outs.len(), n));
     }
