@@ -327,6 +327,35 @@ mod tests {
         assert!(check_sizes(&mut short, 2).is_some_and(|c| c.contains("rank 0")));
     }
 
+    /// TA2A-3: a stranger connected to a rank's server (here a client that sends a user value)
+    /// is skipped while the mesh is made; the all-to-all succeeds on every rank.
+    #[test]
+    fn ta2a_3_a_stray_connection_does_not_break_making_the_mesh() {
+        let res = world(4, None, |t| {
+            let (me, n) = (t.rank(), t.world_size());
+            let _stray = if me == 1 {
+                let p = &t.plan().probes[1];
+                let c = parallel_engine::Client::connect(&p.addr, p.port, None).unwrap();
+                c.send(&parallel_engine::value::Value::Int(7)).unwrap();
+                Some(c)
+            } else {
+                None
+            };
+            let sends: Vec<Vec<u8>> = (0..n).map(|d| vec![(me * n + d) as u8; 3]).collect();
+            let send_refs: Vec<&[u8]> = sends.iter().map(|v| &v[..]).collect();
+            let mut outs = vec![vec![0u8; 3]; n];
+            let mut out_refs: Vec<&mut [u8]> = outs.iter_mut().map(|v| &mut v[..]).collect();
+            t.all_to_all(DType::U8, &send_refs, &mut out_refs)
+                .map(|_| (0..n).all(|s| outs[s] == vec![(s * n + me) as u8; 3]))
+        });
+        for (r, x) in res.into_iter().enumerate() {
+            assert!(
+                x.unwrap_or_else(|e| panic!("rank {r}: {e}")),
+                "rank {r}: wrong pieces"
+            );
+        }
+    }
+
     /// A2A-3 / TREE-3: a rank that leaves after the control pass and the mesh, having sent one
     /// piece of its exchange (as if killed there), fails every other rank within seconds, not
     /// at the 30 s timeout, with an error that names it.
