@@ -30,7 +30,7 @@ use rkyv::{Archive, Deserialize, Serialize};
 use std::sync::Arc;
 
 /// The version of the control protocol this build speaks (CTRL-2).
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 const MAGIC: [u8; 4] = *b"PCTL";
 const HEADER: usize = 8;
 
@@ -42,15 +42,19 @@ pub enum Kind {
     Reduce,
     AllGather,
     Barrier,
+    /// Pairwise exchange; the pass carries each rank's piece sizes (sent and expected), checked
+    /// for agreement at rank 0 (since protocol version 3).
+    AllToAll,
 }
 
 impl Kind {
-    const ALL: [Kind; 5] = [
+    const ALL: [Kind; 6] = [
         Kind::AllReduce,
         Kind::Broadcast,
         Kind::Reduce,
         Kind::AllGather,
         Kind::Barrier,
+        Kind::AllToAll,
     ];
 
     fn from_code(c: u8) -> Option<Kind> {
@@ -64,6 +68,7 @@ impl Kind {
             Kind::Reduce => "reduce",
             Kind::AllGather => "all_gather",
             Kind::Barrier => "barrier",
+            Kind::AllToAll => "all_to_all",
         }
     }
 }
@@ -104,6 +109,9 @@ impl Meta {
     }
 
     pub fn describe(&self) -> String {
+        if let (Kind::AllToAll, Some(d)) = (self.kind, self.dtype) {
+            return format!("all_to_all({})", d.name());
+        }
         match self.dtype {
             Some(d) => format!(
                 "{}(op {}, {} x {}{}, root {}{})",

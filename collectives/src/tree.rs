@@ -51,6 +51,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+mod alltoall;
 mod epochs;
 mod gpu;
 mod pass;
@@ -77,7 +78,11 @@ pub struct Tree {
     rank: usize,
     plan: Plan,
     links: HashMap<usize, Arc<Conn>>,
-    _server: Server,
+    server: Server,
+    /// Every rank's link (the tree's and the rest of the full mesh), made by the first
+    /// all-to-all ([`alltoall`]); the server's connections with ids up to `mesh_after` predate it.
+    mesh: std::sync::OnceLock<HashMap<usize, Arc<Conn>>>,
+    mesh_after: i64,
     seq: Mutex<u64>,
     timeout: Duration,
     tuning: Tuning,
@@ -164,12 +169,15 @@ impl Tree {
             resolved.source
         );
         log_plan(&joined.plan, joined.rank);
+        let mesh_after = joined.server.connections().iter().map(|c| c.id()).max();
         Ok(Tree {
             sender: Sender::new(),
             rank: joined.rank,
             plan: joined.plan,
             links: joined.links,
-            _server: joined.server,
+            server: joined.server,
+            mesh: std::sync::OnceLock::new(),
+            mesh_after: mesh_after.unwrap_or(0),
             seq: Mutex::new(0),
             timeout,
             tuning,
@@ -221,7 +229,7 @@ impl Tree {
     /// Traffic per link.
     pub fn stats(&self) -> Vec<LinkStats> {
         let mut v: Vec<LinkStats> = self
-            .links
+            .all_links()
             .iter()
             .map(|(r, c)| LinkStats {
                 peer_rank: *r,
@@ -231,6 +239,11 @@ impl Tree {
             .collect();
         v.sort_by_key(|l| l.peer_rank);
         v
+    }
+
+    /// The tree's links, and the full mesh's once an all-to-all made it.
+    fn all_links(&self) -> &HashMap<usize, Arc<Conn>> {
+        self.mesh.get().unwrap_or(&self.links)
     }
 
     fn link(&self, r: usize) -> Result<&Arc<Conn>> {
@@ -255,10 +268,10 @@ impl Tree {
             *f = Some(msg.clone());
             // A typed Abort frame: the neighbour's receive fails with PeerLost and this
             // reason whatever it expected (a control message or data into its buffer).
-            for c in self.links.values() {
+            for c in self.all_links().values() {
                 let _ = c.send_abort(&msg, Some(Duration::from_millis(200)));
             }
-            for c in self.links.values() {
+            for c in self.all_links().values() {
                 c.close();
             }
         }

@@ -76,8 +76,8 @@ def gen_call(
 ) -> dict[str, Any]:
     uneven = len(part) < world
     kind = rng.choices(
-        ["all_reduce", "broadcast", "reduce", "all_gather", "reduce_scatter", "barrier"],
-        [45, 12, 12, 12, 10, 5],
+        ["all_reduce", "broadcast", "reduce", "all_gather", "reduce_scatter", "barrier", "all_to_all"],
+        [45, 12, 12, 12, 10, 5, 10],
     )[0]
     if uneven and kind in ("all_gather", "reduce_scatter") and not flags["UNEVEN_GATHER"]:
         kind = "all_reduce"
@@ -115,7 +115,14 @@ def gen_call(
             "bxor": ["int"],
         }.get(call["op"], ["int", "float"])
     big = kind in ("all_reduce", "reduce", "broadcast") and rng.random() < 0.05
-    if kind == "all_gather":
+    if kind == "all_to_all":
+        # shapes[s][d]: the piece rank s sends rank d (any size per pair, empty ones included);
+        # "outputs": receive into preallocated tensors (of their own layouts) or into new ones.
+        call["dtype"] = rng.choice(dtypes)
+        call["shapes"] = [[C.gen_shape(rng, rng.random() < 0.03) for _ in range(world)] for _ in range(world)]
+        call["layouts"] = [[C.gen_layout(rng, sh) for sh in row] for row in call["shapes"]]
+        call["outputs"] = rng.random() < 0.6
+    elif kind == "all_gather":
         dt = rng.choice(dtypes)
         call["shapes"] = [C.gen_shape(rng, False) for _ in range(world)]
         call["layouts"] = [C.gen_layout(rng, s) for s in call["shapes"]]
@@ -221,6 +228,8 @@ class Rank:
             return x, t.all_gather(x)
         if kind == "barrier":
             return None, (t.barrier_async() if call["async"] else t.barrier())
+        if kind == "all_to_all":
+            return self.submit_all_to_all(call)
         value = self.value(call)
         if kind == "all_reduce":
             return value, (t.all_reduce_async(value, op) if call["async"] else t.all_reduce(value, op))
@@ -234,6 +243,49 @@ class Rank:
             return value, t.reduce_scatter(value, op)
         raise AssertionError(kind)
 
+    def piece(self, call: dict[str, Any], s: int, d: int) -> np.ndarray:
+        """The NumPy reference of the piece rank s sends rank d in an all_to_all."""
+        shape = call["shapes"][s][d]
+        return C.leaf_array(self.seed, call["id"], s, d, call["dtype"], shape, call["mode"], "")
+
+    def submit_all_to_all(self, call: dict[str, Any]) -> tuple[Any, Any]:
+        me, dt = self.me, call["dtype"]
+        ins = [C.to_tensor(self.piece(call, me, d), dt, call["layouts"][me][d]) for d in range(self.world)]
+        if not call["outputs"]:
+            return (ins, None), self.tree.all_to_all(ins)
+        # Preallocated outputs, zero-filled, in the layout the sender's piece has.
+        outs = [
+            C.to_tensor(np.zeros(call["shapes"][s][me], C.DTYPES[dt][1]), dt, call["layouts"][s][me])
+            for s in range(self.world)
+        ]
+        return (ins, outs), self.tree.all_to_all(ins, outs)
+
+    def check_all_to_all(self, call: dict[str, Any], held: Any, result: Any) -> None:
+        ins, outs = held
+        me, part, dt = self.me, call["part"], call["dtype"]
+        if not isinstance(result, list) or len(result) != self.world:
+            self.fail(call, f"all_to_all returned {type(result).__name__} {result!r:.200}, expected a list")
+            return
+        for s in range(self.world):
+            got = result[s]
+            if s not in part:
+                if got is not None:
+                    self.fail(call, f"all_to_all: entry of done rank {s} is {type(got).__name__}, not None")
+                if outs is not None and C.check_tensor(
+                    outs[s], np.zeros(call["shapes"][s][me]), dt, call["shapes"][s][me], "max", "exact", []
+                ):
+                    self.fail(call, f"all_to_all: the output for done rank {s} changed")
+                continue
+            if outs is not None and got is not outs[s]:
+                self.fail(call, f"all_to_all: entry {s} is not the output tensor passed")
+            want = self.piece(call, s, me)
+            err = C.check_tensor(got, want, dt, call["shapes"][s][me], "max", "exact", [want])
+            if err:
+                self.fail(call, f"all_to_all piece from rank {s} ({call['layouts'][s][me]}): {err}")
+        for d in range(self.world):
+            if C.digest([ins[d]]) != C.digest([C.to_tensor(self.piece(call, me, d), dt, "contig")]):
+                self.fail(call, f"all_to_all changed its input for rank {d}")
+
     # -- checks -----------------------------------------------------------------------------
     def check(self, call: dict[str, Any], value: Any, result: Any, sync: bool) -> None:
         kind, part, me = call["kind"], call["part"], self.me
@@ -246,6 +298,9 @@ class Rank:
             return
         if kind == "all_gather":
             self.check_gather(call, result)
+            return
+        if kind == "all_to_all":
+            self.check_all_to_all(call, value, result)
             return
         if kind == "reduce_scatter":
             xs = [self.inputs(call, r)[0] for r in part]

@@ -2,7 +2,8 @@
 result compared with a NumPy reference computed in the test, and across ranks bitwise.
 
 Each batch launches `world` processes (tests/differential/diff_worker.py) that derive the same
-program from the seed: all_reduce (sync and async), reduce, broadcast, all_gather, reduce_scatter
+program from the seed: all_reduce (sync and async), reduce, broadcast, all_gather, reduce_scatter,
+all_to_all (uneven pieces, into given outputs or new tensors; NumPy reference per piece)
 and barrier, interleaved; built-in ops and Python functions; dtypes bool, (u)int8..64, float16,
 bfloat16, float32/64, complex; shapes with 0-d and empty tensors, strided, transposed and offset
 views, ring-sized buffers; nested lists/tuples/dicts; uneven endings with done() (see cases.py for

@@ -12,6 +12,7 @@
 //! `store` (a `torch.distributed.Store` as the rendezvous's store); here the `Tree` class and
 //! the `Work` handle, short adapters over `parallel_collectives`.
 
+mod alltoall;
 mod ops;
 mod prepared;
 mod store;
@@ -36,7 +37,8 @@ fn secs(t: Option<f64>) -> PyResult<Option<Duration>> {
 }
 
 /// An allreduce tree of processes (create it with `torch_parallel.tree()`): `all_reduce`,
-/// `broadcast`, `reduce`, `all_gather`, `reduce_scatter`, `barrier`, their `*_async` forms, and
+/// `broadcast`, `reduce`, `all_gather`, `reduce_scatter`, `all_to_all`, `barrier`, their
+/// `*_async` forms, and
 /// `done()` for uneven endings. `op=` is a name (`"sum"`, `"max"`, ...), a
 /// `torch.distributed.ReduceOp` or a callable `f(a, b)` leaving the result in `a`. A failure on
 /// any rank raises on every rank, naming the rank (PeerLost, Mismatch, WorkerError).
@@ -342,6 +344,31 @@ impl Tree_ {
             out.set_item(rank, o)?;
         }
         Ok(out.into_any().unbind())
+    }
+    /// All-to-all: `tensors[d]` goes to rank `d`; returns the list of what each rank sent this
+    /// one, in rank order (pieces may differ in size per pair; one dtype per call, the same on
+    /// every rank). `outputs`: tensors to receive into, each of exactly the size its sender sends
+    /// (a Mismatch on every rank otherwise); without them, new tensors of the senders' shapes.
+    /// None for the ranks that called done() in this epoch (nothing is sent to them, and their
+    /// outputs are left as they were).
+    #[pyo3(signature = (tensors, outputs=None))]
+    fn all_to_all<'py>(
+        &self,
+        py: Python<'py>,
+        tensors: Vec<Bound<'py, PyAny>>,
+        outputs: Option<Vec<Bound<'py, PyAny>>>,
+    ) -> PyResult<Bound<'py, PyList>> {
+        alltoall::all_to_all(self, py, tensors, outputs)
+    }
+    /// Like all_to_all into `outputs`, without waiting: returns a handle whose wait(timeout)
+    /// returns the list of outputs.
+    fn all_to_all_async<'py>(
+        &self,
+        py: Python<'py>,
+        tensors: Vec<Bound<'py, PyAny>>,
+        outputs: Vec<Bound<'py, PyAny>>,
+    ) -> PyResult<Work> {
+        alltoall::all_to_all_async(self, py, tensors, outputs)
     }
     /// Blocks until every rank reached the barrier.
     fn barrier(&self, py: Python<'_>) -> PyResult<()> {

@@ -83,6 +83,11 @@ def test_mismatch_is_reported_on_every_rank_naming_the_culprit():
         assert rc == 0 and "named rank 1" in out, out + err
 
 
+def test_all_to_all_size_disagreement_is_a_mismatch_on_every_rank_and_bad_input_a_value_error():
+    for rc, out, err in finish(launch(3, "a2a_edges")):
+        assert rc == 0 and "a2a edges ok" in out, out + err
+
+
 def test_a_killed_rank_makes_the_others_fail_promptly():
     procs = launch(3, "victim")
     assert procs[1].stdout is not None
@@ -96,3 +101,20 @@ def test_a_killed_rank_makes_the_others_fail_promptly():
         line = [x for x in out.splitlines() if x.startswith("failed after")][0]
         assert float(line.split()[2].rstrip("s:")) < 5, line
         assert "rank" in line, line
+
+
+def test_a_rank_killed_during_all_to_alls_fails_every_other_rank_within_seconds_naming_it():
+    procs = launch(4, "a2a_victim")
+    assert procs[1].stdout is not None
+    assert procs[1].stdout.readline().strip() == "ready"
+    time.sleep(0.5)  # the ranks are in their all-to-all loop (most of it in the exchange)
+    killed_at = time.monotonic()
+    procs[1].send_signal(signal.SIGKILL)
+    res = finish(procs, timeout=60)
+    for r in (0, 2, 3):
+        rc, out, err = res[r]
+        assert rc == 0, out + err
+        line = [x for x in out.splitlines() if x.startswith("failed at")][0]
+        took = float(line.split()[2].rstrip(":")) - killed_at
+        assert took < 10, f"rank {r} failed {took:.1f} s after the kill (timeout 60 s): {line}"
+        assert "rank 1" in line, line

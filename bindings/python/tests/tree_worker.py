@@ -6,6 +6,7 @@ Usage: tree_worker.py SCENARIO [RANK WORLD ROOT]; without RANK.. the launcher va
 from __future__ import annotations
 
 import sys
+import time
 
 import torch
 
@@ -99,6 +100,65 @@ def victim(tree: parallel.Tree) -> None:
     raise AssertionError("the collective succeeded without rank 1")
 
 
+def a2a_victim(tree: parallel.Tree) -> None:
+    """All-to-alls of 8 MiB pieces in a loop until one fails (rank 1 is killed meanwhile)."""
+    n, me = tree.world_size, tree.rank
+    ins = [torch.full((2 << 20,), float(me * n + d)) for d in range(n)]
+    outs = [torch.empty(2 << 20) for _ in range(n)]
+    tree.all_to_all(ins, outs)
+    assert all(torch.all(outs[s] == float(s * n + me)) for s in range(n))
+    print("ready", flush=True)
+    while True:
+        try:
+            tree.all_to_all(ins, outs)
+        except parallel.ParallelError as e:
+            print(f"failed at {time.monotonic():.3f}: {e}", flush=True)
+            return
+
+
+def a2a_edges(tree: parallel.Tree) -> None:
+    """all_to_all's refusals: a size disagreement is a Mismatch on every rank with no output
+    changed, bad local input is a ValueError, and the tree stays usable."""
+    n, me = tree.world_size, tree.rank
+    ins = [torch.full((d + 1,), me * 10 + d, dtype=torch.int32) for d in range(n)]
+    # Rank 1's output for rank 2's piece is one element short.
+    outs = [torch.full((me + 1 - (me == 1 and s == 2),), -1, dtype=torch.int32) for s in range(n)]
+    try:
+        tree.all_to_all(ins, outs)
+        raise AssertionError("no mismatch error")
+    except parallel.Mismatch as e:
+        assert "rank 2 sends 8 bytes to rank 1, whose output for it has 4 bytes" in str(e), e
+    assert all(torch.all(o == -1) for o in outs), outs
+    for bad, what in (
+        (lambda: tree.all_to_all(ins[:-1]), "tensors for a world"),
+        (lambda: tree.all_to_all([t.double() if i == 0 else t for i, t in enumerate(ins)]), "dtype"),
+        (lambda: tree.all_to_all(ins, [outs[0]] * n), "share memory"),
+    ):
+        try:
+            bad()
+            raise AssertionError(f"no error for {what}")
+        except ValueError as e:
+            assert what in str(e), e
+    # Still usable; non-contiguous outputs are filled in place.
+    base = torch.full((me + 1, 2), -1, dtype=torch.int32)
+    outs = [torch.full((me + 1,), -1, dtype=torch.int32) for _ in range(n)]
+    outs[0] = base[:, 1]
+    got = tree.all_to_all(ins, outs)
+    assert all(g is o for g, o in zip(got, outs, strict=True)), got
+    for s in range(n):
+        assert torch.all(outs[s] == s * 10 + me), (s, outs[s])
+    assert torch.all(base[:, 0] == -1), base
+    # The asynchronous form, queued behind an asynchronous all-reduce (one order on every rank).
+    outs = [torch.full((me + 1,), -1, dtype=torch.int32) for _ in range(n)]
+    first = tree.all_reduce_async(torch.ones(3))
+    work = tree.all_to_all_async(ins, outs)
+    got = work.wait(30)
+    assert torch.all(first.wait(30) == n)
+    assert isinstance(got, list) and all(g is o for g, o in zip(got, outs, strict=True)), got
+    assert all(torch.all(outs[s] == s * 10 + me) for s in range(n)), outs
+    print("a2a edges ok", flush=True)
+
+
 def main() -> int:
     scenario = sys.argv[1]
     if len(sys.argv) > 2:
@@ -106,7 +166,10 @@ def main() -> int:
         tree = parallel.tree(rank, int(sys.argv[3]), sys.argv[4], timeout=60)
     else:
         tree = parallel.tree(timeout=60)
-    {"battery": battery, "uneven": uneven, "mismatch": mismatch, "victim": victim}[scenario](tree)
+    scenarios = {"battery": battery, "uneven": uneven, "mismatch": mismatch, "victim": victim}
+    scenarios["a2a_victim"] = a2a_victim
+    scenarios["a2a_edges"] = a2a_edges
+    scenarios[scenario](tree)
     print(f"rank {tree.rank} ok")
     return 0
 

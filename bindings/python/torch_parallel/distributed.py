@@ -8,9 +8,9 @@
 Each process group (the default one, and every ``new_group`` / ``split_group`` /
 ``new_subgroups``) gets its own :class:`~torch_parallel.Tree`, made through the group's store.
 Collectives map onto the Tree's (``all_reduce``, ``broadcast``, ``reduce``, ``all_gather``,
-``reduce_scatter``, ``barrier``); point-to-point (``send``, ``recv``, receive from any source)
-and the collectives the Tree lacks (``alltoall``, ``scatter``) ride on the engine's Client and
-Server, one server per rank, addresses exchanged through the store. See docs/torch-distributed.md.
+``reduce_scatter``, ``all_to_all``, ``barrier``); point-to-point (``send``, ``recv``, receive
+from any source) and ``scatter`` ride on the engine's Client and Server, one server per rank,
+addresses exchanged through the store. See docs/torch-distributed.md.
 
 Invariants:
 
@@ -789,20 +789,23 @@ class ParallelBackend(_C10dBackend):
 
     # -- all-to-all -----------------------------------------------------------------------
 
-    def _exchange(self, outs: list[torch.Tensor], ins: list[torch.Tensor], what: str, result: Any) -> _Work:
+    def _all_to_all(self, outs: list[torch.Tensor], ins: list[torch.Tensor], what: str, result: Any) -> _Work:
+        """The Tree's pairwise all-to-all into ``outs``, on the Tree's queue (each output exactly
+        its sender's size: a mismatch on every rank otherwise; non-contiguous outputs are filled
+        in place)."""
         if len(outs) != self._size or len(ins) != self._size:
             raise ValueError(
                 f"parallel backend: {what}: expected {self._size} input and output pieces, "
                 f"got {len(ins)} and {len(outs)}"
             )
-        tag = self._tag()
-        futures = [self._p2p.send(p, r, tag) for r, p in enumerate(ins) if r != self._rank]
-        futures += [self._p2p.recv(o, r, tag) for r, o in enumerate(outs) if r != self._rank]
-        outs[self._rank].copy_(ins[self._rank])
-        return self._later_all(what, futures, result)
+        try:
+            pending = self._tree.all_to_all_async(ins, outs)
+        except BaseException as exc:
+            raise _backend_error(what, exc) from exc
+        return self._later(what, pending, lambda: result)
 
     def alltoall(self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: Any) -> _Work:
-        return self._exchange(outputs, inputs, "alltoall", outputs)
+        return self._all_to_all(outputs, inputs, "alltoall", outputs)
 
     def all_to_all_single(
         self,
@@ -827,23 +830,9 @@ class ParallelBackend(_C10dBackend):
                 )
             return list(torch.split(t, sizes))
 
-        work_out = output if output.is_contiguous() else torch.empty_like(output)
-        outs = split(work_out, list(output_splits))
-        ins = [p.contiguous() for p in split(input, list(input_splits))]
-        staged = [o if o.is_contiguous() else torch.empty_like(o) for o in outs]
-        work = self._exchange(staged, ins, "all_to_all_single", [output])
-
-        def finish(_: Any) -> None:
-            for o, s in zip(outs, staged, strict=True):
-                if o is not s:
-                    o.copy_(s)
-            if work_out is not output:
-                output.copy_(work_out)
-
-        if any(o is not s for o, s in zip(outs, staged, strict=True)) or work_out is not output:
-            work.wait()
-            finish(None)
-        return work
+        outs = split(output, list(output_splits))
+        ins = split(input, list(input_splits))
+        return self._all_to_all(outs, ins, "all_to_all_single", [output])
 
     # -- point-to-point -------------------------------------------------------------------
 

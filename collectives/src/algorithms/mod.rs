@@ -11,10 +11,13 @@
 //! - [`tree::all_reduce`]: whole tensors up the tree (reduced in rank order) and the root's
 //!   result down; host or device memory, the reduce kernel is the caller's (CPU or CUDA).
 //! - [`tree::broadcast`]: from any root, up its path to rank 0, then down to every other rank.
+//! - [`alltoall::exchange`]: pairwise all-to-all (step k: send to rank + k, receive from
+//!   rank - k), pieces of any size per pair, over a full mesh of links made on first use.
 //!
 //! Small CPU all-reduces, reduces, broadcasts, all-gathers and barriers ride the Tree's control
 //! pass itself (the data travel with the control frames up and down the tree), so they have no
-//! function of their own here.
+//! function of their own here. The barrier in particular is the control pass alone: its tree
+//! gather and broadcast already check every rank's call, so a function would only repeat it.
 //!
 //! Invariants:
 //! - ALGO-1: every element is reduced in exactly one place, in a fixed order, then copied, so
@@ -24,6 +27,7 @@
 //! - ALGO-3: every receive and send is bounded by the communicator's deadline, and an error
 //!   names the peer and the step.
 
+pub mod alltoall;
 pub mod hierarchical;
 pub mod ring;
 pub(crate) mod sends;

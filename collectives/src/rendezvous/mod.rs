@@ -45,6 +45,7 @@ pub mod store;
 mod tests;
 
 pub use launcher::resolve;
+pub(crate) use links::full_mesh;
 pub use store::{MemStore, Store};
 
 use crate::plan::Plan;

@@ -74,6 +74,11 @@ impl Tree {
     /// A finished rank's part in the data phase of the others' collective, if it has one.
     fn serve_data(&self, v: &Verdict, op: Option<&Op>) -> Result<()> {
         let Some(m) = &v.meta else { return Ok(()) };
+        // An all-to-all moves nothing to or from a finished rank, which only helps make the
+        // full mesh on the first one (TA2A-2, TA2A-3).
+        if m.kind == Kind::AllToAll {
+            return self.mesh_links(self.deadline()).map(|_| ());
+        }
         // The contributing ranks reduce partial results this (root) rank could not combine.
         if !v.parts.is_empty() {
             return self.settle(None, None);

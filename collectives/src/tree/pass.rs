@@ -375,6 +375,13 @@ impl Tree {
                 ),
             ));
         }
+        // An all-to-all's piece sizes must agree for every pair of taking ranks (TA2A-1).
+        if culprit.is_none()
+            && error.is_none()
+            && reference.as_ref().is_some_and(|m| m.kind == Kind::AllToAll)
+        {
+            culprit = super::alltoall::check_sizes(&mut pieces, self.world_size());
+        }
         // A finished root without the user function sends the partial results down; the
         // contributing ranks reduce them, in the same order, then settle.
         let (result, parts) = if have_own {
