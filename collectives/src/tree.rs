@@ -47,10 +47,11 @@ use parallel_engine::value::DType;
 use parallel_engine::{Error, ErrorKind, Result, Server};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 mod epochs;
+mod fastpath;
 mod gpu;
 mod pass;
 
@@ -95,6 +96,9 @@ pub struct Tree {
     call: AtomicU8,
     /// The last control pass this rank served while done was a first pass of a call (TREE-4).
     served_call: AtomicBool,
+    /// The flat shared-memory region of the small-message fast path, when every rank is on
+    /// one host ([`crate::flat`], FLAT-1..6).
+    flat: OnceLock<crate::flat::Region>,
 }
 
 const NO_CALL: u8 = 0;
@@ -160,7 +164,7 @@ impl Tree {
             resolved.source
         );
         log_plan(&joined.plan, joined.rank);
-        Ok(Tree {
+        let tree = Tree {
             sender: Sender::new(),
             rank: joined.rank,
             plan: joined.plan,
@@ -177,7 +181,12 @@ impl Tree {
             structure: AtomicU64::new(0),
             call: AtomicU8::new(NO_CALL),
             served_call: AtomicBool::new(false),
-        })
+            flat: OnceLock::new(),
+        };
+        if let Some(region) = tree.setup_flat()? {
+            let _ = tree.flat.set(region);
+        }
+        Ok(tree)
     }
 
     pub fn rank(&self) -> usize {
@@ -245,6 +254,10 @@ impl Tree {
             }
             for c in self.links.values() {
                 c.close();
+            }
+            // Ranks waiting on the fast path see it too (FLAT-4).
+            if let Some(r) = self.flat.get() {
+                r.leave();
             }
         }
         Error::new(e.kind(), "tree", msg)
