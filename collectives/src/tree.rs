@@ -499,6 +499,13 @@ impl Tree {
     /// The all-reduce algorithm this rank chooses for `nbytes` (sent in the collective's meta,
     /// which every rank must agree on).
     fn algorithm(&self, nbytes: usize) -> Algorithm {
+        // What fits the flat region takes it, ahead of the ring (FLAT-6: every rank has the same
+        // cut-over); a forced PARALLEL_ALGO is kept.
+        if self.tuning.algo == crate::plan::Algo::Auto
+            && self.flat.get().is_some_and(|r| nbytes <= r.max())
+        {
+            return Algorithm::Tree;
+        }
         algorithms::choose(&self.plan, &self.tuning, nbytes)
     }
 

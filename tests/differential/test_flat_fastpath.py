@@ -65,7 +65,7 @@ def check(reports: list[dict[str, Any]]) -> None:
         (2, 1024, [{"PARALLEL_SHM_FLAT_MAX": "1024"}] * 2),
         # Different settings: the smallest applies on every rank (FLAT-6).
         (3, 2048, [{"PARALLEL_SHM_FLAT_MAX": v} for v in ("4096", "2048", "64K")]),
-        (4, 65536, [{}] * 4),
+        (4, 1 << 20, [{}] * 4),
         (2, 0, [{"PARALLEL_SHM": "0"}] * 2),
         (3, 0, [{"PARALLEL_SHM_FLAT_MAX": "0"}] * 3),
     ],
@@ -83,7 +83,7 @@ def test_fast_path_results_match_reference_agree_bitwise_and_keep_mismatch_and_u
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_rank_killed_while_others_wait_on_the_fast_path_is_an_error_within_seconds(world: int) -> None:
-    reports = run("kill", world, 65536, [{}] * world)
+    reports = run("kill", world, 1 << 20, [{}] * world)
     survivors = reports[: world - 1]
     for rep in survivors:
         assert "traceback" not in rep, rep["traceback"]
