@@ -341,7 +341,7 @@ impl Tree {
             gpu: false,
             sig: 0,
             cont: false,
-            algo: self.algorithm(buf.len()),
+            algo: self.algorithm(buf.len(), op),
         };
         if let Op::User(_) = op {
             return self.run(|| self.user_all_reduce(&meta, dtype, buf, op));
@@ -496,12 +496,14 @@ impl Tree {
         })
     }
 
-    /// The all-reduce algorithm this rank chooses for `nbytes` (sent in the collective's meta,
-    /// which every rank must agree on).
-    fn algorithm(&self, nbytes: usize) -> Algorithm {
+    /// The all-reduce algorithm this rank chooses for `nbytes` with `op` (sent in the
+    /// collective's meta, which every rank must agree on).
+    fn algorithm(&self, nbytes: usize, op: &Op) -> Algorithm {
         // What fits the flat region takes it, ahead of the ring (FLAT-6: every rank has the same
-        // cut-over); a forced PARALLEL_ALGO is kept.
+        // cut-over); a forced PARALLEL_ALGO is kept, and a user function (never on the fast
+        // path, TREE-6) keeps the algorithm its size picks.
         if self.tuning.algo == crate::plan::Algo::Auto
+            && !matches!(op, Op::User(_))
             && self.flat.get().is_some_and(|r| nbytes <= r.max())
         {
             return Algorithm::Tree;
