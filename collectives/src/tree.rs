@@ -10,6 +10,9 @@
 //! picks (the pipelined ring, or hierarchical across hosts); CUDA tensors take the whole-tensor
 //! tree algorithm with a device reduce kernel ([`gpu`]). Many tensors of one call are fused per
 //! dtype and device by [`crate::fuse`]. Finished ranks serve the others ([`epochs`]).
+//! When every rank runs on one host, a flat shared-memory region ([`crate::flat`], FLAT-1..6)
+//! comes first: small all-reduces, broadcasts and barriers that every rank calls alike finish
+//! there without a pass; anything else falls back to the pass on every rank alike ([`fastpath`]).
 //!
 //! Invariants:
 //! - TREE-1: every rank ends a collective with bitwise the same result: each element is reduced in
