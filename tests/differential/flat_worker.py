@@ -60,7 +60,13 @@ def reference(seed: int, case: int, world: int, n: int, dtype: str, op: str) -> 
     xs = [inputs(seed, case, r, n, dtype, op).astype(np.float64) for r in range(world)]
     acc = xs[0].copy()
     for x in xs[1:]:
-        acc = {"sum": acc + x, "avg": acc + x, "prod": acc * x, "min": np.minimum(acc, x), "max": np.maximum(acc, x)}[op]
+        acc = {
+            "sum": acc + x,
+            "avg": acc + x,
+            "prod": acc * x,
+            "min": np.minimum(acc, x),
+            "max": np.maximum(acc, x),
+        }[op]
     return acc / world if op == "avg" else acc
 
 
@@ -116,7 +122,9 @@ class Run:
         rng = random.Random(self.seed + 1)
         for case in range(ncases):
             root = rng.randrange(self.world)
-            n = rng.choice([1, self.flat_max // 4 or 64, (self.flat_max // 4 or 64) + 1, rng.randint(1, 3000)])
+            n = rng.choice(
+                [1, self.flat_max // 4 or 64, (self.flat_max // 4 or 64) + 1, rng.randint(1, 3000)]
+            )
             src = np.arange(n, dtype=np.float32) + 1000 * root + case
             t = torch.from_numpy(src.copy() if self.rank == root else np.zeros(n, np.float32))
             before = msgs(self.tree)
@@ -138,7 +146,9 @@ class Run:
             "dtype": (torch.ones(small, dtype=torch.float64 if self.rank == last else torch.float32), "sum"),
             "op": (torch.ones(small, dtype=torch.float32), "max" if self.rank == last else "sum"),
             "size over the cut-over on one rank": (
-                torch.ones(small if self.rank != last else max(small, self.flat_max) + 64, dtype=torch.float32),
+                torch.ones(
+                    small if self.rank != last else max(small, self.flat_max) + 64, dtype=torch.float32
+                ),
                 "sum",
             ),
         }
@@ -169,7 +179,9 @@ class Run:
                 k = self.tree.contributors
                 want = sum(r + 1 for r in range(self.world) if r + 1 > step)
                 if k != active or not bool((t == want).all()):
-                    self.fail(f"uneven step {step} ({n} floats): {k} contributors, {t[:2]}, want {active}, {want}")
+                    self.fail(
+                        f"uneven step {step} ({n} floats): {k} contributors, {t[:2]}, want {active}, {want}"
+                    )
             self.tree.barrier()
         served = self.tree.done(timeout=60)
         self.facts["served"] = served

@@ -23,7 +23,9 @@ import launch  # noqa: E402
 WORKER = str(Path(__file__).resolve().parent / "flat_worker.py")
 
 
-def run(mode: str, world: int, flat_max: int, envs: list[dict[str, str]], timeout: float = 240) -> list[dict[str, Any]]:
+def run(
+    mode: str, world: int, flat_max: int, envs: list[dict[str, str]], timeout: float = 240
+) -> list[dict[str, Any]]:
     """Runs `world` ranks of flat_worker.py (rank r with envs[r]); returns their reports (in
     mode `kill`, the last rank's is not expected)."""
     root = f"127.0.0.1:{launch.free_port()}"
