@@ -122,7 +122,7 @@ impl Meta {
                 if self.gpu { " on CUDA" } else { "" },
                 self.root,
                 match self.algo {
-                    Algorithm::Tree => "",
+                    Algorithm::Tree | Algorithm::Flat => "",
                     Algorithm::Ring => {
                         ", by the ring (check PARALLEL_ALGO and PARALLEL_RING_THRESHOLD on every rank)"
                     }
@@ -201,6 +201,8 @@ pub(crate) struct Verdict {
     pub parts: Vec<Vec<u8>>,
     /// all_gather: (rank, bytes) of every contributing rank, in rank order.
     pub pieces: Vec<(usize, Vec<u8>)>,
+    /// The collective finished on the shared-memory fast path (FLAT-1), not by the pass.
+    pub flat: bool,
 }
 
 /// A decoded control message.

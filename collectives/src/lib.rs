@@ -5,6 +5,7 @@
 pub mod algorithms;
 pub mod control;
 pub mod cuda_ops;
+mod flat;
 pub mod fuse;
 pub mod ops;
 pub mod plan;

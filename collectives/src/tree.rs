@@ -11,6 +11,9 @@
 //! device memory when large, else the whole-tensor tree algorithm, with a device reduce kernel
 //! ([`gpu`]). Many tensors of one call are fused per dtype and device by [`crate::fuse`].
 //! Finished ranks serve the others ([`epochs`]).
+//! When every rank runs on one host, a flat shared-memory region ([`crate::flat`], FLAT-1..6)
+//! comes first: small all-reduces, broadcasts and barriers that every rank calls alike finish
+//! there without a pass; anything else falls back to the pass on every rank alike ([`fastpath`]).
 //!
 //! Invariants:
 //! - TREE-1: every rank ends a collective with bitwise the same result: each element is reduced in
@@ -48,11 +51,12 @@ use parallel_engine::value::DType;
 use parallel_engine::{Error, ErrorKind, Result, Server};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 mod alltoall;
 mod epochs;
+mod fastpath;
 mod gpu;
 mod pass;
 
@@ -103,6 +107,9 @@ pub struct Tree {
     served_call: AtomicBool,
     /// The code of the algorithm that moved this rank's last all-reduce's data.
     last_algo: AtomicU8,
+    /// The flat shared-memory region of the small-message fast path, when every rank is on
+    /// one host ([`crate::flat`], FLAT-1..6).
+    flat: OnceLock<crate::flat::Region>,
 }
 
 const NO_CALL: u8 = 0;
@@ -170,7 +177,7 @@ impl Tree {
         );
         log_plan(&joined.plan, joined.rank);
         let mesh_after = joined.server.connections().iter().map(|c| c.id()).max();
-        Ok(Tree {
+        let tree = Tree {
             sender: Sender::new(),
             rank: joined.rank,
             plan: joined.plan,
@@ -190,7 +197,12 @@ impl Tree {
             call: AtomicU8::new(NO_CALL),
             served_call: AtomicBool::new(false),
             last_algo: AtomicU8::new(Algorithm::Tree.code()),
-        })
+            flat: OnceLock::new(),
+        };
+        if let Some(region) = tree.setup_flat()? {
+            let _ = tree.flat.set(region);
+        }
+        Ok(tree)
     }
 
     pub fn rank(&self) -> usize {
@@ -274,6 +286,10 @@ impl Tree {
             for c in self.all_links().values() {
                 c.close();
             }
+            // Ranks waiting on the fast path see it too (FLAT-4).
+            if let Some(r) = self.flat.get() {
+                r.leave();
+            }
         }
         Error::new(e.kind(), "tree", msg)
     }
@@ -356,7 +372,7 @@ impl Tree {
             gpu: false,
             sig: 0,
             cont: false,
-            algo: self.algorithm(buf.len()),
+            algo: self.algorithm(buf.len(), op),
         };
         if let Op::User(_) = op {
             return self.run(|| self.user_all_reduce(&meta, dtype, buf, op));
@@ -372,7 +388,10 @@ impl Tree {
                 if matches!(op, Op::Avg) {
                     ops::divide(dtype, buf, v.contributors);
                 }
-                self.ran(Algorithm::Tree);
+                self.ran(match v.flat {
+                    true => Algorithm::Flat,
+                    false => Algorithm::Tree,
+                });
                 Ok(v.contributors)
             }
         })
@@ -515,9 +534,18 @@ impl Tree {
         })
     }
 
-    /// The all-reduce algorithm this rank chooses for `nbytes` (sent in the collective's meta,
-    /// which every rank must agree on).
-    fn algorithm(&self, nbytes: usize) -> Algorithm {
+    /// The all-reduce algorithm this rank chooses for `nbytes` with `op` (sent in the
+    /// collective's meta, which every rank must agree on).
+    fn algorithm(&self, nbytes: usize, op: &Op) -> Algorithm {
+        // What fits the flat region takes it, ahead of the ring (FLAT-6: every rank has the same
+        // cut-over); a forced PARALLEL_ALGO is kept, and a user function (never on the fast
+        // path, TREE-6) keeps the algorithm its size picks.
+        if self.tuning.algo == crate::plan::Algo::Auto
+            && !matches!(op, Op::User(_))
+            && self.flat.get().is_some_and(|r| nbytes <= r.max())
+        {
+            return Algorithm::Tree;
+        }
         algorithms::choose(&self.plan, &self.tuning, nbytes)
     }
 
@@ -553,7 +581,7 @@ impl Tree {
                 contributors,
             ),
             // (the callers come here only for buffers the tree does not take)
-            Algorithm::Ring | Algorithm::Tree => {
+            Algorithm::Ring | Algorithm::Tree | Algorithm::Flat => {
                 algorithms::ring::all_reduce(&comm, &self.plan.ring, dtype, buf, op, contributors)
             }
         }

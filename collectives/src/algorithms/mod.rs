@@ -71,6 +71,9 @@ pub enum Algorithm {
     Ring,
     /// Host-local reduce, a ring of host leaders, host-local broadcast (TREE-5).
     Hierarchical,
+    /// The shared-memory fast path of one host ([`crate::flat`]): never chosen here, nor sent
+    /// in a meta; reported by `Tree::last_all_reduce_algorithm` when a call finished there.
+    Flat,
 }
 
 impl Algorithm {
@@ -80,23 +83,30 @@ impl Algorithm {
             Algorithm::Tree => 0,
             Algorithm::Ring => 1,
             Algorithm::Hierarchical => 2,
+            Algorithm::Flat => 3,
         }
     }
 
-    /// The algorithm's name: "tree", "ring" or "hierarchical".
+    /// The algorithm's name: "tree", "ring", "hierarchical" or "flat".
     pub fn name(self) -> &'static str {
         match self {
             Algorithm::Tree => "tree",
             Algorithm::Ring => "ring",
             Algorithm::Hierarchical => "hierarchical",
+            Algorithm::Flat => "flat",
         }
     }
 
     /// The algorithm of a code in a control message; `None` for an unknown one.
     pub(crate) fn from_code(c: u8) -> Option<Algorithm> {
-        [Algorithm::Tree, Algorithm::Ring, Algorithm::Hierarchical]
-            .into_iter()
-            .find(|a| a.code() == c)
+        [
+            Algorithm::Tree,
+            Algorithm::Ring,
+            Algorithm::Hierarchical,
+            Algorithm::Flat,
+        ]
+        .into_iter()
+        .find(|a| a.code() == c)
     }
 }
 

@@ -114,16 +114,12 @@ impl Tree {
     }
 
     /// Receives the children's reports of pass `seq` and folds them into this rank's own.
-    fn gather(&self, seq: u64, p: &mut Pass<'_>) -> Result<Gathered> {
+    fn gather(&self, seq: u64, p: &mut Pass<'_>, reference: Option<Meta>) -> Result<Gathered> {
         let idle = p.meta.is_none();
         let mut g = Gathered {
             n_active: usize::from(!idle),
             culprit: None,
-            reference: p.meta.map(|m| Meta {
-                sig: self.structure.load(Ordering::SeqCst),
-                cont: self.continues_call(),
-                ..m.clone()
-            }),
+            reference,
             partials: Vec::new(),
             have_own: p.carry_data && p.contributes && p.data.is_some(),
             idle_ranks: if idle { vec![self.rank] } else { vec![] },
@@ -236,7 +232,19 @@ impl Tree {
     pub(super) fn pass_with(&self, mut p: Pass<'_>) -> Result<Verdict> {
         let seq = self.next_seq();
         let idle = p.meta.is_none();
-        let mut g = self.gather(seq, &mut p)?;
+        // What this rank calls, as every rank compares it (TREE-2, TREE-7), stamped once.
+        let reference = p.meta.map(|m| Meta {
+            sig: self.structure.load(Ordering::SeqCst),
+            cont: self.continues_call(),
+            ..m.clone()
+        });
+        // Small collectives of ranks on one host: the flat region instead of the pass (FLAT-1).
+        if let Some(v) = self.flat_pass(seq, &mut p, reference.as_ref())? {
+            self.contributors
+                .store(v.contributors as u64, Ordering::SeqCst);
+            return Ok(v);
+        }
+        let mut g = self.gather(seq, &mut p, reference)?;
         // A finished rank that knows the op (the collective's built-in op, or the user function
         // given to done() when the others called one) reduces what it holds.
         if g.partials.len() > 1
