@@ -610,6 +610,7 @@ impl Check {
                 error: Check::error(w.error),
                 data,
                 parts,
+                flat: false,
                 pieces,
             },
         })

@@ -173,7 +173,8 @@ impl Tree_ {
         self.tree.contributors()
     }
     /// The algorithm that moved the data of this rank's last all-reduce, CPU or CUDA tensors:
-    /// "tree", "ring", "hierarchical" or "flat" (the shared-memory fast path of one host; "tree" before the first).
+    /// "tree", "ring", "hierarchical" or "flat" (the shared-memory fast path of one host);
+    /// "tree" before the first.
     #[getter]
     fn last_algorithm(&self) -> &'static str {
         self.tree.last_all_reduce_algorithm().name()

@@ -184,7 +184,7 @@ fn eligible(region: &Region, p: &Pass<'_>, m: &Meta) -> bool {
         }
         Kind::Broadcast => p.carry_data && p.data.is_some(),
         Kind::Barrier => p.data.is_none(),
-        Kind::Reduce | Kind::AllGather => false,
+        Kind::Reduce | Kind::AllGather | Kind::AllToAll => false,
     }
 }
 

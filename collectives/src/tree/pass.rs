@@ -408,6 +408,7 @@ impl Tree {
             data: result,
             parts,
             pieces,
+            flat: false,
         }
     }
 
