@@ -100,6 +100,8 @@ pub(crate) struct Region {
     /// Every other rank's pidfd (FLAT-4); None at this rank's index.
     pidfds: Vec<Option<OwnedFd>>,
     pids: Vec<u32>,
+    /// Where each rank runs ("addr:port on hostname"), for errors that name a rank.
+    places: Vec<String>,
     spin: Duration,
 }
 
@@ -170,8 +172,15 @@ impl Region {
             rank,
             pidfds,
             pids: pids.to_vec(),
+            places: Vec::new(),
             spin: parallel_engine::config::config().spin,
         })
+    }
+
+    /// Names where each rank runs in this region's errors (`places[r]` for rank r).
+    pub fn with_places(mut self, places: Vec<String>) -> Region {
+        self.places = places;
+        self
     }
 
     /// The cut-over: the largest buffer the fast path takes, in bytes (FLAT-6).
@@ -283,8 +292,11 @@ impl Region {
                     ErrorKind::PeerLost,
                     "flat",
                     format!(
-                        "rank {r} left the tree (its tree failed or was closed) while rank {} \
+                        "rank {r}{} left the tree (its tree failed or was closed) while rank {} \
                          waited for it in collective #{seq}",
+                        self.places
+                            .get(r)
+                            .map_or(String::new(), |p| format!(" (at {p})")),
                         self.rank
                     ),
                 ));
@@ -352,9 +364,13 @@ impl Region {
                     ErrorKind::PeerLost,
                     "flat",
                     format!(
-                        "rank {r} (pid {}) exited while rank {} waited for it in collective \
+                        "rank {r} (pid {}{}) exited while rank {} waited for it in collective \
                          #{seq} on the shared-memory fast path",
-                        self.pids[r], self.rank
+                        self.pids[r],
+                        self.places
+                            .get(r)
+                            .map_or(String::new(), |p| format!(" at {p}")),
+                        self.rank
                     ),
                 ));
             }

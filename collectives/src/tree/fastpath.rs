@@ -62,6 +62,9 @@ impl Tree {
         let lay = Layout::new(n, word(1) as usize);
         let deadline = Deadline::after(self.timeout.min(SETUP));
         let pids: Vec<u32> = self.plan.probes.iter().map(|p| p.pid).collect();
+        let places: Vec<String> = (self.plan.probes.iter())
+            .map(|p| format!("{}:{} on {}", p.addr, p.port, p.hostname))
+            .collect();
         let mut offer = [0u8; flat::OFFER];
         let mut hosted = None;
         if self.rank == 0 {
@@ -91,12 +94,13 @@ impl Tree {
                     server = Some(std::thread::spawn(move || {
                         flat::serve(listener, memfd, token, all, stop, deadline)
                     }));
-                    Region::map(mine, lay, 0, &pids)
+                    Region::map(mine, lay, 0, &pids).map(|r| r.with_places(places))
                 }),
             (_, None) => {
                 let name = flat::socket_name(&offer[1..33]);
                 flat::fetch(&name, &offer[33..], self.rank, pids[0], deadline)
                     .and_then(|fd| Region::map(fd, lay, self.rank, &pids))
+                    .map(|r| r.with_places(places))
             }
         };
         let mut ok = [u8::from(region.is_ok())];

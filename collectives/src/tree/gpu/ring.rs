@@ -178,7 +178,10 @@ impl Tree {
     /// (the hierarchical algorithm is host memory only). Other kinds take the tree.
     pub(in crate::tree) fn gpu_algorithm(&self, kind: Kind, nbytes: usize) -> Algorithm {
         // Device memory never takes the host's flat region: the choice by size and topology.
-        match (kind, crate::algorithms::choose(&self.plan, &self.tuning, nbytes)) {
+        match (
+            kind,
+            crate::algorithms::choose(&self.plan, &self.tuning, nbytes),
+        ) {
             (Kind::AllReduce, Algorithm::Ring | Algorithm::Hierarchical) => Algorithm::Ring,
             _ => Algorithm::Tree,
         }
