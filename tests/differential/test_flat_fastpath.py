@@ -67,7 +67,7 @@ def check(reports: list[dict[str, Any]]) -> None:
         (2, 1024, [{"PARALLEL_SHM_FLAT_MAX": "1024"}] * 2),
         # Different settings: the smallest applies on every rank (FLAT-6).
         (3, 2048, [{"PARALLEL_SHM_FLAT_MAX": v} for v in ("4096", "2048", "64K")]),
-        (4, 1 << 20, [{}] * 4),
+        (4, 16 << 10, [{}] * 4),
         (2, 0, [{"PARALLEL_SHM": "0"}] * 2),
         (3, 0, [{"PARALLEL_SHM_FLAT_MAX": "0"}] * 3),
     ],
