@@ -808,7 +808,7 @@ def render(report):
         f"{', '.join(str(warmup(SIZES[k], v)) for k, v in a['iters'].items())}), a barrier, "
         "and the timed ops, each timed alone on rank 0 "
         f"(timed ops per rep: {its}). Ours and gloo reduce in place; MPI out of place (src, dst), as "
-        "research/peer-baselines/mpi_bench.py. algbw = n/t, busbw = algbw * 2(p-1)/p, 1 GB/s = 1e9 B/s. "
+        "the peer baselines' mpi4py benchmark. algbw = n/t, busbw = algbw * 2(p-1)/p, 1 GB/s = 1e9 B/s. "
         "CPU/op = user + system time of all ranks over the timed loop, per op (shows what spinning costs). "
         "CPU pressure = share of a launch's wall time in which some task waited for a CPU "
         "(/proc/pressure/cpu 'some', our own threads included): well above ~20 % means other work "
@@ -1121,7 +1121,12 @@ def load_main(a):
     report = {
         "started": started,
         "elapsed_s": time.monotonic() - t_start,
-        "command": " ".join([sys.executable, *sys.argv]),
+        "command": " ".join(
+            [
+                os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd()) else sys.executable,
+                *sys.argv,
+            ]
+        ),
         "args": vars(a),
         "load_kind": kind,
         "loadavg_start": loadavg_start,
