@@ -43,7 +43,7 @@
 
 use crate::ops::{self, Op};
 use parallel_engine::link::sys;
-use parallel_engine::runtime::{Deadline, Spin};
+use parallel_engine::runtime::{Deadline, Spin, futex};
 use parallel_engine::value::DType;
 use parallel_engine::{Error, ErrorKind, Result};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -113,21 +113,6 @@ impl std::fmt::Debug for Region {
             self.rank, self.lay.world, self.lay.max
         )
     }
-}
-
-/// A futex operation on a word of the region; `Some(errno)` when it failed.
-fn futex(w: &AtomicU32, op: libc::c_int, val: u32, timeout: Option<Duration>) -> Option<i32> {
-    let ts = timeout.map(|t| libc::timespec {
-        tv_sec: t.as_secs() as libc::time_t,
-        tv_nsec: t.subsec_nanos() as libc::c_long,
-    });
-    let tp = ts
-        .as_ref()
-        .map_or(std::ptr::null(), |t| t as *const libc::timespec);
-    // SAFETY: FUTEX_WAIT/WAKE on a live, aligned u32 of our mapping (not private: the word is
-    // shared between processes); the kernel only compares, sleeps and wakes.
-    let rc = unsafe { libc::syscall(libc::SYS_futex, w.as_ptr(), op, val, tp) };
-    (rc < 0).then(|| std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
 }
 
 /// A pidfd for `pid` (Linux 5.3+): readable once the process has exited, even as a zombie.

@@ -31,12 +31,14 @@
 //!   hand the kernel freed memory.
 
 mod backend;
+mod futex;
 mod io;
 mod reactor;
 mod spin;
 #[cfg(test)]
 mod tests;
 
+pub use futex::futex;
 pub(crate) use io::{Attempt, recv_exact, send_all, try_recv};
 pub use reactor::{Completion, Lane, Runtime, block_signals};
 pub use spin::{LOAD_PERIOD, SLOTS, Spin, SpinStats, refresh_load, relax, spin_stats, spin_until};

@@ -5,25 +5,7 @@ use super::*;
 /// Set in the lock word while a process waits for the lock (SHQ-7); pids stay below 2^22.
 pub(super) const CONTENDED: u32 = 1 << 31;
 
-/// A futex operation on a word of the mapping; `Some(errno)` when it failed.
-pub(super) fn futex(
-    w: &AtomicU32,
-    op: libc::c_int,
-    val: u32,
-    timeout: Option<Duration>,
-) -> Option<i32> {
-    let ts = timeout.map(|t| libc::timespec {
-        tv_sec: t.as_secs() as libc::time_t,
-        tv_nsec: t.subsec_nanos() as libc::c_long,
-    });
-    let tp = ts
-        .as_ref()
-        .map_or(std::ptr::null(), |t| t as *const libc::timespec);
-    // SAFETY: FUTEX_WAIT/WAKE on a live, aligned u32 of our mapping (not private: the word is
-    // shared between processes); the kernel only compares, sleeps and wakes.
-    let rc = unsafe { libc::syscall(libc::SYS_futex, w.as_ptr(), op, val, tp) };
-    (rc < 0).then(|| std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
-}
+pub(super) use parallel_engine::runtime::futex;
 
 pub(super) struct Guard<'a> {
     seg: &'a Segment,
