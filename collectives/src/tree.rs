@@ -152,6 +152,14 @@ fn log_plan(plan: &Plan, rank: usize) {
     );
 }
 
+/// Every error of a tree link names the member it leads to ("rank 3 at 10.0.0.2:4567 (pid
+/// 812)"), whichever path failed on it: control pass, ring chunk or all-to-all piece.
+pub(crate) fn name_links(links: &HashMap<usize, Arc<Conn>>) {
+    for (r, c) in links {
+        c.name_peer(format!("rank {r}"));
+    }
+}
+
 impl Tree {
     /// Joins the tree (rendezvous, plan, links). See [`rendezvous`].
     pub fn new(opts: TreeOptions) -> Result<Tree> {
@@ -177,6 +185,7 @@ impl Tree {
         );
         log_plan(&joined.plan, joined.rank);
         let mesh_after = joined.server.connections().iter().map(|c| c.id()).max();
+        name_links(&joined.links);
         let tree = Tree {
             sender: Sender::new(),
             rank: joined.rank,

@@ -245,6 +245,7 @@ impl Tree {
             self.mesh_after,
             Instant::now() + deadline.remaining(),
         )?;
+        super::name_links(&mesh);
         let _ = self.mesh.set(mesh);
         Ok(self.mesh.get().unwrap_or(&self.links))
     }

@@ -91,6 +91,10 @@ impl Conn {
     pub fn link(&self) -> &Link {
         &self.link
     }
+    /// Names the peer in this connection's errors ([`Link::name_peer`]).
+    pub fn name_peer(&self, name: String) {
+        self.link.name_peer(name)
+    }
     pub fn stats(&self) -> Stats {
         self.link.stats()
     }

@@ -161,6 +161,9 @@ pub struct Link {
     sock: OwnedFd,
     shm: Option<shm::ShmEnd>,
     peer: String,
+    /// What the owner calls the peer ("rank 3"), named in every error of this link with its
+    /// address (`name_peer`); unset, errors name the address alone.
+    peer_name: std::sync::OnceLock<String>,
     send: Mutex<SendState>,
     recv: Mutex<RecvState>,
     /// TCP bytes read ahead of the frame being received (ahead.rs: AHEAD-1..4).
@@ -205,6 +208,7 @@ impl Link {
             sock,
             shm,
             peer,
+            peer_name: std::sync::OnceLock::new(),
             send: Mutex::new(SendState {
                 seq: 0,
                 poisoned: None,
@@ -248,6 +252,21 @@ impl Link {
         self.closed_locally.load(Ordering::SeqCst) || self.peer_closed.load(Ordering::SeqCst)
     }
 
+    /// Names the peer for this link's errors ("rank 3"): they read "(peer rank 3 at
+    /// 10.0.0.2:4567 (pid 812))", so a failure says which member was lost, not only where it
+    /// ran. The first name given stays.
+    pub fn name_peer(&self, name: String) {
+        let _ = self.peer_name.set(name);
+    }
+
+    /// The peer as errors name it: its name, if given, and its address.
+    fn peer_label(&self) -> String {
+        match self.peer_name.get() {
+            Some(n) => format!("{n} at {}", self.peer),
+            None => self.peer.clone(),
+        }
+    }
+
     fn err(&self, e: Error) -> Error {
         if self.closed_locally.load(Ordering::SeqCst)
             && matches!(
@@ -260,9 +279,9 @@ impl Link {
                 e.op(),
                 "the connection was closed locally",
             )
-            .with_peer(&self.peer);
+            .with_peer(self.peer_label());
         }
-        e.with_peer(&self.peer)
+        e.with_peer(self.peer_label())
     }
 
     // ---- byte streams -------------------------------------------------------------------------
