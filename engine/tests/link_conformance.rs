@@ -369,6 +369,10 @@ macro_rules! conformance {
             fn scope_4_sends_and_receives_of_one_link_keep_the_order_they_were_started_in() {
                 cases::scope_order($k)
             }
+            #[test]
+            fn send_now_writes_only_whole_frames_that_fit_and_keeps_the_order() {
+                cases::send_now($k)
+            }
         }
     )*
         /// The kinds this suite runs (the registry must list no other).
@@ -462,6 +466,51 @@ mod cases {
             let got = exchange(&p.a, &p.b, Value::Int(8), &mut []).unwrap();
             assert_eq!(got.as_int(), Some(8));
         }
+    }
+
+    /// `Link::send_now` (SEND-3 of the collectives): on a shared-memory link it writes host
+    /// messages while the ring has room for the whole frame and then refuses, writing nothing;
+    /// TCP links and device tensors always refuse. What it sent and what is sent after it the
+    /// usual way arrive intact and in order.
+    pub fn send_now(k: Kind) {
+        let p = k.pair();
+        const SIZE: usize = 300 << 10; // under the cross-memory threshold: through the ring
+        let mut now = 0i64;
+        let refused = loop {
+            let v = tagged(k, now, &seeded(SIZE, now as u64));
+            if !p.a.send_now(&v).unwrap() {
+                break v;
+            }
+            now += 1;
+            assert!(now < 1000, "send_now never ran out of room");
+        };
+        let host_shm = k.link_kind() == LinkKind::Shm && !k.cuda;
+        if host_shm {
+            let ring = config().shm_ring;
+            assert!(now >= 2, "a {} KiB ring took only {now} frames", ring >> 10);
+            assert!(
+                (now as usize) * SIZE <= ring,
+                "{now} frames of {SIZE} bytes exceed the ring"
+            );
+        } else {
+            assert_eq!(
+                now,
+                0,
+                "send_now wrote on a {} link ({} kind)",
+                k.link_kind().name(),
+                k.name
+            );
+        }
+        // Nothing of the refused frame was written: it follows whole, sent the usual way.
+        std::thread::scope(|s| {
+            let a = &p.a;
+            s.spawn(move || a.send(&refused, dl(LONG)).unwrap());
+            for i in 0..=now {
+                let got = p.b.recv(&mut [], dl(LONG)).unwrap();
+                assert_tagged(&got, i, &seeded(SIZE, i as u64));
+            }
+        });
+        assert_eq!(p.a.stats().msgs_sent, now as u64 + 1);
     }
 
     pub fn ordering(k: Kind) {

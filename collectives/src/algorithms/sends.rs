@@ -15,6 +15,10 @@
 //! - SEND-2: dropping a scope with sends still pending (an error path) first gives them a short
 //!   grace to finish, then closes the links they use so they fail promptly, then waits for each to
 //!   complete: the error is reported within about a second, not at the operation's deadline.
+//! - SEND-3: a send whose whole frame fits in the room of a shared-memory ring (and reads no
+//!   memory in place) is written synchronously by the caller, never overtaking a send of the
+//!   same scope to the same link still queued on the lane; it is complete when `send` returns,
+//!   so SEND-1 holds for it trivially, and its error is reported by `wait_all`.
 
 use super::Communicator;
 use parallel_engine::endpoint::Conn;
@@ -50,6 +54,8 @@ pub(crate) struct SendScope<'a> {
     sender: &'a Sender,
     deadline: Deadline,
     pending: Vec<(Arc<Conn>, Completion<()>)>,
+    /// The error of a send made in place (SEND-3), reported by `wait_all` like a lane's.
+    failed: Option<Error>,
     _bytes: PhantomData<&'a [u8]>,
 }
 
@@ -63,6 +69,7 @@ impl<'a> SendScope<'a> {
             sender: comm.sender(),
             deadline: comm.deadline(),
             pending: Vec::new(),
+            failed: None,
             _bytes: PhantomData,
         };
         f(&mut scope)
@@ -88,6 +95,24 @@ impl<'a> SendScope<'a> {
     /// [`SendScope::run`] waits for the send on every path, so a caller that keeps the memory
     /// for the scope's lifetime `'a` and writes none of it meanwhile keeps the contract.
     pub(crate) unsafe fn send_value(&mut self, conn: &Arc<Conn>, v: Value) {
+        // SEND-3: a send that cannot wait for the peer (room in a shared-memory ring) is written
+        // here and now, unless an earlier send of this scope to the same link is still queued
+        // (it would be overtaken). No hand-off to the lane: with two ranks on two cores, waking
+        // another thread of ours per chunk costs a scheduler round trip while the peer waits.
+        let queued = self
+            .pending
+            .iter()
+            .any(|(c, p)| Arc::ptr_eq(c, conn) && !p.done());
+        if !queued && self.failed.is_none() {
+            match conn.link().send_now(&v) {
+                Ok(true) => return,
+                Ok(false) => {}
+                Err(e) => {
+                    self.failed = Some(e);
+                    return;
+                }
+            }
+        }
         let c = self.sender.send_async(conn, v, self.deadline);
         self.pending.push((conn.clone(), c));
     }
@@ -95,7 +120,7 @@ impl<'a> SendScope<'a> {
     /// Waits for every pending send; the first error, after all have completed (so the scope is
     /// empty whatever the outcome).
     pub(crate) fn wait_all(&mut self, op: &'static str) -> Result<()> {
-        let mut first: Option<Error> = None;
+        let mut first: Option<Error> = self.failed.take();
         for (conn, c) in std::mem::take(&mut self.pending) {
             if let Err(e) = c.wait(self.deadline, op) {
                 if !c.done() {

@@ -58,9 +58,44 @@ impl Link {
     }
 
     pub(crate) fn send_frame(&self, kind: FrameKind, v: &Value, deadline: Deadline) -> Result<()> {
+        self.frame(kind, v, deadline, false).map(|_| ())
+    }
+
+    /// Sends the message `v` now, on the caller's thread, if that cannot wait for the peer:
+    /// a shared-memory link whose outgoing ring has room for the whole frame, no segment that
+    /// the peer reads in place (cross-memory or CUDA IPC, whose send waits for the peer's
+    /// acknowledgement), and no other send holding the link. `Ok(false)`: nothing was written
+    /// (send it the usual way); `Ok(true)`: sent, as [`Link::send`] would have.
+    ///
+    /// The ring's sends go through here first (collectives' SendScope): a chunk that fits is
+    /// written by the thread that has it, instead of waking another thread of ours to write it
+    /// while this one waits for the peer, on a machine whose cores the two ranks already fill.
+    pub fn send_now(&self, v: &Value) -> Result<bool> {
+        self.frame(
+            FrameKind::Message,
+            v,
+            Deadline::after(std::time::Duration::from_secs(1)),
+            true,
+        )
+    }
+
+    /// Writes one frame; with `now`, only if it can be written without waiting (`send_now`),
+    /// else `Ok(false)` before anything is written or numbered.
+    fn frame(&self, kind: FrameKind, v: &Value, deadline: Deadline, now: bool) -> Result<bool> {
         let start = Instant::now();
+        if now && self.shm.is_none() {
+            return Ok(false);
+        }
         let enc = wire::encode(v, &self.limits).map_err(|e| self.err(e))?;
-        let mut st = self.send.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = if now {
+            match self.send.try_lock() {
+                Ok(g) => g,
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => return Ok(false),
+            }
+        } else {
+            self.send.lock().unwrap_or_else(|e| e.into_inner())
+        };
         if self.closed_locally.load(Ordering::SeqCst) {
             return Err(self.err(Error::new(
                 ErrorKind::Closed,
@@ -89,6 +124,14 @@ impl Link {
                     .iter()
                     .any(|g| !g.is_device() && g.len() as u64 >= s.cma_threshold)
         });
+        if now {
+            let in_place = cma.is_some() || enc.segs.iter().any(|g| g.is_device());
+            let frame = (HEADER_LEN + enc.desc.len()) as u64 + enc.payload_len;
+            let room = self.shm.as_ref().map_or(0, |s| s.room());
+            if in_place || frame > room {
+                return Ok(false);
+            }
+        }
         let ipc = self.export_ipc(&enc.segs)?;
         st.seq += 1;
         let h = Header {
@@ -183,6 +226,6 @@ impl Link {
         self.counters
             .send_ns
             .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        Ok(())
+        Ok(true)
     }
 }

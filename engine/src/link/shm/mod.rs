@@ -278,6 +278,16 @@ impl ShmEnd {
         }
     }
 
+    /// Free bytes of the outgoing ring now: a write of at most this many bytes does not wait
+    /// for the reader (only the writer, under the link's send lock, takes room; the reader only
+    /// gives it back).
+    pub fn room(&self) -> u64 {
+        let cap = self.map.cap as u64;
+        let tail = self.map.ctrl(self.tx).tail.load(Ordering::Acquire);
+        let head = self.head.load(Ordering::Relaxed);
+        cap.saturating_sub(head.saturating_sub(tail))
+    }
+
     /// Writes all bytes of `bufs` into the outgoing ring.
     pub fn write_all(&self, bufs: &[&[u8]], deadline: Deadline, what: &str) -> Result<()> {
         let cap = self.map.cap as u64;
