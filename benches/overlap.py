@@ -16,6 +16,7 @@ Systems:
     ours_dist  torch.distributed with backend "parallel" (`import torch_parallel` registers it):
                dist.all_reduce(t, async_op=True) -> work; work.wait()
     gloo       torch.distributed gloo: dist.all_reduce(t, async_op=True) -> work; work.wait()
+    ours_nospin  ours with PARALLEL_SPIN_US=0 in both ranks (a diagnosis: --only ours,ours_nospin)
 
 Three kinds of step, in interleaved blocks within every launch (a barrier before each block):
     compute   the L layers' matmuls alone, no communication
@@ -72,12 +73,14 @@ from _common import HOST, cpu_seconds, free_port, machine_info, read_text, run_p
 
 MiB = 1 << 20
 SCRIPT = os.path.abspath(__file__)
-SYSTEMS = ("ours", "ours_dist", "gloo")
-OURS = ("ours", "ours_dist")
+SYSTEMS = ("ours", "ours_dist", "gloo", "ours_nospin")
+DEFAULT = ("ours", "ours_dist", "gloo")
+OURS = ("ours", "ours_dist", "ours_nospin")
 LABEL = {
     "ours": "ours: Tree.all_reduce_async + handle.wait (shared memory)",
     "ours_dist": 'ours through torch.distributed, backend "parallel" (dist.all_reduce async_op=True)',
     "gloo": "torch.distributed gloo (dist.all_reduce async_op=True, TCP)",
+    "ours_nospin": "ours with PARALLEL_SPIN_US=0 (waits never spin; a diagnosis, not run by default)",
 }
 MODES = ("compute", "comm", "overlap")
 WORLD = 2
@@ -93,7 +96,7 @@ class Comm:
 
     def __init__(self, system, rank, cfg):
         self.system = system
-        if system == "ours":
+        if system in ("ours", "ours_nospin"):
             import torch_parallel as parallel
 
             self.tree = parallel.tree(rank=rank, world_size=WORLD, root=f"{HOST}:{cfg['port']}", timeout=T_OP)
@@ -120,7 +123,7 @@ class Comm:
 
     def close(self):
         self.barrier()
-        if self.system != "ours":
+        if self.system in ("ours_dist", "gloo"):
             import torch.distributed as dist
 
             dist.destroy_process_group()
@@ -146,7 +149,7 @@ def run_rank(system, rank, cfg):
     def step(mode):
         comp_wall = comp_cpu = 0.0
         pend = []
-        cpu0, t0 = cpu_seconds(), pc()
+        cpu0, t0, main0 = cpu_seconds(), pc(), tt()
         for i, buf in enumerate(buckets):
             if mode != "comm":
                 c0, u0 = pc(), tt()
@@ -155,7 +158,7 @@ def run_rank(system, rank, cfg):
                 comp_cpu += tt() - u0
             if mode != "compute":
                 pend.append(comm.start(buf))
-        w0 = pc()
+        w0, cpu_w0, main_w0 = pc(), cpu_seconds(), tt()
         for w in pend:
             comm.wait(w)
         t1 = pc()
@@ -165,6 +168,8 @@ def run_rank(system, rank, cfg):
             "compute_cpu_s": comp_cpu,
             "wait_s": t1 - w0,
             "cpu_s": cpu_seconds() - cpu0,
+            # CPU of the other threads (the system's) before the final wait, while compute ran
+            "others_cpu_before_wait_s": (cpu_w0 - cpu0) - (main_w0 - main0),
         }
 
     def checked():
@@ -183,18 +188,64 @@ def run_rank(system, rank, cfg):
         comm.barrier()
         for _ in range(cfg["warmup"]):
             step(m)
+    threads = {m: {} for m in MODES}
     for r in range(cfg["rounds"]):
         order = MODES if r % 2 == 0 else MODES[::-1]
         for m in order:
             comm.barrier()
+            before = thread_stats()
             for _ in range(cfg["block"]):
                 samples[m].append(step(m))
+            add_thread_delta(threads[m], before, thread_stats(), cfg["rounds"] * cfg["block"])
     verified.append(checked())
     links = None
-    if system == "ours":
+    if system in ("ours", "ours_nospin"):
         links = sorted({str(s.get("link")) for s in comm.tree.stats()})
     comm.close()
-    return {"samples": samples, "verified": all(verified), "links": links, "torch": torch.__version__}
+    return {
+        "samples": samples,
+        "threads": threads,
+        "verified": all(verified),
+        "links": links,
+        "torch": torch.__version__,
+    }
+
+
+def thread_stats():
+    """{tid: (group, run s, runqueue wait s, voluntary, involuntary context switches)} of this
+    process's threads, from /proc (schedstat: nanoseconds). Group: "main" for the thread that
+    computes, else the thread's name without its number ("parallel-lane", gloo's own names)."""
+    out = {}
+    base = f"/proc/{os.getpid()}/task"
+    for tid in os.listdir(base):
+        try:
+            name = read_text(f"{base}/{tid}/comm").strip()
+            run, wait = (int(x) / 1e9 for x in read_text(f"{base}/{tid}/schedstat").split()[:2])
+            sw = {}
+            for line in read_text(f"{base}/{tid}/status").splitlines():
+                if "ctxt_switches:" in line:
+                    key, val = line.split(":")
+                    sw[key.strip()] = int(val)
+        except ValueError:
+            continue
+        group = "main" if tid == str(os.getpid()) else (name.rstrip("0123456789-") or name)
+        out[tid] = (
+            group,
+            run,
+            wait,
+            sw.get("voluntary_ctxt_switches", 0),
+            sw.get("nonvoluntary_ctxt_switches", 0),
+        )
+    return out
+
+
+def add_thread_delta(acc, before, after, steps):
+    """Adds after - before, per thread group and per step (of `steps`), into acc."""
+    for tid, (group, *now) in after.items():
+        was = before.get(tid, (group, 0, 0, 0, 0))[1:]
+        d = acc.setdefault(group, {"cpu_s": 0.0, "runqueue_s": 0.0, "vcsw": 0.0, "ivcsw": 0.0})
+        for key, x, y in zip(("cpu_s", "runqueue_s", "vcsw", "ivcsw"), now, was, strict=True):
+            d[key] += (x - y) / steps
 
 
 def child_main(system, rank, cfg):
@@ -269,6 +320,8 @@ def launch(system, cfg, tmpdir, tag, deadline):
     os.makedirs(out_dir)
     cfg = dict(cfg, port=free_port(), out_dir=out_dir, alarm_s=deadline + 15)
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    if system == "ours_nospin":
+        env["PARALLEL_SPIN_US"] = "0"
     procs, logs = [], []
     stall0, w0 = cpu_stall_us(), time.monotonic()
     err = None
@@ -346,6 +399,7 @@ def per_launch(ranks):
         "compute_step_cpu_s": fig("compute", "cpu_s"),
         "overlap_step_cpu_s": fig("overlap", "cpu_s"),
         "final_wait_s": fig("overlap", "wait_s"),
+        "others_cpu_during_compute_s": fig("overlap", "others_cpu_before_wait_s"),
     }
     off_alone = fig("compute", "compute_s") - fig("compute", "compute_cpu_s")
     off_overlap = fig("overlap", "compute_s") - fig("overlap", "compute_cpu_s")
@@ -359,6 +413,22 @@ def per_launch(ranks):
     return f
 
 
+def thread_figures(ranks):
+    """Per mode and thread group: CPU, runqueue wait and context switches per step, the mean of
+    the two ranks."""
+    out = {}
+    for mode in MODES:
+        groups = {g for rr in ranks.values() for g in rr["threads"][mode]}
+        out[mode] = {
+            g: {
+                k: statistics.fmean(rr["threads"][mode].get(g, {}).get(k, 0.0) for rr in ranks.values())
+                for k in ("cpu_s", "runqueue_s", "vcsw", "ivcsw")
+            }
+            for g in sorted(groups)
+        }
+    return out
+
+
 KEYS = (
     "compute_step_s",
     "comm_step_s",
@@ -370,6 +440,7 @@ KEYS = (
     "comm_cpu_s",
     "comm_cpu_in_overlap_s",
     "final_wait_s",
+    "others_cpu_during_compute_s",
     "efficiency",
 )
 
@@ -391,9 +462,25 @@ def summarize(runs):
         "max": {k: max(p[k] for p in per) for k in KEYS},
         "cpu_pressure": [r.get("cpu_pressure") for r in ok],
         "links": ok[-1].get("links"),
+        "threads": _median_threads([r["threads"] for r in ok]),
     }
     if len(ok) < len(runs):
         out["note"] = f"{len(runs) - len(ok)} launch(es) failed: {runs[-1].get('note', '')}"[:300]
+    return out
+
+
+def _median_threads(per):
+    """Per mode, group and figure: the median over the launches (0 where a launch lacked it)."""
+    out = {}
+    for mode in MODES:
+        groups = sorted({g for p in per for g in p[mode]})
+        out[mode] = {
+            g: {
+                k: _med([p[mode].get(g, {}).get(k, 0.0) for p in per])
+                for k in ("cpu_s", "runqueue_s", "vcsw", "ivcsw")
+            }
+            for g in groups
+        }
     return out
 
 
@@ -457,6 +544,7 @@ ROWS = (
     ("comm CPU alone (what the bytes justify)", "comm_cpu_s", _ms),
     ("comm CPU while overlapped", "comm_cpu_in_overlap_s", _ms),
     ("final wait of the overlapped step", "final_wait_s", _ms),
+    ("other threads' CPU while the compute ran", "others_cpu_during_compute_s", _ms),
     ("overlap efficiency", "efficiency", lambda x: f"{x:.2f}"),
 )
 
@@ -468,6 +556,37 @@ def table(report):
     for title, key, fmt in ROWS:
         lines.append(f"| {title} | " + " | ".join(_cell(rows[n], key, fmt) for n in names) + " |")
     lines.append("| check | " + " | ".join("ok" if rows[n]["verified"] else "WRONG" for n in names) + " |")
+    return lines
+
+
+def thread_table(report):
+    """Per system and thread group: CPU, runqueue wait and context switches per step and rank, in
+    each kind of step (medians over the launches)."""
+    lines = [
+        "| system | threads | CPU: compute / comm / overlapped step | waiting for a core: compute / comm "
+        "/ overlapped | voluntary switches: comm / overlapped | involuntary: comm / overlapped |",
+        "|---|---|---|---|---|---|",
+    ]
+    for n in report["order"]:
+        r = report["systems"].get(n, {})
+        if r.get("status") != "ok":
+            continue
+        th = r["threads"]
+        groups = sorted({g for mode in MODES for g in th[mode]}, key=lambda g: (g != "main", g))
+        for g in groups:
+            v = {
+                mode: th[mode].get(g, {"cpu_s": 0, "runqueue_s": 0, "vcsw": 0, "ivcsw": 0}) for mode in MODES
+            }
+            if max(v[mode]["cpu_s"] for mode in MODES) < 0.2e-3:
+                continue
+            lines.append(
+                f"| {n} | {g} | "
+                + " / ".join(_ms(v[mode]["cpu_s"]) for mode in MODES)
+                + " | "
+                + " / ".join(_ms(v[mode]["runqueue_s"]) for mode in MODES)
+                + f" | {v['comm']['vcsw']:.0f} / {v['overlap']['vcsw']:.0f}"
+                + f" | {v['comm']['ivcsw']:.0f} / {v['overlap']['ivcsw']:.0f} |"
+            )
     return lines
 
 
@@ -493,6 +612,13 @@ def render(report):
         "",
     ]
     L += table(report)
+    L += [
+        "",
+        "Where the CPU goes, per thread of a rank and per step (from /proc/<pid>/task/*/schedstat "
+        "and status; 'main' computes and launches; medians over the launches):",
+        "",
+    ]
+    L += thread_table(report)
     L += ["", "Verdicts (issue #14: the compute slowdown at most the communication's own CPU cost):", ""]
     for n in report["order"]:
         L.append(f"- `{n}`: {report['verdicts'][n]}")
@@ -523,16 +649,16 @@ def render(report):
 
 
 def print_console(report):
-    lines = table(report)
-    rows = [
-        [c.strip().replace("**", "") for c in ln.strip("|").split("|")]
-        for ln in lines
-        if not ln.startswith("|---")
-    ]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    print()
-    for r in rows:
-        print("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    for lines in (table(report), thread_table(report)):
+        rows = [
+            [c.strip().replace("**", "") for c in ln.strip("|").split("|")]
+            for ln in lines
+            if not ln.startswith("|---")
+        ]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        print()
+        for r in rows:
+            print("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     print()
     for n in report["order"]:
         print(f"  {n}: {report['verdicts'][n]}")
@@ -577,7 +703,7 @@ def main():
     a.reps = a.reps or (1 if a.quick else 5)
     a.rounds = a.rounds or (2 if a.quick else 4)
     a.buckets_mib = [float(x) for x in a.buckets.split(",") if x.strip()]
-    systems = [s.strip() for s in a.only.split(",") if s.strip()] or list(SYSTEMS)
+    systems = [s.strip() for s in a.only.split(",") if s.strip()] or list(DEFAULT)
     bad = [s for s in systems if s not in SYSTEMS]
     if bad or a.reps < 1 or not a.buckets_mib or min(a.buckets_mib) <= 0:
         raise SystemExit(f"--only {bad}: use {', '.join(SYSTEMS)}; --reps >= 1; buckets > 0")
@@ -613,6 +739,7 @@ def main():
                     print(f"error: {err}", flush=True)
                     continue
                 f = per_launch(res)
+                th = thread_figures(res)
                 ok = all(r["verified"] for r in res.values())
                 runs[s].append(
                     {
@@ -621,6 +748,7 @@ def main():
                         "verified": ok,
                         "cpu_pressure": psi,
                         "links": res[0].get("links"),
+                        "threads": th,
                         "ranks": res,
                     }
                 )
