@@ -491,7 +491,7 @@ def verdicts(rows):
     out = {}
     for name, r in rows.items():
         if r.get("status") != "ok":
-            out[name] = f"not measured ({r.get('status')})"
+            out[name] = f"not measured ({r.get('status')}: {r.get('note', '')[:300]})"
             continue
         m = r["median"]
         slow, own = m["slowdown_s"], m["comm_cpu_s"]
