@@ -24,10 +24,11 @@ $PY benches/workers.py "${quick[@]}" --md bench-out/workers.md --json bench-out/
 step "all-reduce across network namespaces (simulated hosts)"
 $PY benches/netns_allreduce.py "${quick[@]}" || echo "netns bench skipped or failed (needs root and ip netns)"
 $PY benches/ddp.py "${quick[@]}" --md bench-out/ddp.md --json bench-out/ddp.json || echo "ddp bench failed"
+$PY benches/overlap.py "${quick[@]}" --md bench-out/overlap.md --json bench-out/overlap.json || echo "overlap bench failed"
 cp bench-out/allreduce.png docs/allreduce.png
 {
   cat benches/benchmarks-header.md
-  for f in transport allreduce allreduce-load netns_allreduce workers ddp; do
+  for f in transport allreduce allreduce-load netns_allreduce workers ddp overlap; do
     [ -f "bench-out/$f.md" ] && { echo; cat "bench-out/$f.md"; }
   done
 } > docs/benchmarks.md
