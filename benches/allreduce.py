@@ -954,8 +954,8 @@ def headline_table(report):
 def sweep_table(report):
     rows = report["systems"]
     names = [n for n in report["order"] if rows.get(n, {}).get("status") == "ok"]
-    head = "| size | " + " | ".join(f"{n} median (busbw GB/s)" for n in names)
-    head += " | ours_shm/gloo | ours_shm/MPI | ours_tcp/gloo | ours_tcp/MPI | ours_shm/floor |"
+    ratio_heads = ["ours_shm/gloo", "ours_shm/MPI", "ours_tcp/gloo", "ours_tcp/MPI", "ours_shm/floor"]
+    head = "| " + " | ".join(["size", *(f"{n} median (busbw GB/s)" for n in names), *ratio_heads]) + " |"
     lines = [head, "|---" * (len(names) + 6) + "|"]
     for label in report["args"]["sizes"]:
         cells = []
