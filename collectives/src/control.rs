@@ -30,7 +30,7 @@ use rkyv::{Archive, Deserialize, Serialize};
 use std::sync::Arc;
 
 /// The version of the control protocol this build speaks (CTRL-2).
-pub const VERSION: u16 = 3;
+pub const VERSION: u16 = 4;
 const MAGIC: [u8; 4] = *b"PCTL";
 const HEADER: usize = 8;
 
@@ -425,13 +425,13 @@ pub(crate) fn send(conn: &Conn, msg: &Outgoing<'_>, deadline: Deadline) -> Resul
             )
         }));
     }
-    conn.send(&Value::List(items), Some(deadline.remaining()))
+    conn.send_control(&Value::List(items), Some(deadline.remaining()))
 }
 
 /// Receives the next control message from rank `from` over `conn`, validated (CTRL-1).
 pub(crate) fn recv(conn: &Conn, from: usize, world: usize, deadline: Deadline) -> Result<Control> {
     let mut v = conn
-        .recv(Some(deadline.remaining()))
+        .recv_control(Some(deadline.remaining()))
         .map_err(|e| Error::new(e.kind(), "tree", format!("from rank {from}: {e}")))?;
     let name = v.type_name();
     let Value::List(items) = &mut v else {

@@ -370,6 +370,10 @@ macro_rules! conformance {
                 cases::scope_order($k)
             }
             #[test]
+            fn a_control_frame_meeting_a_user_receive_is_refused_and_the_reverse() {
+                cases::control_frames($k)
+            }
+            #[test]
             fn send_now_writes_only_whole_frames_that_fit_and_keeps_the_order() {
                 cases::send_now($k)
             }
@@ -511,6 +515,57 @@ mod cases {
             }
         });
         assert_eq!(p.a.stats().msgs_sent, now as u64 + 1);
+    }
+
+    /// A collective's control message (FrameKind::Control) is taken only by `recv_control`:
+    /// a user receive meeting one fails with a Protocol error naming both kinds, and so does a
+    /// control receive meeting a user message; neither is delivered.
+    pub fn control_frames(k: Kind) {
+        let ctrl = || {
+            Value::List(vec![
+                Value::bytes(b"PCTL".to_vec()),
+                Value::Tensor(k.u8s(&[1, 2])),
+            ])
+        };
+        // The expected kind arrives intact.
+        let p = k.pair();
+        std::thread::scope(|s| {
+            let (a, v) = (&p.a, ctrl());
+            s.spawn(move || a.send_control(&v, dl(LONG)).unwrap());
+            let got = p.b.recv_control(dl(LONG)).unwrap();
+            let Value::List(items) = &got else {
+                panic!("{got:?}")
+            };
+            assert_eq!(items.len(), 2);
+        });
+        // A control frame where a user message is expected.
+        let v = ctrl();
+        let a = p.a.clone();
+        let t = std::thread::spawn(move || a.send_control(&v, dl(LONG)));
+        let e =
+            p.b.recv(&mut [], dl(LONG))
+                .expect_err("a control frame delivered as a message");
+        let _ = t.join();
+        assert_eq!(e.kind(), ErrorKind::Protocol, "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("collective control message") && msg.contains("user message"),
+            "{msg}"
+        );
+        // A user message where a control message is expected.
+        let p = k.pair();
+        let a = p.a.clone();
+        let t = std::thread::spawn(move || a.send(&Value::Int(7), dl(LONG)));
+        let e =
+            p.b.recv_control(dl(LONG))
+                .expect_err("a user message taken as control");
+        let _ = t.join();
+        assert_eq!(e.kind(), ErrorKind::Protocol, "{e}");
+        assert!(
+            e.to_string()
+                .contains("user message where a collective control message"),
+            "{e}"
+        );
     }
 
     pub fn ordering(k: Kind) {

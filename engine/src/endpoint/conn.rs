@@ -108,6 +108,14 @@ impl Conn {
     pub fn send(&self, v: &Value, timeout: Option<Duration>) -> Result<()> {
         self.link.send(v, Deadline::or_default(timeout))
     }
+    /// Sends a collective's control message ([`Link::send_control`]).
+    pub fn send_control(&self, v: &Value, timeout: Option<Duration>) -> Result<()> {
+        self.link.send_control(v, Deadline::or_default(timeout))
+    }
+    /// Receives a collective's control message ([`Link::recv_control`]).
+    pub fn recv_control(&self, timeout: Option<Duration>) -> Result<Value> {
+        self.link.recv_control(Deadline::or_default(timeout))
+    }
     pub fn recv(&self, timeout: Option<Duration>) -> Result<Value> {
         self.recv_deadline(&mut [], None, Deadline::or_default(timeout))
     }

@@ -190,6 +190,9 @@ impl std::fmt::Debug for Link {
 pub struct RecvGuard<'a> {
     link: &'a Link,
     state: MutexGuard<'a, RecvState>,
+    /// The frame kind this receive takes: a user message, or a collective's control message
+    /// (`Link::recv_control`); the other is a protocol error, never delivered.
+    expect: FrameKind,
 }
 
 impl Link {
@@ -327,20 +330,30 @@ impl Link {
         RecvGuard {
             link: self,
             state: self.recv.lock().unwrap_or_else(|e| e.into_inner()),
+            expect: FrameKind::Message,
         }
     }
 
     /// Takes the receive lock if no other receive is in progress.
     pub fn try_lock_recv(&self) -> Option<RecvGuard<'_>> {
-        self.recv
-            .try_lock()
-            .ok()
-            .map(|state| RecvGuard { link: self, state })
+        self.recv.try_lock().ok().map(|state| RecvGuard {
+            link: self,
+            state,
+            expect: FrameKind::Message,
+        })
     }
 
     /// Receives one message; tensors go into `out` (in order) when given (LINK-1 on mismatch).
     pub fn recv(&self, out: &mut [Tensor], deadline: Deadline) -> Result<Value> {
         self.lock_recv().recv(out, deadline)
+    }
+
+    /// Receives the next frame as a collective's control message (sent by
+    /// [`Link::send_control`]); a user message in its place is a protocol error.
+    pub fn recv_control(&self, deadline: Deadline) -> Result<Value> {
+        let mut g = self.lock_recv();
+        g.expect = FrameKind::Control;
+        g.recv(&mut [], deadline)
     }
 
     /// Receives one message; each tensor goes into the `out` tensor whose path (`paths[i]` for

@@ -14,6 +14,15 @@ use rkyv::util::AlignedVec;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+/// A frame kind as errors name it.
+fn frame_name(k: FrameKind) -> &'static str {
+    match k {
+        FrameKind::Control => "collective control message",
+        FrameKind::Message => "user message",
+        _ => "handshake or close",
+    }
+}
+
 /// A descriptor is received in pieces that start at this size and double, so the memory it
 /// commits follows the bytes that arrived (BUF-4).
 const DESC_CHUNK: usize = 16 << 10;
@@ -129,7 +138,20 @@ impl RecvGuard<'_> {
         let link = self.link;
         let h = Header::decode(hb, &link.limits)?;
         match h.kind {
-            FrameKind::Message | FrameKind::Abort => {}
+            k if k == self.expect => {}
+            FrameKind::Abort => {}
+            k @ (FrameKind::Message | FrameKind::Control) => {
+                return Err(protocol(
+                    "recv",
+                    format!(
+                        "a {} where a {} was expected: the two ends disagree about what \
+                         this connection carries (a collective's control message meets a user \
+                         receive, or a user message meets a collective)",
+                        frame_name(k),
+                        frame_name(self.expect)
+                    ),
+                ));
+            }
             FrameKind::Close => {
                 link.peer_closed.store(true, Ordering::SeqCst);
                 return Err(Error::new(

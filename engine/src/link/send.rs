@@ -47,6 +47,12 @@ impl Link {
         self.send_frame(FrameKind::Message, v, deadline)
     }
 
+    /// Sends a collective's control message: a frame of its own kind, which only
+    /// [`Link::recv_control`] takes (a user receive refuses it, and the reverse).
+    pub fn send_control(&self, v: &Value, deadline: Deadline) -> Result<()> {
+        self.send_frame(FrameKind::Control, v, deadline)
+    }
+
     /// Tells the peer that what the two ends were doing is abandoned, and why: its pending or
     /// next receive fails with `PeerLost` carrying `reason`, whatever it expected.
     pub fn send_abort(&self, reason: &str, deadline: Deadline) -> Result<()> {

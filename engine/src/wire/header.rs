@@ -28,6 +28,10 @@ pub enum FrameKind {
     /// The sender abandoned what the two ends were doing (a collective whose rank died, say);
     /// the descriptor carries `{"reason": str}`, no segments; a Close follows.
     Abort = 18,
+    /// A collective's control message (the tree's pass: `[control bytes, segments...]`, typed
+    /// and validated by the collectives). Received only where a control message is expected
+    /// ([`crate::link::Link::recv_control`]), never as a user message, and the reverse.
+    Control = 19,
 }
 
 impl FrameKind {
@@ -41,6 +45,7 @@ impl FrameKind {
             16 => FrameKind::Message,
             17 => FrameKind::Close,
             18 => FrameKind::Abort,
+            19 => FrameKind::Control,
             _ => return None,
         })
     }
