@@ -12,7 +12,7 @@ quick=()
 [ "${1:-}" = "--quick" ] && quick=(--quick)
 start=$(date +%s)
 n=0
-step() { n=$((n + 1)); printf '\n== [%s/5, %ss] %s\n' "$n" "$(( $(date +%s) - start ))" "$*" >&2; }
+step() { n=$((n + 1)); printf '\n== [%s/6, %ss] %s\n' "$n" "$(( $(date +%s) - start ))" "$*" >&2; }
 step "transport: ours against iperf3, raw sockets, pyzmq"
 $PY benches/transport.py "${quick[@]}" --md bench-out/transport.md --json bench-out/transport.json
 step "all-reduce: ours against torch.distributed gloo and Open MPI"
@@ -25,10 +25,12 @@ step "all-reduce across network namespaces (simulated hosts)"
 $PY benches/netns_allreduce.py "${quick[@]}" || echo "netns bench skipped or failed (needs root and ip netns)"
 $PY benches/ddp.py "${quick[@]}" --md bench-out/ddp.md --json bench-out/ddp.json || echo "ddp bench failed"
 $PY benches/overlap.py "${quick[@]}" --md bench-out/overlap.md --json bench-out/overlap.json || echo "overlap bench failed"
+step "the demo launched 20 times: launch-to-launch spread"
+$PY benches/demo_spread.py "${quick[@]}" --md bench-out/demo_spread.md --json bench-out/demo_spread.json || echo "demo spread bench failed"
 cp bench-out/allreduce.png docs/allreduce.png
 {
   cat benches/benchmarks-header.md
-  for f in transport allreduce allreduce-load netns_allreduce workers ddp overlap; do
+  for f in transport allreduce allreduce-load netns_allreduce workers ddp overlap demo_spread; do
     [ -f "bench-out/$f.md" ] && { echo; cat "bench-out/$f.md"; }
   done
 } > docs/benchmarks.md

@@ -1,0 +1,189 @@
+"""Launch-to-launch spread of the demo: examples/allreduce_demo.py run many times on an idle machine.
+
+Issue #14's target: "Launch the demo 20 times idle: the largest median at most 1.5x the smallest
+(no bimodality); print the spread." Each launch is a fresh `python examples/allreduce_demo.py
+--iters 20` (2 rank processes over shared memory, then 2 over TCP loopback; each prints, per
+size, the slowest rank's median all-reduce time of that launch). This program parses those
+medians and reports, per link and size, the smallest, the median and the largest across
+launches, their ratio (largest / smallest), and every launch's figure, so a bimodal machine or
+engine shows as two clusters. The target is judged on the shared-memory rows (the default link
+between processes of one host); the TCP rows are reported alongside.
+
+Every launch runs in its own session with a deadline, after which its process group is
+terminated, then killed. Run it on a quiet machine (the figures are per launch medians; any
+other load moves them).
+
+Usage:
+  .venv/bin/python benches/demo_spread.py                 # 20 launches (about 4 minutes)
+  .venv/bin/python benches/demo_spread.py --quick         # 4 launches
+Writes --json (default bench-out/demo_spread.json) and --md (default bench-out/demo_spread.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+from _common import machine_info
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(ROOT, "examples", "allreduce_demo.py")
+LINKS = {"shared memory": "shm", "TCP loopback": "tcp"}
+# "     1 MiB:      123.4 us   busbw   1.23 GB/s"
+LINE = re.compile(r"^\s*(\d+ [KM]iB):\s+([0-9.]+) us")
+TARGET = 1.5
+
+
+def launch(iters: int, deadline_s: float) -> dict[str, dict[str, float]]:
+    """One demo launch: {link: {size: seconds}}; raises RuntimeError with the output's tail."""
+    p = subprocess.Popen(
+        [sys.executable, DEMO, "--iters", str(iters)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        out, _ = p.communicate(timeout=deadline_s)
+    except subprocess.TimeoutExpired:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(p.pid, sig)
+            except ProcessLookupError:
+                break
+            time.sleep(1)
+        p.communicate()
+        raise RuntimeError(f"the demo overran its {deadline_s:.0f} s deadline") from None
+    if p.returncode != 0:
+        raise RuntimeError(f"the demo exited with {p.returncode}: {out[-600:]}")
+    got: dict[str, dict[str, float]] = {}
+    link = None
+    for line in out.splitlines():
+        head = line.strip().rstrip(":")
+        if head in LINKS:
+            link = LINKS[head]
+            got[link] = {}
+            continue
+        m = LINE.match(line)
+        if m and link:
+            got[link][m.group(1)] = float(m.group(2)) * 1e-6
+    if set(got) != set(LINKS.values()) or any(len(v) != 3 for v in got.values()):
+        raise RuntimeError(f"could not read the demo's figures from: {out[-600:]}")
+    return got
+
+
+def fmt(s: float) -> str:
+    return f"{s * 1e3:.2f} ms" if s >= 1e-3 else f"{s * 1e6:.1f} us"
+
+
+def summarize(runs: list[dict[str, dict[str, float]]]) -> list[dict]:
+    rows = []
+    for link in LINKS.values():
+        for size in runs[0][link]:
+            xs = [r[link][size] for r in runs]
+            lo, hi = min(xs), max(xs)
+            rows.append(
+                {
+                    "link": link,
+                    "size": size,
+                    "min_s": lo,
+                    "median_s": statistics.median(xs),
+                    "max_s": hi,
+                    "spread": hi / lo if lo > 0 else float("inf"),
+                    "launches_s": xs,
+                }
+            )
+    return rows
+
+
+def render(report: dict) -> str:
+    rows = report["rows"]
+    n = report["launches"]
+    lines = [
+        "## Demo launch-to-launch spread (`benches/demo_spread.py`)",
+        "",
+        f"`examples/allreduce_demo.py --iters {report['iters']}` launched {n} times, one after "
+        "another; each launch's figure is the slowest rank's median all-reduce of that launch "
+        "(2 ranks, float32 sum). Spread = largest / smallest across launches. "
+        f"Target (#14): at most {TARGET}x on shared memory, the default link.",
+        "",
+        "| link | size | smallest | median | largest | spread | target |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        verdict = ("met" if r["spread"] <= TARGET else "**missed**") if r["link"] == "shm" else "(reported)"
+        lines.append(
+            f"| {r['link']} | {r['size']} | {fmt(r['min_s'])} | {fmt(r['median_s'])} | "
+            f"{fmt(r['max_s'])} | {r['spread']:.2f}x | {verdict} |"
+        )
+    lines += ["", "Every launch, in order (shared memory):", ""]
+    for r in rows:
+        if r["link"] == "shm":
+            lines.append(f"- {r['size']}: " + ", ".join(fmt(x) for x in r["launches_s"]))
+    if report["failed"]:
+        lines += ["", f"Launches that failed ({len(report['failed'])}): " + "; ".join(report["failed"])]
+    m = report["machine"]
+    lines += [
+        "",
+        f"Machine: {m.get('nproc')} CPUs, {m.get('cpu_model', '?')}, kernel {m.get('kernel', '?')}, "
+        f"git {m.get('git', '?')}; load average at the start {' '.join(m.get('loadavg_start', []))}; "
+        f"{report['elapsed_s']:.0f} s in all.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="4 launches instead of 20")
+    ap.add_argument("--launches", type=int, default=0, help="launches (default 20; quick 4)")
+    ap.add_argument("--iters", type=int, default=20, help="the demo's --iters (default 20)")
+    ap.add_argument("--timeout", type=float, default=240, help="deadline per launch, s")
+    ap.add_argument("--json", default="bench-out/demo_spread.json")
+    ap.add_argument("--md", default="bench-out/demo_spread.md")
+    a = ap.parse_args()
+    n = a.launches or (4 if a.quick else 20)
+    started = time.monotonic()
+    machine = machine_info()
+    runs, failed = [], []
+    for i in range(n):
+        try:
+            r = launch(a.iters, a.timeout)
+        except RuntimeError as e:
+            failed.append(f"launch {i + 1}: {e}")
+            print(f"launch {i + 1}/{n}: FAILED: {e}", file=sys.stderr)
+            continue
+        runs.append(r)
+        print(
+            f"launch {i + 1}/{n}: shm " + ", ".join(f"{k} {fmt(v)}" for k, v in r["shm"].items()),
+            file=sys.stderr,
+        )
+    if not runs:
+        print("no launch succeeded", file=sys.stderr)
+        return 1
+    report = {
+        "launches": len(runs),
+        "iters": a.iters,
+        "rows": summarize(runs),
+        "failed": failed,
+        "machine": machine,
+        "elapsed_s": time.monotonic() - started,
+    }
+    for path, text in ((a.json, json.dumps(report, indent=1)), (a.md, render(report))):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as f:
+            f.write(text)
+    print(render(report))
+    return 0 if not failed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
