@@ -17,7 +17,7 @@
 //! - STRUCT-4: anything else in a value is a TypeError naming where it is, raised before any
 //!   data moves; so is an op that does not apply to a leaf's dtype (avg on integers).
 
-use crate::dlpack;
+use crate::{attrs, dlpack};
 use parallel_collectives::ops::Op;
 use parallel_engine::value::{DType, Tensor};
 use pyo3::prelude::*;
@@ -128,6 +128,11 @@ impl Flat {
                 format!("{} nests deeper than {MAX_DEPTH} levels", path_str(path)),
             ));
         }
+        // The common leaf first: a plain torch CPU tensor, read by its attributes (ATTR-1).
+        if let Some(t) = attrs::torch_cpu(obj) {
+            self.push_tensor(t, path);
+            return Ok(());
+        }
         let children = |me: &mut Flat,
                         path: &mut Vec<Comp>,
                         items: Vec<(Comp, Bound<'_, PyAny>)>|
@@ -186,13 +191,8 @@ impl Flat {
             if let Some(tmp) = tmp {
                 self.writebacks.push((obj.clone().unbind(), tmp));
             }
-            let k = Kind::Tensor {
-                dtype: t.dtype(),
-                shape: t.shape().to_vec(),
-                cuda: t.is_cuda(),
-            };
-            self.tensors.push(t);
-            k
+            self.push_tensor(t, path);
+            return Ok(());
         } else {
             return Err(refuse(
                 what,
@@ -206,6 +206,17 @@ impl Flat {
         self.paths.push(path.clone());
         self.kinds.push(kind);
         Ok(())
+    }
+
+    /// A tensor leaf at `path`.
+    fn push_tensor(&mut self, t: Tensor, path: &[Comp]) {
+        self.kinds.push(Kind::Tensor {
+            dtype: t.dtype(),
+            shape: t.shape().to_vec(),
+            cuda: t.is_cuda(),
+        });
+        self.tensors.push(t);
+        self.paths.push(path.to_vec());
     }
 
     pub fn has_numbers(&self) -> bool {
