@@ -15,10 +15,10 @@
 //!   `sys.modules`, so a process without torch (numpy arrays) pays one dict lookup per call.
 
 use parallel_engine::value::{DType, Device, Tensor};
+use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::sync::GILOnceCell;
 use pyo3::types::{PyDict, PyTuple};
-use pyo3::{ffi, intern};
 use std::sync::Arc;
 
 /// torch's objects the check compares against (by identity).
@@ -95,9 +95,7 @@ fn try_torch_cpu(obj: &Bound<'_, PyAny>) -> PyResult<Option<Tensor>> {
     let Some(t) = torch(py)? else {
         return Ok(None);
     };
-    // SAFETY: Py_TYPE reads the type pointer of a live object (we hold a reference).
-    let ty = unsafe { ffi::Py_TYPE(obj.as_ptr()) };
-    if ty.cast::<ffi::PyObject>() != t.tensor.as_ptr() {
+    if !obj.get_type().is(&t.tensor) {
         return Ok(None);
     }
     let dt = obj.getattr(intern!(py, "dtype"))?;
@@ -111,6 +109,7 @@ fn try_torch_cpu(obj: &Bound<'_, PyAny>) -> PyResult<Option<Tensor>> {
         || !obj.getattr(intern!(py, "layout"))?.is(&t.strided)
         || flag(obj, intern!(py, "is_nested"))?
         || call_flag(obj, intern!(py, "is_neg"))?
+        // torch sets the conjugate bit only on complex dtypes (TensorImpl asserts it).
         || (matches!(dtype, DType::C64 | DType::C128) && call_flag(obj, intern!(py, "is_conj"))?)
         || !call_flag(obj, intern!(py, "is_contiguous"))?
     {
