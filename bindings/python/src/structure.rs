@@ -244,7 +244,24 @@ impl Flat {
 
     /// The structure, encoded (gathered from every rank on a mismatch).
     pub fn signature(&self) -> Vec<u8> {
-        let mut b = Vec::new();
+        // Sized in advance: one allocation per call (the encoding below, entry by entry).
+        let len = 8
+            + (self.paths.iter().zip(&self.kinds))
+                .map(|(path, kind)| {
+                    let comps: usize = (path.iter())
+                        .map(|c| match c {
+                            Comp::Int(_) => 9,
+                            Comp::Str(s) => 5 + s.len(),
+                        })
+                        .sum();
+                    4 + comps
+                        + match kind {
+                            Kind::Tensor { shape, .. } => 7 + 8 * shape.len(),
+                            Kind::Int | Kind::Float => 1,
+                        }
+                })
+                .sum::<usize>();
+        let mut b = Vec::with_capacity(len);
         b.extend_from_slice(&(self.paths.len() as u64).to_le_bytes());
         for (path, kind) in self.paths.iter().zip(&self.kinds) {
             b.extend_from_slice(&(path.len() as u32).to_le_bytes());
@@ -273,6 +290,7 @@ impl Flat {
                 Kind::Float => b.push(2),
             }
         }
+        debug_assert_eq!(b.len(), len, "signature length");
         b
     }
 
