@@ -27,6 +27,7 @@ use parallel_engine::{Error, ErrorKind, Result};
 use rkyv::rancor::Error as RkyvError;
 use rkyv::util::AlignedVec;
 use rkyv::{Archive, Deserialize, Serialize};
+use std::borrow::Cow;
 use std::sync::Arc;
 
 /// The version of the control protocol this build speaks (CTRL-2).
@@ -77,7 +78,9 @@ impl Kind {
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Meta {
     pub kind: Kind,
-    pub op: String,
+    /// The op's name: borrowed for this rank's own calls (no allocation per collective), owned
+    /// when decoded from a peer.
+    pub op: Cow<'static, str>,
     pub dtype: Option<DType>,
     pub count: usize,
     pub root: usize,
@@ -279,7 +282,7 @@ enum Wire {
 fn wire_meta(m: &Meta) -> WireMeta {
     WireMeta {
         kind: m.kind as u8,
-        op: m.op.clone(),
+        op: m.op.to_string(),
         dtype: m.dtype.map(|d| d as u8),
         count: m.count as u64,
         root: m.root as u64,
@@ -521,7 +524,7 @@ impl Check {
             .ok_or_else(|| bad(self.from, format!("algorithm code {}", m.algo)))?;
         Ok(Some(Meta {
             kind,
-            op: m.op,
+            op: Cow::Owned(m.op),
             dtype,
             count,
             root: self.rank(m.root, "root")?,

@@ -32,6 +32,17 @@ pub struct Leaves {
     empty: DType,
 }
 
+/// A contiguous CPU tensor's elements, as bytes.
+fn tensor_bytes(t: &mut Tensor) -> &mut [u8] {
+    let n = t.nbytes();
+    if n == 0 {
+        return &mut [];
+    }
+    // SAFETY: a contiguous tensor's n bytes from its data pointer are its elements, kept alive
+    // by the tensor's storage (borrowed mutably for the slice's lifetime).
+    unsafe { std::slice::from_raw_parts_mut(t.data_mut_ptr(), n) }
+}
+
 impl Leaves {
     /// The tensors of one call; `empty`: the dtype of the empty collective taken when there are
     /// none (one the op accepts).
@@ -76,6 +87,13 @@ impl Leaves {
         mut f: impl FnMut(DType, &mut [u8]) -> Result<()>,
         mut fdev: Option<OnDevice<'_>>,
     ) -> Result<()> {
+        // One contiguous CPU tensor (the common call): its own memory, without grouping.
+        if let [t] = &mut self.tensors[..]
+            && t.device() == Device::Cpu
+            && t.is_contiguous()
+        {
+            return f(t.dtype(), tensor_bytes(t));
+        }
         let groups = self.groups();
         if groups.is_empty() {
             return f(self.empty, &mut []);
@@ -86,16 +104,7 @@ impl Leaves {
                 continue;
             }
             if idx.len() == 1 && self.tensors[idx[0]].is_contiguous() {
-                let t = &mut self.tensors[idx[0]];
-                let n = t.nbytes();
-                let bytes = if n == 0 {
-                    &mut [][..]
-                } else {
-                    // SAFETY: a contiguous tensor's n bytes from its data pointer are its
-                    // elements, kept alive by the tensor's storage.
-                    unsafe { std::slice::from_raw_parts_mut(t.data_mut_ptr(), n) }
-                };
-                f(dtype, bytes)?;
+                f(dtype, tensor_bytes(&mut self.tensors[idx[0]]))?;
                 continue;
             }
             let mut fused: Vec<u8> =

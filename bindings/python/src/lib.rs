@@ -10,9 +10,11 @@
 //! - PY-2: no transport logic here: every byte moves inside the engine.
 //!
 //! Files: `conn` (Client, Connection and their Handle), `server`, `received` (a received tensor
-//! for DLPack), `functions` (the module's functions), `tree` and `workers`; here the GIL-free
+//! for DLPack), `dlpack` and `attrs` (tensors in: by DLPack, or a plain torch CPU tensor by its
+//! attributes), `functions` (the module's functions), `tree` and `workers`; here the GIL-free
 //! wait every blocking call goes through, and the module's contents.
 
+mod attrs;
 mod conn;
 mod convert;
 mod dlpack;

@@ -17,7 +17,7 @@
 //! - STRUCT-4: anything else in a value is a TypeError naming where it is, raised before any
 //!   data moves; so is an op that does not apply to a leaf's dtype (avg on integers).
 
-use crate::dlpack;
+use crate::{attrs, dlpack};
 use parallel_collectives::ops::Op;
 use parallel_engine::value::{DType, Tensor};
 use pyo3::prelude::*;
@@ -128,6 +128,11 @@ impl Flat {
                 format!("{} nests deeper than {MAX_DEPTH} levels", path_str(path)),
             ));
         }
+        // The common leaf first: a plain torch CPU tensor, read by its attributes (ATTR-1).
+        if let Some(t) = attrs::torch_cpu(obj) {
+            self.push_tensor(t, path);
+            return Ok(());
+        }
         let children = |me: &mut Flat,
                         path: &mut Vec<Comp>,
                         items: Vec<(Comp, Bound<'_, PyAny>)>|
@@ -186,13 +191,8 @@ impl Flat {
             if let Some(tmp) = tmp {
                 self.writebacks.push((obj.clone().unbind(), tmp));
             }
-            let k = Kind::Tensor {
-                dtype: t.dtype(),
-                shape: t.shape().to_vec(),
-                cuda: t.is_cuda(),
-            };
-            self.tensors.push(t);
-            k
+            self.push_tensor(t, path);
+            return Ok(());
         } else {
             return Err(refuse(
                 what,
@@ -208,6 +208,17 @@ impl Flat {
         Ok(())
     }
 
+    /// A tensor leaf at `path`.
+    fn push_tensor(&mut self, t: Tensor, path: &[Comp]) {
+        self.kinds.push(Kind::Tensor {
+            dtype: t.dtype(),
+            shape: t.shape().to_vec(),
+            cuda: t.is_cuda(),
+        });
+        self.tensors.push(t);
+        self.paths.push(path.to_vec());
+    }
+
     pub fn has_numbers(&self) -> bool {
         self.has_numbers
     }
@@ -220,49 +231,14 @@ impl Flat {
                 Kind::Int => DType::I64,
                 Kind::Float => DType::F64,
             };
-            if let Err(e) = op.check(dtype) {
-                return Err(crate::errors::to_py(parallel_engine::Error::new(
-                    e.kind(),
-                    what,
-                    format!("{} (at {})", e.message(), path_str(path)),
-                )));
-            }
+            check_leaf_op(op, dtype, path, what)?;
         }
         Ok(())
     }
 
     /// The structure, encoded (gathered from every rank on a mismatch).
     pub fn signature(&self) -> Vec<u8> {
-        let mut b = Vec::new();
-        b.extend_from_slice(&(self.paths.len() as u64).to_le_bytes());
-        for (path, kind) in self.paths.iter().zip(&self.kinds) {
-            b.extend_from_slice(&(path.len() as u32).to_le_bytes());
-            for c in path {
-                match c {
-                    Comp::Int(i) => {
-                        b.push(0);
-                        b.extend_from_slice(&i.to_le_bytes());
-                    }
-                    Comp::Str(s) => {
-                        b.push(1);
-                        b.extend_from_slice(&(s.len() as u32).to_le_bytes());
-                        b.extend_from_slice(s.as_bytes());
-                    }
-                }
-            }
-            match kind {
-                Kind::Tensor { dtype, shape, cuda } => {
-                    b.extend_from_slice(&[0, *dtype as u8, u8::from(*cuda)]);
-                    b.extend_from_slice(&(shape.len() as u32).to_le_bytes());
-                    for d in shape {
-                        b.extend_from_slice(&(*d as u64).to_le_bytes());
-                    }
-                }
-                Kind::Int => b.push(1),
-                Kind::Float => b.push(2),
-            }
-        }
-        b
+        signature_of(&self.paths, &self.kinds)
     }
 
     /// The tensors to reduce: the tensor leaves, then one int64 tensor of the int leaves and one
@@ -323,6 +299,101 @@ impl Flat {
             }
         }
         copy_with(value, &mut Vec::new(), &numbers)
+    }
+}
+
+/// The encoding of a structure, leaf by leaf (STRUCT-2).
+fn signature_of(paths: &[Vec<Comp>], kinds: &[Kind]) -> Vec<u8> {
+    // Sized in advance: one allocation per call (the encoding below, entry by entry).
+    let len = 8
+        + (paths.iter().zip(kinds))
+            .map(|(path, kind)| {
+                let comps: usize = (path.iter())
+                    .map(|c| match c {
+                        Comp::Int(_) => 9,
+                        Comp::Str(s) => 5 + s.len(),
+                    })
+                    .sum();
+                4 + comps
+                    + match kind {
+                        Kind::Tensor { shape, .. } => 7 + 8 * shape.len(),
+                        Kind::Int | Kind::Float => 1,
+                    }
+            })
+            .sum::<usize>();
+    let mut b = Vec::with_capacity(len);
+    b.extend_from_slice(&(paths.len() as u64).to_le_bytes());
+    for (path, kind) in paths.iter().zip(kinds) {
+        b.extend_from_slice(&(path.len() as u32).to_le_bytes());
+        for c in path {
+            match c {
+                Comp::Int(i) => {
+                    b.push(0);
+                    b.extend_from_slice(&i.to_le_bytes());
+                }
+                Comp::Str(s) => {
+                    b.push(1);
+                    b.extend_from_slice(&(s.len() as u32).to_le_bytes());
+                    b.extend_from_slice(s.as_bytes());
+                }
+            }
+        }
+        match kind {
+            Kind::Tensor { dtype, shape, cuda } => encode_tensor(&mut b, *dtype, shape, *cuda),
+            Kind::Int => b.push(1),
+            Kind::Float => b.push(2),
+        }
+    }
+    debug_assert_eq!(b.len(), len, "signature length");
+    b
+}
+
+/// STRUCT-4's check of `op` against one leaf's dtype, naming the leaf.
+fn check_leaf_op(op: &Op, dtype: DType, path: &[Comp], what: &'static str) -> PyResult<()> {
+    op.check(dtype).map_err(|e| {
+        crate::errors::to_py(parallel_engine::Error::new(
+            e.kind(),
+            what,
+            format!("{} (at {})", e.message(), path_str(path)),
+        ))
+    })
+}
+
+/// A tensor leaf's kind in a signature.
+fn encode_tensor(b: &mut Vec<u8>, dtype: DType, shape: &[usize], cuda: bool) {
+    b.extend_from_slice(&[0, dtype as u8, u8::from(cuda)]);
+    b.extend_from_slice(&(shape.len() as u32).to_le_bytes());
+    for d in shape {
+        b.extend_from_slice(&(*d as u64).to_le_bytes());
+    }
+}
+
+/// The signature of a value that is one CPU tensor: one entry, at the root path.
+fn bare_signature(dtype: DType, shape: &[usize]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(8 + 4 + 7 + 8 * shape.len());
+    b.extend_from_slice(&1u64.to_le_bytes());
+    b.extend_from_slice(&0u32.to_le_bytes());
+    encode_tensor(&mut b, dtype, shape, false);
+    b
+}
+
+/// A value that is one CPU tensor (no container), without flattening it: what
+/// [`Flat::collect`] makes of it (the same signature, STRUCT-2; the same op check, STRUCT-4).
+pub struct Bare {
+    pub tensor: Tensor,
+    pub signature: Vec<u8>,
+}
+
+impl Bare {
+    /// The value itself when it is a plain torch CPU tensor (ATTR-1); None otherwise.
+    pub fn of(value: &Bound<'_, PyAny>) -> Option<Bare> {
+        let tensor = attrs::torch_cpu(value)?;
+        let signature = bare_signature(tensor.dtype(), tensor.shape());
+        Some(Bare { tensor, signature })
+    }
+
+    pub fn check_op(&self, op: &Op, what: &'static str) -> PyResult<()> {
+        check_leaf_op(op, self.tensor.dtype(), &[], what)
     }
 }
 
@@ -503,6 +574,26 @@ pub fn first_difference(sigs: &[Vec<u8>]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn struct_2_a_bare_tensor_has_the_signature_of_its_flattened_value() {
+        for (dtype, shape) in [
+            (DType::F32, vec![1024]),
+            (DType::I8, vec![]),
+            (DType::C128, vec![3, 4, 5]),
+        ] {
+            let kind = Kind::Tensor {
+                dtype,
+                shape: shape.clone(),
+                cuda: false,
+            };
+            // What Flat::collect records for a bare tensor: one leaf at the root path.
+            assert_eq!(
+                signature_of(&[vec![]], &[kind]),
+                bare_signature(dtype, &shape)
+            );
+        }
+    }
 
     #[test]
     fn struct_1_canonical_key_order_is_total() {

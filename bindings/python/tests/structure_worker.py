@@ -138,6 +138,40 @@ def avg_int(tree: parallel.Tree) -> None:
     assert torch.equal(f, torch.ones(4))
 
 
+def mixed_imports(tree: parallel.Tree) -> None:
+    """A bare tensor in the forms each rank may hold it: a plain contiguous CPU tensor (read by
+    its attributes), a transposed view, a Parameter that requires grad, an offset slice (taken
+    through DLPack); the same structure, reduced together in place."""
+    r, n = tree.rank, tree.world_size
+    base = torch.arange(12.0).reshape(3, 4) * (r + 1)
+    if r % 4 == 0:
+        t = base.clone()
+        target = t
+    elif r % 4 == 1:
+        target = base.t().contiguous().clone()
+        t = target.t()  # non-contiguous (4, 3) -> (3, 4) view of target
+        assert not t.is_contiguous()
+    elif r % 4 == 2:
+        t = torch.nn.Parameter(base.clone())
+        target = t
+    else:
+        store = torch.zeros(20)
+        t = store[8:20].view(3, 4)
+        t.copy_(base)
+        target = t
+    got = tree.all_reduce(t)
+    assert got is t
+    want = torch.arange(12.0).reshape(3, 4) * (n * (n + 1) // 2)
+    assert torch.equal(t.detach(), want), (r, t)
+    # The reduced values are in the rank's own memory (a view writes through to its base).
+    assert torch.equal((target.t() if r % 4 == 1 else target).detach(), want)
+    # Bare tensors that differ: named at the root path on every rank.
+    expect_mismatch(tree, torch.zeros(5 if r == 2 else 4))
+    expect_mismatch(tree, torch.zeros(4, dtype=torch.float64 if r == 1 else torch.float32))
+    # A bare tensor against the same tensor in a list is another structure.
+    expect_mismatch(tree, [torch.zeros(4)] if r == 0 else torch.zeros(4))
+
+
 def main() -> int:
     scenario, rank, world, root = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     tree = parallel.tree(rank, world, root, timeout=60)
@@ -148,6 +182,7 @@ def main() -> int:
         "mismatch_dtype": mismatch_dtype,
         "mismatch_number": mismatch_number,
         "avg_int": avg_int,
+        "mixed_imports": mixed_imports,
     }[scenario](tree)
     print(f"rank {tree.rank} ok", flush=True)
     return 0

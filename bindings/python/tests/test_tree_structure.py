@@ -89,6 +89,16 @@ def test_avg_on_integer_tensors_is_refused_on_every_rank_before_data_moves():
         assert "value['i']" in m, m
 
 
+def test_bare_tensors_in_any_form_reduce_together_and_their_differences_are_named():
+    res = run_world(4, "mixed_imports")
+    for _, o, _ in res:
+        found = [x for x in o.splitlines() if x.startswith("mismatch:")]
+        assert len(found) == 3, o
+        assert "value: shape (4,) on rank 0, (5,) on rank 2" in found[0], found
+        assert "value: dtype float32 on rank 0, float64 on rank 1" in found[1], found
+        assert "value: missing on rank 0, present on rank 1" in found[2], found
+
+
 def test_unreducible_leaf_is_a_type_error_about_the_value():
     port = free_port()
     tree = parallel.tree(0, 1, f"127.0.0.1:{port}", timeout=30)

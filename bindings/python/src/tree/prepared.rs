@@ -2,12 +2,12 @@
 //! the first differing path when the ranks' structures differ (TREE-7).
 
 use crate::convert;
-use crate::structure::{self, Flat};
+use crate::structure::{self, Bare, Flat};
 use parallel_collectives::Tree;
 use parallel_collectives::fuse::Leaves;
 use parallel_collectives::ops::Op;
 use parallel_collectives::tree::STRUCTURE_DIFFERS;
-use parallel_engine::value::DType;
+use parallel_engine::value::{DType, Tensor};
 use parallel_engine::{Error, ErrorKind};
 use pyo3::prelude::*;
 
@@ -26,11 +26,29 @@ impl Prepared {
         what: &'static str,
         op: Option<&Op>,
     ) -> PyResult<Prepared> {
+        // The common value, one plain torch CPU tensor, needs no flattening (the same
+        // signature and checks as its flattened form).
+        if let Some(bare) = Bare::of(value) {
+            if let Some(op) = op {
+                bare.check_op(op, what)?;
+            }
+            return Ok(Prepared::from_parts(
+                Flat::default(),
+                vec![bare.tensor],
+                bare.signature,
+                op,
+            ));
+        }
         let mut flat = Flat::collect(value, what)?;
         if let Some(op) = op {
             flat.check_op(op, what)?;
         }
         let sig = flat.signature();
+        let tensors = flat.leaf_tensors();
+        Ok(Prepared::from_parts(flat, tensors, sig, op))
+    }
+
+    fn from_parts(flat: Flat, tensors: Vec<Tensor>, sig: Vec<u8>, op: Option<&Op>) -> Prepared {
         // FNV-1a; never 0 (which means "no structure").
         let hash = sig
             .iter()
@@ -42,13 +60,12 @@ impl Prepared {
             .into_iter()
             .find(|d| op.is_none_or(|o| o.check(*d).is_ok()))
             .unwrap_or(DType::U8);
-        let leaves = Leaves::new(flat.leaf_tensors(), empty);
-        Ok(Prepared {
+        Prepared {
             flat,
-            leaves,
+            leaves: Leaves::new(tensors, empty),
             sig,
             hash,
-        })
+        }
     }
 
     /// Refuses number leaves (for the asynchronous collectives, which return the value itself).
