@@ -490,3 +490,54 @@ pub(crate) fn dup(fd: RawFd) -> Option<OwnedFd> {
     // SAFETY: fresh owned descriptor.
     (d >= 0).then(|| unsafe { std::os::fd::FromRawFd::from_raw_fd(d) })
 }
+
+/// True when process `pid` has ended: kill(pid, 0) finds no such process, or /proc says it is a
+/// zombie (killed or exited, not yet reaped by its parent) or dead. A killed peer stays a zombie
+/// until its launcher waits for it, which may be much later (a launcher that waits for its
+/// children in rank order): only the process's end matters here, since a zombie runs nothing
+/// and reads no memory.
+pub(crate) fn process_ended(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists; nothing is sent.
+    if unsafe { libc::kill(pid, 0) } != 0 {
+        return std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // "pid (comm) S ...": the state follows the last ')' (comm may hold any byte).
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+            .is_some_and(|state| matches!(state, 'Z' | 'X' | 'x')),
+        // Reaped between the two checks.
+        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+    }
+}
+
+#[cfg(test)]
+mod process_tests {
+    use super::process_ended;
+
+    /// A killed child is "ended" while it is still a zombie (not yet reaped), and after it was
+    /// reaped; a running one is not.
+    #[test]
+    fn a_killed_unreaped_child_has_ended_and_a_running_one_has_not() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("sleep");
+        let pid = child.id() as i32;
+        assert!(!process_ended(pid), "a running child counted as ended");
+        assert!(!process_ended(std::process::id() as i32));
+        // SAFETY: signals our own child, which is not reaped until `wait` below.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !process_ended(pid) {
+            assert!(
+                std::time::Instant::now() < until,
+                "a killed zombie never counted as ended"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        child.wait().expect("reap");
+        assert!(process_ended(pid));
+    }
+}

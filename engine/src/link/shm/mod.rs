@@ -517,12 +517,10 @@ impl ShmEnd {
         }
     }
 
-    /// True when the peer process no longer exists (kill(pid, 0) fails with ESRCH).
+    /// True when the peer process has ended: it no longer exists, or it is a zombie its parent
+    /// has not reaped yet ([`sys::process_ended`]), which reads no memory any more.
     pub fn peer_process_gone(&self) -> bool {
-        // SAFETY: signal 0 only checks that the process exists; nothing is sent.
-        self.peer_pid > 0 && unsafe { libc::kill(self.peer_pid, 0) } != 0 && {
-            std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
-        }
+        self.peer_pid > 0 && sys::process_ended(self.peer_pid)
     }
 
     /// Receiver: acknowledges one cross-memory message.
