@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import os
 import sys
+import threading
 
 import torch
 import torch.distributed as dist
@@ -229,6 +230,12 @@ def main() -> None:
         w.wait()
     check("send/recv tag 1", r1, g1)
     check("send/recv tag 2", r2, g2)
+    # Futures of point-to-point Works complete by themselves (done callbacks on the engine's
+    # callback lane): nobody waits on the Works.
+    r3 = torch.empty(5)
+    futs = [dist.isend(t1, nxt, tag=3).get_future(), dist.irecv(r3, prv, tag=3).get_future()]
+    torch.futures.wait_all(futs)
+    check("isend/irecv get_future", r3, g1)
     if rank == 0:
         got = set()
         for _ in range(n - 1):
@@ -298,6 +305,10 @@ def main() -> None:
     dist.barrier(async_op=True).wait()
     dist.monitored_barrier(timeout=datetime.timedelta(seconds=30))
     check("backend name", dist.get_backend(), "parallel")
+    # No thread of the backend's own (#13): its sends, receives and futures ran on the engine's
+    # lanes (the threads it had were named parallel-dist-*).
+    own = [t.name for t in threading.enumerate() if t.name.startswith("parallel")]
+    check("no Python thread of the backend", own, [])
 
     # unsupported input: a clear error naming what was passed and what is supported
     try:

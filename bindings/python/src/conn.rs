@@ -273,6 +273,14 @@ impl Handle {
             HandleKind::Recv(c) => c.done(),
         }
     }
+    /// Calls `fn()` once the operation finished (successfully or not), on the engine's
+    /// callback lane; `wait` then returns at once.
+    fn add_done_callback(&self, f: PyObject) {
+        match &self.inner {
+            HandleKind::Send(c) => crate::callbacks::add_done_callback(c, f),
+            HandleKind::Recv(c) => crate::callbacks::add_done_callback(c, f),
+        }
+    }
     /// Waits for the result: None for a send, the value for a receive.
     #[pyo3(signature = (timeout=None))]
     fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<PyObject> {

@@ -11,10 +11,12 @@
 //!
 //! Files: `conn` (Client, Connection and their Handle), `server`, `received` (a received tensor
 //! for DLPack), `dlpack` and `attrs` (tensors in: by DLPack, or a plain torch CPU tensor by its
-//! attributes), `functions` (the module's functions), `tree` and `workers`; here the GIL-free
+//! attributes), `functions` (the module's functions), `tree` and `workers`, `callbacks` (Python
+//! code on the engine's executor: done callbacks and lanes of Python jobs); here the GIL-free
 //! wait every blocking call goes through, and the module's contents.
 
 mod attrs;
+mod callbacks;
 mod conn;
 mod convert;
 mod dlpack;
@@ -87,6 +89,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<workers::WorkQueue>()?;
     m.add_class::<tree::Tree_>()?;
     m.add_class::<tree::Work>()?;
+    m.add_class::<callbacks::Lane>()?;
+    m.add_class::<callbacks::Job>()?;
+    m.add_function(wrap_pyfunction!(callbacks::_close_callbacks, m)?)?;
     m.add_function(wrap_pyfunction!(functions::config, m)?)?;
     m.add_function(wrap_pyfunction!(functions::io_backend, m)?)?;
     m.add_function(wrap_pyfunction!(functions::io_backend_reason, m)?)?;

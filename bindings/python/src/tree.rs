@@ -116,6 +116,11 @@ impl Work {
     fn done(&self) -> bool {
         self.done.done()
     }
+    /// Calls `fn()` once the collective finished (successfully or not), on the engine's
+    /// callback lane; `wait` then returns at once.
+    fn add_done_callback(&self, f: PyObject) {
+        crate::callbacks::add_done_callback(&self.done, f);
+    }
     /// Waits for the collective and returns its value (the tensors, filled in place).
     #[pyo3(signature = (timeout=None))]
     fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<PyObject> {

@@ -20,6 +20,7 @@ see docs/cuda.md). Every blocking call takes ``timeout`` (seconds; default
 
 from __future__ import annotations
 
+import atexit
 from typing import Any
 
 from . import _logging, _native
@@ -76,6 +77,10 @@ __all__ = [
 ]
 
 _native._register_errors(dict(_CLASSES))
+# PY-4: no engine thread calls Python once the interpreter is exiting. Done callbacks and
+# point-to-point jobs already running (or whose operation already finished) get this long.
+_EXIT_WAIT_S = 10.0
+atexit.register(_native._close_callbacks, _EXIT_WAIT_S)
 _logging.start()
 
 

@@ -5,12 +5,15 @@ __all__ = [
     "Client",
     "Connection",
     "Handle",
+    "Job",
+    "Lane",
     "Received",
     "Server",
     "Tree",
     "Work",
     "WorkQueue",
     "_add_nvrtc_hint",
+    "_close_callbacks",
     "_log_next",
     "_set_cuda_allocator",
     "_register_errors",
@@ -38,6 +41,7 @@ class Received:
 @final
 class Handle:
     def done(self) -> bool: ...
+    def add_done_callback(self, f: Callable[[], Any]) -> None: ...
     def wait(self, timeout: float | None = None) -> Any: ...
 
 @final
@@ -122,7 +126,22 @@ class Server:
 @final
 class Work:
     def done(self) -> bool: ...
+    def add_done_callback(self, f: Callable[[], Any]) -> None: ...
     def wait(self, timeout: float | None = None) -> Any: ...
+
+@final
+class Job:
+    def done(self) -> bool: ...
+    def wait(self, timeout: float | None = None) -> Any: ...
+    def add_done_callback(self, f: Callable[[], Any]) -> None: ...
+
+@final
+class Lane:
+    def __new__(cls) -> Lane: ...
+    def submit(self, f: Callable[[], Any]) -> Job: ...
+    def pending(self) -> int: ...
+
+def _close_callbacks(timeout: float) -> int: ...
 
 @final
 class Tree:

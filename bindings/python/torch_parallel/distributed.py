@@ -24,15 +24,11 @@ Invariants:
 
 from __future__ import annotations
 
-import atexit
-import concurrent.futures
 import datetime
 import os
-import queue
 import socket
 import threading
 import time
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -43,6 +39,8 @@ from torch._C._distributed_c10d import ReduceOp
 
 from ._errors import ParallelError
 from ._native import Client, Connection, Server, Tree
+from ._native import Job as _Job
+from ._native import Lane as _Lane
 from ._native import Work as _NativeWork
 
 __all__ = ["ParallelBackend", "recv_any_source", "register"]
@@ -116,7 +114,7 @@ def _tree_from_store(store: Any, rank: int, size: int, timeout: float) -> Tree:
 # --- Work ------------------------------------------------------------------------------------
 
 
-_Pending = _NativeWork | concurrent.futures.Future[Any]
+_Pending = _NativeWork | _Job
 
 
 class _Work(dist.Work):
@@ -127,7 +125,8 @@ class _Work(dist.Work):
     Whoever gets there first completes it (waits for the pending operation, runs ``after``,
     e.g. a copy back into a non-contiguous tensor, and sets the result): the caller's ``wait``
     inline (no thread hand-off on the blocking path), or, once ``get_future`` was asked for,
-    the backend's completion thread (so the future completes without anyone waiting)."""
+    a done callback of the pending operation, run by the engine's callback lane (so the future
+    completes without anyone waiting, and no thread waits for it)."""
 
     def __init__(
         self,
@@ -135,14 +134,12 @@ class _Work(dist.Work):
         timeout: float,
         pending: _Pending | None = None,
         after: Callable[[], Any] | None = None,
-        completer: _Completer | None = None,
     ) -> None:
         super().__init__()
         self._op = op
         self._timeout = timeout
         self._pending = pending
         self._after = after
-        self._completer = completer
         self._claim = threading.Lock()
         self._event = threading.Event()
         self._exc: BaseException | None = None
@@ -169,12 +166,9 @@ class _Work(dist.Work):
                 return True
             pending, after = self._pending, self._after
             try:
-                if isinstance(pending, concurrent.futures.Future):
-                    pending.result(timeout=seconds)
-                else:
-                    pending.wait(seconds)
+                pending.wait(seconds)
                 result = after() if after is not None else None
-            except concurrent.futures.TimeoutError:
+            except TimeoutError:
                 self._finish(None, self._timeout_error(seconds))
             except BaseException as exc:  # noqa: BLE001 - handed to the waiter
                 self._finish(None, _backend_error(self._op, exc))
@@ -183,6 +177,10 @@ class _Work(dist.Work):
             return True
         finally:
             self._claim.release()
+
+    def _complete_now(self) -> None:
+        """The pending operation's done callback: completes the Work (its wait returns at once)."""
+        self._complete(self._timeout)  # False: the caller's wait is completing it
 
     def _timeout_error(self, seconds: float) -> BaseException:
         return dist.DistBackendError(
@@ -221,8 +219,8 @@ class _Work(dist.Work):
                 future = self._future = torch.futures.Future()
                 if self._event.is_set():
                     _settle_future(future, self._result, self._exc)
-                elif self._completer is not None:
-                    self._completer.submit(self)
+                elif self._pending is not None:
+                    self._pending.add_done_callback(self._complete_now)
         return future
 
     def source_rank(self) -> int:
@@ -253,50 +251,6 @@ def _backend_error(op: str, exc: BaseException) -> BaseException:
     return exc
 
 
-class _Completer:
-    """One thread per backend that completes, in the order they were issued, the Work objects
-    whose future was asked for (DIST-1), so the future completes without anyone waiting."""
-
-    def __init__(self, timeout: float) -> None:
-        self._timeout = timeout
-        self._queue: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="parallel-dist-completer", daemon=True)
-        self._thread.start()
-        _COMPLETERS.add(self)
-
-    def submit(self, work: _Work) -> None:
-        self._queue.put(work)
-
-    def close(self) -> None:
-        self._queue.put(None)
-
-    def join(self, seconds: float) -> None:
-        self._thread.join(seconds)
-
-    def _run(self) -> None:
-        while (work := self._queue.get()) is not None:
-            work._complete(self._timeout)  # False: the caller's wait is completing it
-
-
-_COMPLETERS: weakref.WeakSet[_Completer] = weakref.WeakSet()
-# How long exit waits for a completion thread still finishing a Work (one whose peer is gone
-# may take up to the group's timeout: exit does not wait for that).
-_EXIT_JOIN_S = 10.0
-
-
-@atexit.register
-def _end_completers_at_exit() -> None:
-    """Ends every completion thread while the interpreter is whole (atexit runs before daemon
-    threads are stopped). A daemon thread still finishing a Work when finalization starts is
-    stopped while it frees the Work's tensors, which torch turns into an abort ("terminate
-    called without an active exception") of a process whose work had all succeeded."""
-    completers = list(_COMPLETERS)
-    for c in completers:
-        c.close()
-    for c in completers:
-        c.join(_EXIT_JOIN_S)
-
-
 # --- Point-to-point --------------------------------------------------------------------------
 
 
@@ -307,7 +261,8 @@ class _P2P:
     a sender connects on first use and introduces itself with its rank. Each message is two
     frames: a header ``(tag,)`` then the tensor, received straight into the caller's tensor
     when the tags match; a message for another tag waits in a stash until asked for. Sends run
-    in order on one thread, receives in order on another."""
+    in order on one lane of the engine's executor, receives in order on another (no thread of
+    their own: a lane holds a worker only while it has a job)."""
 
     def __init__(self, store: Any, rank: int, size: int, timeout: float, host: str) -> None:
         self.rank = rank
@@ -320,21 +275,29 @@ class _P2P:
         self._conns: dict[int, Connection] = {}
         self._known: set[Connection] = set()
         self._stash: dict[tuple[int, str], list[torch.Tensor]] = {}
-        self._sender = concurrent.futures.ThreadPoolExecutor(1, "parallel-dist-send")
-        self._receiver = concurrent.futures.ThreadPoolExecutor(1, "parallel-dist-recv")
+        self._sender = _Lane()
+        self._receiver = _Lane()
 
     def close(self) -> None:
-        self._sender.shutdown(wait=False)
-        self._receiver.shutdown(wait=False)
         for c in self._clients.values():
             c.close()
         self._server.close()
 
-    def send(self, tensor: torch.Tensor, dst: int, tag: str) -> concurrent.futures.Future[Any]:
-        return self._sender.submit(self._send, tensor, dst, tag)
+    def send(self, tensor: torch.Tensor, dst: int, tag: str) -> _Job:
+        return self._sender.submit(lambda: self._send(tensor, dst, tag))
 
-    def recv(self, out: torch.Tensor, src: int | None, tag: str) -> concurrent.futures.Future[int]:
-        return self._receiver.submit(self._recv, out, src, tag)
+    def send_each(self, pieces: list[tuple[torch.Tensor, int]], tag: str) -> _Job:
+        """Sends each ``(tensor, dst)`` in order, as one job."""
+
+        def run() -> None:
+            for tensor, dst in pieces:
+                self._send(tensor, dst, tag)
+
+        return self._sender.submit(run)
+
+    def recv(self, out: torch.Tensor, src: int | None, tag: str) -> _Job:
+        """The job returns the rank the message came from."""
+        return self._receiver.submit(lambda: self._recv(out, src, tag))
 
     def _send(self, tensor: torch.Tensor, dst: int, tag: str) -> None:
         client = self._clients.get(dst)
@@ -471,7 +434,7 @@ def _one(tensors: Sequence[_T], what: str) -> _T:
 
 class ParallelBackend(_C10dBackend):
     """One process group's backend: a Tree for the collectives, a point-to-point endpoint for
-    send/recv, and one completion thread (DIST-1..3)."""
+    send/recv, no thread of its own (DIST-1..3)."""
 
     def __init__(self, store: Any, rank: int, size: int, timeout: float) -> None:
         super().__init__(rank, size)
@@ -480,7 +443,6 @@ class ParallelBackend(_C10dBackend):
         self._timeout = timeout
         self._tree = _tree_from_store(store, rank, size, timeout)
         self._p2p = _P2P(store, rank, size, timeout, _local_ip_toward(_root_host()))
-        self._completer = _Completer(timeout)
         self._seq = 0
         self._options = _C10dBackend.Options(BACKEND_NAME, datetime.timedelta(seconds=timeout))
 
@@ -547,7 +509,7 @@ class ParallelBackend(_C10dBackend):
         return self._done(op, result)
 
     def _later(self, op: str, pending: _Pending, after: Callable[[], Any]) -> _Work:
-        return _Work(op, self._timeout, pending, after, self._completer)
+        return _Work(op, self._timeout, pending, after)
 
     def _tag(self) -> str:
         self._seq += 1
@@ -700,34 +662,10 @@ class ParallelBackend(_C10dBackend):
         tag = self._tag()
         if self._rank == root:
             pieces = _one(inputs, "scatter")
-            sends = [self._p2p.send(p, r, tag) for r, p in enumerate(pieces) if r != self._rank]
+            sends = [(p, r) for r, p in enumerate(pieces) if r != self._rank]
             out.copy_(pieces[self._rank])
-            return self._later_all("scatter", sends, outputs)
-        return self._later_all("scatter", [self._p2p.recv(out, root, tag)], outputs)
-
-    def _later_all(self, op: str, futures: list[concurrent.futures.Future[Any]], result: Any) -> _Work:
-        """One Work over several point-to-point futures: done when all are, failed with the
-        first error (no thread of its own: the last future to finish completes it)."""
-        both: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        left = [len(futures)]
-        lock = threading.Lock()
-
-        def one_done(f: concurrent.futures.Future[Any]) -> None:
-            exc = f.exception() if not f.cancelled() else RuntimeError(f"{op}: cancelled (the group closed)")
-            with lock:
-                if both.done():
-                    return
-                left[0] -= 1
-                if exc is not None:
-                    both.set_exception(exc)
-                elif left[0] == 0:
-                    both.set_result(None)
-
-        if not futures:
-            both.set_result(None)
-        for f in futures:
-            f.add_done_callback(one_done)
-        return self._later(op, both, lambda: result)
+            return self._later("scatter", self._p2p.send_each(sends, tag), lambda: outputs)
+        return self._later("scatter", self._p2p.recv(out, root, tag), lambda: outputs)
 
     def _reduce_scatter_rows(self, rows: torch.Tensor, op: Any, what: str) -> torch.Tensor:
         """Reduces ``rows`` (world_size rows) across ranks and returns this rank's row."""
@@ -850,14 +788,13 @@ class ParallelBackend(_C10dBackend):
         work: _Work
 
         def after() -> list[torch.Tensor]:
-            work._source = pending.result()
+            work._source = int(pending.wait(0))
             return tensors
 
         work = self._later("recv", pending, after)
         return work
 
     def shutdown(self) -> None:
-        self._completer.close()
         self._p2p.close()
 
 

@@ -18,6 +18,9 @@
 //! - EXEC-3: idle executor threads sleep in the kernel (channel receive, condition variable),
 //!   never spin; the lane workers grow only while every worker is busy, and a worker idle for
 //!   [`WORKER_IDLE_EXIT`] leaves.
+//! - EXEC-4: a completion's callbacks run once, after its result is visible to waiters, on the
+//!   completing thread (or on the registering one if it had already completed); a panicking
+//!   callback is contained.
 
 use super::Deadline;
 use crate::config::config;
@@ -31,9 +34,17 @@ use std::time::Duration;
 /// How long a lane worker waits for work before it leaves (EXEC-3).
 pub const WORKER_IDLE_EXIT: Duration = Duration::from_secs(10);
 
-/// A one-shot result slot that a waiter can block on with a deadline.
+/// A one-shot result slot that a waiter can block on with a deadline, and that runs callbacks
+/// registered with [`Completion::on_done`] once it completes (EXEC-4).
 pub struct Completion<T> {
-    inner: Arc<(Mutex<Option<Result<T>>>, Condvar)>,
+    inner: Arc<(Mutex<Slot<T>>, Condvar)>,
+}
+
+struct Slot<T> {
+    result: Option<Result<T>>,
+    /// Set once `complete` ran: `result` may since have been taken by a wait.
+    done: bool,
+    callbacks: Vec<Task>,
 }
 
 impl<T> std::fmt::Debug for Completion<T> {
@@ -52,40 +63,72 @@ impl<T> Clone for Completion<T> {
 
 impl<T> Default for Completion<T> {
     fn default() -> Self {
+        let slot = Slot {
+            result: None,
+            done: false,
+            callbacks: Vec::new(),
+        };
         Completion {
-            inner: Arc::new((Mutex::new(None), Condvar::new())),
+            inner: Arc::new((Mutex::new(slot), Condvar::new())),
         }
     }
 }
 
 impl<T> Completion<T> {
+    fn slot(&self) -> std::sync::MutexGuard<'_, Slot<T>> {
+        self.inner.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sets the result (the first one set stands), wakes the waiters, then runs the callbacks
+    /// on this thread, outside the lock.
     pub fn complete(&self, r: Result<T>) {
-        let mut g = self.inner.0.lock().unwrap_or_else(|e| e.into_inner());
-        if g.is_none() {
-            *g = Some(r);
-        }
+        let callbacks = {
+            let mut g = self.slot();
+            if g.done {
+                return;
+            }
+            g.result = Some(r);
+            g.done = true;
+            std::mem::take(&mut g.callbacks)
+        };
         self.inner.1.notify_all();
+        for f in callbacks {
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err() {
+                tracing::error!("a completion callback panicked; the others still run");
+            }
+        }
     }
 
     pub fn done(&self) -> bool {
-        self.inner
-            .0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some()
+        self.slot().done
+    }
+
+    /// Runs `f` once the operation completes, on the thread that completes it (EXEC-4: keep it
+    /// short, or hand the work to a [`Lane`]); at once on the caller if it already has. It does
+    /// not take the result: a wait still gets it.
+    pub fn on_done(&self, f: impl FnOnce() + Send + 'static) {
+        {
+            let mut g = self.slot();
+            if !g.done {
+                g.callbacks.push(Box::new(f));
+                return;
+            }
+        }
+        f();
     }
 
     /// Waits for the result and takes it; a second call reports that it was already taken.
     pub fn wait(&self, deadline: Deadline, op: &'static str) -> Result<T> {
-        let mut g = self.inner.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut g = self.slot();
         loop {
-            if let Some(r) = g.take() {
-                *g = Some(Err(Error::new(
-                    ErrorKind::Closed,
-                    op,
-                    "the result of this handle was already taken by an earlier wait()",
-                )));
-                return r;
+            if g.done {
+                return g.result.take().unwrap_or_else(|| {
+                    Err(Error::new(
+                        ErrorKind::Closed,
+                        op,
+                        "the result of this handle was already taken by an earlier wait()",
+                    ))
+                });
             }
             let slice = deadline.slice(op, "the asynchronous operation")?;
             g = self

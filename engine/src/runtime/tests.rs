@@ -192,6 +192,49 @@ fn completion_wait_times_out_and_delivers() {
     assert!(c.done());
 }
 
+#[test]
+fn exec_4_callbacks_run_once_after_the_result_is_visible() {
+    use std::sync::mpsc;
+    let c: Completion<u32> = Completion::default();
+    let (tx, rx) = mpsc::channel::<(u32, bool)>();
+    for i in 0..3 {
+        let (tx, seen) = (tx.clone(), c.clone());
+        // The result is visible to a waiter when the callback runs (done(), not yet taken).
+        c.on_done(move || tx.send((i, seen.done())).unwrap());
+    }
+    assert!(rx.try_recv().is_err(), "a callback ran before completion");
+    let c2 = c.clone();
+    Runtime::get().spawn(move || {
+        c2.complete(Ok(7));
+        c2.complete(Ok(8)); // ignored: the first result stands, callbacks do not run again
+    });
+    let mut got: Vec<(u32, bool)> = (0..3)
+        .map(|_| rx.recv_timeout(Duration::from_secs(5)).unwrap())
+        .collect();
+    got.sort();
+    assert_eq!(got, vec![(0, true), (1, true), (2, true)]);
+    assert_eq!(
+        c.wait(Deadline::after(Duration::from_secs(5)), "t")
+            .unwrap(),
+        7
+    );
+    // Registered after completion (and after the result was taken): runs at once, here.
+    let (tx2, rx2) = mpsc::channel::<()>();
+    c.on_done(move || tx2.send(()).unwrap());
+    assert!(rx2.try_recv().is_ok());
+    assert!(
+        rx.recv_timeout(Duration::from_millis(50)).is_err(),
+        "a callback ran twice"
+    );
+    // A panicking callback is contained; the next one still runs.
+    let c3: Completion<()> = Completion::default();
+    let (tx3, rx3) = mpsc::channel::<()>();
+    c3.on_done(|| panic!("callback panics (expected in this test)"));
+    c3.on_done(move || tx3.send(()).unwrap());
+    c3.complete(Ok(()));
+    assert!(rx3.try_recv().is_ok());
+}
+
 /// CPU time the calling thread has used.
 fn thread_cpu() -> Duration {
     // SAFETY: timespec is plain data; clock_gettime fills it.
