@@ -1,4 +1,5 @@
 //! The Tree's typed control messages: the control pass up the tree ([`Up`]) and the verdict
+//! (just over 600 lines: every message type and its one validating decoder live together)
 //! down ([`Verdict`]), as rkyv-archived structs behind a magic and a protocol version, decoded
 //! and validated at one choke point ([`recv`]) into checked types. The data a pass carries
 //! (small buffers, partial results, all-gather pieces) travel as raw payload segments after the

@@ -1,5 +1,6 @@
 //! The Tree a user holds: the rendezvous result (links and plan), the epochs of uneven endings,
-//! the stats, and the collectives.
+//! the stats, and the collectives. Just over 600 lines: the public collectives are one impl
+//! block of short methods, each handing its work to an algorithm in algorithms/.
 //!
 //! Every collective starts with a **control pass** up the tree ([`pass`], typed messages of
 //! [`crate::control`]): each rank sends its parent the collective's sequence number, kind, op,

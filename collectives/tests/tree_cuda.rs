@@ -2,6 +2,8 @@
 //! "device memory" is shared host memory, links carry it by (simulated) CUDA IPC inside a host
 //! and staged across simulated hosts; reductions run the CPU kernels where the GPU would run the
 //! NVRTC ones (whose semantics collectives/src/cuda_ops.rs checks against the same CPU kernels).
+//! Over 600 lines on purpose: it is the GPU path's whole suite against one simulated world
+//! (one harness); its cases mirror the CPU suites' files one for one.
 
 mod common;
 

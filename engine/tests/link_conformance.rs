@@ -1,4 +1,6 @@
 //! The link conformance suite: one set of cases, written once, that every link kind must pass.
+//! Over 600 lines on purpose: the suite is one list of cases that every kind instantiates;
+//! split across files, a new case could be added to one file and missed by a kind.
 //!
 //! A kind is a [`Kind`] value: how to make a connected pair of [`Link`]s of that kind in this
 //! process, and where its tensors live; the kind a pair must be is what the registry

@@ -1,4 +1,6 @@
 //! Client/Server conformance across processes, and hostile input against a live server.
+//! Over 600 lines on purpose: every case shares the child-process harness at the top, and the
+//! file runs once per I/O backend and link kind (scripts/test.sh).
 //!
 //! The other end is the `parallel-peer` helper binary (engine/src/bin/parallel-peer.rs) in a child
 //! process. Children inherit the environment, so both ends run the same PARALLEL_IO backend and

@@ -119,6 +119,24 @@ def main() -> None:
     check("get_future value", [f.wait()[0] for f in futs], b)
     chained = dist.all_reduce(xs[0].clone(), async_op=True).get_future().then(lambda f: f.value()[0] * 2)
     check("get_future then", chained.wait(), b[0] * 2)
+    # A blocking all_reduce (async_op=False runs inline on the caller) issued while async ones
+    # are still queued runs after them on every rank (DIST-1), with the same results as gloo.
+    xs = [ints(20 + i, dtype=torch.float32) for i in range(3)]
+    y = ints(7, dtype=torch.int64)
+    a = [x.clone() for x in xs]
+    ya = y.clone()
+    works = [dist.all_reduce(t, async_op=True) for t in a]
+    dist.all_reduce(ya)
+    dist.broadcast(ya, src=n - 1)
+    for w in works:
+        w.wait()
+    b = [x.clone() for x in xs]
+    yb = y.clone()
+    for t in b:
+        dist.all_reduce(t, group=gloo)
+    dist.all_reduce(yb, group=gloo)
+    dist.broadcast(yb, src=n - 1, group=gloo)
+    check("async then blocking all_reduce", [*a, ya], [*b, yb])
     # all_reduce_coalesced
     xs = [ints(5, dtype=torch.float32), ints(7, dtype=torch.float32)]
     a, b = both(lambda t, g: dist.all_reduce_coalesced(t, group=g), *xs)

@@ -1,4 +1,5 @@
 //! Workers: map, pools, and work queues between threads and between processes.
+//! Just over 600 lines: the crate's one integration suite, grouped by invariant below.
 //!
 //! Invariants checked (defined in the module docs of workers/src/):
 //! - MAP-1..3 (map.rs): results in worker order; a panicking worker is a `Worker` error naming it;

@@ -20,6 +20,9 @@ Invariants:
   ``torch.distributed.DistBackendError`` (a ``RuntimeError``) carrying the engine's message,
   which names the rank at fault; the engine's exception is the ``__cause__``.
 - DIST-3: every wait has a deadline: the group's ``timeout`` (``init_process_group(timeout=)``).
+
+Over 600 lines on purpose: torch's ``Backend`` interface is one class whose ~30 methods are
+each a few lines mapping a c10d call onto the Tree; splitting it would scatter that mapping.
 """
 
 from __future__ import annotations
@@ -504,9 +507,23 @@ class ParallelBackend(_C10dBackend):
         completed Work, or raises the torch-style error."""
         try:
             result = run()
+        except TimeoutError as exc:
+            err = dist.DistBackendError(
+                f"parallel backend: {op} did not complete within {self._timeout:g} s (the process "
+                f"group's timeout; a rank may not have called it, or be stalled): {exc}"
+            )
+            raise err from exc
         except BaseException as exc:
             raise _backend_error(op, exc) from exc
         return self._done(op, result)
+
+    @staticmethod
+    def _sync(opts: Any) -> bool:
+        """True when the caller waits at once (``async_op=False``; torch passes it as
+        ``opts.asyncOp``, and C++ callers such as DDP's reducer leave it True): the collective
+        then runs inline on the caller (behind the Tree's queued operations, DIST-1), which
+        saves two thread hand-offs, a completion wait and the Work's machinery."""
+        return getattr(opts, "asyncOp", True) is False
 
     def _later(self, op: str, pending: _Pending, after: Callable[[], Any]) -> _Work:
         return _Work(op, self._timeout, pending, after)
@@ -517,7 +534,7 @@ class ParallelBackend(_C10dBackend):
 
     # -- all-reduce family ----------------------------------------------------------------
 
-    def _allreduce(self, tensors: list[torch.Tensor], op: Any, what: str) -> _Work:
+    def _allreduce(self, tensors: list[torch.Tensor], op: Any, what: str, sync: bool = False) -> _Work:
         name, factor = _op_name(op, what)
         # PREMUL_SUM reduces scaled copies: the caller's tensors change only with the result.
         if factor is not None:
@@ -525,10 +542,6 @@ class ParallelBackend(_C10dBackend):
         else:
             work_on = [t if t.is_contiguous() else t.contiguous() for t in tensors]
         value: Any = work_on[0] if len(work_on) == 1 else work_on
-        try:
-            pending = self._tree.all_reduce_async(value, name)
-        except BaseException as exc:
-            raise _backend_error(what, exc) from exc
 
         def after() -> list[torch.Tensor]:
             for t, w in zip(tensors, work_on, strict=True):
@@ -536,13 +549,24 @@ class ParallelBackend(_C10dBackend):
                     t.copy_(w)
             return tensors
 
+        if sync:
+
+            def now() -> list[torch.Tensor]:
+                self._tree.all_reduce(value, name)
+                return after()
+
+            return self._inline(what, now)
+        try:
+            pending = self._tree.all_reduce_async(value, name)
+        except BaseException as exc:
+            raise _backend_error(what, exc) from exc
         return self._later(what, pending, after)
 
     def allreduce(self, tensors: list[torch.Tensor], opts: Any) -> _Work:
-        return self._allreduce(tensors, opts.reduceOp, "allreduce")
+        return self._allreduce(tensors, opts.reduceOp, "allreduce", self._sync(opts))
 
     def allreduce_coalesced(self, tensors: list[torch.Tensor], opts: Any) -> _Work:
-        return self._allreduce(tensors, opts.reduceOp, "allreduce_coalesced")
+        return self._allreduce(tensors, opts.reduceOp, "allreduce_coalesced", self._sync(opts))
 
     def reduce(self, tensors: list[torch.Tensor], opts: Any) -> _Work:
         t = _one(tensors, "reduce")
@@ -565,19 +589,33 @@ class ParallelBackend(_C10dBackend):
     def broadcast(self, tensors: list[torch.Tensor], opts: Any) -> _Work:
         t = _one(tensors, "broadcast")
         work_on = t if t.is_contiguous() else t.contiguous()
-        try:
-            pending = self._tree.broadcast_async(work_on, opts.rootRank)
-        except BaseException as exc:
-            raise _backend_error("broadcast", exc) from exc
 
         def after() -> list[torch.Tensor]:
             if work_on is not t:
                 t.copy_(work_on)
             return tensors
 
+        if self._sync(opts):
+
+            def now() -> list[torch.Tensor]:
+                self._tree.broadcast(work_on, opts.rootRank)
+                return after()
+
+            return self._inline("broadcast", now)
+        try:
+            pending = self._tree.broadcast_async(work_on, opts.rootRank)
+        except BaseException as exc:
+            raise _backend_error("broadcast", exc) from exc
         return self._later("broadcast", pending, after)
 
     def barrier(self, opts: Any = None) -> _Work:
+        if self._sync(opts):
+
+            def now() -> list[torch.Tensor]:
+                self._tree.barrier()
+                return []
+
+            return self._inline("barrier", now)
         try:
             pending = self._tree.barrier_async()
         except BaseException as exc:
@@ -727,7 +765,9 @@ class ParallelBackend(_C10dBackend):
 
     # -- all-to-all -----------------------------------------------------------------------
 
-    def _all_to_all(self, outs: list[torch.Tensor], ins: list[torch.Tensor], what: str, result: Any) -> _Work:
+    def _all_to_all(
+        self, outs: list[torch.Tensor], ins: list[torch.Tensor], what: str, result: Any, sync: bool = False
+    ) -> _Work:
         """The Tree's pairwise all-to-all into ``outs``, on the Tree's queue (each output exactly
         its sender's size: a mismatch on every rank otherwise; non-contiguous outputs are filled
         in place)."""
@@ -736,6 +776,13 @@ class ParallelBackend(_C10dBackend):
                 f"parallel backend: {what}: expected {self._size} input and output pieces, "
                 f"got {len(ins)} and {len(outs)}"
             )
+        if sync:
+
+            def now() -> Any:
+                self._tree.all_to_all(ins, outs)
+                return result
+
+            return self._inline(what, now)
         try:
             pending = self._tree.all_to_all_async(ins, outs)
         except BaseException as exc:
@@ -743,7 +790,7 @@ class ParallelBackend(_C10dBackend):
         return self._later(what, pending, lambda: result)
 
     def alltoall(self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: Any) -> _Work:
-        return self._all_to_all(outputs, inputs, "alltoall", outputs)
+        return self._all_to_all(outputs, inputs, "alltoall", outputs, self._sync(opts))
 
     def all_to_all_single(
         self,
@@ -770,7 +817,7 @@ class ParallelBackend(_C10dBackend):
 
         outs = split(output, list(output_splits))
         ins = split(input, list(input_splits))
-        return self._all_to_all(outs, ins, "all_to_all_single", [output])
+        return self._all_to_all(outs, ins, "all_to_all_single", [output], self._sync(opts))
 
     # -- point-to-point -------------------------------------------------------------------
 
