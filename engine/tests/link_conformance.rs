@@ -474,10 +474,10 @@ mod cases {
         }
     }
 
-    /// `Link::send_now` (SEND-3 of the collectives): on a shared-memory link it writes host
-    /// messages while the ring has room for the whole frame and then refuses, writing nothing;
-    /// TCP links and device tensors always refuse. What it sent and what is sent after it the
-    /// usual way arrive intact and in order.
+    /// `Link::send_now` (SEND-3 of the collectives): it writes host messages while the link can
+    /// take the whole frame without waiting (a shared-memory ring's room; half a TCP socket's
+    /// send buffer) and then refuses, writing nothing; device tensors always refuse. What it
+    /// sent and what is sent after it the usual way arrive intact and in order.
     pub fn send_now(k: Kind) {
         let p = k.pair();
         const SIZE: usize = 300 << 10; // under the cross-memory threshold: through the ring
@@ -491,7 +491,22 @@ mod cases {
             assert!(now < 1000, "send_now never ran out of room");
         };
         let host_shm = k.link_kind() == LinkKind::Shm && !k.cuda;
-        if host_shm {
+        let host_tcp = k.link_kind() == LinkKind::Tcp && !k.cuda;
+        if host_tcp {
+            // Nobody reads meanwhile: what it wrote sits in the two ends' socket buffers, so it
+            // never wrote more than the kernel lets them hold (it did not wait: it returned).
+            let max = |f: &str| {
+                std::fs::read_to_string(f)
+                    .ok()
+                    .and_then(|s| s.split_whitespace().nth(2)?.parse::<usize>().ok())
+                    .unwrap_or(usize::MAX / 4)
+            };
+            let held = max("/proc/sys/net/ipv4/tcp_wmem") + max("/proc/sys/net/ipv4/tcp_rmem");
+            assert!(
+                (now as usize) * SIZE <= held,
+                "{now} frames of {SIZE} bytes exceed the socket buffers ({held} bytes)"
+            );
+        } else if host_shm {
             let ring = config().shm_ring;
             assert!(now >= 2, "a {} KiB ring took only {now} frames", ring >> 10);
             assert!(

@@ -15,8 +15,8 @@
 //! - SEND-2: dropping a scope with sends still pending (an error path) first gives them a short
 //!   grace to finish, then closes the links they use so they fail promptly, then waits for each to
 //!   complete: the error is reported within about a second, not at the operation's deadline.
-//! - SEND-3: a send whose whole frame fits in the room of a shared-memory ring (and reads no
-//!   memory in place) is written synchronously by the caller, never overtaking a send of the
+//! - SEND-3: a send whose whole frame fits in the room of a shared-memory ring or in half a TCP
+//!   socket's send buffer (and reads no memory in place) is written synchronously by the caller, never overtaking a send of the
 //!   same scope to the same link still queued on the lane; it is complete when `send` returns,
 //!   so SEND-1 holds for it trivially, and its error is reported by `wait_all`.
 
@@ -95,7 +95,8 @@ impl<'a> SendScope<'a> {
     /// [`SendScope::run`] waits for the send on every path, so a caller that keeps the memory
     /// for the scope's lifetime `'a` and writes none of it meanwhile keeps the contract.
     pub(crate) unsafe fn send_value(&mut self, conn: &Arc<Conn>, v: Value) {
-        // SEND-3: a send that cannot wait for the peer (room in a shared-memory ring) is written
+        // SEND-3: a send that cannot wait for the peer (room in a shared-memory ring or a TCP
+        // socket's send buffer) is written
         // here and now, unless an earlier send of this scope to the same link is still queued
         // (it would be overtaken). No hand-off to the lane: with two ranks on two cores, waking
         // another thread of ours per chunk costs a scheduler round trip while the peer waits.

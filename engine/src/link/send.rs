@@ -63,15 +63,44 @@ impl Link {
         self.send_frame(FrameKind::Abort, &v, deadline)
     }
 
+    /// Bytes a TCP write can surely take without waiting: half the socket's send buffer (the
+    /// kernel doubles the size asked for, to account for its own overhead) less what is queued
+    /// and not yet acknowledged; 0 when either cannot be read.
+    fn tcp_room(&self) -> u64 {
+        use std::os::fd::AsRawFd;
+        let fd = self.sock.as_raw_fd();
+        let mut buf: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: valid descriptor, an int-sized out-parameter and its length.
+        let got = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                (&mut buf as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        let mut queued: libc::c_int = 0;
+        // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one int: the bytes not yet acknowledged.
+        let q = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut queued) };
+        if got != 0 || q != 0 || buf <= 0 || queued < 0 {
+            return 0;
+        }
+        (buf as u64 / 2).saturating_sub(queued as u64)
+    }
+
     pub(crate) fn send_frame(&self, kind: FrameKind, v: &Value, deadline: Deadline) -> Result<()> {
         self.frame(kind, v, deadline, false).map(|_| ())
     }
 
     /// Sends the message `v` now, on the caller's thread, if that cannot wait for the peer:
-    /// a shared-memory link whose outgoing ring has room for the whole frame, no segment that
-    /// the peer reads in place (cross-memory or CUDA IPC, whose send waits for the peer's
-    /// acknowledgement), and no other send holding the link. `Ok(false)`: nothing was written
-    /// (send it the usual way); `Ok(true)`: sent, as [`Link::send`] would have.
+    /// room for the whole frame (a shared-memory link's outgoing ring; a TCP socket's send
+    /// buffer, counted at half its size for the kernel's overhead: [`Link::tcp_room`]), no
+    /// segment that the peer reads in place (cross-memory or CUDA IPC, whose send waits for the
+    /// peer's acknowledgement) and no device segment, and no other send holding the link.
+    /// `Ok(false)`: nothing was written (send it the usual way); `Ok(true)`: sent, as
+    /// [`Link::send`] would have.
     ///
     /// The ring's sends go through here first (collectives' SendScope): a chunk that fits is
     /// written by the thread that has it, instead of waking another thread of ours to write it
@@ -89,9 +118,6 @@ impl Link {
     /// else `Ok(false)` before anything is written or numbered.
     fn frame(&self, kind: FrameKind, v: &Value, deadline: Deadline, now: bool) -> Result<bool> {
         let start = Instant::now();
-        if now && self.shm.is_none() {
-            return Ok(false);
-        }
         let enc = wire::encode(v, &self.limits).map_err(|e| self.err(e))?;
         let mut st = if now {
             match self.send.try_lock() {
@@ -133,7 +159,10 @@ impl Link {
         if now {
             let in_place = cma.is_some() || enc.segs.iter().any(|g| g.is_device());
             let frame = (HEADER_LEN + enc.desc.len()) as u64 + enc.payload_len;
-            let room = self.shm.as_ref().map_or(0, |s| s.room());
+            let room = match &self.shm {
+                Some(s) => s.room(),
+                None => self.tcp_room(),
+            };
             if in_place || frame > room {
                 return Ok(false);
             }
