@@ -27,7 +27,9 @@
 //! - FLAT-4 (no hang, TREE-3): a waiter spins under the wait policy (`PARALLEL_SPIN_US`,
 //!   runtime/spin.rs), then sleeps on a futex word in slices of at most [`SLICE`]; it checks the
 //!   awaited ranks' `gone` words (set by a rank whose tree failed or was dropped) on every scan
-//!   and their pidfds (a killed process) after every slice, and honours the collective's
+//!   and their pidfds (a killed process) after every slice (a rank seen exited is lost only if
+//!   its slot is still missing on a scan after that: its last collective may have completed
+//!   just before it exited), and honours the collective's
 //!   deadline and interrupts. Publishing wakes sleepers only when one announced itself
 //!   (Dekker-style, both sides SeqCst: a wake-up cannot be lost).
 //! - FLAT-5 (who can attach): the memfd is sealed at its size and handed out by rank 0 over an
@@ -329,7 +331,15 @@ impl Region {
             }
             futex(g, libc::FUTEX_WAIT, seen, Some(slice));
             waiters.fetch_sub(1, Ordering::SeqCst);
-            self.check_alive(seq, &pending)?;
+            if self.check_alive(seq, &pending).is_err() {
+                // A rank may have published its slot of `seq` and then exited (its last
+                // collective) since the scan: only one still missing once its exit was seen is
+                // lost, as an ended process writes nothing more.
+                if let Some(d) = self.scan(seq, mine, &mut pending)? {
+                    return Ok(d);
+                }
+                self.check_alive(seq, &pending)?;
+            }
         }
     }
 
@@ -576,3 +586,6 @@ pub(crate) fn fetch(
 fn protocol_err(what: &str) -> Error {
     Error::new(ErrorKind::Protocol, "flat", what.to_string())
 }
+
+#[cfg(test)]
+mod tests;
