@@ -43,16 +43,33 @@ def test_readme_quick_start_runs_as_written(name: str, tmp_path: pathlib.Path) -
     script.write_text(code)
     if nproc:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
-        # --tee: torchrun relays each rank's output line by line ("[default0]:..."), so the ranks'
-        # prints are not interleaved word by word on the shared pipe.
+        # --tee: torchrun relays each rank's output with its prefix ("[default0]:..."), a chunk at
+        # a time as it arrives: a line of one rank can be cut by another's (see by_rank).
         cmd += ["--tee", "3"]
         cmd.append(str(script))
     else:
         cmd = [sys.executable, str(script)]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=tmp_path)
     assert p.returncode == 0, p.stdout + p.stderr
+    out = "\n".join(by_rank(p.stdout).values()) if nproc else p.stdout
     for line in EXPECT[name]:
-        assert line in p.stdout, (line, p.stdout, p.stderr)
+        assert line in out, (line, p.stdout, p.stderr)
+
+
+def by_rank(relayed: str) -> dict[int, str]:
+    """Each rank's own output from torchrun's --tee relay, which prefixes every chunk it relays
+    with "[defaultN]:" (so "[default0]:0 [default1]:1 x\n[default0]:x\n" is rank 0's "0 x\n"
+    and rank 1's "1 x\n")."""
+    streams: dict[int, str] = {}
+    parts = re.split(r"\[default(\d+)\]:", relayed)
+    for rank, text in zip(parts[1::2], parts[2::2], strict=True):
+        streams[int(rank)] = streams.get(int(rank), "") + text
+    return streams
+
+
+def test_by_rank_joins_a_line_cut_by_another_ranks_chunk() -> None:
+    relayed = "[default0]:0 [default1]:1 tensor([3.])\n[default0]:tensor([3.])\n"
+    assert by_rank(relayed) == {0: "0 tensor([3.])\n", 1: "1 tensor([3.])\n"}
 
 
 TUTORIAL = README.parent / "docs" / "tutorial.md"
