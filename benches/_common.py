@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 HOST = "127.0.0.1"
 
@@ -111,3 +113,57 @@ def machine_info():
     info["git"] = git_revision()
     info["loadavg_start"] = read_text("/proc/loadavg").split()[:3]
     return info
+
+
+def ours_child(pid, script):
+    """Whether pid is still a rank of `script` (started with --child): guards against pid reuse."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return False
+    return script.encode() in argv and b"--child" in argv
+
+
+def stop_ranks(procs, out_dir, script):
+    """Terminates, then kills, each launched process group and each rank of `script` that wrote
+    its pid into out_dir (files pid-*)."""
+    pids = []
+    for name in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
+        if name.startswith("pid-"):
+            try:
+                with open(os.path.join(out_dir, name)) as f:
+                    pids.append(int(f.read().strip()))
+            except (OSError, ValueError):
+                pass
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for p in procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, sig)
+                except OSError:
+                    pass
+        for pid in pids:
+            if ours_child(pid, script):
+                try:
+                    os.kill(pid, sig)
+                except OSError:
+                    pass
+        t_end = time.monotonic() + 3
+        while time.monotonic() < t_end and (
+            any(p.poll() is None for p in procs) or any(ours_child(x, script) for x in pids)
+        ):
+            time.sleep(0.05)
+    for p in procs:
+        if p.poll() is None:
+            p.wait(2)
+
+
+def cpu_stall_us():
+    """Microseconds some task waited for a CPU since boot (/proc/pressure/cpu, "some"), or None."""
+    for line in read_text("/proc/pressure/cpu").splitlines():
+        if line.startswith("some"):
+            for f in line.split():
+                if f.startswith("total="):
+                    return int(f[6:])
+    return None

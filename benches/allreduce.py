@@ -90,7 +90,18 @@ import tempfile
 import time
 
 import _load
-from _common import HOST, cmd, cpu_seconds, free_port, pct, read_text, run_probe, tail
+from _common import (
+    HOST,
+    cmd,
+    cpu_seconds,
+    cpu_stall_us,
+    free_port,
+    pct,
+    read_text,
+    run_probe,
+    stop_ranks,
+    tail,
+)
 from _common import machine_info as base_machine_info
 
 KiB = 1 << 10
@@ -501,59 +512,6 @@ def child_main(system, rank_arg, cfg):
 # orchestration (parent process)
 
 
-def _ours_child(pid: int) -> bool:
-    """Whether pid is still one of this script's children (guards against pid reuse)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
-    except OSError:
-        return False
-    return SCRIPT.encode() in argv and b"--child" in argv
-
-
-def _stop(procs, out_dir):
-    """Terminates, then kills, each launched process group and each rank that wrote its pid."""
-    pids = []
-    for name in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
-        if name.startswith("pid-"):
-            try:
-                with open(os.path.join(out_dir, name)) as f:
-                    pids.append(int(f.read().strip()))
-            except (OSError, ValueError):
-                pass
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for p in procs:
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, sig)
-                except OSError:
-                    pass
-        for pid in pids:
-            if _ours_child(pid):
-                try:
-                    os.kill(pid, sig)
-                except OSError:
-                    pass
-        t_end = time.monotonic() + 3
-        while time.monotonic() < t_end and (
-            any(p.poll() is None for p in procs) or any(_ours_child(x) for x in pids)
-        ):
-            time.sleep(0.05)
-    for p in procs:
-        if p.poll() is None:
-            p.wait(2)
-
-
-def cpu_stall_us():
-    """Microseconds some task waited for a CPU since boot (/proc/pressure/cpu, "some"), or None."""
-    for line in read_text("/proc/pressure/cpu").splitlines():
-        if line.startswith("some"):
-            for f in line.split():
-                if f.startswith("total="):
-                    return int(f[6:])
-    return None
-
-
 def launch(system, world, cfg, tmpdir, tag, deadline):
     """Runs one set of ranks of `system`. Returns ({rank: result}, error or None, command,
     CPU pressure: the share of the launch's wall time in which some task waited for a CPU)."""
@@ -623,7 +581,7 @@ def launch(system, world, cfg, tmpdir, tag, deadline):
                     break
             time.sleep(0.05)
     finally:
-        _stop(procs, out_dir)
+        stop_ranks(procs, out_dir, SCRIPT)
         if shm_dir:
             shutil.rmtree(shm_dir, ignore_errors=True)
     stall1, w1 = cpu_stall_us(), time.monotonic()

@@ -69,7 +69,17 @@ import sys
 import tempfile
 import time
 
-from _common import HOST, cpu_seconds, free_port, machine_info, read_text, run_probe, tail
+from _common import (
+    HOST,
+    cpu_seconds,
+    cpu_stall_us,
+    free_port,
+    machine_info,
+    read_text,
+    run_probe,
+    stop_ranks,
+    tail,
+)
 
 MiB = 1 << 20
 SCRIPT = os.path.abspath(__file__)
@@ -264,56 +274,6 @@ def child_main(system, rank, cfg):
 # orchestration (parent process)
 
 
-def _ours_child(pid):
-    """Whether pid is still one of this script's ranks (guards against pid reuse)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
-    except OSError:
-        return False
-    return SCRIPT.encode() in argv and b"--child" in argv
-
-
-def _stop(procs, out_dir):
-    """Terminates, then kills, each rank's process group and each rank that wrote its pid."""
-    pids = []
-    for name in os.listdir(out_dir):
-        if name.startswith("pid-"):
-            try:
-                with open(os.path.join(out_dir, name)) as f:
-                    pids.append(int(f.read().strip()))
-            except (OSError, ValueError):
-                pass
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for p in procs:
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, sig)
-                except OSError:
-                    pass
-        for pid in pids:
-            if _ours_child(pid):
-                try:
-                    os.kill(pid, sig)
-                except OSError:
-                    pass
-        t_end = time.monotonic() + 3
-        while time.monotonic() < t_end and (
-            any(p.poll() is None for p in procs) or any(_ours_child(x) for x in pids)
-        ):
-            time.sleep(0.05)
-
-
-def cpu_stall_us():
-    """Microseconds some task waited for a CPU since boot (/proc/pressure/cpu, "some"), or None."""
-    for line in read_text("/proc/pressure/cpu").splitlines():
-        if line.startswith("some"):
-            for f in line.split():
-                if f.startswith("total="):
-                    return int(f[6:])
-    return None
-
-
 def launch(system, cfg, tmpdir, tag, deadline):
     """Runs one pair of ranks. Returns ({rank: result}, error or None, CPU pressure)."""
     out_dir = os.path.join(tmpdir, tag)
@@ -360,7 +320,7 @@ def launch(system, cfg, tmpdir, tag, deadline):
                     break
             time.sleep(0.05)
     finally:
-        _stop(procs, out_dir)
+        stop_ranks(procs, out_dir, SCRIPT)
     stall1, w1 = cpu_stall_us(), time.monotonic()
     psi = (stall1 - stall0) / 1e6 / (w1 - w0) if stall0 is not None and stall1 is not None else None
     results = {}
