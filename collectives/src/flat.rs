@@ -29,8 +29,8 @@
 //!   awaited ranks' `gone` words (set by a rank whose tree failed or was dropped) on every scan
 //!   and their pidfds (a killed process) after every slice (a rank seen exited is lost only if
 //!   its slot is still missing on a scan after that: its last collective may have completed
-//!   just before it exited), and honours the collective's
-//!   deadline and interrupts. Publishing wakes sleepers only when one announced itself
+//!   just before it exited; a rank that left names, in its place, another rank whose process
+//!   ended, the usual cause), and honours the collective's deadline and interrupts. Publishing wakes sleepers only when one announced itself
 //!   (Dekker-style, both sides SeqCst: a wake-up cannot be lost).
 //! - FLAT-5 (who can attach): the memfd is sealed at its size and handed out by rank 0 over an
 //!   abstract Unix socket with a random name, only to a connection that presents the 32-byte
@@ -275,6 +275,12 @@ impl Region {
                 // Out of step (FLAT-2): the control pass names the rank.
                 return Ok(Some(false));
             } else if self.gone(r).load(Ordering::SeqCst) != 0 {
+                // A rank leaves when its tree failed, most often because another rank's process
+                // ended: name that one, the cause, when there is one (FLAT-4).
+                let others: Vec<usize> = (0..self.lay.world)
+                    .filter(|&x| x != self.rank && x != r)
+                    .collect();
+                self.check_alive(seq, &others)?;
                 return Err(Error::new(
                     ErrorKind::PeerLost,
                     "flat",
