@@ -54,6 +54,9 @@ use std::time::Duration;
 
 /// The longest kernel sleep between liveness checks (FLAT-4).
 pub(crate) const SLICE: Duration = Duration::from_millis(10);
+/// How long a waiter that found a rank gone looks for the rank whose ended process caused it
+/// (FLAT-4; an error path only).
+const CAUSE_WAIT: Duration = Duration::from_millis(200);
 /// Words of a slot's meta (FLAT-1); see [`Words`].
 pub(crate) const WORDS: usize = 16;
 /// What a rank calls, as compared between slots: word 0 is 1 on the fast path (0: not fast).
@@ -276,11 +279,20 @@ impl Region {
                 return Ok(Some(false));
             } else if self.gone(r).load(Ordering::SeqCst) != 0 {
                 // A rank leaves when its tree failed, most often because another rank's process
-                // ended: name that one, the cause, when there is one (FLAT-4).
+                // ended: name that one, the cause, when there is one (FLAT-4). The leaver may
+                // have seen the death (a closed socket) before the pidfd shows it, so this error
+                // path looks for up to CAUSE_WAIT.
                 let others: Vec<usize> = (0..self.lay.world)
                     .filter(|&x| x != self.rank && x != r)
                     .collect();
-                self.check_alive(seq, &others)?;
+                let until = std::time::Instant::now() + CAUSE_WAIT;
+                loop {
+                    self.check_alive(seq, &others)?;
+                    if others.is_empty() || std::time::Instant::now() >= until {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
                 return Err(Error::new(
                     ErrorKind::PeerLost,
                     "flat",
