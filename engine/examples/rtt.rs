@@ -98,13 +98,13 @@ fn cpu(n: usize) {
 }
 
 /// Per-call cost of send and recv on a link whose buffer holds every message (no waiting).
-fn calls(n: usize) -> parallel_engine::Result<()> {
+fn calls(n: usize, rounds: usize) -> parallel_engine::Result<()> {
     let server = Server::bind("127.0.0.1", 0)?;
     let c = Client::connect("127.0.0.1", server.port(), T)?;
     c.send(&Value::str("hello"))?;
     let (_, conn) = server.recv_any(None, T)?;
     let msg = Value::bytes(*b"12345678");
-    for _ in 0..3 {
+    for _ in 0..rounds {
         let t0 = Instant::now();
         for _ in 0..n {
             c.send(&msg)?;
@@ -130,7 +130,9 @@ fn main() -> parallel_engine::Result<()> {
     let warm = 2000;
     if kind == "cpu" {
         cpu(n);
-        return calls(n);
+        // `cpu N ROUNDS`: ROUNDS rounds of N sends then N receives (3 by default).
+        let rounds = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(3);
+        return calls(n, rounds);
     }
     if args.get(3).map(|s| s.as_str()) == Some("echo") {
         return echo(&kind, warm + n);

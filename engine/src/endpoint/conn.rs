@@ -58,6 +58,7 @@ impl Conn {
         out: &mut [Tensor],
         paths: Option<&[Vec<Key>]>,
         deadline: Deadline,
+        start: Instant,
     ) -> Result<Value> {
         let mut g = self.link.lock_recv();
         if let Some(r) = self.take_inbox() {
@@ -68,7 +69,17 @@ impl Conn {
                 r => r,
             };
         }
-        g.recv_keyed(out, paths, deadline)
+        g.recv_keyed_started(out, paths, deadline, start)
+    }
+    /// A receive with one clock read for its deadline and its statistics.
+    fn recv_timed(
+        &self,
+        out: &mut [Tensor],
+        paths: Option<&[Vec<Key>]>,
+        timeout: Option<Duration>,
+    ) -> Result<Value> {
+        let t0 = Instant::now();
+        self.recv_deadline(out, paths, Deadline::starting(t0, timeout), t0)
     }
     pub fn id(&self) -> i64 {
         self.id.load(Ordering::Relaxed)
@@ -106,7 +117,10 @@ impl Conn {
         self.link.is_closed()
     }
     pub fn send(&self, v: &Value, timeout: Option<Duration>) -> Result<()> {
-        self.link.send(v, Deadline::or_default(timeout))
+        // One clock read serves the deadline and the link's statistics.
+        let t0 = Instant::now();
+        self.link
+            .send_started(v, Deadline::starting(t0, timeout), t0)
     }
     /// Sends a collective's control message ([`Link::send_control`]).
     pub fn send_control(&self, v: &Value, timeout: Option<Duration>) -> Result<()> {
@@ -117,11 +131,11 @@ impl Conn {
         self.link.recv_control(Deadline::or_default(timeout))
     }
     pub fn recv(&self, timeout: Option<Duration>) -> Result<Value> {
-        self.recv_deadline(&mut [], None, Deadline::or_default(timeout))
+        self.recv_timed(&mut [], None, timeout)
     }
     /// Receives into the caller's tensors (in order), checking dtype and shape.
     pub fn recv_into(&self, out: &mut [Tensor], timeout: Option<Duration>) -> Result<Value> {
-        self.recv_deadline(out, None, Deadline::or_default(timeout))
+        self.recv_timed(out, None, timeout)
     }
     /// Like `recv_into`, matching tensors to `out` by path (`paths[i]` is `out[i]`'s), not by
     /// position ([`crate::link::Link::recv_keyed`]).
@@ -131,7 +145,7 @@ impl Conn {
         paths: &[Vec<Key>],
         timeout: Option<Duration>,
     ) -> Result<Value> {
-        self.recv_deadline(out, Some(paths), Deadline::or_default(timeout))
+        self.recv_timed(out, Some(paths), timeout)
     }
     pub fn close(&self) {
         self.link.close()
@@ -170,7 +184,7 @@ impl Conn {
         let (me, done) = (self.clone(), c.clone());
         let deadline = Deadline::or_default(timeout);
         Runtime::get().spawn_on(self.key, move || {
-            let r = me.recv_deadline(&mut out, paths.as_deref(), deadline);
+            let r = me.recv_deadline(&mut out, paths.as_deref(), deadline, Instant::now());
             done.complete(r.map(|v| (v, out)))
         });
         c
@@ -185,7 +199,7 @@ impl Carrier for Conn {
         self.link.send(v, deadline)
     }
     fn recv_value_into(&self, out: &mut [Tensor], deadline: Deadline) -> Result<Value> {
-        self.recv_deadline(out, None, deadline)
+        self.recv_deadline(out, None, deadline, Instant::now())
     }
     fn close_now(&self) {
         self.close()

@@ -153,6 +153,8 @@ struct SendState {
 struct RecvState {
     poisoned: Option<String>,
     scratch: Vec<u8>,
+    /// The descriptor buffer, kept for the next message (recv.rs).
+    desc: rkyv::util::AlignedVec<16>,
 }
 
 /// A connected link to one peer.
@@ -195,6 +197,17 @@ pub struct RecvGuard<'a> {
     expect: FrameKind,
 }
 
+/// Releasing the receive lock gives the room read from a shared ring back to its writer
+/// ([`shm::ShmEnd::publish_reads`]): every receive ends with its reads published, whatever
+/// way it ends.
+impl Drop for RecvGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(s) = &self.link.shm {
+            s.publish_reads();
+        }
+    }
+}
+
 impl Link {
     pub(crate) fn new(
         sock: OwnedFd,
@@ -219,6 +232,7 @@ impl Link {
             recv: Mutex::new(RecvState {
                 poisoned: None,
                 scratch: Vec::new(),
+                desc: rkyv::util::AlignedVec::new(),
             }),
             ahead: Mutex::new(ahead::Ahead::default()),
             closed_locally: AtomicBool::new(false),

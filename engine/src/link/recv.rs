@@ -26,6 +26,8 @@ fn frame_name(k: FrameKind) -> &'static str {
 /// A descriptor is received in pieces that start at this size and double, so the memory it
 /// commits follows the bytes that arrived (BUF-4).
 const DESC_CHUNK: usize = 16 << 10;
+/// The largest descriptor buffer a link keeps for its next message.
+const DESC_KEEP: usize = 64 << 10;
 
 impl RecvGuard<'_> {
     fn poison(&mut self, why: String) {
@@ -45,7 +47,19 @@ impl RecvGuard<'_> {
         paths: Option<&[Vec<Key>]>,
         deadline: Deadline,
     ) -> Result<Value> {
-        let r = self.recv_message(out, paths, deadline);
+        self.recv_keyed_started(out, paths, deadline, Instant::now())
+    }
+
+    /// [`RecvGuard::recv_keyed`] for a caller that read the clock as it began (`start`, also
+    /// the start of `deadline`): the receive's time in the link's statistics counts from there.
+    pub fn recv_keyed_started(
+        &mut self,
+        out: &mut [Tensor],
+        paths: Option<&[Vec<Key>]>,
+        deadline: Deadline,
+        start: Instant,
+    ) -> Result<Value> {
+        let r = self.recv_message(out, paths, deadline, start);
         if let Some(e) = r.as_ref().err().filter(|e| e.kind() == ErrorKind::PeerLost) {
             // LINK-3 for the other direction: a shared-memory ring (or a TCP socket whose reset
             // has not arrived yet) would otherwise accept a send to the dead peer silently.
@@ -61,9 +75,9 @@ impl RecvGuard<'_> {
         out: &mut [Tensor],
         paths: Option<&[Vec<Key>]>,
         deadline: Deadline,
+        start: Instant,
     ) -> Result<Value> {
         let link = self.link;
-        let start = Instant::now();
         if link.closed_locally.load(Ordering::SeqCst) {
             return Err(link.err(Error::new(
                 ErrorKind::Closed,
@@ -113,7 +127,13 @@ impl RecvGuard<'_> {
                 return Err(link.err(e));
             }
         }
-        let r = self.recv_after_header(&hb, out, paths, deadline);
+        // The descriptor's buffer is kept from one message to the next (a small message then
+        // allocates nothing for it); one grown past DESC_KEEP is let go afterwards.
+        let mut desc = std::mem::take(&mut self.state.desc);
+        let r = self.recv_after_header(&hb, &mut desc, out, paths, deadline);
+        if desc.capacity() <= DESC_KEEP {
+            self.state.desc = desc;
+        }
         match &r {
             Ok(_) => {
                 link.counters.msgs_recv.fetch_add(1, Ordering::Relaxed);
@@ -131,6 +151,7 @@ impl RecvGuard<'_> {
     fn recv_after_header(
         &mut self,
         hb: &[u8; HEADER_LEN],
+        desc: &mut AlignedVec<16>,
         out: &mut [Tensor],
         paths: Option<&[Vec<Key>]>,
         deadline: Deadline,
@@ -169,14 +190,15 @@ impl RecvGuard<'_> {
         }
         // Grown as the bytes arrive (WIRE-1, BUF-4): a header that announces a large
         // descriptor and stalls commits one chunk, not the declared size.
-        let mut desc = AlignedVec::<16>::with_capacity((h.desc_len as usize).min(DESC_CHUNK));
+        desc.clear();
+        desc.reserve((h.desc_len as usize).min(DESC_CHUNK));
         while desc.len() < h.desc_len as usize {
             let at = desc.len();
             // Doubling from DESC_CHUNK: at most twice what arrived is committed.
             desc.resize((at + at.max(DESC_CHUNK)).min(h.desc_len as usize), 0);
             link.read_in_frame(&mut desc[at..], deadline, "a message descriptor")?;
         }
-        let d = wire::access_descriptor(&desc)?;
+        let d = wire::access_descriptor(desc)?;
         let segs = wire::check_descriptor(d, &h, &link.limits)?;
         if h.kind == FrameKind::Abort {
             // Whatever the receive expected, an abort is the answer (with its reason).

@@ -91,7 +91,15 @@ impl Link {
     }
 
     pub(crate) fn send_frame(&self, kind: FrameKind, v: &Value, deadline: Deadline) -> Result<()> {
-        self.frame(kind, v, deadline, false).map(|_| ())
+        self.frame(kind, v, deadline, false, Instant::now())
+            .map(|_| ())
+    }
+
+    /// [`Link::send`] for a caller that read the clock as it began (`start`, also the start of
+    /// `deadline`): the send's time in the link's statistics is counted from there.
+    pub fn send_started(&self, v: &Value, deadline: Deadline, start: Instant) -> Result<()> {
+        self.frame(FrameKind::Message, v, deadline, false, start)
+            .map(|_| ())
     }
 
     /// Sends the message `v` now, on the caller's thread, if that cannot wait for the peer:
@@ -111,13 +119,20 @@ impl Link {
             v,
             Deadline::after(std::time::Duration::from_secs(1)),
             true,
+            Instant::now(),
         )
     }
 
     /// Writes one frame; with `now`, only if it can be written without waiting (`send_now`),
     /// else `Ok(false)` before anything is written or numbered.
-    fn frame(&self, kind: FrameKind, v: &Value, deadline: Deadline, now: bool) -> Result<bool> {
-        let start = Instant::now();
+    fn frame(
+        &self,
+        kind: FrameKind,
+        v: &Value,
+        deadline: Deadline,
+        now: bool,
+        start: Instant,
+    ) -> Result<bool> {
         let enc = wire::encode(v, &self.limits).map_err(|e| self.err(e))?;
         let mut st = if now {
             match self.send.try_lock() {

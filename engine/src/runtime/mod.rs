@@ -132,6 +132,16 @@ impl Deadline {
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(86400 * 365)),
         }
     }
+    /// `timeout` (or `PARALLEL_TIMEOUT`) after `start`, an instant the caller already read: an
+    /// operation that times itself from `start` saves reading the clock twice.
+    pub fn starting(start: Instant, timeout: Option<Duration>) -> Deadline {
+        let t = timeout.unwrap_or(config().timeout);
+        Deadline {
+            at: start
+                .checked_add(t)
+                .unwrap_or_else(|| start + Duration::from_secs(86400 * 365)),
+        }
+    }
     /// From an optional timeout, defaulting to `PARALLEL_TIMEOUT`.
     pub fn or_default(timeout: Option<Duration>) -> Deadline {
         Deadline::after(timeout.unwrap_or(config().timeout))

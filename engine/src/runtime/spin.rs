@@ -60,9 +60,10 @@ fn machine() -> &'static Machine {
     })
 }
 
-/// Nanoseconds since the policy's epoch (offset so that 0 means "never").
-fn now_ns(m: &Machine) -> u64 {
-    m.epoch.elapsed().as_nanos() as u64 + LOAD_PERIOD.as_nanos() as u64 + 1
+/// Nanoseconds since the policy's epoch of an instant already read (offset so that 0 means
+/// "never").
+fn ns_at(m: &Machine, t: Instant) -> u64 {
+    t.saturating_duration_since(m.epoch).as_nanos() as u64 + LOAD_PERIOD.as_nanos() as u64 + 1
 }
 
 static SAMPLED_AT: AtomicU64 = AtomicU64::new(0);
@@ -178,12 +179,12 @@ pub(crate) fn may_spin(
 
 /// Decides for the calling thread and, when it may spin, counts it as a spinner until
 /// `now + cap`. Returns the slot it holds.
-fn claim(cap: Duration) -> Option<usize> {
+fn claim(cap: Duration, at: Instant) -> Option<usize> {
     if cap.is_zero() {
         return None;
     }
     let m = machine();
-    let now = now_ns(m);
+    let now = ns_at(m, at);
     let slot = ME.try_with(|me| me.slot).ok().flatten()?;
     let others = other_spinners(slot, now);
     if !may_spin(cap, running(m, now), m.online, others, m.ours) {
@@ -241,7 +242,9 @@ impl Spin {
                 s > 0
             })
             .unwrap_or(true);
-        let slot = if skipped { None } else { claim(cap) };
+        // One clock read serves the decision and the spin's end.
+        let now = Instant::now();
+        let slot = if skipped { None } else { claim(cap, now) };
         if slot.is_some() {
             STARTED.fetch_add(1, Ordering::Relaxed);
         } else if !cap.is_zero() {
@@ -249,7 +252,7 @@ impl Spin {
         }
         Spin {
             slot,
-            until: Instant::now() + if slot.is_some() { cap } else { Duration::ZERO },
+            until: now + if slot.is_some() { cap } else { Duration::ZERO },
             steps: 0,
         }
     }
@@ -323,7 +326,7 @@ pub fn relax(step: &mut u32) {
     const DECLINED_BIT: u32 = 1 << 31;
     if *step == 0 {
         let cap = crate::config::config().spin;
-        *step = if claim(cap).is_some() {
+        *step = if claim(cap, Instant::now()).is_some() {
             1
         } else {
             DECLINED_BIT | 1
@@ -471,7 +474,7 @@ pub(crate) mod tests {
         let m = machine();
         if m.loadavg.is_some() {
             assert!(
-                running(m, now_ns(m)).is_some_and(|r| r >= 1),
+                running(m, ns_at(m, Instant::now())).is_some_and(|r| r >= 1),
                 "the sampler runs"
             );
         }

@@ -55,9 +55,15 @@ pub fn encode<'a>(v: &'a Value, limits: &Limits) -> Result<Encoded<'a>> {
         Val(&'a Value, usize),
         Key(&'a Key),
     }
-    let mut d = Descriptor::default();
-    let mut segs: Vec<OutSeg<'a>> = Vec::new();
-    let mut stack: Vec<Emit<'a>> = vec![Emit::Val(v, 0)];
+    // Sized for the common small message (a handful of nodes), so that the usual encode
+    // allocates each vector once.
+    let mut d = Descriptor {
+        nodes: Vec::with_capacity(8),
+        segments: Vec::with_capacity(4),
+    };
+    let mut segs: Vec<OutSeg<'a>> = Vec::with_capacity(4);
+    let mut stack: Vec<Emit<'a>> = Vec::with_capacity(8);
+    stack.push(Emit::Val(v, 0));
     while let Some(item) = stack.pop() {
         let (v, depth) = match item {
             Emit::Key(Key::Str(s)) => {
@@ -169,13 +175,28 @@ pub fn encode<'a>(v: &'a Value, limits: &Limits) -> Result<Encoded<'a>> {
         ));
     }
     let payload_len = d.segments.iter().sum();
-    let desc = rkyv::to_bytes::<RkyvError>(&d).map_err(|e| {
-        Error::new(
-            ErrorKind::Resource,
-            "send",
-            format!("cannot archive the descriptor: {e}"),
-        )
-    })?;
+    // Written into a buffer sized for it up front (a node archives to at most 32 bytes plus its
+    // shape or string), not grown from empty.
+    let estimate = 64
+        + 32 * d.nodes.len()
+        + 8 * d.segments.len()
+        + d.nodes
+            .iter()
+            .map(|n| match n {
+                Node::Str(s) => s.len() + 16,
+                Node::Tensor(t) => 8 * t.shape.len() + 16,
+                _ => 0,
+            })
+            .sum::<usize>();
+    let desc =
+        rkyv::api::high::to_bytes_in::<_, RkyvError>(&d, AlignedVec::with_capacity(estimate))
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::Resource,
+                    "send",
+                    format!("cannot archive the descriptor: {e}"),
+                )
+            })?;
     if desc.len() as u64 > limits.max_descriptor {
         return Err(Error::new(
             ErrorKind::Unsupported,

@@ -141,6 +141,13 @@ pub(crate) struct ShmEnd {
     pub cma_threshold: u64,
     head: AtomicU64, // our writer position (mirror)
     tail: AtomicU64, // our reader position (mirror)
+    /// The reader position last stored in the shared control block: reads of one frame give
+    /// their room back once, not once per piece ([`ShmEnd::publish_reads`]).
+    tail_shared: AtomicU64,
+    /// The reader's position as this writer last read it: room is counted from it, and the
+    /// shared word (a cache line the reader writes) is read again only when that room is too
+    /// small for what is to be written.
+    tail_seen: AtomicU64,
     cma_sent: AtomicU64,
     /// Cross-memory frames this end received and acknowledged (SHM-7's n, reader side).
     cma_recv: AtomicU64,
@@ -166,6 +173,8 @@ impl ShmEnd {
             cma_threshold: u64::MAX,
             head: AtomicU64::new(0),
             tail: AtomicU64::new(0),
+            tail_shared: AtomicU64::new(0),
+            tail_seen: AtomicU64::new(0),
             cma_sent: AtomicU64::new(0),
             cma_recv: AtomicU64::new(0),
         }
@@ -284,8 +293,25 @@ impl ShmEnd {
     pub fn room(&self) -> u64 {
         let cap = self.map.cap as u64;
         let tail = self.map.ctrl(self.tx).tail.load(Ordering::Acquire);
+        self.tail_seen.store(tail, Ordering::Relaxed);
         let head = self.head.load(Ordering::Relaxed);
         cap.saturating_sub(head.saturating_sub(tail))
+    }
+
+    /// Room for `want` bytes counted from the reader position last read, else from the shared
+    /// one read now: `(tail, used)`; `used` is `u64::MAX` for indices that cannot be (SHM-2).
+    fn used_for(&self, c: &Ctrl, head: u64, want: u64) -> (u64, u64) {
+        let cap = self.map.cap as u64;
+        let seen = self.tail_seen.load(Ordering::Relaxed);
+        if let Some(used) = head.checked_sub(seen)
+            && used <= cap
+            && cap - used >= want
+        {
+            return (seen, used);
+        }
+        let tail = c.tail.load(Ordering::Acquire);
+        self.tail_seen.store(tail, Ordering::Relaxed);
+        (tail, head.checked_sub(tail).unwrap_or(u64::MAX))
     }
 
     /// Writes all bytes of `bufs` into the outgoing ring.
@@ -309,10 +335,10 @@ impl ShmEnd {
         for b in bufs {
             let mut off = 0usize;
             while off < b.len() {
-                let tail = c.tail.load(Ordering::Acquire);
+                let want = ((b.len() - off) as u64).min(step);
+                let (tail, used) = self.used_for(c, head, want);
                 // SHM-2: the reader's tail never passes our head (indices start at 0 and
                 // would take centuries to reach 2^64), and never falls a ring behind.
-                let used = head.checked_sub(tail).unwrap_or(u64::MAX);
                 if used > cap {
                     return Err(protocol(
                         "send",
@@ -359,13 +385,16 @@ impl ShmEnd {
         Ok(())
     }
 
-    /// Reads exactly `buf.len()` bytes; `Ok(false)` if the peer is gone before the first byte of
-    /// a message (`at_boundary`).
+    /// Reads exactly `buf.len()` bytes. The room they free is given back to the writer before
+    /// any wait, every quarter ring, and by [`ShmEnd::publish_reads`] (the link's receive lock
+    /// calls it when released), so that the pieces of one frame (header, descriptor, payload)
+    /// cost one shared store and one look at the writer's doorbell, not one each.
     pub fn read_exact(&self, buf: &mut [u8], deadline: Deadline, what: &str) -> Result<()> {
         let cap = self.map.cap as u64;
         let rx = self.rx();
         let c = self.map.ctrl(rx);
         let data = self.map.data(rx);
+        let step = (cap / 4).max(4096);
         let mut tail = self.tail.load(Ordering::Relaxed);
         let mut got = 0usize;
         while got < buf.len() {
@@ -378,6 +407,8 @@ impl ShmEnd {
                 ));
             }
             if avail == 0 {
+                // The writer may be waiting for the room this frame's reads freed.
+                self.publish_reads();
                 let bell = self.bells[rx].data.as_raw_fd();
                 self.wait(
                     deadline,
@@ -401,13 +432,28 @@ impl ShmEnd {
             }
             tail += n as u64;
             got += n;
-            c.tail.store(tail, Ordering::SeqCst);
             self.tail.store(tail, Ordering::Relaxed);
-            if c.writer_parked.load(Ordering::SeqCst) != 0 {
-                sys::eventfd_signal(self.bells[rx].space.as_raw_fd());
+            if tail.wrapping_sub(self.tail_shared.load(Ordering::Relaxed)) >= step {
+                self.publish_reads();
             }
         }
         Ok(())
+    }
+
+    /// Gives the room of everything read so far back to the writer (the shared reader
+    /// position), and rings the writer if it waits for room. Cheap when there is nothing new.
+    pub fn publish_reads(&self) {
+        let tail = self.tail.load(Ordering::Relaxed);
+        if self.tail_shared.load(Ordering::Relaxed) == tail {
+            return;
+        }
+        self.tail_shared.store(tail, Ordering::Relaxed);
+        let rx = self.rx();
+        let c = self.map.ctrl(rx);
+        c.tail.store(tail, Ordering::SeqCst);
+        if c.writer_parked.load(Ordering::SeqCst) != 0 {
+            sys::eventfd_signal(self.bells[rx].space.as_raw_fd());
+        }
     }
 
     /// Number of cross-memory messages sent so far (the sender's side of SHM-4).

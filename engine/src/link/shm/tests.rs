@@ -111,6 +111,9 @@ fn shm_2_tail_ahead_of_head_is_a_protocol_error_for_the_writer() {
     let c = e.map.ctrl(e.tx);
     for tail in [1, CAP as u64 * 3, u64::MAX] {
         c.tail.store(tail, Ordering::SeqCst);
+        // The writer reads the reader's word when the room it last saw is too small; here it
+        // saw none (its cached reader position is one no writer can be behind).
+        e.tail_seen.store(u64::MAX, Ordering::Relaxed);
         let err = e.write_all(&[&[1u8; 100]], dl(), "room").unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Protocol, "{err}");
     }
@@ -206,4 +209,41 @@ fn shm_6_unsealed_or_wrongly_sized_segments_are_refused_before_mapping() {
         panic!("a regular file was mapped")
     };
     assert_eq!(e.kind(), ErrorKind::Protocol, "{e}");
+}
+
+#[test]
+fn reads_give_their_room_back_once_per_receive_and_before_any_wait() {
+    let (a, b, _live) = two_ends();
+    let shared_tail = || b.map.ctrl(b.rx()).tail.load(Ordering::SeqCst);
+    a.write_all(&[&[7u8; 100]], dl(), "a frame").unwrap();
+    let mut got = [0u8; 60];
+    b.read_exact(&mut got[..32], dl(), "a header").unwrap();
+    b.read_exact(&mut got[32..], dl(), "a descriptor").unwrap();
+    // The pieces of one frame are not given back one by one...
+    assert_eq!(shared_tail(), 0);
+    // ...but when the receive ends (the link's receive lock does this when released).
+    b.publish_reads();
+    assert_eq!(shared_tail(), 60);
+    // A read that must wait gives back what it read first, so a writer waiting for room
+    // is never held up by a reader that waits for it in turn.
+    let mut rest = [0u8; 41];
+    let e = b
+        .read_exact(
+            &mut rest,
+            Deadline::after(Duration::from_millis(20)),
+            "the rest",
+        )
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+    assert_eq!(shared_tail(), 100);
+    // A writer that saw the ring full learns of the room given back.
+    let (a, b, _live) = two_ends();
+    let ring = vec![1u8; CAP];
+    a.write_all(&[&ring], dl(), "a full ring").unwrap();
+    assert_eq!(a.room(), 0);
+    let mut first = vec![0u8; 4096];
+    b.read_exact(&mut first, dl(), "a page").unwrap();
+    b.publish_reads();
+    a.write_all(&[&[2u8; 4096]], dl(), "a page more").unwrap();
+    assert_eq!(a.room(), 0);
 }
