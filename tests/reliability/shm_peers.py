@@ -118,7 +118,13 @@ def hostile_client(port: int, mode: str) -> None:
         raise SystemExit(f"unknown mode {mode}")
     t = time.time()
     if mode == "tail_ahead_of_head":
-        c.send("ping", timeout=10)  # the server's echo must write into the corrupted ring
+        # The server's echoes must write into the corrupted ring, and more than a ring's worth,
+        # so that it reads the reader position (a writer counts room from the position it last
+        # saw and reads the shared one when that room runs short). Each message stays below the
+        # cross-memory threshold (1 MiB), so that its bytes go through the ring.
+        piece = (1 << 20) - 4096
+        for _ in range(cap // piece + 2):
+            c.send(b"p" * piece, timeout=10)
     say(event="tampered", t=t, resize=resize, pid=os.getpid(), cap=cap)
     sys.stdin.readline()
 

@@ -5,7 +5,7 @@ use crate::{convert, timeout, wait};
 use parallel_engine::Conn;
 use parallel_engine::link::Stats;
 use parallel_engine::runtime::{Completion, Deadline};
-use parallel_engine::value::{Tensor, Value};
+use parallel_engine::value::{Device, Tensor, Value};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyTuple};
 use std::sync::Arc;
@@ -37,8 +37,52 @@ fn do_send(
         Err(_) => convert::to_value(value, pickle, 0)?,
     };
     let t = timeout(t)?;
+    // A small message over a shared-memory ring with room is copied in without letting go of
+    // the GIL (it cannot wait): releasing and taking it back would cost more than the copy.
+    if small(&v) && conn.send_if_room(&v).map_err(crate::errors::to_py)? {
+        return Ok(());
+    }
     let c = conn.clone();
     wait(py, move || c.send(&v, t))
+}
+
+/// At most [`SMALL_BYTES`] of host payload in at most [`SMALL_NODES`] values: a message whose
+/// send may hold the GIL ([`do_send`]).
+fn small(v: &Value) -> bool {
+    const SMALL_BYTES: usize = 16 << 10;
+    const SMALL_NODES: usize = 64;
+    if let Value::Bytes(b) = v {
+        return b.len() <= SMALL_BYTES;
+    }
+    let (mut bytes, mut nodes) = (0usize, 0usize);
+    let mut stack = vec![v];
+    while let Some(v) = stack.pop() {
+        nodes += 1;
+        bytes += match v {
+            Value::Str(s) => s.len(),
+            Value::Bytes(b) | Value::Pickle(b) => b.len(),
+            Value::Tensor(t) if t.device() == Device::Cpu => t.nbytes(),
+            Value::Tensor(_) => return false,
+            Value::List(x) | Value::Tuple(x) => {
+                stack.extend(x);
+                0
+            }
+            Value::Dict(x) => {
+                stack.extend(x.iter().map(|(_, v)| v));
+                x.iter()
+                    .map(|(k, _)| match k {
+                        parallel_engine::value::Key::Str(s) => s.len(),
+                        _ => 8,
+                    })
+                    .sum()
+            }
+            _ => 0,
+        };
+        if bytes > SMALL_BYTES || nodes > SMALL_NODES {
+            return false;
+        }
+    }
+    true
 }
 
 fn do_recv(

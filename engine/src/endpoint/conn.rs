@@ -122,6 +122,16 @@ impl Conn {
         self.link
             .send_started(v, Deadline::starting(t0, timeout), t0)
     }
+    /// Sends `v` at once, on the caller's thread, when a shared-memory ring has room for all
+    /// of it and it carries nothing the peer reads in place ([`Link::send_now`]): a copy into
+    /// the ring, never a wait. `Ok(false)`: nothing was sent (a TCP link, or no room); errors
+    /// are those of [`Conn::send`].
+    pub fn send_if_room(&self, v: &Value) -> Result<bool> {
+        if self.link.kind() != LinkKind::Shm {
+            return Ok(false);
+        }
+        self.link.send_now(v)
+    }
     /// Sends a collective's control message ([`Link::send_control`]).
     pub fn send_control(&self, v: &Value, timeout: Option<Duration>) -> Result<()> {
         self.link.send_control(v, Deadline::or_default(timeout))

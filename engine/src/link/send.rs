@@ -114,12 +114,13 @@ impl Link {
     /// written by the thread that has it, instead of waking another thread of ours to write it
     /// while this one waits for the peer, on a machine whose cores the two ranks already fill.
     pub fn send_now(&self, v: &Value) -> Result<bool> {
+        let t0 = Instant::now();
         self.frame(
             FrameKind::Message,
             v,
-            Deadline::after(std::time::Duration::from_secs(1)),
+            Deadline::starting(t0, Some(std::time::Duration::from_secs(1))),
             true,
-            Instant::now(),
+            t0,
         )
     }
 
@@ -174,11 +175,11 @@ impl Link {
         if now {
             let in_place = cma.is_some() || enc.segs.iter().any(|g| g.is_device());
             let frame = (HEADER_LEN + enc.desc.len()) as u64 + enc.payload_len;
-            let room = match &self.shm {
-                Some(s) => s.room(),
-                None => self.tcp_room(),
+            let fits = match &self.shm {
+                Some(s) => s.has_room(frame),
+                None => frame <= self.tcp_room(),
             };
-            if in_place || frame > room {
+            if in_place || !fits {
                 return Ok(false);
             }
         }

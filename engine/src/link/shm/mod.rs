@@ -287,15 +287,15 @@ impl ShmEnd {
         }
     }
 
-    /// Free bytes of the outgoing ring now: a write of at most this many bytes does not wait
-    /// for the reader (only the writer, under the link's send lock, takes room; the reader only
-    /// gives it back).
-    pub fn room(&self) -> u64 {
-        let cap = self.map.cap as u64;
-        let tail = self.map.ctrl(self.tx).tail.load(Ordering::Acquire);
-        self.tail_seen.store(tail, Ordering::Relaxed);
+    /// Whether a write of `want` bytes fits without waiting for the reader: counted from the
+    /// reader position last seen, then (when that is short) from the shared one. Only the
+    /// writer, under the link's send lock, takes room; the reader only gives it back.
+    pub fn has_room(&self, want: u64) -> bool {
         let head = self.head.load(Ordering::Relaxed);
-        cap.saturating_sub(head.saturating_sub(tail))
+        let (_, used) = self.used_for(self.map.ctrl(self.tx), head, want);
+        (self.map.cap as u64)
+            .checked_sub(used)
+            .is_some_and(|room| room >= want)
     }
 
     /// Room for `want` bytes counted from the reader position last read, else from the shared
