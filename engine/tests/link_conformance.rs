@@ -379,6 +379,10 @@ macro_rules! conformance {
             fn send_now_writes_only_whole_frames_that_fit_and_keeps_the_order() {
                 cases::send_now($k)
             }
+            #[test]
+            fn a_streamed_receive_hands_every_byte_over_in_order_and_refuses_like_recv_into() {
+                cases::streamed($k)
+            }
         }
     )*
         /// The kinds this suite runs (the registry must list no other).
@@ -410,6 +414,69 @@ fn every_registered_link_kind_runs_the_suite() {
 
 mod cases {
     use super::*;
+
+    /// `RecvGuard::recv_streamed` (the ring all-reduce's receive): the bytes of a host or
+    /// device tensor reach the sink in order, in pieces no larger than the link's, whatever path
+    /// they took (stream, cross-memory, staged or CUDA IPC); the check tensor is never written;
+    /// a mismatching message reaches no sink and keeps the link (LINK-1); a sink that fails
+    /// fails the receive and poisons the link (LINK-2: the frame was half read).
+    pub fn streamed(k: Kind) {
+        let p = k.pair();
+        let recv = |n: usize, sink: &mut link::Sink<'_>| {
+            let mut check = Tensor::from_slice(DType::U8, vec![n], &vec![0u8; n]).unwrap();
+            let r = p.b.lock_recv().recv_streamed(&mut check, dl(LONG), sink);
+            assert!(
+                read(&check).iter().all(|b| *b == 0),
+                "the check tensor was written"
+            );
+            r
+        };
+        for n in [0usize, 17, 256 << 10, 3 * MIB + 17] {
+            let x = seeded(n, n as u64);
+            let sender = {
+                let (a, t) = (p.a.clone(), k.u8s(&x));
+                std::thread::spawn(move || a.send(&Value::Tensor(t), dl(LONG)))
+            };
+            let mut got = Vec::with_capacity(n);
+            recv(n, &mut |off, piece| {
+                assert_eq!(off, got.len(), "{n} bytes: a piece out of order");
+                assert!(piece.len() <= MIB, "{n} bytes: a piece of {}", piece.len());
+                got.extend_from_slice(piece);
+                Ok(())
+            })
+            .unwrap();
+            sender.join().unwrap().unwrap();
+            assert!(got == x, "{n} bytes: the pieces are not the message");
+        }
+        // A mismatching message: no sink call, and the link carries on.
+        p.a.send(&Value::Tensor(k.u8s(&seeded(10, 3))), dl(LONG))
+            .unwrap();
+        let e = recv(11, &mut |_, _| panic!("a refused message reached the sink")).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Mismatch, "{e}");
+        let got = exchange(&p.a, &p.b, Value::Int(5), &mut []).unwrap();
+        assert_eq!(got.as_int(), Some(5));
+        // A sink that fails: the receive fails with its error, and the link is unusable.
+        let x = seeded(2 * MIB, 4);
+        let sender = {
+            let (a, t) = (p.a.clone(), k.u8s(&x));
+            std::thread::spawn(move || a.send(&Value::Tensor(t), dl(PROMPT)))
+        };
+        let e = recv(x.len(), &mut |_, _| {
+            Err(Error::new(
+                ErrorKind::Unsupported,
+                "test",
+                "the sink refuses",
+            ))
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("the sink refuses"), "{e}");
+        let _ = sender.join();
+        let e = p.b.recv(&mut [], dl(PROMPT)).unwrap_err();
+        assert!(
+            matches!(e.kind(), ErrorKind::Closed | ErrorKind::PeerLost),
+            "a link whose frame was half read must not deliver more: {e}"
+        );
+    }
 
     pub fn scope_round_trip(k: Kind) {
         let p = k.pair();
@@ -1409,7 +1476,14 @@ mod shm_faults {
         p.a.send(&small(), dl(LONG)).unwrap();
         let r = seg.busy_ring();
         seg.word(r, 128).store(u64::MAX / 2, Ordering::SeqCst);
-        let e = p.a.send(&small(), dl(PROMPT)).unwrap_err();
+        // A writer counts room from the reader position it last read, and reads the shared
+        // word again when that room runs short: sends of half a MiB (through the ring, under
+        // the cross-memory threshold) get there within a ring's worth, before any wait.
+        let piece = Value::bytes(vec![7u8; 512 << 10]);
+        let ring_pieces = config().shm_ring / (512 << 10) + 2;
+        let e = (0..ring_pieces)
+            .find_map(|_| p.a.send(&piece, dl(PROMPT)).err())
+            .expect("a send reads the corrupted reader position once its room runs short");
         assert_eq!(e.kind(), ErrorKind::Protocol, "{e}");
         assert!(e.to_string().contains("corrupted"), "{e}");
     }

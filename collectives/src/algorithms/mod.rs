@@ -209,6 +209,27 @@ impl<'a> Communicator<'a> {
             })
     }
 
+    /// Receives rank `from`'s next message, checked against `check` (dtype and shape; never
+    /// written), and hands its bytes to `sink` in pieces, `(offset, bytes)`, each while it is
+    /// still in the cache ([`Conn::recv_streamed`]).
+    pub fn recv_streamed(
+        &self,
+        from: usize,
+        check: &mut Tensor,
+        what: &str,
+        sink: &mut dyn FnMut(usize, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        self.link(from)?
+            .recv_streamed(check, Some(self.deadline.remaining()), sink)
+            .map_err(|e| {
+                Error::new(
+                    e.kind(),
+                    "all_reduce",
+                    format!("{what} from rank {from}: {e}"),
+                )
+            })
+    }
+
     /// Sends a whole tensor (host or device memory) to rank `to`, synchronously.
     pub fn send_tensor(&self, to: usize, t: &Tensor) -> Result<()> {
         let v = Value::Tensor(alias(t));

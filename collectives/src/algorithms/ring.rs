@@ -21,7 +21,6 @@
 
 use super::{Communicator, SendScope};
 use crate::ops::{self, Op};
-use parallel_engine::buffer::Buf;
 use parallel_engine::endpoint::Conn;
 use parallel_engine::value::DType;
 use parallel_engine::{Error, ErrorKind, Result};
@@ -66,7 +65,6 @@ pub(crate) struct Host<'a> {
     len: usize,
     dtype: DType,
     op: &'a Op,
-    scratch: Option<Buf>,
     _buf: PhantomData<&'a mut [u8]>,
 }
 
@@ -79,7 +77,6 @@ impl<'a> Host<'a> {
             len: buf.len(),
             dtype,
             op,
-            scratch: None,
             _buf: PhantomData,
         }
     }
@@ -104,8 +101,8 @@ impl Memory for Host<'_> {
         self.dtype
     }
 
-    fn prepare(&mut self, chunk: usize) -> Result<()> {
-        self.scratch = Some(Buf::with_len(chunk.max(1))?);
+    fn prepare(&mut self, _chunk: usize) -> Result<()> {
+        // Received chunks are combined piece by piece as they arrive: no buffer to make.
         Ok(())
     }
 
@@ -133,26 +130,24 @@ impl Memory for Host<'_> {
         r: Range<usize>,
         reduce: bool,
     ) -> Result<()> {
-        let n = r.len();
         let (op, dtype) = (self.op, self.dtype);
-        let mut scratch = self.scratch.take();
-        let res = (|| {
-            // SAFETY: the caller's contract: `r` lies in the buffer and no send reads it.
-            let dst = unsafe { self.bytes_mut(r) };
-            match scratch.as_mut() {
-                // Reduce: receive into the scratch chunk, then combine; else straight into buf.
-                Some(s) if reduce => {
-                    let room = s.len();
-                    let s = s.get_mut(..n).ok_or_else(|| too_long(n, room))?;
-                    comm.recv_bytes(from, s, "ring step")?;
-                    ops::reduce_into(op, dtype, dst, s)
-                }
-                None if reduce => Err(too_long(n, 0)),
-                _ => comm.recv_bytes(from, dst, "ring step"),
-            }
-        })();
-        self.scratch = scratch;
-        res
+        // SAFETY: the caller's contract: `r` lies in the buffer and no send reads it.
+        let dst = unsafe { self.bytes_mut(r) };
+        if !reduce {
+            return comm.recv_bytes(from, dst, "ring step");
+        }
+        // Reduce: each piece of the chunk is combined into the buffer as it arrives, while it
+        // is still in the cache (a whole chunk received first would go to memory and back).
+        // SAFETY: the view only describes the chunk for the receive's checks: a streamed
+        // receive never writes through it, and `dst` outlives the call.
+        let mut check = unsafe { super::out_view(dst) };
+        let n = dst.len();
+        comm.recv_streamed(from, &mut check, "ring step", &mut |off, piece| {
+            let d = dst
+                .get_mut(off..off + piece.len())
+                .ok_or_else(|| too_long(off + piece.len(), n))?;
+            ops::reduce_into(op, dtype, d, piece)
+        })
     }
 
     fn finish(&mut self, r: Range<usize>, contributors: usize) -> Result<()> {

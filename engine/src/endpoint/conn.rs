@@ -71,6 +71,30 @@ impl Conn {
         }
         g.recv_keyed_started(out, paths, deadline, start)
     }
+    /// Receives the next message, one host tensor (or bytes) matching `out`, handing its bytes
+    /// to `sink` in pieces instead of writing them into `out`
+    /// ([`crate::link::RecvGuard::recv_streamed`]).
+    pub fn recv_streamed(
+        &self,
+        out: &mut Tensor,
+        timeout: Option<Duration>,
+        sink: &mut dyn FnMut(usize, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        let deadline = Deadline::or_default(timeout);
+        let mut g = self.link.lock_recv();
+        if let Some(r) = self.take_inbox() {
+            // Read ahead whole (EP-5): the sink gets it in one piece, once it is checked.
+            let mut into = vec![Tensor::new(
+                out.dtype(),
+                out.shape().to_vec(),
+                crate::buffer::Buf::with_len(out.nbytes())?,
+            )?];
+            crate::link::into_outs(r?, &mut into, None).map_err(|e| e.with_peer(self.peer()))?;
+            let bytes = into[0].bytes().unwrap_or(&[]);
+            return sink(0, bytes);
+        }
+        g.recv_streamed(out, deadline, sink)
+    }
     /// A receive with one clock read for its deadline and its statistics.
     fn recv_timed(
         &self,

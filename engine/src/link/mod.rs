@@ -41,6 +41,7 @@ pub mod tcp;
 
 pub use kinds::{Cost, End, Kind, Policy, choose, kinds};
 pub use outs::into_outs;
+pub use recv::{PIECE, Sink};
 pub use scope::{Carrier, Op, Scope, scope};
 /// Randomness from the OS generator only (nonces, names): an error where there is none.
 pub use sys::{random_bytes, random_hex};

@@ -26,6 +26,14 @@ fn frame_name(k: FrameKind) -> &'static str {
 /// A descriptor is received in pieces that start at this size and double, so the memory it
 /// commits follows the bytes that arrived (BUF-4).
 const DESC_CHUNK: usize = 16 << 10;
+/// What a streamed receive hands its bytes to: `(offset, bytes)` ([`RecvGuard::recv_streamed`]).
+pub type Sink<'a> = dyn FnMut(usize, &[u8]) -> Result<()> + 'a;
+
+/// The pieces a streamed receive hands to its sink ([`RecvGuard::recv_streamed`]): small
+/// enough that a piece stays in a core's cache between its copy and its use.
+pub const PIECE: usize = 256 << 10;
+/// The pieces of a streamed receive of a cross-memory segment.
+const CMA_PIECE: usize = 1 << 20;
 /// The largest descriptor buffer a link keeps for its next message.
 const DESC_KEEP: usize = 64 << 10;
 
@@ -59,7 +67,7 @@ impl RecvGuard<'_> {
         deadline: Deadline,
         start: Instant,
     ) -> Result<Value> {
-        let r = self.recv_message(out, paths, deadline, start);
+        let r = self.recv_message(out, paths, deadline, start, None);
         if let Some(e) = r.as_ref().err().filter(|e| e.kind() == ErrorKind::PeerLost) {
             // LINK-3 for the other direction: a shared-memory ring (or a TCP socket whose reset
             // has not arrived yet) would otherwise accept a send to the dead peer silently.
@@ -70,12 +78,43 @@ impl RecvGuard<'_> {
         r
     }
 
+    /// Receives the next message, which must be one host tensor (or bytes) of `out`'s dtype and
+    /// shape, and hands its bytes to `sink` in order, `(offset, bytes)`, in pieces of at most
+    /// [`PIECE`] bytes read through a buffer the link keeps, instead of writing them into
+    /// `out`: a ring all-reduce combines each piece into its tensor while the piece is still in
+    /// the cache. `out` is only checked against the message, never written. A cross-memory
+    /// frame is read piece by piece from the sender's memory, so the sink has seen its bytes
+    /// before the sender's claim is confirmed (SHM-7): when that fails, the receive fails, and
+    /// what the sink made of the bytes is the caller's to discard (an all-reduce that fails
+    /// leaves its tensor undefined anyway). A sink error fails the receive.
+    pub fn recv_streamed(
+        &mut self,
+        out: &mut Tensor,
+        deadline: Deadline,
+        sink: &mut dyn FnMut(usize, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        let r = self.recv_message(
+            std::slice::from_mut(out),
+            None,
+            deadline,
+            Instant::now(),
+            Some(sink),
+        );
+        if let Some(e) = r.as_ref().err().filter(|e| e.kind() == ErrorKind::PeerLost)
+            && !self.link.peer_lost.swap(true, Ordering::SeqCst)
+        {
+            tracing::warn!(peer = %self.link.peer, link = self.link.kind.name(), "peer lost: {e}");
+        }
+        r.map(|_| ())
+    }
+
     fn recv_message(
         &mut self,
         out: &mut [Tensor],
         paths: Option<&[Vec<Key>]>,
         deadline: Deadline,
         start: Instant,
+        sink: Option<&mut Sink<'_>>,
     ) -> Result<Value> {
         let link = self.link;
         if link.closed_locally.load(Ordering::SeqCst) {
@@ -130,7 +169,7 @@ impl RecvGuard<'_> {
         // The descriptor's buffer is kept from one message to the next (a small message then
         // allocates nothing for it); one grown past DESC_KEEP is let go afterwards.
         let mut desc = std::mem::take(&mut self.state.desc);
-        let r = self.recv_after_header(&hb, &mut desc, out, paths, deadline);
+        let r = self.recv_after_header(&hb, &mut desc, out, paths, deadline, sink);
         if desc.capacity() <= DESC_KEEP {
             self.state.desc = desc;
         }
@@ -155,6 +194,7 @@ impl RecvGuard<'_> {
         out: &mut [Tensor],
         paths: Option<&[Vec<Key>]>,
         deadline: Deadline,
+        mut sink: Option<&mut Sink<'_>>,
     ) -> Result<Value> {
         let link = self.link;
         let h = Header::decode(hb, &link.limits)?;
@@ -292,7 +332,36 @@ impl RecvGuard<'_> {
                 }
                 // Where the bytes land: the caller's tensor, a new CUDA tensor (for a CUDA segment,
                 // when this process has CUDA), or a new host buffer.
-                let r = if to_out {
+                let r = if to_out && let Some(f) = sink.as_mut() {
+                    let j = order[out_i];
+                    out_i += 1;
+                    if out[j].device() != Device::Cpu {
+                        return Err(protocol(
+                            "recv",
+                            "a streamed receive into device memory (a bug: please report it)",
+                        ));
+                    }
+                    if dev_seg.is_some() || via_ipc {
+                        // Device memory of the sender (staged, or by CUDA IPC): into host
+                        // memory whole first, then to the sink.
+                        let mut tmp = Tensor::new(
+                            out[j].dtype(),
+                            out[j].shape().to_vec(),
+                            Buf::with_len(len)?,
+                        )?;
+                        self.fill_tensor(&mut tmp, len, via_cma, via_ipc, dev_seg, deadline)
+                            .and_then(|_| {
+                                let b = tmp.bytes().unwrap_or(&[]);
+                                b.chunks(PIECE)
+                                    .enumerate()
+                                    .try_for_each(|(i, c)| f(i * PIECE, c))
+                            })
+                            .map(|_| Filled::Out(j))
+                    } else {
+                        self.fill_streamed(len, via_cma, deadline, &mut **f)
+                            .map(|_| Filled::Out(j))
+                    }
+                } else if to_out {
                     let j = order[out_i];
                     out_i += 1;
                     self.fill_tensor(&mut out[j], len, via_cma, via_ipc, dev_seg, deadline)
@@ -398,7 +467,12 @@ impl RecvGuard<'_> {
                 ),
             ));
         }
-        let s = link.shm.as_ref().expect("cma implies shm");
+        self.cma_read(addr, dst)
+    }
+
+    /// Copies `dst.len()` bytes from the sender's address `addr` (cross-memory attach).
+    fn cma_read(&self, addr: u64, dst: &mut [u8]) -> Result<()> {
+        let s = self.link.shm.as_ref().expect("cma implies shm");
         sys::cma_read(s.peer_pid, addr, dst).map_err(|e| {
             if e.raw_os_error() == Some(libc::ESRCH) {
                 // The sender died inside its send (it waits for our ack): LINK-3, not Resource.
@@ -411,6 +485,53 @@ impl RecvGuard<'_> {
                 Error::os("recv", "process_vm_readv from the sender", e)
             }
         })
+    }
+
+    /// The next segment, `len` bytes, handed to `sink` in pieces of at most [`PIECE`] bytes
+    /// (through the stream, or by cross-memory attach piece by piece); see
+    /// [`RecvGuard::recv_streamed`].
+    fn fill_streamed(
+        &mut self,
+        len: usize,
+        via_cma: bool,
+        deadline: Deadline,
+        sink: &mut dyn FnMut(usize, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        let addr = if via_cma {
+            let (addr, n) = self.read_record(deadline)?;
+            if n != len as u64 {
+                return Err(protocol(
+                    "recv",
+                    format!("cross-memory record of {n} bytes for a {len}-byte segment"),
+                ));
+            }
+            Some(addr)
+        } else {
+            None
+        };
+        // A cross-memory read costs a system call that pins the sender's pages: its pieces are
+        // larger (still within a core's cache here), so that the calls stay few.
+        let most = if addr.is_some() { CMA_PIECE } else { PIECE };
+        let mut piece = std::mem::take(&mut self.state.scratch);
+        if piece.len() < len.min(most) {
+            piece.resize(len.min(most), 0);
+        }
+        let r = (|| {
+            let mut off = 0usize;
+            while off < len {
+                let n = (len - off).min(piece.len()).min(most);
+                let b = &mut piece[..n];
+                match addr {
+                    Some(a) => self.cma_read(a + off as u64, b)?,
+                    None => self.link.read_in_frame(b, deadline, "a message payload")?,
+                }
+                sink(off, b)?;
+                off += n;
+            }
+            Ok(())
+        })();
+        self.state.scratch = piece;
+        r
     }
 
     fn read_record(&mut self, deadline: Deadline) -> Result<(u64, u64)> {
