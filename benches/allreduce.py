@@ -20,8 +20,9 @@ steps a rank receives one segment of its left neighbour in 1 MiB chunks and redu
 tensor, in each of the p-1 all-gather steps it receives one reduced segment into its tensor.
 Chunks of at least 1 MiB (PARALLEL_SHM_CMA_THRESHOLD) cross the shm link in one copy,
 process_vm_readv from the sender's tensor, so per rank and all-reduce our ring
-    reduce-scatter step: reads s of the left's tensor, writes s to a 1 MiB scratch (the copy);
-                         reads s of its tensor and s of the scratch, writes s to its tensor
+    reduce-scatter step: reads s of the left's tensor, writes s to a 1 MiB piece buffer (the
+                         copy, piece by piece); reads s of its tensor and s of the pieces,
+                         writes s to its tensor
     all-gather step:     reads s of the left's tensor, writes s to its tensor (the copy)
     total: reads 4(p-1)s, writes 3(p-1)s   (64 MiB, p=2: 128 + 96 MiB per rank)
 (below 4p MiB the chunks are under 1 MiB and go through the link's ring in two copies: the sender
@@ -30,9 +31,10 @@ of this algorithm reads the neighbour's memory where it lies and writes each res
     reduce-scatter step: own[g] += left[g]   reads 2s, writes s
     all-gather step:     own[g]  = left[g]   reads s, writes s
     total: reads 3(p-1)s, writes 2(p-1)s   (64 MiB, p=2: 96 + 64 MiB per rank)
-so a minimal implementation avoids the scratch's write and read per reduce-scatter step (a
-receive that reduces straight from the peer's memory instead of copying it first; the scratch
-is 1 MiB and mostly stays in cache), and the ring copies below the CMA threshold. (A different
+so a minimal implementation avoids the piece buffer's write and read per reduce-scatter step (a
+receive that reduces straight from the peer's memory instead of copying it first; each piece is
+combined as it arrives, so the buffer stays in cache), and the ring copies below the CMA
+threshold. (A different
 algorithm could do less for p > 2: reducing all p inputs of a segment in one pass reads n and
 writes s instead of the ring's 2(p-1)s and (p-1)s; the floor is our ring's.) The floor system
 does exactly that: p processes, started like the other systems' ranks, each with its float32
@@ -962,9 +964,10 @@ FLOOR_TEXT = (
     "our ring chunks, a barrier (a spinning counter in shared memory) before each step and one at "
     "the end; the sum is checked like the others'. With s = n/p and p - 1 steps per phase, each rank "
     "reads 3(p-1)s and writes 2(p-1)s bytes (64 MiB, p=2: 96 + 64 MiB). Our ring does more: each "
-    "received chunk lands in a 1 MiB scratch buffer (the link can only copy) and is then reduced "
-    "into the tensor, one write and one read more per reduce-scatter step (4(p-1)s + 3(p-1)s; the "
-    "scratch mostly stays in cache); below 4p MiB its chunks (under 1 MiB) cross the link's ring "
+    "received chunk is copied piece by piece (1 MiB by cross-memory attach, 256 KiB from the "
+    "link's ring) into a buffer the link keeps and each piece is combined into the tensor as it "
+    "arrives, one write and one read more per reduce-scatter step (4(p-1)s + 3(p-1)s; the pieces "
+    "stay in cache); below 4p MiB its chunks (under 1 MiB) cross the link's ring "
     "in two copies (6(p-1)s + 5(p-1)s). The one-process floor is rank 0's share done alone while "
     "the other ranks sleep: what one core's memory traffic costs without the others'. "
     "Memory traffic GB/s = the floor's bytes (reads + writes) of all ranks per second; buffers "
