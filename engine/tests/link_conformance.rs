@@ -448,11 +448,15 @@ mod cases {
             sender.join().unwrap().unwrap();
             assert!(got == x, "{n} bytes: the pieces are not the message");
         }
-        // A mismatching message: no sink call, and the link carries on.
-        p.a.send(&Value::Tensor(k.u8s(&seeded(10, 3))), dl(LONG))
-            .unwrap();
+        // A mismatching message: no sink call, and the link carries on. (Sent from a thread:
+        // a send by CUDA IPC returns once the receiver has dealt with it.)
+        let sender = {
+            let (a, t) = (p.a.clone(), k.u8s(&seeded(10, 3)));
+            std::thread::spawn(move || a.send(&Value::Tensor(t), dl(LONG)))
+        };
         let e = recv(11, &mut |_, _| panic!("a refused message reached the sink")).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Mismatch, "{e}");
+        sender.join().unwrap().unwrap();
         let got = exchange(&p.a, &p.b, Value::Int(5), &mut []).unwrap();
         assert_eq!(got.as_int(), Some(5));
         // A sink that fails: the receive fails with its error, and the link is unusable.
