@@ -53,7 +53,7 @@ import sys
 import tempfile
 import time
 
-from _common import HOST, cmd, free_port, git_revision, run_probe, tail
+from _common import HOST, cmd, free_port, git_revision, run_probe, stop_ranks, tail
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -300,16 +300,7 @@ def launch(children, env_extra, cfg, tmpdir, tag, deadline):
                     break
             time.sleep(0.05)
     finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for p in procs:
-                if p.poll() is None:
-                    try:
-                        os.killpg(p.pid, sig)
-                    except OSError:
-                        pass
-            t_kill = time.monotonic() + 3
-            while time.monotonic() < t_kill and any(p.poll() is None for p in procs):
-                time.sleep(0.05)
+        stop_ranks(procs, out_dir, SCRIPT)
     results = {}
     for role, rank in children:
         path = os.path.join(out_dir, f"{role}-{rank}.json")
