@@ -217,7 +217,7 @@ impl<'a> Communicator<'a> {
         from: usize,
         check: &mut Tensor,
         what: &str,
-        sink: &mut dyn FnMut(usize, &[u8]) -> Result<()>,
+        sink: &mut parallel_engine::link::Sink<'_>,
     ) -> Result<()> {
         self.link(from)?
             .recv_streamed(check, Some(self.deadline.remaining()), sink)

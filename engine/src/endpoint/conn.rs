@@ -78,20 +78,19 @@ impl Conn {
         &self,
         out: &mut Tensor,
         timeout: Option<Duration>,
-        sink: &mut dyn FnMut(usize, &[u8]) -> Result<()>,
+        sink: &mut crate::link::Sink<'_>,
     ) -> Result<()> {
         let deadline = Deadline::or_default(timeout);
         let mut g = self.link.lock_recv();
         if let Some(r) = self.take_inbox() {
-            // Read ahead whole (EP-5): the sink gets it in one piece, once it is checked.
+            // Read ahead whole (EP-5): checked, then handed over in pieces.
             let mut into = vec![Tensor::new(
                 out.dtype(),
                 out.shape().to_vec(),
                 crate::buffer::Buf::with_len(out.nbytes())?,
             )?];
             crate::link::into_outs(r?, &mut into, None).map_err(|e| e.with_peer(self.peer()))?;
-            let bytes = into[0].bytes().unwrap_or(&[]);
-            return sink(0, bytes);
+            return crate::link::feed(into[0].bytes().unwrap_or(&[]), sink);
         }
         g.recv_streamed(out, deadline, sink)
     }

@@ -41,6 +41,7 @@ pub mod tcp;
 
 pub use kinds::{Cost, End, Kind, Policy, choose, kinds};
 pub use outs::into_outs;
+pub(crate) use recv::feed;
 pub use recv::{PIECE, Sink};
 pub use scope::{Carrier, Op, Scope, scope};
 /// Randomness from the OS generator only (nonces, names): an error where there is none.
@@ -202,7 +203,7 @@ pub struct RecvGuard<'a> {
 const COALESCE: usize = 1024;
 
 /// Releasing the receive lock gives the room read from a shared ring back to its writer
-/// ([`shm::ShmEnd::publish_reads`]): every receive ends with its reads published, whatever
+/// (`ShmEnd::publish_reads`): every receive ends with its reads published, whatever
 /// way it ends.
 impl Drop for RecvGuard<'_> {
     fn drop(&mut self) {

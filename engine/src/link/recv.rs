@@ -34,6 +34,15 @@ pub type Sink<'a> = dyn FnMut(usize, &[u8]) -> Result<()> + 'a;
 pub const PIECE: usize = 256 << 10;
 /// The pieces of a streamed receive of a cross-memory segment.
 const CMA_PIECE: usize = 1 << 20;
+/// Hands `bytes`, already received whole, to `sink` in pieces of at most [`PIECE`] bytes, as a
+/// streamed receive would have.
+pub(crate) fn feed(bytes: &[u8], sink: &mut Sink<'_>) -> Result<()> {
+    bytes
+        .chunks(PIECE)
+        .enumerate()
+        .try_for_each(|(i, c)| sink(i * PIECE, c))
+}
+
 /// The largest descriptor buffer a link keeps for its next message.
 const DESC_KEEP: usize = 64 << 10;
 
@@ -68,21 +77,26 @@ impl RecvGuard<'_> {
         start: Instant,
     ) -> Result<Value> {
         let r = self.recv_message(out, paths, deadline, start, None);
-        if let Some(e) = r.as_ref().err().filter(|e| e.kind() == ErrorKind::PeerLost) {
-            // LINK-3 for the other direction: a shared-memory ring (or a TCP socket whose reset
-            // has not arrived yet) would otherwise accept a send to the dead peer silently.
-            if !self.link.peer_lost.swap(true, Ordering::SeqCst) {
-                tracing::warn!(peer = %self.link.peer, link = self.link.kind.name(), "peer lost: {e}");
-            }
-        }
+        self.note_peer_lost(&r);
         r
     }
 
+    /// LINK-3 for the other direction: a receive that found the peer gone marks the link, so a
+    /// shared-memory ring (or a TCP socket whose reset has not arrived yet) does not accept a
+    /// send to the dead peer silently.
+    fn note_peer_lost<T>(&self, r: &Result<T>) {
+        if let Some(e) = r.as_ref().err().filter(|e| e.kind() == ErrorKind::PeerLost)
+            && !self.link.peer_lost.swap(true, Ordering::SeqCst)
+        {
+            tracing::warn!(peer = %self.link.peer, link = self.link.kind.name(), "peer lost: {e}");
+        }
+    }
+
     /// Receives the next message, which must be one host tensor (or bytes) of `out`'s dtype and
-    /// shape, and hands its bytes to `sink` in order, `(offset, bytes)`, in pieces of at most
-    /// [`PIECE`] bytes read through a buffer the link keeps, instead of writing them into
-    /// `out`: a ring all-reduce combines each piece into its tensor while the piece is still in
-    /// the cache. `out` is only checked against the message, never written. A cross-memory
+    /// shape, and hands its bytes to `sink` in order, `(offset, bytes)`, in pieces (at most
+    /// [`PIECE`] bytes, or `CMA_PIECE` by cross-memory attach) read through a buffer the link
+    /// keeps, instead of writing them into `out`: a ring all-reduce combines each piece into
+    /// its tensor while the piece is still in the cache. `out` is only checked against the message, never written. A cross-memory
     /// frame is read piece by piece from the sender's memory, so the sink has seen its bytes
     /// before the sender's claim is confirmed (SHM-7): when that fails, the receive fails, and
     /// what the sink made of the bytes is the caller's to discard (an all-reduce that fails
@@ -91,7 +105,7 @@ impl RecvGuard<'_> {
         &mut self,
         out: &mut Tensor,
         deadline: Deadline,
-        sink: &mut dyn FnMut(usize, &[u8]) -> Result<()>,
+        sink: &mut Sink<'_>,
     ) -> Result<()> {
         let r = self.recv_message(
             std::slice::from_mut(out),
@@ -100,11 +114,7 @@ impl RecvGuard<'_> {
             Instant::now(),
             Some(sink),
         );
-        if let Some(e) = r.as_ref().err().filter(|e| e.kind() == ErrorKind::PeerLost)
-            && !self.link.peer_lost.swap(true, Ordering::SeqCst)
-        {
-            tracing::warn!(peer = %self.link.peer, link = self.link.kind.name(), "peer lost: {e}");
-        }
+        self.note_peer_lost(&r);
         r.map(|_| ())
     }
 
@@ -350,12 +360,7 @@ impl RecvGuard<'_> {
                             Buf::with_len(len)?,
                         )?;
                         self.fill_tensor(&mut tmp, len, via_cma, via_ipc, dev_seg, deadline)
-                            .and_then(|_| {
-                                let b = tmp.bytes().unwrap_or(&[]);
-                                b.chunks(PIECE)
-                                    .enumerate()
-                                    .try_for_each(|(i, c)| f(i * PIECE, c))
-                            })
+                            .and_then(|_| feed(tmp.bytes().unwrap_or(&[]), &mut **f))
                             .map(|_| Filled::Out(j))
                     } else {
                         self.fill_streamed(len, via_cma, deadline, &mut **f)
@@ -457,17 +462,20 @@ impl RecvGuard<'_> {
         if !via_cma {
             return link.read_in_frame(dst, deadline, "a message payload");
         }
-        let (addr, len) = self.read_record(deadline)?;
-        if len != dst.len() as u64 {
+        let addr = self.read_record_of(dst.len(), deadline)?;
+        self.cma_read(addr, dst)
+    }
+
+    /// The next cross-memory record, which must stand for a `len`-byte segment: its address.
+    fn read_record_of(&mut self, len: usize, deadline: Deadline) -> Result<u64> {
+        let (addr, n) = self.read_record(deadline)?;
+        if n != len as u64 {
             return Err(protocol(
                 "recv",
-                format!(
-                    "cross-memory record of {len} bytes for a {}-byte segment",
-                    dst.len()
-                ),
+                format!("cross-memory record of {n} bytes for a {len}-byte segment"),
             ));
         }
-        self.cma_read(addr, dst)
+        Ok(addr)
     }
 
     /// Copies `dst.len()` bytes from the sender's address `addr` (cross-memory attach).
@@ -488,24 +496,17 @@ impl RecvGuard<'_> {
     }
 
     /// The next segment, `len` bytes, handed to `sink` in pieces of at most [`PIECE`] bytes
-    /// (through the stream, or by cross-memory attach piece by piece); see
+    /// through the stream, or `CMA_PIECE` bytes by cross-memory attach; see
     /// [`RecvGuard::recv_streamed`].
     fn fill_streamed(
         &mut self,
         len: usize,
         via_cma: bool,
         deadline: Deadline,
-        sink: &mut dyn FnMut(usize, &[u8]) -> Result<()>,
+        sink: &mut Sink<'_>,
     ) -> Result<()> {
         let addr = if via_cma {
-            let (addr, n) = self.read_record(deadline)?;
-            if n != len as u64 {
-                return Err(protocol(
-                    "recv",
-                    format!("cross-memory record of {n} bytes for a {len}-byte segment"),
-                ));
-            }
-            Some(addr)
+            Some(self.read_record_of(len, deadline)?)
         } else {
             None
         };
