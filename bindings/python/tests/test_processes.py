@@ -55,6 +55,34 @@ def test_large_tensor_echo_across_processes():
     s.close()
 
 
+@pytest.mark.parametrize("threshold", ["64K", "8M"])
+def test_peers_with_different_cross_memory_thresholds_read_each_others_messages(threshold):
+    """Each end reads a message by its sender's PARALLEL_SHM_CMA_THRESHOLD (this process keeps
+    the default, 1 MiB): segments between the two thresholds went by cross-memory attach from one
+    side and through the ring from the other, and used to be misread (the receive waited out its
+    deadline)."""
+    s = parallel.server("127.0.0.1", 0)
+    p = spawn(CLIENT, str(s.port), "echo", env={"PARALLEL_SHM_CMA_THRESHOLD": threshold})
+    s.wait_for(1, timeout=20)
+    conn = s.connections()[0]
+    g = torch.Generator().manual_seed(7)
+    v = {
+        "small": torch.randint(0, 1 << 30, (25_000,), generator=g),  # 200 KiB
+        "mid": torch.randn(3 << 18, generator=g),  # 3 MiB
+        "big": torch.randn(3 << 20, generator=g),  # 12 MiB
+        "tail": "after the tensors",
+    }
+    conn.send(v)
+    got = conn.recv(timeout=30)
+    assert got["tail"] == v["tail"]
+    for k in ("small", "mid", "big"):
+        assert torch.equal(got[k], v[k]), k
+    rc, out, err = finish(p)
+    assert rc == 0, err
+    assert out.strip() == expected_link()
+    s.close()
+
+
 def test_killed_peer_is_peer_lost_promptly_and_server_serves_others():
     s = parallel.server("127.0.0.1", 0)
     p = spawn(CLIENT, str(s.port), "hang")

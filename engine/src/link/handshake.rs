@@ -340,15 +340,17 @@ fn client_shm(name: &str, token: &[u8], liveness: RawFd, deadline: Deadline) -> 
     ShmEnd::init(&map);
     // Our probe for the server's cross-memory test: 32 random bytes at a known address.
     let probe = Box::new(sys::random_bytes::<32>()?);
-    let mut msg = Vec::with_capacity(80);
+    let mut msg = Vec::with_capacity(SETUP_LEN);
     msg.extend_from_slice(&token[..32.min(token.len())]);
     msg.extend_from_slice(&(cap as u64).to_le_bytes());
     msg.extend_from_slice(&(probe.as_ptr() as u64).to_le_bytes());
     msg.extend_from_slice(&probe[..]);
+    msg.extend_from_slice(&cfg.shm_cma_threshold.to_le_bytes());
     wait_fd(sock.as_raw_fd(), Interest::Write, deadline)?;
     sys::send_fds(sock.as_raw_fd(), &msg, &fds)?;
-    // Reply: cma_ok_c2s u8 | server probe addr u64 | server probe bytes 32
-    let mut reply = [0u8; 41];
+    // Reply: cma_ok_c2s u8 | server probe addr u64 | server probe bytes 32 | server's
+    // cross-memory threshold u64
+    let mut reply = [0u8; REPLY_LEN];
     read_unix(sock.as_raw_fd(), &mut reply, deadline)?;
     let server_pid = sys::peer_pid(sock.as_raw_fd())?;
     let addr = u64::from_le_bytes(reply[1..9].try_into().expect("8"));
@@ -364,6 +366,7 @@ fn client_shm(name: &str, token: &[u8], liveness: RawFd, deadline: Deadline) -> 
     let mut end = ShmEnd::new(map, 0, bells, liveness, server_pid, cfg.spin);
     end.cma_send = reply[0] == 1;
     end.cma_threshold = cfg.shm_cma_threshold;
+    end.peer_cma_threshold = peer_threshold(&reply[41..49])?;
     drop(probe);
     Ok(end)
 }
@@ -571,10 +574,10 @@ fn server_shm(
     // SAFETY: fresh owned fd.
     let sock: OwnedFd = unsafe { std::os::fd::FromRawFd::from_raw_fd(s) };
     drop(listener);
-    let mut msg = [0u8; 80];
+    let mut msg = [0u8; SETUP_LEN];
     wait_fd(sock.as_raw_fd(), Interest::Read, deadline)?;
     let (n, mut fds) = sys::recv_fds(sock.as_raw_fd(), &mut msg, 5)?;
-    if n != 80 || msg[..32] != token[..32] {
+    if n != SETUP_LEN || msg[..32] != token[..32] {
         return Err(protocol(
             "shm",
             "shared-memory set-up message has a wrong token or size",
@@ -601,10 +604,12 @@ fn server_shm(
     let [d0, s0, d1, s1] = b;
     let map = Mapping::map(memfd, cap as usize)?;
     let probe = Box::new(sys::random_bytes::<32>()?);
-    let mut reply = Vec::with_capacity(41);
+    let client_threshold = peer_threshold(&msg[80..88])?;
+    let mut reply = Vec::with_capacity(REPLY_LEN);
     reply.push(cma_c2s as u8);
     reply.extend_from_slice(&(probe.as_ptr() as u64).to_le_bytes());
     reply.extend_from_slice(&probe[..]);
+    reply.extend_from_slice(&cfg.shm_cma_threshold.to_le_bytes());
     runtime::send_all(
         sock.as_raw_fd(),
         &[&reply],
@@ -633,7 +638,28 @@ fn server_shm(
     );
     end.cma_send = fin[0] == 1;
     end.cma_threshold = cfg.shm_cma_threshold;
+    end.peer_cma_threshold = client_threshold;
     Ok(end)
+}
+
+/// The shared-memory set-up message (client to server): token 32 | ring capacity u64 | probe
+/// address u64 | probe bytes 32 | the client's cross-memory threshold u64.
+const SETUP_LEN: usize = 88;
+/// Its reply: cma_ok_c2s u8 | probe address u64 | probe bytes 32 | the server's threshold u64.
+const REPLY_LEN: usize = 49;
+
+/// The peer's `PARALLEL_SHM_CMA_THRESHOLD`: which of its segments it sends by cross-memory
+/// attach is its setting, not ours, so the receiver reads each frame as it was written even
+/// when the two processes were configured differently.
+fn peer_threshold(b: &[u8]) -> Result<u64> {
+    let t = u64::from_le_bytes(b.try_into().expect("8 bytes"));
+    if t == 0 {
+        return Err(protocol(
+            "shm",
+            "the peer announced a cross-memory threshold of 0 bytes (its minimum is 4 KiB)",
+        ));
+    }
+    Ok(t)
 }
 
 /// Time since `t`, for logs.

@@ -326,7 +326,10 @@ impl RecvGuard<'_> {
                 };
                 let via_cma = cma
                     && dev_seg.is_none()
-                    && link.shm.as_ref().is_some_and(|x| s.len >= x.cma_threshold);
+                    && link
+                        .shm
+                        .as_ref()
+                        .is_some_and(|x| s.len >= x.peer_cma_threshold);
                 let via_ipc = ipc && dev_seg.is_some();
                 let to_out = mismatch.is_none()
                     && !out.is_empty()

@@ -4,7 +4,7 @@
 use crate::error::{Result, protocol};
 
 pub const MAGIC: [u8; 4] = *b"PRL\x01";
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 pub const HEADER_LEN: usize = 32;
 
 /// What a frame is.

@@ -138,7 +138,10 @@ pub(crate) struct ShmEnd {
     pub spin: Duration,
     /// We may send large segments by cross-memory attach (the peer verified it can read us).
     pub cma_send: bool,
+    /// Segments this end sends by cross-memory attach are at least this long (ours).
     pub cma_threshold: u64,
+    /// ... and those it receives so, the peer's own setting (exchanged at set-up).
+    pub peer_cma_threshold: u64,
     head: AtomicU64, // our writer position (mirror)
     tail: AtomicU64, // our reader position (mirror)
     /// The reader position last stored in the shared control block: reads of one frame give
@@ -171,6 +174,7 @@ impl ShmEnd {
             spin,
             cma_send: false,
             cma_threshold: u64::MAX,
+            peer_cma_threshold: u64::MAX,
             head: AtomicU64::new(0),
             tail: AtomicU64::new(0),
             tail_shared: AtomicU64::new(0),
