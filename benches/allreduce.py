@@ -16,25 +16,26 @@ Sizes: 4 KiB, 1 MiB and 64 MiB (the figures the targets speak of), and for the p
 
 The memory-traffic floor. Our shm all-reduce at 64 MiB is the ring (collectives/src/algorithms/
 ring.rs): the buffer is cut into p segments of s = n/p bytes; in each of the p-1 reduce-scatter
-steps a rank receives one segment of its left neighbour in 1 MiB chunks and reduces it into its
-tensor, in each of the p-1 all-gather steps it receives one reduced segment into its tensor.
-Chunks of at least 1 MiB (PARALLEL_SHM_CMA_THRESHOLD) cross the shm link in one copy,
-process_vm_readv from the sender's tensor, so per rank and all-reduce our ring
-    reduce-scatter step: reads s of the left's tensor, writes s to a 1 MiB piece buffer (the
-                         copy, piece by piece); reads s of its tensor and s of the pieces,
+steps a rank receives one segment of its left neighbour in chunks (up to 8 MiB) and reduces it
+into its tensor, in each of the p-1 all-gather steps it receives one reduced segment into its
+tensor. Every chunk crosses the shm link through its ring (PARALLEL_SHM_RING, 4 MiB): the
+sender copies it in, and the receiver combines (or copies) each piece where it lies in the ring,
+so per rank and all-reduce our ring
+    reduce-scatter step: reads s of its tensor, writes s into the ring (the send); reads s of
+                         the ring and s of its tensor, writes s to its tensor (the receive)
+    all-gather step:     reads s of its tensor, writes s into the ring; reads s of the ring,
                          writes s to its tensor
-    all-gather step:     reads s of the left's tensor, writes s to its tensor (the copy)
-    total: reads 4(p-1)s, writes 3(p-1)s   (64 MiB, p=2: 128 + 96 MiB per rank)
-(below 4p MiB the chunks are under 1 MiB and go through the link's ring in two copies: the sender
-writes s into it and the receiver reads s out of it: reads 6(p-1)s, writes 5(p-1)s). The minimum
-of this algorithm reads the neighbour's memory where it lies and writes each result once:
+    total: reads 5(p-1)s, writes 4(p-1)s   (64 MiB, p=2: 160 + 128 MiB per rank)
+of which the ring's 2(p-1)s + 2(p-1)s stay in the caches (the ring is smaller than the L3). The
+minimum of this algorithm reads the neighbour's memory where it lies and writes each result once:
     reduce-scatter step: own[g] += left[g]   reads 2s, writes s
     all-gather step:     own[g]  = left[g]   reads s, writes s
     total: reads 3(p-1)s, writes 2(p-1)s   (64 MiB, p=2: 96 + 64 MiB per rank)
-so a minimal implementation avoids the piece buffer's write and read per reduce-scatter step (a
-receive that reduces straight from the peer's memory instead of copying it first; each piece is
-combined as it arrives, so the buffer stays in cache), and the ring copies below the CMA
-threshold. (A different
+which is the same memory traffic as ours: what ours adds is the copies through the ring, in
+cache, and the work of its two threads' hand-offs. (A cross-memory copy, process_vm_readv from the
+sender's tensor, saves the sender's copy but costs the receiver about twice a memory copy's time
+on this VM, for pinning the sender's pages: our ring used it for chunks of 1 MiB or more until
+it measured 1.5-1.7x the floor at 64 MiB.) (A different
 algorithm could do less for p > 2: reducing all p inputs of a segment in one pass reads n and
 writes s instead of the ring's 2(p-1)s and (p-1)s; the floor is our ring's.) The floor system
 does exactly that: p processes, started like the other systems' ranks, each with its float32
@@ -332,8 +333,8 @@ def child_ours(rank, world, cfg):
 
 # The memory-traffic floor: our ring's minimal reads and writes, done by NumPy in shared memory.
 # Our ring's chunking (collectives/src/algorithms/ring.rs, Chunking::Host) with the default
-# PARALLEL_COLLECTIVE_CHUNK (1 MiB): at least ~4 chunks per segment, 256 KiB .. 1 MiB each.
-RING_CHUNK_MAX = MiB
+# PARALLEL_COLLECTIVE_CHUNK (8 MiB): at least ~4 chunks per segment, 256 KiB .. 8 MiB each.
+RING_CHUNK_MAX = 8 * MiB
 RING_CHUNK_MIN = 256 * KiB
 
 
@@ -931,24 +932,17 @@ def sweep_table(report):
     return lines
 
 
-# Our shm link's cross-memory attach (PARALLEL_SHM_CMA_THRESHOLD's default): chunks at least this
-# large are copied once, straight from the sender's buffer; smaller ones twice, through the ring.
-SHM_CMA_THRESHOLD = MiB
-
-
 def ring_traffic(nbytes, p):
     """Bytes each rank reads and writes in one all-reduce of `nbytes`: our ring as it runs on shm
     links, and its floor (see the module docstring). s = nbytes / p, k = p - 1 steps per phase."""
     s, k = nbytes / p, p - 1
-    cma = ring_chunk_elems(nbytes, p) * 4 >= SHM_CMA_THRESHOLD
-    ours = (4 * k * s, 3 * k * s) if cma else (6 * k * s, 5 * k * s)
+    ours = (5 * k * s, 4 * k * s)
     floor = (3 * k * s, 2 * k * s)
     return {
         "floor_read": floor[0],
         "floor_write": floor[1],
         "ours_read": ours[0],
         "ours_write": ours[1],
-        "cma": cma,
     }
 
 
@@ -963,12 +957,11 @@ FLOOR_TEXT = (
     "out=own)` over the segment it receives, per all-gather step `np.copyto(own, left)`, chunked as "
     "our ring chunks, a barrier (a spinning counter in shared memory) before each step and one at "
     "the end; the sum is checked like the others'. With s = n/p and p - 1 steps per phase, each rank "
-    "reads 3(p-1)s and writes 2(p-1)s bytes (64 MiB, p=2: 96 + 64 MiB). Our ring does more: each "
-    "received chunk is copied piece by piece (1 MiB by cross-memory attach, 256 KiB from the "
-    "link's ring) into a buffer the link keeps and each piece is combined into the tensor as it "
-    "arrives, one write and one read more per reduce-scatter step (4(p-1)s + 3(p-1)s; the pieces "
-    "stay in cache); below 4p MiB its chunks (under 1 MiB) cross the link's ring "
-    "in two copies (6(p-1)s + 5(p-1)s). The one-process floor is rank 0's share done alone while "
+    "reads 3(p-1)s and writes 2(p-1)s bytes (64 MiB, p=2: 96 + 64 MiB). Our ring moves the same "
+    "bytes to and from memory, plus copies through the link's ring (4 MiB, in cache): the sender "
+    "copies each chunk into it, and the receiver combines (or copies) each piece where it lies in "
+    "the ring (5(p-1)s read + 4(p-1)s written, of which 2(p-1)s + 2(p-1)s in the ring). "
+    "The one-process floor is rank 0's share done alone while "
     "the other ranks sleep: what one core's memory traffic costs without the others'. "
     "Memory traffic GB/s = the floor's bytes (reads + writes) of all ranks per second; buffers "
     "that fit the caches (up to a few MiB) make it cache traffic, so the floor is a memory-traffic "
@@ -998,7 +991,7 @@ def floor_table(report):
         lines.append(
             f"| {label} | {fmt_mib(tr['floor_read'])} + {fmt_mib(tr['floor_write'])} "
             f"| {fmt_mib(tr['ours_read'])} + {fmt_mib(tr['ours_write'])} "
-            f"({'one copy by CMA' if tr['cma'] else 'two copies through the ring'}) "
+            "(through the link's ring; the ring's share in cache) "
             f"| **{fmt_t(f['median_s'])}** | {per_rank * world / f['median_s'] / 1e9:.1f} "
             f"| {fmt_t(solo)} | {per_rank / solo / 1e9 if solo else 0:.1f} | {fmt_t(ours)} "
             f"| {fmt_r(ours / f['median_s'] if ours else None)} "

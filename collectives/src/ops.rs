@@ -277,7 +277,17 @@ pub fn reduce_into(op: &Op, dtype: DType, dst: &mut [u8], src: &[u8]) -> Result<
         if dst.is_empty() {
             return Ok(());
         }
-        return f(dst, src, dtype, dst.len() / dtype.itemsize());
+        if (src.as_ptr() as usize) % item != 0 {
+            // A streamed receive may hand bytes at any address (a shared-memory ring's own);
+            // a user function sees a tensor, and tensors are aligned to their elements.
+            let mut al = vec![0u128; src.len().div_ceil(16)];
+            // SAFETY: `al` holds at least src.len() bytes; distinct allocations.
+            let a =
+                unsafe { std::slice::from_raw_parts_mut(al.as_mut_ptr() as *mut u8, src.len()) };
+            a.copy_from_slice(src);
+            return f(dst, a, dtype, dst.len() / item);
+        }
+        return f(dst, src, dtype, dst.len() / item);
     }
     match dtype {
         DType::Bool => match op {

@@ -416,31 +416,54 @@ mod cases {
     use super::*;
 
     /// `RecvGuard::recv_streamed` (the ring all-reduce's receive): the bytes of a host or
-    /// device tensor reach the sink in order, in pieces no larger than the link's, whatever path
-    /// they took (stream, cross-memory, staged or CUDA IPC); the check tensor is never written;
+    /// device tensor reach the sink in order, in pieces no larger than the link's and of whole
+    /// elements of the caller's size (all but the last), whatever path they took (stream,
+    /// shared ring, cross-memory, staged or CUDA IPC); the check tensor is never written;
     /// a mismatching message reaches no sink and keeps the link (LINK-1); a sink that fails
     /// fails the receive and poisons the link (LINK-2: the frame was half read).
     pub fn streamed(k: Kind) {
         let p = k.pair();
-        let recv = |n: usize, sink: &mut link::Sink<'_>| {
+        let recv_by = |n: usize, grain: usize, sink: &mut link::Sink<'_>| {
             let mut check = Tensor::from_slice(DType::U8, vec![n], &vec![0u8; n]).unwrap();
-            let r = p.b.lock_recv().recv_streamed(&mut check, dl(LONG), sink);
+            let r =
+                p.b.lock_recv()
+                    .recv_streamed(&mut check, grain, dl(LONG), sink);
             assert!(
                 read(&check).iter().all(|b| *b == 0),
                 "the check tensor was written"
             );
             r
         };
-        for n in [0usize, 17, 256 << 10, 3 * MIB + 17] {
+        let recv = |n: usize, sink: &mut link::Sink<'_>| recv_by(n, 1, sink);
+        // Sizes under the cross-memory threshold that leave a shared ring's positions at odd
+        // offsets, so that elements of later messages straddle its end (the ring is 4 MiB by
+        // default: these wrap it several times); element sizes of 1 to 16 bytes, and sizes
+        // that are not a multiple of theirs (the last piece is then short).
+        let cases = [
+            (0usize, 1usize),
+            (17, 1),
+            (256 << 10, 4),
+            (3 * MIB + 17, 1),
+            (3, 2),
+        ]
+        .into_iter()
+        .chain((0..24).map(|i| (768 * 1024 + 4096 * i + i % 3, [2, 4, 8, 16][i % 4])))
+        .chain([(4 * MIB, 16), (5 * MIB + 4, 4)]);
+        for (n, grain) in cases {
             let x = seeded(n, n as u64);
             let sender = {
                 let (a, t) = (p.a.clone(), k.u8s(&x));
                 std::thread::spawn(move || a.send(&Value::Tensor(t), dl(LONG)))
             };
             let mut got = Vec::with_capacity(n);
-            recv(n, &mut |off, piece| {
+            recv_by(n, grain, &mut |off, piece| {
                 assert_eq!(off, got.len(), "{n} bytes: a piece out of order");
                 assert!(piece.len() <= MIB, "{n} bytes: a piece of {}", piece.len());
+                assert!(
+                    piece.len() % grain == 0 || off + piece.len() == n,
+                    "{n} bytes of {grain}-byte elements: a piece of {} at {off}",
+                    piece.len()
+                );
                 got.extend_from_slice(piece);
                 Ok(())
             })
@@ -448,6 +471,12 @@ mod cases {
             sender.join().unwrap().unwrap();
             assert!(got == x, "{n} bytes: the pieces are not the message");
         }
+        // An element size no piece size is a multiple of: refused before anything is read.
+        let e = recv_by(4, 3, &mut |_, _| {
+            panic!("a refused receive reached the sink")
+        })
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
         // A mismatching message: no sink call, and the link carries on. (Sent from a thread:
         // a send by CUDA IPC returns once the receiver has dealt with it.)
         let sender = {

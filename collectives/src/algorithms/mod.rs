@@ -210,17 +210,18 @@ impl<'a> Communicator<'a> {
     }
 
     /// Receives rank `from`'s next message, checked against `check` (dtype and shape; never
-    /// written), and hands its bytes to `sink` in pieces, `(offset, bytes)`, each while it is
-    /// still in the cache ([`Conn::recv_streamed`]).
+    /// written), and hands its bytes to `sink` in pieces of whole `grain`-byte elements,
+    /// `(offset, bytes)`, each while it is still in the cache ([`Conn::recv_streamed`]).
     pub fn recv_streamed(
         &self,
         from: usize,
         check: &mut Tensor,
+        grain: usize,
         what: &str,
         sink: &mut parallel_engine::link::Sink<'_>,
     ) -> Result<()> {
         self.link(from)?
-            .recv_streamed(check, Some(self.deadline.remaining()), sink)
+            .recv_streamed(check, grain, Some(self.deadline.remaining()), sink)
             .map_err(|e| {
                 Error::new(
                     e.kind(),

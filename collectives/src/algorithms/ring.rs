@@ -22,6 +22,7 @@
 use super::{Communicator, SendScope};
 use crate::ops::{self, Op};
 use parallel_engine::endpoint::Conn;
+use parallel_engine::link::Carry;
 use parallel_engine::value::DType;
 use parallel_engine::{Error, ErrorKind, Result};
 use std::marker::PhantomData;
@@ -142,12 +143,18 @@ impl Memory for Host<'_> {
         // receive never writes through it, and `dst` outlives the call.
         let mut check = unsafe { super::out_view(dst) };
         let n = dst.len();
-        comm.recv_streamed(from, &mut check, "ring step", &mut |off, piece| {
-            let d = dst
-                .get_mut(off..off + piece.len())
-                .ok_or_else(|| too_long(off + piece.len(), n))?;
-            ops::reduce_into(op, dtype, d, piece)
-        })
+        comm.recv_streamed(
+            from,
+            &mut check,
+            dtype.itemsize(),
+            "ring step",
+            &mut |off, piece| {
+                let d = dst
+                    .get_mut(off..off + piece.len())
+                    .ok_or_else(|| too_long(off + piece.len(), n))?;
+                ops::reduce_into(op, dtype, d, piece)
+            },
+        )
     }
 
     fn finish(&mut self, r: Range<usize>, contributors: usize) -> Result<()> {
@@ -256,6 +263,12 @@ pub(crate) fn all_reduce_in<M: Memory>(
         disjoint(len, &(so..so + sl), &(ro..ro + rl))?;
         let chunks = sl.max(rl).div_ceil(chunk).max(1);
         SendScope::run(comm, |sends| {
+            // Over shared memory, every chunk goes through the link's ring: the receiver
+            // combines (or copies) it from there, piece by piece, while the sender writes the
+            // next. A cross-memory copy from the sender's tensor instead costs the receiver
+            // twice a memory copy's time (page pinning; measured, 64 MiB, 2 ranks: 12-16 ms
+            // against 9-12 ms), and in a reduce-scatter step a copy more.
+            sends.carry(Carry::Stream);
             for k in 0..chunks {
                 let (a, b) = (k * chunk, ((k + 1) * chunk).min(sl));
                 if a < b || (k == 0 && sl == 0) {

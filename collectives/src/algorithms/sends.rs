@@ -22,6 +22,7 @@
 
 use super::Communicator;
 use parallel_engine::endpoint::Conn;
+use parallel_engine::link::Carry;
 use parallel_engine::runtime::{Completion, Deadline, Lane};
 use parallel_engine::value::Value;
 use parallel_engine::{Error, Result};
@@ -40,9 +41,16 @@ impl Sender {
     }
 
     /// Sends `v` to `conn` on the lane; the completion reports the outcome.
-    fn send_async(&self, conn: &Arc<Conn>, v: Value, deadline: Deadline) -> Completion<()> {
+    fn send_async(
+        &self,
+        conn: &Arc<Conn>,
+        v: Value,
+        deadline: Deadline,
+        carry: Carry,
+    ) -> Completion<()> {
         let conn = conn.clone();
-        self.0.submit(move || conn.link().send(&v, deadline))
+        self.0
+            .submit(move || conn.link().send_carried(&v, deadline, carry))
     }
 }
 
@@ -56,6 +64,8 @@ pub(crate) struct SendScope<'a> {
     pending: Vec<(Arc<Conn>, Completion<()>)>,
     /// The error of a send made in place (SEND-3), reported by `wait_all` like a lane's.
     failed: Option<Error>,
+    /// How large host segments cross shared-memory links ([`SendScope::carry`]).
+    carry: Carry,
     _bytes: PhantomData<&'a [u8]>,
 }
 
@@ -70,10 +80,18 @@ impl<'a> SendScope<'a> {
             deadline: comm.deadline(),
             pending: Vec::new(),
             failed: None,
+            carry: Carry::Any,
             _bytes: PhantomData,
         };
         f(&mut scope)
         // `scope` drops here (or while unwinding): Drop waits for what is still pending.
+    }
+
+    /// How the scope's later sends carry large host segments over shared-memory links:
+    /// [`Carry::Stream`] for messages the receiver combines piece by piece straight from the
+    /// link's ring (a ring all-reduce's reduce-scatter), [`Carry::Any`] (the default) else.
+    pub(crate) fn carry(&mut self, carry: Carry) {
+        self.carry = carry;
     }
 
     /// Starts sending `bytes` (as a u8 tensor) to `conn` on the tree's sender lane; `bytes` stay
@@ -105,7 +123,7 @@ impl<'a> SendScope<'a> {
             .iter()
             .any(|(c, p)| Arc::ptr_eq(c, conn) && !p.done());
         if !queued && self.failed.is_none() {
-            match conn.link().send_now(&v) {
+            match conn.link().send_now_carried(&v, self.carry) {
                 Ok(true) => return,
                 Ok(false) => {}
                 Err(e) => {
@@ -114,7 +132,7 @@ impl<'a> SendScope<'a> {
                 }
             }
         }
-        let c = self.sender.send_async(conn, v, self.deadline);
+        let c = self.sender.send_async(conn, v, self.deadline, self.carry);
         self.pending.push((conn.clone(), c));
     }
 

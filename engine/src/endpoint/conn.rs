@@ -77,13 +77,16 @@ impl Conn {
     pub fn recv_streamed(
         &self,
         out: &mut Tensor,
+        grain: usize,
         timeout: Option<Duration>,
         sink: &mut crate::link::Sink<'_>,
     ) -> Result<()> {
         let deadline = Deadline::or_default(timeout);
+        crate::link::check_grain(grain)?;
         let mut g = self.link.lock_recv();
         if let Some(r) = self.take_inbox() {
-            // Read ahead whole (EP-5): checked, then handed over in pieces.
+            // Read ahead whole (EP-5): checked, then handed over in pieces (of PIECE bytes,
+            // which every grain divides).
             let mut into = vec![Tensor::new(
                 out.dtype(),
                 out.shape().to_vec(),
@@ -92,7 +95,7 @@ impl Conn {
             crate::link::into_outs(r?, &mut into, None).map_err(|e| e.with_peer(self.peer()))?;
             return crate::link::feed(into[0].bytes().unwrap_or(&[]), sink);
         }
-        g.recv_streamed(out, deadline, sink)
+        g.recv_streamed(out, grain, deadline, sink)
     }
     /// A receive with one clock read for its deadline and its statistics.
     fn recv_timed(

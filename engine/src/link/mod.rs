@@ -41,9 +41,11 @@ pub mod tcp;
 
 pub use kinds::{Cost, End, Kind, Policy, choose, kinds};
 pub use outs::into_outs;
+pub(crate) use recv::check_grain;
 pub(crate) use recv::feed;
 pub use recv::{PIECE, Sink};
 pub use scope::{Carrier, Op, Scope, scope};
+pub use send::Carry;
 /// Randomness from the OS generator only (nonces, names): an error where there is none.
 pub use sys::{random_bytes, random_hex};
 

@@ -43,6 +43,20 @@ pub(crate) fn feed(bytes: &[u8], sink: &mut Sink<'_>) -> Result<()> {
         .try_for_each(|(i, c)| sink(i * PIECE, c))
 }
 
+/// A streamed receive's element size: one that every piece size divides.
+pub(crate) fn check_grain(grain: usize) -> Result<()> {
+    if matches!(grain, 1 | 2 | 4 | 8 | 16) {
+        return Ok(());
+    }
+    Err(Error::new(
+        ErrorKind::Unsupported,
+        "recv",
+        format!(
+            "a streamed receive of {grain}-byte elements: 1, 2, 4, 8 or 16 bytes are supported"
+        ),
+    ))
+}
+
 /// The largest descriptor buffer a link keeps for its next message.
 const DESC_KEEP: usize = 64 << 10;
 
@@ -93,10 +107,13 @@ impl RecvGuard<'_> {
     }
 
     /// Receives the next message, which must be one host tensor (or bytes) of `out`'s dtype and
-    /// shape, and hands its bytes to `sink` in order, `(offset, bytes)`, in pieces (at most
-    /// [`PIECE`] bytes, or `CMA_PIECE` by cross-memory attach) read through a buffer the link
-    /// keeps, instead of writing them into `out`: a ring all-reduce combines each piece into
-    /// its tensor while the piece is still in the cache. `out` is only checked against the message, never written. A cross-memory
+    /// shape, and hands its bytes to `sink` in order, `(offset, bytes)`, in pieces instead of
+    /// writing them into `out`: a ring all-reduce combines each piece into its tensor while the
+    /// piece is still in the cache. Every piece but the last is a whole number of `grain`-byte
+    /// elements (the caller's element size: 1, 2, 4, 8 or 16; `out` may be a byte view). Over a
+    /// shared-memory ring the pieces are the ring's own memory (at most [`PIECE`] bytes, not
+    /// aligned beyond the byte); from a socket they are read through a buffer the link keeps
+    /// (at most [`PIECE`] bytes), by cross-memory attach likewise (at most `CMA_PIECE`). `out` is only checked against the message, never written. A cross-memory
     /// frame is read piece by piece from the sender's memory, so the sink has seen its bytes
     /// before the sender's claim is confirmed (SHM-7): when that fails, the receive fails, and
     /// what the sink made of the bytes is the caller's to discard (an all-reduce that fails
@@ -104,15 +121,17 @@ impl RecvGuard<'_> {
     pub fn recv_streamed(
         &mut self,
         out: &mut Tensor,
+        grain: usize,
         deadline: Deadline,
         sink: &mut Sink<'_>,
     ) -> Result<()> {
+        check_grain(grain)?;
         let r = self.recv_message(
             std::slice::from_mut(out),
             None,
             deadline,
             Instant::now(),
-            Some(sink),
+            Some((grain, sink)),
         );
         self.note_peer_lost(&r);
         r.map(|_| ())
@@ -124,7 +143,7 @@ impl RecvGuard<'_> {
         paths: Option<&[Vec<Key>]>,
         deadline: Deadline,
         start: Instant,
-        sink: Option<&mut Sink<'_>>,
+        sink: Option<(usize, &mut Sink<'_>)>,
     ) -> Result<Value> {
         let link = self.link;
         if link.closed_locally.load(Ordering::SeqCst) {
@@ -204,7 +223,7 @@ impl RecvGuard<'_> {
         out: &mut [Tensor],
         paths: Option<&[Vec<Key>]>,
         deadline: Deadline,
-        mut sink: Option<&mut Sink<'_>>,
+        mut sink: Option<(usize, &mut Sink<'_>)>,
     ) -> Result<Value> {
         let link = self.link;
         let h = Header::decode(hb, &link.limits)?;
@@ -345,7 +364,7 @@ impl RecvGuard<'_> {
                 }
                 // Where the bytes land: the caller's tensor, a new CUDA tensor (for a CUDA segment,
                 // when this process has CUDA), or a new host buffer.
-                let r = if to_out && let Some(f) = sink.as_mut() {
+                let r = if to_out && let Some((grain, f)) = sink.as_mut() {
                     let j = order[out_i];
                     out_i += 1;
                     if out[j].device() != Device::Cpu {
@@ -366,7 +385,7 @@ impl RecvGuard<'_> {
                             .and_then(|_| feed(tmp.bytes().unwrap_or(&[]), &mut **f))
                             .map(|_| Filled::Out(j))
                     } else {
-                        self.fill_streamed(len, via_cma, deadline, &mut **f)
+                        self.fill_streamed(len, *grain, via_cma, deadline, &mut **f)
                             .map(|_| Filled::Out(j))
                     }
                 } else if to_out {
@@ -498,12 +517,13 @@ impl RecvGuard<'_> {
         })
     }
 
-    /// The next segment, `len` bytes, handed to `sink` in pieces of at most [`PIECE`] bytes
-    /// through the stream, or `CMA_PIECE` bytes by cross-memory attach; see
-    /// [`RecvGuard::recv_streamed`].
+    /// The next segment, `len` bytes of `grain`-byte elements, handed to `sink` in pieces of at
+    /// most [`PIECE`] bytes: where they lie in a shared-memory ring, read through a buffer from
+    /// a socket, or `CMA_PIECE` bytes by cross-memory attach; see [`RecvGuard::recv_streamed`].
     fn fill_streamed(
         &mut self,
         len: usize,
+        grain: usize,
         via_cma: bool,
         deadline: Deadline,
         sink: &mut Sink<'_>,
@@ -513,6 +533,13 @@ impl RecvGuard<'_> {
         } else {
             None
         };
+        if addr.is_none()
+            && let Some(s) = self.link.shm.as_ref()
+        {
+            // Straight from the ring: the piece buffer's copy (a write and a read of every
+            // byte) is saved.
+            return s.read_lent(len, grain, PIECE, deadline, "a message payload", sink);
+        }
         // A cross-memory read costs a system call that pins the sender's pages: its pieces are
         // larger (still within a core's cache here), so that the calls stay few.
         let most = if addr.is_some() { CMA_PIECE } else { PIECE };

@@ -11,6 +11,19 @@ use crate::wire::{self, FLAG_CMA, FLAG_CUDA_IPC, FrameKind, HEADER_LEN, Header};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+/// How a message's large host segments may cross a shared-memory link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Carry {
+    /// Segments of at least `PARALLEL_SHM_CMA_THRESHOLD` bytes are read by the receiver straight
+    /// from the sender's memory (cross-memory attach) when the link allows it: one copy.
+    Any,
+    /// Every host byte goes through the link's stream (two copies through a shared ring): for a
+    /// message the receiver takes piece by piece where it lies in the ring
+    /// (`RecvGuard::recv_streamed`), to which a cross-memory copy would add one. Device
+    /// segments go as with `Any`.
+    Stream,
+}
+
 /// One piece of an outgoing frame.
 pub(super) enum Part<'a> {
     Host(&'a [u8]),
@@ -45,6 +58,19 @@ impl Link {
 
     pub fn send(&self, v: &Value, deadline: Deadline) -> Result<()> {
         self.send_frame(FrameKind::Message, v, deadline)
+    }
+
+    /// [`Link::send`], its large host segments carried as `carry` says.
+    pub fn send_carried(&self, v: &Value, deadline: Deadline, carry: Carry) -> Result<()> {
+        self.frame(
+            FrameKind::Message,
+            v,
+            deadline,
+            false,
+            Instant::now(),
+            carry,
+        )
+        .map(|_| ())
     }
 
     /// Sends a collective's control message: a frame of its own kind, which only
@@ -91,14 +117,14 @@ impl Link {
     }
 
     pub(crate) fn send_frame(&self, kind: FrameKind, v: &Value, deadline: Deadline) -> Result<()> {
-        self.frame(kind, v, deadline, false, Instant::now())
+        self.frame(kind, v, deadline, false, Instant::now(), Carry::Any)
             .map(|_| ())
     }
 
     /// [`Link::send`] for a caller that read the clock as it began (`start`, also the start of
     /// `deadline`): the send's time in the link's statistics is counted from there.
     pub fn send_started(&self, v: &Value, deadline: Deadline, start: Instant) -> Result<()> {
-        self.frame(FrameKind::Message, v, deadline, false, start)
+        self.frame(FrameKind::Message, v, deadline, false, start, Carry::Any)
             .map(|_| ())
     }
 
@@ -114,6 +140,12 @@ impl Link {
     /// written by the thread that has it, instead of waking another thread of ours to write it
     /// while this one waits for the peer, on a machine whose cores the two ranks already fill.
     pub fn send_now(&self, v: &Value) -> Result<bool> {
+        self.send_now_carried(v, Carry::Any)
+    }
+
+    /// [`Link::send_now`], its large host segments carried as `carry` says (with
+    /// [`Carry::Stream`], a large segment that fits the ring is written now too).
+    pub fn send_now_carried(&self, v: &Value, carry: Carry) -> Result<bool> {
         let t0 = Instant::now();
         self.frame(
             FrameKind::Message,
@@ -121,6 +153,7 @@ impl Link {
             Deadline::starting(t0, Some(std::time::Duration::from_secs(1))),
             true,
             t0,
+            carry,
         )
     }
 
@@ -133,6 +166,7 @@ impl Link {
         deadline: Deadline,
         now: bool,
         start: Instant,
+        carry: Carry,
     ) -> Result<bool> {
         let enc = wire::encode(v, &self.limits).map_err(|e| self.err(e))?;
         let mut st = if now {
@@ -166,7 +200,8 @@ impl Link {
             )));
         }
         let cma = self.shm.as_ref().filter(|s| {
-            s.cma_send
+            carry == Carry::Any
+                && s.cma_send
                 && enc
                     .segs
                     .iter()

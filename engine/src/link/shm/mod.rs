@@ -444,6 +444,72 @@ impl ShmEnd {
         Ok(())
     }
 
+    /// Hands the next `len` bytes to `f` where they lie in the incoming ring, `(offset, bytes)`,
+    /// instead of copying them out: in pieces of at most `most` bytes, each a whole number of
+    /// `grain`-byte units (1 to 16; the last piece may be shorter when `len` is not a multiple),
+    /// with no alignment beyond the byte. A unit that the ring's end cuts in two, or that has
+    /// not fully arrived, goes through a small buffer. A piece's room is given back to the
+    /// writer only after `f` returned, so the writer cannot overwrite what `f` reads; the bytes
+    /// are the peer's all the same (a hostile peer may still change them under `f`, as it may
+    /// change what a copy would read: garbage values, never an access outside the ring).
+    /// An error of `f` ends the call with the bytes of its piece unread (the link then has to
+    /// be poisoned by the caller: its framing is lost).
+    pub fn read_lent(
+        &self,
+        len: usize,
+        grain: usize,
+        most: usize,
+        deadline: Deadline,
+        what: &str,
+        f: &mut super::Sink<'_>,
+    ) -> Result<()> {
+        debug_assert!((1..=16).contains(&grain) && most >= grain);
+        let cap = self.map.cap as u64;
+        let rx = self.rx();
+        let c = self.map.ctrl(rx);
+        let data = self.map.data(rx);
+        let step = (cap / 4).max(4096);
+        let mut unit = [0u8; 16];
+        let mut got = 0usize;
+        while got < len {
+            let tail = self.tail.load(Ordering::Relaxed);
+            let head = c.head.load(Ordering::Acquire);
+            let avail = head.checked_sub(tail).unwrap_or(u64::MAX);
+            if avail > cap {
+                return Err(protocol(
+                    "recv",
+                    format!("shared ring indices corrupted (head {head}, tail {tail})"),
+                ));
+            }
+            let pos = (tail % cap) as usize;
+            let n = (avail as usize)
+                .min(len - got)
+                .min(self.map.cap - pos)
+                .min(most);
+            let n = if n == len - got { n } else { n - n % grain };
+            if n == 0 {
+                // Nothing here yet, or a unit across the ring's end: read_exact waits for it.
+                let k = grain.min(len - got);
+                self.read_exact(&mut unit[..k], deadline, what)?;
+                f(got, &unit[..k])?;
+                got += k;
+                continue;
+            }
+            // SAFETY: [pos, pos + n) lies in the data area (n <= cap - pos) and in [tail, head),
+            // which the SPSC protocol gives to the reader alone until the tail passes it (SHM-2
+            // checked avail <= cap); it stays mapped while `self` lives.
+            let piece = unsafe { std::slice::from_raw_parts(data.add(pos) as *const u8, n) };
+            f(got, piece)?;
+            let tail = tail + n as u64;
+            self.tail.store(tail, Ordering::Relaxed);
+            got += n;
+            if tail.wrapping_sub(self.tail_shared.load(Ordering::Relaxed)) >= step {
+                self.publish_reads();
+            }
+        }
+        Ok(())
+    }
+
     /// Gives the room of everything read so far back to the writer (the shared reader
     /// position), and rings the writer if it waits for room. Cheap when there is nothing new.
     pub fn publish_reads(&self) {
