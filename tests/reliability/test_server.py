@@ -31,13 +31,14 @@ import torch_parallel as parallel
 
 LONG = os.environ.get("PARALLEL_TEST_LONG", "") not in ("", "0")
 MAGIC = b"PRL\x01"
+VERSION = 2  # engine/src/wire/header.rs; a frame of another version is refused at once
 MESSAGE = 16
 
 
 def header(kind: int, desc_len: int, nseg: int, payload_len: int, seq: int = 1) -> bytes:
     """A frame header (docs/protocol.md): magic, version, kind, flags, desc_len, nseg,
     payload_len, seq; 32 bytes, little endian."""
-    return struct.pack("<4sHBBIIQQ", MAGIC, 1, kind, 0, desc_len, nseg, payload_len, seq)
+    return struct.pack("<4sHBBIIQQ", MAGIC, VERSION, kind, 0, desc_len, nseg, payload_len, seq)
 
 
 def spawn(code: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
