@@ -184,10 +184,11 @@ def warmup(nbytes, iters):
     return max(3, iters // 10, min(2000, WARM_BYTES // nbytes))
 
 
-def bench_sizes(rank, world, cfg, alloc, fill, op, check, barrier):
+def bench_sizes(rank, world, cfg, alloc, fill, op, check, barrier, counters=None):
     """The measurement loop every system shares. alloc(nbytes) -> buffer; fill(buf, value);
     op(buf) = one all-reduce; check(buf, expected) -> bool (the result, every element);
-    barrier(). Returns {size label: stats} with this rank's samples."""
+    barrier(); counters() -> {name: count} (optional), whose growth over the timed ops is kept.
+    Returns {size label: stats} with this rank's samples."""
     out = {}
     expected = float(world * (world + 1) // 2)
     for label in cfg["sizes"]:
@@ -204,12 +205,14 @@ def bench_sizes(rank, world, cfg, alloc, fill, op, check, barrier):
         barrier()
         pc = time.perf_counter
         lat = []
+        c0 = counters() if counters else {}
         cpu0 = cpu_seconds()
         for _ in range(iters):
             t0 = pc()
             op(buf)
             lat.append(pc() - t0)
         cpu = cpu_seconds() - cpu0
+        c1 = counters() if counters else {}
         s = sorted(lat)
         out[label] = {
             "bytes": nbytes,
@@ -222,6 +225,7 @@ def bench_sizes(rank, world, cfg, alloc, fill, op, check, barrier):
             "p90_s": pct(s, 0.9),
             "min_s": s[0],
             "cpu_s_per_op": cpu / iters,
+            "counters": {k: c1[k] - c0.get(k, 0) for k in c1},
         }
         del buf
     return out
@@ -304,6 +308,9 @@ def child_ours(rank, world, cfg):
         op=lambda t: tree.all_reduce(t),
         check=lambda t, e: torch.all(t == e).item(),
         barrier=tree.barrier,
+        # How the waits went (spun and paid, or slept in the kernel): what tells a fast launch
+        # from a slow one.
+        counters=parallel.wait_stats,
     )
     tree.barrier()
     links = sorted({str(s.get("link")) for s in tree.stats()})

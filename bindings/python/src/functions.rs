@@ -30,6 +30,21 @@ pub(crate) fn io_backend() -> PyResult<&'static str> {
     parallel_engine::runtime::backend().map(|b| b.name()).py()
 }
 
+/// How this process's waits went under the wait policy (`PARALLEL_SPIN_US`), counted since it
+/// started: `spins_started`, `spins_paid` (the awaited event came while spinning), and
+/// `spins_declined` (waits sent straight to the kernel: more runnable threads than cores, or
+/// recent spins that did not pay). A run whose waits are mostly declined pays a kernel wake-up
+/// per hand-off.
+#[pyfunction]
+pub(crate) fn wait_stats(py: Python<'_>) -> PyResult<Py<PyDict>> {
+    let s = parallel_engine::runtime::spin_stats();
+    let d = PyDict::new(py);
+    d.set_item("spins_started", s.started)?;
+    d.set_item("spins_paid", s.paid)?;
+    d.set_item("spins_declined", s.declined)?;
+    Ok(d.unbind())
+}
+
 /// Whether this process can use CUDA (driver found, PARALLEL_CUDA on).
 #[pyfunction]
 pub(crate) fn cuda_available() -> bool {

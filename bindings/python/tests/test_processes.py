@@ -180,3 +180,37 @@ def test_wrong_or_missing_secret_is_refused_and_the_server_serves_the_rest(tmp_p
     assert rc == 0, err
     lines = out.split()
     assert lines[0] == "good" and int(lines[1]) >= 1
+
+
+WAITER = """
+import threading, torch_parallel as parallel
+s = parallel.server("127.0.0.1", 0)
+c = parallel.client("127.0.0.1", s.port, timeout=10)
+s.wait_for(1, timeout=10)
+conn = s.connections()[0]
+before = parallel.wait_stats()
+for i in range(20):
+    # The message comes 5 ms after the receive began: the receive has to wait.
+    threading.Timer(0.005, c.send, args=(i,)).start()
+    assert conn.recv(timeout=10) == i
+after = parallel.wait_stats()
+print(c.link, *(after[k] - before[k] for k in ("spins_started", "spins_paid", "spins_declined")))
+"""
+
+
+@pytest.mark.parametrize("spin_us", ["250", "0"])
+def test_wait_stats_count_the_waits_of_shared_memory_receives(spin_us):
+    if expected_link() != "shm":
+        pytest.skip("the waits counted are those of shared-memory rings")
+    p = spawn(WAITER, env={"PARALLEL_SPIN_US": spin_us})
+    rc, out, err = finish(p)
+    assert rc == 0, err
+    link, started, paid, declined = out.split()
+    assert link == "shm"
+    started, paid, declined = int(started), int(paid), int(declined)
+    if spin_us == "0":
+        assert (started, paid, declined) == (0, 0, 0), out
+    else:
+        # Every one of the 20 receives waited: each either spun or was sent to the kernel.
+        assert started + declined >= 20, out
+        assert 0 <= paid <= started, out

@@ -73,6 +73,7 @@ __all__ = [
     "map",
     "server",
     "tree",
+    "wait_stats",
     "workqueue",
 ]
 
@@ -258,6 +259,19 @@ def io_backend() -> str:
     Example: ``print(parallel.io_backend())``
     """
     return str(_native.io_backend())
+
+
+def wait_stats() -> dict[str, int]:
+    """How this process's waits went, counted since it started: ``spins_started``,
+    ``spins_paid`` (the awaited message or peer came while the thread spun) and
+    ``spins_declined`` (waits that went straight to a kernel sleep: more runnable threads than
+    cores, or recent spins that did not pay). Each kernel sleep costs a wake-up (tens to hundreds
+    of microseconds on a virtual machine), so a run whose waits are mostly declined is slow for
+    that reason; ``PARALLEL_SPIN_US`` sets the longest spin (0: never spin).
+
+    Example: ``s = parallel.wait_stats(); print(s["spins_paid"] / max(1, s["spins_started"]))``
+    """
+    return {k: int(v) for k, v in _native.wait_stats().items()}
 
 
 def _register_backend() -> None:
