@@ -686,6 +686,8 @@ def summarize(runs, world):
             },
             "verified": verified,
         }
+        if any(x.get("counters") for x in per):  # per rep: how rank 0's waits went
+            out["sizes"][label]["rep_counters"] = [x.get("counters", {}) for x in per]
         solo = [x["solo"]["median_s"] for x in per if "solo" in x]
         if solo:  # the floor's one-process variant
             out["sizes"][label]["solo_median_s"] = statistics.median(solo)
