@@ -64,18 +64,24 @@ for io in $backends; do
       rust_runs=("-p parallel-engine -p parallel-workers"
         "-p parallel-collectives --lib --test processes --test tree_cuda")
     fi
+    # Cross-memory attach: the first combination runs as users get it (PARALLEL_SHM_CMA=auto,
+    # which measures whether it pays here: on a machine where it does not, large segments take
+    # the ring), the others with it forced on, so that both paths are tested on every machine.
+    if [ "$first" = 1 ]; then cma=auto; else cma=1; fi
+    export PARALLEL_SHM_CMA=$cma
     for run in "${rust_runs[@]}"; do
       # shellcheck disable=SC2086 # $run is a list of cargo arguments
       if ! PARALLEL_IO=$io PARALLEL_SHM=$shm cargo test $run >"$log" 2>&1; then
         tail -n 80 "$log"
-        echo "cargo test $run failed under PARALLEL_IO=$io PARALLEL_SHM=$shm"
+        echo "cargo test $run failed under PARALLEL_IO=$io PARALLEL_SHM=$shm PARALLEL_SHM_CMA=$cma"
         exit 1
       fi
       grep -E '^test result' "$log"
     done
     PARALLEL_IO=$io PARALLEL_SHM=$shm cargo run -q -p parallel-engine --example hello
-    # CUDA tensors of every size by (simulated) CUDA IPC, not only those above the threshold.
-    if ! PARALLEL_IO=$io PARALLEL_SHM=$shm PARALLEL_CUDA_IPC_THRESHOLD=0 cargo test \
+    # CUDA tensors of every size by (simulated) CUDA IPC, not only those above the threshold;
+    # cross-memory attach forced on, whatever it costs here.
+    if ! PARALLEL_IO=$io PARALLEL_SHM=$shm PARALLEL_CUDA_IPC_THRESHOLD=0 PARALLEL_SHM_CMA=1 cargo test \
       -p parallel-engine --test cuda_sim --test cuda_driver --test link_conformance \
       -p parallel-collectives --test tree_cuda \
       >"$log" 2>&1; then

@@ -39,7 +39,7 @@ mod table;
 mod tests;
 
 pub use markdown::render_markdown;
-pub use parse::{FromVar, IoChoice, Secret, parse_bytes, parse_cpu_list, parse_seconds};
+pub use parse::{CmaChoice, FromVar, IoChoice, Secret, parse_bytes, parse_cpu_list, parse_seconds};
 pub use table::{LAUNCHER, Settings, TABLE, var};
 
 use crate::error::{Error, ErrorKind, Result};

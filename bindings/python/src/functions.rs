@@ -45,6 +45,21 @@ pub(crate) fn wait_stats(py: Python<'_>) -> PyResult<Py<PyDict>> {
     Ok(d.unbind())
 }
 
+/// Cross-memory attach here (`PARALLEL_SHM_CMA`): what one 4 MiB copy costs by it and by memcpy
+/// (measured once per process), whether `auto` uses it, and whether this process does; `None`
+/// (the figures) where the kernel refuses it.
+#[pyfunction]
+pub(crate) fn cross_memory(py: Python<'_>) -> PyResult<Py<PyDict>> {
+    let d = PyDict::new(py);
+    let c = parallel_engine::link::sys::cma_cost();
+    d.set_item("cma_us", c.map(|c| c.cma.as_secs_f64() * 1e6))?;
+    d.set_item("memcpy_us", c.map(|c| c.memcpy.as_secs_f64() * 1e6))?;
+    d.set_item("bytes", c.map(|c| c.bytes))?;
+    d.set_item("pays", c.is_some_and(|c| c.pays()))?;
+    d.set_item("used", parallel_engine::link::sys::cma_wanted())?;
+    Ok(d.unbind())
+}
+
 /// Whether this process can use CUDA (driver found, PARALLEL_CUDA on).
 #[pyfunction]
 pub(crate) fn cuda_available() -> bool {

@@ -99,6 +99,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(functions::cuda_info, m)?)?;
     m.add_function(wrap_pyfunction!(functions::topology, m)?)?;
     m.add_function(wrap_pyfunction!(functions::wait_stats, m)?)?;
+    m.add_function(wrap_pyfunction!(functions::cross_memory, m)?)?;
     m.add_function(wrap_pyfunction!(functions::_add_nvrtc_hint, m)?)?;
     m.add_function(wrap_pyfunction!(functions::_set_cuda_allocator, m)?)?;
     m.add_function(wrap_pyfunction!(functions::environment_markdown, m)?)?;

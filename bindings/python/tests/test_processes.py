@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -60,9 +61,11 @@ def test_peers_with_different_cross_memory_thresholds_read_each_others_messages(
     """Each end reads a message by its sender's PARALLEL_SHM_CMA_THRESHOLD (this process keeps
     the default, 1 MiB): segments between the two thresholds went by cross-memory attach from one
     side and through the ring from the other, and used to be misread (the receive waited out its
-    deadline)."""
+    deadline). The child reads by cross-memory attach whatever it costs here (the server's
+    segments of 1 MiB or more), so the mismatch is there to be misread."""
     s = parallel.server("127.0.0.1", 0)
-    p = spawn(CLIENT, str(s.port), "echo", env={"PARALLEL_SHM_CMA_THRESHOLD": threshold})
+    env = {"PARALLEL_SHM_CMA_THRESHOLD": threshold, "PARALLEL_SHM_CMA": "1"}
+    p = spawn(CLIENT, str(s.port), "echo", env=env)
     s.wait_for(1, timeout=20)
     conn = s.connections()[0]
     g = torch.Generator().manual_seed(7)
@@ -214,3 +217,34 @@ def test_wait_stats_count_the_waits_of_shared_memory_receives(spin_us):
         # Every one of the 20 receives waited: each either spun or was sent to the kernel.
         assert started + declined >= 20, out
         assert 0 <= paid <= started, out
+
+
+CROSS_MEMORY = """
+import json, torch_parallel as parallel
+print(json.dumps(parallel._native.cross_memory()))
+"""
+
+
+@pytest.mark.parametrize("setting", ["auto", "1", "0", "off"])
+def test_cross_memory_attach_is_used_as_configured_and_where_it_pays(setting):
+    p = spawn(CROSS_MEMORY, env={"PARALLEL_SHM_CMA": setting})
+    rc, out, err = finish(p)
+    assert rc == 0, err
+    cm = json.loads(out)
+    if cm["cma_us"] is None:
+        pytest.skip("the kernel refuses process_vm_readv here")
+    assert cm["bytes"] == 4 << 20 and cm["cma_us"] > 0 and cm["memcpy_us"] > 0, cm
+    # "Pays": one cross-memory copy costs less than the ring's two memory copies.
+    assert cm["pays"] == (cm["cma_us"] < 2 * cm["memcpy_us"]), cm
+    want = {"auto": cm["pays"], "1": True, "0": False, "off": False}[setting]
+    assert cm["used"] is want, cm
+
+
+def test_info_reports_the_cross_memory_measurement():
+    p = spawn(
+        "import runpy, sys; sys.argv = ['x', 'info']; runpy.run_module('torch_parallel', run_name='__main__')"
+    )
+    rc, out, err = finish(p)
+    assert rc == 0, err
+    line = next(ln for ln in out.splitlines() if ln.startswith("cross-memory"))
+    assert "refused by the kernel" in line or ("process_vm_readv in" in line and "by memcpy" in line), line

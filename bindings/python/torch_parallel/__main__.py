@@ -78,6 +78,18 @@ def collect() -> dict[str, Any]:
         report["numa nodes"] = max(1, len(topo["numa_nodes"]))
         report["topology"] = topo
     report["cuda"] = _native.cuda_info()
+    cm = _native.cross_memory()
+    if cm["cma_us"] is None:
+        report["cross-memory"] = (
+            "process_vm_readv refused by the kernel: shared-memory links copy through their rings"
+        )
+    else:
+        report["cross-memory"] = (
+            f"{cm['bytes'] >> 20} MiB by process_vm_readv in {cm['cma_us']:.0f} us against "
+            f"{cm['memcpy_us']:.0f} us by memcpy: "
+            + ("used" if cm["used"] else "not used")
+            + f" for large segments (PARALLEL_SHM_CMA={report['config'].get('PARALLEL_SHM_CMA')})"
+        )
     sources = {}
     for name, value in report["config"].items():
         raw = os.environ.get(name, "")

@@ -271,6 +271,35 @@ impl FromVar for Secret {
     }
 }
 
+/// Whether shared-memory links copy large segments by cross-memory attach (`PARALLEL_SHM_CMA`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CmaChoice {
+    /// Where it pays: measured once per process (`link::sys::cma_pays`).
+    Auto,
+    On,
+    Off,
+}
+
+impl CmaChoice {
+    /// The words PARALLEL_SHM_CMA accepts (the boolean words it took before `auto`, too).
+    pub const WORDS: &'static [&'static str] =
+        &["auto", "1", "0", "on", "off", "true", "false", "yes", "no"];
+}
+
+impl FromVar for CmaChoice {
+    fn from_var(var: &Var, text: Option<&str>) -> Result<CmaChoice> {
+        if var.kind != VarKind::Choice(Self::WORDS) {
+            return Err(internal(var));
+        }
+        Ok(match String::from_var(var, text)?.as_str() {
+            "auto" => CmaChoice::Auto,
+            "1" | "on" | "true" | "yes" => CmaChoice::On,
+            "0" | "off" | "false" | "no" => CmaChoice::Off,
+            _ => return Err(internal(var)),
+        })
+    }
+}
+
 /// The I/O backend requested by `PARALLEL_IO`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IoChoice {

@@ -7,7 +7,7 @@
 //! Python `config()`), the typed [`Settings`] and its parser. Adding a variable is adding a row
 //! here (and a test fails until `docs/environment.md` is regenerated).
 
-use super::parse::{GIB, IoChoice, KIB, MIB, Secret};
+use super::parse::{CmaChoice, GIB, IoChoice, KIB, MIB, Secret};
 use super::{Key, Lookup, Section, Var, VarKind, parse_row};
 use crate::error::Result;
 use std::marker::PhantomData;
@@ -50,7 +50,10 @@ macro_rules! config_table {
         /// field of [`Settings`]), or the typed handle of a variable read when it is used.
         pub mod var {
             #[allow(unused_imports)]
-            use super::{GIB, IoChoice, KIB, Key, MAX_RANKS, MIB, Section, Var, VarKind::*, key, row};
+            use super::{
+                CmaChoice, GIB, IoChoice, KIB, Key, MAX_RANKS, MIB, Section, Var, VarKind::*, key,
+                row,
+            };
             $(
                 #[doc = $doc]
                 pub static $name: Var =
@@ -137,8 +140,8 @@ config_table! {
             "Use a shared-memory ring instead of TCP when both ends are on the same host (same kernel boot and network namespace). 0 keeps every link on TCP.";
         shm_ring: usize = PARALLEL_SHM_RING, Bytes { min: 64 * KIB, max: GIB }, "4M",
             "Bytes of each direction's shared-memory ring, rounded up to a multiple of 4096 (so the ring's control words stay page aligned: 100000 gives 102400 bytes).";
-        shm_cma: bool = PARALLEL_SHM_CMA, Bool, "1",
-            "On shared-memory links, copy large segments once, straight from the sender's memory into the receiver's (process_vm_readv), instead of twice through the ring. Probed at connect time; falls back to the ring when the kernel refuses.";
+        shm_cma: CmaChoice = PARALLEL_SHM_CMA, Choice(CmaChoice::WORDS), "auto",
+            "On shared-memory links, copy large segments once, straight from the sender's memory into the receiver's (process_vm_readv), instead of twice through the ring. `auto`: where that copy costs less than twice a memory copy, measured once per process (4 MiB each way, a few milliseconds, at the first shared-memory connection; `python -m torch_parallel info` shows the figures): the ring's two copies run on both ends' cores at once, so a slower single copy saves nothing. Measured on a 2-vCPU VM: the single copy took 2.2-3.6x a memory copy, and 256 MiB messages went at 4.7-5.8 GB/s by it against 10.8-14.7 GB/s through the ring. `1` (or on/true/yes): whenever the kernel allows it. `0` (or off/false/no): never. The receiving end decides for what it receives; either way the kernel is probed at connect time and the ring is used when it refuses.";
         shm_cma_threshold: u64 = PARALLEL_SHM_CMA_THRESHOLD, Bytes { min: 4 * KIB, max: 1 << 40 }, "1M",
             "Segments at least this large take the single-copy path on shared-memory links (each process announces its own at connect time; the receiver reads by the sender's). Below it, two copies through the ring pipelined over both cores are faster (measured: 1 MiB all-reduces 0.25 ms against 0.35 ms with 256K). The ring all-reduce never takes it: its receiver combines each piece where it lies in the ring, and the single copy costs about twice a memory copy's time for pinning the sender's pages (measured, 2 ranks, 64 MiB: 9-12 ms through the ring against 12-16 ms).";
         shm_flat_max: u64 = PARALLEL_SHM_FLAT_MAX, Bytes { min: 0, max: 16 * MIB }, "16K",

@@ -355,8 +355,9 @@ fn client_shm(name: &str, token: &[u8], liveness: RawFd, deadline: Deadline) -> 
     let server_pid = sys::peer_pid(sock.as_raw_fd())?;
     let addr = u64::from_le_bytes(reply[1..9].try_into().expect("8"));
     let mut seen = [0u8; 32];
-    let cma_s2c =
-        cfg.shm_cma && sys::cma_read(server_pid, addr, &mut seen).is_ok() && seen == reply[9..41];
+    let cma_s2c = sys::cma_wanted()
+        && sys::cma_read(server_pid, addr, &mut seen).is_ok()
+        && seen == reply[9..41];
     runtime::send_all(
         sock.as_raw_fd(),
         &[&[cma_s2c as u8]],
@@ -590,7 +591,7 @@ fn server_shm(
     let probe_addr = u64::from_le_bytes(msg[40..48].try_into().expect("8"));
     let client_pid = sys::peer_pid(sock.as_raw_fd())?;
     let mut seen = [0u8; 32];
-    let cma_c2s = cfg.shm_cma
+    let cma_c2s = sys::cma_wanted()
         && sys::cma_read(client_pid, probe_addr, &mut seen).is_ok()
         && seen == msg[48..80];
     let mut it = fds.drain(..);
