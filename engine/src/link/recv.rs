@@ -113,8 +113,9 @@ impl RecvGuard<'_> {
     /// elements (the caller's element size: 1, 2, 4, 8 or 16; `out` may be a byte view). Over a
     /// shared-memory ring the pieces are the ring's own memory (at most [`PIECE`] bytes, not
     /// aligned beyond the byte); from a socket they are read through a buffer the link keeps
-    /// (at most [`PIECE`] bytes), by cross-memory attach likewise (at most `CMA_PIECE`). `out` is only checked against the message, never written. A cross-memory
-    /// frame is read piece by piece from the sender's memory, so the sink has seen its bytes
+    /// (at most [`PIECE`] bytes), by cross-memory attach likewise (at most `CMA_PIECE`). `out`
+    /// is only checked against the message, never written. A cross-memory frame is read piece
+    /// by piece from the sender's memory, so the sink has seen its bytes
     /// before the sender's claim is confirmed (SHM-7): when that fails, the receive fails, and
     /// what the sink made of the bytes is the caller's to discard (an all-reduce that fails
     /// leaves its tensor undefined anyway). A sink error fails the receive.
