@@ -462,27 +462,13 @@ pub fn cma_cost() -> Option<CmaCost> {
         let mut dst = vec![0u8; N];
         // SAFETY: getpid has no preconditions.
         let me = unsafe { libc::getpid() };
-        let best = |f: &mut dyn FnMut(&mut [u8]) -> std::io::Result<()>,
-                    dst: &mut [u8]|
-         -> std::io::Result<std::time::Duration> {
-            let mut best = std::time::Duration::MAX;
-            for _ in 0..3 {
-                let t = std::time::Instant::now();
-                f(dst)?;
-                best = best.min(t.elapsed());
-            }
-            Ok(best)
-        };
-        let memcpy = best(
-            &mut |d| {
-                d.copy_from_slice(std::hint::black_box(&src));
-                Ok(())
-            },
-            &mut dst,
-        )
+        let memcpy = best_of_3(|| {
+            dst.copy_from_slice(std::hint::black_box(&src));
+            Ok(())
+        })
         .ok()?;
         let addr = src.as_ptr() as u64;
-        let cma = best(&mut |d| cma_read(me, addr, d), &mut dst).ok()?;
+        let cma = best_of_3(|| cma_read(me, addr, &mut dst)).ok()?;
         if dst != src {
             return None;
         }
@@ -496,13 +482,24 @@ pub fn cma_cost() -> Option<CmaCost> {
             c.cma,
             c.memcpy,
             if c.pays() {
-                "used for large segments on shared-memory links"
+                "it pays: PARALLEL_SHM_CMA=auto uses it for large segments on shared-memory links"
             } else {
-                "not used (PARALLEL_SHM_CMA=auto; 1 forces it)"
+                "it does not pay: PARALLEL_SHM_CMA=auto leaves it off (1 forces it)"
             }
         );
         Some(c)
     })
+}
+
+/// The shortest of 3 runs of `f`.
+fn best_of_3(mut f: impl FnMut() -> std::io::Result<()>) -> std::io::Result<std::time::Duration> {
+    let mut best = std::time::Duration::MAX;
+    for _ in 0..3 {
+        let t = std::time::Instant::now();
+        f()?;
+        best = best.min(t.elapsed());
+    }
+    Ok(best)
 }
 
 /// Whether this process reads large segments of its shared-memory peers by cross-memory attach

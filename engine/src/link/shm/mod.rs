@@ -398,18 +398,10 @@ impl ShmEnd {
         let rx = self.rx();
         let c = self.map.ctrl(rx);
         let data = self.map.data(rx);
-        let step = (cap / 4).max(4096);
         let mut tail = self.tail.load(Ordering::Relaxed);
         let mut got = 0usize;
         while got < buf.len() {
-            let head = c.head.load(Ordering::Acquire);
-            let avail = head.checked_sub(tail).unwrap_or(u64::MAX);
-            if avail > cap {
-                return Err(protocol(
-                    "recv",
-                    format!("shared ring indices corrupted (head {head}, tail {tail})"),
-                ));
-            }
+            let avail = self.readable(c, tail)?;
             if avail == 0 {
                 // The writer may be waiting for the room this frame's reads freed.
                 self.publish_reads();
@@ -436,12 +428,33 @@ impl ShmEnd {
             }
             tail += n as u64;
             got += n;
-            self.tail.store(tail, Ordering::Relaxed);
-            if tail.wrapping_sub(self.tail_shared.load(Ordering::Relaxed)) >= step {
-                self.publish_reads();
-            }
+            self.consumed(tail);
         }
         Ok(())
+    }
+
+    /// Bytes readable from `tail` in the incoming ring whose control block is `c`: SHM-2
+    /// checks the writer's index against ours before any of them is touched.
+    fn readable(&self, c: &Ctrl, tail: u64) -> Result<u64> {
+        let head = c.head.load(Ordering::Acquire);
+        let avail = head.checked_sub(tail).unwrap_or(u64::MAX);
+        if avail > self.map.cap as u64 {
+            return Err(protocol(
+                "recv",
+                format!("shared ring indices corrupted (head {head}, tail {tail})"),
+            ));
+        }
+        Ok(avail)
+    }
+
+    /// Moves our reader position to `tail` (everything before it read); the room is given back
+    /// to the writer every quarter ring, else by [`ShmEnd::publish_reads`].
+    fn consumed(&self, tail: u64) {
+        self.tail.store(tail, Ordering::Relaxed);
+        let step = (self.map.cap as u64 >> 2).max(4096); // a quarter ring
+        if tail.wrapping_sub(self.tail_shared.load(Ordering::Relaxed)) >= step {
+            self.publish_reads();
+        }
     }
 
     /// Hands the next `len` bytes to `f` where they lie in the incoming ring, `(offset, bytes)`,
@@ -468,19 +481,11 @@ impl ShmEnd {
         let rx = self.rx();
         let c = self.map.ctrl(rx);
         let data = self.map.data(rx);
-        let step = (cap / 4).max(4096);
         let mut unit = [0u8; 16];
         let mut got = 0usize;
         while got < len {
             let tail = self.tail.load(Ordering::Relaxed);
-            let head = c.head.load(Ordering::Acquire);
-            let avail = head.checked_sub(tail).unwrap_or(u64::MAX);
-            if avail > cap {
-                return Err(protocol(
-                    "recv",
-                    format!("shared ring indices corrupted (head {head}, tail {tail})"),
-                ));
-            }
+            let avail = self.readable(c, tail)?;
             let pos = (tail % cap) as usize;
             let n = (avail as usize)
                 .min(len - got)
@@ -500,12 +505,8 @@ impl ShmEnd {
             // checked avail <= cap); it stays mapped while `self` lives.
             let piece = unsafe { std::slice::from_raw_parts(data.add(pos) as *const u8, n) };
             f(got, piece)?;
-            let tail = tail + n as u64;
-            self.tail.store(tail, Ordering::Relaxed);
+            self.consumed(tail + n as u64);
             got += n;
-            if tail.wrapping_sub(self.tail_shared.load(Ordering::Relaxed)) >= step {
-                self.publish_reads();
-            }
         }
         Ok(())
     }
