@@ -179,6 +179,64 @@ def main() -> None:
     dist.all_gather_into_tensor(ob[0], x, group=gloo)
     dist.all_gather_into_tensor(ob[1], y, group=gloo)
     check("allgather_into_tensor_coalesced", oa, ob)
+    # Every bit of every slot, as gloo moves them: signed zeros, NaN payloads, infinities,
+    # subnormals, and random bit patterns; large enough (1 MiB a rank) for the ring.
+    special = torch.tensor([-0.0, 0.0, float("inf"), -float("inf"), 1e-45, -3.5], dtype=torch.float32)
+    payload_nan = torch.tensor([0x7FC00001 + rank, -0x00400001 - rank], dtype=torch.int32).view(torch.float32)
+    rand_bits = torch.randint(-(2**31), 2**31 - 1, (1 << 18,), generator=gen, dtype=torch.int32)
+    xg = torch.cat([special, payload_nan, rand_bits.view(torch.float32)])
+    oga = torch.full((n * xg.numel(),), 7.0)
+    ogb = torch.empty(n * xg.numel())
+    dist.all_gather_into_tensor(oga, xg)
+    dist.all_gather_into_tensor(ogb, xg, group=gloo)
+    check("all_gather_into_tensor bits", oga.view(torch.int32), ogb.view(torch.int32))
+    for dt in (torch.bool, torch.uint8, torch.float16, torch.bfloat16, torch.int64, torch.complex64):
+        xg = ints(5, 3, lo=-2, hi=3).to(dt)
+        oga = torch.empty((n * 5, 3), dtype=dt)
+        ogb = torch.empty((n * 5, 3), dtype=dt)
+        dist.all_gather_into_tensor(oga, xg)
+        dist.all_gather_into_tensor(ogb, xg, group=gloo)
+        check(f"all_gather_into_tensor {dt}", oga, ogb)
+    # An output that is not contiguous is filled in place.
+    xg = ints(4, 6, dtype=torch.float32)
+    oga = torch.empty(6, n * 4).t()
+    ogb = torch.empty(n * 4, 6)
+    dist.all_gather_into_tensor(oga, xg)
+    dist.all_gather_into_tensor(ogb, xg, group=gloo)
+    check("all_gather_into_tensor into a transposed output", oga.contiguous(), ogb)
+    # In place, as FSDP gathers: the input is this rank's slot of the output.
+    k = 1 << 16
+    oga = torch.empty(n * k)
+    ogb = torch.empty(n * k)
+    mine = ints(k, dtype=torch.float32)
+    oga[rank * k : (rank + 1) * k].copy_(mine)
+    ogb[rank * k : (rank + 1) * k].copy_(mine)
+    dist.all_gather_into_tensor(oga, oga[rank * k : (rank + 1) * k])
+    dist.all_gather_into_tensor(ogb, ogb[rank * k : (rank + 1) * k], group=gloo)
+    check("all_gather_into_tensor in place (the input is this rank's slot)", oga, ogb)
+    # The input is another slot of the output: every slot s must end with what rank s passed,
+    # the values of its own output's slot s + 1 before the call.
+    oga = torch.arange(n * k, dtype=torch.float32) + 1e6 * rank
+    nxt_slot = (rank + 1) % n
+    dist.all_gather_into_tensor(oga, oga[nxt_slot * k : (nxt_slot + 1) * k])
+    want = torch.cat(
+        [
+            torch.arange(((s + 1) % n) * k, ((s + 1) % n + 1) * k, dtype=torch.float32) + 1e6 * s
+            for s in range(n)
+        ]
+    )
+    check("all_gather_into_tensor whose input is another slot of its output", oga, want)
+    # Ranks whose inputs differ in dtype (same byte count): an error on every rank, never one
+    # rank's bytes read as another dtype; the group is usable afterwards.
+    xg = ints(8, dtype=torch.float32 if rank % 2 == 0 else torch.int32)
+    try:
+        dist.all_gather_into_tensor(torch.empty(n * 8, dtype=xg.dtype), xg)
+    except Exception as e:  # the backend's error, whichever torch wraps it in
+        check("all_gather_into_tensor dtype mismatch names the dtypes", "float32" in str(e), True)
+    else:
+        raise AssertionError("all_gather_into_tensor with float32 and int32 inputs did not raise")
+    a, b = both(lambda t, g: dist.all_reduce(t[0], group=g), ints(4, dtype=torch.int64))
+    check("all_reduce after a mismatch", a, b)
     for root in range(n):
         ga = [torch.empty_like(x) for _ in range(n)] if rank == root else None
         gb = [torch.empty_like(x) for _ in range(n)] if rank == root else None
@@ -208,6 +266,17 @@ def main() -> None:
         check("reduce_scatter_tensor leaves its input", big, keep)
         dist.reduce_scatter_tensor(rb, big, op=op, group=gloo)
         check(f"reduce_scatter_tensor {op}", ra, rb)
+    # Large enough for the all-reduce's ring (3 MiB a rank), with an average.
+    big = ints(n * (1 << 16), 12, dtype=torch.float32)
+    keep = big.clone()
+    rb = torch.empty(1 << 16, 12)
+    dist.reduce_scatter_tensor(rb, big, group=gloo)
+    for op in [dist.ReduceOp.SUM, dist.ReduceOp.AVG]:  # (gloo has no AVG: its SUM / n)
+        ra = torch.empty(1 << 16, 12)
+        dist.reduce_scatter_tensor(ra, big, op=op)
+        ref = rb if op == dist.ReduceOp.SUM else rb / n
+        check(f"reduce_scatter_tensor large {op}", ra, ref, exact=op == dist.ReduceOp.SUM)
+    check("reduce_scatter_tensor large leaves its input", big, keep)
 
     # all_to_all (list), all_to_all_single even and uneven splits
     ins = [ints(4, dtype=torch.int64) for r in range(n)]
