@@ -25,12 +25,13 @@ step "all-reduce across network namespaces (simulated hosts)"
 $PY benches/netns_allreduce.py "${quick[@]}" || echo "netns bench skipped or failed (needs root and ip netns)"
 $PY benches/ddp.py "${quick[@]}" --md bench-out/ddp.md --json bench-out/ddp.json || echo "ddp bench failed"
 $PY benches/overlap.py "${quick[@]}" --md bench-out/overlap.md --json bench-out/overlap.json || echo "overlap bench failed"
+$PY benches/fsdp_collectives.py "${quick[@]}" --md bench-out/fsdp_collectives.md --json bench-out/fsdp_collectives.json || echo "fsdp collectives bench failed"
 step "the demo launched 20 times: launch-to-launch spread"
 $PY benches/demo_spread.py "${quick[@]}" --md bench-out/demo_spread.md --json bench-out/demo_spread.json || echo "demo spread bench failed"
 cp bench-out/allreduce.png docs/allreduce.png
 {
   cat benches/benchmarks-header.md
-  for f in transport allreduce allreduce-load netns_allreduce workers ddp overlap demo_spread; do
+  for f in transport allreduce allreduce-load netns_allreduce workers ddp overlap fsdp_collectives demo_spread; do
     [ -f "bench-out/$f.md" ] && { echo; cat "bench-out/$f.md"; }
   done
 } > docs/benchmarks.md
