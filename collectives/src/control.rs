@@ -32,7 +32,7 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 /// The version of the control protocol this build speaks (CTRL-2).
-pub const VERSION: u16 = 4;
+pub const VERSION: u16 = 5;
 const MAGIC: [u8; 4] = *b"PCTL";
 const HEADER: usize = 8;
 
@@ -47,16 +47,23 @@ pub enum Kind {
     /// Pairwise exchange; the pass carries each rank's piece sizes (sent and expected), checked
     /// for agreement at rank 0 (since protocol version 3).
     AllToAll,
+    /// A ring reduce-scatter over equal parts, part r to rank r (since protocol version 5).
+    ReduceScatter,
+    /// A ring all-gather of equal parts, part r from rank r, into every rank's buffer (since
+    /// protocol version 5).
+    AllGatherInto,
 }
 
 impl Kind {
-    const ALL: [Kind; 6] = [
+    const ALL: [Kind; 8] = [
         Kind::AllReduce,
         Kind::Broadcast,
         Kind::Reduce,
         Kind::AllGather,
         Kind::Barrier,
         Kind::AllToAll,
+        Kind::ReduceScatter,
+        Kind::AllGatherInto,
     ];
 
     fn from_code(c: u8) -> Option<Kind> {
@@ -71,6 +78,8 @@ impl Kind {
             Kind::AllGather => "all_gather",
             Kind::Barrier => "barrier",
             Kind::AllToAll => "all_to_all",
+            Kind::ReduceScatter => "reduce_scatter",
+            Kind::AllGatherInto => "all_gather_into",
         }
     }
 }

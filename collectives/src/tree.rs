@@ -525,6 +525,110 @@ impl Tree {
             Ok(v.pieces)
         })
     }
+    /// Reduce-scatter of `buf` (elements of `dtype`, a multiple of the world size) with the
+    /// built-in `op`, by the ring: afterwards this rank's part (the r-th of `world_size` equal
+    /// parts on rank r) holds the reduction over the contributing ranks, and the other parts are
+    /// undefined. A finished rank contributes the op's identity (TREE-4). Returns how many
+    /// ranks contributed.
+    pub fn reduce_scatter(&self, dtype: DType, buf: &mut [u8], op: &Op) -> Result<usize> {
+        op.check(dtype)?;
+        self.check_parts("reduce_scatter", dtype, buf.len())?;
+        if matches!(op, Op::User(_)) {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                "reduce_scatter",
+                "a reduce function has no identity for a finished rank to contribute in the ring: all_reduce with it, then take this rank's part",
+            ));
+        }
+        let meta = Meta {
+            kind: Kind::ReduceScatter,
+            op: op.name().into(),
+            dtype: Some(dtype),
+            count: buf.len() / dtype.itemsize(),
+            root: 0,
+            gpu: false,
+            sig: 0,
+            cont: false,
+            algo: Algorithm::Ring,
+        };
+        self.run(|| {
+            let v = self.pass(Some(&meta), Some(op), None, false, true)?;
+            let comm = self.comm(self.deadline());
+            algorithms::ring::reduce_scatter(
+                &comm,
+                &self.plan.ring,
+                dtype,
+                buf,
+                op,
+                v.contributors,
+            )?;
+            self.ran(Algorithm::Ring);
+            Ok(v.contributors)
+        })
+    }
+
+    /// All-gather in `buf` (elements of `dtype`, a multiple of the world size), by the ring:
+    /// this rank's part (the r-th of `world_size` equal parts on rank r) holds its piece
+    /// before; every part holds its rank's piece after, on every rank. Every rank must take
+    /// part: while some are done (TREE-4) it fails on every rank (`all_gather` leaves them out).
+    pub fn all_gather_into(&self, dtype: DType, buf: &mut [u8]) -> Result<()> {
+        self.check_parts("all_gather_into", dtype, buf.len())?;
+        let meta = Meta {
+            kind: Kind::AllGatherInto,
+            op: "gather".into(),
+            dtype: Some(dtype),
+            count: buf.len() / dtype.itemsize(),
+            root: 0,
+            gpu: false,
+            sig: 0,
+            cont: false,
+            algo: Algorithm::Ring,
+        };
+        self.run(|| {
+            let v = self.pass(Some(&meta), None, None, false, true)?;
+            if v.contributors != self.world_size() {
+                return Err(Error::new(
+                    ErrorKind::Unsupported,
+                    "all_gather_into",
+                    format!(
+                        "{} of {} ranks called done() for this epoch and have no piece: use all_gather, whose result leaves them out",
+                        self.world_size() - v.contributors,
+                        self.world_size()
+                    ),
+                ));
+            }
+            let comm = self.comm(self.deadline());
+            algorithms::ring::all_gather(&comm, &self.plan.ring, dtype, buf)?;
+            self.ran(Algorithm::Ring);
+            Ok(())
+        })
+    }
+
+    /// An active rank's buffer for a collective over equal parts: whole elements, as many as a
+    /// multiple of the world size.
+    fn check_parts(&self, what: &'static str, dtype: DType, len: usize) -> Result<()> {
+        if !self.active() {
+            return Err(Error::new(
+                ErrorKind::Config,
+                what,
+                "this rank called done(): it has no more data for this epoch",
+            ));
+        }
+        let item = dtype.itemsize();
+        if len % item != 0 || (len / item) % self.world_size() != 0 {
+            return Err(Error::new(
+                ErrorKind::Config,
+                what,
+                format!(
+                    "{len} bytes are not {} equal parts of {} elements",
+                    self.world_size(),
+                    dtype.name()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Waits until every rank reached the barrier; returns how many ranks still contribute.
     pub fn barrier(&self) -> Result<usize> {
         let meta = Meta {
@@ -542,6 +646,13 @@ impl Tree {
             self.pass(Some(&meta), None, None, false, false)
                 .map(|v| v.contributors)
         })
+    }
+
+    /// Whether an all-reduce of `nbytes` with a built-in op takes a ring on this tree (the
+    /// flat region, `PARALLEL_ALGO` and `PARALLEL_RING_THRESHOLD` decide): where the bindings
+    /// use [`Tree::reduce_scatter`] and [`Tree::all_gather_into`] rather than an all-reduce.
+    pub fn ring_for(&self, nbytes: usize) -> bool {
+        self.algorithm(nbytes, &Op::Sum) != Algorithm::Tree
     }
 
     /// The all-reduce algorithm this rank chooses for `nbytes` with `op` (sent in the

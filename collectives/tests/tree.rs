@@ -529,3 +529,137 @@ fn tree_4_a_done_rank_keeps_builtin_ops_and_counts_grouped_calls_once() {
         assert_eq!(r, &vec![7.0, 20.0], "bor and max while rank 0 is done");
     }
 }
+
+/// Part `r` of `n` equal parts of `buf`.
+fn part_of(buf: &[u8], r: usize, n: usize) -> &[u8] {
+    let each = buf.len() / n;
+    &buf[r * each..(r + 1) * each]
+}
+
+#[test]
+fn tree_5_reduce_scatter_gives_each_rank_its_part_also_while_ranks_are_done() {
+    // Rank r has r + 1 steps; a finished rank contributes the identity (sum 0, max -inf).
+    for n in [2, 3, 4] {
+        for count in [0, 1, 1000, 100_000] {
+            let res = world(n, move |t| {
+                let mut seen = Vec::new();
+                for _ in 0..=t.rank() {
+                    for op in [Op::Sum, Op::Max, Op::Avg] {
+                        let vals: Vec<f64> = (0..count * n).map(|i| val(t.rank(), i)).collect();
+                        let mut b = encode(DType::F64, &vals);
+                        let c = t.reduce_scatter(DType::F64, &mut b, &op)?;
+                        seen.push((op.clone(), c, part_of(&b, t.rank(), n).to_vec()));
+                    }
+                }
+                t.done(None, None)?;
+                Ok(seen)
+            });
+            for (r, x) in res.into_iter().enumerate() {
+                let x = x.unwrap_or_else(|e| panic!("n={n} count={count} rank {r}: {e}"));
+                for (op, c, got) in x {
+                    // The contributors are ranks c.. - (n - c) finished: ranks 0..n-c-1 are done.
+                    let live: Vec<usize> = (n - c..n).collect();
+                    let want: Vec<f64> = (r * count..(r + 1) * count)
+                        .map(|i| {
+                            let v = live.iter().map(|&q| val(q, i));
+                            match op {
+                                Op::Sum => v.sum(),
+                                Op::Max => v.fold(f64::MIN, f64::max),
+                                _ => v.sum::<f64>() / c as f64,
+                            }
+                        })
+                        .collect();
+                    assert_eq!(
+                        got,
+                        encode(DType::F64, &want),
+                        "n={n} count={count} rank {r} {op:?} c={c}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn tree_5_all_gather_into_gives_every_rank_every_piece_and_refuses_while_ranks_are_done() {
+    for n in [2, 3] {
+        let res = world(n, move |t| {
+            let count = 50_001 * n;
+            let mut b = vec![0xEEu8; count * 4];
+            let each = b.len() / n;
+            for (i, x) in b[t.rank() * each..(t.rank() + 1) * each]
+                .iter_mut()
+                .enumerate()
+            {
+                *x = (t.rank() * 31 + i) as u8;
+            }
+            t.all_gather_into(DType::F32, &mut b)?;
+            // Rank 0 is done for the rest of the epoch: the others' all_gather_into fails on each.
+            let refused = if t.rank() == 0 {
+                t.done(None, None)?;
+                None
+            } else {
+                let mut c = vec![0u8; 4 * n];
+                let e = t.all_gather_into(DType::F32, &mut c).unwrap_err();
+                let again = t.all_gather_into(DType::F32, &mut c).unwrap_err();
+                t.done(None, None)?;
+                Some((e.kind(), e.to_string(), again.kind()))
+            };
+            Ok((b, refused))
+        });
+        for (r, x) in res.into_iter().enumerate() {
+            let (b, refused) = x.unwrap_or_else(|e| panic!("n={n} rank {r}: {e}"));
+            for q in 0..n {
+                let want: Vec<u8> = (0..b.len() / n).map(|i| (q * 31 + i) as u8).collect();
+                assert!(
+                    part_of(&b, q, n) == want.as_slice(),
+                    "n={n} rank {r}: part {q} differs"
+                );
+            }
+            if let Some((k, msg, k2)) = refused {
+                assert_eq!(k, ErrorKind::Unsupported, "{msg}");
+                assert!(msg.contains("use all_gather"), "{msg}");
+                assert_eq!(
+                    k2,
+                    ErrorKind::Unsupported,
+                    "the tree stays usable after the refusal"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn tree_5_reduce_scatter_against_all_reduce_or_unequal_parts_is_an_error_on_every_rank() {
+    let res = world(2, |t| {
+        let mut b = encode(DType::F32, &[1.0; 8]);
+        let mixed = if t.rank() == 0 {
+            t.reduce_scatter(DType::F32, &mut b, &Op::Sum)
+        } else {
+            t.all_reduce(DType::F32, &mut b, &Op::Sum)
+        };
+        let mut odd = encode(DType::F32, &[1.0; 3]);
+        let unequal = t
+            .reduce_scatter(DType::F32, &mut odd, &Op::Sum)
+            .unwrap_err();
+        let user = Op::User(Arc::new(|_, _, _, _| Ok(())));
+        let with_fn = t.reduce_scatter(DType::F32, &mut b, &user).unwrap_err();
+        // Still usable: a reduce_scatter on both.
+        let mut ok = encode(DType::F32, &[2.0; 8]);
+        t.reduce_scatter(DType::F32, &mut ok, &Op::Sum)?;
+        Ok((
+            mixed.unwrap_err(),
+            unequal,
+            with_fn,
+            part_of(&ok, t.rank(), 2).to_vec(),
+        ))
+    });
+    for (r, x) in res.into_iter().enumerate() {
+        let (mixed, unequal, with_fn, ok) = x.unwrap_or_else(|e| panic!("rank {r}: {e}"));
+        assert_eq!(mixed.kind(), ErrorKind::Mismatch, "rank {r}: {mixed}");
+        assert!(mixed.to_string().contains("reduce_scatter"), "{mixed}");
+        assert_eq!(unequal.kind(), ErrorKind::Config, "{unequal}");
+        assert_eq!(with_fn.kind(), ErrorKind::Unsupported, "{with_fn}");
+        assert_eq!(ok, encode(DType::F32, &[4.0; 4]));
+    }
+}

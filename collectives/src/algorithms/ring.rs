@@ -18,6 +18,10 @@
 //! - RING-2: a step sends one segment while it receives another; the two never overlap and both
 //!   lie in the buffer (checked, `disjoint`), and the sent one is not written before its sends
 //!   completed (SEND-1: each step's sends live in a scope that ends with the step).
+//! - RING-3: a reduce-scatter or an all-gather alone cuts the buffer into `p` equal parts, part
+//!   q being rank q's (the ring holds every rank of the world once: checked), and numbers them
+//!   so that the schedule's segment `pos + 1`, the one the rank at position `pos` ends holding
+//!   reduced (or starts with, in an all-gather), is the part of that rank.
 
 use super::{Communicator, SendScope};
 use crate::ops::{self, Op};
@@ -217,6 +221,57 @@ pub fn all_reduce(
     all_reduce_in(comm, ring, &mut mem, Chunking::Host, contributors)
 }
 
+/// Reduce-scatter of `buf` (elements of `dtype`, a multiple of the ring's length) with `op`
+/// over the ranks of `ring`, every rank of the world once: afterwards part r of the buffer
+/// (its r-th of `ring.len()` equal parts) holds, on rank r, the reduction of every rank's part
+/// r; the other parts are left partly reduced. `contributors` divides the result of
+/// [`Op::Avg`].
+pub fn reduce_scatter(
+    comm: &Communicator<'_>,
+    ring: &[usize],
+    dtype: DType,
+    buf: &mut [u8],
+    op: &Op,
+    contributors: usize,
+) -> Result<()> {
+    let mut mem = Host::new(buf, dtype, op);
+    run_in(
+        comm,
+        ring,
+        &mut mem,
+        Chunking::Host,
+        contributors,
+        Shape::ReduceScatter,
+    )
+}
+
+/// All-gather in `buf` (elements of `dtype`, a multiple of the ring's length) over the ranks of
+/// `ring`, every rank of the world once: part r of the buffer (its r-th of `ring.len()` equal
+/// parts) holds rank r's piece on rank r before, and on every rank after.
+pub fn all_gather(
+    comm: &Communicator<'_>,
+    ring: &[usize],
+    dtype: DType,
+    buf: &mut [u8],
+) -> Result<()> {
+    // (No reduction happens: the op is never called.)
+    let mut mem = Host::new(buf, dtype, &Op::Sum);
+    run_in(comm, ring, &mut mem, Chunking::Host, 1, Shape::AllGather)
+}
+
+/// What a ring run does with the buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// Both phases over `p` segments of elements (the first `count % p` one element longer),
+    /// segment s moving as the module's comment says.
+    AllReduce,
+    /// The reduce-scatter phase alone, over `p` equal parts, numbered so that the rank at ring
+    /// position `pos` ends with the part of its own rank (RING-3).
+    ReduceScatter,
+    /// The all-gather phase alone over the same parts: each rank's own part travels (RING-3).
+    AllGather,
+}
+
 /// All-reduce of `mem` (host or device memory, with its reduce kernel and copy engine) over
 /// the ranks of `ring` (in that order), which must include this rank, cut into chunks as
 /// `chunking` says (alike on every rank). `contributors` divides the result of [`Op::Avg`].
@@ -227,17 +282,53 @@ pub(crate) fn all_reduce_in<M: Memory>(
     chunking: Chunking,
     contributors: usize,
 ) -> Result<()> {
+    run_in(comm, ring, mem, chunking, contributors, Shape::AllReduce)
+}
+
+/// The ring over `mem` as `shape` says (see [`all_reduce_in`]).
+fn run_in<M: Memory>(
+    comm: &Communicator<'_>,
+    ring: &[usize],
+    mem: &mut M,
+    chunking: Chunking,
+    contributors: usize,
+    shape: Shape,
+) -> Result<()> {
     let p = ring.len();
     let len = mem.len();
-    if p < 2 {
-        return mem.finish(0..len, contributors);
-    }
+    let what = match shape {
+        Shape::AllReduce => "all_reduce",
+        Shape::ReduceScatter => "reduce_scatter",
+        Shape::AllGather => "all_gather_into",
+    };
     let item = mem.dtype().itemsize();
     let count = len / item;
+    if shape != Shape::AllReduce {
+        // RING-3: part q is rank q's; every rank of the world is in the ring once.
+        let mut seen = vec![false; p];
+        let whole = ring
+            .iter()
+            .all(|&r| r < p && !std::mem::replace(&mut seen[r], true));
+        if !whole || count % p.max(1) != 0 {
+            return Err(Error::new(
+                ErrorKind::Protocol,
+                what,
+                format!(
+                    "{count} elements cannot be cut into parts of ranks 0..{p} along the ring {ring:?} (a bug: please report it)"
+                ),
+            ));
+        }
+    }
+    if p < 2 {
+        return match shape {
+            Shape::AllGather => Ok(()),
+            _ => mem.finish(0..len, contributors),
+        };
+    }
     let pos = ring.iter().position(|r| *r == comm.rank()).ok_or_else(|| {
         Error::new(
             ErrorKind::Protocol,
-            "all_reduce",
+            what,
             format!("rank {} is not in the ring {ring:?}", comm.rank()),
         )
     })?;
@@ -245,6 +336,12 @@ pub(crate) fn all_reduce_in<M: Memory>(
     let rc = comm.link(right)?;
     comm.link(left)?;
     let seg = |s: usize| -> (usize, usize) {
+        if shape != Shape::AllReduce {
+            // RING-3: the schedule's segment s is the part of the rank at position s - 1,
+            // which the rank at position pos ends holding for s = pos + 1.
+            let part = ring[(s + p - 1) % p];
+            return (part * (count / p) * item, (count / p) * item);
+        }
         let base = count / p;
         let extra = count % p;
         let start = s * base + s.min(extra);
@@ -291,24 +388,28 @@ pub(crate) fn all_reduce_in<M: Memory>(
                     unsafe { mem.recv(comm, left, ro + a..ro + a + n, reduce)? };
                 }
             }
-            sends.wait_all("all_reduce")
+            sends.wait_all(what)
         })
         .map_err(|e| {
             Error::new(
                 e.kind(),
-                "all_reduce",
+                what,
                 format!("ring step (to rank {right}, from rank {left}): {e}"),
             )
         })
     };
-    for s in 0..p - 1 {
-        step(mem, (pos + p - s) % p, (pos + p - s - 1) % p, true)?;
+    if shape != Shape::AllGather {
+        for s in 0..p - 1 {
+            step(mem, (pos + p - s) % p, (pos + p - s - 1) % p, true)?;
+        }
+        // Our fully reduced segment; no send is in flight (every step's scope ended).
+        let (o, l) = seg((pos + 1) % p);
+        mem.finish(o..o + l, contributors)?;
     }
-    // Our fully reduced segment; no send is in flight (every step's scope ended).
-    let (o, l) = seg((pos + 1) % p);
-    mem.finish(o..o + l, contributors)?;
-    for s in 0..p - 1 {
-        step(mem, (pos + 1 + p - s) % p, (pos + p - s) % p, false)?;
+    if shape != Shape::ReduceScatter {
+        for s in 0..p - 1 {
+            step(mem, (pos + 1 + p - s) % p, (pos + p - s) % p, false)?;
+        }
     }
     Ok(())
 }

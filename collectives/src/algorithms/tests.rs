@@ -131,6 +131,99 @@ fn algo_1_ring_all_reduce_avg_divides_by_the_contributors() {
     }
 }
 
+/// Part `r` of `n` equal parts of a buffer of `count` elements of `item` bytes.
+fn part(r: usize, n: usize, count: usize, item: usize) -> std::ops::Range<usize> {
+    let each = count / n * item;
+    r * each..(r + 1) * each
+}
+
+#[test]
+fn algo_4_ring_reduce_scatter_leaves_each_rank_its_reduced_part_on_2_to_5_ranks() {
+    for n in 2..=5 {
+        let counts: Vec<usize> = [0, 1, 3, 101, 2053].iter().map(|c| c * n).collect();
+        let cs = counts.clone();
+        let got = world(n, None, move |mut t| {
+            small_chunks(&mut t);
+            let comm = t.comm(t.deadline());
+            let mut out = Vec::new();
+            for (i, &count) in cs.iter().enumerate() {
+                for op in [Op::Sum, Op::Min] {
+                    let mut buf = bytes(&input(t.rank(), count, i as u64 + 11));
+                    // The plan's ring reversed: ring positions are not ranks.
+                    let ring: Vec<usize> = t.plan().ring.iter().rev().copied().collect();
+                    ring::reduce_scatter(&comm, &ring, DType::I64, &mut buf, &op, n).unwrap();
+                    out.push(buf[part(t.rank(), n, count, 8)].to_vec());
+                }
+            }
+            out
+        });
+        let mut k = 0;
+        for (i, &count) in counts.iter().enumerate() {
+            for op in [Op::Sum, Op::Min] {
+                let want = reference(n, count, i as u64 + 11, &op);
+                for (r, g) in got.iter().enumerate() {
+                    assert!(
+                        g[k] == want[part(r, n, count, 8)],
+                        "{n} ranks, {count} x i64, {op:?}: rank {r}'s part differs"
+                    );
+                }
+                k += 1;
+            }
+        }
+    }
+}
+
+#[test]
+fn algo_4_ring_all_gather_gives_every_rank_every_part_on_2_to_5_ranks() {
+    for n in 2..=5 {
+        let counts: Vec<usize> = [0, 1, 3, 101, 2053].iter().map(|c| c * n).collect();
+        let cs = counts.clone();
+        let got = world(n, None, move |mut t| {
+            small_chunks(&mut t);
+            let comm = t.comm(t.deadline());
+            let mut out = Vec::new();
+            for (i, &count) in cs.iter().enumerate() {
+                // Only this rank's part holds its piece; the rest is garbage to be overwritten.
+                let mut buf = vec![0xA5u8; count * 8];
+                let mine = part(t.rank(), n, count, 8);
+                buf[mine.clone()].copy_from_slice(&bytes(&input(t.rank(), count, i as u64))[mine]);
+                // The plan's ring reversed: ring positions are not ranks (links exist only
+                // between ring neighbours).
+                let ring: Vec<usize> = t.plan().ring.iter().rev().copied().collect();
+                ring::all_gather(&comm, &ring, DType::I64, &mut buf).unwrap();
+                out.push(buf);
+            }
+            out
+        });
+        for (i, &count) in counts.iter().enumerate() {
+            let mut want = vec![0u8; count * 8];
+            for r in 0..n {
+                let p = part(r, n, count, 8);
+                want[p.clone()].copy_from_slice(&bytes(&input(r, count, i as u64))[p]);
+            }
+            for (r, g) in got.iter().enumerate() {
+                assert!(g[i] == want, "{n} ranks, {count} x i64: rank {r} differs");
+            }
+        }
+    }
+}
+
+#[test]
+fn algo_4_parts_that_do_not_divide_or_a_ring_that_is_not_the_world_are_errors() {
+    let got = world(2, None, |t| {
+        let comm = t.comm(t.deadline());
+        let mut odd = vec![0u8; 3 * 8];
+        let a = ring::reduce_scatter(&comm, &[0, 1], DType::I64, &mut odd, &Op::Sum, 2);
+        let mut buf = vec![0u8; 4 * 8];
+        let b = ring::all_gather(&comm, &[0, 0], DType::I64, &mut buf);
+        (a.unwrap_err().to_string(), b.unwrap_err().to_string())
+    });
+    for (a, b) in got {
+        assert!(a.contains("cannot be cut"), "{a}");
+        assert!(b.contains("cannot be cut"), "{b}");
+    }
+}
+
 #[test]
 fn algo_3_ring_without_this_rank_is_an_error_not_a_panic() {
     let got = world(2, None, |t| {

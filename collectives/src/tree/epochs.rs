@@ -92,6 +92,23 @@ impl Tree {
                 _ => Ok(()),
             };
         }
+        // Join a reduce-scatter's ring with the op's identity (its op is always built in).
+        if m.kind == Kind::ReduceScatter
+            && let Some(dt) = m.dtype
+        {
+            let builtin = Op::parse(&m.op)?;
+            let mut buf = vec![0u8; m.count * dt.itemsize()];
+            ops::identity(&builtin, dt, &mut buf);
+            let comm = self.comm(self.deadline());
+            return crate::algorithms::ring::reduce_scatter(
+                &comm,
+                &self.plan.ring,
+                dt,
+                &mut buf,
+                &builtin,
+                v.contributors,
+            );
+        }
         // Join the ring part of a large all-reduce without contributing.
         if m.kind == Kind::AllReduce
             && let Some(dt) = m.dtype

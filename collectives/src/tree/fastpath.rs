@@ -188,7 +188,11 @@ fn eligible(region: &Region, p: &Pass<'_>, m: &Meta) -> bool {
         }
         Kind::Broadcast => p.carry_data && p.data.is_some(),
         Kind::Barrier => p.data.is_none(),
-        Kind::Reduce | Kind::AllGather | Kind::AllToAll => false,
+        Kind::Reduce
+        | Kind::AllGather
+        | Kind::AllToAll
+        | Kind::ReduceScatter
+        | Kind::AllGatherInto => false,
     }
 }
 
