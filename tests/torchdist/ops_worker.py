@@ -204,37 +204,39 @@ def main() -> None:
     dist.all_gather_into_tensor(oga, xg)
     dist.all_gather_into_tensor(ogb, xg, group=gloo)
     check("all_gather_into_tensor into a transposed output", oga.contiguous(), ogb)
-    # In place, as FSDP gathers: the input is this rank's slot of the output.
-    k = 1 << 16
-    oga = torch.empty(n * k)
-    ogb = torch.empty(n * k)
-    mine = ints(k, dtype=torch.float32)
-    oga[rank * k : (rank + 1) * k].copy_(mine)
-    ogb[rank * k : (rank + 1) * k].copy_(mine)
-    dist.all_gather_into_tensor(oga, oga[rank * k : (rank + 1) * k])
-    dist.all_gather_into_tensor(ogb, ogb[rank * k : (rank + 1) * k], group=gloo)
-    check("all_gather_into_tensor in place (the input is this rank's slot)", oga, ogb)
-    # The input is another slot of the output: every slot s must end with what rank s passed,
-    # the values of its own output's slot s + 1 before the call.
-    oga = torch.arange(n * k, dtype=torch.float32) + 1e6 * rank
-    nxt_slot = (rank + 1) % n
-    dist.all_gather_into_tensor(oga, oga[nxt_slot * k : (nxt_slot + 1) * k])
-    want = torch.cat(
-        [
-            torch.arange(((s + 1) % n) * k, ((s + 1) % n + 1) * k, dtype=torch.float32) + 1e6 * s
-            for s in range(n)
-        ]
-    )
-    check("all_gather_into_tensor whose input is another slot of its output", oga, want)
+    # In place, as FSDP gathers: the input is this rank's slot of the output; at a size under
+    # the ring's threshold (the bitwise-or all-reduce) and over it (the ring's all-gather).
+    for k in (1 << 10, 1 << 20):
+        oga = torch.empty(n * k)
+        ogb = torch.empty(n * k)
+        mine = ints(k, dtype=torch.float32)
+        oga[rank * k : (rank + 1) * k].copy_(mine)
+        ogb[rank * k : (rank + 1) * k].copy_(mine)
+        dist.all_gather_into_tensor(oga, oga[rank * k : (rank + 1) * k])
+        dist.all_gather_into_tensor(ogb, ogb[rank * k : (rank + 1) * k], group=gloo)
+        check(f"all_gather_into_tensor in place, {k} a rank", oga, ogb)
+        # The input is another slot of the output: every slot s must end with what rank s
+        # passed, the values of its own output's slot s + 1 before the call.
+        oga = torch.arange(n * k, dtype=torch.float32) + 1e6 * rank
+        nxt_slot = (rank + 1) % n
+        dist.all_gather_into_tensor(oga, oga[nxt_slot * k : (nxt_slot + 1) * k])
+        want = torch.cat(
+            [
+                torch.arange(((s + 1) % n) * k, ((s + 1) % n + 1) * k, dtype=torch.float32) + 1e6 * s
+                for s in range(n)
+            ]
+        )
+        check(f"all_gather_into_tensor whose input is another slot of its output, {k} a rank", oga, want)
     # Ranks whose inputs differ in dtype (same byte count): an error on every rank, never one
     # rank's bytes read as another dtype; the group is usable afterwards.
-    xg = ints(8, dtype=torch.float32 if rank % 2 == 0 else torch.int32)
-    try:
-        dist.all_gather_into_tensor(torch.empty(n * 8, dtype=xg.dtype), xg)
-    except Exception as e:  # the backend's error, whichever torch wraps it in
-        check("all_gather_into_tensor dtype mismatch names the dtypes", "float32" in str(e), True)
-    else:
-        raise AssertionError("all_gather_into_tensor with float32 and int32 inputs did not raise")
+    for k in (8, 1 << 20):
+        xg = ints(k, dtype=torch.float32 if rank % 2 == 0 else torch.int32)
+        try:
+            dist.all_gather_into_tensor(torch.empty(n * k, dtype=xg.dtype), xg)
+        except Exception as e:  # the backend's error, whichever torch wraps it in
+            check(f"all_gather_into_tensor dtype mismatch names the dtypes, {k}", "float32" in str(e), True)
+        else:
+            raise AssertionError(f"all_gather_into_tensor of {k} float32 and int32 did not raise")
     a, b = both(lambda t, g: dist.all_reduce(t[0], group=g), ints(4, dtype=torch.int64))
     check("all_reduce after a mismatch", a, b)
     for root in range(n):

@@ -15,6 +15,7 @@
 mod alltoall;
 mod ops;
 mod prepared;
+mod scatter;
 mod store;
 
 use crate::convert;
@@ -294,8 +295,9 @@ impl Tree_ {
             .map_err(|e| with_cause(py, e, &raised))?;
         p.finish(value, &leaves)
     }
-    /// All-reduce of a copy of `tensor`, then this rank's part of it along dimension 0 (parts as
-    /// `torch.tensor_split` makes them). Returns the part.
+    /// This rank's part, along dimension 0 (parts as `torch.tensor_split` makes them), of the
+    /// reduction of `tensor` over the ranks; `tensor` is left as it was. Returns the part (a
+    /// view of a reduced copy).
     #[pyo3(signature = (tensor, op=None))]
     fn reduce_scatter<'py>(
         &self,
@@ -305,9 +307,47 @@ impl Tree_ {
     ) -> PyResult<Bound<'py, PyAny>> {
         require_tensor(tensor, "reduce_scatter", true)?;
         let copy = tensor.call_method0("clone")?;
-        let reduced = self.all_reduce(py, copy, op)?;
+        self.reduce_scatter_in_place(py, &copy, op)
+    }
+    /// Like reduce_scatter, in `tensor` itself: afterwards this rank's part holds the reduction
+    /// and the rest of `tensor` is undefined. Returns the part (a view of `tensor`). A
+    /// contiguous CPU tensor whose dimension 0 cuts into equal parts, as large as an all_reduce
+    /// would take by the ring, goes by the ring's reduce-scatter (half an all-reduce's bytes);
+    /// any other by an all_reduce.
+    #[pyo3(signature = (tensor, op=None))]
+    fn reduce_scatter_in_place<'py>(
+        &self,
+        py: Python<'py>,
+        tensor: &Bound<'py, PyAny>,
+        op: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        require_tensor(tensor, "reduce_scatter_in_place", true)?;
+        if let Some(part) = scatter::ring_reduce_scatter(self, py, tensor, op)? {
+            return Ok(part);
+        }
+        let reduced = self.all_reduce(py, tensor.clone(), op)?;
         let parts = reduced.call_method1("tensor_split", (self.tree.world_size(),))?;
         parts.get_item(self.tree.rank())
+    }
+    /// Gathers every rank's `tensor` (the same dtype and size on every rank) into `output`, in
+    /// rank order, by the ring: `output` is a contiguous CPU tensor of world_size times the
+    /// tensor's elements; `tensor` may be this rank's part of it (gathered in place). Returns
+    /// `output`. Fails on every rank while some rank is done for the epoch (all_gather leaves
+    /// those out instead).
+    fn all_gather_into<'py>(
+        &self,
+        py: Python<'py>,
+        output: Bound<'py, PyAny>,
+        tensor: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        require_tensor(&output, "all_gather_into", false)?;
+        require_tensor(tensor, "all_gather_into", false)?;
+        scatter::all_gather_into(self, py, output, tensor)
+    }
+    /// Whether an all_reduce of `nbytes` takes a ring on this tree (the flat region,
+    /// PARALLEL_ALGO and PARALLEL_RING_THRESHOLD decide, alike on every rank).
+    fn ring_for(&self, nbytes: usize) -> bool {
+        self.tree.ring_for(nbytes)
     }
     /// Every rank's tensor, in rank order (shapes may differ between ranks); None for the ranks
     /// that called done() in this epoch.

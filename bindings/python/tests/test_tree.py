@@ -58,6 +58,13 @@ def test_seed_allreduce_and_collectives_across_processes(n):
         assert "ok" in out
 
 
+@pytest.mark.parametrize("n", [2, 3])
+def test_reduce_scatter_and_all_gather_into_match_the_reference_by_ring_and_by_all_reduce(n):
+    for rc, out, err in finish(launch(n, "scatter_gather")):
+        assert rc == 0, out + err
+        assert "scatter/gather checks" in out, out
+
+
 def test_launcher_variables_torchrun_style():
     envs = [
         {"RANK": str(r), "WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "PORT"}

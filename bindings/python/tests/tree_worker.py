@@ -159,6 +159,71 @@ def a2a_edges(tree: parallel.Tree) -> None:
     print("a2a edges ok", flush=True)
 
 
+def scatter_gather(tree: parallel.Tree) -> None:
+    """reduce_scatter, reduce_scatter_in_place and all_gather_into against a reference computed
+    from every rank's input (each rank can make any rank's input from the shared seed): small
+    (an all-reduce), large (the ring), rows that do not cut into equal parts, several dtypes and
+    ops, in place; the inputs of reduce_scatter are left as they were."""
+    r, n = tree.rank, tree.world_size
+
+    def inp(q: int, rows: int, cols: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed * 1000 + q)
+        return torch.randint(-20, 20, (rows, cols), generator=g).to(dtype)
+
+    checked = by_ring = 0
+    for seed, (rows, cols) in enumerate(
+        [(n, 1), (3 * n, 5), (n + 1, 7), (4 * n, 1 << 16), (n * 3 + 2, 1 << 15)]
+    ):
+        for dtype in (torch.float32, torch.int64, torch.float64):
+            for op in ("sum", "max", "min", "avg"):
+                if op == "avg" and not dtype.is_floating_point:
+                    continue
+                xs = [inp(q, rows, cols, dtype, seed) for q in range(n)]
+                whole = torch.stack(xs)
+                ref = {"sum": whole.sum(0), "max": whole.amax(0), "min": whole.amin(0)}.get(op)
+                if ref is None:
+                    ref = whole.sum(0) / n
+                want = torch.tensor_split(ref.to(dtype), n)[r]
+                x = xs[r].clone()
+                got = tree.reduce_scatter(x, op)
+                assert torch.equal(x, xs[r]), "reduce_scatter changed its input"
+                assert got.dtype == dtype and torch.equal(got, want), (rows, cols, dtype, op)
+                y = xs[r].clone()
+                got = tree.reduce_scatter_in_place(y, op)
+                assert torch.equal(got, want), ("in place", rows, cols, dtype, op)
+                assert got.data_ptr() == torch.tensor_split(y, n)[r].data_ptr(), "not a view of the input"
+                if rows % n == 0 and tree.ring_for(y.numel() * y.element_size()):
+                    assert tree.last_algorithm == "ring", (tree.last_algorithm, rows, cols)
+                    by_ring += 1
+                checked += 1
+            # all_gather_into: separate output, and in place (the input is this rank's part).
+            xs = [inp(q, 2, cols, dtype, seed + 50) for q in range(n)]
+            out = torch.full((2 * n, cols), 99).to(dtype)
+            assert tree.all_gather_into(out, xs[r]) is out
+            assert torch.equal(out, torch.cat(xs)), ("all_gather_into", cols, dtype)
+            assert tree.last_algorithm == "ring", tree.last_algorithm
+            out = torch.zeros((2 * n, cols), dtype=dtype)
+            out[2 * r : 2 * r + 2] = xs[r]
+            tree.all_gather_into(out, out[2 * r : 2 * r + 2])
+            assert torch.equal(out, torch.cat(xs)), ("all_gather_into in place", cols, dtype)
+            checked += 2
+    # Bad input: a ValueError on this rank before anything is sent.
+    for bad_out, bad_in, words in [
+        (torch.zeros(3 * n), torch.zeros(2), "world_size x"),
+        (torch.zeros(2 * n, dtype=torch.int32), torch.zeros(2), "must match"),
+        (torch.zeros(2, 2 * n).t(), torch.zeros(2, 2), "contiguous"),
+    ]:
+        try:
+            tree.all_gather_into(bad_out, bad_in)
+        except ValueError as e:
+            assert words in str(e), e
+        else:
+            raise AssertionError(f"all_gather_into({bad_out.shape}, {bad_in.shape}) did not raise")
+    assert by_ring >= 6, by_ring  # the large sizes that cut evenly took the ring
+    tree.barrier()
+    print(f"rank {r}: {checked} scatter/gather checks, {by_ring} reduce-scatters by the ring")
+
+
 def main() -> int:
     scenario = sys.argv[1]
     if len(sys.argv) > 2:
@@ -169,6 +234,7 @@ def main() -> int:
     scenarios = {"battery": battery, "uneven": uneven, "mismatch": mismatch, "victim": victim}
     scenarios["a2a_victim"] = a2a_victim
     scenarios["a2a_edges"] = a2a_edges
+    scenarios["scatter_gather"] = scatter_gather
     scenarios[scenario](tree)
     print(f"rank {tree.rank} ok")
     return 0

@@ -688,13 +688,17 @@ class ParallelBackend(_C10dBackend):
             # Through the Tree's all_gather, whose pieces carry their dtype (a mismatch raises).
             for i, g in enumerate(self._gather_all(input)):
                 flat[i * n : (i + 1) * n].copy_(g.reshape(-1))
+        elif self._tree.ring_for(flat.numel() * flat.element_size()):
+            # The ring's all-gather (half the bytes of an all-reduce); the native call copies
+            # the input into this rank's part first (it may be that part, as FSDP passes it).
+            # Its meta carries the dtype and size: ranks whose inputs differ fail with a Mismatch.
+            self._tree.all_gather_into(flat, input)
         else:
-            # Each rank's slot holds its input, the others zeros: a bitwise-or all-reduce of the
-            # bytes leaves every slot's bits exactly (signed zeros, NaN payloads), and rides the
-            # all-reduce's ring (the Tree's all_gather gathers at rank 0 and sends everything
-            # back: 64 MiB of pieces between 2 ranks took 106 ms here, this ~15 ms). The key
-            # carries the dtype and size, so ranks whose inputs differ fail with a Mismatch
-            # instead of reading each other's bytes as their own dtype.
+            # Below the ring's threshold: each rank's slot holds its input, the others zeros,
+            # and a bitwise-or all-reduce of the bytes (the flat region's one round) leaves every
+            # slot's bits exactly (signed zeros, NaN payloads). The key carries the dtype and
+            # size, so ranks whose inputs differ fail with a Mismatch instead of reading each
+            # other's bytes as their own dtype.
             # FSDP gathers in place: its input is this rank's slot of the output. Any other
             # overlap with the output is copied out first, before the other slots are zeroed.
             mine = flat[self._rank * n : (self._rank + 1) * n]
@@ -768,14 +772,13 @@ class ParallelBackend(_C10dBackend):
             self._spare_lock.release()
 
     def _reduce_scatter_rows(self, rows: torch.Tensor, op: Any, what: str) -> torch.Tensor:
-        """Reduces ``rows`` (world_size rows, a copy of this backend's own) across ranks in place
-        and returns this rank's row. (``Tree.reduce_scatter`` would copy them once more, to leave
-        its input as it was: a fresh 64 MiB costs its page faults, ~10 ms here.)"""
+        """Reduces ``rows`` (world_size rows, a copy of this backend's own) across ranks in place,
+        by the ring's reduce-scatter where the size takes the ring, and returns this rank's row.
+        (``Tree.reduce_scatter`` would copy them once more, to leave its input as it was.)"""
         name, factor = _op_name(op, what)
         if factor is not None:
             rows = rows * factor
-        self._tree.all_reduce(rows, name)
-        return rows[self._rank]
+        return self._tree.reduce_scatter_in_place(rows, name).view(-1)  # type: ignore[no-any-return]
 
     def reduce_scatter(
         self, outputs: list[torch.Tensor], inputs: list[list[torch.Tensor]], opts: Any
