@@ -239,9 +239,10 @@ def render(report):
         "Method: every call after a barrier, `async_op=False`; the first call of each size and op "
         "checks its result on every rank (all-gather: every rank's values in its slot; "
         "reduce-scatter: the sum over ranks). The backend's all_gather_into_tensor of CPU tensors "
-        "rides the all-reduce (a bitwise-or over zero-filled slots: exact bits) and its "
-        "reduce_scatter_tensor all-reduces a copy of the input and keeps this rank's rows; "
-        "neither is a ring all-gather or reduce-scatter yet, which would move half the bytes."
+        "takes the ring's all-gather (Tree.all_gather_into) from the ring's threshold up, and a "
+        "bitwise-or all-reduce over zero-filled parts below it; its reduce_scatter_tensor copies "
+        "the input into a working buffer kept between calls and reduce-scatters it in place by "
+        "the ring (an all-reduce below the threshold)."
     )
     return "\n".join(L) + "\n"
 
