@@ -8,7 +8,9 @@ head: tens of millions of parameters) twice, wraps one copy in DDP on the defaul
 ("parallel") and the other in DDP on a gloo group of the same ranks, and times training steps
 (forward, backward with DDP's bucketed all-reduces, SGD step), alternating blocks of steps
 between the two so both see the same machine load. Reported: median and p99 step time, and
-their ratio.
+their ratio. The same model sharded by FSDP2 (`fully_shard` on every encoder layer and the root:
+an all-gather of each layer's parameters in the forward and the backward, a reduce-scatter of
+its gradients) runs alongside, on the default group and on the gloo group.
 
 Then the adapter's overhead: all_reduce latency of one tensor through `dist.all_reduce` on
 "parallel", through the same group's Tree directly (`tree.all_reduce(t, "sum")`), and on gloo.
@@ -55,6 +57,18 @@ def worker(a: argparse.Namespace) -> None:
         # The same step without DDP (each rank trains alone): what no backend can go below.
         "no communication": model(vocab, d, layers),
     }
+    if not a.no_fsdp:
+        from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        def sharded(mesh):
+            net = model(vocab, d, layers)
+            for layer in net[1].layers:
+                fully_shard(layer, mesh=mesh)
+            return fully_shard(net, mesh=mesh)
+
+        nets["FSDP2 parallel"] = sharded(init_device_mesh("cpu", (dist.get_world_size(),)))
+        nets["FSDP2 gloo"] = sharded(DeviceMesh.from_group(gloo, "cpu"))
     params = sum(p.numel() for p in nets["gloo"].parameters())
     opts = {k: torch.optim.SGD(n.parameters(), lr=1e-3) for k, n in nets.items()}
     g = torch.Generator().manual_seed(rank)
@@ -83,6 +97,12 @@ def worker(a: argparse.Namespace) -> None:
         torch.equal(p, q)
         for p, q in zip(nets["parallel"].parameters(), nets["gloo"].parameters(), strict=True)
     )
+    same_fsdp = None
+    if not a.no_fsdp:
+        same_fsdp = all(
+            torch.equal(p.full_tensor(), q.full_tensor())
+            for p, q in zip(nets["FSDP2 parallel"].parameters(), nets["FSDP2 gloo"].parameters(), strict=True)
+        )
 
     tree = dist.group.WORLD._get_backend(torch.device("cpu")).tree
     lat: dict[str, dict[str, list[float]]] = {}
@@ -105,7 +125,8 @@ def worker(a: argparse.Namespace) -> None:
                 xs.append(time.perf_counter() - t0)
             lat[str(nbytes)][label] = xs
     if rank == 0:
-        print("RESULT" + json.dumps({"params": params, "times": times, "lat": lat, "same": same}), flush=True)
+        out = {"params": params, "times": times, "lat": lat, "same": same, "same_fsdp": same_fsdp}
+        print("RESULT" + json.dumps(out), flush=True)
     dist.destroy_process_group()
 
 
@@ -129,6 +150,7 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=6)
     ap.add_argument("--lat-iters", type=int, default=300)
     ap.add_argument("--sizes", type=int, nargs="*", default=[4, 1 << 16, 4 << 20])
+    ap.add_argument("--no-fsdp", action="store_true", help="without the FSDP2 rows")
     ap.add_argument("--json", default="bench-out/ddp.json")
     ap.add_argument("--md", default="bench-out/ddp.md")
     a = ap.parse_args()
@@ -143,6 +165,7 @@ def main() -> None:
         "--vocab", str(a.vocab), "--d-model", str(a.d_model), "--layers", str(a.layers),
         "--batch", str(a.batch), "--seq", str(a.seq), "--rounds", str(a.rounds),
         "--block", str(a.block), "--lat-iters", str(a.lat_iters), "--sizes", *map(str, a.sizes),
+        *(["--no-fsdp"] if a.no_fsdp else []),
     ]  # fmt: skip
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -158,6 +181,7 @@ def main() -> None:
         "step": {k: summarize(v) for k, v in raw["times"].items()},
         "latency": {n: {k: summarize(v) for k, v in d.items()} for n, d in raw["lat"].items()},
         "bit_identical": raw["same"],
+        "fsdp_bit_identical": raw.get("same_fsdp"),
     }
     os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
     with open(a.json, "w") as f:
@@ -191,6 +215,18 @@ def main() -> None:
         f'is {(st["parallel"]["median"] - floor) * 1e3:.1f} ms on "parallel" and '
         f"{(st['gloo']['median'] - floor) * 1e3:.1f} ms on gloo, **{added:.2f}x** (medians).",
         "",
+    ]
+    if "FSDP2 parallel" in st:
+        fp, fg = st["FSDP2 parallel"]["median"], st["FSDP2 gloo"]["median"]
+        md += [
+            f"FSDP2 (every encoder layer and the root sharded): step parallel / gloo **{fp / fg:.2f}x** "
+            f"({fp * 1e3:.1f} against {fg * 1e3:.1f} ms); what sharding adds to the step without "
+            f"communication: {(fp - floor) * 1e3:.1f} against {(fg - floor) * 1e3:.1f} ms, "
+            f"**{(fp - floor) / max(fg - floor, 1e-9):.2f}x**. Final parameters bit-identical: "
+            f"{raw.get('same_fsdp')}.",
+            "",
+        ]
+    md += [
         "all_reduce latency of one float32 tensor, median (p99) in microseconds: the adapter's "
         "overhead is the first row against the second.",
         "",
