@@ -1,8 +1,8 @@
-"""Helpers the benchmark programs share: ports, percentiles, CPU time, logs, subprocess probes and
-the description of the machine a run was measured on.
+"""Helpers the benchmark programs share: ports, percentiles, CPU time, logs, subprocess probes,
+launching a set of ranks, and the description of the machine a run was measured on.
 
-Imported by benches/allreduce.py, transport.py and cuda.py (which run with this folder first on
-sys.path, as scripts and as their own child processes).
+Imported by the programs in benches/ (which run with this folder first on sys.path, as scripts
+and as their own child processes).
 """
 
 from __future__ import annotations
@@ -167,3 +167,57 @@ def cpu_stall_us():
                 if f.startswith("total="):
                     return int(f[6:])
     return None
+
+
+def launch_ranks(argvs, out_dir, env, deadline, script):
+    """Runs one process per argument list (rank r: argvs[r]), each in its own session, its
+    output in out_dir/log-r.txt, until all have exited, or the deadline passed, or one failed
+    3 s ago (the others would only wait for their timeout); then stops them (stop_ranks).
+    Returns ({rank: the JSON it wrote to out_dir/rank-r.json}, error or None, CPU pressure: the
+    share of the wall time in which some task waited for a CPU)."""
+    world = len(argvs)
+    procs, logs, err = [], [], None
+    stall0, w0 = cpu_stall_us(), time.monotonic()
+    try:
+        for r, argv in enumerate(argvs):
+            logs.append(os.path.join(out_dir, f"log-{r}.txt"))
+            with open(logs[-1], "w") as lf:
+                procs.append(
+                    subprocess.Popen(
+                        argv,
+                        stdin=subprocess.DEVNULL,
+                        stdout=lf,
+                        stderr=subprocess.STDOUT,
+                        env=env,
+                        start_new_session=True,
+                    )
+                )
+        t_end, failed_at = time.monotonic() + deadline, None
+        while any(p.poll() is None for p in procs):
+            now = time.monotonic()
+            if now >= t_end:
+                err = f"timed out after {deadline:.0f} s"
+                break
+            if any(p.poll() not in (None, 0) for p in procs):
+                failed_at = failed_at or now
+                if now - failed_at > 3.0:
+                    break
+            time.sleep(0.05)
+    finally:
+        stop_ranks(procs, out_dir, script)
+    stall1, w1 = cpu_stall_us(), time.monotonic()
+    psi = (stall1 - stall0) / 1e6 / (w1 - w0) if stall0 is not None and stall1 is not None else None
+    results = {}
+    for r in range(world):
+        path = os.path.join(out_dir, f"rank-{r}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                results[r] = json.load(f)
+    codes = [p.returncode for p in procs]
+    if err is None and (any(codes) or len(results) < world):
+        err = f"exit codes {codes}, no result from rank(s) {[r for r in range(world) if r not in results]}"
+    if err:
+        tails = [t for t in (tail(x) for x in logs) if t]
+        if tails:
+            err += ": " + " | ".join(tails)[-600:]
+    return results, err, psi

@@ -34,12 +34,11 @@ import os
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
-from _common import HOST, cpu_stall_us, free_port, git_revision, stop_ranks, tail
+from _common import HOST, free_port, git_revision, launch_ranks
 
 SCRIPT = os.path.abspath(__file__)
 MiB = 1 << 20
@@ -131,52 +130,11 @@ def launch(system, cfg, tmpdir, tag, deadline):
     world = cfg["world"]
     cfg = dict(cfg, port=free_port(), out_dir=out_dir, alarm_s=deadline + 15)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    procs, logs, err = [], [], None
-    stall0, w0 = cpu_stall_us(), time.monotonic()
-    try:
-        for r in range(world):
-            logs.append(os.path.join(out_dir, f"log-{r}.txt"))
-            argv = [sys.executable, SCRIPT, "--child", system, "--rank", str(r), "--cfg", json.dumps(cfg)]
-            with open(logs[-1], "w") as lf:
-                procs.append(
-                    subprocess.Popen(
-                        argv,
-                        stdin=subprocess.DEVNULL,
-                        stdout=lf,
-                        stderr=subprocess.STDOUT,
-                        env=env,
-                        start_new_session=True,
-                    )
-                )
-        t_end, failed_at = time.monotonic() + deadline, None
-        while any(p.poll() is None for p in procs):
-            now = time.monotonic()
-            if now >= t_end:
-                err = f"timed out after {deadline:.0f} s"
-                break
-            if any(p.poll() not in (None, 0) for p in procs):
-                failed_at = failed_at or now
-                if now - failed_at > 3.0:  # the others would only wait for their timeout
-                    break
-            time.sleep(0.05)
-    finally:
-        stop_ranks(procs, out_dir, SCRIPT)
-    stall1, w1 = cpu_stall_us(), time.monotonic()
-    psi = (stall1 - stall0) / 1e6 / (w1 - w0) if stall0 is not None and stall1 is not None else None
-    results = {}
-    for r in range(world):
-        path = os.path.join(out_dir, f"rank-{r}.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                results[r] = json.load(f)
-    codes = [p.returncode for p in procs]
-    if err is None and (any(codes) or len(results) < world):
-        err = f"exit codes {codes}, no result from rank(s) {[r for r in range(world) if r not in results]}"
-    if err:
-        tails = [t for t in (tail(x) for x in logs) if t]
-        if tails:
-            err += ": " + " | ".join(tails)[-600:]
-    return results, err, psi
+    argvs = [
+        [sys.executable, SCRIPT, "--child", system, "--rank", str(r), "--cfg", json.dumps(cfg)]
+        for r in range(world)
+    ]
+    return launch_ranks(argvs, out_dir, env, deadline, SCRIPT)
 
 
 def fmt_t(s):

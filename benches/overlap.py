@@ -64,7 +64,6 @@ import os
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -72,13 +71,11 @@ import time
 from _common import (
     HOST,
     cpu_seconds,
-    cpu_stall_us,
     free_port,
+    launch_ranks,
     machine_info,
     read_text,
     run_probe,
-    stop_ranks,
-    tail,
 )
 
 MiB = 1 << 20
@@ -282,61 +279,11 @@ def launch(system, cfg, tmpdir, tag, deadline):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     if system == "ours_nospin":
         env["PARALLEL_SPIN_US"] = "0"
-    procs, logs = [], []
-    stall0, w0 = cpu_stall_us(), time.monotonic()
-    err = None
-    try:
-        for r in range(WORLD):
-            logs.append(os.path.join(out_dir, f"log-{r}.txt"))
-            with open(logs[-1], "w") as lf:
-                procs.append(
-                    subprocess.Popen(
-                        [
-                            sys.executable,
-                            SCRIPT,
-                            "--child",
-                            system,
-                            "--rank",
-                            str(r),
-                            "--cfg",
-                            json.dumps(cfg),
-                        ],
-                        stdin=subprocess.DEVNULL,
-                        stdout=lf,
-                        stderr=subprocess.STDOUT,
-                        env=env,
-                        start_new_session=True,
-                    )
-                )
-        t_end, failed_at = time.monotonic() + deadline, None
-        while any(p.poll() is None for p in procs):
-            now = time.monotonic()
-            if now >= t_end:
-                err = f"timed out after {deadline:.0f} s"
-                break
-            if any(p.poll() not in (None, 0) for p in procs):
-                failed_at = failed_at or now
-                if now - failed_at > 3.0:  # the other rank would only wait for its timeout
-                    break
-            time.sleep(0.05)
-    finally:
-        stop_ranks(procs, out_dir, SCRIPT)
-    stall1, w1 = cpu_stall_us(), time.monotonic()
-    psi = (stall1 - stall0) / 1e6 / (w1 - w0) if stall0 is not None and stall1 is not None else None
-    results = {}
-    for r in range(WORLD):
-        path = os.path.join(out_dir, f"rank-{r}.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                results[r] = json.load(f)
-    codes = [p.returncode for p in procs]
-    if err is None and (any(codes) or len(results) < WORLD):
-        err = f"exit codes {codes}, no result from rank(s) {[r for r in range(WORLD) if r not in results]}"
-    if err:
-        tails = [t for t in (tail(x) for x in logs) if t]
-        if tails:
-            err += ": " + " | ".join(tails)[-600:]
-    return results, err, psi
+    argvs = [
+        [sys.executable, SCRIPT, "--child", system, "--rank", str(r), "--cfg", json.dumps(cfg)]
+        for r in range(WORLD)
+    ]
+    return launch_ranks(argvs, out_dir, env, deadline, SCRIPT)
 
 
 def _med(xs):

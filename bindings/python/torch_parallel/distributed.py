@@ -760,7 +760,7 @@ class ParallelBackend(_C10dBackend):
         its page faults on every call (~20 ms of a 64 MiB reduce_scatter_tensor here). Fresh
         memory instead for CUDA tensors, above _SPARE_MAX bytes (kept, it would pin that much),
         and while another call holds the kept one."""
-        nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+        nbytes = numel * dtype.itemsize
         if device.type != "cpu" or nbytes > _SPARE_MAX or not self._spare_lock.acquire(blocking=False):
             yield torch.empty((self._size, numel // self._size), dtype=dtype, device=device)
             return

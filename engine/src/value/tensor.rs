@@ -274,6 +274,20 @@ impl Tensor {
         }
     }
 
+    /// The contiguous bytes of a contiguous CPU tensor, writable (`None` for device memory or
+    /// a strided tensor).
+    pub fn bytes_mut(&mut self) -> Option<&mut [u8]> {
+        if !self.is_contiguous() || self.is_cuda() {
+            return None;
+        }
+        let n = self.nbytes();
+        if n == 0 {
+            return Some(&mut []);
+        }
+        // SAFETY: as in `bytes`, and the slice borrows the tensor exclusively.
+        Some(unsafe { std::slice::from_raw_parts_mut(self.data_mut_ptr(), n) })
+    }
+
     /// The contiguous bytes of a contiguous CPU tensor (`None` for device memory).
     pub fn bytes(&self) -> Option<&[u8]> {
         if !self.is_contiguous() || self.is_cuda() {

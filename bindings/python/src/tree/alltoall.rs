@@ -17,7 +17,7 @@ use pyo3::types::PyList;
 /// for the shapes).
 const MAX_DIMS: u64 = 64;
 
-fn is_cuda(o: &Bound<'_, PyAny>) -> PyResult<bool> {
+pub(super) fn is_cuda(o: &Bound<'_, PyAny>) -> PyResult<bool> {
     Ok(o.hasattr("is_cuda")? && o.getattr("is_cuda")?.is_truthy()?)
 }
 

@@ -5,6 +5,7 @@
 //! all-reduce of the whole tensor, of which each rank keeps its part.
 
 use super::Tree_;
+use super::alltoall::is_cuda;
 use super::ops::op_or_sum;
 use crate::dlpack;
 use parallel_engine::value::Tensor;
@@ -12,29 +13,18 @@ use parallel_engine::{Error, ErrorKind};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-/// The bytes of a contiguous CPU tensor, writable.
+/// The bytes of a contiguous CPU tensor, writable (the callers checked that it is one).
 fn host_bytes_mut<'a>(
     t: &'a mut Tensor,
     what: &'static str,
 ) -> parallel_engine::Result<&'a mut [u8]> {
-    if t.is_cuda() || !t.is_contiguous() {
-        return Err(Error::new(
+    t.bytes_mut().ok_or_else(|| {
+        Error::new(
             ErrorKind::Config,
             what,
             "expected a contiguous CPU tensor (a bug: the caller checks)",
-        ));
-    }
-    let n = t.nbytes();
-    if n == 0 {
-        return Ok(&mut []);
-    }
-    // SAFETY: a contiguous CPU tensor: its n bytes from data_mut_ptr are its elements (the
-    // Storage contract), borrowed exclusively through `t`.
-    Ok(unsafe { std::slice::from_raw_parts_mut(t.data_mut_ptr(), n) })
-}
-
-fn is_true(o: &Bound<'_, PyAny>, attr: &str) -> PyResult<bool> {
-    Ok(o.hasattr(attr)? && o.getattr(attr)?.is_truthy()?)
+        )
+    })
 }
 
 /// The ring's reduce-scatter of `tensor` in place, when it applies: a contiguous CPU tensor
@@ -50,7 +40,7 @@ pub(super) fn ring_reduce_scatter<'py>(
     let n = tree.tree.world_size();
     let shape: Vec<usize> = tensor.getattr("shape")?.extract()?;
     if user.is_some()
-        || is_true(tensor, "is_cuda")?
+        || is_cuda(tensor)?
         || !tensor.call_method0("is_contiguous")?.is_truthy()?
         || shape.first().is_none_or(|d0| d0 % n != 0)
     {
@@ -77,7 +67,7 @@ pub(super) fn all_gather_into<'py>(
     tensor: &Bound<'py, PyAny>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let bad = |m: String| PyValueError::new_err(format!("all_gather_into: {m}"));
-    if is_true(&output, "is_cuda")? || is_true(tensor, "is_cuda")? {
+    if is_cuda(&output)? || is_cuda(tensor)? {
         return Err(bad(
             "takes CPU tensors (all_gather stages CUDA tensors through host memory)".into(),
         ));
@@ -106,13 +96,13 @@ pub(super) fn all_gather_into<'py>(
     }
     // This rank's piece into its part (the tensor may lie anywhere in the output: FSDP passes
     // the part itself; a copy that overlaps is a memmove).
-    let piece = match inp.bytes() {
-        Some(b) => std::borrow::Cow::Borrowed(b),
-        None => std::borrow::Cow::Owned(
-            inp.contiguous_bytes()
-                .map_err(crate::errors::to_py)?
-                .to_vec(),
-        ),
+    let gathered;
+    let piece: &[u8] = match inp.bytes() {
+        Some(b) => b,
+        None => {
+            gathered = inp.contiguous_bytes().map_err(crate::errors::to_py)?;
+            &gathered
+        }
     };
     if each > 0 {
         // SAFETY: the output is a contiguous CPU tensor of n * each bytes (checked), so its part
@@ -126,7 +116,6 @@ pub(super) fn all_gather_into<'py>(
             )
         };
     }
-    drop(piece);
     let dtype = out.dtype();
     tree.run(py, move |tr| {
         let b = host_bytes_mut(&mut out, "all_gather_into")?;
