@@ -6,6 +6,8 @@
 //!
 //! - [`ring::all_reduce`]: pipelined ring, reduce-scatter then all-gather (large buffers); host
 //!   or device memory, the memory brings its reduce kernel and copy engine (`ring::Memory`).
+//!   [`ring::reduce_scatter`] and [`ring::all_gather`] run one of its two phases alone, over
+//!   equal parts, part r being rank r's (RING-3).
 //! - [`hierarchical::all_reduce`]: reduce inside each host, a ring of host leaders, broadcast
 //!   inside each host (large buffers across hosts with several ranks each).
 //! - [`tree::all_reduce`]: whole tensors up the tree (reduced in rank order) and the root's
