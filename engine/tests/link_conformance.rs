@@ -320,6 +320,10 @@ macro_rules! conformance {
                 cases::ordering($k)
             }
             #[test]
+            fn recv_1_messages_of_known_shapes_arrive_exactly_as_sent_whichever_path_took_them() {
+                cases::known_shapes($k)
+            }
+            #[test]
             fn zero_length_values_and_tensors_round_trip() {
                 cases::zero_length($k)
             }
@@ -655,7 +659,13 @@ mod cases {
             };
             assert_eq!(items.len(), 2);
         });
-        // A control frame where a user message is expected.
+        // A control frame where a user message is expected, after a user message of the
+        // same shape (RECV-1 remembers it: the kind still decides).
+        let got = exchange(&p.a, &p.b, ctrl(), &mut []).unwrap();
+        assert!(
+            matches!(&got, Value::List(items) if items.len() == 2),
+            "{got:?}"
+        );
         let v = ctrl();
         let a = p.a.clone();
         let t = std::thread::spawn(move || a.send_control(&v, dl(LONG)));
@@ -669,8 +679,14 @@ mod cases {
             msg.contains("collective control message") && msg.contains("user message"),
             "{msg}"
         );
-        // A user message where a control message is expected.
+        // A user message where a control message is expected, after a control message of the
+        // same shape.
         let p = k.pair();
+        std::thread::scope(|s| {
+            let a = &p.a;
+            s.spawn(move || a.send_control(&Value::Int(7), dl(LONG)).unwrap());
+            assert_eq!(p.b.recv_control(dl(LONG)).unwrap().as_int(), Some(7));
+        });
         let a = p.a.clone();
         let t = std::thread::spawn(move || a.send(&Value::Int(7), dl(LONG)));
         let e =
@@ -715,6 +731,61 @@ mod cases {
         });
         assert_eq!(p.a.stats().msgs_sent, N as u64);
         assert_eq!(p.b.stats().msgs_recv, N as u64);
+    }
+
+    /// RECV-1: messages of eight shapes (more than a link remembers), in turns and then in runs,
+    /// with new contents each time, both ways at once, some across the shared ring's end: each
+    /// arrives in order exactly as sent (floats to the bit, tensors byte for byte), whichever
+    /// path took it, and the counters count every message and byte.
+    pub fn known_shapes(k: Kind) {
+        let p = k.pair();
+        const N: u64 = 1000;
+        let make = |i: u64| -> Value {
+            let floats = [0.0, -0.0, f64::NAN, 1.5, -f64::INFINITY];
+            let f = floats[(i % 5) as usize];
+            let shape = if i < 400 { i % 8 } else { (i / 11) % 8 };
+            match shape {
+                0 => Value::bytes(seeded(8, i)),
+                1 => Value::List(vec![Value::Tensor(k.u8s(&seeded(64, i))), Value::Float(f)]),
+                2 => Value::Float(f),
+                3 => Value::Dict(vec![
+                    (Key::Str("f".into()), Value::Float(f)),
+                    (Key::Str("b".into()), Value::bytes(seeded(3000, i))),
+                ]),
+                // A new descriptor every time (the integer is in it).
+                4 => Value::Int(i as i64),
+                5 => Value::Tuple(vec![
+                    Value::None,
+                    Value::Bool(i % 2 == 0),
+                    Value::bytes(seeded(17, i)),
+                ]),
+                6 => Value::bytes(seeded(60_000, i)),
+                _ => Value::List(vec![
+                    Value::Tensor(k.tensor(DType::F64, vec![2, 3], &seeded(48, i))),
+                    Value::str("t"),
+                ]),
+            }
+        };
+        std::thread::scope(|s| {
+            for (from, to) in [(&p.a, &p.b), (&p.b, &p.a)] {
+                let make = &make;
+                s.spawn(move || {
+                    for i in 0..N {
+                        from.send(&make(i), dl(LONG)).unwrap();
+                    }
+                });
+                s.spawn(move || {
+                    for i in 0..N {
+                        let got = to.recv(&mut [], dl(LONG)).unwrap();
+                        assert_same(&make(i), &got);
+                    }
+                });
+            }
+        });
+        for (x, y) in [(&p.a, &p.b), (&p.b, &p.a)] {
+            assert_eq!(y.stats().msgs_recv, N);
+            assert_eq!(y.stats().bytes_recv, x.stats().bytes_sent);
+        }
     }
 
     pub fn zero_length(k: Kind) {
@@ -1308,19 +1379,29 @@ mod tcp_faults {
             desc_end + 1,
             len - 1,
         ] {
-            let (p, proxy) = proxied_pair();
-            proxy.arm(Plan {
-                stop_at: Some(cut),
-                cut: true,
-                ..Plan::default()
-            });
-            p.a.send(&v, dl(LONG)).unwrap();
-            let t0 = Instant::now();
-            let r = p.b.recv(&mut [], dl(LONG));
-            assert!(r.is_err(), "cut at {cut} of {len}: a message {r:?}");
-            assert_fails_promptly(r, t0, &[ErrorKind::PeerLost]);
-            let r = p.b.recv(&mut [], dl(PROMPT));
-            assert!(r.is_err(), "cut at {cut}: a message after the cut");
+            // Primed: the same message went whole first, so its shape is known (RECV-1).
+            for primed in [false, true] {
+                let (p, proxy) = proxied_pair();
+                if primed {
+                    p.a.send(&v, dl(LONG)).unwrap();
+                    assert!(v.same(&p.b.recv(&mut [], dl(LONG)).unwrap()));
+                }
+                proxy.arm(Plan {
+                    stop_at: Some(cut),
+                    cut: true,
+                    ..Plan::default()
+                });
+                p.a.send(&v, dl(LONG)).unwrap();
+                let t0 = Instant::now();
+                let r = p.b.recv(&mut [], dl(LONG));
+                assert!(
+                    r.is_err(),
+                    "cut at {cut} of {len} (primed {primed}): a message {r:?}"
+                );
+                assert_fails_promptly(r, t0, &[ErrorKind::PeerLost]);
+                let r = p.b.recv(&mut [], dl(PROMPT));
+                assert!(r.is_err(), "cut at {cut}: a message after the cut");
+            }
         }
     }
 
@@ -1329,9 +1410,14 @@ mod tcp_faults {
     #[test]
     fn link_2_a_flipped_header_byte_is_an_error_never_a_wrong_message() {
         let (v, len, _) = probe_message();
-        for at in 0..HEADER_LEN {
+        for (at, primed) in (0..HEADER_LEN).flat_map(|at| [(at, false), (at, true)]) {
             for mask in [0x01u8, 0x80] {
                 let (p, proxy) = proxied_pair();
+                // Primed: the same message went whole first, so its shape is known (RECV-1).
+                if primed {
+                    p.a.send(&v, dl(LONG)).unwrap();
+                    assert!(v.same(&p.b.recv(&mut [], dl(LONG)).unwrap()));
+                }
                 proxy.arm(Plan {
                     flip: Some((at, mask)),
                     stop_at: Some(len),
@@ -1342,7 +1428,10 @@ mod tcp_faults {
                 let t0 = Instant::now();
                 match p.b.recv(&mut [], dl(LONG)) {
                     Ok(got) => {
-                        assert!(at >= 24, "flip {mask:#x} at {at} went unnoticed");
+                        assert!(
+                            at >= 24,
+                            "flip {mask:#x} at {at} (primed {primed}) went unnoticed"
+                        );
                         assert!(v.same(&got), "flip at {at}: a wrong message {got:?}");
                     }
                     Err(e) => assert!(t0.elapsed() < PROMPT, "at {at}: {e}"),
@@ -1528,9 +1617,14 @@ mod shm_faults {
     #[test]
     fn shm_2_a_flipped_header_byte_in_the_ring_is_an_error_never_a_wrong_message() {
         let (v, _, _) = probe_message();
-        for at in 0..HEADER_LEN {
+        for (at, primed) in (0..HEADER_LEN).flat_map(|at| [(at, false), (at, true)]) {
             for mask in [0x01u8, 0x80] {
                 let Some((p, seg)) = shm_pair() else { return };
+                // Primed: the same message went whole first, so its shape is known (RECV-1).
+                if primed {
+                    p.a.send(&v, dl(LONG)).unwrap();
+                    assert!(v.same(&p.b.recv(&mut [], dl(LONG)).unwrap()));
+                }
                 p.a.send(&v, dl(LONG)).unwrap();
                 let r = seg.busy_ring();
                 let mut b = [0u8; 1];
@@ -1542,7 +1636,10 @@ mod shm_faults {
                     Ok(got) => {
                         // The flags (byte 7) may announce cross-memory or CUDA IPC segments
                         // the message does not have: harmless, as long as it is the message.
-                        assert!(at >= 24 || at == 7, "flip {mask:#x} at {at} went unnoticed");
+                        assert!(
+                            at >= 24 || at == 7,
+                            "flip {mask:#x} at {at} (primed {primed}) went unnoticed"
+                        );
                         assert!(v.same(&got), "flip at {at}: a wrong message {got:?}");
                     }
                     Err(e) => assert!(t0.elapsed() < PROMPT, "at {at}: {e}"),
@@ -1563,8 +1660,16 @@ mod shm_faults {
             (8, u32::MAX.to_le_bytes().to_vec()),
             (8, vec![0xff]),
         ];
-        for (at, bytes) in edits {
+        for ((at, bytes), primed) in edits
+            .into_iter()
+            .flat_map(|e| [(e.clone(), false), (e, true)])
+        {
             let Some((p, seg)) = shm_pair() else { return };
+            // Primed: the same message went whole first, so its shape is known (RECV-1).
+            if primed {
+                p.a.send(&small(), dl(LONG)).unwrap();
+                assert_tagged(&p.b.recv(&mut [], dl(LONG)).unwrap(), 1, &seeded(1000, 1));
+            }
             p.a.send(&small(), dl(LONG)).unwrap();
             seg.write_unread(seg.busy_ring(), at, &bytes);
             let t0 = Instant::now();

@@ -104,6 +104,22 @@ impl Link {
         (a.peek(dst), a.len(), a.err.is_some())
     }
 
+    /// Offers `f` the bytes read ahead; when it returns `(value, n)`, the first `n` of them are
+    /// consumed. Nothing is offered while a kept error waits (AHEAD-4). Call with the receive
+    /// lock (AHEAD-1).
+    pub(super) fn ahead_take<T>(&self, f: impl FnOnce(&[u8]) -> Option<(T, usize)>) -> Option<T> {
+        let mut a = self.ahead();
+        if a.err.is_some() || a.len() == 0 {
+            return None;
+        }
+        let (v, n) = f(&a.buf[a.start..a.end])?;
+        a.start += n.min(a.len());
+        if a.start == a.end {
+            (a.start, a.end) = (0, 0);
+        }
+        Some(v)
+    }
+
     /// Reads exactly `buf.len()` bytes of a TCP link, buffered bytes first (AHEAD-2); Ok(false)
     /// at the end of the stream before the first byte. Call with the receive lock (AHEAD-1).
     pub(super) fn read_tcp(

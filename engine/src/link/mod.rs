@@ -159,6 +159,10 @@ struct RecvState {
     scratch: Vec<u8>,
     /// The descriptor buffer, kept for the next message (recv.rs).
     desc: rkyv::util::AlignedVec<16>,
+    /// Descriptors this link received and checked lately (recv.rs, RECV-1).
+    known: Vec<recv::Known>,
+    /// The entry of `known` the next new descriptor replaces.
+    known_next: usize,
 }
 
 /// A connected link to one peer.
@@ -240,6 +244,8 @@ impl Link {
                 poisoned: None,
                 scratch: Vec::new(),
                 desc: rkyv::util::AlignedVec::new(),
+                known: Vec::new(),
+                known_next: 0,
             }),
             ahead: Mutex::new(ahead::Ahead::default()),
             closed_locally: AtomicBool::new(false),

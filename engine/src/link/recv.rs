@@ -1,6 +1,16 @@
 //! Reading frames: header, descriptor (memory committed as bytes arrive, BUF-4) and segments into
 //! the caller's tensors or new buffers; LINK-1 (refusals at a message boundary keep the link),
 //! LINK-2 (failures inside a frame poison it), LINK-3 (a vanished peer is `PeerLost`).
+//!
+//! - RECV-1 (small frames of a known shape): a link remembers the last few small descriptors it
+//!   received and checked, with what the check found. A frame whose bytes already lie whole and
+//!   contiguous where the link reads from (a shared ring, a TCP link's read-ahead), with no
+//!   flags, of the kind the receive expects, and whose descriptor bytes, segment count and
+//!   payload length equal a remembered descriptor's, is taken from there in one step
+//!   ([`RecvGuard::recv_known`]): its header is still decoded and checked, its payload copied
+//!   into new buffers, its value built from the remembered descriptor (the same bytes, so the
+//!   same value the general path would build). Anything else, or anything that fails, goes the
+//!   general path with nothing consumed, so that path alone reports errors.
 
 use super::outs::match_outs;
 use super::{RecvGuard, sys};
@@ -9,7 +19,9 @@ use crate::cuda;
 use crate::error::{Error, ErrorKind, Result, protocol};
 use crate::runtime::Deadline;
 use crate::value::{Device, Key, Tensor, Value};
-use crate::wire::{self, FLAG_CMA, FLAG_CUDA_IPC, Filled, FrameKind, HEADER_LEN, Header, SegKind};
+use crate::wire::{
+    self, FLAG_CMA, FLAG_CUDA_IPC, Filled, FrameKind, HEADER_LEN, Header, SegInfo, SegKind,
+};
 use rkyv::util::AlignedVec;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -59,6 +71,59 @@ pub(crate) fn check_grain(grain: usize) -> Result<()> {
 
 /// The largest descriptor buffer a link keeps for its next message.
 const DESC_KEEP: usize = 64 << 10;
+/// Descriptors up to this size are remembered (RECV-1).
+const KNOWN_DESC_MAX: usize = 512;
+/// Descriptors a link remembers (RECV-1).
+const KNOWN_ENTRIES: usize = 4;
+/// Frames up to this size may be taken whole from where they lie (RECV-1).
+const KNOWN_FRAME_MAX: usize = 64 << 10;
+
+/// A descriptor a link received and checked (RECV-1): its bytes, the header fields it was
+/// checked against, and what the check found.
+pub(super) struct Known {
+    desc: AlignedVec<16>,
+    nseg: u32,
+    payload_len: u64,
+    segs: Vec<SegInfo>,
+}
+
+/// Builds the value of a whole frame in `bytes` (header, descriptor, payload, perhaps more after
+/// it) when it is of kind `expect`, flagless, and its descriptor is one of `known`: the value and
+/// the frame's length. `None` for anything else (RECV-1).
+fn build_known(
+    bytes: &[u8],
+    known: &[Known],
+    expect: FrameKind,
+    limits: &wire::Limits,
+) -> Option<(Value, usize)> {
+    // Copied first: the bytes may be a shared ring's, which the peer could change under us.
+    let hb: [u8; HEADER_LEN] = bytes.get(..HEADER_LEN)?.try_into().ok()?;
+    let h = Header::decode(&hb, limits).ok()?;
+    if h.kind != expect || h.flags != 0 {
+        return None;
+    }
+    let dl = h.desc_len as usize;
+    let need = (HEADER_LEN + dl).checked_add(usize::try_from(h.payload_len).ok()?)?;
+    if need > KNOWN_FRAME_MAX {
+        return None;
+    }
+    let frame = bytes.get(..need)?;
+    let desc = &frame[HEADER_LEN..HEADER_LEN + dl];
+    let k = known
+        .iter()
+        .find(|k| k.nseg == h.nseg && k.payload_len == h.payload_len && k.desc[..] == *desc)?;
+    let mut payload = &frame[HEADER_LEN + dl..];
+    let mut filled = Vec::with_capacity(k.segs.len());
+    for s in &k.segs {
+        let (a, rest) = payload.split_at(s.len as usize);
+        let mut b = Buf::for_incoming(a.len()).ok()?;
+        b.copy_from_slice(a);
+        filled.push(Filled::Buf(b));
+        payload = rest;
+    }
+    let d = wire::access_descriptor(&k.desc).ok()?;
+    Some((wire::build_value(d, &k.segs, filled).ok()?, need))
+}
 
 impl RecvGuard<'_> {
     fn poison(&mut self, why: String) {
@@ -176,6 +241,19 @@ impl RecvGuard<'_> {
         if let Err(e) = waited {
             return Err(link.err(e));
         }
+        if out.is_empty()
+            && sink.is_none()
+            && let Some((v, n)) = self.recv_known()
+        {
+            link.counters
+                .bytes_recv
+                .fetch_add(n as u64, Ordering::Relaxed);
+            link.counters.msgs_recv.fetch_add(1, Ordering::Relaxed);
+            link.counters
+                .recv_ns
+                .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            return Ok(v);
+        }
         let mut hb = [0u8; HEADER_LEN];
         match link.read_bytes(&mut hb, deadline, "a message", Duration::ZERO) {
             Ok(true) => {}
@@ -215,6 +293,64 @@ impl RecvGuard<'_> {
             Err(e) => self.poison(e.to_string()),
         }
         r.map_err(|e| link.err(e))
+    }
+
+    /// The next frame taken whole from where it lies, when its shape is known (RECV-1): the
+    /// value and the bytes consumed; `None` (nothing consumed) for the general path.
+    fn recv_known(&mut self) -> Option<(Value, usize)> {
+        let known = &self.state.known;
+        if known.is_empty() {
+            return None;
+        }
+        let (link, expect) = (self.link, self.expect);
+        let build =
+            |b: &[u8]| build_known(b, known, expect, &link.limits).map(|(v, n)| ((v, n), n));
+        match &link.shm {
+            Some(s) => s.take_contiguous(build),
+            None => link.ahead_take(build),
+        }
+    }
+
+    /// Remembers a descriptor just checked against `h` (RECV-1), unless it is large, already
+    /// known, or of a frame whose segments do not come through the stream as host bytes.
+    fn remember(&mut self, h: &Header, desc: &[u8], segs: &[SegInfo]) {
+        let device = segs.iter().any(|s| {
+            matches!(
+                s.kind,
+                SegKind::Tensor {
+                    device: Device::Cuda(_),
+                    ..
+                }
+            )
+        });
+        let st = &mut *self.state;
+        if h.flags != 0
+            || device
+            || desc.len() > KNOWN_DESC_MAX
+            || st.known.iter().any(|k| k.desc[..] == *desc)
+        {
+            return;
+        }
+        if st.known.len() < KNOWN_ENTRIES {
+            let mut copy = AlignedVec::<16>::with_capacity(desc.len());
+            copy.extend_from_slice(desc);
+            st.known.push(Known {
+                desc: copy,
+                nseg: h.nseg,
+                payload_len: h.payload_len,
+                segs: segs.to_vec(),
+            });
+            return;
+        }
+        // In the place of the oldest, reusing its buffers.
+        let k = &mut st.known[st.known_next];
+        st.known_next = (st.known_next + 1) % KNOWN_ENTRIES;
+        k.desc.clear();
+        k.desc.extend_from_slice(desc);
+        k.segs.clear();
+        k.segs.extend_from_slice(segs);
+        k.nseg = h.nseg;
+        k.payload_len = h.payload_len;
     }
 
     fn recv_after_header(
@@ -270,6 +406,9 @@ impl RecvGuard<'_> {
         }
         let d = wire::access_descriptor(desc)?;
         let segs = wire::check_descriptor(d, &h, &link.limits)?;
+        if h.kind == self.expect {
+            self.remember(&h, desc, &segs);
+        }
         if h.kind == FrameKind::Abort {
             // Whatever the receive expected, an abort is the answer (with its reason).
             if !segs.is_empty() {

@@ -34,7 +34,7 @@ pub use decode::{
 };
 // All of it, with the `Archived*` and resolver types rkyv derives.
 pub use descriptor::*;
-pub use encode::{Encoded, OutSeg, encode};
+pub use encode::{Desc, Encoded, OutSeg, encode};
 pub use header::{FLAG_CMA, FLAG_CUDA_IPC, FrameKind, HEADER_LEN, Header, Limits, MAGIC, VERSION};
 
 use crate::buffer::Buf;

@@ -166,6 +166,93 @@ fn wire_4_inconsistent_tensor_sizes_refused() {
     assert!(check_descriptor(a, &h, &limits()).is_err());
 }
 
+/// A value of one of a few shapes, its contents drawn from `n` (floats among them the ones whose
+/// bits `==` does not tell apart: 0.0 and -0.0, NaNs).
+fn shaped(shape: usize, n: u64) -> Value {
+    let floats = [
+        0.0,
+        -0.0,
+        f64::NAN,
+        -f64::NAN,
+        f64::INFINITY,
+        1.5,
+        f64::MIN_POSITIVE,
+    ];
+    let f = floats[(n % floats.len() as u64) as usize];
+    match shape % 6 {
+        0 => Value::bytes(n.to_le_bytes().to_vec()),
+        1 => Value::Int(n as i64 * -7),
+        2 => Value::Float(f),
+        3 => Value::Dict(vec![
+            (Key::Str("x".into()), Value::Float(f)),
+            (Key::Int(n as i64 % 3), Value::bytes(vec![n as u8; 100])),
+        ]),
+        4 => Value::List(vec![
+            Value::Tensor(Tensor::from_bytes(DType::F32, vec![2], vec![n as u8; 8]).unwrap()),
+            Value::Str(format!("s{}", n % 2)),
+        ]),
+        _ => Value::Tuple(vec![Value::None, Value::Bool(n % 2 == 0), Value::Float(-f)]),
+    }
+}
+
+/// The descriptor bytes a thread with nothing remembered makes for `v` (handed over as a frame:
+/// a value does not cross threads).
+fn fresh_desc(v: &Value) -> Vec<u8> {
+    let f = encode_frame(FrameKind::Message, 0, v, &limits()).unwrap();
+    std::thread::spawn(move || {
+        let (_, v) = decode_frame(&f, &limits()).unwrap();
+        encode(&v, &limits()).unwrap().desc.to_vec()
+    })
+    .join()
+    .unwrap()
+}
+
+/// The encoder's memo: messages of recent shapes with new contents (more shapes than it holds,
+/// in turns and in runs) encode to exactly the bytes a fresh encoder makes, and decode to the
+/// value sent, floats to the bit.
+#[test]
+fn wire_memo_reuses_an_archive_only_for_the_same_descriptor_floats_by_bits() {
+    for n in 0..400u64 {
+        let shape = if n < 200 {
+            n as usize
+        } else {
+            (n / 7) as usize
+        };
+        let v = shaped(shape, n);
+        let e = encode(&v, &limits()).unwrap();
+        if n % 13 == 0 {
+            assert_eq!(e.desc.to_vec(), fresh_desc(&v), "message {n}: {v:?}");
+        }
+        let f = encode_frame(FrameKind::Message, n, &v, &limits()).unwrap();
+        let (_, back) = decode_frame(&f, &limits()).unwrap();
+        assert!(v.same(&back), "message {n}: sent {v:?}, decoded {back:?}");
+    }
+    // The two zeros, one after the other: equal as numbers, never as archives.
+    for (a, b) in [(0.0, -0.0), (-0.0, 0.0), (f64::NAN, -f64::NAN)] {
+        let _ = encode(&Value::Float(a), &limits()).unwrap();
+        let f = encode_frame(FrameKind::Message, 0, &Value::Float(b), &limits()).unwrap();
+        let (_, back) = decode_frame(&f, &limits()).unwrap();
+        assert!(
+            Value::Float(b).same(&back),
+            "{a} then {b}: decoded {back:?}"
+        );
+    }
+}
+
+/// A remembered archive is still held to the limits of the encode that recalls it.
+#[test]
+fn wire_memo_still_applies_the_descriptor_limit() {
+    let v = shaped(3, 1);
+    let n = encode(&v, &limits()).unwrap().desc.len();
+    let tight = Limits {
+        max_descriptor: n as u64 - 1,
+        ..limits()
+    };
+    let e = encode(&v, &tight).unwrap_err();
+    assert!(e.to_string().contains("PARALLEL_MAX_DESCRIPTOR"), "{e}");
+    assert_eq!(encode(&v, &limits()).unwrap().desc.len(), n);
+}
+
 proptest! {
     #[test]
     fn wire_2_decoder_never_panics_on_garbage(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {

@@ -511,6 +511,31 @@ impl ShmEnd {
         Ok(())
     }
 
+    /// Offers `f` the unread bytes that lie contiguous in the incoming ring (up to its end); when
+    /// it returns `(value, n)`, the first `n` of them are consumed. `None` (nothing consumed)
+    /// when there are none, or the indices are corrupt (the next read reports it, SHM-2). The
+    /// bytes are the peer's: `f` copies what it keeps (a hostile peer may change them under it:
+    /// garbage values, never an access outside the ring).
+    pub fn take_contiguous<T>(&self, f: impl FnOnce(&[u8]) -> Option<(T, usize)>) -> Option<T> {
+        let cap = self.map.cap as u64;
+        let rx = self.rx();
+        let tail = self.tail.load(Ordering::Relaxed);
+        let avail = self.readable(self.map.ctrl(rx), tail).ok()?;
+        let pos = (tail % cap) as usize;
+        let n = (avail as usize).min(self.map.cap - pos);
+        if n == 0 {
+            return None;
+        }
+        // SAFETY: [pos, pos + n) lies in the data area (n <= cap - pos) and in [tail, head), which
+        // the SPSC protocol gives to the reader alone until the tail passes it (SHM-2 checked
+        // avail <= cap); it stays mapped while `self` lives.
+        let bytes =
+            unsafe { std::slice::from_raw_parts(self.map.data(rx).add(pos) as *const u8, n) };
+        let (v, used) = f(bytes)?;
+        self.consumed(tail + used.min(n) as u64);
+        Some(v)
+    }
+
     /// Gives the room of everything read so far back to the writer (the shared reader
     /// position), and rings the writer if it waits for room. Cheap when there is nothing new.
     pub fn publish_reads(&self) {
