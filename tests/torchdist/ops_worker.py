@@ -119,6 +119,26 @@ def main() -> None:
     check("get_future value", [f.wait()[0] for f in futs], b)
     chained = dist.all_reduce(xs[0].clone(), async_op=True).get_future().then(lambda f: f.value()[0] * 2)
     check("get_future then", chained.wait(), b[0] * 2)
+    # The Work of a call that waits at once (asyncOp False: it ran inline and is complete when
+    # returned): through the group (torch's C++ Work passes wait and get_future on to ours) its
+    # future holds the result; the backend's own Work answers as a finished one.
+    o = dist.AllreduceOptions()
+    o.asyncOp = False
+    a = xs[1].clone()
+    w = dist.group.WORLD.allreduce([a], o)
+    assert w.wait()
+    check("inline Work", a, b[1])
+    check("inline Work future", w.get_future().wait()[0], b[1])
+    check("inline Work future then", w.get_future().then(lambda f: f.value()[0] + 1).wait(), b[1] + 1)
+    backend = dist.group.WORLD._get_backend(torch.device("cpu"))
+    a = xs[2].clone()
+    w = backend.allreduce([a], o)
+    assert w.is_completed() and w.is_success() and w.exception() is None and w.wait()
+    check("inline backend Work future", w.get_future().wait()[0], b[2])
+    bo = dist.BarrierOptions()
+    bo.asyncOp = False
+    w = backend.barrier(bo)
+    assert w.is_completed() and w.wait() and w.get_future().wait() == []
     # A blocking all_reduce (async_op=False runs inline on the caller) issued while async ones
     # are still queued runs after them on every rank (DIST-1), with the same results as gloo.
     xs = [ints(20 + i, dtype=torch.float32) for i in range(3)]

@@ -34,7 +34,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -236,6 +236,36 @@ class _Work(dist.Work):
         return self._source
 
 
+class _DoneWork(dist.Work):
+    """The Work of an operation that completed before it was returned (the inline path of a
+    caller that waits at once): nothing to wait for or to claim, so it makes no lock or event
+    (they were most of the cost of a small collective's Work)."""
+
+    def __init__(self, result: Any) -> None:
+        super().__init__()
+        self._result = result
+        self._future: torch.futures.Future[Any] | None = None
+
+    def wait(self, timeout: datetime.timedelta | None = None) -> bool:
+        return True
+
+    def is_completed(self) -> bool:
+        return True
+
+    def is_success(self) -> bool:
+        return True
+
+    def exception(self) -> BaseException | None:
+        return None
+
+    def get_future(self) -> torch.futures.Future[Any]:
+        with _FUTURES:
+            if self._future is None:
+                self._future = torch.futures.Future()
+                self._future.set_result(self._result)
+        return self._future
+
+
 _FUTURES = threading.Lock()  # a Work's future is made once and completed once
 
 
@@ -417,13 +447,19 @@ def _fill(out: torch.Tensor, got: torch.Tensor, src: int, tag: str) -> None:
 # --- The backend -----------------------------------------------------------------------------
 
 
+_OPS_BY_VALUE: dict[int, str] = {int(k): v for k, v in _OPS.items()}
+_PREMUL_SUM = int(cast(Any, ReduceOp.PREMUL_SUM))
+
+
 def _op_name(op: Any, what: str) -> tuple[str, Any]:
-    """(the Tree's op name, PREMUL_SUM's factor or None) for a c10d ReduceOp."""
-    kind = op.op if hasattr(op, "op") else op
-    if kind == ReduceOp.PREMUL_SUM:
+    """(the Tree's op name, PREMUL_SUM's factor or None) for a c10d ReduceOp (by the value of
+    its kind: hashing torch's enum objects cost a microsecond a call)."""
+    kind = getattr(op, "op", op)
+    value = int(kind)
+    if value == _PREMUL_SUM:
         state = op.__getstate__()
         return "sum", state[1]
-    name = _OPS.get(kind)
+    name = _OPS_BY_VALUE.get(value)
     if name is None:
         raise ValueError(
             f"parallel backend: {what}: unsupported reduce op {kind}; supported: "
@@ -503,12 +539,7 @@ class ParallelBackend(_C10dBackend):
         """The Tree under this group (for the direct API: ``tree.all_reduce`` and the rest)."""
         return self._tree
 
-    def _done(self, op: str, result: Any) -> _Work:
-        work = _Work(op, self._timeout)
-        work._finish(result)
-        return work
-
-    def _inline(self, op: str, run: Callable[[], Any]) -> _Work:
+    def _inline(self, op: str, run: Callable[[], Any]) -> dist.Work:
         """Runs ``run`` now (DIST-1: behind the Tree's queued operations) and returns a
         completed Work, or raises the torch-style error."""
         try:
@@ -521,7 +552,7 @@ class ParallelBackend(_C10dBackend):
             raise err from exc
         except BaseException as exc:
             raise _backend_error(op, exc) from exc
-        return self._done(op, result)
+        return _DoneWork(result)
 
     @staticmethod
     def _sync(opts: Any) -> bool:
@@ -540,8 +571,12 @@ class ParallelBackend(_C10dBackend):
 
     # -- all-reduce family ----------------------------------------------------------------
 
-    def _allreduce(self, tensors: list[torch.Tensor], op: Any, what: str, sync: bool = False) -> _Work:
+    def _allreduce(self, tensors: list[torch.Tensor], op: Any, what: str, sync: bool = False) -> dist.Work:
         name, factor = _op_name(op, what)
+        if sync and factor is None and len(tensors) == 1 and tensors[0].is_contiguous():
+            # The common call (dist.all_reduce of one tensor): in place, nothing to copy back.
+            t = tensors[0]
+            return self._inline(what, lambda: (self._tree.all_reduce(t, name), tensors)[1])
         # PREMUL_SUM reduces scaled copies: the caller's tensors change only with the result.
         if factor is not None:
             work_on = [(t * factor).contiguous() for t in tensors]
@@ -568,13 +603,13 @@ class ParallelBackend(_C10dBackend):
             raise _backend_error(what, exc) from exc
         return self._later(what, pending, after)
 
-    def allreduce(self, tensors: list[torch.Tensor], opts: Any) -> _Work:
+    def allreduce(self, tensors: list[torch.Tensor], opts: Any) -> dist.Work:
         return self._allreduce(tensors, opts.reduceOp, "allreduce", self._sync(opts))
 
-    def allreduce_coalesced(self, tensors: list[torch.Tensor], opts: Any) -> _Work:
+    def allreduce_coalesced(self, tensors: list[torch.Tensor], opts: Any) -> dist.Work:
         return self._allreduce(tensors, opts.reduceOp, "allreduce_coalesced", self._sync(opts))
 
-    def reduce(self, tensors: list[torch.Tensor], opts: Any) -> _Work:
+    def reduce(self, tensors: list[torch.Tensor], opts: Any) -> dist.Work:
         t = _one(tensors, "reduce")
         name, factor = _op_name(opts.reduceOp, "reduce")
         root = opts.rootRank
@@ -592,7 +627,7 @@ class ParallelBackend(_C10dBackend):
 
         return self._inline("reduce", run)
 
-    def broadcast(self, tensors: list[torch.Tensor], opts: Any) -> _Work:
+    def broadcast(self, tensors: list[torch.Tensor], opts: Any) -> dist.Work:
         t = _one(tensors, "broadcast")
         work_on = t if t.is_contiguous() else t.contiguous()
 
@@ -614,7 +649,7 @@ class ParallelBackend(_C10dBackend):
             raise _backend_error("broadcast", exc) from exc
         return self._later("broadcast", pending, after)
 
-    def barrier(self, opts: Any = None) -> _Work:
+    def barrier(self, opts: Any = None) -> dist.Work:
         if self._sync(opts):
 
             def now() -> list[torch.Tensor]:
@@ -641,7 +676,9 @@ class ParallelBackend(_C10dBackend):
     def _gather_all(self, t: torch.Tensor) -> list[torch.Tensor]:
         return list(self._tree.all_gather(t if t.is_contiguous() else t.contiguous()))
 
-    def allgather(self, outputs: list[list[torch.Tensor]], inputs: list[torch.Tensor], opts: Any) -> _Work:
+    def allgather(
+        self, outputs: list[list[torch.Tensor]], inputs: list[torch.Tensor], opts: Any
+    ) -> dist.Work:
         def run() -> list[list[torch.Tensor]]:
             for out, t in zip(outputs, inputs, strict=True):
                 if len(out) == self._size and all(o.dtype == t.dtype and o.numel() == t.numel() for o in out):
@@ -660,10 +697,10 @@ class ParallelBackend(_C10dBackend):
 
     def allgather_coalesced(
         self, outputs: list[list[torch.Tensor]], inputs: list[torch.Tensor], opts: Any
-    ) -> _Work:
+    ) -> dist.Work:
         return self.allgather(outputs, inputs, opts)
 
-    def all_gather_single(self, output: torch.Tensor, input: torch.Tensor, opts: Any) -> _Work:
+    def all_gather_single(self, output: torch.Tensor, input: torch.Tensor, opts: Any) -> dist.Work:
         def run() -> list[torch.Tensor]:
             self._gather_into(output, input)
             return [output]
@@ -718,7 +755,7 @@ class ParallelBackend(_C10dBackend):
 
     def all_gather_single_coalesced(
         self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: Any
-    ) -> _Work:
+    ) -> dist.Work:
         def run() -> list[torch.Tensor]:
             for o, i in zip(outputs, inputs, strict=True):
                 self._gather_into(o, i)
@@ -726,7 +763,7 @@ class ParallelBackend(_C10dBackend):
 
         return self._inline("allgather_into_tensor_coalesced", run)
 
-    def gather(self, outputs: list[list[torch.Tensor]], inputs: list[torch.Tensor], opts: Any) -> _Work:
+    def gather(self, outputs: list[list[torch.Tensor]], inputs: list[torch.Tensor], opts: Any) -> dist.Work:
         t = _one(inputs, "gather")
         root = opts.rootRank
 
@@ -741,7 +778,7 @@ class ParallelBackend(_C10dBackend):
 
     # -- scatter family -------------------------------------------------------------------
 
-    def scatter(self, outputs: list[torch.Tensor], inputs: list[list[torch.Tensor]], opts: Any) -> _Work:
+    def scatter(self, outputs: list[torch.Tensor], inputs: list[list[torch.Tensor]], opts: Any) -> dist.Work:
         out = _one(outputs, "scatter")
         root = opts.rootRank
         tag = self._tag()
@@ -782,7 +819,7 @@ class ParallelBackend(_C10dBackend):
 
     def reduce_scatter(
         self, outputs: list[torch.Tensor], inputs: list[list[torch.Tensor]], opts: Any
-    ) -> _Work:
+    ) -> dist.Work:
         out = _one(outputs, "reduce_scatter")
         pieces = _one(inputs, "reduce_scatter")
 
@@ -814,7 +851,7 @@ class ParallelBackend(_C10dBackend):
             mine = self._reduce_scatter_rows(rows, op, what)
             output.copy_(mine.view(output.shape))
 
-    def reduce_scatter_single(self, output: torch.Tensor, input: torch.Tensor, opts: Any) -> _Work:
+    def reduce_scatter_single(self, output: torch.Tensor, input: torch.Tensor, opts: Any) -> dist.Work:
         def run() -> list[torch.Tensor]:
             self._reduce_scatter_into(output, input, opts.reduceOp, "reduce_scatter_tensor")
             return [output]
@@ -823,7 +860,7 @@ class ParallelBackend(_C10dBackend):
 
     def reduce_scatter_single_coalesced(
         self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: Any
-    ) -> _Work:
+    ) -> dist.Work:
         def run() -> list[torch.Tensor]:
             for o, i in zip(outputs, inputs, strict=True):
                 self._reduce_scatter_into(o, i, opts.reduceOp, "reduce_scatter_tensor_coalesced")
@@ -835,7 +872,7 @@ class ParallelBackend(_C10dBackend):
 
     def _all_to_all(
         self, outs: list[torch.Tensor], ins: list[torch.Tensor], what: str, result: Any, sync: bool = False
-    ) -> _Work:
+    ) -> dist.Work:
         """The Tree's pairwise all-to-all into ``outs``, on the Tree's queue (each output exactly
         its sender's size: a mismatch on every rank otherwise; non-contiguous outputs are filled
         in place)."""
@@ -857,7 +894,7 @@ class ParallelBackend(_C10dBackend):
             raise _backend_error(what, exc) from exc
         return self._later(what, pending, lambda: result)
 
-    def alltoall(self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: Any) -> _Work:
+    def alltoall(self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: Any) -> dist.Work:
         return self._all_to_all(outputs, inputs, "alltoall", outputs, self._sync(opts))
 
     def all_to_all_single(
@@ -867,7 +904,7 @@ class ParallelBackend(_C10dBackend):
         output_splits: list[int],
         input_splits: list[int],
         opts: Any,
-    ) -> _Work:
+    ) -> dist.Work:
         def split(t: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
             if not sizes:
                 if t.shape[0] % self._size:
@@ -889,15 +926,15 @@ class ParallelBackend(_C10dBackend):
 
     # -- point-to-point -------------------------------------------------------------------
 
-    def send(self, tensors: list[torch.Tensor], dst: int, tag: int) -> _Work:
+    def send(self, tensors: list[torch.Tensor], dst: int, tag: int) -> dist.Work:
         t = _one(tensors, "send")
         return self._later("send", self._p2p.send(t, dst, f"u{tag}"), lambda: tensors)
 
-    def recv(self, tensors: list[torch.Tensor], src: int, tag: int) -> _Work:
+    def recv(self, tensors: list[torch.Tensor], src: int, tag: int) -> dist.Work:
         t = _one(tensors, "recv")
         return self._later("recv", self._p2p.recv(t, src, f"u{tag}"), lambda: tensors)
 
-    def recv_anysource(self, tensors: list[torch.Tensor], tag: int) -> _Work:
+    def recv_anysource(self, tensors: list[torch.Tensor], tag: int) -> dist.Work:
         t = _one(tensors, "recv")
         pending = self._p2p.recv(t, None, f"u{tag}")
         work: _Work
