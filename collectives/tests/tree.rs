@@ -117,6 +117,16 @@ fn tree_1_every_world_size_and_awkward_size() {
     }
 }
 
+/// A buffer larger than the caches takes the ring's streaming stores in its all-gather
+/// (`buffer::STREAMING_MIN`): an odd number of elements, so no segment ends on a 64-byte line.
+#[test]
+fn tree_1_a_buffer_larger_than_the_caches_is_reduced_bitwise_alike() {
+    let count = (parallel_engine::buffer::STREAMING_MIN / 4) + 7;
+    for n in [2, 3] {
+        check_all_reduce(n, Op::Sum, DType::F32, count);
+    }
+}
+
 #[test]
 fn tree_1_every_op_and_dtype_and_world_size() {
     // One world per size; inside it every op x dtype x awkward size, both algorithms (the ring

@@ -252,6 +252,57 @@ impl Drop for Buf {
     }
 }
 
+/// Copies at least this many bytes with [`copy_streaming`] where the destination is written
+/// once and not read again soon: at this size it does not stay in the caches of the machines this
+/// was measured on (32 MiB of L3 shared by the processes of a host).
+pub const STREAMING_MIN: usize = 32 << 20;
+
+/// Copies `src` into `dst` (same length) with stores that bypass the caches where the CPU has
+/// them (x86-64: `movntdq`, then a store fence): for results written once into memory that
+/// is much larger than the caches, this saves reading each destination line from memory
+/// before writing it. Elsewhere, or for a short copy, a plain copy.
+pub fn copy_streaming(dst: &mut [u8], src: &[u8]) {
+    assert_eq!(dst.len(), src.len(), "copy_streaming: lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_sfence, _mm_stream_si128};
+        let n = dst.len();
+        // Plain bytes up to the destination's first 16-byte boundary.
+        let head = (dst.as_ptr() as usize).wrapping_neg() % 16;
+        if n < head + 64 {
+            dst.copy_from_slice(src);
+            return;
+        }
+        dst[..head].copy_from_slice(&src[..head]);
+        let body = (n - head) / 64 * 64;
+        // SAFETY: SSE2 is part of x86-64. Every load reads 16 bytes inside `src[head..head +
+        // body]`, every store writes 16 bytes inside `dst[head..head + body]`, whose start is
+        // 16-byte aligned (as `_mm_stream_si128` needs); the slices do not overlap (one is
+        // borrowed mutably). The fence orders the streaming stores before any later store, so
+        // whoever learns of the copy through a later store sees its bytes.
+        unsafe {
+            let s = src.as_ptr().add(head);
+            let d = dst.as_mut_ptr().add(head);
+            let mut i = 0;
+            while i < body {
+                let a = _mm_loadu_si128(s.add(i) as *const __m128i);
+                let b = _mm_loadu_si128(s.add(i + 16) as *const __m128i);
+                let c = _mm_loadu_si128(s.add(i + 32) as *const __m128i);
+                let e = _mm_loadu_si128(s.add(i + 48) as *const __m128i);
+                _mm_stream_si128(d.add(i) as *mut __m128i, a);
+                _mm_stream_si128(d.add(i + 16) as *mut __m128i, b);
+                _mm_stream_si128(d.add(i + 32) as *mut __m128i, c);
+                _mm_stream_si128(d.add(i + 48) as *mut __m128i, e);
+                i += 64;
+            }
+            _mm_sfence();
+        }
+        dst[head + body..].copy_from_slice(&src[head + body..]);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    dst.copy_from_slice(src);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,5 +318,28 @@ mod tests {
         assert_eq!(b.len(), (8 << 20) + 1);
         let small = Buf::with_len(10).unwrap();
         assert_eq!(&small[..], &[0; 10]);
+    }
+
+    /// A streaming copy equals a plain one for every length and alignment around its 16-byte
+    /// stores and 64-byte steps, and touches nothing outside the destination.
+    #[test]
+    fn copy_streaming_copies_exactly_at_every_length_and_alignment() {
+        let src: Vec<u8> = (0..70_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+        for len in (0..300).chain([4095, 4096, 4097, 65_536 + 3]) {
+            for (d_off, s_off) in [(0, 0), (1, 0), (0, 5), (15, 3), (16, 16), (9, 63)] {
+                let mut dst = vec![0xAAu8; len + 64 + 32];
+                super::copy_streaming(&mut dst[d_off..d_off + len], &src[s_off..s_off + len]);
+                assert_eq!(
+                    &dst[d_off..d_off + len],
+                    &src[s_off..s_off + len],
+                    "len {len}"
+                );
+                assert!(dst[..d_off].iter().all(|&b| b == 0xAA), "before, len {len}");
+                assert!(
+                    dst[d_off + len..].iter().all(|&b| b == 0xAA),
+                    "after, len {len}"
+                );
+            }
+        }
     }
 }

@@ -136,29 +136,36 @@ impl Memory for Host<'_> {
         reduce: bool,
     ) -> Result<()> {
         let (op, dtype) = (self.op, self.dtype);
+        // Over TCP the kernel copies into the buffer itself; a shared ring's bytes are ours to
+        // copy.
+        let streaming = self.len >= parallel_engine::buffer::STREAMING_MIN
+            && comm.link(from)?.link_kind() == parallel_engine::LinkKind::Shm;
         // SAFETY: the caller's contract: `r` lies in the buffer and no send reads it.
         let dst = unsafe { self.bytes_mut(r) };
-        if !reduce {
+        if !reduce && !streaming {
             return comm.recv_bytes(from, dst, "ring step");
         }
-        // Reduce: each piece of the chunk is combined into the buffer as it arrives, while it
-        // is still in the cache (a whole chunk received first would go to memory and back).
+        // Each piece of the chunk is taken as it arrives: combined into the buffer while it is
+        // still in the cache (a whole chunk received first would go to memory and back); or, in
+        // the all-gather of a buffer larger than the caches, copied with stores that bypass
+        // them (the bytes are written once and not read again here, so no line of the buffer
+        // is read from memory first).
         // SAFETY: the view only describes the chunk for the receive's checks: a streamed
         // receive never writes through it, and `dst` outlives the call.
         let mut check = unsafe { super::out_view(dst) };
         let n = dst.len();
-        comm.recv_streamed(
-            from,
-            &mut check,
-            dtype.itemsize(),
-            "ring step",
-            &mut |off, piece| {
-                let d = dst
-                    .get_mut(off..off + piece.len())
-                    .ok_or_else(|| too_long(off + piece.len(), n))?;
+        let grain = if reduce { dtype.itemsize() } else { 1 };
+        comm.recv_streamed(from, &mut check, grain, "ring step", &mut |off, piece| {
+            let d = dst
+                .get_mut(off..off + piece.len())
+                .ok_or_else(|| too_long(off + piece.len(), n))?;
+            if reduce {
                 ops::reduce_into(op, dtype, d, piece)
-            },
-        )
+            } else {
+                parallel_engine::buffer::copy_streaming(d, piece);
+                Ok(())
+            }
+        })
     }
 
     fn finish(&mut self, r: Range<usize>, contributors: usize) -> Result<()> {

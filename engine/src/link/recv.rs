@@ -622,6 +622,13 @@ impl RecvGuard<'_> {
     pub(super) fn fill(&mut self, dst: &mut [u8], via_cma: bool, deadline: Deadline) -> Result<()> {
         let link = self.link;
         if !via_cma {
+            if let Some(s) = &link.shm
+                && dst.len() >= crate::buffer::STREAMING_MIN
+            {
+                // A segment larger than the caches: written once, so it goes to memory without
+                // first reading each destination line from it.
+                return s.read_exact_with(dst, deadline, "a message payload", true);
+            }
             return link.read_in_frame(dst, deadline, "a message payload");
         }
         let addr = self.read_record_of(dst.len(), deadline)?;

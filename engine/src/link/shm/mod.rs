@@ -394,6 +394,19 @@ impl ShmEnd {
     /// calls it when released), so that the pieces of one frame (header, descriptor, payload)
     /// cost one shared store and one look at the writer's doorbell, not one each.
     pub fn read_exact(&self, buf: &mut [u8], deadline: Deadline, what: &str) -> Result<()> {
+        self.read_exact_with(buf, deadline, what, false)
+    }
+
+    /// [`ShmEnd::read_exact`]; with `streaming`, the bytes go to `buf` with stores that bypass
+    /// the caches ([`crate::buffer::copy_streaming`]: a destination larger than the caches,
+    /// written once).
+    pub fn read_exact_with(
+        &self,
+        buf: &mut [u8],
+        deadline: Deadline,
+        what: &str,
+        streaming: bool,
+    ) -> Result<()> {
         let cap = self.map.cap as u64;
         let rx = self.rx();
         let c = self.map.ctrl(rx);
@@ -420,11 +433,28 @@ impl ShmEnd {
             let n = (avail as usize).min(buf.len() - got);
             let pos = (tail % cap) as usize;
             let first = n.min(self.map.cap - pos);
-            // SAFETY: the ranges lie in the data area; [tail, head) belongs to the reader (SHM-2
-            // checked avail <= cap).
-            unsafe {
-                std::ptr::copy_nonoverlapping(data.add(pos), buf.as_mut_ptr().add(got), first);
-                std::ptr::copy_nonoverlapping(data, buf.as_mut_ptr().add(got + first), n - first);
+            if streaming {
+                // SAFETY: the ranges lie in the data area; [tail, head) belongs to the reader
+                // (SHM-2 checked avail <= cap).
+                let (a, b) = unsafe {
+                    (
+                        std::slice::from_raw_parts(data.add(pos) as *const u8, first),
+                        std::slice::from_raw_parts(data as *const u8, n - first),
+                    )
+                };
+                crate::buffer::copy_streaming(&mut buf[got..got + first], a);
+                crate::buffer::copy_streaming(&mut buf[got + first..got + n], b);
+            } else {
+                // SAFETY: the ranges lie in the data area; [tail, head) belongs to the reader
+                // (SHM-2 checked avail <= cap).
+                unsafe {
+                    std::ptr::copy_nonoverlapping(data.add(pos), buf.as_mut_ptr().add(got), first);
+                    std::ptr::copy_nonoverlapping(
+                        data,
+                        buf.as_mut_ptr().add(got + first),
+                        n - first,
+                    );
+                }
             }
             tail += n as u64;
             got += n;
