@@ -110,6 +110,28 @@ pub(crate) struct Meta {
 }
 
 impl Meta {
+    /// A rank's own announcement of a host collective with root 0, no structure signature, as
+    /// the first pass of its call; set `root` and `gpu` by struct update where they differ.
+    pub fn new(
+        kind: Kind,
+        op: &'static str,
+        dtype: Option<DType>,
+        count: usize,
+        algo: Algorithm,
+    ) -> Meta {
+        Meta {
+            kind,
+            op: op.into(),
+            dtype,
+            count,
+            root: 0,
+            gpu: false,
+            sig: 0,
+            cont: false,
+            algo,
+        }
+    }
+
     /// The op that reduces this collective's data on a rank holding `given`: the collective's
     /// own built-in op, or `given` when the ranks called it with a user function. A finished rank
     /// gives the function passed to `done`, which must never replace a built-in op (TREE-4).

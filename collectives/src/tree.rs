@@ -373,17 +373,13 @@ impl Tree {
                 "this rank called done(): it has no more data to reduce",
             ));
         }
-        let meta = Meta {
-            kind: Kind::AllReduce,
-            op: op.name().into(),
-            dtype: Some(dtype),
-            count: buf.len() / dtype.itemsize(),
-            root: 0,
-            gpu: false,
-            sig: 0,
-            cont: false,
-            algo: self.algorithm(buf.len(), op),
-        };
+        let meta = Meta::new(
+            Kind::AllReduce,
+            op.name(),
+            Some(dtype),
+            buf.len() / dtype.itemsize(),
+            self.algorithm(buf.len(), op),
+        );
         if let Op::User(_) = op {
             return self.run(|| self.user_all_reduce(&meta, dtype, buf, op));
         }
@@ -441,15 +437,14 @@ impl Tree {
     pub fn broadcast(&self, dtype: DType, buf: &mut [u8], root: usize) -> Result<()> {
         self.check_root(root)?;
         let meta = Meta {
-            kind: Kind::Broadcast,
-            op: "copy".into(),
-            dtype: Some(dtype),
-            count: buf.len() / dtype.itemsize(),
             root,
-            gpu: false,
-            sig: 0,
-            cont: false,
-            algo: Algorithm::Tree,
+            ..Meta::new(
+                Kind::Broadcast,
+                "copy",
+                Some(dtype),
+                buf.len() / dtype.itemsize(),
+                Algorithm::Tree,
+            )
         };
         self.run(|| {
             self.pass(Some(&meta), None, Some(buf), true, self.rank == root)
@@ -462,15 +457,14 @@ impl Tree {
         self.check_root(root)?;
         op.check(dtype)?;
         let meta = Meta {
-            kind: Kind::Reduce,
-            op: op.name().into(),
-            dtype: Some(dtype),
-            count: buf.len() / dtype.itemsize(),
             root,
-            gpu: false,
-            sig: 0,
-            cont: false,
-            algo: Algorithm::Tree,
+            ..Meta::new(
+                Kind::Reduce,
+                op.name(),
+                Some(dtype),
+                buf.len() / dtype.itemsize(),
+                Algorithm::Tree,
+            )
         };
         let mut work = buf.to_vec();
         self.run(|| {
@@ -488,17 +482,7 @@ impl Tree {
     /// Every contributing rank's bytes, as (rank, bytes) in rank order (sizes may differ between
     /// ranks). While some ranks are done (TREE-4) their entries are absent.
     pub fn all_gather(&self, mine: &[u8]) -> Result<Vec<(usize, Vec<u8>)>> {
-        let meta = Meta {
-            kind: Kind::AllGather,
-            op: "gather".into(),
-            dtype: None,
-            count: 0,
-            root: 0,
-            gpu: false,
-            sig: 0,
-            cont: false,
-            algo: Algorithm::Tree,
-        };
+        let meta = Meta::new(Kind::AllGather, "gather", None, 0, Algorithm::Tree);
         self.run(|| {
             // Each rank's piece travels up tagged with its rank; the root sends them all down.
             let v = self.pass_with(Pass {
@@ -540,17 +524,13 @@ impl Tree {
                 "a reduce function has no identity for a finished rank to contribute in the ring: all_reduce with it, then take this rank's part",
             ));
         }
-        let meta = Meta {
-            kind: Kind::ReduceScatter,
-            op: op.name().into(),
-            dtype: Some(dtype),
-            count: buf.len() / dtype.itemsize(),
-            root: 0,
-            gpu: false,
-            sig: 0,
-            cont: false,
-            algo: Algorithm::Ring,
-        };
+        let meta = Meta::new(
+            Kind::ReduceScatter,
+            op.name(),
+            Some(dtype),
+            buf.len() / dtype.itemsize(),
+            Algorithm::Ring,
+        );
         self.run(|| {
             let v = self.pass(Some(&meta), Some(op), None, false, true)?;
             let comm = self.comm(self.deadline());
@@ -573,17 +553,13 @@ impl Tree {
     /// part: while some are done (TREE-4) it fails on every rank (`all_gather` leaves them out).
     pub fn all_gather_into(&self, dtype: DType, buf: &mut [u8]) -> Result<()> {
         self.check_parts("all_gather_into", dtype, buf.len())?;
-        let meta = Meta {
-            kind: Kind::AllGatherInto,
-            op: "gather".into(),
-            dtype: Some(dtype),
-            count: buf.len() / dtype.itemsize(),
-            root: 0,
-            gpu: false,
-            sig: 0,
-            cont: false,
-            algo: Algorithm::Ring,
-        };
+        let meta = Meta::new(
+            Kind::AllGatherInto,
+            "gather",
+            Some(dtype),
+            buf.len() / dtype.itemsize(),
+            Algorithm::Ring,
+        );
         self.run(|| {
             let v = self.pass(Some(&meta), None, None, false, true)?;
             if v.contributors != self.world_size() {
@@ -631,17 +607,7 @@ impl Tree {
 
     /// Waits until every rank reached the barrier; returns how many ranks still contribute.
     pub fn barrier(&self) -> Result<usize> {
-        let meta = Meta {
-            kind: Kind::Barrier,
-            op: "none".into(),
-            dtype: None,
-            count: 0,
-            root: 0,
-            gpu: false,
-            sig: 0,
-            cont: false,
-            algo: Algorithm::Tree,
-        };
+        let meta = Meta::new(Kind::Barrier, "none", None, 0, Algorithm::Tree);
         self.run(|| {
             self.pass(Some(&meta), None, None, false, false)
                 .map(|v| v.contributors)

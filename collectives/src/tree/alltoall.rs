@@ -48,17 +48,7 @@ impl Tree {
             ));
         }
         let table = self.size_table(dtype, sends, recvs)?;
-        let meta = Meta {
-            kind: Kind::AllToAll,
-            op: "exchange".into(),
-            dtype: Some(dtype),
-            count: 0,
-            root: 0,
-            gpu: false,
-            sig: 0,
-            cont: false,
-            algo: Algorithm::Tree,
-        };
+        let meta = Meta::new(Kind::AllToAll, "exchange", Some(dtype), 0, Algorithm::Tree);
         self.run(|| {
             let v = self.pass_with(Pass {
                 meta: Some(&meta),
@@ -376,17 +366,13 @@ mod tests {
                     .map(|_| ());
             }
             // The victim's side of the pass and the mesh, then its step-1 piece only.
-            let meta = Meta {
-                kind: Kind::AllToAll,
-                op: "exchange".into(),
-                dtype: Some(DType::U8),
-                count: 0,
-                root: 0,
-                gpu: false,
-                sig: 0,
-                cont: false,
-                algo: Algorithm::Tree,
-            };
+            let meta = Meta::new(
+                Kind::AllToAll,
+                "exchange",
+                Some(DType::U8),
+                0,
+                Algorithm::Tree,
+            );
             let table = t.size_table(DType::U8, &send_refs, &out_refs).unwrap();
             t.pass_with(Pass {
                 meta: Some(&meta),

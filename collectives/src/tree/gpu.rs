@@ -153,15 +153,15 @@ impl Tree {
         }
         let count = len / dtype.itemsize();
         let meta = Meta {
-            kind,
-            op: op.name().into(),
-            dtype: Some(dtype),
-            count,
             root,
             gpu: true,
-            sig: 0,
-            cont: false,
-            algo: self.gpu_algorithm(kind, len),
+            ..Meta::new(
+                kind,
+                op.name(),
+                Some(dtype),
+                count,
+                self.gpu_algorithm(kind, len),
+            )
         };
         self.run(|| {
             let v = self.pass(Some(&meta), Some(op), None, false, true)?;
@@ -321,15 +321,15 @@ impl Tree {
         let g = cuda::require("broadcast")?;
         let count = len / dtype.itemsize();
         let meta = Meta {
-            kind: Kind::Broadcast,
-            op: "copy".into(),
-            dtype: Some(dtype),
-            count,
             root,
             gpu: true,
-            sig: 0,
-            cont: false,
-            algo: crate::algorithms::Algorithm::Tree,
+            ..Meta::new(
+                Kind::Broadcast,
+                "copy",
+                Some(dtype),
+                count,
+                crate::algorithms::Algorithm::Tree,
+            )
         };
         self.run(|| {
             self.pass(Some(&meta), None, None, false, self.rank == root)?;
