@@ -498,9 +498,11 @@ impl Link {
             Some(s) => crate::runtime::spin_until(self.spin, || s.has_data()),
             None => crate::runtime::spin_until(self.spin, || self.ready()),
         };
-        if spun {
-            return Ok(());
-        }
+        // Held until the park ends (SPIN-3 learns from its length).
+        let _spin = match spun {
+            crate::runtime::Spun::Ready => return Ok(()),
+            crate::runtime::Spun::Sleep(s) => s,
+        };
         let mut fds = Vec::with_capacity(2);
         loop {
             fds.clear();

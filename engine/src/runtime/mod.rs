@@ -41,7 +41,9 @@ mod tests;
 pub use futex::futex;
 pub(crate) use io::{Attempt, recv_exact, send_all, try_recv};
 pub use reactor::{Completion, Lane, Runtime, block_signals};
-pub use spin::{LOAD_PERIOD, SLOTS, Spin, SpinStats, refresh_load, relax, spin_stats, spin_until};
+pub use spin::{
+    LOAD_PERIOD, SLOTS, Spin, SpinStats, Spun, refresh_load, relax, spin_stats, spin_until,
+};
 
 use crate::config::{IoChoice, config};
 use crate::error::{Error, ErrorKind, Result};

@@ -17,7 +17,11 @@
 //!   (`sched_getaffinity`) free: one for the spinner, one for the thread it waits for.
 //! - SPIN-3: a [`Spin`] that ran out its budget without its condition turning true makes the
 //!   thread skip its next 1, 3, 7, ..., 63 spins (a kernel wait each time); a spin that paid
-//!   resets the skip. A wait that cannot be won by spinning stops costing a core.
+//!   resets the skip, and a declined wait that ended within the cap (the `Spin` is held until
+//!   the kernel wait ends: a spin would have paid) halves the skip left. A wait that cannot be
+//!   won by spinning stops costing a core, and a burst of quick hand-offs after a long wait (a
+//!   trainer's small collectives after its compute) spins again after at most 6 kernel waits,
+//!   not after 63.
 //! - SPIN-4: the idle fast path makes no system call: the load sample is refreshed at most once
 //!   per [`LOAD_PERIOD`] per process, by one `pread` of a descriptor opened once, and the
 //!   spinner count is a scan of the atomics of the slots taken so far (at most [`SLOTS`]).
@@ -202,14 +206,17 @@ fn release(slot: usize) {
 static STARTED: AtomicU64 = AtomicU64::new(0);
 static PAID: AtomicU64 = AtomicU64::new(0);
 static DECLINED: AtomicU64 = AtomicU64::new(0);
+static SHORT: AtomicU64 = AtomicU64::new(0);
 
-/// How this process's [`Spin`]s went: started, paid (the condition came while spinning), and
-/// declined (the policy sent the waiter straight to the kernel).
+/// How this process's [`Spin`]s went: started, paid (the condition came while spinning),
+/// declined (the policy sent the waiter straight to the kernel), and declined_short (declined
+/// waits that ended within the cap: a spin would have paid; SPIN-3 halves the skip on them).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SpinStats {
     pub started: u64,
     pub paid: u64,
     pub declined: u64,
+    pub declined_short: u64,
 }
 
 pub fn spin_stats() -> SpinStats {
@@ -217,18 +224,23 @@ pub fn spin_stats() -> SpinStats {
         started: STARTED.load(Ordering::Relaxed),
         paid: PAID.load(Ordering::Relaxed),
         declined: DECLINED.load(Ordering::Relaxed),
+        declined_short: SHORT.load(Ordering::Relaxed),
     }
 }
 
 /// A bounded spin under the policy. Use it as
 /// `let mut spin = Spin::start(cap); while !ready() { if !spin.step() { kernel_wait() } }`:
 /// `step` relaxes the CPU and says whether to keep spinning; dropping the `Spin` while it is
-/// still spinning records that it paid (SPIN-3).
+/// still spinning records that it paid, and dropping a declined one within the cap of its start
+/// records that a spin would have paid (SPIN-3: the skip left halves). So keep it until the
+/// kernel wait has ended.
 #[derive(Debug)]
 pub struct Spin {
     slot: Option<usize>,
     until: Instant,
     steps: u32,
+    /// Declined (not run out): when, and the cap it would have had.
+    declined: Option<(Instant, Duration)>,
 }
 
 impl Spin {
@@ -254,6 +266,7 @@ impl Spin {
             slot,
             until: now + if slot.is_some() { cap } else { Duration::ZERO },
             steps: 0,
+            declined: (slot.is_none() && !cap.is_zero()).then_some((now, cap)),
         }
     }
 
@@ -293,25 +306,42 @@ impl Drop for Spin {
                 me.misses.set(0);
                 me.skip.set(0);
             });
+        } else if let Some((at, cap)) = self.declined {
+            // One clock read, on a path that has just been through the kernel (or not waited).
+            if at.elapsed() < cap {
+                SHORT.fetch_add(1, Ordering::Relaxed);
+                let _ = ME.try_with(|me| me.skip.set(me.skip.get() / 2));
+            }
         }
     }
 }
 
-/// Spins under the policy (at most `cap`) until `ready()` returns true; returns whether it did.
-/// On false the caller goes to its kernel wait. This is the one-line form of [`Spin`] for a
-/// loop of the shape `while now < spin_until { if ready() { return } relax() }`.
-pub fn spin_until(cap: Duration, mut ready: impl FnMut() -> bool) -> bool {
+/// How [`spin_until`] ended.
+#[must_use = "hold the Spin until the kernel wait has ended (SPIN-3 learns from its length)"]
+#[derive(Debug)]
+pub enum Spun {
+    /// The condition came (before or while spinning).
+    Ready,
+    /// Go to the kernel wait, holding this until it ends.
+    Sleep(Spin),
+}
+
+/// Spins under the policy (at most `cap`) until `ready()` returns true. On [`Spun::Sleep`] the
+/// caller goes to its kernel wait and drops the `Spin` it got when that wait ends. This is the
+/// one-line form of [`Spin`] for a loop of the shape
+/// `while now < spin_until { if ready() { return } relax() }`.
+pub fn spin_until(cap: Duration, mut ready: impl FnMut() -> bool) -> Spun {
     // Already ready: no spin decision to pay for (nor to count).
     if ready() {
-        return true;
+        return Spun::Ready;
     }
     let mut spin = Spin::start(cap);
     loop {
         if ready() {
-            return true;
+            return Spun::Ready;
         }
         if !spin.step() {
-            return false;
+            return Spun::Sleep(spin);
         }
     }
 }
@@ -430,15 +460,19 @@ pub(crate) mod tests {
                 me.skip.set(3);
             });
             for left in (0..3).rev() {
-                let s = Spin::start(Duration::from_secs(1));
+                let s = Spin::start(Duration::from_millis(1));
                 assert!(!s.spinning(), "spun while skipping");
                 assert_eq!(ME.with(|me| me.skip.get()), left);
+                // Its kernel wait outlasts the cap (a shorter one resets the streak).
+                std::thread::sleep(Duration::from_millis(3));
             }
+            assert_eq!(ME.with(|me| me.misses.get()), 2);
             // A spin that runs out its budget doubles the skip.
             let mut s = Spin {
                 slot: ME.with(|me| me.slot),
                 until: Instant::now(),
                 steps: 0,
+                declined: None,
             };
             while s.step() {}
             assert_eq!(ME.with(|me| (me.misses.get(), me.skip.get())), (3, 7));
@@ -447,6 +481,7 @@ pub(crate) mod tests {
                 slot: ME.with(|me| me.slot),
                 until: Instant::now() + Duration::from_secs(1),
                 steps: 0,
+                declined: None,
             });
             assert_eq!(ME.with(|me| (me.misses.get(), me.skip.get())), (0, 0));
         })
@@ -455,11 +490,87 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn spin_3_declined_waits_shorter_than_the_cap_wear_the_skip_down() {
+        std::thread::spawn(|| {
+            let cap = Duration::from_millis(20);
+            let state = || ME.with(|me| (me.misses.get(), me.skip.get()));
+            // Long waits (a trainer's compute between collectives): skipped spins whose kernel
+            // waits outlast the cap keep the streak.
+            ME.with(|me| {
+                me.misses.set(6);
+                me.skip.set(63);
+            });
+            let short = spin_stats().declined_short;
+            for _ in 0..2 {
+                let s = Spin::start(cap);
+                assert!(!s.spinning(), "spun while skipping");
+                std::thread::sleep(cap + Duration::from_millis(5)); // the kernel wait
+                drop(s);
+            }
+            assert_eq!(state(), (6, 61));
+            // Then quick hand-offs: each wait ended well within the cap (a spin would have
+            // paid), so each halves the skip left; five bring it to zero, and the next wait may
+            // spin again (the streak itself ends when a spin pays).
+            let mut seen = vec![];
+            for _ in 0..5 {
+                let s = Spin::start(cap);
+                assert!(!s.spinning(), "spun while skipping");
+                drop(s);
+                seen.push(state().1);
+            }
+            assert_eq!(seen, [30, 14, 6, 2, 0]);
+            assert_eq!(state().0, 6);
+            assert!(spin_stats().declined_short >= short + 5);
+            // The same through spin_until, held across the kernel wait.
+            ME.with(|me| me.skip.set(63));
+            match spin_until(cap, || false) {
+                Spun::Sleep(s) => {
+                    assert!(!s.spinning());
+                    std::thread::sleep(cap + Duration::from_millis(5));
+                    drop(s);
+                }
+                Spun::Ready => panic!("never ready, yet Ready"),
+            }
+            assert_eq!(state(), (6, 62));
+            let Spun::Sleep(s) = spin_until(cap, || false) else {
+                panic!("never ready, yet Ready");
+            };
+            drop(s);
+            assert_eq!(state(), (6, 30));
+            // A spin that ran out its budget is a miss however soon it is dropped.
+            ME.with(|me| {
+                me.misses.set(0);
+                me.skip.set(0);
+            });
+            let mut s = Spin {
+                slot: ME.with(|me| me.slot),
+                until: Instant::now(),
+                steps: 0,
+                declined: None,
+            };
+            while s.step() {}
+            drop(s);
+            assert_eq!(state(), (1, 1));
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
     fn spin_1_spin_until_reports_readiness_and_gives_up() {
-        assert!(spin_until(Duration::ZERO, || true), "ready at once");
-        assert!(!spin_until(Duration::ZERO, || false), "cap 0 never spins");
+        assert!(
+            matches!(spin_until(Duration::ZERO, || true), Spun::Ready),
+            "ready at once"
+        );
+        assert!(
+            matches!(spin_until(Duration::ZERO, || false), Spun::Sleep(_)),
+            "cap 0 never spins"
+        );
         let t = Instant::now();
-        assert!(!spin_until(Duration::from_millis(1), || false));
+        assert!(matches!(
+            spin_until(Duration::from_millis(1), || false),
+            Spun::Sleep(_)
+        ));
         assert!(
             t.elapsed() < Duration::from_secs(5),
             "the spin is bounded by its cap"

@@ -256,10 +256,12 @@ impl ShmEnd {
         spin: Duration,
         mut ready: impl FnMut() -> bool,
     ) -> Result<()> {
-        // Spins only while a core is free (runtime::spin), then parks on the doorbell.
-        if crate::runtime::spin_until(spin, &mut ready) {
-            return Ok(());
-        }
+        // Spins only while a core is free (runtime::spin), then parks on the doorbell, holding
+        // the spin until the park ends (SPIN-3 learns from its length).
+        let _spin = match crate::runtime::spin_until(spin, &mut ready) {
+            crate::runtime::Spun::Ready => return Ok(()),
+            crate::runtime::Spun::Sleep(s) => s,
+        };
         loop {
             parked.store(1, Ordering::SeqCst);
             fence(Ordering::SeqCst);
