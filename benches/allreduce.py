@@ -100,11 +100,15 @@ import time
 
 import _load
 from _common import (
+    CORE_RTT_NEAR_NS,
     HOST,
     cmd,
+    core_probe,
     cpu_seconds,
     cpu_stall_us,
+    fmt_probe,
     free_port,
+    near_state,
     pct,
     read_text,
     run_probe,
@@ -754,6 +758,9 @@ def summarize(runs, world):
         last = runs[-1] if runs else {"status": "skipped"}
         return {"status": last.get("status"), "note": last.get("note", "")}
     out = {"status": "ok", "reps_ok": len(ok), "reps": len(runs), "sizes": {}}
+    # Where the two CPUs were in each launch (the core-to-core probe right before and after it).
+    out["rep_core"] = [r.get("core", {}) for r in ok]
+    near = [c.get("state") == "near" for c in out["rep_core"]]
     notes = []
     if len(ok) < len(runs):
         notes.append(f"{len(runs) - len(ok)} of {len(runs)} rep(s) failed: {runs[-1].get('note', '')}"[:300])
@@ -792,6 +799,10 @@ def summarize(runs, world):
             },
             "verified": verified,
         }
+        near_meds = [m for m, n in zip(meds, near, strict=False) if n]
+        if near_meds and len(meds) == len(near):
+            out["sizes"][label]["near_median_s"] = statistics.median(near_meds)
+            out["sizes"][label]["near_reps"] = len(near_meds)
         if any(x.get("counters") for x in per):  # per rep: how rank 0's waits went
             out["sizes"][label]["rep_counters"] = [x.get("counters", {}) for x in per]
         solo = [x["solo"]["median_s"] for x in per if "solo" in x]
@@ -927,8 +938,37 @@ def targets(rows, world):
         else:
             item["ratio"] = t / m
             item["verdict"] = "met" if t <= m else "missed"
+            tn, mn = _near_med(rows, o, "4KiB"), _near_med(rows, "mpi", "4KiB")
+            if tn and mn:  # the launches that the core probe found on CPUs sharing a cache
+                item["near_ratio"] = tn / mn
         out.append(item)
     return out
+
+
+def _near_med(rows, system, label):
+    r = rows.get(system) or {}
+    return ((r.get("sizes") or {}).get(label) or {}).get("near_median_s")
+
+
+def core_lines(report):
+    """Per system, launch by launch: where the two CPUs were, and the headline sizes' medians."""
+    L = []
+    for n in report["order"]:
+        r = report["systems"].get(n) or {}
+        reps = r.get("rep_core") or []
+        if not reps:
+            continue
+        cells = []
+        for i, c in enumerate(reps):
+            figs = ", ".join(
+                f"{k} {fmt_t(r['sizes'][k]['rep_medians_s'][i])}"
+                for k in HEADLINE
+                if k in r["sizes"] and i < len(r["sizes"][k]["rep_medians_s"])
+            )
+            probes = f"{fmt_probe(c.get('before', {}))} / {fmt_probe(c.get('after', {}))}"
+            cells.append(f"{c.get('state', 'unknown')} ({probes}): {figs}")
+        L.append(f"- `{n}`: " + "; ".join(cells))
+    return L
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1187,6 +1227,8 @@ def target_lines(report):
                 f"(anchor {fmt_t(t['limit_anchor_s'])})"
             )
         ratio = f", ratio {t['ratio']:.2f}" if "ratio" in t and "floor_s" not in t else ""
+        if t.get("near_ratio"):
+            ratio += f" (launches with the CPUs near: {t['near_ratio']:.2f})"
         prim = "" if t["primary"] else " (information: the target is for the default link, shm)"
         out.append(f"- {t['target']}: **{t['verdict'].upper()}**{prim}: {extra}{ratio}")
     return out
@@ -1252,6 +1294,20 @@ def render(report):
     L.append("")
     L += target_lines(report)
     L.append("")
+    cl = core_lines(report)
+    if cl:
+        L.append("### Where the two CPUs were, launch by launch")
+        L.append("")
+        L.append(
+            "The core-to-core probe (`benches/probes/core_rtt.c`: a cache line passed between the two "
+            "CPUs) right before and right after each launch: near = both round trips under "
+            f"{CORE_RTT_NEAR_NS:.0f} ns (the CPUs share a last-level cache), apart = neither, changed = "
+            "one of each. On a VM the host decides this, and every 2-rank figure that moves data "
+            "between the cores follows it."
+        )
+        L.append("")
+        L += cl
+        L.append("")
     ft = floor_table(report)
     if ft:
         L.append("### Memory-traffic floor (our ring's minimal reads and writes, measured in this run)")
@@ -1488,17 +1544,23 @@ def main():
                     continue
                 print(f"[rep {rep + 1}/{a.reps}] {s} (p={a.world}) ...", end=" ", flush=True)
                 t0 = time.monotonic()
+                before = core_probe()
                 res, err, command, psi = launch(s, a.world, cfg, tmpdir, f"{s}-{rep}", deadline)
+                after = core_probe()
+                core = {"before": before, "after": after, "state": near_state(before, after)}
                 if err:
                     runs[s].append({"status": "error", "note": err, "command": command})
                     print(f"error: {err}", flush=True)
                     continue
-                runs[s].append({"status": "ok", "ranks": res, "command": command, "cpu_pressure": psi})
+                runs[s].append(
+                    {"status": "ok", "ranks": res, "command": command, "cpu_pressure": psi, "core": core}
+                )
                 r0 = res[0]["sizes"]
                 brief = ", ".join(f"{k} {fmt_t(r0[k]['median_s'])}" for k in HEADLINE if k in r0)
                 bad = [k for k in r0 if not all(rr["sizes"][k]["verified"] for rr in res.values())]
                 print(
-                    f"{brief} ({time.monotonic() - t0:.1f} s, CPU pressure {fmt_pct(psi)})"
+                    f"{brief} ({time.monotonic() - t0:.1f} s, CPU pressure {fmt_pct(psi)}; "
+                    f"CPUs {core['state']}: {fmt_probe(before)} / {fmt_probe(after)})"
                     + (f"  WRONG RESULT at {bad}" if bad else ""),
                     flush=True,
                 )

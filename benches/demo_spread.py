@@ -14,6 +14,13 @@ with Open MPI (mpi4py, 2 ranks: fill, barrier, timed all-reduce; the slowest ran
 when mpirun is installed: a spread that Open MPI shows in the same launches is the machine's
 (on this VM the host places the two vCPUs differently from period to period), not ours.
 
+Right before and right after each launch, the core-to-core probe (benches/probes/core_rtt.c, a
+cache line passed between the two CPUs) says where the two CPUs were: sharing a last-level cache
+("near", a round trip under 150 ns; about 55 ns on the VM this was written on) or not ("apart",
+250-350 ns there). The report gives the spread over every launch (the target's figure) and over
+the launches that both probes found near, so a spread that comes from the host's placement shows
+as such.
+
 Every launch runs in its own session with a deadline, after which its process group is
 terminated, then killed. Run it on a quiet machine (the figures are per launch medians; any
 other load moves them).
@@ -37,7 +44,7 @@ import subprocess
 import sys
 import time
 
-from _common import machine_info
+from _common import CORE_RTT_NEAR_NS, core_probe, fmt_probe, machine_info, near_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "examples", "allreduce_demo.py")
@@ -135,13 +142,15 @@ def fmt(s: float) -> str:
     return f"{s * 1e3:.2f} ms" if s >= 1e-3 else f"{s * 1e6:.1f} us"
 
 
-def summarize(runs: list[dict[str, dict[str, float]]]) -> list[dict]:
+def summarize(runs: list[dict]) -> list[dict]:
     rows = []
+    near = [r.get("core", {}).get("state") == "near" for r in runs]
     links = [*LINKS.values(), *(["mpi"] if all("mpi" in r for r in runs) else [])]
     for link in links:
         for size in runs[0][link]:
             xs = [r[link][size] for r in runs]
             lo, hi = min(xs), max(xs)
+            xs_near = [x for x, n in zip(xs, near, strict=True) if n]
             rows.append(
                 {
                     "link": link,
@@ -151,6 +160,10 @@ def summarize(runs: list[dict[str, dict[str, float]]]) -> list[dict]:
                     "max_s": hi,
                     "spread": hi / lo if lo > 0 else float("inf"),
                     "launches_s": xs,
+                    "near_launches": len(xs_near),
+                    "near_spread": (
+                        max(xs_near) / min(xs_near) if len(xs_near) > 1 and min(xs_near) > 0 else None
+                    ),
                 }
             )
     return rows
@@ -167,21 +180,31 @@ def render(report: dict) -> str:
         "(2 ranks, float32 sum). Spread = largest / smallest across launches. "
         f"Target (#14): at most {TARGET}x on shared memory, the default link.",
         "",
-        "| link | size | smallest | median | largest | spread | target |",
-        "|---|---|---|---|---|---|---|",
+        "| link | size | smallest | median | largest | spread | spread, launches with the CPUs near "
+        "| target |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         verdict = ("met" if r["spread"] <= TARGET else "**missed**") if r["link"] == "shm" else "(reported)"
         link = "Open MPI (probe)" if r["link"] == "mpi" else r["link"]
         lines.append(
             f"| {link} | {r['size']} | {fmt(r['min_s'])} | {fmt(r['median_s'])} | "
-            f"{fmt(r['max_s'])} | {r['spread']:.2f}x | {verdict} |"
+            f"{fmt(r['max_s'])} | {r['spread']:.2f}x | "
+            + (f"{r['near_spread']:.2f}x ({r['near_launches']} of {n})" if r.get("near_spread") else "-")
+            + f" | {verdict} |"
         )
     lines += ["", "Every launch, in order (shared memory; Open MPI's probe right after each launch):", ""]
     for r in rows:
         if r["link"] in ("shm", "mpi"):
             who = "Open MPI" if r["link"] == "mpi" else "ours"
             lines.append(f"- {who} {r['size']}: " + ", ".join(fmt(x) for x in r["launches_s"]))
+    states = report.get("core", [])
+    if states:
+        lines.append(
+            "- where the two CPUs were (core-to-core probe before / after each launch, cache-line round "
+            f"trip; near < {CORE_RTT_NEAR_NS:.0f} ns): "
+            + ", ".join(f"{c['state']} ({fmt_probe(c['before'])} / {fmt_probe(c['after'])})" for c in states)
+        )
     by = {(r["link"], r["size"]): r["launches_s"] for r in rows}
     for size in ("4 KiB", "1 MiB"):
         ours, mpi = by.get(("shm", size)), by.get(("mpi", size))
@@ -217,12 +240,15 @@ def main() -> int:
     machine = machine_info()
     runs, failed = [], []
     for i in range(n):
+        before = core_probe()
         try:
             r = launch(a.iters, a.timeout)
         except RuntimeError as e:
             failed.append(f"launch {i + 1}: {e}")
             print(f"launch {i + 1}/{n}: FAILED: {e}", file=sys.stderr)
             continue
+        after = core_probe()
+        r["core"] = {"before": before, "after": after, "state": near_state(before, after)}
         probe = mpi_probe(a.iters, a.timeout)
         if probe is not None:
             r["mpi"] = probe
@@ -230,7 +256,8 @@ def main() -> int:
         print(
             f"launch {i + 1}/{n}: shm "
             + ", ".join(f"{k} {fmt(v)}" for k, v in r["shm"].items())
-            + (("; Open MPI " + ", ".join(f"{k} {fmt(v)}" for k, v in probe.items())) if probe else ""),
+            + (("; Open MPI " + ", ".join(f"{k} {fmt(v)}" for k, v in probe.items())) if probe else "")
+            + f"; CPUs {r['core']['state']} ({fmt_probe(before)} / {fmt_probe(after)})",
             file=sys.stderr,
         )
     if not runs:
@@ -240,6 +267,7 @@ def main() -> int:
         "launches": len(runs),
         "iters": a.iters,
         "rows": summarize(runs),
+        "core": [r["core"] for r in runs],
         "failed": failed,
         "machine": machine,
         "elapsed_s": time.monotonic() - started,
