@@ -82,6 +82,8 @@ def summarize(runs, sizes):
         last = runs[-1] if runs else {"status": "skipped"}
         return {"status": last.get("status"), "note": last.get("note", "")}
     out = {"status": "ok", "launches": len(ok), "of": len(runs), "sizes": {}}
+    # Where the two CPUs were in each launch (the core-to-core probe right before and after it).
+    out["core_states"] = [r.get("core", {}).get("state", "unknown") for r in ok]
     for label in sizes:
         per = [p for p in (per_launch(r, label) for r in ok) if p]
         if not per:
@@ -94,6 +96,7 @@ def summarize(runs, sizes):
             "worst_p50_s": max(p50s),
             "pooled_p99_s": pct(pooled, 0.99),
             "spread": max(p50s) / min(p50s),
+            "near_spread": _near_spread(p50s, out["core_states"]),
             "ops_per_launch": len(per[0]["samples_s"]),
             "verified": all(
                 rr["sizes"][label]["verified"]
@@ -107,6 +110,12 @@ def summarize(runs, sizes):
     if len(ok) < len(runs):
         out["note"] = f"{len(runs) - len(ok)} launch(es) failed: {runs[-1].get('note', '')}"[:300]
     return out
+
+
+def _near_spread(p50s, states):
+    """The spread over the launches the core probe found on CPUs sharing a cache, or None."""
+    near = [x for x, s in zip(p50s, states, strict=False) if s == "near"] if len(p50s) == len(states) else []
+    return max(near) / min(near) if len(near) > 1 and min(near) > 0 else None
 
 
 def ratios(rows, ours, peers, sizes):
@@ -167,6 +176,8 @@ def ratio_lines(report):
             lines.append(f"| {label} | {name} | {' | '.join(cells)} | <= {target}x |")
         s = (rows.get(ours) or {}).get("sizes", {}).get(label)
         spread = f"{s['spread']:.2f}x" if s else "-"
+        if s and s.get("near_spread"):
+            spread += f" ({s['near_spread']:.2f}x over the launches with the CPUs near)"
         lines.append(
             f"| {label} | spread of {ours} (max/min p50) | {spread}"
             + " | -" * (len(report["peers"]) - 1)
@@ -187,6 +198,17 @@ def render(report):
         "",
     ]
     L += table(report)
+    states = [
+        f"`{n}` " + ", ".join((report["systems"].get(n) or {}).get("core_states") or ["-"])
+        for n in report["order"]
+    ]
+    L += [
+        "",
+        "Where the two CPUs were, launch by launch (the core-to-core probe right before and after "
+        "each launch, `benches/probes/core_rtt.c`; near: both found the CPUs sharing a cache): "
+        + "; ".join(states)
+        + ".",
+    ]
     L += ["", "Ratios (time ours / peer, < 1 = ours faster; targets from issue #14):", ""]
     L += ratio_lines(report)
     L += [

@@ -1640,12 +1640,15 @@ def load_main(a):
                 print(
                     f"[launch {rep + 1}/{a.reps}] {s} (p={a.world}, load {a.load}) ...", end=" ", flush=True
                 )
+                before = core_probe()
                 res, err, command, psi = launch(s, a.world, cfg, tmpdir, f"{s}-{rep}", deadline)
+                after = core_probe()
                 if err:
                     runs[s].append({"status": "error", "note": err, "command": command})
                     print(f"error: {err}", flush=True)
                     continue
                 run = {"status": "ok", "ranks": res, "command": command, "cpu_pressure": psi}
+                run["core"] = {"before": before, "after": after, "state": near_state(before, after)}
                 run["load_ops_per_s"] = sum(r.get("load_ops_per_s", 0) for r in res.values())
                 runs[s].append(run)
                 brief = [_load.per_launch(run, k) for k in sizes]
@@ -1654,7 +1657,8 @@ def load_main(a):
                         f"{k} p50 {fmt_t(b['p50_s'])} p99 {fmt_t(b['p99_s'])}"
                         for k, b in zip(sizes, brief, strict=True)
                         if b
-                    ),
+                    )
+                    + f" (CPUs {run['core']['state']}: {fmt_probe(before)} / {fmt_probe(after)})",
                     flush=True,
                 )
     finally:
