@@ -57,8 +57,12 @@ rep), and the target: 64 MiB within 1.2x the floor of the same run. On the 2-vCP
 written on, the floor itself moves from launch to launch: at 64 MiB 7.2-8.9 ms in 14 of 17
 launches and 15.8-18.5 ms in 3, at 1 MiB 80-90 us in most and 380-450 us in 4 of 16, steady
 inside a launch, while the one-process floor stayed at 5.6-7.4 ms in every launch: what changes
-is what the two ranks cost each other when both stream at once (placement of the VM's CPUs,
-presumably). Hence the per-rep ratios: ours/floor means most where adjacent launches agree.
+is what the two ranks cost each other when both stream at once: where the host has the two
+vCPUs. The core-to-core probe (benches/probes/core_rtt.c) measures that right before and right
+after every launch of every system: a cache line's round trip of about 50 ns while they share a
+last-level cache ("near"), 310-345 ns while not ("apart"); 1 MiB all-reduces of every system
+(ours, Open MPI, the floor) take several times longer apart. The report gives each launch's
+state. Hence the per-rep ratios: ours/floor means most where adjacent launches agree.
 
 Method (as research/peer-baselines/gloo_bench.py): per size, one all-reduce of rank-dependent
 data checked on every rank (each element must equal p(p+1)/2), then the buffer is zeroed (so the
