@@ -207,15 +207,19 @@ static STARTED: AtomicU64 = AtomicU64::new(0);
 static PAID: AtomicU64 = AtomicU64::new(0);
 static DECLINED: AtomicU64 = AtomicU64::new(0);
 static SHORT: AtomicU64 = AtomicU64::new(0);
+static BUSY: AtomicU64 = AtomicU64::new(0);
 
 /// How this process's [`Spin`]s went: started, paid (the condition came while spinning),
-/// declined (the policy sent the waiter straight to the kernel), and declined_short (declined
-/// waits that ended within the cap: a spin would have paid; SPIN-3 halves the skip on them).
+/// declined (the policy sent the waiter straight to the kernel), of which declined_busy for the
+/// cores (SPIN-2: more runnable threads than cores, or this process's other spinners) and the
+/// rest for spins that did not pay (SPIN-3), and declined_short (declined waits that ended
+/// within the cap: a spin would have paid; SPIN-3 halves the skip on them).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SpinStats {
     pub started: u64,
     pub paid: u64,
     pub declined: u64,
+    pub declined_busy: u64,
     pub declined_short: u64,
 }
 
@@ -224,6 +228,7 @@ pub fn spin_stats() -> SpinStats {
         started: STARTED.load(Ordering::Relaxed),
         paid: PAID.load(Ordering::Relaxed),
         declined: DECLINED.load(Ordering::Relaxed),
+        declined_busy: BUSY.load(Ordering::Relaxed),
         declined_short: SHORT.load(Ordering::Relaxed),
     }
 }
@@ -261,6 +266,9 @@ impl Spin {
             STARTED.fetch_add(1, Ordering::Relaxed);
         } else if !cap.is_zero() {
             DECLINED.fetch_add(1, Ordering::Relaxed);
+            if !skipped {
+                BUSY.fetch_add(1, Ordering::Relaxed);
+            }
         }
         Spin {
             slot,
@@ -438,7 +446,12 @@ pub(crate) mod tests {
     #[test]
     fn spin_2_saturated_cores_decline_spinning() {
         let busy = Saturate::new();
+        let before = spin_stats().declined_busy;
         let s = Spin::start(Duration::from_secs(1));
+        assert!(
+            spin_stats().declined_busy > before,
+            "a spin declined for busy cores is not counted as such"
+        );
         assert!(
             !s.spinning(),
             "spin allowed with {} runnable threads on {} cores",
