@@ -32,10 +32,11 @@ pub(crate) fn io_backend() -> PyResult<&'static str> {
 
 /// How this process's waits went under the wait policy (`PARALLEL_SPIN_US`), counted since it
 /// started: `spins_started`, `spins_paid` (the awaited event came while spinning),
-/// `spins_declined` (waits sent straight to the kernel: more runnable threads than cores, which
-/// `spins_declined_busy` counts, or recent spins that did not pay), and `spins_declined_short`
-/// (declined waits that ended within `PARALLEL_SPIN_US`: a spin would have paid, and the thread
-/// soon spins again). A run whose waits are mostly declined pays a kernel wake-up per hand-off.
+/// `spins_declined` (waits sent straight to the kernel: for busy cores, which
+/// `spins_declined_busy` counts, or skipped after recent spins that did not pay), and
+/// `spins_declined_short` (skipped waits whose kernel sleep ended within `PARALLEL_SPIN_US`: a
+/// spin would have paid, and the thread soon spins again). A run whose waits are mostly declined
+/// pays a kernel wake-up per hand-off.
 #[pyfunction]
 pub(crate) fn wait_stats(py: Python<'_>) -> PyResult<Py<PyDict>> {
     let s = parallel_engine::runtime::spin_stats();

@@ -197,7 +197,8 @@ for i in range(20):
     threading.Timer(0.005, c.send, args=(i,)).start()
     assert conn.recv(timeout=10) == i
 after = parallel.wait_stats()
-print(c.link, *(after[k] - before[k] for k in ("spins_started", "spins_paid", "spins_declined")))
+keys = ("spins_started", "spins_paid", "spins_declined", "spins_declined_busy", "spins_declined_short")
+print(c.link, *(after[k] - before[k] for k in keys))
 """
 
 
@@ -208,15 +209,17 @@ def test_wait_stats_count_the_waits_of_shared_memory_receives(spin_us):
     p = spawn(WAITER, env={"PARALLEL_SPIN_US": spin_us})
     rc, out, err = finish(p)
     assert rc == 0, err
-    link, started, paid, declined = out.split()
+    link, *counts = out.split()
     assert link == "shm"
-    started, paid, declined = int(started), int(paid), int(declined)
+    started, paid, declined, busy, short = map(int, counts)
     if spin_us == "0":
-        assert (started, paid, declined) == (0, 0, 0), out
+        assert (started, paid, declined, busy, short) == (0, 0, 0, 0, 0), out
     else:
         # Every one of the 20 receives waited: each either spun or was sent to the kernel.
         assert started + declined >= 20, out
         assert 0 <= paid <= started, out
+        # Declined for busy cores or skipped (SPIN-3); short ones are skipped ones.
+        assert busy >= 0 and short >= 0 and busy + short <= declined, out
 
 
 CROSS_MEMORY = """

@@ -263,14 +263,14 @@ def io_backend() -> str:
 
 def wait_stats() -> dict[str, int]:
     """How this process's waits went, counted since it started: ``spins_started``,
-    ``spins_paid`` (the awaited message or peer came while the thread spun) and
-    ``spins_declined`` (waits that went straight to a kernel sleep: more runnable threads than
-    cores, or recent spins that did not pay; ``spins_declined_busy`` counts the first kind), of
-    which ``spins_declined_short`` ended within
-    ``PARALLEL_SPIN_US`` (a spin would have paid, so the thread soon spins again). Each kernel sleep
-    costs a wake-up (tens to hundreds of microseconds on a virtual machine), so a run whose waits
-    are mostly declined is slow for that reason; ``PARALLEL_SPIN_US`` sets the longest spin
-    (0: never spin).
+    ``spins_paid`` (the awaited message or peer came while the thread spun), ``spins_declined``
+    (waits that went straight to a kernel sleep), of which ``spins_declined_busy`` for busy
+    cores (more runnable threads than cores, or this process's other spinners holding the spare
+    ones) and the rest skipped after recent spins that did not pay, and
+    ``spins_declined_short`` (skipped waits whose sleep ended within ``PARALLEL_SPIN_US``: a
+    spin would have paid, so the thread soon spins again). Each kernel sleep costs a wake-up
+    (tens to hundreds of microseconds on a virtual machine), so a run whose waits are mostly
+    declined is slow for that reason; ``PARALLEL_SPIN_US`` sets the longest spin (0: never spin).
 
     Example: ``s = parallel.wait_stats(); print(s["spins_paid"] / max(1, s["spins_started"]))``
     """

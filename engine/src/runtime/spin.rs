@@ -17,11 +17,13 @@
 //!   (`sched_getaffinity`) free: one for the spinner, one for the thread it waits for.
 //! - SPIN-3: a [`Spin`] that ran out its budget without its condition turning true makes the
 //!   thread skip its next 1, 3, 7, ..., 63 spins (a kernel wait each time); a spin that paid
-//!   resets the skip, and a declined wait that ended within the cap (the `Spin` is held until
-//!   the kernel wait ends: a spin would have paid) halves the skip left. A wait that cannot be
-//!   won by spinning stops costing a core, and a burst of quick hand-offs after a long wait (a
-//!   trainer's small collectives after its compute) spins again after at most 6 kernel waits,
-//!   not after 63.
+//!   resets the skip. A skipped wait that went to the kernel and ended within the cap (the
+//!   `Spin` is held until the kernel wait ends: a spin would have paid) halves the skip left,
+//!   once per streak: when the spin that halving lets through runs out its budget too, the
+//!   thread skips its full count again, with no halving, until a spin pays. A wait that cannot
+//!   be won by spinning stops costing a core (at most one failed spin per 64 waits, after the
+//!   first wear-down), and a burst of quick hand-offs after a long wait (a trainer's small
+//!   collectives after its compute) spins again after at most 6 kernel waits, not after 63.
 //! - SPIN-4: the idle fast path makes no system call: the load sample is refreshed at most once
 //!   per [`LOAD_PERIOD`] per process, by one `pread` of a descriptor opened once, and the
 //!   spinner count is a scan of the atomics of the slots taken so far (at most [`SLOTS`]).
@@ -131,6 +133,10 @@ struct ThreadState {
     slot: Option<usize>,
     misses: Cell<u32>,
     skip: Cell<u32>,
+    /// Halving brought the skip to zero since the last spin that paid (SPIN-3).
+    worn: Cell<bool>,
+    /// A spin let through by halving ran out too: no halving until a spin pays (SPIN-3).
+    no_halving: Cell<bool>,
 }
 
 impl Drop for ThreadState {
@@ -157,6 +163,8 @@ thread_local! {
         }),
         misses: Cell::new(0),
         skip: Cell::new(0),
+        worn: Cell::new(false),
+        no_halving: Cell::new(false),
     };
 }
 
@@ -211,9 +219,10 @@ static BUSY: AtomicU64 = AtomicU64::new(0);
 
 /// How this process's [`Spin`]s went: started, paid (the condition came while spinning),
 /// declined (the policy sent the waiter straight to the kernel), of which declined_busy for the
-/// cores (SPIN-2: more runnable threads than cores, or this process's other spinners) and the
-/// rest for spins that did not pay (SPIN-3), and declined_short (declined waits that ended
-/// within the cap: a spin would have paid; SPIN-3 halves the skip on them).
+/// cores (SPIN-2: more runnable threads than cores, this process's other spinners holding the
+/// spare ones, or no spinner slot left) and the rest skipped after spins that did not pay
+/// (SPIN-3), and declined_short (skipped waits that went to the kernel and ended within the
+/// cap: a spin would have paid; SPIN-3 halves the skip on them).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SpinStats {
     pub started: u64,
@@ -236,16 +245,27 @@ pub fn spin_stats() -> SpinStats {
 /// A bounded spin under the policy. Use it as
 /// `let mut spin = Spin::start(cap); while !ready() { if !spin.step() { kernel_wait() } }`:
 /// `step` relaxes the CPU and says whether to keep spinning; dropping the `Spin` while it is
-/// still spinning records that it paid, and dropping a declined one within the cap of its start
-/// records that a spin would have paid (SPIN-3: the skip left halves). So keep it until the
-/// kernel wait has ended.
+/// still spinning records that it paid, and dropping a skipped one that went to the kernel
+/// (`step` returned false) within the cap of its start records that a spin would have paid
+/// (SPIN-3: the skip left halves). So keep it until the kernel wait has ended: what is measured
+/// is from the start to the drop.
 #[derive(Debug)]
 pub struct Spin {
     slot: Option<usize>,
     until: Instant,
     steps: u32,
-    /// Declined (not run out): when, and the cap it would have had.
-    declined: Option<(Instant, Duration)>,
+    /// Declined (not run out): when, why, and whether the waiter went to the kernel.
+    declined: Option<Declined>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Declined {
+    at: Instant,
+    cap: Duration,
+    /// SPIN-3's skip (else SPIN-2: busy cores).
+    skipped: bool,
+    /// `step` was asked after the decline: the waiter went to its kernel wait.
+    waited: bool,
 }
 
 impl Spin {
@@ -274,7 +294,12 @@ impl Spin {
             slot,
             until: now + if slot.is_some() { cap } else { Duration::ZERO },
             steps: 0,
-            declined: (slot.is_none() && !cap.is_zero()).then_some((now, cap)),
+            declined: (slot.is_none() && !cap.is_zero()).then_some(Declined {
+                at: now,
+                cap,
+                skipped,
+                waited: false,
+            }),
         }
     }
 
@@ -287,6 +312,9 @@ impl Spin {
     /// budget is spent (recorded as a spin that did not pay) or the spin was declined.
     pub fn step(&mut self) -> bool {
         let Some(slot) = self.slot else {
+            if let Some(d) = &mut self.declined {
+                d.waited = true;
+            }
             return false;
         };
         self.steps = self.steps.wrapping_add(1);
@@ -297,6 +325,10 @@ impl Spin {
                 let m = (me.misses.get() + 1).min(MAX_MISSES);
                 me.misses.set(m);
                 me.skip.set((1 << m) - 1);
+                // The spin that halving let through failed too: contention, not a burst.
+                if me.worn.get() {
+                    me.no_halving.set(true);
+                }
             });
             return false;
         }
@@ -313,12 +345,25 @@ impl Drop for Spin {
             let _ = ME.try_with(|me| {
                 me.misses.set(0);
                 me.skip.set(0);
+                me.worn.set(false);
+                me.no_halving.set(false);
             });
-        } else if let Some((at, cap)) = self.declined {
-            // One clock read, on a path that has just been through the kernel (or not waited).
-            if at.elapsed() < cap {
+        } else if let Some(d) = self.declined
+            && d.skipped
+            && d.waited
+        {
+            // One clock read, on a path that has just been through the kernel.
+            if d.at.elapsed() < d.cap {
                 SHORT.fetch_add(1, Ordering::Relaxed);
-                let _ = ME.try_with(|me| me.skip.set(me.skip.get() / 2));
+                let _ = ME.try_with(|me| {
+                    if !me.no_halving.get() {
+                        let left = me.skip.get() / 2;
+                        me.skip.set(left);
+                        if left == 0 {
+                            me.worn.set(true);
+                        }
+                    }
+                });
             }
         }
     }
@@ -446,11 +491,11 @@ pub(crate) mod tests {
     #[test]
     fn spin_2_saturated_cores_decline_spinning() {
         let busy = Saturate::new();
-        let before = spin_stats().declined_busy;
         let s = Spin::start(Duration::from_secs(1));
-        assert!(
-            spin_stats().declined_busy > before,
-            "a spin declined for busy cores is not counted as such"
+        assert_eq!(
+            s.declined.map(|d| d.skipped),
+            Some(false),
+            "a spin declined for busy cores is not marked as such"
         );
         assert!(
             !s.spinning(),
@@ -473,13 +518,12 @@ pub(crate) mod tests {
                 me.skip.set(3);
             });
             for left in (0..3).rev() {
-                let s = Spin::start(Duration::from_millis(1));
+                // Dropped without asking `step` (the condition came at once): no kernel wait,
+                // nothing learnt.
+                let s = Spin::start(Duration::from_secs(1));
                 assert!(!s.spinning(), "spun while skipping");
                 assert_eq!(ME.with(|me| me.skip.get()), left);
-                // Its kernel wait outlasts the cap (a shorter one resets the streak).
-                std::thread::sleep(Duration::from_millis(3));
             }
-            assert_eq!(ME.with(|me| me.misses.get()), 2);
             // A spin that runs out its budget doubles the skip.
             let mut s = Spin {
                 slot: ME.with(|me| me.slot),
@@ -488,6 +532,7 @@ pub(crate) mod tests {
                 declined: None,
             };
             while s.step() {}
+            drop(s);
             assert_eq!(ME.with(|me| (me.misses.get(), me.skip.get())), (3, 7));
             // One that ends while spinning (its condition came) resets it.
             drop(Spin {
@@ -502,68 +547,104 @@ pub(crate) mod tests {
         .unwrap();
     }
 
+    /// A skipped wait that goes to the kernel: start, ask `step` (false), wait `wait`, drop.
+    fn skipped_wait(cap: Duration, wait: Duration) {
+        let mut s = Spin::start(cap);
+        assert!(!s.spinning(), "spun while skipping");
+        assert!(!s.step());
+        std::thread::sleep(wait);
+        drop(s);
+    }
+
+    /// A spin that runs out its budget.
+    fn failed_spin() {
+        let mut s = Spin {
+            slot: ME.with(|me| me.slot),
+            until: Instant::now(),
+            steps: 0,
+            declined: None,
+        };
+        while s.step() {}
+    }
+
     #[test]
-    fn spin_3_declined_waits_shorter_than_the_cap_wear_the_skip_down() {
+    fn spin_3_short_kernel_waits_wear_the_skip_down_once_per_streak() {
         std::thread::spawn(|| {
-            let cap = Duration::from_millis(20);
+            let long = Duration::from_millis(20);
+            let short = Duration::from_millis(500);
             let state = || ME.with(|me| (me.misses.get(), me.skip.get()));
-            // Long waits (a trainer's compute between collectives): skipped spins whose kernel
-            // waits outlast the cap keep the streak.
+            // Long waits (a trainer's compute between collectives): skipped waits whose kernel
+            // sleep outlasts the cap keep the streak.
             ME.with(|me| {
                 me.misses.set(6);
                 me.skip.set(63);
             });
-            let short = spin_stats().declined_short;
+            let counted = spin_stats().declined_short;
             for _ in 0..2 {
-                let s = Spin::start(cap);
-                assert!(!s.spinning(), "spun while skipping");
-                std::thread::sleep(cap + Duration::from_millis(5)); // the kernel wait
-                drop(s);
+                skipped_wait(long, long + Duration::from_millis(5));
             }
             assert_eq!(state(), (6, 61));
-            // Then quick hand-offs: each wait ended well within the cap (a spin would have
-            // paid), so each halves the skip left; five bring it to zero, and the next wait may
-            // spin again (the streak itself ends when a spin pays).
+            // Quick hand-offs: each kernel wait ended well within the cap (a spin would have
+            // paid), so each halves the skip left; five bring it to zero.
             let mut seen = vec![];
             for _ in 0..5 {
-                let s = Spin::start(cap);
-                assert!(!s.spinning(), "spun while skipping");
-                drop(s);
+                skipped_wait(short, Duration::ZERO);
                 seen.push(state().1);
             }
             assert_eq!(seen, [30, 14, 6, 2, 0]);
-            assert_eq!(state().0, 6);
-            assert!(spin_stats().declined_short >= short + 5);
-            // The same through spin_until, held across the kernel wait.
-            ME.with(|me| me.skip.set(63));
-            match spin_until(cap, || false) {
-                Spun::Sleep(s) => {
-                    assert!(!s.spinning());
-                    std::thread::sleep(cap + Duration::from_millis(5));
-                    drop(s);
-                }
-                Spun::Ready => panic!("never ready, yet Ready"),
-            }
-            assert_eq!(state(), (6, 62));
-            let Spun::Sleep(s) = spin_until(cap, || false) else {
-                panic!("never ready, yet Ready");
-            };
-            drop(s);
-            assert_eq!(state(), (6, 30));
-            // A spin that ran out its budget is a miss however soon it is dropped.
-            ME.with(|me| {
-                me.misses.set(0);
-                me.skip.set(0);
-            });
-            let mut s = Spin {
-                slot: ME.with(|me| me.slot),
+            assert!(spin_stats().declined_short >= counted + 5);
+            // A skipped wait that never went to the kernel teaches nothing.
+            ME.with(|me| me.skip.set(10));
+            drop(Spin::start(short));
+            assert_eq!(state().1, 9);
+            // Nor does a short wait declined for busy cores (SPIN-2), not skipped.
+            drop(Spin {
+                slot: None,
                 until: Instant::now(),
                 steps: 0,
+                declined: Some(Declined {
+                    at: Instant::now(),
+                    cap: short,
+                    skipped: false,
+                    waited: true,
+                }),
+            });
+            assert_eq!(state().1, 9);
+            // The skip was worn down to zero, and the spin it let through failed too: the
+            // waits are contended, not a burst. The full skip again, with no halving.
+            ME.with(|me| me.skip.set(0));
+            failed_spin();
+            assert_eq!(state(), (6, 63));
+            for _ in 0..3 {
+                skipped_wait(short, Duration::ZERO);
+            }
+            assert_eq!(state(), (6, 60), "halved after a worn-down spin failed");
+            // A spin that pays ends the streak and allows halving again.
+            drop(Spin {
+                slot: ME.with(|me| me.slot),
+                until: Instant::now() + Duration::from_secs(1),
+                steps: 0,
                 declined: None,
+            });
+            assert_eq!(state(), (0, 0));
+            failed_spin();
+            assert_eq!(state(), (1, 1), "a spin that ran out its budget is a miss");
+            skipped_wait(short, Duration::ZERO);
+            assert_eq!(state(), (1, 0));
+            // The same through spin_until, held across the kernel wait.
+            ME.with(|me| me.skip.set(63));
+            let Spun::Sleep(s) = spin_until(short, || false) else {
+                panic!("never ready, yet Ready");
             };
-            while s.step() {}
+            assert!(!s.spinning());
             drop(s);
-            assert_eq!(state(), (1, 1));
+            assert_eq!(state().1, 31);
+            let Spun::Sleep(s) = spin_until(long, || false) else {
+                panic!("never ready, yet Ready");
+            };
+            std::thread::sleep(long + Duration::from_millis(5));
+            drop(s);
+            assert_eq!(state().1, 30);
         })
         .join()
         .unwrap();
