@@ -91,41 +91,19 @@ _core_rtt_bin = None
 
 def core_probe(timeout=10):
     """One run of the core-to-core probe: {"rtt_ns", "read_1mib_us", "near"}, or {"error": why}.
-    Compiled with the system's C compiler on first use, into a temporary folder named by the
-    source's hash."""
+    Compiled with the system's C compiler on first use, into this user's own folder under the
+    temporary directory (mode 0700), named by the source's hash."""
     global _core_rtt_bin
-    import hashlib
-    import shutil
-    import tempfile
-
     if _core_rtt_bin is None:
-        cc = shutil.which("cc") or shutil.which("gcc")
-        if not cc:
-            _core_rtt_bin = {"error": "no C compiler (cc) to build benches/probes/core_rtt.c"}
-        else:
-            with open(CORE_RTT_SRC, "rb") as f:
-                tag = hashlib.sha256(f.read()).hexdigest()[:12]
-            path = os.path.join(tempfile.gettempdir(), f"parallel-core-rtt-{tag}")
-            if not os.path.exists(path):
-                tmp = f"{path}.{os.getpid()}"
-                try:
-                    argv = [cc, "-O2", "-pthread", "-o", tmp, CORE_RTT_SRC]
-                    cp = subprocess.run(argv, capture_output=True, text=True, timeout=60)
-                except (OSError, subprocess.TimeoutExpired) as e:
-                    cp = None
-                    _core_rtt_bin = {"error": f"building the core probe failed: {e}"}
-                if cp is not None and cp.returncode != 0:
-                    _core_rtt_bin = {"error": f"building the core probe failed: {cp.stderr.strip()[-300:]}"}
-                elif cp is not None:
-                    os.replace(tmp, path)
-            if _core_rtt_bin is None:
-                _core_rtt_bin = path
+        _core_rtt_bin = _build_core_probe()
     if isinstance(_core_rtt_bin, dict):
         return dict(_core_rtt_bin)
     try:
         cp = subprocess.run([_core_rtt_bin], capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"error": f"the core probe overran {timeout} s"}
+    except OSError as e:
+        return {"error": f"the core probe could not run: {e}"}
     if cp.returncode != 0:
         why = cp.stderr.strip().splitlines() or [f"the core probe exited with {cp.returncode}"]
         return {"error": why[-1]}
@@ -135,6 +113,45 @@ def core_probe(timeout=10):
     except (ValueError, KeyError, TypeError):
         return {"error": f"unreadable core probe output: {cp.stdout.strip()[:200]}"}
     return {"rtt_ns": rtt, "read_1mib_us": read, "near": rtt < CORE_RTT_NEAR_NS}
+
+
+def _build_core_probe():
+    """The probe's path, built if needed, or {"error": why}."""
+    import hashlib
+    import shutil
+    import stat
+    import tempfile
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        return {"error": "no C compiler (cc) to build benches/probes/core_rtt.c"}
+    with open(CORE_RTT_SRC, "rb") as f:
+        tag = hashlib.sha256(f.read()).hexdigest()[:12]
+    home = os.path.join(tempfile.gettempdir(), f"parallel-probes-{os.getuid()}")
+    try:
+        os.makedirs(home, mode=0o700, exist_ok=True)
+        st = os.lstat(home)
+    except OSError as e:
+        return {"error": f"no folder for the core probe: {e}"}
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        return {"error": f"{home} is not a folder of this user's that only it can write; remove it"}
+    path = os.path.join(home, f"core-rtt-{tag}")
+    if os.path.exists(path):
+        return path
+    tmp = f"{path}.{os.getpid()}"
+    try:
+        cp = subprocess.run(
+            [cc, "-O2", "-pthread", "-o", tmp, CORE_RTT_SRC], capture_output=True, text=True, timeout=60
+        )
+        if cp.returncode != 0:
+            return {"error": f"building the core probe failed: {cp.stderr.strip()[-300:]}"}
+        os.replace(tmp, path)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return {"error": f"building the core probe failed: {e}"}
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
 
 
 def near_state(before, after):

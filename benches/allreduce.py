@@ -964,10 +964,11 @@ def core_lines(report):
             continue
         cells = []
         for i, c in enumerate(reps):
+            # Only sizes every rep measured: rep_medians_s skips reps that lack a size.
             figs = ", ".join(
                 f"{k} {fmt_t(r['sizes'][k]['rep_medians_s'][i])}"
                 for k in HEADLINE
-                if k in r["sizes"] and i < len(r["sizes"][k]["rep_medians_s"])
+                if k in r["sizes"] and len(r["sizes"][k]["rep_medians_s"]) == len(reps)
             )
             probes = f"{fmt_probe(c.get('before', {}))} / {fmt_probe(c.get('after', {}))}"
             cells.append(f"{c.get('state', 'unknown')} ({probes}): {figs}")

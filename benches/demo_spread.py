@@ -144,12 +144,16 @@ def fmt(s: float) -> str:
 
 def summarize(runs: list[dict]) -> list[dict]:
     rows = []
-    near = [r.get("core", {}).get("state") == "near" for r in runs]
+    near_of = {
+        "mpi": [r.get("mpi_core", {}).get("state") == "near" for r in runs],
+        "other": [r.get("core", {}).get("state") == "near" for r in runs],
+    }
     links = [*LINKS.values(), *(["mpi"] if all("mpi" in r for r in runs) else [])]
     for link in links:
         for size in runs[0][link]:
             xs = [r[link][size] for r in runs]
             lo, hi = min(xs), max(xs)
+            near = near_of["mpi" if link == "mpi" else "other"]
             xs_near = [x for x, n in zip(xs, near, strict=True) if n]
             rows.append(
                 {
@@ -205,6 +209,12 @@ def render(report: dict) -> str:
             f"trip; near < {CORE_RTT_NEAR_NS:.0f} ns): "
             + ", ".join(f"{c['state']} ({fmt_probe(c['before'])} / {fmt_probe(c['after'])})" for c in states)
         )
+    mstates = report.get("mpi_core", [])
+    if mstates:
+        lines.append(
+            "- where they were around Open MPI's run (our after-probe / one right after its run): "
+            + ", ".join(f"{c['state']} ({fmt_probe(c['after'])})" for c in mstates)
+        )
     by = {(r["link"], r["size"]): r["launches_s"] for r in rows}
     for size in ("4 KiB", "1 MiB"):
         ours, mpi = by.get(("shm", size)), by.get(("mpi", size))
@@ -252,6 +262,9 @@ def main() -> int:
         probe = mpi_probe(a.iters, a.timeout)
         if probe is not None:
             r["mpi"] = probe
+            # Open MPI's own state: between our after-probe and one right after its run.
+            after_mpi = core_probe()
+            r["mpi_core"] = {"before": after, "after": after_mpi, "state": near_state(after, after_mpi)}
         runs.append(r)
         print(
             f"launch {i + 1}/{n}: shm "
@@ -268,6 +281,7 @@ def main() -> int:
         "iters": a.iters,
         "rows": summarize(runs),
         "core": [r["core"] for r in runs],
+        "mpi_core": [r["mpi_core"] for r in runs if "mpi_core" in r],
         "failed": failed,
         "machine": machine,
         "elapsed_s": time.monotonic() - started,
