@@ -45,7 +45,18 @@ import tempfile
 import time
 import traceback
 
-from _common import HOST, cmd, cpu_seconds, free_port, pct, read_text, run_probe
+from _common import (
+    HOST,
+    cmd,
+    core_probe,
+    cpu_seconds,
+    fmt_probe,
+    free_port,
+    near_state,
+    pct,
+    read_text,
+    run_probe,
+)
 from _common import machine_info as base_machine_info
 
 MiB = 1 << 20
@@ -1092,6 +1103,19 @@ def render(report):
     L.append("")
     L += rtt_table(report["rtt"], list(LAT_ROWS.values()))
     L.append("")
+    states = report.get("core") or {}
+    if states:
+        L.append(
+            "Where the two CPUs were around each run (`benches/probes/core_rtt.c`, a cache line passed "
+            "between them, right before / right after; near: both under 150 ns, sharing a cache): "
+            + "; ".join(
+                f"{k}: "
+                + ", ".join(f"{c['state']} ({fmt_probe(c['before'])} / {fmt_probe(c['after'])})" for c in v)
+                for k, v in states.items()
+            )
+            + "."
+        )
+        L.append("")
     L.append("### Ratios")
     L.append("")
     rt = report["ratios"]
@@ -1268,6 +1292,8 @@ def main():
     ctx = mp.get_context("spawn")
     tp_runs = {TP_ROWS[k]: [] for k in TP_ROWS if k in keys} if "throughput" in parts else {}
     rtt_runs = {LAT_ROWS[k]: [] for k in LAT_ROWS if k in keys} if "rtt" in parts else {}
+    # Where the two CPUs were around each run of each row (benches/probes/core_rtt.c).
+    core = {("throughput", n): [] for n in tp_runs} | {("rtt", n): [] for n in rtt_runs}
     tmpdir = tempfile.mkdtemp(prefix="parallel-bench-")
     try:
         for run in range(a.runs):
@@ -1275,16 +1301,22 @@ def main():
                 tag = f"[run {run + 1}/{a.runs}] throughput {name}"
                 print(f"{tag} ...", end=" ", flush=True)
                 t0 = time.monotonic()
+                before = core_probe()
                 if name in OURS and "error" in probe:
                     r = {"status": "unavailable", "note": "torch_parallel not built"}
                 elif name == "iperf3":
                     r = measure_iperf3(a.iperf_secs, a.iperf_reps, t_op)
                 else:
                     r = measure_tp(ctx, name, nbytes, a.reps, t_op, tp_deadline, tmpdir)
+                after = core_probe()
+                core[("throughput", name)].append(
+                    {"before": before, "after": after, "state": near_state(before, after)}
+                )
                 tp_runs[name].append(r)
                 if r["status"] == "ok":
                     print(
-                        f"median {statistics.median(r['GBps']):.2f} GB/s ({time.monotonic() - t0:.1f} s)",
+                        f"median {statistics.median(r['GBps']):.2f} GB/s ({time.monotonic() - t0:.1f} s; "
+                        f"CPUs {near_state(before, after)}: {fmt_probe(before)} / {fmt_probe(after)})",
                         flush=True,
                     )
                 else:
@@ -1293,6 +1325,7 @@ def main():
                 tag = f"[run {run + 1}/{a.runs}] round trip {name}"
                 print(f"{tag} ...", end=" ", flush=True)
                 t0 = time.monotonic()
+                before = core_probe()
                 if name in OURS and "error" in probe:
                     r = {"status": "unavailable", "note": "torch_parallel not built"}
                 else:
@@ -1306,12 +1339,17 @@ def main():
                         rtt_deadline,
                         tmpdir,
                     )
+                after = core_probe()
+                core[("rtt", name)].append(
+                    {"before": before, "after": after, "state": near_state(before, after)}
+                )
                 rtt_runs[name].append(r)
                 if r["status"] == "ok":
                     s = sorted(r["samples_us"])
                     print(
                         f"median {statistics.median(s):.1f} us, p90 {pct(s, 0.9):.1f} us "
-                        f"({time.monotonic() - t0:.1f} s)",
+                        f"({time.monotonic() - t0:.1f} s; CPUs {near_state(before, after)}: "
+                        f"{fmt_probe(before)} / {fmt_probe(after)})",
                         flush=True,
                     )
                 else:
@@ -1349,6 +1387,7 @@ def main():
         "units": {"throughput": "GB/s, 1e9 B/s", "rtt": "microseconds"},
         "throughput": tp,
         "rtt": lat,
+        "core": {f"{part} {name}": v for (part, name), v in core.items()},
         "ratios": ratios(tp, lat),
     }
     print_console(report)
