@@ -525,22 +525,10 @@ pub(crate) mod tests {
                 assert_eq!(ME.with(|me| me.skip.get()), left);
             }
             // A spin that runs out its budget doubles the skip.
-            let mut s = Spin {
-                slot: ME.with(|me| me.slot),
-                until: Instant::now(),
-                steps: 0,
-                declined: None,
-            };
-            while s.step() {}
-            drop(s);
+            failed_spin();
             assert_eq!(ME.with(|me| (me.misses.get(), me.skip.get())), (3, 7));
             // One that ends while spinning (its condition came) resets it.
-            drop(Spin {
-                slot: ME.with(|me| me.slot),
-                until: Instant::now() + Duration::from_secs(1),
-                steps: 0,
-                declined: None,
-            });
+            paid_spin();
             assert_eq!(ME.with(|me| (me.misses.get(), me.skip.get())), (0, 0));
         })
         .join()
@@ -556,15 +544,25 @@ pub(crate) mod tests {
         drop(s);
     }
 
-    /// A spin that runs out its budget.
-    fn failed_spin() {
-        let mut s = Spin {
+    /// A spin of this thread's slot with `budget` left.
+    fn spin_with(budget: Duration) -> Spin {
+        Spin {
             slot: ME.with(|me| me.slot),
-            until: Instant::now(),
+            until: Instant::now() + budget,
             steps: 0,
             declined: None,
-        };
+        }
+    }
+
+    /// A spin that runs out its budget.
+    fn failed_spin() {
+        let mut s = spin_with(Duration::ZERO);
         while s.step() {}
+    }
+
+    /// A spin that ends while spinning: its condition came.
+    fn paid_spin() {
+        drop(spin_with(Duration::from_secs(1)));
     }
 
     #[test]
@@ -620,12 +618,7 @@ pub(crate) mod tests {
             }
             assert_eq!(state(), (6, 60), "halved after a worn-down spin failed");
             // A spin that pays ends the streak and allows halving again.
-            drop(Spin {
-                slot: ME.with(|me| me.slot),
-                until: Instant::now() + Duration::from_secs(1),
-                steps: 0,
-                declined: None,
-            });
+            paid_spin();
             assert_eq!(state(), (0, 0));
             failed_spin();
             assert_eq!(state(), (1, 1), "a spin that ran out its budget is a miss");
