@@ -170,6 +170,24 @@ def fmt_probe(p):
     return f"{p['rtt_ns']:.0f} ns" if "rtt_ns" in p else f"probe failed: {p.get('error')}"
 
 
+def core_record(before, after):
+    """What a launch keeps of the probes around it: both, and its state (near_state)."""
+    return {"before": before, "after": after, "state": near_state(before, after)}
+
+
+def fmt_core(rec):
+    """ "near (52 ns / 55 ns)", for a log line or a report."""
+    probes = f"{fmt_probe(rec.get('before', {}))} / {fmt_probe(rec.get('after', {}))}"
+    return f"{rec.get('state', 'unknown')} ({probes})"
+
+
+def near_spread(xs, states):
+    """Largest / smallest of the figures whose launch was near (states: one per figure), or None
+    with fewer than two such figures."""
+    near = [x for x, s in zip(xs, states, strict=True) if s == "near"]
+    return max(near) / min(near) if len(near) > 1 and min(near) > 0 else None
+
+
 def git_revision():
     """The checkout's short commit, marked "(dirty)" with uncommitted changes."""
     here = os.path.dirname(os.path.abspath(__file__))

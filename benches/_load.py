@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 
-from _common import pct
+from _common import near_spread, pct
 
 # Timed ops per launch in load mode (a few launches of these fit in a short run).
 ITERS = {"4KiB": 300, "1MiB": 100, "64MiB": 6}
@@ -96,7 +96,10 @@ def summarize(runs, sizes):
             "worst_p50_s": max(p50s),
             "pooled_p99_s": pct(pooled, 0.99),
             "spread": max(p50s) / min(p50s),
-            "near_spread": _near_spread(p50s, out["core_states"]),
+            # Over the near launches; None when a launch lacks this size (no state to pair).
+            "near_spread": (
+                near_spread(p50s, out["core_states"]) if len(p50s) == len(out["core_states"]) else None
+            ),
             "ops_per_launch": len(per[0]["samples_s"]),
             "verified": all(
                 rr["sizes"][label]["verified"]
@@ -110,12 +113,6 @@ def summarize(runs, sizes):
     if len(ok) < len(runs):
         out["note"] = f"{len(runs) - len(ok)} launch(es) failed: {runs[-1].get('note', '')}"[:300]
     return out
-
-
-def _near_spread(p50s, states):
-    """The spread over the launches the core probe found on CPUs sharing a cache, or None."""
-    near = [x for x, s in zip(p50s, states, strict=False) if s == "near"] if len(p50s) == len(states) else []
-    return max(near) / min(near) if len(near) > 1 and min(near) > 0 else None
 
 
 def ratios(rows, ours, peers, sizes):

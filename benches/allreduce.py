@@ -108,11 +108,11 @@ from _common import (
     HOST,
     cmd,
     core_probe,
+    core_record,
     cpu_seconds,
     cpu_stall_us,
-    fmt_probe,
+    fmt_core,
     free_port,
-    near_state,
     pct,
     read_text,
     run_probe,
@@ -970,8 +970,7 @@ def core_lines(report):
                 for k in HEADLINE
                 if k in r["sizes"] and len(r["sizes"][k]["rep_medians_s"]) == len(reps)
             )
-            probes = f"{fmt_probe(c.get('before', {}))} / {fmt_probe(c.get('after', {}))}"
-            cells.append(f"{c.get('state', 'unknown')} ({probes}): {figs}")
+            cells.append(f"{fmt_core(c)}: {figs}")
         L.append(f"- `{n}`: " + "; ".join(cells))
     return L
 
@@ -1552,7 +1551,7 @@ def main():
                 before = core_probe()
                 res, err, command, psi = launch(s, a.world, cfg, tmpdir, f"{s}-{rep}", deadline)
                 after = core_probe()
-                core = {"before": before, "after": after, "state": near_state(before, after)}
+                core = core_record(before, after)
                 if err:
                     runs[s].append({"status": "error", "note": err, "command": command})
                     print(f"error: {err}", flush=True)
@@ -1565,8 +1564,7 @@ def main():
                 bad = [k for k in r0 if not all(rr["sizes"][k]["verified"] for rr in res.values())]
                 print(
                     f"{brief} ({time.monotonic() - t0:.1f} s, CPU pressure {fmt_pct(psi)}; "
-                    f"CPUs {core['state']}: {fmt_probe(before)} / {fmt_probe(after)})"
-                    + (f"  WRONG RESULT at {bad}" if bad else ""),
+                    f"CPUs {fmt_core(core)})" + (f"  WRONG RESULT at {bad}" if bad else ""),
                     flush=True,
                 )
     finally:
@@ -1653,7 +1651,7 @@ def load_main(a):
                     print(f"error: {err}", flush=True)
                     continue
                 run = {"status": "ok", "ranks": res, "command": command, "cpu_pressure": psi}
-                run["core"] = {"before": before, "after": after, "state": near_state(before, after)}
+                run["core"] = core_record(before, after)
                 run["load_ops_per_s"] = sum(r.get("load_ops_per_s", 0) for r in res.values())
                 runs[s].append(run)
                 brief = [_load.per_launch(run, k) for k in sizes]
@@ -1663,7 +1661,7 @@ def load_main(a):
                         for k, b in zip(sizes, brief, strict=True)
                         if b
                     )
-                    + f" (CPUs {run['core']['state']}: {fmt_probe(before)} / {fmt_probe(after)})",
+                    + f" (CPUs {fmt_core(run['core'])})",
                     flush=True,
                 )
     finally:

@@ -44,7 +44,7 @@ import subprocess
 import sys
 import time
 
-from _common import CORE_RTT_NEAR_NS, core_probe, fmt_probe, machine_info, near_state
+from _common import CORE_RTT_NEAR_NS, core_probe, core_record, fmt_core, fmt_probe, machine_info, near_spread
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "examples", "allreduce_demo.py")
@@ -144,17 +144,16 @@ def fmt(s: float) -> str:
 
 def summarize(runs: list[dict]) -> list[dict]:
     rows = []
-    near_of = {
-        "mpi": [r.get("mpi_core", {}).get("state") == "near" for r in runs],
-        "other": [r.get("core", {}).get("state") == "near" for r in runs],
+    states_of = {
+        "mpi": [r.get("mpi_core", {}).get("state") for r in runs],
+        "other": [r.get("core", {}).get("state") for r in runs],
     }
     links = [*LINKS.values(), *(["mpi"] if all("mpi" in r for r in runs) else [])]
     for link in links:
         for size in runs[0][link]:
             xs = [r[link][size] for r in runs]
             lo, hi = min(xs), max(xs)
-            near = near_of["mpi" if link == "mpi" else "other"]
-            xs_near = [x for x, n in zip(xs, near, strict=True) if n]
+            states = states_of["mpi" if link == "mpi" else "other"]
             rows.append(
                 {
                     "link": link,
@@ -164,10 +163,8 @@ def summarize(runs: list[dict]) -> list[dict]:
                     "max_s": hi,
                     "spread": hi / lo if lo > 0 else float("inf"),
                     "launches_s": xs,
-                    "near_launches": len(xs_near),
-                    "near_spread": (
-                        max(xs_near) / min(xs_near) if len(xs_near) > 1 and min(xs_near) > 0 else None
-                    ),
+                    "near_launches": states.count("near"),
+                    "near_spread": near_spread(xs, states),
                 }
             )
     return rows
@@ -206,8 +203,7 @@ def render(report: dict) -> str:
     if states:
         lines.append(
             "- where the two CPUs were (core-to-core probe before / after each launch, cache-line round "
-            f"trip; near < {CORE_RTT_NEAR_NS:.0f} ns): "
-            + ", ".join(f"{c['state']} ({fmt_probe(c['before'])} / {fmt_probe(c['after'])})" for c in states)
+            f"trip; near < {CORE_RTT_NEAR_NS:.0f} ns): " + ", ".join(fmt_core(c) for c in states)
         )
     mstates = report.get("mpi_core", [])
     if mstates:
@@ -258,19 +254,19 @@ def main() -> int:
             print(f"launch {i + 1}/{n}: FAILED: {e}", file=sys.stderr)
             continue
         after = core_probe()
-        r["core"] = {"before": before, "after": after, "state": near_state(before, after)}
+        r["core"] = core_record(before, after)
         probe = mpi_probe(a.iters, a.timeout)
         if probe is not None:
             r["mpi"] = probe
             # Open MPI's own state: between our after-probe and one right after its run.
             after_mpi = core_probe()
-            r["mpi_core"] = {"before": after, "after": after_mpi, "state": near_state(after, after_mpi)}
+            r["mpi_core"] = core_record(after, after_mpi)
         runs.append(r)
         print(
             f"launch {i + 1}/{n}: shm "
             + ", ".join(f"{k} {fmt(v)}" for k, v in r["shm"].items())
             + (("; Open MPI " + ", ".join(f"{k} {fmt(v)}" for k, v in probe.items())) if probe else "")
-            + f"; CPUs {r['core']['state']} ({fmt_probe(before)} / {fmt_probe(after)})",
+            + f"; CPUs {fmt_core(r['core'])}",
             file=sys.stderr,
         )
     if not runs:

@@ -49,10 +49,10 @@ from _common import (
     HOST,
     cmd,
     core_probe,
+    core_record,
     cpu_seconds,
-    fmt_probe,
+    fmt_core,
     free_port,
-    near_state,
     pct,
     read_text,
     run_probe,
@@ -1108,11 +1108,7 @@ def render(report):
         L.append(
             "Where the two CPUs were around each run (`benches/probes/core_rtt.c`, a cache line passed "
             "between them, right before / right after; near: both under 150 ns, sharing a cache): "
-            + "; ".join(
-                f"{k}: "
-                + ", ".join(f"{c['state']} ({fmt_probe(c['before'])} / {fmt_probe(c['after'])})" for c in v)
-                for k, v in states.items()
-            )
+            + "; ".join(f"{k}: " + ", ".join(fmt_core(c) for c in v) for k, v in states.items())
             + "."
         )
         L.append("")
@@ -1309,14 +1305,12 @@ def main():
                 else:
                     r = measure_tp(ctx, name, nbytes, a.reps, t_op, tp_deadline, tmpdir)
                 after = core_probe()
-                core[("throughput", name)].append(
-                    {"before": before, "after": after, "state": near_state(before, after)}
-                )
+                core[("throughput", name)].append(core_record(before, after))
                 tp_runs[name].append(r)
                 if r["status"] == "ok":
                     print(
                         f"median {statistics.median(r['GBps']):.2f} GB/s ({time.monotonic() - t0:.1f} s; "
-                        f"CPUs {near_state(before, after)}: {fmt_probe(before)} / {fmt_probe(after)})",
+                        f"CPUs {fmt_core(core[('throughput', name)][-1])})",
                         flush=True,
                     )
                 else:
@@ -1340,16 +1334,13 @@ def main():
                         tmpdir,
                     )
                 after = core_probe()
-                core[("rtt", name)].append(
-                    {"before": before, "after": after, "state": near_state(before, after)}
-                )
+                core[("rtt", name)].append(core_record(before, after))
                 rtt_runs[name].append(r)
                 if r["status"] == "ok":
                     s = sorted(r["samples_us"])
                     print(
                         f"median {statistics.median(s):.1f} us, p90 {pct(s, 0.9):.1f} us "
-                        f"({time.monotonic() - t0:.1f} s; CPUs {near_state(before, after)}: "
-                        f"{fmt_probe(before)} / {fmt_probe(after)})",
+                        f"({time.monotonic() - t0:.1f} s; CPUs {fmt_core(core[('rtt', name)][-1])})",
                         flush=True,
                     )
                 else:
