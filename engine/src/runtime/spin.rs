@@ -254,6 +254,8 @@ pub struct Spin {
     slot: Option<usize>,
     until: Instant,
     steps: u32,
+    /// The spin ran out its budget without its condition turning true.
+    ran_out: bool,
     /// Declined (not run out): when, why, and whether the waiter went to the kernel.
     declined: Option<Declined>,
 }
@@ -294,6 +296,7 @@ impl Spin {
             slot,
             until: now + if slot.is_some() { cap } else { Duration::ZERO },
             steps: 0,
+            ran_out: false,
             declined: (slot.is_none() && !cap.is_zero()).then_some(Declined {
                 at: now,
                 cap,
@@ -306,6 +309,13 @@ impl Spin {
     /// Whether this spin is still running.
     pub fn spinning(&self) -> bool {
         self.slot.is_some()
+    }
+
+    /// Whether this wait goes to the kernel because spinning has not been paying: this spin ran
+    /// out its budget, or it was skipped after spins that did (SPIN-3), not declined for busy
+    /// cores. What SPREAD-2 acts on.
+    pub fn unpaid(&self) -> bool {
+        self.ran_out || self.declined.is_some_and(|d| d.skipped)
     }
 
     /// One step: relaxes the CPU and returns true while the spin may go on; false once the
@@ -321,6 +331,7 @@ impl Spin {
         if self.steps % 64 == 0 && Instant::now() >= self.until {
             release(slot);
             self.slot = None;
+            self.ran_out = true;
             let _ = ME.try_with(|me| {
                 let m = (me.misses.get() + 1).min(MAX_MISSES);
                 me.misses.set(m);
@@ -498,6 +509,10 @@ pub(crate) mod tests {
             "a spin declined for busy cores is not marked as such"
         );
         assert!(
+            !s.unpaid(),
+            "busy cores: another CPU is no better (SPREAD-2 ignores it)"
+        );
+        assert!(
             !s.spinning(),
             "spin allowed with {} runnable threads on {} cores",
             RUNNING.load(Ordering::Relaxed),
@@ -540,6 +555,10 @@ pub(crate) mod tests {
         let mut s = Spin::start(cap);
         assert!(!s.spinning(), "spun while skipping");
         assert!(!s.step());
+        assert!(
+            s.unpaid(),
+            "skipped after spins that ran out (SPREAD-2 acts on it)"
+        );
         std::thread::sleep(wait);
         drop(s);
     }
@@ -550,6 +569,7 @@ pub(crate) mod tests {
             slot: ME.with(|me| me.slot),
             until: Instant::now() + budget,
             steps: 0,
+            ran_out: false,
             declined: None,
         }
     }
@@ -558,6 +578,7 @@ pub(crate) mod tests {
     fn failed_spin() {
         let mut s = spin_with(Duration::ZERO);
         while s.step() {}
+        assert!(s.unpaid(), "a spin that spent its budget did not pay");
     }
 
     /// A spin that ends while spinning: its condition came.
@@ -600,6 +621,7 @@ pub(crate) mod tests {
                 slot: None,
                 until: Instant::now(),
                 steps: 0,
+                ran_out: false,
                 declined: Some(Declined {
                     at: Instant::now(),
                     cap: short,
