@@ -25,7 +25,9 @@
 //! - FLAT-3 (bitwise agreement, TREE-1): every rank reduces the slots in rank order 0, 1, ...,
 //!   n - 1 with the same kernel, so every rank ends with bitwise the same result.
 //! - FLAT-4 (no hang, TREE-3): a waiter spins under the wait policy (`PARALLEL_SPIN_US`,
-//!   runtime/spin.rs), then sleeps on a futex word in slices of at most [`SLICE`]; it checks the
+//!   runtime/spin.rs), then sleeps on a futex word in slices of at most [`SLICE`] (a wait that
+//!   spinning did not win while a missing rank last published from this CPU first moves the
+//!   waiter off it: SPREAD-2, runtime/spread.rs, each slot carrying its writer's CPU); it checks the
 //!   awaited ranks' `gone` words (set by a rank whose tree failed or was dropped) on every scan
 //!   and their pidfds (a killed process) after every slice (a rank seen exited is lost only if
 //!   its slot is still missing on a scan after that: its last collective may have completed
@@ -45,7 +47,7 @@
 
 use crate::ops::{self, Op};
 use parallel_engine::link::sys;
-use parallel_engine::runtime::{Deadline, Spin, futex};
+use parallel_engine::runtime::{Deadline, Spin, futex, spread};
 use parallel_engine::value::DType;
 use parallel_engine::{Error, ErrorKind, Result};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -68,8 +70,10 @@ const GEN: usize = 0;
 const WAITERS: usize = 64;
 /// Per rank: a line with its `gone` word, then two buffers.
 const RANK_HDR: usize = 64;
-/// Per buffer: the sequence word (own line), then the words, then the data.
+/// Per buffer: the sequence word and the writer's CPU (own line), then the words, then the data.
 const BUF_HDR: usize = 64 + WORDS * 8;
+/// Where in a buffer's first line the writer's CPU word lies (SPREAD-1).
+const CPU: usize = 8;
 
 /// Where everything lies in a region for `world` ranks and a cut-over of `max` bytes.
 #[derive(Debug, Clone, Copy)]
@@ -207,6 +211,14 @@ impl Region {
         self.word64(self.buf_off(r, seq))
     }
 
+    /// The CPU word rank `r` published with collective `seq` (SPREAD-1; only compared).
+    fn cpu_word(&self, r: usize, seq: u64) -> u32 {
+        // SAFETY: as in word32: 8 bytes into a 64-byte aligned line of the mapping, accessed
+        // only through atomics.
+        let w = unsafe { &*(self.at(self.buf_off(r, seq) + CPU) as *const AtomicU32) };
+        w.load(Ordering::Relaxed)
+    }
+
     fn data(&self, r: usize, seq: u64, len: usize) -> &[u8] {
         assert!(len <= self.lay.max, "fast path data over the cut-over");
         // SAFETY: inside rank r's buffer for `seq` (len <= max <= the data area). FLAT-2: no rank
@@ -244,6 +256,10 @@ impl Region {
         unsafe {
             std::ptr::copy_nonoverlapping(words.as_ptr(), self.at(off + 64) as *mut u64, WORDS)
         };
+        // SAFETY: as in cpu_word, in this rank's own buffer; on the line the sequence word's
+        // store below writes anyway (SPREAD-1).
+        let cpu = unsafe { &*(self.at(off + CPU) as *const AtomicU32) };
+        cpu.store(spread::cpu_word(), Ordering::Relaxed);
         self.seq_word(self.rank, seq).store(seq, Ordering::SeqCst);
         self.wake();
     }
@@ -332,6 +348,11 @@ impl Region {
             }
             if spin.step() {
                 continue;
+            }
+            if spin.unpaid() {
+                // SPREAD-2: a rank still missing last published collective seq - 1.
+                let last = seq.wrapping_sub(1);
+                spread::after_failed_spin(pending.iter().map(|&r| self.cpu_word(r, last)));
             }
             let waiting = format!(
                 "rank(s) {pending:?} to reach collective #{seq} on the shared-memory fast path \

@@ -51,6 +51,31 @@ def finish(procs, timeout: float = 120) -> list[tuple[int, str, str]]:
     return out
 
 
+@pytest.mark.parametrize("spread", ["1", "0"])
+def test_a_waiter_on_its_peers_cpu_moves_off_it_unless_turned_off(spread, monkeypatch):
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two CPUs to move between")
+    monkeypatch.setenv("PARALLEL_SPREAD", spread)
+    (rc0, out, err), (rc1, out1, err1) = finish(launch(2, "peer_on_my_cpu"))
+    assert rc0 == 0 and rc1 == 0, out + err + out1 + err1
+    tries: dict[int, list[dict[str, int]]] = {}
+    for line in out.splitlines():
+        if line.startswith("size "):
+            w = line.split()
+            seen = {k: int(w[w.index(k) + 1]) for k in ("put", "ended", "moves")}
+            tries.setdefault(int(w[1]), []).append(seen)
+    # Both paths were tried: the fast path (4 KiB) and the shared-memory links (1 MiB).
+    assert sorted(tries) == [4096, 1 << 20], out
+    for size, ts in tries.items():
+        if spread == "0":
+            assert all(t["moves"] == 0 for t in ts), (size, ts)
+        else:
+            # SPREAD-2: the spin ran out with the awaited rank last on this CPU: moved off it
+            # (where it ended is the scheduler's: the wake-up after the long wait may place it
+            # next to its waker again; the engine's unit test checks the move itself).
+            assert any(t["moves"] > 0 for t in ts), (size, ts)
+
+
 @pytest.mark.parametrize("n", [2, 3, 5, 8])
 def test_seed_allreduce_and_collectives_across_processes(n):
     for rc, out, err in finish(launch(n, "battery")):

@@ -224,6 +224,43 @@ def scatter_gather(tree: parallel.Tree) -> None:
     print(f"rank {r}: {checked} scatter/gather checks, {by_ring} reduce-scatters by the ring")
 
 
+def peer_on_my_cpu(tree: parallel.Tree) -> None:
+    """Rank 1 runs on one CPU only and last published from it; rank 0 is put on that CPU and
+    waits for rank 1, which sleeps 50 ms first, in a 4 KiB all-reduce (fast path) and a 1 MiB
+    one (shm links). Rank 0 prints, per size, the CPU it was put on, where it ended and how
+    many moves it made (SPREAD-2); up to 5 tries each, as a wait declined for busy cores (other
+    work on the machine) never moves, nor one the scheduler already moved elsewhere."""
+    import os
+
+    allowed = os.sched_getaffinity(0)
+    cpu = min(allowed)
+    for count in (1 << 10, 1 << 18):
+        t = torch.ones(count)
+        for _ in range(5):
+            if tree.rank == 1:
+                os.sched_setaffinity(0, {cpu})
+            tree.all_reduce(t)  # rank 1 publishes from `cpu` (SPREAD-1)
+            if tree.rank == 0:
+                os.sched_setaffinity(0, {cpu})
+                os.sched_setaffinity(0, allowed)
+            tree.barrier()
+            before = parallel.wait_stats()["spread_moves"]
+            if tree.rank == 1:
+                time.sleep(0.05)
+            tree.all_reduce(t)
+            moves = parallel.wait_stats()["spread_moves"] - before
+            with open("/proc/thread-self/stat") as f:
+                now = int(f.read().rsplit(")", 1)[1].split()[36])
+            assert os.sched_getaffinity(0) == ({cpu} if tree.rank == 1 else allowed)
+            os.sched_setaffinity(0, allowed)
+            done = torch.tensor([float(moves > 0)])
+            tree.all_reduce(done, "max")
+            if tree.rank == 0:
+                print(f"size {count * 4} put {cpu} ended {now} moves {moves}")
+            if done.item() > 0:
+                break
+
+
 def main() -> int:
     scenario = sys.argv[1]
     if len(sys.argv) > 2:
@@ -235,6 +272,7 @@ def main() -> int:
     scenarios["a2a_victim"] = a2a_victim
     scenarios["a2a_edges"] = a2a_edges
     scenarios["scatter_gather"] = scatter_gather
+    scenarios["peer_on_my_cpu"] = peer_on_my_cpu
     scenarios[scenario](tree)
     print(f"rank {tree.rank} ok")
     return 0

@@ -499,10 +499,16 @@ impl Link {
             None => crate::runtime::spin_until(self.spin, || self.ready()),
         };
         // Held until the park ends (SPIN-3 learns from its length).
-        let _spin = match spun {
+        let held = match spun {
             crate::runtime::Spun::Ready => return Ok(()),
             crate::runtime::Spun::Sleep(s) => s,
         };
+        if let Some(s) = &self.shm
+            && held.unpaid()
+        {
+            // SPREAD-2: the writer may be waiting for this very CPU.
+            crate::runtime::spread::after_failed_spin([s.writer_cpu()]);
+        }
         let mut fds = Vec::with_capacity(2);
         loop {
             fds.clear();

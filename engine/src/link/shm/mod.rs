@@ -35,11 +35,14 @@
 //!   PARALLEL_FRAME_TIMEOUT, the sender revokes the claim (`2n + 1` to `2n`) and returns, and
 //!   the reader, which checks the gate after its last read and before it delivers, discards
 //!   the frame: a message read from reused buffers is never delivered.
+//! - SHM-8: each side stores the CPU it runs on with the index it publishes (`writer_cpu` with
+//!   `head`, `reader_cpu` with `tail`, on the same line); a waiter that spinning did not serve
+//!   reads the other side's to move off a CPU they share (SPREAD-1/2). Only compared.
 
 use super::kinds::{Cost, End, Kind, Policy};
 use super::{LinkKind, sys};
 use crate::error::{Error, ErrorKind, Result, protocol};
-use crate::runtime::{Deadline, Interest, wait_once};
+use crate::runtime::{Deadline, Interest, spread, wait_once};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 use std::time::{Duration, Instant};
@@ -51,17 +54,25 @@ pub(crate) const RING_ALIGN: usize = 4096;
 
 #[repr(C)]
 struct Ctrl {
-    head: AtomicU64, // bytes ever written (writer-owned)
-    _p0: [u8; 56],
+    head: AtomicU64,       // bytes ever written (writer-owned)
+    writer_cpu: AtomicU32, // the CPU the writer last published from (SPREAD-1; only compared)
+    _p0: [u8; 52],
     reader_parked: AtomicU32,
     closed: AtomicU32, // writer closed the ring in an orderly way
     _p1: [u8; 56],
-    tail: AtomicU64,     // bytes ever read (reader-owned)
-    cma_done: AtomicU64, // cross-memory messages the reader finished (reader-owned)
-    cma_gate: AtomicU64, // SHM-7: 2n + 1 the reader claimed frame n, 2n the writer cancelled it
-    _p2: [u8; 40],
+    tail: AtomicU64,       // bytes ever read (reader-owned)
+    cma_done: AtomicU64,   // cross-memory messages the reader finished (reader-owned)
+    cma_gate: AtomicU64,   // SHM-7: 2n + 1 the reader claimed frame n, 2n the writer cancelled it
+    reader_cpu: AtomicU32, // the CPU the reader last gave room back from (SPREAD-1)
+    _p2: [u8; 36],
     writer_parked: AtomicU32,
 }
+
+// The layout both ends of a ring agree on: the writer's line, the reader's line, the parked
+// flags on lines of their own.
+const _: () = assert!(std::mem::offset_of!(Ctrl, reader_parked) == 64);
+const _: () = assert!(std::mem::offset_of!(Ctrl, tail) == 128);
+const _: () = assert!(std::mem::offset_of!(Ctrl, writer_parked) == 192);
 
 /// The shared mapping (both rings), accessed only through atomics (control) and through byte
 /// copies into ranges that the SPSC protocol gives to exactly one side at a time. The mapping
@@ -203,6 +214,12 @@ impl ShmEnd {
     }
 
     /// True when the incoming ring has unread bytes.
+    /// The CPU word the peer stored with its last write to this side's incoming ring
+    /// (SHM-8; only compared).
+    pub fn writer_cpu(&self) -> u32 {
+        self.map.ctrl(self.rx()).writer_cpu.load(Ordering::Relaxed)
+    }
+
     pub fn has_data(&self) -> bool {
         self.map.ctrl(self.rx()).head.load(Ordering::Acquire) != self.tail.load(Ordering::Relaxed)
     }
@@ -252,16 +269,21 @@ impl ShmEnd {
         op: &'static str,
         what: &str,
         parked: &AtomicU32,
+        peer_cpu: &AtomicU32,
         bell: RawFd,
         spin: Duration,
         mut ready: impl FnMut() -> bool,
     ) -> Result<()> {
         // Spins only while a core is free (runtime::spin), then parks on the doorbell, holding
         // the spin until the park ends (SPIN-3 learns from its length).
-        let _spin = match crate::runtime::spin_until(spin, &mut ready) {
+        let held = match crate::runtime::spin_until(spin, &mut ready) {
             crate::runtime::Spun::Ready => return Ok(()),
             crate::runtime::Spun::Sleep(s) => s,
         };
+        if held.unpaid() {
+            // SPREAD-2: the peer may be waiting for this very CPU.
+            spread::after_failed_spin([peer_cpu.load(Ordering::Relaxed)]);
+        }
         loop {
             parked.store(1, Ordering::SeqCst);
             fence(Ordering::SeqCst);
@@ -332,6 +354,7 @@ impl ShmEnd {
         // then sees it whole at once, not header, descriptor and payload one by one.
         let mut published = head;
         let publish = |head: u64| {
+            c.writer_cpu.store(spread::cpu_word(), Ordering::Relaxed);
             c.head.store(head, Ordering::SeqCst);
             self.head.store(head, Ordering::Relaxed);
             if c.reader_parked.load(Ordering::SeqCst) != 0 {
@@ -362,6 +385,7 @@ impl ShmEnd {
                         "send",
                         what,
                         &c.writer_parked,
+                        &c.reader_cpu,
                         bell,
                         self.spin,
                         || c.tail.load(Ordering::Acquire) != tail,
@@ -426,6 +450,7 @@ impl ShmEnd {
                     "recv",
                     what,
                     &c.reader_parked,
+                    &c.writer_cpu,
                     bell,
                     self.spin,
                     || c.head.load(Ordering::Acquire) != tail,
@@ -578,6 +603,7 @@ impl ShmEnd {
         self.tail_shared.store(tail, Ordering::Relaxed);
         let rx = self.rx();
         let c = self.map.ctrl(rx);
+        c.reader_cpu.store(spread::cpu_word(), Ordering::Relaxed);
         c.tail.store(tail, Ordering::SeqCst);
         if c.writer_parked.load(Ordering::SeqCst) != 0 {
             sys::eventfd_signal(self.bells[rx].space.as_raw_fd());
@@ -598,6 +624,7 @@ impl ShmEnd {
             "send",
             "the receiver to copy the message",
             &c.writer_parked,
+            &c.reader_cpu,
             bell,
             // The receiver is copying a large segment (hundreds of µs at least): spinning here
             // would only steal its core. Park at once.
