@@ -349,6 +349,7 @@ def child_ours(rank, world, cfg):
                 "PARALLEL_SHM",
                 "PARALLEL_SHM_CMA",
                 "PARALLEL_SPIN_US",
+                "PARALLEL_SPREAD",
                 "PARALLEL_ALGO",
                 "PARALLEL_RING_THRESHOLD",
                 "PARALLEL_COLLECTIVE_CHUNK",

@@ -27,7 +27,7 @@
 //! - FLAT-4 (no hang, TREE-3): a waiter spins under the wait policy (`PARALLEL_SPIN_US`,
 //!   runtime/spin.rs), then sleeps on a futex word in slices of at most [`SLICE`] (a wait that
 //!   spinning did not win while a missing rank last published from this CPU first moves the
-//!   waiter off it: SPREAD-2, runtime/spread.rs, each slot carrying its writer's CPU); it checks the
+//!   waiter off it, once per wait: SPREAD-2, each slot carrying its writer's CPU); it checks the
 //!   awaited ranks' `gone` words (set by a rank whose tree failed or was dropped) on every scan
 //!   and their pidfds (a killed process) after every slice (a rank seen exited is lost only if
 //!   its slot is still missing on a scan after that: its last collective may have completed
@@ -342,6 +342,7 @@ impl Region {
         }
         let mut pending = Vec::new();
         let mut spin = Spin::start(self.spin);
+        let mut spread_asked = false;
         loop {
             if let Some(d) = self.scan(seq, mine, &mut pending)? {
                 return Ok(d);
@@ -349,10 +350,11 @@ impl Region {
             if spin.step() {
                 continue;
             }
-            if spin.unpaid() {
-                // SPREAD-2: a rank still missing last published collective seq - 1.
+            if spin.unpaid() && !spread_asked {
+                // SPREAD-2, once per wait: a rank still missing last published seq - 1.
+                spread_asked = true;
                 let last = seq.wrapping_sub(1);
-                spread::after_failed_spin(pending.iter().map(|&r| self.cpu_word(r, last)));
+                spread::after_unpaid_spin(pending.iter().map(|&r| self.cpu_word(r, last)));
             }
             let waiting = format!(
                 "rank(s) {pending:?} to reach collective #{seq} on the shared-memory fast path \

@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+from .conftest import expected_link
+
 WORKER = str(pathlib.Path(__file__).with_name("tree_worker.py"))
 
 
@@ -55,6 +57,8 @@ def finish(procs, timeout: float = 120) -> list[tuple[int, str, str]]:
 def test_a_waiter_on_its_peers_cpu_moves_off_it_unless_turned_off(spread, monkeypatch):
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs two CPUs to move between")
+    if expected_link() != "shm":
+        pytest.skip("the CPU words are those of shared-memory rings and the fast path")
     monkeypatch.setenv("PARALLEL_SPREAD", spread)
     (rc0, out, err), (rc1, out1, err1) = finish(launch(2, "peer_on_my_cpu"))
     assert rc0 == 0 and rc1 == 0, out + err + out1 + err1

@@ -5,6 +5,7 @@ Usage: tree_worker.py SCENARIO [RANK WORLD ROOT]; without RANK.. the launcher va
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -230,8 +231,6 @@ def peer_on_my_cpu(tree: parallel.Tree) -> None:
     one (shm links). Rank 0 prints, per size, the CPU it was put on, where it ended and how
     many moves it made (SPREAD-2); up to 5 tries each, as a wait declined for busy cores (other
     work on the machine) never moves, nor one the scheduler already moved elsewhere."""
-    import os
-
     allowed = os.sched_getaffinity(0)
     cpu = min(allowed)
     for count in (1 << 10, 1 << 18):
@@ -240,12 +239,13 @@ def peer_on_my_cpu(tree: parallel.Tree) -> None:
             if tree.rank == 1:
                 os.sched_setaffinity(0, {cpu})
             tree.all_reduce(t)  # rank 1 publishes from `cpu` (SPREAD-1)
-            if tree.rank == 0:
-                os.sched_setaffinity(0, {cpu})
-                os.sched_setaffinity(0, allowed)
             tree.barrier()
             before = parallel.wait_stats()["spread_moves"]
-            if tree.rank == 1:
+            if tree.rank == 0:
+                # After the barrier: its own wait there could have moved rank 0 already.
+                os.sched_setaffinity(0, {cpu})
+                os.sched_setaffinity(0, allowed)
+            else:
                 time.sleep(0.05)
             tree.all_reduce(t)
             moves = parallel.wait_stats()["spread_moves"] - before

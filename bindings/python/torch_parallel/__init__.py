@@ -271,9 +271,10 @@ def wait_stats() -> dict[str, int]:
     spin would have paid, so the thread soon spins again). Each kernel sleep costs a wake-up
     (tens to hundreds of microseconds on a virtual machine), so a run whose waits are mostly
     declined is slow for that reason; ``PARALLEL_SPIN_US`` sets the longest spin (0: never spin).
-    ``spread_moves``: times a waiting thread whose spin ran out moved itself off the CPU the
-    process it waited for last ran on (two ranks handing messages back and forth on one CPU
-    while another idles; ``PARALLEL_SPREAD=0`` turns the moves off).
+    ``spread_moves``: times a waiting thread whose spin did not pay (ran out, or skipped after
+    spins that did) moved itself off the CPU the process it waited for last ran on (two ranks
+    handing messages back and forth on one CPU while another idles; ``PARALLEL_SPREAD=0`` turns
+    the moves off).
 
     Example: ``s = parallel.wait_stats(); print(s["spins_paid"] / max(1, s["spins_started"]))``
     """

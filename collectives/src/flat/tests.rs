@@ -66,3 +66,29 @@ fn flat_4_a_rank_that_published_then_ended_is_not_lost() {
     );
     child.wait().unwrap();
 }
+
+/// SPREAD-1: a slot carries the CPU its writer published from, in both buffers, and a rank
+/// that never published reads as unknown (0).
+#[test]
+fn spread_1_a_slot_carries_its_writers_cpu() {
+    let lay = Layout::new(2, 4096);
+    let fd = create(&lay).unwrap();
+    let me = std::process::id();
+    let r0 = Region::map(fd.try_clone().unwrap(), lay, 0, &[me, me]).unwrap();
+    let r1 = Region::map(fd, lay, 1, &[me, me]).unwrap();
+    assert_eq!(r0.cpu_word(1, 1), 0, "nothing published yet");
+    std::thread::spawn(move || {
+        let cpu = spread::cpu_word();
+        // Pinned where it runs, so the word cannot change under the test.
+        assert!(core_affinity::set_for_current(core_affinity::CoreId {
+            id: cpu as usize - 1
+        }));
+        let w: Words = [0; WORDS];
+        for seq in [1u64, 2] {
+            r1.publish(seq, &w, Some(&[1u8; 64]));
+            assert_eq!(r0.cpu_word(1, seq), cpu, "collective {seq}");
+        }
+    })
+    .join()
+    .unwrap();
+}

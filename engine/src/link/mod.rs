@@ -507,7 +507,7 @@ impl Link {
             && held.unpaid()
         {
             // SPREAD-2: the writer may be waiting for this very CPU.
-            crate::runtime::spread::after_failed_spin([s.writer_cpu()]);
+            crate::runtime::spread::after_unpaid_spin([s.writer_cpu()]);
         }
         let mut fds = Vec::with_capacity(2);
         loop {

@@ -108,6 +108,24 @@ fn running(m: &Machine, now: u64) -> Option<usize> {
     }
 }
 
+/// Whether the machine's runnable threads, by the current load sample (refreshed as SPIN-4
+/// allows), leave a core free: SPIN-2's load condition alone (SPREAD-2 asks it).
+pub(crate) fn cores_free() -> bool {
+    let m = machine();
+    running(m, ns_at(m, Instant::now())).is_none_or(|r| r <= m.online)
+}
+
+/// After the thread moved off its peer's CPU (SPREAD-2): what made its spins fail is gone, so
+/// its SPIN-3 skip is cleared.
+pub(crate) fn note_moved() {
+    let _ = ME.try_with(|me| {
+        me.misses.set(0);
+        me.skip.set(0);
+        me.worn.set(false);
+        me.no_halving.set(false);
+    });
+}
+
 /// Forces a fresh load sample on the next decision (tests, and callers that just changed the
 /// load themselves).
 pub fn refresh_load() {

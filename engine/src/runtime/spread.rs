@@ -13,35 +13,45 @@
 //!
 //! Invariants:
 //! - SPREAD-1: a writer of a shared-memory structure that a peer process waits on publishes,
-//!   with what it wrote, the CPU it ran on ([`cpu_word`]: CPU + 1, 0 for unknown).
-//! - SPREAD-2: a waiter whose spin ran out its budget, or was skipped after spins that did
-//!   ([`super::Spin::unpaid`]; not one declined for busy cores, where another CPU is no better),
-//!   while a peer it waits for last ran on the waiter's own CPU moves itself to another CPU it
-//!   may run on
-//!   ([`after_failed_spin`]): its affinity excludes this CPU for an instant (the kernel migrates
-//!   it at once), then the thread's own mask is set back exactly as it was. A thread that may run
-//!   on one CPU only (a pinned reactor, a pinned application thread) never moves.
-//! - SPREAD-3: a thread moves at most once per [`PERIOD`], so a machine that keeps placing the
-//!   pair together (more ranks than CPUs) costs at most two system calls per period; none at all
-//!   with `PARALLEL_SPREAD=0`. Moves are counted (`wait_stats()["spread_moves"]`).
+//!   with what it wrote, the CPU it ran on ([`cpu_word`]: CPU + 1, 0 for unknown), on the line it
+//!   writes anyway. The word is only compared, never used as an index.
+//! - SPREAD-2: a waiter whose spin did not pay ([`super::Spin::unpaid`]: it ran out its budget,
+//!   or was skipped after spins that did) while a peer it waits for last ran on the waiter's own
+//!   CPU, and while the cores are not all busy (SPIN-2's load sample: where every CPU is taken,
+//!   another is no better), moves itself to another CPU it may run on ([`after_unpaid_spin`]):
+//!   its affinity leaves out this CPU for an instant, preferring the CPUs of its NUMA node (the
+//!   kernel migrates it before the call returns), then the mask it had is set back. A thread that
+//!   may run on one CPU only (a pinned reactor, a pinned application thread) never moves. After a
+//!   move the thread's SPIN-3 skip is cleared: what made its spins fail is gone.
+//! - SPREAD-3: a thread tries at most once per [`PERIOD`] (at most four system calls each), so a
+//!   machine that keeps placing the pair together (more ranks than CPUs) costs little; nothing
+//!   with `PARALLEL_SPREAD=0` or `PARALLEL_SPIN_US=0` (no spin, so none that did not pay). Moves
+//!   are counted (`wait_stats()["spread_moves"]`).
+//!
+//! Side effects, as of any `sched_setaffinity`: on Linux 6.2 and later the kernel records the
+//! mask set back as the thread's requested one, so a later widening of the container's cpuset
+//! does not reach a thread that moved; a CPU offline at the moment of the move is not in the
+//! mask set back. Not covered: more than 1024 CPUs (`cpu_set_t`'s size: no moves there), the
+//! server's `recv_any` and the work queues' waits (no writer CPU published yet).
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-/// The shortest time between two moves of one thread (SPREAD-3).
+/// The shortest time between two tries of one thread (SPREAD-3).
 pub const PERIOD: Duration = Duration::from_millis(10);
 
 static MOVES: AtomicU64 = AtomicU64::new(0);
 
 thread_local! {
-    /// When this thread last moved (SPREAD-3).
-    static LAST_MOVE: Cell<Option<Instant>> = const { Cell::new(None) };
+    /// When this thread last tried to move (SPREAD-3).
+    static LAST_TRY: Cell<Option<Instant>> = const { Cell::new(None) };
 }
 
 /// The CPU the calling thread runs on, as published (SPREAD-1): CPU + 1, or 0 when unknown.
 pub fn cpu_word() -> u32 {
-    // SAFETY: no arguments, no memory effects (the vDSO or rseq answers it).
+    // SAFETY: no arguments, no memory effects (on x86_64 the vDSO or rseq answers it without a
+    // system call; elsewhere it may be one).
     let c = unsafe { libc::sched_getcpu() };
     u32::try_from(c).map_or(0, |c| c.saturating_add(1))
 }
@@ -51,9 +61,9 @@ pub fn moves() -> u64 {
     MOVES.load(Ordering::Relaxed)
 }
 
-/// The decision of SPREAD-2 and SPREAD-3, a pure function of what was observed: move when
-/// enabled, this thread's CPU is known and is one a peer last ran on, and the last move is at
-/// least [`PERIOD`] old.
+/// The decision of SPREAD-2 and SPREAD-3 (but for the load, asked last), a pure function of
+/// what was observed: move when enabled, this thread's CPU is known and is one a peer last ran
+/// on, and the last try is at least [`PERIOD`] old.
 pub(crate) fn should_move(
     enabled: bool,
     mine: u32,
@@ -67,70 +77,148 @@ pub(crate) fn should_move(
         && last.is_none_or(|t| now.saturating_duration_since(t) >= PERIOD)
 }
 
-/// SPREAD-2: called by a waiter whose spin did not pay ([`super::Spin::unpaid`]), with the CPU
-/// words
-/// ([`cpu_word`]) its awaited peers published. Moves the calling thread to another CPU when a
-/// peer last ran on this one; returns whether it moved.
-pub fn after_failed_spin(peers: impl IntoIterator<Item = u32>) -> bool {
+/// SPREAD-2: called by a waiter whose spin did not pay ([`super::Spin::unpaid`]), with the
+/// CPU words ([`cpu_word`]) its awaited peers published. Moves the calling thread to another CPU
+/// when a peer last ran on this one; returns whether it moved.
+pub fn after_unpaid_spin(peers: impl IntoIterator<Item = u32>) -> bool {
     let now = Instant::now();
-    let last = LAST_MOVE.with(Cell::get);
-    let enabled = crate::config::config().spread;
     let mine = cpu_word();
-    if !should_move(enabled, mine, peers.into_iter(), last, now) {
+    let enabled = crate::config::config().spread;
+    let last = LAST_TRY.with(Cell::get);
+    if !should_move(enabled, mine, peers.into_iter(), last, now) || !super::spin::cores_free() {
         return false;
     }
-    // Counted as an attempt even when the mask forbids it: a pinned thread asks once a period.
-    LAST_MOVE.with(|l| l.set(Some(now)));
-    let moved = step_off(mine as usize - 1);
+    // A try counts even when the mask forbids the move: a pinned thread asks once a period.
+    LAST_TRY.with(|l| l.set(Some(now)));
+    let cpu = mine as usize - 1;
+    let near = crate::topology::topology().numa_of_cpu(cpu).map(|node| {
+        crate::topology::topology()
+            .numa_nodes
+            .iter()
+            .filter(|n| n.id == node)
+            .flat_map(|n| n.cpus.iter().copied())
+            .collect::<Vec<usize>>()
+    });
+    let moved = step_off(cpu, near.as_deref().unwrap_or(&[])).is_some();
     if moved {
         MOVES.fetch_add(1, Ordering::Relaxed);
+        super::spin::note_moved();
     }
     moved
 }
 
-/// Moves the calling thread off `cpu` and gives it back its own affinity mask (SPREAD-2).
-fn step_off(cpu: usize) -> bool {
-    let size = std::mem::size_of::<libc::cpu_set_t>();
-    // SAFETY: cpu_set_t is plain bits; all zero is the empty set.
-    let mut own: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: pid 0 is the calling thread; `own` is a live cpu_set_t of `size` bytes.
-    if unsafe { libc::sched_getaffinity(0, size, &mut own) } != 0 {
-        return false;
+/// Bit operations on a `cpu_set_t`, each bounded by its size.
+mod bits {
+    pub(super) const SIZE: usize = libc::CPU_SETSIZE as usize;
+
+    pub(super) fn empty() -> libc::cpu_set_t {
+        // SAFETY: cpu_set_t is plain bits; all zero is the empty set.
+        unsafe { std::mem::zeroed() }
     }
-    if cpu >= libc::CPU_SETSIZE as usize {
-        return false;
+
+    pub(super) fn has(s: &libc::cpu_set_t, c: usize) -> bool {
+        // SAFETY: a bit read of a live set, `c` within its size.
+        c < SIZE && unsafe { libc::CPU_ISSET(c, s) }
     }
-    // SAFETY: bit reads of a live cpu_set_t; `cpu` is within its size.
-    let (here, count) = unsafe { (libc::CPU_ISSET(cpu, &own), libc::CPU_COUNT(&own)) };
-    if !here || count < 2 {
-        return false;
+
+    pub(super) fn set(s: &mut libc::cpu_set_t, c: usize) {
+        if c < SIZE {
+            // SAFETY: a bit write of a live set, `c` within its size.
+            unsafe { libc::CPU_SET(c, s) };
+        }
     }
-    let mut away = own;
-    // SAFETY: as above, a bit write.
-    unsafe { libc::CPU_CLR(cpu, &mut away) };
-    // SAFETY: as above; the kernel migrates the thread before this call returns.
-    if unsafe { libc::sched_setaffinity(0, size, &away) } != 0 {
-        return false;
+
+    pub(super) fn clear(s: &mut libc::cpu_set_t, c: usize) {
+        if c < SIZE {
+            // SAFETY: as in `set`.
+            unsafe { libc::CPU_CLR(c, s) };
+        }
     }
-    // SAFETY: as above. Restoring can only fail if the allowed CPUs changed in between (a cpuset
-    // change); then one more try, and a warning if the thread stays restricted.
-    let restore = || unsafe { libc::sched_setaffinity(0, size, &own) } == 0;
-    if !restore() && !restore() {
+
+    pub(super) fn count(s: &libc::cpu_set_t) -> usize {
+        // SAFETY: reads the bits of a live set.
+        usize::try_from(unsafe { libc::CPU_COUNT(s) }).unwrap_or(0)
+    }
+}
+
+/// The mask that leaves out `cpu`: `own` without it, kept to `near` where that leaves a CPU;
+/// None when `own` does not hold `cpu` or holds nothing else (SPREAD-2).
+pub(crate) fn away_mask(
+    own: &libc::cpu_set_t,
+    cpu: usize,
+    near: &[usize],
+) -> Option<libc::cpu_set_t> {
+    if !bits::has(own, cpu) {
+        return None;
+    }
+    let mut away = *own;
+    bits::clear(&mut away, cpu);
+    if bits::count(&away) == 0 {
+        return None;
+    }
+    let mut close = bits::empty();
+    for &c in near.iter().filter(|&&c| bits::has(&away, c)) {
+        bits::set(&mut close, c);
+    }
+    Some(if bits::count(&close) > 0 { close } else { away })
+}
+
+/// Sets the calling thread's affinity mask; whether the kernel took it.
+fn set_affinity(mask: &libc::cpu_set_t) -> bool {
+    // SAFETY: pid 0 is the calling thread; `mask` is a live cpu_set_t of the size given. The
+    // kernel migrates the thread before returning when its CPU left the mask.
+    unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), mask) == 0 }
+}
+
+/// Moves the calling thread off `cpu` (to a CPU of `near` where it may) and sets its mask back
+/// (SPREAD-2); the CPU word it ran on while moved away, None when it did not move.
+fn step_off(cpu: usize, near: &[usize]) -> Option<u32> {
+    if cpu >= bits::SIZE {
+        return None;
+    }
+    let mut own = bits::empty();
+    // SAFETY: pid 0 is the calling thread; `own` is a live cpu_set_t of the size given.
+    let got = unsafe {
+        libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut own) == 0
+    };
+    let away = away_mask(&own, cpu, near).filter(|_| got)?;
+    if !set_affinity(&away) {
+        return None;
+    }
+    let there = cpu_word();
+    // Setting the mask back fails only if the allowed CPUs changed in between (a cpuset change
+    // that took all of them); then every CPU is asked for, which the kernel narrows to the
+    // cpuset, so the thread is never left restricted to `away`.
+    if !set_affinity(&own) {
+        let why = std::io::Error::last_os_error();
+        let mut all = bits::empty();
+        (0..bits::SIZE).for_each(|c| bits::set(&mut all, c));
+        let widened = set_affinity(&all);
         tracing::warn!(
-            "could not give this thread its CPU affinity back after moving it off CPU {cpu} ({}); \
-             set PARALLEL_SPREAD=0 to stop these moves",
-            std::io::Error::last_os_error()
+            "could not set this thread's CPU affinity back after moving it off CPU {cpu} ({why}); \
+             {}; PARALLEL_SPREAD=0 stops these moves",
+            if widened {
+                "it may now run on every CPU of its cpuset"
+            } else {
+                "it stays off that CPU"
+            }
         );
     }
-    true
+    Some(there)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn mask() -> Vec<usize> {
-        crate::runtime::reactor::allowed_cpus()
+    fn set_of(cpus: &[usize]) -> libc::cpu_set_t {
+        let mut s = bits::empty();
+        cpus.iter().for_each(|&c| bits::set(&mut s, c));
+        s
+    }
+
+    fn cpus_in(s: &libc::cpu_set_t) -> Vec<usize> {
+        (0..bits::SIZE).filter(|&c| bits::has(s, c)).collect()
     }
 
     #[test]
@@ -150,24 +238,42 @@ mod tests {
     }
 
     #[test]
-    fn spread_2_a_move_leaves_the_cpu_and_restores_the_mask() {
+    fn spread_2_the_mask_away_leaves_out_the_cpu_and_prefers_its_node() {
+        let own = set_of(&[0, 1, 2, 3]);
+        assert_eq!(
+            cpus_in(&away_mask(&own, 1, &[]).expect("3 left")),
+            [0, 2, 3]
+        );
+        // The CPUs of its NUMA node where the mask allows one; else anywhere else.
+        assert_eq!(cpus_in(&away_mask(&own, 1, &[0, 1]).expect("0 left")), [0]);
+        assert_eq!(
+            cpus_in(&away_mask(&own, 1, &[1, 9]).expect("none near")),
+            [0, 2, 3]
+        );
+        // A one-CPU mask, or a CPU the mask does not hold: nowhere to go.
+        assert!(away_mask(&set_of(&[5]), 5, &[]).is_none());
+        assert!(away_mask(&own, 7, &[]).is_none());
+        assert!(away_mask(&own, libc::CPU_SETSIZE as usize, &[]).is_none());
+    }
+
+    #[test]
+    fn spread_2_a_move_leaves_the_cpu_and_sets_the_mask_back() {
         std::thread::spawn(|| {
-            let before = mask();
+            let before = crate::runtime::reactor::allowed_cpus();
             let cpu = cpu_word();
             assert!(cpu > 0, "sched_getcpu works on Linux");
-            let moved = after_failed_spin([cpu]);
-            assert_eq!(mask(), before, "the thread's own mask is back");
-            if before.len() < 2 {
-                assert!(!moved, "one allowed CPU: nowhere to go");
-                return;
+            let there = step_off(cpu as usize - 1, &[]);
+            assert_eq!(
+                crate::runtime::reactor::allowed_cpus(),
+                before,
+                "the mask is back"
+            );
+            match before.len() {
+                // One allowed CPU: nowhere to go.
+                1 => assert_eq!(there, None),
+                // The kernel migrated the thread before setaffinity returned.
+                _ => assert!(there.is_some_and(|t| t != cpu), "{there:?} from {cpu}"),
             }
-            assert!(moved);
-            // The kernel migrated the thread before setaffinity returned; nothing runs it back
-            // this soon (the mask allows it, but only a wake-up or the balancer would).
-            let now = cpu_word();
-            assert_ne!(now, cpu, "still on CPU {}", cpu - 1);
-            // SPREAD-3: not again within the period, even on a peer's CPU.
-            assert!(!after_failed_spin([now]));
         })
         .join()
         .expect("the test thread");
@@ -182,8 +288,12 @@ mod tests {
                 id: cpu as usize - 1,
             });
             assert!(one, "pinning to the CPU it runs on");
-            assert!(!after_failed_spin([cpu]));
-            assert_eq!(mask(), vec![cpu as usize - 1], "still pinned there");
+            assert_eq!(step_off(cpu as usize - 1, &[]), None);
+            assert!(!after_unpaid_spin([cpu]));
+            assert_eq!(
+                crate::runtime::reactor::allowed_cpus(),
+                vec![cpu as usize - 1]
+            );
             assert_eq!(cpu_word(), cpu);
         })
         .join()

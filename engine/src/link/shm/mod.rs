@@ -63,7 +63,7 @@ struct Ctrl {
     tail: AtomicU64,       // bytes ever read (reader-owned)
     cma_done: AtomicU64,   // cross-memory messages the reader finished (reader-owned)
     cma_gate: AtomicU64,   // SHM-7: 2n + 1 the reader claimed frame n, 2n the writer cancelled it
-    reader_cpu: AtomicU32, // the CPU the reader last gave room back from (SPREAD-1)
+    reader_cpu: AtomicU32, // the CPU the reader last gave room back from (SPREAD-1; compared)
     _p2: [u8; 36],
     writer_parked: AtomicU32,
 }
@@ -73,6 +73,9 @@ struct Ctrl {
 const _: () = assert!(std::mem::offset_of!(Ctrl, reader_parked) == 64);
 const _: () = assert!(std::mem::offset_of!(Ctrl, tail) == 128);
 const _: () = assert!(std::mem::offset_of!(Ctrl, writer_parked) == 192);
+const _: () = assert!(std::mem::offset_of!(Ctrl, writer_cpu) == 8);
+const _: () = assert!(std::mem::offset_of!(Ctrl, reader_cpu) == 152);
+const _: () = assert!(std::mem::size_of::<Ctrl>() <= CTRL);
 
 /// The shared mapping (both rings), accessed only through atomics (control) and through byte
 /// copies into ranges that the SPSC protocol gives to exactly one side at a time. The mapping
@@ -210,16 +213,18 @@ impl ShmEnd {
             c.reader_parked.store(0, Ordering::SeqCst);
             c.writer_parked.store(0, Ordering::SeqCst);
             c.closed.store(0, Ordering::SeqCst);
+            c.writer_cpu.store(0, Ordering::SeqCst);
+            c.reader_cpu.store(0, Ordering::SeqCst);
         }
     }
 
-    /// True when the incoming ring has unread bytes.
     /// The CPU word the peer stored with its last write to this side's incoming ring
     /// (SHM-8; only compared).
     pub fn writer_cpu(&self) -> u32 {
         self.map.ctrl(self.rx()).writer_cpu.load(Ordering::Relaxed)
     }
 
+    /// True when the incoming ring has unread bytes.
     pub fn has_data(&self) -> bool {
         self.map.ctrl(self.rx()).head.load(Ordering::Acquire) != self.tail.load(Ordering::Relaxed)
     }
@@ -282,7 +287,7 @@ impl ShmEnd {
         };
         if held.unpaid() {
             // SPREAD-2: the peer may be waiting for this very CPU.
-            spread::after_failed_spin([peer_cpu.load(Ordering::Relaxed)]);
+            spread::after_unpaid_spin([peer_cpu.load(Ordering::Relaxed)]);
         }
         loop {
             parked.store(1, Ordering::SeqCst);
@@ -624,6 +629,7 @@ impl ShmEnd {
             "send",
             "the receiver to copy the message",
             &c.writer_parked,
+            // Never read: a zero budget neither runs out nor skips (SPREAD-2 needs one that did).
             &c.reader_cpu,
             bell,
             // The receiver is copying a large segment (hundreds of µs at least): spinning here

@@ -248,3 +248,29 @@ fn reads_give_their_room_back_once_per_receive_and_before_any_wait() {
     a.write_all(&[&[2u8; 4096]], dl(), "a page more").unwrap();
     assert!(!a.has_room(1));
 }
+
+/// SHM-8 (SPREAD-1): a writer's publish carries its CPU to the reader, and the reader's given-back
+/// room carries the reader's CPU to the writer; an end that never wrote reads as unknown (0).
+#[test]
+fn shm_8_each_side_publishes_its_cpu_with_its_index() {
+    let (a, b, _live) = two_ends();
+    assert_eq!(b.writer_cpu(), 0, "nothing written yet");
+    std::thread::spawn(move || {
+        let cpu = crate::runtime::spread::cpu_word();
+        // Pinned where it runs, so the word cannot change under the test.
+        assert!(core_affinity::set_for_current(core_affinity::CoreId {
+            id: cpu as usize - 1
+        }));
+        a.write_all(&[b"twelve bytes"], dl(), "a test frame")
+            .unwrap();
+        assert_eq!(b.writer_cpu(), cpu);
+        let mut got = [0u8; 12];
+        b.read_exact(&mut got, dl(), "a test frame").unwrap();
+        b.publish_reads();
+        assert_eq!(&got, b"twelve bytes");
+        let room = a.map.ctrl(a.tx).reader_cpu.load(Ordering::Relaxed);
+        assert_eq!(room, cpu);
+    })
+    .join()
+    .unwrap();
+}
