@@ -43,6 +43,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Any
 
 from _common import CORE_RTT_NEAR_NS, core_probe, core_record, fmt_core, fmt_probe, machine_info, near_spread
 
@@ -51,10 +52,12 @@ DEMO = os.path.join(ROOT, "examples", "allreduce_demo.py")
 LINKS = {"shared memory": "shm", "TCP loopback": "tcp"}
 # "     1 MiB:      123.4 us   busbw   1.23 GB/s"
 LINE = re.compile(r"^\s*(\d+ [KM]iB):\s+([0-9.]+) us")
+# "... waits: 86 spun (86 paid), 0 to the kernel": the ranks' parallel.wait_stats() at that size
+WAITS = re.compile(r"waits: (.*)$")
 TARGET = 1.5
 
 
-def launch(iters: int, deadline_s: float) -> dict[str, dict[str, float]]:
+def launch(iters: int, deadline_s: float) -> dict[str, Any]:
     """One demo launch: {link: {size: seconds}}; raises RuntimeError with the output's tail."""
     p = subprocess.Popen(
         [sys.executable, DEMO, "--iters", str(iters)],
@@ -78,7 +81,8 @@ def launch(iters: int, deadline_s: float) -> dict[str, dict[str, float]]:
         raise RuntimeError(f"the demo overran its {deadline_s:.0f} s deadline") from None
     if p.returncode != 0:
         raise RuntimeError(f"the demo exited with {p.returncode}: {out[-600:]}")
-    got: dict[str, dict[str, float]] = {}
+    got: dict[str, Any] = {}
+    waits: dict[str, str] = {}
     link = None
     for line in out.splitlines():
         head = line.strip().rstrip(":")
@@ -89,8 +93,12 @@ def launch(iters: int, deadline_s: float) -> dict[str, dict[str, float]]:
         m = LINE.match(line)
         if m and link:
             got[link][m.group(1)] = float(m.group(2)) * 1e-6
+            w = WAITS.search(line)
+            if w and link == "shm":
+                waits[m.group(1)] = w.group(1)
     if set(got) != set(LINKS.values()) or any(len(v) != 3 for v in got.values()):
         raise RuntimeError(f"could not read the demo's figures from: {out[-600:]}")
+    got["shm_waits"] = waits
     return got
 
 
@@ -205,6 +213,12 @@ def render(report: dict) -> str:
             "- where the two CPUs were (core-to-core probe before / after each launch, cache-line round "
             f"trip; near < {CORE_RTT_NEAR_NS:.0f} ns): " + ", ".join(fmt_core(c) for c in states)
         )
+    waits = report.get("shm_waits", [])
+    if any(waits):
+        lines.append(
+            "- how our 4 KiB waits went, launch by launch (both ranks, `parallel.wait_stats()`): "
+            + "; ".join(f"{i + 1}: {w.get('4 KiB', '?')}" for i, w in enumerate(waits))
+        )
     mstates = report.get("mpi_core", [])
     if mstates:
         lines.append(
@@ -266,7 +280,7 @@ def main() -> int:
             f"launch {i + 1}/{n}: shm "
             + ", ".join(f"{k} {fmt(v)}" for k, v in r["shm"].items())
             + (("; Open MPI " + ", ".join(f"{k} {fmt(v)}" for k, v in probe.items())) if probe else "")
-            + f"; CPUs {fmt_core(r['core'])}",
+            + f"; CPUs {fmt_core(r['core'])}; 4 KiB waits {r['shm_waits'].get('4 KiB', '?')}",
             file=sys.stderr,
         )
     if not runs:
@@ -278,6 +292,7 @@ def main() -> int:
         "rows": summarize(runs),
         "core": [r["core"] for r in runs],
         "mpi_core": [r["mpi_core"] for r in runs if "mpi_core" in r],
+        "shm_waits": [r.get("shm_waits", {}) for r in runs],
         "failed": failed,
         "machine": machine,
         "elapsed_s": time.monotonic() - started,

@@ -6,6 +6,10 @@ all-reduces of 4 KiB, 1 MiB and 64 MiB float32 tensors, over shared memory and o
 
     python examples/allreduce_demo.py [--ranks 2] [--iters 20]
 
+Each size's line ends with how the ranks' waits went (`parallel.wait_stats()`): spins, those
+that paid, and waits sent to the kernel (a kernel wait costs a wake-up; a slow launch with many
+of them was waiting, not computing).
+
 Like torchrun, it gives each rank one OpenMP thread (OMP_NUM_THREADS=1) unless the environment
 sets another number: with torch's default (one thread per core in every rank), each `fill_`
 leaves OpenMP threads spinning (libgomp's default wait policy) on cores the ranks need, and a
@@ -37,8 +41,9 @@ def rank_main(rank: int, world: int, port: int, shm: str, iters: int, q: mp.Queu
     grads = [torch.full((1000,), float(rank + 1)), {"w": torch.ones(10, 10)}]
     tree.all_reduce(grads, lambda a, b: a.add_(b))
     assert torch.all(grads[0] == world * (world + 1) / 2) and torch.all(grads[1]["w"] == world)
-    times = {}
+    times, waits = {}, {}
     for name, n in SIZES:
+        before = parallel.wait_stats()
         t = torch.ones(n)
         reps = iters if n < (1 << 20) else max(3, iters // 4)
         samples = []
@@ -52,7 +57,22 @@ def rank_main(rank: int, world: int, port: int, shm: str, iters: int, q: mp.Queu
             samples.append(time.perf_counter() - t0)
         assert torch.all(t == world), name
         times[name] = statistics.median(samples)
-    q.put({"rank": rank, "times": times, "plan": tree.plan() if rank == 0 else ""})
+        after = parallel.wait_stats()
+        waits[name] = {k: after[k] - before[k] for k in after}
+    q.put({"rank": rank, "times": times, "waits": waits, "plan": tree.plan() if rank == 0 else ""})
+
+
+def waits_line(res: list[dict], label: str) -> str:
+    """How the ranks' waits at this size went (parallel.wait_stats(), all ranks): spins and the
+    ones that paid, waits sent to the kernel (for busy cores, or skipped after spins that did
+    not pay) and moves off a peer's CPU. Many kernel waits is what a slow run looks like."""
+    w = {k: sum(r["waits"][label][k] for r in res) for k in res[0]["waits"][label]}
+    line = f"{w['spins_started']} spun ({w['spins_paid']} paid), {w['spins_declined']} to the kernel"
+    if w["spins_declined_busy"]:
+        line += f" ({w['spins_declined_busy']} for busy cores)"
+    if w["spread_moves"]:
+        line += f", {w['spread_moves']} moved off a peer's CPU"
+    return line
 
 
 def run(world: int, shm: str, iters: int) -> list[dict]:
@@ -91,7 +111,8 @@ def main() -> int:
             t = max(r["times"][label] for r in res)
             nbytes = 4 * n
             busbw = 2 * (a.ranks - 1) / a.ranks * nbytes / t / 1e9
-            print(f"  {label:>7}: {t * 1e6:10.1f} us   busbw {busbw:6.2f} GB/s")
+            waits = waits_line(res, label)
+            print(f"  {label:>7}: {t * 1e6:10.1f} us   busbw {busbw:6.2f} GB/s   waits: {waits}")
     print("\nseed example (tree.all_reduce(grads, lambda a, b: a.add_(b))) verified on every rank")
     return 0
 
