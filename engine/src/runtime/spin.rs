@@ -14,7 +14,11 @@
 //! - SPIN-2: no spin starts while the machine's runnable threads (the `running` field of
 //!   `/proc/loadavg`, counting the sampler itself) exceed its online cores, nor while this
 //!   process's other spinners would leave fewer than two of the cores it may run on
-//!   (`sched_getaffinity`) free: one for the spinner, one for the thread it waits for.
+//!   (`sched_getaffinity`) free: one for the spinner, one for the thread it waits for. A sample
+//!   that found the cores busy is read again after [`BUSY_PERIOD`], not [`LOAD_PERIOD`]: one
+//!   busy moment (measured in the demo's launches: another process's start-up, a rank's own
+//!   setup threads) declined the whole of a short loop's waits (a 4 KiB loop at 30.5 us per
+//!   all-reduce instead of 2.3, 67 of its 86 waits declined for busy cores).
 //! - SPIN-3: a [`Spin`] that ran out its budget without its condition turning true makes the
 //!   thread skip its next 1, 3, 7, ..., 63 spins (a kernel wait each time); a spin that paid
 //!   resets the skip. A skipped wait that went to the kernel and ended within the cap (the
@@ -25,8 +29,8 @@
 //!   first wear-down), and a burst of quick hand-offs after a long wait (a trainer's small
 //!   collectives after its compute) spins again after at most 6 kernel waits, not after 63.
 //! - SPIN-4: the idle fast path makes no system call: the load sample is refreshed at most once
-//!   per [`LOAD_PERIOD`] per process, by one `pread` of a descriptor opened once, and the
-//!   spinner count is a scan of the atomics of the slots taken so far (at most [`SLOTS`]).
+//!   per [`LOAD_PERIOD`] per process (per [`BUSY_PERIOD`] while it finds the cores busy), by one
+//!   `pread` of a descriptor opened once, and the spinner count is a scan of the atomics of the slots taken so far (at most [`SLOTS`]).
 
 use std::cell::Cell;
 use std::fs::File;
@@ -37,6 +41,10 @@ use std::time::{Duration, Instant};
 
 /// How old a load sample may be before the next spin decision refreshes it (SPIN-4).
 pub const LOAD_PERIOD: Duration = Duration::from_millis(2);
+/// How old a sample that found the cores busy may be before the next decision reads a fresh
+/// one (SPIN-2): a busy moment (another process starting, this one's own setup threads) then
+/// sends at most this long of waits to the kernel, not a whole [`LOAD_PERIOD`].
+pub const BUSY_PERIOD: Duration = Duration::from_micros(200);
 /// Threads of this process that can be counted as spinners at once; a thread beyond them
 /// never spins (the conservative answer).
 pub const SLOTS: usize = 64;
@@ -82,12 +90,24 @@ fn parse_running(text: &[u8]) -> Option<usize> {
     field.split('/').next()?.parse().ok()
 }
 
-/// The machine's runnable threads, sampled at most every [`LOAD_PERIOD`]; `None` where
+/// How old the last sample (`last` runnable threads; 0: none) may be before the next decision
+/// reads a fresh one (SPIN-2, SPIN-4).
+fn sample_period(last: usize, online: usize) -> Duration {
+    if last > online {
+        BUSY_PERIOD
+    } else {
+        LOAD_PERIOD
+    }
+}
+
+/// The machine's runnable threads, sampled at most every [`LOAD_PERIOD`] (every
+/// [`BUSY_PERIOD`] while the last sample found more than the cores); `None` where
 /// `/proc/loadavg` cannot be read (then only the spinner count limits spinning).
 fn running(m: &Machine, now: u64) -> Option<usize> {
     let f = m.loadavg.as_ref()?;
     let at = SAMPLED_AT.load(Ordering::Relaxed);
-    let stale = now.saturating_sub(at) >= LOAD_PERIOD.as_nanos() as u64;
+    let period = sample_period(RUNNING.load(Ordering::Relaxed), m.online);
+    let stale = now.saturating_sub(at) >= period.as_nanos() as u64;
     if stale
         && SAMPLED_AT
             .compare_exchange(at, now, Ordering::Relaxed, Ordering::Relaxed)
@@ -702,6 +722,14 @@ pub(crate) mod tests {
             t.elapsed() < Duration::from_secs(5),
             "the spin is bounded by its cap"
         );
+    }
+
+    #[test]
+    fn spin_2_4_a_busy_sample_is_read_again_sooner() {
+        assert_eq!(sample_period(0, 2), LOAD_PERIOD, "never sampled");
+        assert_eq!(sample_period(2, 2), LOAD_PERIOD, "a core each");
+        assert_eq!(sample_period(3, 2), BUSY_PERIOD, "busy: a fresh look soon");
+        assert!(BUSY_PERIOD < LOAD_PERIOD);
     }
 
     #[test]
