@@ -14,11 +14,13 @@
 //! - SPIN-2: no spin starts while the machine's runnable threads (the `running` field of
 //!   `/proc/loadavg`, counting the sampler itself) exceed its online cores, nor while this
 //!   process's other spinners would leave fewer than two of the cores it may run on
-//!   (`sched_getaffinity`) free: one for the spinner, one for the thread it waits for. A sample
-//!   that found the cores busy is read again after [`BUSY_PERIOD`], not [`LOAD_PERIOD`]: one
-//!   busy moment (measured in the demo's launches: another process's start-up, a rank's own
-//!   setup threads) declined the whole of a short loop's waits (a 4 KiB loop at 30.5 us per
-//!   all-reduce instead of 2.3, 67 of its 86 waits declined for busy cores).
+//!   (`sched_getaffinity`) free: one for the spinner, one for the thread it waits for. While
+//!   the last sample or the one before found the cores busy, the next is read after
+//!   [`BUSY_PERIOD`], not [`LOAD_PERIOD`]: one busy moment (in the demo's launches: another
+//!   process's start-up, a rank's own setup threads) declined the whole of a short loop's waits
+//!   (a 4 KiB loop at 30.5 us per all-reduce instead of 2.3, 67 of its 86 waits declined), and
+//!   on a busy machine a sample taken in a lull (compute threads waiting for the GIL) allows
+//!   spins until the next short look only, not for a whole period.
 //! - SPIN-3: a [`Spin`] that ran out its budget without its condition turning true makes the
 //!   thread skip its next 1, 3, 7, ..., 63 spins (a kernel wait each time); a spin that paid
 //!   resets the skip. A skipped wait that went to the kernel and ended within the cap (the
@@ -29,7 +31,7 @@
 //!   first wear-down), and a burst of quick hand-offs after a long wait (a trainer's small
 //!   collectives after its compute) spins again after at most 6 kernel waits, not after 63.
 //! - SPIN-4: the idle fast path makes no system call: the load sample is refreshed at most once
-//!   per [`LOAD_PERIOD`] per process (per [`BUSY_PERIOD`] while it finds the cores busy), by one
+//!   per [`LOAD_PERIOD`] per process (per [`BUSY_PERIOD`] after one found the cores busy), by one
 //!   `pread` of a descriptor opened once, and the spinner count is a scan of the atomics of the slots taken so far (at most [`SLOTS`]).
 
 use std::cell::Cell;
@@ -41,9 +43,10 @@ use std::time::{Duration, Instant};
 
 /// How old a load sample may be before the next spin decision refreshes it (SPIN-4).
 pub const LOAD_PERIOD: Duration = Duration::from_millis(2);
-/// How old a sample that found the cores busy may be before the next decision reads a fresh
-/// one (SPIN-2): a busy moment (another process starting, this one's own setup threads) then
-/// sends at most this long of waits to the kernel, not a whole [`LOAD_PERIOD`].
+/// How old a sample may be, while the last two include one that found the cores busy, before
+/// the next decision reads a fresh one (SPIN-2): a busy moment (another process starting, this
+/// one's own setup threads) then sends at most this long of waits to the kernel, not a whole
+/// [`LOAD_PERIOD`].
 pub const BUSY_PERIOD: Duration = Duration::from_micros(200);
 /// Threads of this process that can be counted as spinners at once; a thread beyond them
 /// never spins (the conservative answer).
@@ -82,6 +85,8 @@ fn ns_at(m: &Machine, t: Instant) -> u64 {
 
 static SAMPLED_AT: AtomicU64 = AtomicU64::new(0);
 static RUNNING: AtomicUsize = AtomicUsize::new(0);
+/// The sample before [`RUNNING`] (0: none).
+static BEFORE: AtomicUsize = AtomicUsize::new(0);
 
 /// Parses the `running/total` field of `/proc/loadavg`.
 fn parse_running(text: &[u8]) -> Option<usize> {
@@ -90,10 +95,12 @@ fn parse_running(text: &[u8]) -> Option<usize> {
     field.split('/').next()?.parse().ok()
 }
 
-/// How old the last sample (`last` runnable threads; 0: none) may be before the next decision
-/// reads a fresh one (SPIN-2, SPIN-4).
-fn sample_period(last: usize, online: usize) -> Duration {
-    if last > online {
+/// How old the last sample may be before the next decision reads a fresh one (SPIN-2, SPIN-4):
+/// [`BUSY_PERIOD`] while the last or the one before found more runnable threads than cores
+/// (`last`, `before`; 0: none), so that a busy moment ends soon, and so that on a busy machine
+/// one sample taken in a lull lets spins start for that short while only.
+fn sample_period(last: usize, before: usize, online: usize) -> Duration {
+    if last > online || before > online {
         BUSY_PERIOD
     } else {
         LOAD_PERIOD
@@ -101,12 +108,16 @@ fn sample_period(last: usize, online: usize) -> Duration {
 }
 
 /// The machine's runnable threads, sampled at most every [`LOAD_PERIOD`] (every
-/// [`BUSY_PERIOD`] while the last sample found more than the cores); `None` where
+/// [`BUSY_PERIOD`] after a sample that found more than the cores); `None` where
 /// `/proc/loadavg` cannot be read (then only the spinner count limits spinning).
 fn running(m: &Machine, now: u64) -> Option<usize> {
     let f = m.loadavg.as_ref()?;
     let at = SAMPLED_AT.load(Ordering::Relaxed);
-    let period = sample_period(RUNNING.load(Ordering::Relaxed), m.online);
+    let period = sample_period(
+        RUNNING.load(Ordering::Relaxed),
+        BEFORE.load(Ordering::Relaxed),
+        m.online,
+    );
     let stale = now.saturating_sub(at) >= period.as_nanos() as u64;
     if stale
         && SAMPLED_AT
@@ -119,7 +130,7 @@ fn running(m: &Machine, now: u64) -> Option<usize> {
             .ok()
             .and_then(|n| parse_running(&buf[..n]))
         {
-            RUNNING.store(r, Ordering::Relaxed);
+            BEFORE.store(RUNNING.swap(r, Ordering::Relaxed), Ordering::Relaxed);
         }
     }
     match RUNNING.load(Ordering::Relaxed) {
@@ -726,9 +737,19 @@ pub(crate) mod tests {
 
     #[test]
     fn spin_2_4_a_busy_sample_is_read_again_sooner() {
-        assert_eq!(sample_period(0, 2), LOAD_PERIOD, "never sampled");
-        assert_eq!(sample_period(2, 2), LOAD_PERIOD, "a core each");
-        assert_eq!(sample_period(3, 2), BUSY_PERIOD, "busy: a fresh look soon");
+        assert_eq!(sample_period(0, 0, 2), LOAD_PERIOD, "never sampled");
+        assert_eq!(sample_period(2, 1, 2), LOAD_PERIOD, "a core each, twice");
+        assert_eq!(
+            sample_period(3, 2, 2),
+            BUSY_PERIOD,
+            "busy: a fresh look soon"
+        );
+        // A lull on a busy machine allows spins until the next short look only.
+        assert_eq!(
+            sample_period(2, 3, 2),
+            BUSY_PERIOD,
+            "the sample before was busy"
+        );
         assert!(BUSY_PERIOD < LOAD_PERIOD);
     }
 
