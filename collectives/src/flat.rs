@@ -211,12 +211,16 @@ impl Region {
         self.word64(self.buf_off(r, seq))
     }
 
-    /// The CPU word rank `r` published with collective `seq` (SPREAD-1; only compared).
-    fn cpu_word(&self, r: usize, seq: u64) -> u32 {
+    /// Where rank `r` publishes its CPU word with collective `seq` (SPREAD-1; only compared).
+    fn cpu_slot(&self, r: usize, seq: u64) -> &AtomicU32 {
         // SAFETY: as in word32: 8 bytes into a 64-byte aligned line of the mapping, accessed
         // only through atomics.
-        let w = unsafe { &*(self.at(self.buf_off(r, seq) + CPU) as *const AtomicU32) };
-        w.load(Ordering::Relaxed)
+        unsafe { &*(self.at(self.buf_off(r, seq) + CPU) as *const AtomicU32) }
+    }
+
+    /// The CPU word rank `r` published with collective `seq` (SPREAD-1).
+    fn cpu_word(&self, r: usize, seq: u64) -> u32 {
+        self.cpu_slot(r, seq).load(Ordering::Relaxed)
     }
 
     fn data(&self, r: usize, seq: u64, len: usize) -> &[u8] {
@@ -256,10 +260,8 @@ impl Region {
         unsafe {
             std::ptr::copy_nonoverlapping(words.as_ptr(), self.at(off + 64) as *mut u64, WORDS)
         };
-        // SAFETY: as in cpu_word, in this rank's own buffer; on the line the sequence word's
-        // store below writes anyway (SPREAD-1).
-        let cpu = unsafe { &*(self.at(off + CPU) as *const AtomicU32) };
-        cpu.store(spread::cpu_word(), Ordering::Relaxed);
+        // On the line the sequence word's store below writes anyway (SPREAD-1).
+        (self.cpu_slot(self.rank, seq)).store(spread::cpu_word(), Ordering::Relaxed);
         self.seq_word(self.rank, seq).store(seq, Ordering::SeqCst);
         self.wake();
     }

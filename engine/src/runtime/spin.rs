@@ -32,7 +32,8 @@
 //!   collectives after its compute) spins again after at most 6 kernel waits, not after 63.
 //! - SPIN-4: the idle fast path makes no system call: the load sample is refreshed at most once
 //!   per [`LOAD_PERIOD`] per process (per [`BUSY_PERIOD`] after one found the cores busy), by one
-//!   `pread` of a descriptor opened once, and the spinner count is a scan of the atomics of the slots taken so far (at most [`SLOTS`]).
+//!   `pread` of a descriptor opened once, and the spinner count is a scan of the atomics of the
+//!   slots taken so far (at most [`SLOTS`]).
 
 use std::cell::Cell;
 use std::fs::File;
@@ -149,12 +150,7 @@ pub(crate) fn cores_free() -> bool {
 /// After the thread moved off its peer's CPU (SPREAD-2): what made its spins fail is gone, so
 /// its SPIN-3 skip is cleared.
 pub(crate) fn note_moved() {
-    let _ = ME.try_with(|me| {
-        me.misses.set(0);
-        me.skip.set(0);
-        me.worn.set(false);
-        me.no_halving.set(false);
-    });
+    let _ = ME.try_with(ThreadState::clear_streak);
 }
 
 /// Forces a fresh load sample on the next decision (tests, and callers that just changed the
@@ -186,6 +182,16 @@ struct ThreadState {
     worn: Cell<bool>,
     /// A spin let through by halving ran out too: no halving until a spin pays (SPIN-3).
     no_halving: Cell<bool>,
+}
+
+impl ThreadState {
+    /// Ends the thread's miss streak (SPIN-3): a spin paid, or SPREAD-2 moved the thread.
+    fn clear_streak(&self) {
+        self.misses.set(0);
+        self.skip.set(0);
+        self.worn.set(false);
+        self.no_halving.set(false);
+    }
 }
 
 impl Drop for ThreadState {
@@ -402,12 +408,7 @@ impl Drop for Spin {
         if let Some(slot) = self.slot {
             release(slot);
             PAID.fetch_add(1, Ordering::Relaxed);
-            let _ = ME.try_with(|me| {
-                me.misses.set(0);
-                me.skip.set(0);
-                me.worn.set(false);
-                me.no_halving.set(false);
-            });
+            let _ = ME.try_with(ThreadState::clear_streak);
         } else if let Some(d) = self.declined
             && d.skipped
             && d.waited

@@ -91,15 +91,8 @@ pub fn after_unpaid_spin(peers: impl IntoIterator<Item = u32>) -> bool {
     // A try counts even when the mask forbids the move: a pinned thread asks once a period.
     LAST_TRY.with(|l| l.set(Some(now)));
     let cpu = mine as usize - 1;
-    let near = crate::topology::topology().numa_of_cpu(cpu).map(|node| {
-        crate::topology::topology()
-            .numa_nodes
-            .iter()
-            .filter(|n| n.id == node)
-            .flat_map(|n| n.cpus.iter().copied())
-            .collect::<Vec<usize>>()
-    });
-    let moved = step_off(cpu, near.as_deref().unwrap_or(&[])).is_some();
+    let node = (crate::topology::topology().numa_nodes.iter()).find(|n| n.cpus.contains(&cpu));
+    let moved = step_off(cpu, node.map_or(&[], |n| &n.cpus)).is_some();
     if moved {
         MOVES.fetch_add(1, Ordering::Relaxed);
         super::spin::note_moved();
@@ -178,10 +171,11 @@ fn step_off(cpu: usize, near: &[usize]) -> Option<u32> {
     }
     let mut own = bits::empty();
     // SAFETY: pid 0 is the calling thread; `own` is a live cpu_set_t of the size given.
-    let got = unsafe {
-        libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut own) == 0
-    };
-    let away = away_mask(&own, cpu, near).filter(|_| got)?;
+    if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut own) } != 0
+    {
+        return None;
+    }
+    let away = away_mask(&own, cpu, near)?;
     if !set_affinity(&away) {
         return None;
     }
