@@ -35,8 +35,9 @@ pub(crate) fn io_backend() -> PyResult<&'static str> {
 /// `spins_declined` (waits sent straight to the kernel: for busy cores, which
 /// `spins_declined_busy` counts, or skipped after recent spins that did not pay), and
 /// `spins_declined_short` (skipped waits whose kernel sleep ended within `PARALLEL_SPIN_US`: a
-/// spin would have paid, and the thread soon spins again). A run whose waits are mostly declined
-/// pays a kernel wake-up per hand-off. `spread_moves`: times a waiting thread moved off the CPU
+/// spin would have paid, and the thread soon spins again). `spins_yielding`: spins that gave the
+/// CPU away at every step, the process having no CPU to spare beside the waiter (a rank bound
+/// to one CPU). A run whose waits are mostly declined pays a kernel wake-up per hand-off. `spread_moves`: times a waiting thread moved off the CPU
 /// of the process it waited for (`PARALLEL_SPREAD`).
 #[pyfunction]
 pub(crate) fn wait_stats(py: Python<'_>) -> PyResult<Py<PyDict>> {
@@ -47,6 +48,7 @@ pub(crate) fn wait_stats(py: Python<'_>) -> PyResult<Py<PyDict>> {
     d.set_item("spins_declined", s.declined)?;
     d.set_item("spins_declined_busy", s.declined_busy)?;
     d.set_item("spins_declined_short", s.declined_short)?;
+    d.set_item("spins_yielding", s.yielding)?;
     d.set_item("spread_moves", parallel_engine::runtime::spread::moves())?;
     Ok(d.unbind())
 }

@@ -261,8 +261,30 @@ def peer_on_my_cpu(tree: parallel.Tree) -> None:
                 break
 
 
+def bound(tree: parallel.Tree) -> None:
+    """Run with TEST_BIND=1: this rank is bound to one CPU (main, before the engine's first
+    wait). 4 KiB and 1 MiB all-reduces of rank-dependent values, each checked; prints the CPUs
+    it may use and how its waits went (SPIN-5: spins that yield the CPU, not kernel waits)."""
+    r, n = tree.rank, tree.world_size
+    before = parallel.wait_stats()
+    for count, reps in ((1 << 10, 300), (1 << 18, 20)):
+        for i in range(reps):
+            t = torch.full((count,), float(r + i))
+            tree.all_reduce(t)
+            want = float(n * i + n * (n - 1) // 2)
+            assert torch.all(t == want), (count, i, t[:4], want)
+    after = parallel.wait_stats()
+    d = {k: after[k] - before[k] for k in after}
+    cpus = ",".join(map(str, sorted(os.sched_getaffinity(0))))
+    print(f"bound cpus {cpus} " + " ".join(f"{k} {v}" for k, v in sorted(d.items())))
+
+
 def main() -> int:
     scenario = sys.argv[1]
+    if os.environ.get("TEST_BIND") == "1" and len(sys.argv) > 2:
+        # Like srun --cpu-bind=cores or taskset: bound before anything of the engine runs.
+        cpus = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cpus[int(sys.argv[2]) % len(cpus)]})
     if len(sys.argv) > 2:
         rank = None if sys.argv[2] == "-" else int(sys.argv[2])
         tree = parallel.tree(rank, int(sys.argv[3]), sys.argv[4], timeout=60)
@@ -273,6 +295,7 @@ def main() -> int:
     scenarios["a2a_edges"] = a2a_edges
     scenarios["scatter_gather"] = scatter_gather
     scenarios["peer_on_my_cpu"] = peer_on_my_cpu
+    scenarios["bound"] = bound
     scenarios[scenario](tree)
     print(f"rank {tree.rank} ok")
     return 0

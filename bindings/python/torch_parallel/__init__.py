@@ -265,12 +265,15 @@ def wait_stats() -> dict[str, int]:
     """How this process's waits went, counted since it started: ``spins_started``,
     ``spins_paid`` (the awaited message or peer came while the thread spun), ``spins_declined``
     (waits that went straight to a kernel sleep), of which ``spins_declined_busy`` for busy
-    cores (more runnable threads than cores, or this process's other spinners holding the spare
-    ones) and the rest skipped after recent spins that did not pay, and
+    cores (more runnable threads than cores) and the rest skipped after recent spins that did
+    not pay, and
     ``spins_declined_short`` (skipped waits whose sleep ended within ``PARALLEL_SPIN_US``: a
     spin would have paid, so the thread soon spins again). Each kernel sleep costs a wake-up
     (tens to hundreds of microseconds on a virtual machine), so a run whose waits are mostly
     declined is slow for that reason; ``PARALLEL_SPIN_US`` sets the longest spin (0: never spin).
+    ``spins_yielding``: the started spins that gave the CPU away at every step, because this
+    process has no CPU to spare beside the waiter (a rank bound to one CPU, or its other
+    spinners holding the rest).
     ``spread_moves``: times a waiting thread whose spin did not pay (ran out, or skipped after
     spins that did) moved itself off the CPU the process it waited for last ran on (two ranks
     handing messages back and forth on one CPU while another idles; ``PARALLEL_SPREAD=0`` turns

@@ -3,7 +3,7 @@
 //! asynchronous operations, accept loops and ordered lanes of blocking work.
 //!
 //! Files: `backend.rs` (the epoll and io_uring waits and transfers), `io.rs` (non-blocking
-//! socket attempts, `recv_exact`, `send_all`), `spin.rs` (when a waiter may spin: SPIN-1..4),
+//! socket attempts, `recv_exact`, `send_all`), `spin.rs` (when a waiter may spin: SPIN-1..5),
 //! `spread.rs` (a waiter off its peer's CPU: SPREAD-1..3), `reactor.rs` (completions, reactor
 //! threads, lanes: EXEC-1..3).
 //!

@@ -34,6 +34,14 @@
 //!   per [`LOAD_PERIOD`] per process (per [`BUSY_PERIOD`] after one found the cores busy), by one
 //!   `pread` of a descriptor opened once, and the spinner count is a scan of the atomics of the
 //!   slots taken so far (at most [`SLOTS`]).
+//! - SPIN-5: a waiter whose process has no CPU to spare beside it (a rank bound to one CPU, as
+//!   `taskset`, `srun --cpu-bind` and `mpirun --bind-to core` leave it, or this process's other
+//!   spinners holding the spare ones) still spins while the machine has a core free, but gives
+//!   its CPU away at every step (`sched_yield`): the thread it waits for is elsewhere (another
+//!   rank on its own CPU) or runnable on this CPU, and then runs at the next step instead of
+//!   after the spin. Declining instead cost every hand-off a kernel wake-up: 2 ranks on 2
+//!   cores, each bound to one, 4 KiB all-reduces at 19-32 us against 3 us unbound. A machine
+//!   of one core, or busy cores, still decline (SPIN-2).
 
 use std::cell::Cell;
 use std::fs::File;
@@ -233,20 +241,42 @@ fn other_spinners(mine: usize, now: u64) -> usize {
         .count()
 }
 
-/// The policy itself (SPIN-1, SPIN-2), a pure function of what was observed.
-pub(crate) fn may_spin(
+/// What the policy lets a waiter do (SPIN-1, SPIN-2, SPIN-5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Decision {
+    /// Spin, pausing the CPU between checks.
+    Spin,
+    /// Spin, giving the CPU to any runnable thread on it between checks (SPIN-5).
+    Yield,
+    /// Go to the kernel wait at once.
+    Decline,
+}
+
+/// The policy itself (SPIN-1, SPIN-2, SPIN-5), a pure function of what was observed.
+pub(crate) fn decide(
     cap: Duration,
     running: Option<usize>,
     online: usize,
     other_spinners: usize,
     ours: usize,
-) -> bool {
-    !cap.is_zero() && other_spinners + 2 <= ours && running.is_none_or(|r| r <= online)
+) -> Decision {
+    if cap.is_zero() || running.is_some_and(|r| r > online) {
+        Decision::Decline
+    } else if other_spinners + 2 <= ours {
+        Decision::Spin
+    } else if online >= 2 {
+        // The machine has a core free, but this process's CPUs do not leave one beside the
+        // spinner: the thread it waits for may be elsewhere (a rank bound to its own CPU), or
+        // on this CPU, which a yield hands over at once.
+        Decision::Yield
+    } else {
+        Decision::Decline
+    }
 }
 
 /// Decides for the calling thread and, when it may spin, counts it as a spinner until
-/// `now + cap`. Returns the slot it holds.
-fn claim(cap: Duration, at: Instant) -> Option<usize> {
+/// `now + cap`. Returns the slot it holds and whether it spins yielding (SPIN-5).
+fn claim(cap: Duration, at: Instant) -> Option<(usize, bool)> {
     if cap.is_zero() {
         return None;
     }
@@ -254,12 +284,14 @@ fn claim(cap: Duration, at: Instant) -> Option<usize> {
     let now = ns_at(m, at);
     let slot = ME.try_with(|me| me.slot).ok().flatten()?;
     let others = other_spinners(slot, now);
-    if !may_spin(cap, running(m, now), m.online, others, m.ours) {
-        return None;
-    }
+    let yielding = match decide(cap, running(m, now), m.online, others, m.ours) {
+        Decision::Spin => false,
+        Decision::Yield => true,
+        Decision::Decline => return None,
+    };
     let until = now.saturating_add(cap.as_nanos().min(u64::MAX as u128) as u64);
     SPINNING[slot].until.store(until, Ordering::Relaxed);
-    Some(slot)
+    Some((slot, yielding))
 }
 
 fn release(slot: usize) {
@@ -271,13 +303,15 @@ static PAID: AtomicU64 = AtomicU64::new(0);
 static DECLINED: AtomicU64 = AtomicU64::new(0);
 static SHORT: AtomicU64 = AtomicU64::new(0);
 static BUSY: AtomicU64 = AtomicU64::new(0);
+static YIELDING: AtomicU64 = AtomicU64::new(0);
 
 /// How this process's [`Spin`]s went: started, paid (the condition came while spinning),
 /// declined (the policy sent the waiter straight to the kernel), of which declined_busy for the
-/// cores (SPIN-2: more runnable threads than cores, this process's other spinners holding the
-/// spare ones, or no spinner slot left) and the rest skipped after spins that did not pay
+/// cores (SPIN-2: more runnable threads than cores, a machine of one core, or no spinner slot
+/// left) and the rest skipped after spins that did not pay
 /// (SPIN-3), and declined_short (skipped waits that went to the kernel and ended within the
-/// cap: a spin would have paid; SPIN-3 halves the skip on them).
+/// cap: a spin would have paid; SPIN-3 halves the skip on them); yielding: the started spins
+/// that gave the CPU away between checks (SPIN-5).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SpinStats {
     pub started: u64,
@@ -285,6 +319,7 @@ pub struct SpinStats {
     pub declined: u64,
     pub declined_busy: u64,
     pub declined_short: u64,
+    pub yielding: u64,
 }
 
 pub fn spin_stats() -> SpinStats {
@@ -294,6 +329,7 @@ pub fn spin_stats() -> SpinStats {
         declined: DECLINED.load(Ordering::Relaxed),
         declined_busy: BUSY.load(Ordering::Relaxed),
         declined_short: SHORT.load(Ordering::Relaxed),
+        yielding: YIELDING.load(Ordering::Relaxed),
     }
 }
 
@@ -309,6 +345,8 @@ pub struct Spin {
     slot: Option<usize>,
     until: Instant,
     steps: u32,
+    /// Gives the CPU away at every step (SPIN-5).
+    yielding: bool,
     /// The spin ran out its budget without its condition turning true.
     ran_out: bool,
     /// Declined (not run out): when, why, and whether the waiter went to the kernel.
@@ -338,9 +376,13 @@ impl Spin {
             .unwrap_or(true);
         // One clock read serves the decision and the spin's end.
         let now = Instant::now();
-        let slot = if skipped { None } else { claim(cap, now) };
+        let claimed = if skipped { None } else { claim(cap, now) };
+        let (slot, yielding) = (claimed.map(|c| c.0), claimed.is_some_and(|c| c.1));
         if slot.is_some() {
             STARTED.fetch_add(1, Ordering::Relaxed);
+            if yielding {
+                YIELDING.fetch_add(1, Ordering::Relaxed);
+            }
         } else if !cap.is_zero() {
             DECLINED.fetch_add(1, Ordering::Relaxed);
             if !skipped {
@@ -351,6 +393,7 @@ impl Spin {
             slot,
             until: now + if slot.is_some() { cap } else { Duration::ZERO },
             steps: 0,
+            yielding,
             ran_out: false,
             declined: (slot.is_none() && !cap.is_zero()).then_some(Declined {
                 at: now,
@@ -398,7 +441,12 @@ impl Spin {
             });
             return false;
         }
-        std::hint::spin_loop();
+        if self.yielding {
+            // SPIN-5: any thread runnable on this CPU (ours, the application's) runs now.
+            std::thread::yield_now();
+        } else {
+            std::hint::spin_loop();
+        }
         true
     }
 }
@@ -463,14 +511,15 @@ pub fn spin_until(cap: Duration, mut ready: impl FnMut() -> bool) -> Spun {
 /// One step of a caller's own busy-wait loop (bounded by the caller, by `PARALLEL_SPIN_US` at
 /// most). The first step (`*step == 0`) asks the policy: when it allows a spin the thread
 /// counts as a spinner for `cap` and the steps pause the CPU (yielding every 32nd); when it
-/// does not, every step yields the core to the threads that need it. Prefer [`Spin`], which
+/// does not, or allows a yielding spin only (SPIN-5), every step yields the core to the
+/// threads that need it. Prefer [`Spin`], which
 /// ends the spin at once when the policy declines and learns from spins that did not pay.
 #[inline]
 pub fn relax(step: &mut u32) {
     const DECLINED_BIT: u32 = 1 << 31;
     if *step == 0 {
         let cap = crate::config::config().spin;
-        *step = if claim(cap, Instant::now()).is_some() {
+        *step = if claim(cap, Instant::now()).is_some_and(|(_, yielding)| !yielding) {
             1
         } else {
             DECLINED_BIT | 1
@@ -527,26 +576,126 @@ pub(crate) mod tests {
 
     #[test]
     fn spin_2_policy_spins_only_while_a_core_is_free() {
+        use Decision::*;
         let cap = Duration::from_micros(50);
-        assert!(may_spin(cap, Some(2), 2, 0, 2), "two runnable on two cores");
-        assert!(
-            may_spin(cap, None, 2, 0, 2),
+        assert_eq!(
+            decide(cap, Some(2), 2, 0, 2),
+            Spin,
+            "two runnable on two cores"
+        );
+        assert_eq!(
+            decide(cap, None, 2, 0, 2),
+            Spin,
             "load unknown, no other spinner"
         );
-        assert!(!may_spin(cap, Some(3), 2, 0, 2), "more runnable than cores");
-        assert!(
-            !may_spin(cap, Some(1), 2, 1, 2),
-            "another spinner holds the spare core"
+        assert_eq!(
+            decide(cap, Some(3), 2, 0, 2),
+            Decline,
+            "more runnable than cores"
         );
-        assert!(may_spin(cap, Some(1), 8, 2, 8), "cores to spare");
-        assert!(
-            !may_spin(cap, Some(1), 1, 0, 1),
+        assert_eq!(decide(cap, Some(1), 8, 2, 8), Spin, "cores to spare");
+        assert_eq!(
+            decide(cap, Some(1), 1, 0, 1),
+            Decline,
             "one core: the awaited thread needs it"
         );
-        assert!(
-            !may_spin(Duration::ZERO, Some(1), 8, 0, 8),
+        assert_eq!(
+            decide(Duration::ZERO, Some(1), 8, 0, 8),
+            Decline,
             "PARALLEL_SPIN_US=0"
         );
+        assert_eq!(
+            decide(Duration::ZERO, Some(1), 8, 0, 1),
+            Decline,
+            "PARALLEL_SPIN_US=0, bound"
+        );
+    }
+
+    #[test]
+    fn spin_5_a_waiter_without_a_spare_cpu_of_its_own_spins_yielding() {
+        use Decision::*;
+        let cap = Duration::from_micros(50);
+        // A rank bound to one CPU (taskset, srun --cpu-bind, mpirun --bind-to core) on a
+        // machine with a core free: its peer runs elsewhere.
+        assert_eq!(decide(cap, Some(2), 2, 0, 1), Yield, "bound to one CPU");
+        assert_eq!(decide(cap, None, 4, 0, 1), Yield, "bound, load unknown");
+        assert_eq!(
+            decide(cap, Some(1), 2, 1, 2),
+            Yield,
+            "another spinner holds the spare core"
+        );
+        // Busy cores still decline: a yield would hand the CPU to the busy threads for a
+        // whole slice, where a kernel wait is woken at once.
+        assert_eq!(decide(cap, Some(3), 2, 0, 1), Decline, "bound, busy");
+        assert_eq!(
+            decide(cap, Some(3), 2, 1, 2),
+            Decline,
+            "another spinner, busy"
+        );
+    }
+
+    #[test]
+    fn spin_5_a_yielding_spin_is_counted_and_gives_the_cpu_away() {
+        let m = machine();
+        if m.online < 2 {
+            return; // one core: the policy declines (spin_2_policy_spins_only_while_a_core_is_free)
+        }
+        std::thread::spawn(move || {
+            // Slots that stand for other threads of this process, all spinning: none of our
+            // CPUs is left beside this waiter.
+            let me = ME.with(|me| me.slot).expect("a slot");
+            let far = ns_at(m, Instant::now()) + Duration::from_secs(60).as_nanos() as u64;
+            let held: Vec<usize> = (0..SLOTS)
+                .filter(|&i| i != me)
+                .filter(|&i| {
+                    SPINNING[i]
+                        .owner
+                        .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+                        .is_ok()
+                })
+                .take(m.ours - 1)
+                .collect();
+            for &i in &held {
+                SPINNING[i].until.store(far, Ordering::Relaxed);
+                SLOTS_USED.fetch_max(i + 1, Ordering::Relaxed);
+            }
+            // Other tests of this binary may load the cores for a moment (then the policy
+            // declines, SPIN-2): a few tries.
+            let mut tried = 0;
+            let outcome = loop {
+                tried += 1;
+                refresh_load();
+                let before = spin_stats().yielding;
+                let mut s = Spin::start(Duration::from_secs(1));
+                let loaded = RUNNING.load(Ordering::Relaxed) > m.online;
+                if !loaded || tried == 100 {
+                    let r = (
+                        s.spinning(),
+                        s.yielding,
+                        s.step(),
+                        spin_stats().yielding - before,
+                    );
+                    break (loaded, r);
+                }
+                drop(s);
+                std::thread::sleep(Duration::from_millis(10));
+            };
+            for &i in &held {
+                SPINNING[i].until.store(0, Ordering::Relaxed);
+                SPINNING[i].owner.store(false, Ordering::Release);
+            }
+            let (loaded, (spinning, yielding, stepped, counted)) = outcome;
+            assert!(!loaded, "the cores stayed busy through {tried} tries");
+            assert!(spinning, "declined without a spare CPU of ours");
+            assert!(
+                yielding,
+                "spun without a spare CPU of ours, and not yielding"
+            );
+            assert!(stepped, "a yielding spin ended at its first step");
+            assert!(counted >= 1, "the yielding spin was not counted");
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]
@@ -619,6 +768,7 @@ pub(crate) mod tests {
             slot: ME.with(|me| me.slot),
             until: Instant::now() + budget,
             steps: 0,
+            yielding: false,
             ran_out: false,
             declined: None,
         }
@@ -671,6 +821,7 @@ pub(crate) mod tests {
                 slot: None,
                 until: Instant::now(),
                 steps: 0,
+                yielding: false,
                 ran_out: false,
                 declined: Some(Declined {
                     at: Instant::now(),
