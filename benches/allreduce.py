@@ -652,12 +652,15 @@ def launch(system, world, cfg, tmpdir, tag, deadline):
         env["PARALLEL_SHM"] = "1"
     env.setdefault("OMP_NUM_THREADS", "1")
     child = [sys.executable, SCRIPT, "--child", system, "--cfg", json.dumps(cfg)]
+    # --bind: rank r on CPU r of ours (taskset), Open MPI bound to cores (its default for
+    # p <= 2, said explicitly here).
+    cpus = sorted(os.sched_getaffinity(0))
     if system == "mpi":
         cmds = [
             [
                 shutil.which("mpirun") or "mpirun",
                 "--allow-run-as-root",
-                "--oversubscribe",
+                *(["--bind-to", "core"] if cfg.get("bind") else ["--oversubscribe"]),
                 "--timeout",
                 str(int(deadline) + 5),
                 "-np",
@@ -665,6 +668,9 @@ def launch(system, world, cfg, tmpdir, tag, deadline):
                 *child,
             ]
         ]
+    elif cfg.get("bind"):
+        taskset = shutil.which("taskset") or "taskset"
+        cmds = [[taskset, "-c", str(cpus[r % len(cpus)]), *child, "--rank", str(r)] for r in range(world)]
     else:
         cmds = [[*child, "--rank", str(r)] for r in range(world)]
     shown = " ".join(c if " " not in c and "{" not in c else "'...'" for c in cmds[0])
@@ -1241,7 +1247,18 @@ def target_lines(report):
 
 def render(report):
     m, a = report["machine"], report["args"]
-    L = [f"## All-reduce benchmark (p={a['world']})", ""]
+    bound = a.get("bind")
+    title = "All-reduce, every rank bound to a CPU of its own" if bound else "All-reduce benchmark"
+    L = [f"## {title} (p={a['world']})", ""]
+    if bound:
+        L.append(
+            "Each rank of ours, gloo, the floor and tcp_raw started with `taskset -c <rank>`, Open MPI's "
+            "with `mpirun --bind-to core` (its default binding for 2 ranks, which its rows in the other "
+            "sections have too): ranks as `srun --cpu-bind=cores` or `mpirun` leave them. A rank bound "
+            "to one CPU has no CPU to spare beside its waiting thread; its waits spin yielding the CPU "
+            "(SPIN-5; `spins_yielding` in `wait_stats()`). Otherwise as the section above."
+        )
+        L.append("")
     L.append(f"Run {report['started']} ({report['elapsed_s']:.0f} s), `{report['command']}`.")
     L.append("")
     L.append("Machine:")
@@ -1295,10 +1312,27 @@ def render(report):
     L.append("")
     L += headline_table(report)
     L.append("")
-    L.append("### Targets (from our issue)")
-    L.append("")
-    L += target_lines(report)
-    L.append("")
+    if bound:
+        L.append("How rank 0's waits went over the timed ops (`parallel.wait_stats()`), launch by launch:")
+        L.append("")
+        for name in OURS:
+            r = report["systems"].get(name) or {}
+            for label in HEADLINE:
+                per = (r.get("sizes") or {}).get(label, {}).get("rep_counters")
+                if not per:
+                    continue
+                runs = "; ".join(
+                    f"{i + 1}: {c.get('spins_started', 0)} spun ({c.get('spins_yielding', 0)} yielding, "
+                    f"{c.get('spins_paid', 0)} paid), {c.get('spins_declined', 0)} to the kernel"
+                    for i, c in enumerate(per)
+                )
+                L.append(f"- {name} {label}: {runs}")
+        L.append("")
+    if not bound:  # the targets are for ranks as torchrun starts them (unbound)
+        L.append("### Targets (from our issue)")
+        L.append("")
+        L += target_lines(report)
+        L.append("")
     cl = core_lines(report)
     if cl:
         L.append("### Where the two CPUs were, launch by launch")
@@ -1496,6 +1530,12 @@ def main():
         default=0,
         help="under-load mode: N busy compute threads per rank (benches/_load.py)",
     )
+    ap.add_argument(
+        "--bind",
+        action="store_true",
+        help="every rank bound to a CPU of its own (taskset -c; mpirun --bind-to core), as "
+        "srun --cpu-bind=cores and mpirun leave ranks; writes allreduce-bound.{md,json}, no plot",
+    )
     ap.add_argument("--json", default="bench-out/allreduce.json")
     ap.add_argument("--md", default="bench-out/allreduce.md")
     ap.add_argument("--png", default="bench-out/allreduce.png")
@@ -1514,6 +1554,12 @@ def main():
         return
     if a.world < 2 or a.reps < 1:
         raise SystemExit("--world must be >= 2 and --reps >= 1")
+    if a.bind:
+        ncpu = len(os.sched_getaffinity(0))
+        if a.world > ncpu:
+            raise SystemExit(f"--bind: {a.world} ranks need as many CPUs; this process may use {ncpu}")
+        a.json, a.md = (x.replace("allreduce.", "allreduce-bound.") if x else x for x in (a.json, a.md))
+        a.png = ""
     sizes = [s.strip() for s in a.sizes.split(",") if s.strip()] or list(SIZES)
     bad = [s for s in sizes if s not in SIZES]
     if bad:
@@ -1533,7 +1579,7 @@ def main():
     t_start = time.monotonic()
     machine = machine_info()
     probe = probe_ours() if any(s in OURS for s in systems) else {"error": "not selected"}
-    cfg = {"sizes": a.sizes, "iters": a.iters, "t_op": t_op}
+    cfg = {"sizes": a.sizes, "iters": a.iters, "t_op": t_op, "bind": a.bind}
     runs = {s: [] for s in systems}
     unavailable = {s: availability(s, probe, a.sizes) for s in systems}
     for s, why in unavailable.items():
