@@ -32,8 +32,9 @@
 //!   collectives after its compute) spins again after at most 6 kernel waits, not after 63.
 //! - SPIN-4: the idle fast path makes no system call: the load sample is refreshed at most once
 //!   per [`LOAD_PERIOD`] per process (per [`BUSY_PERIOD`] after one found the cores busy), by one
-//!   `pread` of a descriptor opened once, and the spinner count is a scan of the atomics of the
-//!   slots taken so far (at most [`SLOTS`]).
+//!   `pread` of a descriptor opened once and one `sched_getaffinity` (the process's CPUs, which a
+//!   binding made after the first wait changes), and the spinner count is a scan of the atomics
+//!   of the slots taken so far (at most [`SLOTS`]).
 //! - SPIN-5: a waiter whose process has no CPU to spare beside it (a rank bound to one CPU, as
 //!   `taskset`, `srun --cpu-bind` and `mpirun --bind-to core` leave it, or this process's other
 //!   spinners holding the spare ones) still spins while the machine has a core free, but gives
@@ -66,7 +67,6 @@ const MAX_MISSES: u32 = 6;
 /// What the machine offers, read once.
 struct Machine {
     online: usize,
-    ours: usize,
     loadavg: Option<File>,
     epoch: Instant,
 }
@@ -76,10 +76,9 @@ fn machine() -> &'static Machine {
     M.get_or_init(|| {
         // SAFETY: sysconf has no memory effects.
         let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize;
+        OURS.store(process_cpu_count(), Ordering::Relaxed);
         Machine {
             online,
-            // The process's mask, not the asking thread's (a pinned reactor's is one CPU).
-            ours: super::reactor::process_cpus().len().max(1),
             loadavg: File::open("/proc/loadavg").ok(),
             epoch: Instant::now(),
         }
@@ -93,9 +92,19 @@ fn ns_at(m: &Machine, t: Instant) -> u64 {
 }
 
 static SAMPLED_AT: AtomicU64 = AtomicU64::new(0);
+/// The CPUs this process may run on, read with each load sample: a mask set after the first
+/// decision (OpenMP's binding at its first parallel region, a launcher's, the application's)
+/// is seen within a sample period.
+static OURS: AtomicUsize = AtomicUsize::new(1);
 static RUNNING: AtomicUsize = AtomicUsize::new(0);
 /// The sample before [`RUNNING`] (0: none).
 static BEFORE: AtomicUsize = AtomicUsize::new(0);
+
+/// How many CPUs the process may run on: the mask of its main thread (the process's, not the
+/// asking thread's: a pinned reactor's is one CPU).
+fn process_cpu_count() -> usize {
+    super::reactor::process_cpus().len().max(1)
+}
 
 /// Parses the `running/total` field of `/proc/loadavg`.
 fn parse_running(text: &[u8]) -> Option<usize> {
@@ -118,9 +127,9 @@ fn sample_period(last: usize, before: usize, online: usize) -> Duration {
 
 /// The machine's runnable threads, sampled at most every [`LOAD_PERIOD`] (every
 /// [`BUSY_PERIOD`] after a sample that found more than the cores); `None` where
-/// `/proc/loadavg` cannot be read (then only the spinner count limits spinning).
+/// `/proc/loadavg` cannot be read (then only the spinner count limits spinning). Refreshes
+/// the process's CPU count ([`OURS`]) with each sample.
 fn running(m: &Machine, now: u64) -> Option<usize> {
-    let f = m.loadavg.as_ref()?;
     let at = SAMPLED_AT.load(Ordering::Relaxed);
     let period = sample_period(
         RUNNING.load(Ordering::Relaxed),
@@ -134,13 +143,15 @@ fn running(m: &Machine, now: u64) -> Option<usize> {
             .is_ok()
     {
         let mut buf = [0u8; 128];
-        if let Some(r) = f
-            .read_at(&mut buf, 0)
-            .ok()
+        if let Some(r) = m
+            .loadavg
+            .as_ref()
+            .and_then(|f| f.read_at(&mut buf, 0).ok())
             .and_then(|n| parse_running(&buf[..n]))
         {
             BEFORE.store(RUNNING.swap(r, Ordering::Relaxed), Ordering::Relaxed);
         }
+        OURS.store(process_cpu_count(), Ordering::Relaxed);
     }
     match RUNNING.load(Ordering::Relaxed) {
         0 => None, // never sampled successfully
@@ -284,7 +295,8 @@ fn claim(cap: Duration, at: Instant) -> Option<(usize, bool)> {
     let now = ns_at(m, at);
     let slot = ME.try_with(|me| me.slot).ok().flatten()?;
     let others = other_spinners(slot, now);
-    let yielding = match decide(cap, running(m, now), m.online, others, m.ours) {
+    let running = running(m, now);
+    let yielding = match decide(cap, running, m.online, others, OURS.load(Ordering::Relaxed)) {
         Decision::Spin => false,
         Decision::Yield => true,
         Decision::Decline => return None,
@@ -634,6 +646,66 @@ pub(crate) mod tests {
         );
     }
 
+    /// The process's (main thread's) mask, set back when dropped.
+    struct MainMask(libc::cpu_set_t);
+
+    impl MainMask {
+        fn get() -> MainMask {
+            // SAFETY: plain data filled by the call.
+            unsafe {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                let size = std::mem::size_of::<libc::cpu_set_t>();
+                assert_eq!(libc::sched_getaffinity(libc::getpid(), size, &mut set), 0);
+                MainMask(set)
+            }
+        }
+
+        fn set(set: &libc::cpu_set_t) {
+            let size = std::mem::size_of::<libc::cpu_set_t>();
+            // SAFETY: a valid set of its size, for this process's main thread.
+            let rc = unsafe { libc::sched_setaffinity(libc::getpid(), size, set) };
+            assert_eq!(rc, 0);
+        }
+    }
+
+    impl Drop for MainMask {
+        fn drop(&mut self) {
+            MainMask::set(&self.0);
+        }
+    }
+
+    #[test]
+    fn spin_5_a_binding_made_after_the_first_wait_is_seen() {
+        let m = machine();
+        let saved = MainMask::get();
+        // SAFETY: reading an initialised set.
+        let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| unsafe { libc::CPU_ISSET(c, &saved.0) })
+            .collect();
+        if m.online < 2 || cpus.len() < 2 {
+            return; // nothing to narrow
+        }
+        drop(Spin::start(Duration::from_micros(1))); // a first wait: the policy has its sample
+        // The process is bound to one CPU after that (OpenMP's binding at its first parallel
+        // region, a launcher's, the application's).
+        // SAFETY: plain data.
+        let mut one: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: cpus[0] < CPU_SETSIZE.
+        unsafe { libc::CPU_SET(cpus[0], &mut one) };
+        MainMask::set(&one);
+        refresh_load();
+        drop(Spin::start(Duration::from_micros(1)));
+        assert_eq!(OURS.load(Ordering::Relaxed), 1, "the binding was not seen");
+        drop(saved); // set back
+        refresh_load();
+        drop(Spin::start(Duration::from_micros(1)));
+        assert_eq!(
+            OURS.load(Ordering::Relaxed),
+            cpus.len(),
+            "the mask set back was not seen"
+        );
+    }
+
     #[test]
     fn spin_5_a_yielding_spin_is_counted_and_gives_the_cpu_away() {
         let m = machine();
@@ -653,7 +725,7 @@ pub(crate) mod tests {
                         .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
                         .is_ok()
                 })
-                .take(m.ours - 1)
+                .take(OURS.load(Ordering::Relaxed).saturating_sub(1))
                 .collect();
             for &i in &held {
                 SPINNING[i].until.store(far, Ordering::Relaxed);
