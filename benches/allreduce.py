@@ -652,15 +652,19 @@ def launch(system, world, cfg, tmpdir, tag, deadline):
         env["PARALLEL_SHM"] = "1"
     env.setdefault("OMP_NUM_THREADS", "1")
     child = [sys.executable, SCRIPT, "--child", system, "--cfg", json.dumps(cfg)]
-    # --bind: rank r on CPU r of ours (taskset), Open MPI bound to cores (its default for
-    # p <= 2, said explicitly here).
+    # --bind: rank r on the r-th CPU this process may use (taskset), Open MPI's ranks on one
+    # hardware thread each (as ours; its default binds a whole core, two threads with SMT).
     cpus = sorted(os.sched_getaffinity(0))
     if system == "mpi":
         cmds = [
             [
                 shutil.which("mpirun") or "mpirun",
                 "--allow-run-as-root",
-                *(["--bind-to", "core"] if cfg.get("bind") else ["--oversubscribe"]),
+                *(
+                    ["--use-hwthread-cpus", "--map-by", "hwthread", "--bind-to", "hwthread"]
+                    if cfg.get("bind")
+                    else ["--oversubscribe"]
+                ),
                 "--timeout",
                 str(int(deadline) + 5),
                 "-np",
@@ -726,6 +730,15 @@ def launch(system, world, cfg, tmpdir, tag, deadline):
         if tails:
             err += ": " + " | ".join(tails)[-600:]
     return results, err, shown, pressure
+
+
+def bound_name(path):
+    """The --bind report's file next to `path`: its stem with "-bound" ("" stays "")."""
+    if not path:
+        return path
+    head, tail = os.path.split(path)
+    stem, ext = os.path.splitext(tail)
+    return os.path.join(head, f"{stem}-bound{ext}")
 
 
 def floor_sizes(sizes, system="floor"):
@@ -1252,9 +1265,11 @@ def render(report):
     L = [f"## {title} (p={a['world']})", ""]
     if bound:
         L.append(
-            "Each rank of ours, gloo, the floor and tcp_raw started with `taskset -c <rank>`, Open MPI's "
-            "with `mpirun --bind-to core` (its default binding for 2 ranks, which its rows in the other "
-            "sections have too): ranks as `srun --cpu-bind=cores` or `mpirun` leave them. A rank bound "
+            "Each rank of ours, gloo, the floor and tcp_raw started with `taskset -c <CPU>`, rank r on the "
+            "r-th CPU the bench may use; Open MPI's with `mpirun --use-hwthread-cpus --map-by hwthread "
+            "--bind-to hwthread`, one hardware thread each too (its default binding, which its rows in "
+            "the other sections have, is a core per rank): ranks as `taskset`, `srun --cpu-bind=threads` "
+            "or `mpirun` on a machine without SMT leave them. A rank bound "
             "to one CPU has no CPU to spare beside its waiting thread; its waits spin yielding the CPU "
             "(SPIN-5; `spins_yielding` in `wait_stats()`). Otherwise as the section above."
         )
@@ -1549,6 +1564,8 @@ def main():
         return
 
     a.reps = a.reps or (1 if a.quick else 3)
+    if a.bind and a.load > 0:
+        raise SystemExit("--bind and --load: run one or the other (the under-load mode does not bind)")
     if a.load > 0:
         load_main(a)
         return
@@ -1558,7 +1575,7 @@ def main():
         ncpu = len(os.sched_getaffinity(0))
         if a.world > ncpu:
             raise SystemExit(f"--bind: {a.world} ranks need as many CPUs; this process may use {ncpu}")
-        a.json, a.md = (x.replace("allreduce.", "allreduce-bound.") if x else x for x in (a.json, a.md))
+        a.json, a.md = (bound_name(x) for x in (a.json, a.md))
         a.png = ""
     sizes = [s.strip() for s in a.sizes.split(",") if s.strip()] or list(SIZES)
     bad = [s for s in sizes if s not in SIZES]

@@ -130,7 +130,7 @@ impl Event {
         if ready()? {
             return Ok(());
         }
-        // The runtime's wait policy decides whether to spin at all (SPIN-1..4).
+        // The runtime's wait policy decides whether to spin at all (SPIN-1..5).
         let mut spinning = parallel_engine::runtime::Spin::start(spin);
         while spinning.step() {
             if ready()? {

@@ -88,16 +88,25 @@ def test_ranks_bound_to_one_cpu_each_spin_yielding_instead_of_sleeping(monkeypat
     if len(cpus) < 2:
         pytest.skip("needs two CPUs, one per rank")
     monkeypatch.setenv("TEST_BIND", "1")
-    res = finish(launch(2, "bound"))
-    for r, (rc, out, err) in enumerate(res):
-        assert rc == 0, out + err
-        line = next(x for x in out.splitlines() if x.startswith("bound "))
-        w = line.split()
-        assert w[2] == str(cpus[r]), line  # bound as asked: one CPU, its own
-        stats = {w[i]: int(w[i + 1]) for i in range(3, len(w) - 1, 2)}
-        # Every spin of a process bound to one CPU yields; before SPIN-5 none started.
-        assert stats["spins_yielding"] > 0, line
-        assert stats["spins_yielding"] == stats["spins_started"], line
+    seen = []
+    # A launch during which the cores stayed busy (other work on the machine) declines every
+    # spin (SPIN-2): up to three launches.
+    for _ in range(3):
+        lines = []
+        for r, (rc, out, err) in enumerate(finish(launch(2, "bound"))):
+            assert rc == 0, out + err
+            line = next(x for x in out.splitlines() if x.startswith("bound "))
+            w = line.split()
+            assert w[2] == str(cpus[r]), line  # bound as asked: one CPU, its own
+            stats = {w[i]: int(w[i + 1]) for i in range(3, len(w) - 1, 2)}
+            # Every spin of a process bound to one CPU yields.
+            assert stats["spins_yielding"] == stats["spins_started"], line
+            lines.append((line, stats))
+        seen.append([x for x, _ in lines])
+        # Before SPIN-5 none started: every wait went to the kernel.
+        if all(st["spins_yielding"] > 0 for _, st in lines):
+            return
+    raise AssertionError(f"no launch of three had both ranks spin (yielding): {seen}")
 
 
 @pytest.mark.parametrize("n", [2, 3, 5, 8])

@@ -162,11 +162,17 @@ pub(crate) fn allowed_cpus() -> Vec<usize> {
     cpus_of(0)
 }
 
-/// The CPUs the process's main thread may run on (the process's mask, whichever thread asks:
-/// a pinned reactor's own mask is one CPU).
-pub(crate) fn process_cpus() -> Vec<usize> {
-    // SAFETY: plain syscall.
-    cpus_of(unsafe { libc::getpid() })
+/// How many CPUs the process's main thread may run on (the process's mask, whichever thread
+/// asks: a pinned reactor's own mask is one CPU); `None` if it cannot be read (a mask larger
+/// than a `cpu_set_t`). No allocation: the wait policy asks at every load sample.
+pub(crate) fn process_cpu_count() -> Option<usize> {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it for the main thread (pid).
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        let size = std::mem::size_of::<libc::cpu_set_t>();
+        (libc::sched_getaffinity(libc::getpid(), size, &mut set) == 0)
+            .then(|| libc::CPU_COUNT(&set) as usize)
+    }
 }
 
 /// The affinity mask of thread `tid` (0: the calling thread); `[0]` if it cannot be read.

@@ -12,9 +12,10 @@
 //! - SPIN-1: a spin lasts at most its cap (`PARALLEL_SPIN_US`); then the waiter sleeps in the
 //!   kernel until woken or until its deadline slice ends. A cap of zero never spins.
 //! - SPIN-2: no spin starts while the machine's runnable threads (the `running` field of
-//!   `/proc/loadavg`, counting the sampler itself) exceed its online cores, nor while this
-//!   process's other spinners would leave fewer than two of the cores it may run on
-//!   (`sched_getaffinity`) free: one for the spinner, one for the thread it waits for. While
+//!   `/proc/loadavg`, counting the sampler itself) exceed its online cores. A spin pauses the
+//!   CPU between checks only while this process's other spinners leave two of the cores it may
+//!   run on (`sched_getaffinity` of its main thread) free: one for the spinner, one for the
+//!   thread it waits for; otherwise it yields (SPIN-5). While
 //!   the last sample or the one before found the cores busy, the next is read after
 //!   [`BUSY_PERIOD`], not [`LOAD_PERIOD`]: one busy moment (in the demo's launches: another
 //!   process's start-up, a rank's own setup threads) declined the whole of a short loop's waits
@@ -36,13 +37,18 @@
 //!   binding made after the first wait changes), and the spinner count is a scan of the atomics
 //!   of the slots taken so far (at most [`SLOTS`]).
 //! - SPIN-5: a waiter whose process has no CPU to spare beside it (a rank bound to one CPU, as
-//!   `taskset`, `srun --cpu-bind` and `mpirun --bind-to core` leave it, or this process's other
-//!   spinners holding the spare ones) still spins while the machine has a core free, but gives
-//!   its CPU away at every step (`sched_yield`): the thread it waits for is elsewhere (another
-//!   rank on its own CPU) or runnable on this CPU, and then runs at the next step instead of
-//!   after the spin. Declining instead cost every hand-off a kernel wake-up: 2 ranks on 2
-//!   cores, each bound to one, 4 KiB all-reduces at 19-32 us against 3 us unbound. A machine
-//!   of one core, or busy cores, still decline (SPIN-2).
+//!   `taskset -c N`, `mpirun --bind-to core` without SMT or `srun --cpu-bind=threads` leave it,
+//!   or this process's other spinners holding the spare ones; a yielding spinner counts as one)
+//!   still spins while the machine has a core free, but gives its CPU away at every step
+//!   (`sched_yield`) and reads the clock at every step: the thread it waits for is elsewhere
+//!   (another rank on its own CPU) or runnable on this CPU, and then runs at the next step
+//!   instead of after the spin. A yield that kept the waiter off its CPU for [`YIELD_LOST`] or
+//!   more (another thread on that CPU used a time slice: a data loader, OpenMP threads on the
+//!   same mask) ends the spin as one that did not pay: from then on a kernel wait's wake-up,
+//!   which preempts such a thread, is the faster hand-off (SPIN-3 skips the next spins).
+//!   Declining instead cost every hand-off a kernel wake-up: 2 ranks on 2 cores, each bound to
+//!   one, 4 KiB all-reduces at 19-32 us against 3 us unbound. A machine of one core, or busy
+//!   cores, still decline (SPIN-2).
 
 use std::cell::Cell;
 use std::fs::File;
@@ -58,6 +64,10 @@ pub const LOAD_PERIOD: Duration = Duration::from_millis(2);
 /// one's own setup threads) then sends at most this long of waits to the kernel, not a whole
 /// [`LOAD_PERIOD`].
 pub const BUSY_PERIOD: Duration = Duration::from_micros(200);
+/// A yield that kept a yielding spinner off its CPU this long ends its spin (SPIN-5): another
+/// thread on that CPU ran a time slice, and a kernel wait's wake-up preempts it where the
+/// spinner's next turn would wait for it.
+pub const YIELD_LOST: Duration = Duration::from_micros(50);
 /// Threads of this process that can be counted as spinners at once; a thread beyond them
 /// never spins (the conservative answer).
 pub const SLOTS: usize = 64;
@@ -74,8 +84,7 @@ struct Machine {
 fn machine() -> &'static Machine {
     static M: OnceLock<Machine> = OnceLock::new();
     M.get_or_init(|| {
-        // SAFETY: sysconf has no memory effects.
-        let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize;
+        let online = machine_online();
         OURS.store(process_cpu_count(), Ordering::Relaxed);
         Machine {
             online,
@@ -101,9 +110,17 @@ static RUNNING: AtomicUsize = AtomicUsize::new(0);
 static BEFORE: AtomicUsize = AtomicUsize::new(0);
 
 /// How many CPUs the process may run on: the mask of its main thread (the process's, not the
-/// asking thread's: a pinned reactor's is one CPU).
+/// asking thread's: a pinned reactor's is one CPU); the online count where it cannot be read.
 fn process_cpu_count() -> usize {
-    super::reactor::process_cpus().len().max(1)
+    super::reactor::process_cpu_count()
+        .unwrap_or_else(machine_online)
+        .max(1)
+}
+
+/// The online CPUs (`sysconf`).
+fn machine_online() -> usize {
+    // SAFETY: sysconf has no memory effects.
+    unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize
 }
 
 /// Parses the `running/total` field of `/proc/loadavg`.
@@ -389,6 +406,12 @@ impl Spin {
         // One clock read serves the decision and the spin's end.
         let now = Instant::now();
         let claimed = if skipped { None } else { claim(cap, now) };
+        Spin::claimed(cap, now, claimed, skipped)
+    }
+
+    /// The spin the policy's answer (`claimed`: the slot held and whether it yields; `skipped`:
+    /// SPIN-3's skip) makes, counted in [`spin_stats`].
+    fn claimed(cap: Duration, now: Instant, claimed: Option<(usize, bool)>, skipped: bool) -> Spin {
         let (slot, yielding) = (claimed.map(|c| c.0), claimed.is_some_and(|c| c.1));
         if slot.is_some() {
             STARTED.fetch_add(1, Ordering::Relaxed);
@@ -421,6 +444,11 @@ impl Spin {
         self.slot.is_some()
     }
 
+    /// Whether this spin gives the CPU away at every step (SPIN-5).
+    pub fn yielding(&self) -> bool {
+        self.yielding
+    }
+
     /// Whether this wait goes to the kernel because spinning has not been paying: this spin ran
     /// out its budget, or it was skipped after spins that did (SPIN-3), not declined for busy
     /// cores. What SPREAD-2 acts on.
@@ -438,28 +466,41 @@ impl Spin {
             return false;
         };
         self.steps = self.steps.wrapping_add(1);
-        if self.steps % 64 == 0 && Instant::now() >= self.until {
-            release(slot);
-            self.slot = None;
-            self.ran_out = true;
-            let _ = ME.try_with(|me| {
-                let m = (me.misses.get() + 1).min(MAX_MISSES);
-                me.misses.set(m);
-                me.skip.set((1 << m) - 1);
-                // The spin that halving let through failed too: contention, not a burst.
-                if me.worn.get() {
-                    me.no_halving.set(true);
-                }
-            });
-            return false;
-        }
         if self.yielding {
-            // SPIN-5: any thread runnable on this CPU (ours, the application's) runs now.
+            // SPIN-5: any thread runnable on this CPU (ours, the application's) runs now; the
+            // clock is read at every step (a yield costs more than the read).
+            let before = Instant::now();
+            if before >= self.until {
+                return self.run_out(slot);
+            }
             std::thread::yield_now();
-        } else {
-            std::hint::spin_loop();
+            if before.elapsed() >= YIELD_LOST {
+                return self.run_out(slot);
+            }
+            return true;
         }
+        if self.steps % 64 == 0 && Instant::now() >= self.until {
+            return self.run_out(slot);
+        }
+        std::hint::spin_loop();
         true
+    }
+
+    /// Ends the spin as one that did not pay (SPIN-3); returns false (go to the kernel).
+    fn run_out(&mut self, slot: usize) -> bool {
+        release(slot);
+        self.slot = None;
+        self.ran_out = true;
+        let _ = ME.try_with(|me| {
+            let m = (me.misses.get() + 1).min(MAX_MISSES);
+            me.misses.set(m);
+            me.skip.set((1 << m) - 1);
+            // The spin that halving let through failed too: contention, not a burst.
+            if me.worn.get() {
+                me.no_halving.set(true);
+            }
+        });
+        false
     }
 }
 
@@ -531,10 +572,15 @@ pub fn relax(step: &mut u32) {
     const DECLINED_BIT: u32 = 1 << 31;
     if *step == 0 {
         let cap = crate::config::config().spin;
-        *step = if claim(cap, Instant::now()).is_some_and(|(_, yielding)| !yielding) {
-            1
-        } else {
-            DECLINED_BIT | 1
+        *step = match claim(cap, Instant::now()) {
+            Some((_, false)) => 1,
+            // A yielding spin (SPIN-5) would yield at every step, as a declined one does here:
+            // it does not hold a spinner slot for it.
+            Some((slot, true)) => {
+                release(slot);
+                DECLINED_BIT | 1
+            }
+            None => DECLINED_BIT | 1,
         };
     }
     *step = (*step & DECLINED_BIT) | (step.wrapping_add(1) & !DECLINED_BIT);
@@ -646,128 +692,73 @@ pub(crate) mod tests {
         );
     }
 
-    /// The process's (main thread's) mask, set back when dropped.
-    struct MainMask(libc::cpu_set_t);
-
-    impl MainMask {
-        fn get() -> MainMask {
-            // SAFETY: plain data filled by the call.
-            unsafe {
-                let mut set: libc::cpu_set_t = std::mem::zeroed();
-                let size = std::mem::size_of::<libc::cpu_set_t>();
-                assert_eq!(libc::sched_getaffinity(libc::getpid(), size, &mut set), 0);
-                MainMask(set)
-            }
-        }
-
-        fn set(set: &libc::cpu_set_t) {
-            let size = std::mem::size_of::<libc::cpu_set_t>();
-            // SAFETY: a valid set of its size, for this process's main thread.
-            let rc = unsafe { libc::sched_setaffinity(libc::getpid(), size, set) };
-            assert_eq!(rc, 0);
-        }
-    }
-
-    impl Drop for MainMask {
-        fn drop(&mut self) {
-            MainMask::set(&self.0);
-        }
-    }
-
     #[test]
-    fn spin_5_a_binding_made_after_the_first_wait_is_seen() {
-        let m = machine();
-        let saved = MainMask::get();
-        // SAFETY: reading an initialised set.
-        let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
-            .filter(|&c| unsafe { libc::CPU_ISSET(c, &saved.0) })
-            .collect();
-        if m.online < 2 || cpus.len() < 2 {
-            return; // nothing to narrow
-        }
-        drop(Spin::start(Duration::from_micros(1))); // a first wait: the policy has its sample
-        // The process is bound to one CPU after that (OpenMP's binding at its first parallel
-        // region, a launcher's, the application's).
-        // SAFETY: plain data.
-        let mut one: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-        // SAFETY: cpus[0] < CPU_SETSIZE.
-        unsafe { libc::CPU_SET(cpus[0], &mut one) };
-        MainMask::set(&one);
-        refresh_load();
-        drop(Spin::start(Duration::from_micros(1)));
-        assert_eq!(OURS.load(Ordering::Relaxed), 1, "the binding was not seen");
-        drop(saved); // set back
-        refresh_load();
-        drop(Spin::start(Duration::from_micros(1)));
-        assert_eq!(
-            OURS.load(Ordering::Relaxed),
-            cpus.len(),
-            "the mask set back was not seen"
-        );
-    }
-
-    #[test]
-    fn spin_5_a_yielding_spin_is_counted_and_gives_the_cpu_away() {
-        let m = machine();
-        if m.online < 2 {
-            return; // one core: the policy declines (spin_2_policy_spins_only_while_a_core_is_free)
-        }
-        std::thread::spawn(move || {
-            // Slots that stand for other threads of this process, all spinning: none of our
-            // CPUs is left beside this waiter.
-            let me = ME.with(|me| me.slot).expect("a slot");
-            let far = ns_at(m, Instant::now()) + Duration::from_secs(60).as_nanos() as u64;
-            let held: Vec<usize> = (0..SLOTS)
-                .filter(|&i| i != me)
-                .filter(|&i| {
-                    SPINNING[i]
-                        .owner
-                        .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
-                        .is_ok()
-                })
-                .take(OURS.load(Ordering::Relaxed).saturating_sub(1))
-                .collect();
-            for &i in &held {
-                SPINNING[i].until.store(far, Ordering::Relaxed);
-                SLOTS_USED.fetch_max(i + 1, Ordering::Relaxed);
-            }
-            // Other tests of this binary may load the cores for a moment (then the policy
-            // declines, SPIN-2): a few tries.
-            let mut tried = 0;
-            let outcome = loop {
-                tried += 1;
-                refresh_load();
-                let before = spin_stats().yielding;
-                let mut s = Spin::start(Duration::from_secs(1));
-                let loaded = RUNNING.load(Ordering::Relaxed) > m.online;
-                if !loaded || tried == 100 {
-                    let r = (
-                        s.spinning(),
-                        s.yielding,
-                        s.step(),
-                        spin_stats().yielding - before,
-                    );
-                    break (loaded, r);
-                }
-                drop(s);
-                std::thread::sleep(Duration::from_millis(10));
-            };
-            for &i in &held {
-                SPINNING[i].until.store(0, Ordering::Relaxed);
-                SPINNING[i].owner.store(false, Ordering::Release);
-            }
-            let (loaded, (spinning, yielding, stepped, counted)) = outcome;
-            assert!(!loaded, "the cores stayed busy through {tried} tries");
-            assert!(spinning, "declined without a spare CPU of ours");
+    fn spin_5_a_yielding_spin_is_counted_and_yields_until_its_cap() {
+        std::thread::spawn(|| {
+            let before = spin_stats().yielding;
+            let slot = ME.with(|me| me.slot).expect("a slot");
+            let cap = Duration::from_millis(2);
+            let mut s = Spin::claimed(cap, Instant::now(), Some((slot, true)), false);
+            assert!(s.spinning() && s.yielding());
             assert!(
-                yielding,
-                "spun without a spare CPU of ours, and not yielding"
+                spin_stats().yielding > before,
+                "the yielding spin was not counted"
             );
-            assert!(stepped, "a yielding spin ended at its first step");
-            assert!(counted >= 1, "the yielding spin was not counted");
+            let t0 = Instant::now();
+            let mut steps = 0u64;
+            while s.step() {
+                steps += 1;
+            }
+            // Alone on its CPU or not, it ends by its cap (read at every step) or by a lost
+            // yield, never later than the cap plus one lost slice.
+            assert!(s.unpaid(), "a spin that ended without its condition paid");
+            assert!(
+                t0.elapsed() < cap + Duration::from_millis(100),
+                "{:?}",
+                t0.elapsed()
+            );
+            assert!(steps > 0 || t0.elapsed() >= YIELD_LOST);
         })
         .join()
         .unwrap();
+    }
+
+    #[test]
+    fn spin_5_a_yield_that_lost_the_cpu_to_a_busy_thread_ends_the_spin() {
+        let cpu = super::super::reactor::allowed_cpus()[0];
+        let stop = Arc::new(AtomicBool::new(false));
+        // A busy thread and the waiter on one CPU (a data loader on the rank's only CPU).
+        let busy = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                assert!(core_affinity::set_for_current(core_affinity::CoreId {
+                    id: cpu
+                }));
+                while !stop.load(Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            })
+        };
+        let waited = std::thread::spawn(move || {
+            assert!(core_affinity::set_for_current(core_affinity::CoreId {
+                id: cpu
+            }));
+            std::thread::sleep(Duration::from_millis(20)); // the busy thread runs by now
+            let slot = ME.with(|me| me.slot).expect("a slot");
+            let cap = Duration::from_secs(5);
+            let mut s = Spin::claimed(cap, Instant::now(), Some((slot, true)), false);
+            let t0 = Instant::now();
+            while s.step() {}
+            (t0.elapsed(), s.unpaid())
+        })
+        .join()
+        .unwrap();
+        stop.store(true, Ordering::Relaxed);
+        busy.join().unwrap();
+        let (took, unpaid) = waited;
+        // Ended by the lost yield long before its cap, as a spin that did not pay.
+        assert!(took < Duration::from_secs(1), "yielded for {took:?}");
+        assert!(unpaid);
     }
 
     #[test]
