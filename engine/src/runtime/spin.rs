@@ -632,64 +632,70 @@ pub(crate) mod tests {
         }
     }
 
+    /// One case of the policy: (cap, running, online, other spinners, ours, answer, why).
+    type Case<'a> = (
+        Duration,
+        Option<usize>,
+        usize,
+        usize,
+        usize,
+        Decision,
+        &'a str,
+    );
+
+    /// Asserts `decide` for each case.
+    fn decisions(rows: &[Case<'_>]) {
+        for &(cap, running, online, others, ours, want, why) in rows {
+            assert_eq!(decide(cap, running, online, others, ours), want, "{why}");
+        }
+    }
+
     #[test]
     fn spin_2_policy_spins_only_while_a_core_is_free() {
         use Decision::*;
-        let cap = Duration::from_micros(50);
-        assert_eq!(
-            decide(cap, Some(2), 2, 0, 2),
-            Spin,
-            "two runnable on two cores"
-        );
-        assert_eq!(
-            decide(cap, None, 2, 0, 2),
-            Spin,
-            "load unknown, no other spinner"
-        );
-        assert_eq!(
-            decide(cap, Some(3), 2, 0, 2),
-            Decline,
-            "more runnable than cores"
-        );
-        assert_eq!(decide(cap, Some(1), 8, 2, 8), Spin, "cores to spare");
-        assert_eq!(
-            decide(cap, Some(1), 1, 0, 1),
-            Decline,
-            "one core: the awaited thread needs it"
-        );
-        assert_eq!(
-            decide(Duration::ZERO, Some(1), 8, 0, 8),
-            Decline,
-            "PARALLEL_SPIN_US=0"
-        );
-        assert_eq!(
-            decide(Duration::ZERO, Some(1), 8, 0, 1),
-            Decline,
-            "PARALLEL_SPIN_US=0, bound"
-        );
+        let (cap, zero) = (Duration::from_micros(50), Duration::ZERO);
+        decisions(&[
+            (cap, Some(2), 2, 0, 2, Spin, "two runnable on two cores"),
+            (cap, None, 2, 0, 2, Spin, "load unknown, no other spinner"),
+            (cap, Some(3), 2, 0, 2, Decline, "more runnable than cores"),
+            (cap, Some(1), 8, 2, 8, Spin, "cores to spare"),
+            (
+                cap,
+                Some(1),
+                1,
+                0,
+                1,
+                Decline,
+                "one core: the awaited thread needs it",
+            ),
+            (zero, Some(1), 8, 0, 8, Decline, "PARALLEL_SPIN_US=0"),
+            (zero, Some(1), 8, 0, 1, Decline, "PARALLEL_SPIN_US=0, bound"),
+        ]);
     }
 
     #[test]
     fn spin_5_a_waiter_without_a_spare_cpu_of_its_own_spins_yielding() {
         use Decision::*;
         let cap = Duration::from_micros(50);
-        // A rank bound to one CPU (taskset, srun --cpu-bind, mpirun --bind-to core) on a
-        // machine with a core free: its peer runs elsewhere.
-        assert_eq!(decide(cap, Some(2), 2, 0, 1), Yield, "bound to one CPU");
-        assert_eq!(decide(cap, None, 4, 0, 1), Yield, "bound, load unknown");
-        assert_eq!(
-            decide(cap, Some(1), 2, 1, 2),
-            Yield,
-            "another spinner holds the spare core"
-        );
-        // Busy cores still decline: a yield would hand the CPU to the busy threads for a
-        // whole slice, where a kernel wait is woken at once.
-        assert_eq!(decide(cap, Some(3), 2, 0, 1), Decline, "bound, busy");
-        assert_eq!(
-            decide(cap, Some(3), 2, 1, 2),
-            Decline,
-            "another spinner, busy"
-        );
+        decisions(&[
+            // A rank bound to one CPU (taskset, mpirun --bind-to core) on a machine with a
+            // core free: its peer runs elsewhere.
+            (cap, Some(2), 2, 0, 1, Yield, "bound to one CPU"),
+            (cap, None, 4, 0, 1, Yield, "bound, load unknown"),
+            (
+                cap,
+                Some(1),
+                2,
+                1,
+                2,
+                Yield,
+                "another spinner holds the spare core",
+            ),
+            // Busy cores still decline: a yield would hand the CPU to the busy threads for a
+            // whole slice, where a kernel wait is woken at once.
+            (cap, Some(3), 2, 0, 1, Decline, "bound, busy"),
+            (cap, Some(3), 2, 1, 2, Decline, "another spinner, busy"),
+        ]);
     }
 
     #[test]
