@@ -199,6 +199,20 @@ def render(report):
         f"`{n}` " + ", ".join((report["systems"].get(n) or {}).get("core_states") or ["-"])
         for n in report["order"]
     ]
+    work = [
+        f"`{n}` "
+        + ", ".join(
+            f"{x:.0f}" if x is not None else "-"
+            for x in (report["systems"].get(n) or {}).get("load_ops_per_s") or []
+        )
+        for n in report["order"]
+    ]
+    L += [
+        "",
+        "The compute threads' work, launch by launch (256x256 matmuls per second, both ranks, over each "
+        "rank's whole run: what the library's waits and copies left them; Open MPI's ranks poll on the "
+        "core their compute threads are bound to with them): " + "; ".join(work) + ".",
+    ]
     L += [
         "",
         "Where the two CPUs were, launch by launch (the core-to-core probe right before and after "
