@@ -237,8 +237,9 @@ def test_cross_memory_attach_is_used_as_configured_and_where_it_pays(setting):
     if cm["cma_us"] is None:
         pytest.skip("the kernel refuses process_vm_readv here")
     assert cm["bytes"] == 4 << 20 and cm["cma_us"] > 0 and cm["memcpy_us"] > 0, cm
-    # "Pays": one cross-memory copy costs less than the ring's two memory copies.
-    assert cm["pays"] == (cm["cma_us"] < 2 * cm["memcpy_us"]), cm
+    # "Pays": one cross-memory copy costs less than one memory copy (the ring's two run at once,
+    # on both ends' cores).
+    assert cm["pays"] == (cm["cma_us"] < cm["memcpy_us"]), cm
     want = {"auto": cm["pays"], "1": True, "0": False, "off": False}[setting]
     assert cm["used"] is want, cm
 
