@@ -1343,7 +1343,7 @@ def render(report):
                 )
                 L.append(f"- {name} {label}: {runs}")
         L.append("")
-    if not bound:  # the targets are for ranks as torchrun starts them (unbound)
+    else:  # the targets are for ranks as torchrun starts them (unbound)
         L.append("### Targets (from our issue)")
         L.append("")
         L += target_lines(report)
@@ -1548,8 +1548,8 @@ def main():
     ap.add_argument(
         "--bind",
         action="store_true",
-        help="every rank bound to a CPU of its own (taskset -c; mpirun --bind-to core), as "
-        "srun --cpu-bind=cores and mpirun leave ranks; writes allreduce-bound.{md,json}, no plot",
+        help="every rank bound to a CPU of its own (taskset -c; mpirun --bind-to hwthread), as "
+        "srun --cpu-bind=threads and mpirun leave ranks; writes allreduce-bound.{md,json}, no plot",
     )
     ap.add_argument("--json", default="bench-out/allreduce.json")
     ap.add_argument("--md", default="bench-out/allreduce.md")

@@ -261,7 +261,8 @@ impl Region {
             std::ptr::copy_nonoverlapping(words.as_ptr(), self.at(off + 64) as *mut u64, WORDS)
         };
         // On the line the sequence word's store below writes anyway (SPREAD-1).
-        (self.cpu_slot(self.rank, seq)).store(spread::cpu_word(), Ordering::Relaxed);
+        self.cpu_slot(self.rank, seq)
+            .store(spread::cpu_word(), Ordering::Relaxed);
         self.seq_word(self.rank, seq).store(seq, Ordering::SeqCst);
         self.wake();
     }

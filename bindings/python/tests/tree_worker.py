@@ -282,7 +282,7 @@ def bound(tree: parallel.Tree) -> None:
 def main() -> int:
     scenario = sys.argv[1]
     if os.environ.get("TEST_BIND") == "1" and len(sys.argv) > 2:
-        # Like srun --cpu-bind=cores or taskset: bound before anything of the engine runs.
+        # Like srun --cpu-bind=threads or taskset: bound before anything of the engine runs.
         cpus = sorted(os.sched_getaffinity(0))
         os.sched_setaffinity(0, {cpus[int(sys.argv[2]) % len(cpus)]})
     if len(sys.argv) > 2:

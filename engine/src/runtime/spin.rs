@@ -678,7 +678,7 @@ pub(crate) mod tests {
         use Decision::*;
         let cap = Duration::from_micros(50);
         decisions(&[
-            // A rank bound to one CPU (taskset, mpirun --bind-to core) on a machine with a
+            // A rank bound to one CPU (taskset, srun --cpu-bind=threads) on a machine with a
             // core free: its peer runs elsewhere.
             (cap, Some(2), 2, 0, 1, Yield, "bound to one CPU"),
             (cap, None, 4, 0, 1, Yield, "bound, load unknown"),

@@ -91,7 +91,8 @@ pub fn after_unpaid_spin(peers: impl IntoIterator<Item = u32>) -> bool {
     // A try counts even when the mask forbids the move: a pinned thread asks once a period.
     LAST_TRY.with(|l| l.set(Some(now)));
     let cpu = mine as usize - 1;
-    let node = (crate::topology::topology().numa_nodes.iter()).find(|n| n.cpus.contains(&cpu));
+    let nodes = &crate::topology::topology().numa_nodes;
+    let node = nodes.iter().find(|n| n.cpus.contains(&cpu));
     let moved = step_off(cpu, node.map_or(&[], |n| &n.cpus)).is_some();
     if moved {
         MOVES.fetch_add(1, Ordering::Relaxed);
