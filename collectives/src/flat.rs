@@ -353,6 +353,11 @@ impl Region {
             if spin.step() {
                 continue;
             }
+            if spin.declined_busy() && !spread_asked && pending.len() == 1 {
+                // SPREAD-4, once per wait: every core is busy; join the one rank still missing.
+                spread_asked = true;
+                spread::pair_under_load(self.cpu_word(pending[0], seq.wrapping_sub(1)));
+            }
             if spin.unpaid() && !spread_asked {
                 // SPREAD-2, once per wait: a rank still missing last published seq - 1.
                 spread_asked = true;

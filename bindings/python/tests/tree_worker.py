@@ -261,6 +261,47 @@ def peer_on_my_cpu(tree: parallel.Tree) -> None:
                 break
 
 
+def apart_under_load(tree: parallel.Tree) -> None:
+    """Every CPU busy (each rank runs torch matmul threads, half the CPUs' worth), and the two
+    ranks' main threads on different CPUs: rank r is put on the r-th CPU for a first all-reduce,
+    then may run anywhere again. Then 200 checked 4 KiB all-reduces (the fast path). Prints how
+    many moves this rank made (SPREAD-4 pairs a waiter with the rank it waits for when every
+    core is busy) and the CPU it ended on."""
+    import threading
+
+    r, n = tree.rank, tree.world_size
+    allowed = os.sched_getaffinity(0)
+    cpus = sorted(allowed)
+    stop = threading.Event()
+
+    def work() -> None:
+        a, b = torch.rand(128, 128), torch.rand(128, 128)
+        while not stop.is_set():
+            torch.mm(a, b)
+
+    torch.set_num_threads(1)
+    busy = [threading.Thread(target=work, daemon=True) for _ in range((len(cpus) + n - 1) // n)]
+    for t in busy:
+        t.start()
+    time.sleep(0.1)  # the load sample sees them (SPIN-2 samples every 2 ms)
+    t = torch.ones(1024)
+    os.sched_setaffinity(0, {cpus[r % len(cpus)]})
+    tree.all_reduce(t)  # apart, each publishing its CPU (SPREAD-1)
+    os.sched_setaffinity(0, allowed)
+    before = parallel.wait_stats()["spread_moves"]
+    for i in range(200):
+        t = torch.full((1024,), float(r + i))
+        tree.all_reduce(t)
+        want = float(n * i + n * (n - 1) // 2)
+        assert torch.all(t == want), (i, t[:4], want)
+    moves = parallel.wait_stats()["spread_moves"] - before
+    stop.set()
+    for b in busy:
+        b.join()
+    assert os.sched_getaffinity(0) == allowed, "a move left the mask changed"
+    print(f"apart rank {r} moves {moves}")
+
+
 def bound(tree: parallel.Tree) -> None:
     """Run with TEST_BIND=1: this rank is bound to one CPU (main, before the engine's first
     wait). 4 KiB and 1 MiB all-reduces of rank-dependent values, each checked; prints the CPUs
@@ -296,6 +337,7 @@ def main() -> int:
     scenarios["scatter_gather"] = scatter_gather
     scenarios["peer_on_my_cpu"] = peer_on_my_cpu
     scenarios["bound"] = bound
+    scenarios["apart_under_load"] = apart_under_load
     scenarios[scenario](tree)
     print(f"rank {tree.rank} ok")
     return 0

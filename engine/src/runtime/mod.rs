@@ -4,8 +4,8 @@
 //!
 //! Files: `backend.rs` (the epoll and io_uring waits and transfers), `io.rs` (non-blocking
 //! socket attempts, `recv_exact`, `send_all`), `spin.rs` (when a waiter may spin: SPIN-1..5),
-//! `spread.rs` (a waiter off its peer's CPU: SPREAD-1..3), `reactor.rs` (completions, reactor
-//! threads, lanes: EXEC-1..3).
+//! `spread.rs` (a waiter off its peer's CPU, or onto it under load: SPREAD-1..4), `reactor.rs`
+//! (completions, reactor threads, lanes: EXEC-1..3).
 //!
 //! Design note (differs from DESIGN.md's "user threads submit, reactors complete"): a blocking
 //! `send`/`recv` runs its I/O on the calling thread, through that thread's own ring (or epoll

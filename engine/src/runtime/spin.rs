@@ -449,6 +449,12 @@ impl Spin {
         self.yielding
     }
 
+    /// Whether this spin was declined because every core is busy (SPIN-2), not skipped after
+    /// spins that did not pay: what SPREAD-4 acts on.
+    pub fn declined_busy(&self) -> bool {
+        self.declined.is_some_and(|d| !d.skipped)
+    }
+
     /// Whether this wait goes to the kernel because spinning has not been paying: this spin ran
     /// out its budget, or it was skipped after spins that did (SPIN-3), not declined for busy
     /// cores. What SPREAD-2 acts on.
@@ -780,6 +786,7 @@ pub(crate) mod tests {
             !s.unpaid(),
             "busy cores: another CPU is no better (SPREAD-2 ignores it)"
         );
+        assert!(s.declined_busy(), "SPREAD-4 acts on this decline");
         assert!(
             !s.spinning(),
             "spin allowed with {} runnable threads on {} cores",
@@ -805,6 +812,7 @@ pub(crate) mod tests {
                 // nothing learnt.
                 let s = Spin::start(Duration::from_secs(1));
                 assert!(!s.spinning(), "spun while skipping");
+                assert!(!s.declined_busy(), "a skip is not a decline for busy cores");
                 assert_eq!(ME.with(|me| me.skip.get()), left);
             }
             // A spin that runs out its budget doubles the skip.
