@@ -211,7 +211,8 @@ impl Region {
         self.word64(self.buf_off(r, seq))
     }
 
-    /// Where rank `r` publishes its CPU word with collective `seq` (SPREAD-1; only compared).
+    /// Where rank `r` publishes its CPU word with collective `seq` (SPREAD-1: the peers' words
+    /// are untrusted, only compared or bounds-checked against a mask).
     fn cpu_slot(&self, r: usize, seq: u64) -> &AtomicU32 {
         // SAFETY: as in word32: 8 bytes into a 64-byte aligned line of the mapping, accessed
         // only through atomics.
@@ -353,16 +354,26 @@ impl Region {
             if spin.step() {
                 continue;
             }
-            if spin.declined_busy() && !spread_asked && pending.len() == 1 {
-                // SPREAD-4, once per wait: every core is busy; join the one rank still missing.
-                spread_asked = true;
-                spread::pair_under_load(self.cpu_word(pending[0], seq.wrapping_sub(1)));
-            }
-            if spin.unpaid() && !spread_asked {
-                // SPREAD-2, once per wait: a rank still missing last published seq - 1.
+            if !spread_asked && (spin.declined_busy() || spin.unpaid()) {
+                // Once per wait: a rank still missing last published seq - 1. SPREAD-4: every
+                // core busy, two ranks: join the other. SPREAD-2: off its CPU. Where this rank
+                // went is published in its place for `seq`, which the other reads when it
+                // waits at seq + 1 (SPREAD-1).
                 spread_asked = true;
                 let last = seq.wrapping_sub(1);
-                spread::after_unpaid_spin(pending.iter().map(|&r| self.cpu_word(r, last)));
+                let moved = if spin.unpaid() {
+                    spread::after_unpaid_spin(pending.iter().map(|&r| self.cpu_word(r, last)))
+                } else if self.lay.world == 2 {
+                    pending
+                        .first()
+                        .and_then(|&r| spread::pair_under_load(self.cpu_word(r, last)))
+                } else {
+                    None
+                };
+                if let Some(there) = moved {
+                    self.cpu_slot(self.rank, seq)
+                        .store(there, Ordering::Relaxed);
+                }
             }
             let waiting = format!(
                 "rank(s) {pending:?} to reach collective #{seq} on the shared-memory fast path \

@@ -38,8 +38,8 @@ pub(crate) fn io_backend() -> PyResult<&'static str> {
 /// spin would have paid, and the thread soon spins again). `spins_yielding`: spins that gave the
 /// CPU away at every step, the process having no CPU to spare beside the waiter (a rank bound
 /// to one CPU). A run whose waits are mostly declined pays a kernel wake-up per hand-off.
-/// `spread_moves`: times a waiting thread moved off the CPU of the process it waited for, or,
-/// with every core busy, onto it (`PARALLEL_SPREAD`).
+/// `spread_moves`: times a waiting thread moved off the CPU of the process it waited for;
+/// `spread_pairs`: times one moved onto it, every core being busy (`PARALLEL_SPREAD`).
 #[pyfunction]
 pub(crate) fn wait_stats(py: Python<'_>) -> PyResult<Py<PyDict>> {
     let s = parallel_engine::runtime::spin_stats();
@@ -51,6 +51,7 @@ pub(crate) fn wait_stats(py: Python<'_>) -> PyResult<Py<PyDict>> {
     d.set_item("spins_declined_short", s.declined_short)?;
     d.set_item("spins_yielding", s.yielding)?;
     d.set_item("spread_moves", parallel_engine::runtime::spread::moves())?;
+    d.set_item("spread_pairs", parallel_engine::runtime::spread::pairs())?;
     Ok(d.unbind())
 }
 

@@ -265,8 +265,8 @@ def apart_under_load(tree: parallel.Tree) -> None:
     """Every CPU busy (each rank runs torch matmul threads, half the CPUs' worth), and the two
     ranks' main threads on different CPUs: rank r is put on the r-th CPU for a first all-reduce,
     then may run anywhere again. Then 200 checked 4 KiB all-reduces (the fast path). Prints how
-    many moves this rank made (SPREAD-4 pairs a waiter with the rank it waits for when every
-    core is busy) and the CPU it ended on."""
+    many times this rank joined the other's CPU (SPREAD-4, `spread_pairs`) and how many of its
+    waits SPIN-2 declined for busy cores (none: the machine did not look busy)."""
     import threading
 
     r, n = tree.rank, tree.world_size
@@ -281,25 +281,31 @@ def apart_under_load(tree: parallel.Tree) -> None:
 
     torch.set_num_threads(1)
     busy = [threading.Thread(target=work, daemon=True) for _ in range((len(cpus) + n - 1) // n)]
-    for t in busy:
-        t.start()
-    time.sleep(0.1)  # the load sample sees them (SPIN-2 samples every 2 ms)
-    t = torch.ones(1024)
-    os.sched_setaffinity(0, {cpus[r % len(cpus)]})
-    tree.all_reduce(t)  # apart, each publishing its CPU (SPREAD-1)
-    os.sched_setaffinity(0, allowed)
-    before = parallel.wait_stats()["spread_moves"]
-    for i in range(200):
-        t = torch.full((1024,), float(r + i))
-        tree.all_reduce(t)
-        want = float(n * i + n * (n - 1) // 2)
-        assert torch.all(t == want), (i, t[:4], want)
-    moves = parallel.wait_stats()["spread_moves"] - before
-    stop.set()
-    for b in busy:
-        b.join()
+    try:
+        for b in busy:
+            b.start()
+        time.sleep(0.1)  # the load sample sees them (SPIN-2 samples every 2 ms)
+        t = torch.ones(1024)
+        try:
+            os.sched_setaffinity(0, {cpus[r % len(cpus)]})
+            tree.all_reduce(t)  # apart, each publishing its CPU (SPREAD-1)
+        finally:
+            os.sched_setaffinity(0, allowed)
+        before = parallel.wait_stats()
+        for i in range(200):
+            t = torch.full((1024,), float(r + i))
+            tree.all_reduce(t)
+            want = float(n * i + n * (n - 1) // 2)
+            assert torch.all(t == want), (i, t[:4], want)
+        after = parallel.wait_stats()
+    finally:
+        stop.set()
+        for b in busy:
+            b.join()
     assert os.sched_getaffinity(0) == allowed, "a move left the mask changed"
-    print(f"apart rank {r} moves {moves}")
+    pairs = after["spread_pairs"] - before["spread_pairs"]
+    busy_waits = after["spins_declined_busy"] - before["spins_declined_busy"]
+    print(f"apart rank {r} pairs {pairs} declined_busy {busy_waits}")
 
 
 def bound(tree: parallel.Tree) -> None:

@@ -277,7 +277,9 @@ def wait_stats() -> dict[str, int]:
     ``spread_moves``: times a waiting thread whose spin did not pay (ran out, or skipped after
     spins that did) moved itself off the CPU the process it waited for last ran on (two ranks
     handing messages back and forth on one CPU while another idles; ``PARALLEL_SPREAD=0`` turns
-    the moves off).
+    the moves off). ``spread_pairs``: times a waiting thread moved onto the CPU of the rank it
+    waited for, every core being busy (the Tree's small-message fast path between two ranks:
+    their hand-offs then need no compute thread to be preempted; same switch).
 
     Example: ``s = parallel.wait_stats(); print(s["spins_paid"] / max(1, s["spins_started"]))``
     """

@@ -449,8 +449,9 @@ impl Spin {
         self.yielding
     }
 
-    /// Whether this spin was declined because every core is busy (SPIN-2), not skipped after
-    /// spins that did not pay: what SPREAD-4 acts on.
+    /// Whether this spin was declined by SPIN-2 (busy cores, a machine of one core, or no
+    /// spinner slot left), not skipped after spins that did not pay: what SPREAD-4 acts on,
+    /// where its own load sample finds every core busy.
     pub fn declined_busy(&self) -> bool {
         self.declined.is_some_and(|d| !d.skipped)
     }

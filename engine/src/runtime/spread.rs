@@ -14,7 +14,10 @@
 //! Invariants:
 //! - SPREAD-1: a writer of a shared-memory structure that a peer process waits on publishes,
 //!   with what it wrote, the CPU it ran on ([`cpu_word`]: CPU + 1, 0 for unknown), on the line it
-//!   writes anyway. The word is only compared, never used as an index.
+//!   writes anyway. The word is the peer's (untrusted): it is compared, and SPREAD-4 takes it as
+//!   a CPU to move onto only when it lies in the thread's own mask (bounds-checked); never an
+//!   index into memory. A waiter that moved publishes where it went in its place (the Tree's fast
+//!   path), so that its peer does not chase the CPU it left.
 //! - SPREAD-2: a waiter whose spin did not pay ([`super::Spin::unpaid`]: it ran out its budget,
 //!   or was skipped after spins that did) while a peer it waits for last ran on the waiter's own
 //!   CPU, and while the cores are not all busy (SPIN-2's load sample: where every CPU is taken,
@@ -26,19 +29,21 @@
 //! - SPREAD-3: a thread tries at most once per [`PERIOD`] (at most four system calls each), so a
 //!   machine that keeps placing the pair together (more ranks than CPUs) costs little; nothing
 //!   with `PARALLEL_SPREAD=0` or `PARALLEL_SPIN_US=0` (no spin, so none that did not pay). Moves
-//!   are counted (`wait_stats()["spread_moves"]`, SPREAD-4's with them).
+//!   are counted (`wait_stats()["spread_moves"]`).
 //! - SPREAD-4 (pairing under load): where every core is busy (SPIN-2 declined the spin for
-//!   busy cores), the opposite holds: a waiter on the Tree's shared-memory fast path that waits
-//!   for one rank only moves itself onto the CPU that rank last ran on ([`pair_under_load`]),
-//!   within its own mask, which is set back at once, and under SPREAD-3's period and switch.
-//!   Measured with 2 ranks on this 2-CPU VM, each with one busy compute thread, 4 KiB
-//!   all-reduces, the threads pinned by hand: the two ranks' main threads on one CPU and the
-//!   compute threads on the other, a median of 10 us and a p99 of 17-25 us; each main thread
-//!   beside its own compute thread (as ranks bound to a CPU each are), 31-34 us and 4 ms (a
-//!   woken thread that did not preempt the compute thread waits for the next tick). Launched
-//!   unpinned, 3 of 8 launches showed those 4 ms tails, none of 8 with pairing. Only a wait for
-//!   one rank pairs: with more, which to join is a guess, and many ranks' threads on one CPU
-//!   would run in turn. The rings do not pair (measured at 1 MiB: no clear gain).
+//!   busy cores), the opposite holds: on the Tree's shared-memory fast path between two ranks,
+//!   a waiter moves itself onto the CPU the other rank last published from
+//!   ([`pair_under_load`]), within its own mask, which is set back at once, under SPREAD-3's
+//!   period and switch (`PARALLEL_SPREAD=0`, `PARALLEL_SPIN_US=0`: no moves). Counted apart
+//!   (`wait_stats()["spread_pairs"]`). Measured with 2 ranks on this 2-CPU VM, each with one
+//!   busy compute thread, 4 KiB all-reduces, the threads pinned by hand: the two ranks' main
+//!   threads on one CPU and the compute threads on the other, a median of 10 us and a p99 of
+//!   17-25 us; each main thread beside its own compute thread (as ranks bound to a CPU each
+//!   are, which this cannot help), 31-34 us and a p99 of 4 ms (a woken thread that did not
+//!   preempt the compute thread waits for the next tick). Only two ranks pair: with more,
+//!   several waiters would join one straggler and take turns on its CPU (not measured). The
+//!   rings do not pair (measured at 1 MiB: no clear gain). Near the load threshold SPREAD-2 and
+//!   SPREAD-4 may part and join a pair in turn, each at most once per period and thread.
 //!
 //! Side effects, as of any `sched_setaffinity`: on Linux 6.2 and later the kernel records the
 //! mask set back as the thread's requested one, so a later widening of the container's cpuset
@@ -54,6 +59,7 @@ use std::time::{Duration, Instant};
 pub const PERIOD: Duration = Duration::from_millis(10);
 
 static MOVES: AtomicU64 = AtomicU64::new(0);
+static PAIRS: AtomicU64 = AtomicU64::new(0);
 
 thread_local! {
     /// When this thread last tried to move (SPREAD-3).
@@ -68,9 +74,14 @@ pub fn cpu_word() -> u32 {
     u32::try_from(c).map_or(0, |c| c.saturating_add(1))
 }
 
-/// Moves this process has made (SPREAD-3).
+/// Moves off a peer's CPU this process has made (SPREAD-2, SPREAD-3).
 pub fn moves() -> u64 {
     MOVES.load(Ordering::Relaxed)
+}
+
+/// Moves onto a peer's CPU this process has made (SPREAD-4).
+pub fn pairs() -> u64 {
+    PAIRS.load(Ordering::Relaxed)
 }
 
 /// The decision of SPREAD-2 and SPREAD-3 (but for the load, asked last), a pure function of
@@ -106,46 +117,44 @@ pub(crate) fn should_pair(
 }
 
 /// SPREAD-4: called by a waiter whose spin was declined for busy cores, with the CPU word
-/// ([`cpu_word`]) of the one peer it waits for. Moves the calling thread onto that CPU when
-/// every core is busy and its mask allows it, and sets the mask back; returns whether it moved.
-pub fn pair_under_load(peer: u32) -> bool {
+/// ([`cpu_word`]) the one peer it waits for published (untrusted). Moves the calling thread
+/// onto that CPU when every core is busy and its mask holds it, and sets the mask back; the
+/// CPU word it moved to, None when it did not move.
+pub fn pair_under_load(peer: u32) -> Option<u32> {
     let now = Instant::now();
     let mine = cpu_word();
     let enabled = crate::config::config().spread;
     let last = LAST_TRY.with(Cell::get);
     if !should_pair(enabled, mine, peer, last, now) || super::spin::cores_free() {
-        return false;
+        return None;
     }
+    // A try counts even when the mask forbids the move (SPREAD-3).
     LAST_TRY.with(|l| l.set(Some(now)));
-    let moved = step_onto(peer as usize - 1).is_some();
-    if moved {
-        MOVES.fetch_add(1, Ordering::Relaxed);
-    }
-    moved
+    let there = step_onto(peer as usize - 1)?;
+    PAIRS.fetch_add(1, Ordering::Relaxed);
+    Some(there)
 }
 
 /// SPREAD-2: called by a waiter whose spin did not pay ([`super::Spin::unpaid`]), with the
 /// CPU words ([`cpu_word`]) its awaited peers published. Moves the calling thread to another CPU
-/// when a peer last ran on this one; returns whether it moved.
-pub fn after_unpaid_spin(peers: impl IntoIterator<Item = u32>) -> bool {
+/// when a peer last ran on this one; the CPU word it moved to, None when it did not move.
+pub fn after_unpaid_spin(peers: impl IntoIterator<Item = u32>) -> Option<u32> {
     let now = Instant::now();
     let mine = cpu_word();
     let enabled = crate::config::config().spread;
     let last = LAST_TRY.with(Cell::get);
     if !should_move(enabled, mine, peers.into_iter(), last, now) || !super::spin::cores_free() {
-        return false;
+        return None;
     }
     // A try counts even when the mask forbids the move: a pinned thread asks once a period.
     LAST_TRY.with(|l| l.set(Some(now)));
     let cpu = mine as usize - 1;
     let nodes = &crate::topology::topology().numa_nodes;
     let node = nodes.iter().find(|n| n.cpus.contains(&cpu));
-    let moved = step_off(cpu, node.map_or(&[], |n| &n.cpus)).is_some();
-    if moved {
-        MOVES.fetch_add(1, Ordering::Relaxed);
-        super::spin::note_moved();
-    }
-    moved
+    let there = step_off(cpu, node.map_or(&[], |n| &n.cpus))?;
+    MOVES.fetch_add(1, Ordering::Relaxed);
+    super::spin::note_moved();
+    Some(there)
 }
 
 /// Bit operations on a `cpu_set_t`, each bounded by its size.
@@ -228,7 +237,7 @@ fn step_off(cpu: usize, near: &[usize]) -> Option<u32> {
         return None;
     }
     let there = cpu_word();
-    set_back(&own, &format!("moving it off CPU {cpu}"));
+    set_back(&own, cpu, "off");
     Some(there)
 }
 
@@ -251,15 +260,15 @@ fn step_onto(cpu: usize) -> Option<u32> {
         return None;
     }
     let there = cpu_word();
-    set_back(&own, &format!("moving it onto CPU {cpu}"));
+    set_back(&own, cpu, "onto");
     Some(there)
 }
 
-/// Sets the calling thread's mask back to `own` after a move. That fails only if the allowed
-/// CPUs changed in between (a cpuset change that took all of them); then every CPU is asked
-/// for, which the kernel narrows to the cpuset, so the thread is never left restricted to the
-/// mask of the move.
-fn set_back(own: &libc::cpu_set_t, after: &str) {
+/// Sets the calling thread's mask back to `own` after a move `dir` ("off" or "onto") CPU
+/// `cpu`. That fails only if the allowed CPUs changed in between (a cpuset change that took
+/// all of them); then every CPU is asked for, which the kernel narrows to the cpuset, so the
+/// thread keeps the mask of the move only if that fails too (logged).
+fn set_back(own: &libc::cpu_set_t, cpu: usize, dir: &str) {
     if set_affinity(own) {
         return;
     }
@@ -268,8 +277,8 @@ fn set_back(own: &libc::cpu_set_t, after: &str) {
     (0..bits::SIZE).for_each(|c| bits::set(&mut all, c));
     let widened = set_affinity(&all);
     tracing::warn!(
-        "could not set this thread's CPU affinity back after {after} ({why}); {}; \
-         PARALLEL_SPREAD=0 stops these moves",
+        "could not set this thread's CPU affinity back after moving it {dir} CPU {cpu} ({why}); \
+         {}; PARALLEL_SPREAD=0 stops these moves",
         if widened {
             "it may now run on every CPU of its cpuset"
         } else {
@@ -354,6 +363,56 @@ mod tests {
     }
 
     #[test]
+    fn spread_4_pairs_only_onto_a_cpu_of_its_mask_when_every_core_is_busy() {
+        let busy = crate::runtime::spin::tests::Saturate::new();
+        std::thread::spawn(|| {
+            let before = crate::runtime::reactor::allowed_cpus();
+            let fresh = || LAST_TRY.with(|l| l.set(None));
+            let mask_kept = || assert_eq!(crate::runtime::reactor::allowed_cpus(), before);
+            // The peer's word is untrusted: unknown, beyond any mask, or a CPU this thread may
+            // not run on moves nothing.
+            let outside = (0..bits::SIZE)
+                .find(|c| !before.contains(c))
+                .expect("a CPU outside");
+            for word in [0, u32::MAX, bits::SIZE as u32 + 1, outside as u32 + 1] {
+                fresh();
+                assert_eq!(pair_under_load(word), None, "word {word}");
+                mask_kept();
+            }
+            let mine = cpu_word();
+            let Some(&other) = before.iter().find(|&&c| c + 1 != mine as usize) else {
+                return; // one allowed CPU: nowhere to pair
+            };
+            fresh();
+            let paired = pairs();
+            assert_eq!(pair_under_load(other as u32 + 1), Some(other as u32 + 1));
+            assert_eq!(pairs(), paired + 1);
+            mask_kept();
+            // SPREAD-3: the next try waits a period.
+            assert_eq!(pair_under_load(mine), None);
+            assert_eq!(cpu_word(), other as u32 + 1);
+            mask_kept();
+        })
+        .join()
+        .expect("the test thread");
+        drop(busy);
+        // With a core free (the load sample says so), no pairing.
+        crate::runtime::spin::refresh_load();
+        std::thread::spawn(|| {
+            if crate::runtime::spin::cores_free() {
+                let mine = cpu_word();
+                let before = crate::runtime::reactor::allowed_cpus();
+                if let Some(&other) = before.iter().find(|&&c| c + 1 != mine as usize) {
+                    LAST_TRY.with(|l| l.set(None));
+                    assert_eq!(pair_under_load(other as u32 + 1), None);
+                }
+            }
+        })
+        .join()
+        .expect("the idle test thread");
+    }
+
+    #[test]
     fn spread_2_the_mask_away_leaves_out_the_cpu_and_prefers_its_node() {
         let own = set_of(&[0, 1, 2, 3]);
         assert_eq!(
@@ -405,7 +464,7 @@ mod tests {
             });
             assert!(one, "pinning to the CPU it runs on");
             assert_eq!(step_off(cpu as usize - 1, &[]), None);
-            assert!(!after_unpaid_spin([cpu]));
+            assert_eq!(after_unpaid_spin([cpu]), None);
             assert_eq!(
                 crate::runtime::reactor::allowed_cpus(),
                 vec![cpu as usize - 1]
