@@ -23,6 +23,7 @@ import sys
 import textwrap
 import threading
 import time
+import weakref
 from typing import Any
 
 import pytest
@@ -54,15 +55,17 @@ def spawn(code: str, *args: str, env: dict[str, str] | None = None) -> subproces
     )
 
 
-_READERS: dict[int, queue.Queue[str]] = {}
+_READERS: weakref.WeakKeyDictionary[subprocess.Popen[str], queue.Queue[str]] = weakref.WeakKeyDictionary()
 
 
 def _lines(p: subprocess.Popen[str]) -> queue.Queue[str]:
     """The child's stdout lines, read by a thread of their own (select() on a buffered pipe
-    misses lines already read into the buffer)."""
-    q = _READERS.get(p.pid)
+    misses lines already read into the buffer). Kept per child object, not per pid: pids are
+    reused (pid_max is 32768 here, and every thread takes one), and a new child must never get
+    the lines left over from an old one (a child killed mid-line left half a JSON line)."""
+    q = _READERS.get(p)
     if q is None:
-        q = _READERS[p.pid] = queue.Queue()
+        q = _READERS[p] = queue.Queue()
         out = p.stdout
         assert out is not None
 
