@@ -22,12 +22,15 @@
 //!   the slots of `s - 2` before it writes `s - 1`. So when buffer `s % 2` is overwritten, no rank
 //!   still reads it for `s - 2`. A slot showing a later sequence than the reader's means the
 //!   ranks are out of step: the reader falls back to the control pass, which names the rank.
+//!   The CPU word in a slot (SPREAD-1) is a hint outside this rule: its rank rewrites it after a
+//!   move during its wait, and a reader may see it stale or newer.
 //! - FLAT-3 (bitwise agreement, TREE-1): every rank reduces the slots in rank order 0, 1, ...,
 //!   n - 1 with the same kernel, so every rank ends with bitwise the same result.
 //! - FLAT-4 (no hang, TREE-3): a waiter spins under the wait policy (`PARALLEL_SPIN_US`,
 //!   runtime/spin.rs), then sleeps on a futex word in slices of at most [`SLICE`] (a wait that
 //!   spinning did not win while a missing rank last published from this CPU first moves the
-//!   waiter off it, once per wait: SPREAD-2, each slot carrying its writer's CPU); it checks the
+//!   waiter off it, and one declined for busy cores between two ranks moves it onto the other's
+//!   CPU, once per wait: SPREAD-2 and SPREAD-4, each slot carrying its writer's CPU); it checks the
 //!   awaited ranks' `gone` words (set by a rank whose tree failed or was dropped) on every scan
 //!   and their pidfds (a killed process) after every slice (a rank seen exited is lost only if
 //!   its slot is still missing on a scan after that: its last collective may have completed

@@ -264,9 +264,10 @@ def peer_on_my_cpu(tree: parallel.Tree) -> None:
 def apart_under_load(tree: parallel.Tree) -> None:
     """Every CPU busy (each rank runs torch matmul threads, half the CPUs' worth), and the two
     ranks' main threads on different CPUs: rank r is put on the r-th CPU for a first all-reduce,
-    then may run anywhere again. Then 200 checked 4 KiB all-reduces (the fast path). Prints how
-    many times this rank joined the other's CPU (SPREAD-4, `spread_pairs`) and how many of its
-    waits SPIN-2 declined for busy cores (none: the machine did not look busy)."""
+    then may run anywhere again. Then checked 4 KiB all-reduces (the fast path) for at least
+    0.2 s, so that a waiter gets several tries (one per 10 ms, SPREAD-3). Prints how many times
+    this rank joined the other's CPU (SPREAD-4, `spread_pairs`) and how many of its waits SPIN-2
+    declined for busy cores (none: the machine did not look busy)."""
     import threading
 
     r, n = tree.rank, tree.world_size
@@ -291,12 +292,20 @@ def apart_under_load(tree: parallel.Tree) -> None:
             tree.all_reduce(t)  # apart, each publishing its CPU (SPREAD-1)
         finally:
             os.sched_setaffinity(0, allowed)
+        # A try the pinned mask refused counts too (SPREAD-3): past its period before the loop.
+        time.sleep(0.02)
         before = parallel.wait_stats()
-        for i in range(200):
+        started, i, go = time.monotonic(), 0, True
+        while go:  # every rank runs as many all-reduces: rank 0 says when to stop
             t = torch.full((1024,), float(r + i))
             tree.all_reduce(t)
             want = float(n * i + n * (n - 1) // 2)
             assert torch.all(t == want), (i, t[:4], want)
+            i += 1
+            if i % 100 == 0:
+                flag = torch.tensor([float(r == 0 and time.monotonic() - started < 0.2)])
+                tree.all_reduce(flag, "max")
+                go = flag.item() > 0
         after = parallel.wait_stats()
     finally:
         stop.set()

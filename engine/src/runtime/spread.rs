@@ -17,7 +17,8 @@
 //!   writes anyway. The word is the peer's (untrusted): it is compared, and SPREAD-4 takes it as
 //!   a CPU to move onto only when it lies in the thread's own mask (bounds-checked); never an
 //!   index into memory. A waiter that moved publishes where it went in its place (the Tree's fast
-//!   path), so that its peer does not chase the CPU it left.
+//!   path), so that its peer does not chase the CPU it left; a ring's word says where its writer
+//!   ran until the next publish (only SPREAD-2 reads it, and only compares it).
 //! - SPREAD-2: a waiter whose spin did not pay ([`super::Spin::unpaid`]: it ran out its budget,
 //!   or was skipped after spins that did) while a peer it waits for last ran on the waiter's own
 //!   CPU, and while the cores are not all busy (SPIN-2's load sample: where every CPU is taken,
@@ -121,11 +122,23 @@ pub(crate) fn should_pair(
 /// onto that CPU when every core is busy and its mask holds it, and sets the mask back; the
 /// CPU word it moved to, None when it did not move.
 pub fn pair_under_load(peer: u32) -> Option<u32> {
-    let now = Instant::now();
-    let mine = cpu_word();
     let enabled = crate::config::config().spread;
+    pair_if(enabled, peer, cpu_word(), Instant::now(), || {
+        !super::spin::cores_free()
+    })
+}
+
+/// [`pair_under_load`] for a thread on CPU word `mine` at `now`, `busy` asked last (it takes
+/// a load sample): SPREAD-4's decision and move, with what it observes passed in.
+fn pair_if(
+    enabled: bool,
+    peer: u32,
+    mine: u32,
+    now: Instant,
+    busy: impl FnOnce() -> bool,
+) -> Option<u32> {
     let last = LAST_TRY.with(Cell::get);
-    if !should_pair(enabled, mine, peer, last, now) || super::spin::cores_free() {
+    if !should_pair(enabled, mine, peer, last, now) || !busy() {
         return None;
     }
     // A try counts even when the mask forbids the move (SPREAD-3).
@@ -364,52 +377,46 @@ mod tests {
 
     #[test]
     fn spread_4_pairs_only_onto_a_cpu_of_its_mask_when_every_core_is_busy() {
-        let busy = crate::runtime::spin::tests::Saturate::new();
         std::thread::spawn(|| {
             let before = crate::runtime::reactor::allowed_cpus();
-            let fresh = || LAST_TRY.with(|l| l.set(None));
             let mask_kept = || assert_eq!(crate::runtime::reactor::allowed_cpus(), before);
-            // The peer's word is untrusted: unknown, beyond any mask, or a CPU this thread may
-            // not run on moves nothing.
+            let tried = || LAST_TRY.with(Cell::get).is_some();
+            // A CPU word this thread never runs on, so that no migration can make it "there".
+            let mine = bits::SIZE as u32 + 5;
+            let t0 = Instant::now();
+            // The peer's word is untrusted: beyond any mask, or a CPU this thread may not run
+            // on, is tried (SPREAD-3 counts it) and moves nothing.
             let outside = (0..bits::SIZE)
                 .find(|c| !before.contains(c))
                 .expect("a CPU outside");
-            for word in [0, u32::MAX, bits::SIZE as u32 + 1, outside as u32 + 1] {
-                fresh();
-                assert_eq!(pair_under_load(word), None, "word {word}");
+            for word in [u32::MAX, bits::SIZE as u32 + 1, outside as u32 + 1] {
+                LAST_TRY.with(|l| l.set(None));
+                assert_eq!(pair_if(true, word, mine, t0, || true), None, "word {word}");
+                assert!(tried(), "word {word} refused before the mask check");
                 mask_kept();
             }
-            let mine = cpu_word();
-            let Some(&other) = before.iter().find(|&&c| c + 1 != mine as usize) else {
-                return; // one allowed CPU: nowhere to pair
-            };
-            fresh();
+            // Unknown, switched off, or a core free: not even tried.
+            let any = before[0] as u32 + 1;
+            for (enabled, word, busy) in [(true, 0, true), (false, any, true), (true, any, false)] {
+                LAST_TRY.with(|l| l.set(None));
+                assert_eq!(pair_if(enabled, word, mine, t0, || busy), None);
+                assert!(!tried(), "{enabled} {word} {busy}");
+            }
+            // A CPU of its mask: the thread is moved there (seen while the mask held only it),
+            // counted, and its mask set back.
+            LAST_TRY.with(|l| l.set(None));
             let paired = pairs();
-            assert_eq!(pair_under_load(other as u32 + 1), Some(other as u32 + 1));
+            assert_eq!(pair_if(true, any, mine, t0, || true), Some(any));
             assert_eq!(pairs(), paired + 1);
             mask_kept();
             // SPREAD-3: the next try waits a period.
-            assert_eq!(pair_under_load(mine), None);
-            assert_eq!(cpu_word(), other as u32 + 1);
+            let later = |d: Duration| t0.checked_add(d).expect("a later instant");
+            assert_eq!(pair_if(true, any, mine, later(PERIOD / 2), || true), None);
+            assert_eq!(pair_if(true, any, mine, later(PERIOD), || true), Some(any));
             mask_kept();
         })
         .join()
         .expect("the test thread");
-        drop(busy);
-        // With a core free (the load sample says so), no pairing.
-        crate::runtime::spin::refresh_load();
-        std::thread::spawn(|| {
-            if crate::runtime::spin::cores_free() {
-                let mine = cpu_word();
-                let before = crate::runtime::reactor::allowed_cpus();
-                if let Some(&other) = before.iter().find(|&&c| c + 1 != mine as usize) {
-                    LAST_TRY.with(|l| l.set(None));
-                    assert_eq!(pair_under_load(other as u32 + 1), None);
-                }
-            }
-        })
-        .join()
-        .expect("the idle test thread");
     }
 
     #[test]
