@@ -62,7 +62,8 @@ def _lines(p: subprocess.Popen[str]) -> queue.Queue[str]:
     """The child's stdout lines, read by a thread of their own (select() on a buffered pipe
     misses lines already read into the buffer). Kept per child object, not per pid: pids are
     reused (pid_max is 32768 here, and every thread takes one), and a new child must never get
-    the lines left over from an old one (a child killed mid-line left half a JSON line)."""
+    the lines left over from an old one (the likely cause of half a JSON line read once in CI,
+    as a child killed mid-line leaves)."""
     q = _READERS.get(p)
     if q is None:
         q = _READERS[p] = queue.Queue()

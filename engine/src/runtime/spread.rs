@@ -95,10 +95,12 @@ pub(crate) fn should_move(
     last: Option<Instant>,
     now: Instant,
 ) -> bool {
-    enabled
-        && mine != 0
-        && peers.any(|p| p == mine)
-        && last.is_none_or(|t| now.saturating_duration_since(t) >= PERIOD)
+    enabled && mine != 0 && peers.any(|p| p == mine) && period_over(last, now)
+}
+
+/// SPREAD-3: whether a try at `now` is at least [`PERIOD`] after the last one (`last`).
+fn period_over(last: Option<Instant>, now: Instant) -> bool {
+    last.is_none_or(|t| now.saturating_duration_since(t) >= PERIOD)
 }
 
 /// The decision of SPREAD-4 but for the load (asked last): pair when enabled, both CPUs are
@@ -110,11 +112,7 @@ pub(crate) fn should_pair(
     last: Option<Instant>,
     now: Instant,
 ) -> bool {
-    enabled
-        && mine != 0
-        && peer != 0
-        && peer != mine
-        && last.is_none_or(|t| now.saturating_duration_since(t) >= PERIOD)
+    enabled && mine != 0 && peer != 0 && peer != mine && period_over(last, now)
 }
 
 /// SPREAD-4: called by a waiter whose spin was declined for busy cores, with the CPU word
@@ -226,6 +224,15 @@ pub(crate) fn away_mask(
     Some(if bits::count(&close) > 0 { close } else { away })
 }
 
+/// The calling thread's affinity mask; None when the kernel does not say.
+fn own_mask() -> Option<libc::cpu_set_t> {
+    let mut own = bits::empty();
+    // SAFETY: pid 0 is the calling thread; `own` is a live cpu_set_t of the size given.
+    let rc =
+        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut own) };
+    (rc == 0).then_some(own)
+}
+
 /// Sets the calling thread's affinity mask; whether the kernel took it.
 fn set_affinity(mask: &libc::cpu_set_t) -> bool {
     // SAFETY: pid 0 is the calling thread; `mask` is a live cpu_set_t of the size given. The
@@ -239,12 +246,7 @@ fn step_off(cpu: usize, near: &[usize]) -> Option<u32> {
     if cpu >= bits::SIZE {
         return None;
     }
-    let mut own = bits::empty();
-    // SAFETY: pid 0 is the calling thread; `own` is a live cpu_set_t of the size given.
-    if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut own) } != 0
-    {
-        return None;
-    }
+    let own = own_mask()?;
     let away = away_mask(&own, cpu, near)?;
     if !set_affinity(&away) {
         return None;
@@ -260,13 +262,7 @@ fn step_onto(cpu: usize) -> Option<u32> {
     if cpu >= bits::SIZE {
         return None;
     }
-    let mut own = bits::empty();
-    // SAFETY: pid 0 is the calling thread; `own` is a live cpu_set_t of the size given.
-    if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut own) } != 0
-        || !bits::has(&own, cpu)
-    {
-        return None;
-    }
+    let own = own_mask().filter(|own| bits::has(own, cpu))?;
     let mut onto = bits::empty();
     bits::set(&mut onto, cpu);
     if !set_affinity(&onto) {
